@@ -1,0 +1,81 @@
+"""Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
+
+A reader never sees a half-written file under the final name, and a killed process leaves at
+most a ``.tmp-*`` file behind, which the next run ignores and overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from .errors import StorageError
+
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    The caller writes the temporary file however it likes (PIL, matplotlib, json...). On an
+    exception the temporary file is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", suffix=final.suffix, dir=final.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
+                           hint="check that the output folder exists, is writable and has free space") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"writing failed: {exc.strerror or exc}", path=final,
+                           hint="check that the output folder is writable and has free space") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 ``text`` to ``path``."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def safe_cell(value: object) -> object:
+    """Neutralise a spreadsheet formula: a string cell starting with ``= + - @`` gets a leading quote.
+
+    Numbers are left alone (a negative number is data, not a formula).
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """Atomically write a CSV whose string cells cannot start a spreadsheet formula."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([safe_cell(h) for h in header])
+    for row in rows:
+        writer.writerow([safe_cell(v) for v in row])
+    return write_text(path, buf.getvalue())

@@ -1,0 +1,274 @@
+"""Patient patch folders → tiles, grid coordinates, labels and patient ids.
+
+Two layouts are read:
+
+* **Kaggle layout** (the "Breast Histopathology Images" set): ``ROOT/PATIENT/{0,1}/NAME.png`` with
+  ``NAME = {patient}_idx5_x{X}_y{Y}_class{C}.png``. ``ROOT`` may hold many patients, or be one
+  patient folder itself.
+* **Plain folder**: image files anywhere below ``ROOT`` with no label folders. Labels are unknown
+  (-1); the patient is the folder's name.
+
+Coordinate convention (checked on ``../shared/data/idc``): ``X`` and ``Y`` are always ``50*k + 1``,
+i.e. the 1-based pixel position of the patch's top-left corner in the patient's downsampled image.
+The tile grid position is therefore ``col = (X - 1) // 50``, ``row = (Y - 1) // 50``, and the
+0-based pixel origin is ``(X - 1, Y - 1)``. ``coords`` arrays hold ``(row, col)``.
+A name without a position (plain folders) gets ``(-1, -1)``.
+
+Edge patches smaller than 50x50 (the right and bottom edges of a slide) are **padded** to 50x50
+with white (255, background), placed at the top-left, and counted in ``PatchSet.padded``.
+Unreadable files, label mismatches and files larger than 50x50 go to ``PatchSet.failures``.
+Two files for the same (patient, row, col) are duplicates: the first (sorted by path) is kept and
+the rest are listed in ``PatchSet.duplicates``. Identical file contents under different names are
+counted in ``PatchSet.identical``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import PATCH_SIZE
+from .errors import InputError
+from .failures import Failure
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+KAGGLE_NAME = re.compile(r"^(?P<patient>[^/\\]+?)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])$")
+POSITION_NAME = re.compile(r"_x(?P<x>\d+)_y(?P<y>\d+)")
+PAD_VALUE = 255
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """One patch file found on disk (before pixels are read)."""
+
+    path: Path
+    patient: str
+    row: int
+    col: int
+    label: int  # 0, 1, or -1 when unknown
+
+
+@dataclass
+class PatchSet:
+    """Patches of one or more patients, in memory."""
+
+    tiles: np.ndarray  # (N, 50, 50, 3) uint8
+    coords: np.ndarray  # (N, 2) int32, (row, col) on the 50 px grid; (-1, -1) when unknown
+    labels: np.ndarray  # (N,) int8, 0/1, -1 unknown
+    patients: np.ndarray  # (N,) str
+    paths: list[str]
+    failures: list[Failure] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    padded: int = 0
+    identical: int = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict[str, dict[int, int]]:
+        """Per patient, the number of patches per label: ``{patient: {0: n0, 1: n1}}``."""
+        out: dict[str, dict[int, int]] = {}
+        for p, lab in zip(self.patients.tolist(), self.labels.tolist()):
+            out.setdefault(p, {0: 0, 1: 0, -1: 0})[lab] += 1
+        return {p: {k: v for k, v in c.items() if k != -1 or v} for p, c in out.items()}
+
+    def select(self, mask: np.ndarray) -> "PatchSet":
+        """A new PatchSet with the patches where ``mask`` is true (failure lists are shared)."""
+        idx = np.flatnonzero(mask)
+        return PatchSet(self.tiles[idx], self.coords[idx], self.labels[idx], self.patients[idx],
+                        [self.paths[i] for i in idx], self.failures, self.duplicates, self.padded, self.identical)
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _parse(path: Path, patient_hint: str, label_hint: int) -> PatchRecord:
+    m = KAGGLE_NAME.match(path.stem)
+    if m:
+        x, y = int(m["x"]), int(m["y"])
+        return PatchRecord(path, m["patient"], (y - 1) // PATCH_SIZE, (x - 1) // PATCH_SIZE, int(m["label"]))
+    m = POSITION_NAME.search(path.stem)
+    row = col = -1
+    if m:
+        x, y = int(m["x"]), int(m["y"])
+        row, col = (y - 1) // PATCH_SIZE, (x - 1) // PATCH_SIZE
+    return PatchRecord(path, patient_hint, row, col, label_hint)
+
+
+def is_patient_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is one patient in the Kaggle layout (has a ``0`` or ``1`` subfolder)."""
+    p = Path(path)
+    return p.is_dir() and any((p / d).is_dir() for d in ("0", "1"))
+
+
+def find_patient_folders(root: str | os.PathLike) -> list[Path]:
+    """Patient folders (Kaggle layout) at or directly below ``root``, sorted by name."""
+    root = Path(root)
+    if is_patient_folder(root):
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_patient_folder(p)), key=lambda p: p.name)
+
+
+def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
+    """Find patch files under ``root`` (Kaggle layout or plain folder) without reading pixels.
+
+    Raises :class:`InputError` for a missing path, a file, or a folder without any image.
+    Files whose name contradicts their label folder are returned as failures.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError("no such folder", path=root, hint="check the path to the patch folder")
+    if not root.is_dir():
+        raise InputError("is a file, not a patch folder", path=root,
+                         hint="give the folder that holds PATIENT/0 and PATIENT/1, or a folder of images")
+    records: list[PatchRecord] = []
+    failures: list[Failure] = []
+    patients = find_patient_folders(root)
+    if patients:
+        for pdir in patients:
+            for d in ("0", "1"):
+                sub = pdir / d
+                if not sub.is_dir():
+                    continue
+                for f in sorted(sub.iterdir()):
+                    if not f.is_file():
+                        continue
+                    if not _is_image(f):
+                        failures.append(Failure(str(f), "read", "InputError",
+                                                f"{f}: not an image file (expected .png); remove it or move it out of the patch folder"))
+                        continue
+                    rec = _parse(f, pdir.name, int(d))
+                    if rec.label != int(d):
+                        failures.append(Failure(str(f), "read", "InputError",
+                                                f"{f}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
+                        continue
+                    records.append(rec)
+    else:
+        files = sorted(f for f in root.rglob("*") if f.is_file())
+        for f in files:
+            if _is_image(f):
+                records.append(_parse(f, root.name, -1))
+        if not records and files:
+            raise InputError(f"no image files here (found {len(files)} other files)", path=root,
+                             hint=f"a patch folder holds {', '.join(IMAGE_EXTENSIONS)} images")
+    if not records:
+        raise InputError("no patches found", path=root,
+                         hint="expected PATIENT/0/*.png and PATIENT/1/*.png (Kaggle layout) or a folder of images")
+    return records, failures
+
+
+def _read_one(path: Path) -> tuple[np.ndarray, bool, bytes]:
+    """Pixels as (50, 50, 3) uint8, whether padding was needed, and the file's raw bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = path.read_bytes()
+    try:
+        import io
+
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read image ({exc.__class__.__name__}: {exc})", path=path,
+                         hint="the file is corrupt or truncated; re-download or remove it") from exc
+    h, w = arr.shape[:2]
+    if h > PATCH_SIZE or w > PATCH_SIZE:
+        raise InputError(f"patch is {w}x{h}, larger than {PATCH_SIZE}x{PATCH_SIZE}", path=path,
+                         hint="patch folders hold 50x50 patches; tile whole images with `cancernet tile` instead")
+    if h == PATCH_SIZE and w == PATCH_SIZE:
+        return np.ascontiguousarray(arr), False, data
+    out = np.full((PATCH_SIZE, PATCH_SIZE, 3), PAD_VALUE, np.uint8)
+    out[:h, :w] = arr
+    return out, True, data
+
+
+def load(roots: str | os.PathLike | Sequence[str | os.PathLike], *, progress=None) -> PatchSet:
+    """Read one or more patch folders into a :class:`PatchSet`.
+
+    Tiles are written straight into one preallocated uint8 array (50x50x3 bytes per patch; the full
+    Kaggle set of 277,524 patches is about 2.1 GB). ``progress(n)`` is called as files are read.
+    """
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    records: list[PatchRecord] = []
+    failures: list[Failure] = []
+    for root in roots:
+        r, f = scan(root)
+        records.extend(r)
+        failures.extend(f)
+    # duplicates: same (patient, row, col) with a known position
+    seen: dict[tuple[str, int, int], Path] = {}
+    keep: list[PatchRecord] = []
+    duplicates: list[str] = []
+    for rec in records:
+        if rec.row >= 0:
+            key = (rec.patient, rec.row, rec.col)
+            if key in seen:
+                duplicates.append(str(rec.path))
+                log.warning("%s: duplicate of %s (same patient and position); skipped", rec.path, seen[key])
+                continue
+            seen[key] = rec.path
+        keep.append(rec)
+    n = len(keep)
+    tiles = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    padded = 0
+    digests: Counter[str] = Counter()
+    for i, rec in enumerate(keep):
+        try:
+            tiles[i], was_padded, data = _read_one(rec.path)
+        except InputError as exc:
+            failures.append(Failure.from_exception(rec.path, "read", exc))
+            log.warning("%s", exc)
+        else:
+            ok[i] = True
+            padded += was_padded
+            digests[hashlib.sha1(data).hexdigest()] += 1
+        if progress is not None and (i % 256 == 255 or i == n - 1):
+            progress(i % 256 + 1)
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        raise InputError("no readable patches", path=", ".join(str(r) for r in roots),
+                         hint="every patch file failed to read; see the failures list")
+    identical = sum(c - 1 for c in digests.values() if c > 1)
+    if identical:
+        log.warning("%d patch files have the same contents as another file", identical)
+    return PatchSet(
+        tiles=tiles[idx] if len(idx) < n else tiles,
+        coords=np.array([(keep[i].row, keep[i].col) for i in idx], np.int32).reshape(-1, 2),
+        labels=np.array([keep[i].label for i in idx], np.int8),
+        patients=np.array([keep[i].patient for i in idx], dtype=str),
+        paths=[str(keep[i].path) for i in idx],
+        failures=failures, duplicates=duplicates, padded=padded, identical=identical,
+    )
+
+
+def grid_shape(coords: np.ndarray) -> tuple[int, int]:
+    """Rows and columns of the smallest grid holding every known position."""
+    known = coords[coords[:, 0] >= 0]
+    if len(known) == 0:
+        return (0, 0)
+    return int(known[:, 0].max()) + 1, int(known[:, 1].max()) + 1
+
+
+def patient_map(coords: np.ndarray, values: Iterable[float], shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Place per-patch values on the patient's grid (NaN where there is no patch)."""
+    shape = shape or grid_shape(coords)
+    out = np.full(shape, np.nan, np.float32)
+    vals = np.asarray(list(values), np.float32)
+    known = coords[:, 0] >= 0
+    out[coords[known, 0], coords[known, 1]] = vals[known]
+    return out

@@ -1,0 +1,469 @@
+"""Synthetic IDC-like H&E tissue: patient patch folders (Kaggle layout) and pyramidal slides.
+
+Everything is drawn from one procedural tissue model (:class:`TissueModel`) defined in *physical*
+space (microns), so the same patient looks the same at any resolution, a slide can be rendered
+tile by tile in bounded memory, and the ground truth on the model's tile grid (50 px at 4.0 µm/px,
+i.e. 200 µm squares) is computed from the same fields that draw the pixels.
+
+The picture: white background; pink stroma (eosin) with sparse small nuclei (haematoxylin);
+benign dense regions (lymphocyte-like clusters of small nuclei) as a confounder; IDC regions
+with crowded, larger nuclei. Stain colours and intensities vary per patient. Labels come from the
+IDC field (a tile is IDC when at least half its area is IDC), so tiles on region borders are
+genuinely ambiguous and a model can be good but not perfect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import DEFAULT_MPP, PATCH_SIZE
+from .atomic import atomic_path, write_csv
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TILE_UM = PATCH_SIZE * DEFAULT_MPP
+"""Physical side of one model tile in microns (50 px x 4.0 µm/px = 200 µm)."""
+
+_M = np.uint64(0xFFFFFFFF)
+
+
+# --------------------------------------------------------------------------------------------
+# procedural noise (deterministic, resolution independent)
+# --------------------------------------------------------------------------------------------
+
+def _hash01(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
+    """A float in [0, 1) for each integer lattice point (ix, iy), fixed by ``seed``."""
+    h = (ix.astype(np.int64).astype(np.uint64) * np.uint64(374761393)
+         + iy.astype(np.int64).astype(np.uint64) * np.uint64(668265263)
+         + np.uint64(seed % 2**32) * np.uint64(2246822519)) & _M
+    h = ((h ^ (h >> np.uint64(13))) * np.uint64(1274126177)) & _M
+    h = h ^ (h >> np.uint64(16))
+    return h.astype(np.float64) / 4294967296.0
+
+
+def _value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    """Smooth value noise in [0, 1) with features about ``scale`` microns wide."""
+    fx, fy = x / scale, y / scale
+    ix, iy = np.floor(fx), np.floor(fy)
+    tx, ty = fx - ix, fy - iy
+    tx = tx * tx * (3 - 2 * tx)
+    ty = ty * ty * (3 - 2 * ty)
+    a = _hash01(ix, iy, seed)
+    b = _hash01(ix + 1, iy, seed)
+    c = _hash01(ix, iy + 1, seed)
+    d = _hash01(ix + 1, iy + 1, seed)
+    return (a + (b - a) * tx) + ((c + (d - c) * tx) - (a + (b - a) * tx)) * ty
+
+
+def _fbm(x: np.ndarray, y: np.ndarray, scale: float, seed: int, octaves: int = 4) -> np.ndarray:
+    """Fractal value noise, normalised to roughly [0, 1]."""
+    total = np.zeros(np.broadcast(x, y).shape)
+    amp, norm = 1.0, 0.0
+    for o in range(octaves):
+        total += amp * _value_noise(x, y, scale / 2**o, seed + 1013 * o)
+        norm += amp
+        amp *= 0.5
+    return total / norm
+
+
+def _smoothstep(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 0.0, 1.0)
+    return v * v * (3 - 2 * v)
+
+
+# --------------------------------------------------------------------------------------------
+# the tissue model
+# --------------------------------------------------------------------------------------------
+
+# Optical density per unit stain (Ruifrok & Johnston H&E vectors).
+_H_OD = np.array([0.650, 0.704, 0.286])
+_E_OD = np.array([0.072, 0.990, 0.105])
+
+
+@dataclass(frozen=True)
+class TissueModel:
+    """One synthetic patient (or slide): fields in microns and their rendering at any µm/px.
+
+    ``width_um``/``height_um`` bound the specimen; with ``vignette`` the tissue fades out towards
+    the edges, as on a glass slide.
+    """
+
+    seed: int
+    width_um: float
+    height_um: float
+    tissue_threshold: float = 0.45
+    idc_threshold: float = 0.62
+    vignette: bool = False
+    h_od: tuple[float, float, float] = tuple(_H_OD)
+    e_od: tuple[float, float, float] = tuple(_E_OD)
+    h_strength: float = 1.0
+    e_strength: float = 1.0
+    background: float = 240.0
+
+    @classmethod
+    def random(cls, seed: int, width_um: float, height_um: float, *, vignette: bool = False) -> "TissueModel":
+        """A patient with its own stain: H and E colours and intensities drawn from ``seed``."""
+        rng = np.random.default_rng([seed, 7])
+        h = _H_OD + rng.normal(0, 0.06, 3)
+        e = _E_OD + rng.normal(0, 0.06, 3)
+        h = np.clip(h, 0.05, None)
+        e = np.clip(e, 0.02, None)
+        return cls(seed=seed, width_um=width_um, height_um=height_um, vignette=vignette,
+                   h_od=tuple(h / np.linalg.norm(h)), e_od=tuple(e / np.linalg.norm(e)),
+                   h_strength=float(rng.uniform(0.8, 1.2)), e_strength=float(rng.uniform(0.75, 1.25)),
+                   background=float(rng.uniform(230, 247)))
+
+    # -- fields ------------------------------------------------------------------------------
+
+    def tissue_raw(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        raw = _fbm(x, y, 900.0, self.seed * 31 + 1, octaves=3)
+        if self.vignette:
+            u = (x / self.width_um - 0.5) * 2
+            v = (y / self.height_um - 0.5) * 2
+            raw = raw * np.clip(1.25 - 0.75 * (u * u + v * v), 0, 1)
+        return raw
+
+    def fields(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tissue weight, IDC weight and benign-dense weight in [0, 1] at points (x, y) µm."""
+        t = _smoothstep((self.tissue_raw(x, y) - self.tissue_threshold) / 0.04 + 0.5)
+        idc_raw = _fbm(x, y, 320.0, self.seed * 31 + 2, octaves=3)
+        i = _smoothstep((idc_raw - self.idc_threshold) / 0.03 + 0.5) * t
+        dense = _smoothstep((_fbm(x, y, 260.0, self.seed * 31 + 3, octaves=2) - 0.68) / 0.04 + 0.5) * t * (1 - i)
+        return t, i, dense
+
+    def idc_raw_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return _fbm(x, y, 320.0, self.seed * 31 + 2, octaves=3)
+
+    # -- truth on the model grid ------------------------------------------------------------
+
+    def tile_truth(self, rows: int, cols: int, tile_um: float = TILE_UM, samples: int = 8
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Tissue fraction and IDC fraction of each ``tile_um`` square of a ``rows`` x ``cols`` grid."""
+        off = (np.arange(samples) + 0.5) / samples * tile_um
+        ys = (np.arange(rows)[:, None] * tile_um + off[None, :]).reshape(-1)
+        xs = (np.arange(cols)[:, None] * tile_um + off[None, :]).reshape(-1)
+        X, Y = np.meshgrid(xs, ys)
+        t, i, _ = self.fields(X, Y)
+        tis = (t > 0.5).reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+        idc = (i > 0.5).reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+        return tis, idc
+
+    # -- pixels -------------------------------------------------------------------------------
+
+    def render(self, x0: int, y0: int, width: int, height: int, mpp: float) -> np.ndarray:
+        """RGB uint8 ``(height, width, 3)`` of the region whose top-left pixel is (x0, y0) at ``mpp``.
+
+        Coarse resolutions are supersampled (drawn at <= 2 µm/px and area-averaged), like a
+        scanner image read at a lower pyramid level.
+        """
+        s = min(4, max(1, math.ceil(mpp / 2.0 - 1e-9)))  # capped: thumbnails need no finer grain
+        out = np.empty((height, width, 3), np.uint8)
+        band = max(1, 65536 // max(1, width * s * s))  # output rows per band: bounded memory
+        for r0 in range(0, height, band):
+            h = min(band, height - r0)
+            fine = self._render_fine(x0 * s, (y0 + r0) * s, width * s, h * s, mpp / s)
+            if s == 1:
+                out[r0:r0 + h] = fine
+            else:
+                img = fine.reshape(h, s, width, s, 3).astype(np.float32).mean(axis=(1, 3))
+                out[r0:r0 + h] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        return out
+
+    def _render_fine(self, x0: int, y0: int, width: int, height: int, mpp: float) -> np.ndarray:
+        # Slow fields on a coarse lattice (every ~4 µm), bilinearly upsampled to pixels.
+        step = max(1, int(4.0 / mpp))
+        gh, gw = height // step + 2, width // step + 2
+        gy = (y0 + np.arange(gh) * step + 0.5) * mpp
+        gx = (x0 + np.arange(gw) * step + 0.5) * mpp
+        GX, GY = np.meshgrid(gx, gy)
+        t, i, dense = self.fields(GX, GY)
+        rng = np.random.default_rng([self.seed, x0, y0, int(mpp * 1e4)])
+        noise = rng.normal(0.0, 3.0, (height, width, 1))
+        if t.max() < 1e-3:  # background only: skip the tissue texture
+            img = np.full((height, width, 3), self.background) + noise
+            return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        fy = (np.arange(height) + 0.5) / step - 0.5
+        fx = (np.arange(width) + 0.5) / step - 0.5
+
+        def up(a: np.ndarray) -> np.ndarray:
+            iy0 = np.clip(np.floor(fy).astype(int), 0, gh - 2)
+            ix0 = np.clip(np.floor(fx).astype(int), 0, gw - 2)
+            wy = np.clip(fy - iy0, 0, 1)[:, None]
+            wx = np.clip(fx - ix0, 0, 1)[None, :]
+            a00 = a[iy0][:, ix0]
+            a01 = a[iy0][:, ix0 + 1]
+            a10 = a[iy0 + 1][:, ix0]
+            a11 = a[iy0 + 1][:, ix0 + 1]
+            return (a00 * (1 - wx) + a01 * wx) * (1 - wy) + (a10 * (1 - wx) + a11 * wx) * wy
+
+        T, I, D = up(t), up(i), up(dense)
+        py = ((y0 + np.arange(height) + 0.5) * mpp)[:, None]
+        px = ((x0 + np.arange(width) + 0.5) * mpp)[None, :]
+        # Nuclei: thresholded noise whose grain and coverage depend on the region type.
+        n_small = _value_noise(px, py, 3.2, self.seed * 31 + 5)
+        n_large = _value_noise(px, py, 5.5, self.seed * 31 + 6)
+        grain = n_small * (1 - I) + n_large * I
+        thr = 0.78 - 0.16 * I - 0.12 * D
+        nuclei = _smoothstep((grain - thr) / 0.06 + 0.5)
+        stroma = _fbm(px, py, 14.0, self.seed * 31 + 7, octaves=2)
+        e_conc = T * self.e_strength * (0.30 + 0.45 * stroma) * (1 - 0.35 * I)
+        h_conc = T * self.h_strength * (0.08 + 1.35 * nuclei * (1 + 0.25 * I))
+        od = e_conc[..., None] * np.asarray(self.e_od) + h_conc[..., None] * np.asarray(self.h_od)
+        img = self.background * np.exp(-od) + noise
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    def with_idc_fraction(self, tissue: np.ndarray, rows: int, cols: int, fraction: float) -> "TissueModel":
+        """Move the IDC threshold so that about ``fraction`` of the tissue tiles are IDC."""
+        if not np.any(tissue >= 0.5):
+            return self
+        ctr = (np.arange(rows)[:, None] + 0.5) * TILE_UM, (np.arange(cols)[None, :] + 0.5) * TILE_UM
+        X, Y = np.broadcast_arrays(ctr[1], ctr[0])
+        raw = self.idc_raw_at(X, Y)[tissue >= 0.5]
+        thr = float(np.quantile(raw, 1 - min(max(fraction, 0.0), 1.0))) if fraction > 0 else 2.0
+        return replace(self, idc_threshold=thr)
+
+
+# --------------------------------------------------------------------------------------------
+# patient patch folders (Kaggle layout)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PatchSynthReport:
+    """What ``synth patches`` wrote: per patient (id, class-0 count, class-1 count)."""
+
+    out: Path
+    patients: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(a + b for _, a, b in self.patients)
+
+
+def synth_patient_id(index: int) -> str:
+    """Synthetic patient ids: numeric like Kaggle's, but 90000+ so they never clash with real ones."""
+    return str(90000 + index)
+
+
+def synth_patches(out: str | os.PathLike, *, patients: int = 4, per_patient: int = 200,
+                  idc_fraction: float = 0.35, seed: int = 0, progress=None) -> PatchSynthReport:
+    """Write synthetic patches in the Kaggle layout: ``OUT/{pid}/{c}/{pid}_idx5_x{X}_y{Y}_class{c}.png``.
+
+    Each patient is one tissue image at 4.0 µm/px cut on its 50 px grid; ``X``/``Y`` are the
+    1-based pixel position of the patch's top-left corner (``50*col + 1``, as in the Kaggle set).
+    Only tissue patches are written (at least half the patch is tissue), like the Kaggle set.
+    Patients get their own IDC ratio around ``idc_fraction`` and their own stain.
+    """
+    from PIL import Image
+
+    if patients < 1 or per_patient < 1:
+        raise ConfigError("--patients and --per-patient must be at least 1")
+    if not 0.0 <= idc_fraction <= 1.0:
+        raise ConfigError(f"--idc-fraction must be between 0 and 1, got {idc_fraction}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PatchSynthReport(out=out)
+    rng = np.random.default_rng(seed)
+    manifest = []
+    for p in range(patients):
+        pid = synth_patient_id(p)
+        frac = float(np.clip(idc_fraction * rng.uniform(0.4, 1.6), 0.0, 0.95)) if 0 < idc_fraction < 1 else idc_fraction
+        side = int(math.ceil(math.sqrt(per_patient / 0.4))) + 2
+        while True:
+            model = TissueModel.random(seed * 1000 + p, side * TILE_UM, side * TILE_UM)
+            tissue, _ = model.tile_truth(side, side)
+            if int((tissue >= 0.5).sum()) >= per_patient:
+                break
+            side = int(side * 1.3) + 1
+        model = model.with_idc_fraction(tissue, side, side, frac)
+        tissue, idc = model.tile_truth(side, side)
+        cand = np.argwhere(tissue >= 0.5)
+        pick = cand[np.sort(rng.choice(len(cand), size=per_patient, replace=False))]
+        image = model.render(0, 0, side * PATCH_SIZE, side * PATCH_SIZE, DEFAULT_MPP)
+        counts = [0, 0]
+        for d in ("0", "1"):
+            (out / pid / d).mkdir(parents=True, exist_ok=True)
+        for r, c in pick:
+            label = int(idc[r, c] >= 0.5)
+            x, y = c * PATCH_SIZE + 1, r * PATCH_SIZE + 1
+            name = f"{pid}_idx5_x{x}_y{y}_class{label}.png"
+            path = out / pid / str(label) / name
+            tile = image[r * PATCH_SIZE:(r + 1) * PATCH_SIZE, c * PATCH_SIZE:(c + 1) * PATCH_SIZE]
+            with atomic_path(path) as tmp:
+                Image.fromarray(tile).save(tmp, format="PNG")
+            counts[label] += 1
+            manifest.append((f"{pid}/{label}/{name}", pid, x, y, label, float(idc[r, c]), float(tissue[r, c])))
+        report.patients.append((pid, counts[0], counts[1]))
+        log.info("patient %s: %d class-0, %d class-1 patches", pid, counts[0], counts[1])
+        if progress is not None:
+            progress(1)
+    write_csv(out / "MANIFEST.csv", ["path", "patient", "x", "y", "label", "idc_fraction", "tissue_fraction"], manifest)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# pyramidal slides (Aperio SVS or generic tiled TIFF)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlideTruth:
+    """Ground truth of a synthetic slide on the model grid (50 px tiles at 4.0 µm/px)."""
+
+    tissue_fraction: np.ndarray
+    idc_fraction: np.ndarray
+    mpp: float = DEFAULT_MPP
+    tile: int = PATCH_SIZE
+
+    @property
+    def tissue(self) -> np.ndarray:
+        return self.tissue_fraction >= 0.5
+
+    @property
+    def idc(self) -> np.ndarray:
+        return (self.idc_fraction >= 0.5) & self.tissue
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, tissue_fraction=self.tissue_fraction, idc_fraction=self.idc_fraction,
+                                    mpp=np.float64(self.mpp), tile=np.int64(self.tile))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SlideTruth":
+        with np.load(path) as z:
+            return cls(z["tissue_fraction"], z["idc_fraction"], float(z["mpp"]), int(z["tile"]))
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """One synthetic slide to write."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float
+    seed: int
+    format: str = "svs"  # "svs" (Aperio) or "tiff" (generic tiled pyramidal TIFF)
+    tile: int = 256
+    quality: int = 90
+    level_downsample: int = 4
+    idc_fraction: float = 0.3
+
+
+def _levels(width: int, height: int, ds: int, min_side: int = 256) -> list[tuple[int, int, int]]:
+    levels = [(width, height, 1)]
+    f = ds
+    while min(width // f, height // f) >= min_side:
+        levels.append((width // f, height // f, f))
+        f *= ds
+    return levels
+
+
+def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_cols: int = 1024
+               ) -> Iterator[np.ndarray]:
+    """Tiles of one pyramid level in row-major order, rendered one band of tile rows at a time."""
+    ntx, nty = -(-w // tile), -(-h // tile)
+    for ty in range(nty):
+        band = np.empty((tile, ntx * tile, 3), np.uint8)
+        for cx in range(0, ntx * tile, band_cols):
+            cw = min(band_cols, ntx * tile - cx)
+            band[:, cx:cx + cw] = model.render(cx, ty * tile, cw, tile, mpp)
+        # pixels outside the image (right/bottom padding) are background, as a scanner writes them
+        if (ty + 1) * tile > h:
+            band[h - ty * tile:] = int(model.background)
+        if ntx * tile > w:
+            band[:, w:] = int(model.background)
+        for tx in range(ntx):
+            yield band[:, tx * tile:(tx + 1) * tile]
+
+
+def write_slide(spec: SlideSpec) -> SlideTruth:
+    """Write one pyramidal, tiled, JPEG-compressed slide and return its truth on the model grid.
+
+    Memory is bounded by one band of tiles (``tile`` rows x slide width), whatever the slide size.
+    The resolution is stored so OpenSlide reports ``openslide.mpp-x/y``: in the Aperio
+    ImageDescription (``MPP = ...``) for SVS, in the TIFF resolution tags (centimetre unit) for TIFF.
+    """
+    import tifffile
+
+    if spec.format not in ("svs", "tiff"):
+        raise ConfigError(f"unknown slide format {spec.format!r}", hint="use svs or tiff")
+    if spec.width < spec.tile or spec.height < spec.tile:
+        raise ConfigError(f"slide size must be at least {spec.tile} px", hint="give a larger --size")
+    model = TissueModel.random(spec.seed, spec.width * spec.mpp, spec.height * spec.mpp, vignette=True)
+    rows = int(spec.height * spec.mpp // TILE_UM)
+    cols = int(spec.width * spec.mpp // TILE_UM)
+    tissue, _ = model.tile_truth(rows, cols)
+    model = model.with_idc_fraction(tissue, rows, cols, spec.idc_fraction)
+    tissue, idc = model.tile_truth(rows, cols)
+    levels = _levels(spec.width, spec.height, spec.level_downsample)
+    bigtiff = spec.width * spec.height * 3 > 2**31
+    res_cm = 1e4 / spec.mpp
+    with atomic_path(spec.path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+        for li, (w, h, f) in enumerate(levels):
+            mpp = spec.mpp * f
+            if spec.format == "svs":
+                if li == 0:
+                    desc = (f"Aperio Image Library v12.0.15 \r\n{w}x{h} [0,0 {w}x{h}] ({spec.tile}x{spec.tile}) "
+                            f"JPEG/RGB Q={spec.quality}|AppMag = {10.0 / spec.mpp:g}|MPP = {spec.mpp:.6f}"
+                            f"|Filename = {spec.path.stem}|Title = cancernet-batch synthetic slide")
+                else:
+                    desc = (f"Aperio Image Library v12.0.15 \r\n{spec.width}x{spec.height} [0,0 {spec.width}x{spec.height}] "
+                            f"({spec.tile}x{spec.tile}) -> {w}x{h} JPEG/RGB Q={spec.quality}")
+                kw = dict(description=desc, metadata=None)
+            else:
+                kw = dict(resolution=(res_cm / f, res_cm / f), resolutionunit="CENTIMETER", metadata=None,
+                          description=f"cancernet-batch synthetic slide level {li}" if li else None)
+            tw.write(_tile_iter(model, w, h, mpp, spec.tile), shape=(h, w, 3), dtype=np.uint8,
+                     tile=(spec.tile, spec.tile), compression="jpeg", compressionargs={"level": spec.quality},
+                     photometric="rgb", subfiletype=0 if li == 0 else 1, **kw)
+            if spec.format == "svs" and li == 0:
+                # Aperio puts a stripped thumbnail second; OpenSlide shows it as an associated image.
+                tf = max(1, int(math.ceil(max(spec.width, spec.height) / 768)))
+                tw_, th_ = spec.width // tf, spec.height // tf
+                thumb = model.render(0, 0, tw_, th_, spec.mpp * tf)
+                tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
+                         description=f"Aperio Image Library v12.0.15 \r\n{spec.width}x{spec.height} -> {tw_}x{th_} - ")
+    truth = SlideTruth(tissue, idc)
+    return truth
+
+
+def synth_slides(out: str | os.PathLike, *, count: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0,
+                 fmt: str = "svs", idc_fraction: float = 0.3, progress=None) -> list[tuple[Path, SlideTruth]]:
+    """Write ``count`` synthetic slides of ``size`` x ``size`` px at ``mpp`` into ``out``.
+
+    Beside each ``NAME.svs`` (or ``.tiff``) goes ``NAME.truth.npz`` (tissue and IDC fractions per
+    model tile) and a ``slides.csv`` summary.
+    """
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    if not 0.05 <= mpp <= 20:
+        raise ConfigError(f"--mpp {mpp} is not a plausible scanner resolution", hint="use 0.05-20 µm/px, e.g. 0.25 or 0.5")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = "svs" if fmt == "svs" else "tiff"
+    results = []
+    rows = []
+    for k in range(count):
+        path = out / f"synth-{seed:04d}-{k:03d}.{ext}"
+        spec = SlideSpec(path=path, width=size, height=size, mpp=mpp, seed=seed * 1000 + 500 + k, format=fmt,
+                         idc_fraction=idc_fraction)
+        truth = write_slide(spec)
+        truth.save(out / f"{path.stem}.truth.npz")
+        results.append((path, truth))
+        rows.append((path.name, f"synth-{seed:04d}-{k:03d}", size, size, mpp, truth.tissue.shape[0],
+                     truth.tissue.shape[1], int(truth.tissue.sum()), int(truth.idc.sum())))
+        log.info("wrote %s (%d tissue tiles, %d IDC)", path, int(truth.tissue.sum()), int(truth.idc.sum()))
+        if progress is not None:
+            progress(1)
+    write_csv(out / "slides.csv", ["file", "patient", "width", "height", "mpp", "grid_rows", "grid_cols",
+                                   "tissue_tiles", "idc_tiles"], rows)
+    return results

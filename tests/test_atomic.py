@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import csv
+import pytest
+
+from cancernet_batch.atomic import atomic_path, safe_cell, write_csv, write_text
+from cancernet_batch.errors import StorageError
+from cancernet_batch.failures import Failure, merge_failures, read_failures, write_failures
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a.txt"
+    write_text(p, "one")
+    write_text(p, "two")
+    assert p.read_text() == "two"
+    assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    p = tmp_path / "a.txt"
+    write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert p.read_text() == "old"
+    assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_unwritable_parent_is_storage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError) as ei:
+        write_text(blocker / "x.txt", "x")
+    assert "writable" in str(ei.value)
+
+
+def test_csv_neutralises_formulas(tmp_path):
+    p = write_csv(tmp_path / "t.csv", ["id", "v"], [["=cmd|' /C calc'!A0", -1.5], ["+1", 2], ["@SUM(A1)", 3], ["ok", 4]])
+    rows = list(csv.reader(open(p)))
+    assert rows[1] == ["'=cmd|' /C calc'!A0", "-1.5"]
+    assert rows[2][0] == "'+1" and rows[3][0] == "'@SUM(A1)" and rows[4][0] == "ok"
+    assert safe_cell(-3) == -3
+
+
+def test_failures_roundtrip_and_merge(tmp_path):
+    p = tmp_path / "failures.csv"
+    write_failures(p, [Failure("a.svs", "tile", "InputError", "a.svs: bad")])
+    merge_failures(p, [Failure("b.svs", "tile", "InputError", "b, \"quoted\"\nnewline")])
+    got = read_failures(p)
+    assert [f.input for f in got] == ["a.svs", "b.svs"]
+    merge_failures(p, [], replace_stage_for={"a.svs"})
+    assert [f.input for f in read_failures(p)] == ["b.svs"]
+    f = Failure.from_exception("x", "read", ValueError("multi\nline  message"))
+    assert f.message == "multi line message" and f.error_class == "ValueError"
