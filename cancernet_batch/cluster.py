@@ -1,0 +1,101 @@
+"""Dask clusters: a local one by default, or an existing scheduler by address.
+
+The local cluster runs worker *processes* bound to 127.0.0.1 (scheduler, workers and dashboard),
+so nothing the tool starts listens on other interfaces unless ``host`` says so. For an existing
+cluster (``dask scheduler`` + ``dask worker``, dask-jobqueue, Kubernetes...), pass its address;
+``tls://`` addresses use certificates given here or in Dask's own configuration
+(``distributed.comm.tls.*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where to run: ``scheduler`` address, or the shape of a local cluster."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | None = "auto"
+    host: str = "127.0.0.1"
+    dashboard: bool = True
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def local_shape(self) -> tuple[int, int]:
+        """Workers and threads per worker for a local cluster, sized to this machine when not given."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = self.workers or max(1, min(cores, 8))
+        threads = self.threads_per_worker or 1
+        return workers, threads
+
+
+def security(cfg: ClusterConfig):
+    """Dask ``Security`` for TLS, from explicit files or (when none given) Dask's configuration."""
+    from distributed.security import Security
+
+    files = (cfg.tls_ca_file, cfg.tls_cert, cfg.tls_key)
+    if any(files):
+        if not all(files):
+            raise ConfigError("TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+        for f in files:
+            if not os.path.exists(f):
+                raise ConfigError("TLS file not found", path=f, hint="check the certificate paths")
+        return Security(tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_cert, tls_client_key=cfg.tls_key,
+                        require_encryption=True)
+    return Security()
+
+
+@contextlib.contextmanager
+def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
+    """A connected ``distributed.Client``; a local cluster is started and closed around it.
+
+    ``on_dashboard(url)`` is called with the dashboard address of a local cluster.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        sec = security(cfg) if cfg.scheduler.startswith("tls://") or any((cfg.tls_ca_file, cfg.tls_cert)) else None
+        try:
+            client = Client(cfg.scheduler, security=sec, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {exc}",
+                              hint="check the address (tcp://HOST:8786 or tls://...), that the scheduler runs, "
+                                   "and the TLS certificates") from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    workers, threads = cfg.local_shape()
+    with dask.config.set({"distributed.worker.daemon": False,
+                          "distributed.scheduler.allowed-failures": 5,
+                          "distributed.admin.tick.limit": "60s",
+                          "distributed.worker.memory.spill": False}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host=cfg.host,
+                               dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
+                               memory_limit=cfg.memory_limit, silence_logs=logging.ERROR)
+        try:
+            client = Client(cluster)
+            if on_dashboard is not None and cfg.dashboard:
+                on_dashboard(client.dashboard_link)
+            log.info("local Dask cluster: %d workers x %d threads at %s", workers, threads, cluster.scheduler_address)
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            cluster.close()

@@ -1,0 +1,267 @@
+"""Scoring: one Dask task per tile chunk of ``RUN/tiles.zarr``, one model per worker, resumable.
+
+Each task opens the run's store *on the worker*, reads its chunk of uint8 tiles, runs the engine on
+large batches and writes the chunk's probabilities and then its done flag straight into the store.
+The client only sends small task descriptions and receives counts and timings: no pixels pass
+through it. The model is loaded once per worker process (a ``WorkerPlugin`` warms a per-process
+cache that every task uses), never shipped through the client.
+
+Resume: chunks whose done flag is set are not submitted again. A chunk's write is atomic (zarr
+writes whole chunk files by rename) and idempotent (the same model gives the same numbers), so a
+chunk that was scored twice after a kill still holds exactly one set of probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .cluster import ClusterConfig, dask_client
+from .errors import ModelError
+from .failures import Failure, merge_failures
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to score a run."""
+
+    model_dir: str
+    engine: str = "auto"  # auto | onnx | keras
+    backend: str | None = None  # keras backend for engine=keras: tensorflow | jax | torch
+    device: str = "cpu"  # cpu | gpu
+    batch_size: int = 1024
+    engine_threads: int | None = None  # intra-op threads per worker (ONNX); default cores / workers
+    rescore: bool = False
+    max_inflight_per_thread: int = 2  # bounded scheduler and client memory for huge archives
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass
+class PredictSummary:
+    """What a predict call did."""
+
+    inputs: int = 0
+    chunks_total: int = 0
+    chunks_scored: int = 0
+    chunks_skipped: int = 0
+    tiles_scored: int = 0
+    seconds: float = 0.0
+    worker_seconds: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.tiles_scored / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+# --------------------------------------------------------------------------------------------
+
+_ENGINES: dict[tuple, object] = {}
+_ENGINE_LOCK = threading.Lock()
+ENGINE_LOADS = {"count": 0}  # per process: how many times a model was loaded (tests check "once")
+
+
+def _engine_key(cfg: PredictConfig) -> tuple:
+    return (str(Path(cfg.model_dir).resolve()), cfg.engine, cfg.backend, cfg.device, cfg.engine_threads)
+
+
+def get_engine(cfg: PredictConfig):
+    """The engine for ``cfg`` in this process, loaded on first use and then reused."""
+    key = _engine_key(cfg)
+    with _ENGINE_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            from .engines import load_engine
+
+            if cfg.backend and cfg.engine != "onnx":
+                os.environ.setdefault("KERAS_BACKEND", cfg.backend)
+            eng = load_engine(cfg.model_dir, engine=cfg.engine, backend=cfg.backend, device=cfg.device,
+                              threads=cfg.engine_threads)
+            _ENGINES[key] = eng
+            ENGINE_LOADS["count"] += 1
+            log.info("loaded %s engine for %s in process %d", getattr(eng, "name", "?"), cfg.model_dir, os.getpid())
+        return eng
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPlugin = object
+
+
+class EnginePlugin(_WorkerPlugin):
+    """``WorkerPlugin`` that loads the model once when a worker starts (or joins later)."""
+
+    name = "cancernet-engine"
+
+    def __init__(self, cfg: PredictConfig):
+        self.cfg = cfg
+
+    def setup(self, worker) -> None:  # noqa: D401 - distributed's hook
+        get_engine(self.cfg)
+
+    def teardown(self, worker) -> None:
+        pass
+
+
+def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: PredictConfig) -> dict:
+    """Score tiles ``[start, stop)`` of input ``gid`` and write probs, then the chunk's done flag.
+
+    Runs on a worker. Returns only counts and timings.
+    """
+    import zarr
+
+    t0 = time.perf_counter()
+    engine = get_engine(cfg)
+    g = zarr.open_group(str(store.tiles_path(run_dir)), mode="r+", zarr_format=3)[f"inputs/{gid}"]
+    tiles = g["tiles"][start:stop]
+    t1 = time.perf_counter()
+    out = np.empty(stop - start, np.float32)
+    for s in range(0, len(tiles), cfg.batch_size):
+        out[s:s + cfg.batch_size] = engine.predict(tiles[s:s + cfg.batch_size])
+    t2 = time.perf_counter()
+    g["probs"][start:stop] = out
+    g["done"][index] = True
+    return {"gid": gid, "index": index, "n": stop - start, "read_s": t1 - t0, "model_s": t2 - t1,
+            "write_s": time.perf_counter() - t2, "pid": os.getpid()}
+
+
+# --------------------------------------------------------------------------------------------
+# client side
+# --------------------------------------------------------------------------------------------
+
+def model_id_of(model_dir: str | os.PathLike) -> str:
+    """The model's id from ``model.json`` (a content hash of model.keras)."""
+    from .model import read_meta
+
+    return read_meta(model_dir).model_id
+
+
+def plan_chunks(run_dir: str | os.PathLike, model_id: str, *, rescore: bool = False
+                ) -> tuple[list[tuple[str, int, int, int]], int, int, list[Failure]]:
+    """Chunks still to score: ``[(gid, index, start, stop)]``, plus inputs, skipped count and failures."""
+    root = store.open_root(run_dir, mode="r+")
+    todo: list[tuple[str, int, int, int]] = []
+    skipped = 0
+    inputs = 0
+    failures: list[Failure] = []
+    for gid, g in store.iter_inputs(root):
+        inputs += 1
+        try:
+            store.ensure_predictions(g, model_id, reset=rescore)
+        except Exception as exc:  # noqa: BLE001 - one input never stops the batch
+            failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", exc))
+            continue
+        done = store.done_mask(g)
+        n = int(g["tiles"].shape[0])
+        chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
+        for index, (start, stop) in enumerate(store.chunk_bounds(n, chunk)):
+            if done[index]:
+                skipped += 1
+            else:
+                todo.append((gid, index, start, stop))
+    return todo, inputs, skipped, failures
+
+
+def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Callable[[int], None] | None = None,
+                on_dashboard: Callable[[str], None] | None = None, client=None) -> PredictSummary:
+    """Score every unscored tile chunk of ``run_dir`` with Dask and record failures.
+
+    ``client``: an already connected ``distributed.Client`` (``cancernet run`` shares one between
+    stages); otherwise one is made from ``cfg.cluster``.
+    """
+    run_dir = str(Path(run_dir).resolve())
+    if not (Path(cfg.model_dir) / "model.json").exists():
+        raise ModelError("no model.json in the model folder", path=cfg.model_dir,
+                         hint="give the folder written by `cancernet train`")
+    model_id = model_id_of(cfg.model_dir)
+    cfg = PredictConfig(**{**cfg.__dict__, "model_dir": str(Path(cfg.model_dir).resolve())})
+    todo, inputs, skipped, failures = plan_chunks(run_dir, model_id, rescore=cfg.rescore)
+    summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
+                             failures=failures)
+    t0 = time.perf_counter()
+    if todo:
+        if client is None:
+            with dask_client(cfg.cluster, on_dashboard=on_dashboard) as c:
+                _run_tasks(c, run_dir, cfg, todo, summary, progress)
+        else:
+            _run_tasks(client, run_dir, cfg, todo, summary, progress)
+    summary.seconds = time.perf_counter() - t0
+    failed_inputs = {f.input for f in summary.failures}
+    ok_inputs = set()
+    root = store.open_root(run_dir, mode="r")
+    for gid, g in store.iter_inputs(root):
+        src = g.attrs.get("source", gid)
+        if src not in failed_inputs and store.done_mask(g).all():
+            ok_inputs.add(src)
+    merge_failures(Path(run_dir) / "failures.csv", summary.failures,
+                   replace_stage_for=None if not ok_inputs else {s for s in ok_inputs})
+    log.info("scored %d tiles in %.1f s (%.0f patches/s); %d chunks skipped", summary.tiles_scored,
+             summary.seconds, summary.patches_per_second, skipped)
+    return summary
+
+
+def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
+    from distributed import as_completed
+
+    try:
+        client.register_plugin(EnginePlugin(cfg), name=EnginePlugin.name)
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot load the model
+        raise ModelError(f"workers could not load the model: {exc}", path=cfg.model_dir,
+                         hint="check the model folder is readable from every worker and the engine is installed") from exc
+    nthreads = sum(client.nthreads().values()) or 1
+    window = max(2, cfg.max_inflight_per_thread * nthreads)
+    sources: dict[str, str] = {}
+    root = store.open_root(run_dir, mode="r")
+    for gid, g in store.iter_inputs(root):
+        sources[gid] = g.attrs.get("source", gid)
+    failed_gids: set[str] = set()
+    pending = iter(todo)
+    ac = as_completed()
+    meta: dict[str, tuple] = {}
+
+    def submit_next() -> bool:
+        for item in pending:
+            if item[0] in failed_gids:
+                continue
+            fut = client.submit(score_chunk, run_dir, *item, cfg, pure=False, retries=2,
+                                key=f"score-{item[0]}-{item[1]}-{time.monotonic_ns()}")
+            meta[fut.key] = item
+            ac.add(fut)
+            return True
+        return False
+
+    for _ in range(window):
+        if not submit_next():
+            break
+    for fut in ac:
+        item = meta.pop(fut.key)
+        try:
+            res = fut.result()
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other inputs
+            gid = item[0]
+            if gid not in failed_gids:
+                failed_gids.add(gid)
+                summary.failures.append(Failure.from_exception(sources.get(gid, gid), "predict", exc))
+                log.warning("%s: scoring failed: %s", sources.get(gid, gid), exc)
+        else:
+            summary.chunks_scored += 1
+            summary.tiles_scored += res["n"]
+            summary.worker_seconds += res["read_s"] + res["model_s"] + res["write_s"]
+            if progress is not None:
+                progress(res["n"])
+        finally:
+            fut.release()
+        submit_next()

@@ -1,0 +1,183 @@
+"""The run's tile store: ``RUN/tiles.zarr`` (zarr v3 on local disk), one group per input.
+
+Layout (schema version :data:`SCHEMA_VERSION`)::
+
+    RUN/tiles.zarr/                     group; attrs: schema_version, tile_size
+      inputs/<input_id>/                one group per input (slide or patient folder)
+        tiles    (N, 50, 50, 3) uint8   chunks (C, 50, 50, 3): one chunk = one unit of work
+        coords   (N, 2) int32           (row, col) on the input's model grid, chunks (C, 2)
+        labels   (N,) int8              patient folders only: 0/1, -1 unknown
+        probs    (N,) float32           written by ``predict``, chunks (C,), NaN until scored
+        done     (nchunks,) bool        one flag per tile chunk, each flag its own zarr chunk
+        attrs    see :class:`InputAttrs`; ``complete`` is set last, when tiling finished
+
+Writes of whole zarr chunks are atomic on a local store (zarr writes a temporary file and renames
+it), and each task writes only its own chunks, so concurrent workers never race and a killed run
+leaves no half-written chunk. The order "probs chunk, then its done flag" makes a done flag
+proof that its probabilities are on disk. ``complete`` (tiling) and the probs' ``model_id``
+(prediction) tell a re-run what it can skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import PATCH_SIZE
+from .errors import StorageError
+
+SCHEMA_VERSION = 1
+DEFAULT_CHUNK = 1024
+"""Tiles per chunk: 1024 x 7.5 KB = 7.7 MB raw, a good unit of work for one predict task."""
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def input_id(source: str | os.PathLike) -> str:
+    """A stable, filesystem-safe group name for an input: ``<sanitised stem>-<8 hex of its abs path>``.
+
+    Separators, ``..`` and odd characters in names never reach the store's paths.
+    """
+    p = Path(source).resolve()
+    stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
+    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class InputAttrs:
+    """What tiling recorded about one input (the group's zarr attrs)."""
+
+    source: str
+    kind: str  # "slide" | "patches"
+    reader: str
+    patient: str
+    source_size: int
+    source_mtime: float
+    target_mpp: float
+    grid_shape: tuple[int, int]
+    n_tiles: int
+    n_background: int = 0
+    source_mpp: float | None = None
+    level: int = 0
+    level_downsample: float = 1.0
+    tile_size: int = PATCH_SIZE
+    level0_tile_px: float = 0.0  # side of one model tile in level-0 pixels (GeoJSON, maps)
+    tissue_threshold: float | None = None
+    tissue_fraction: float | None = None
+    vendor: str | None = None
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grid_shape"] = list(self.grid_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "InputAttrs":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["grid_shape"] = tuple(known.get("grid_shape", (0, 0)))
+        return cls(**known)
+
+
+def tiles_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "tiles.zarr"
+
+
+def open_root(run_dir: str | os.PathLike, mode: str = "a"):
+    """Open (or create, with ``mode='a'``) the run's ``tiles.zarr`` root group."""
+    import zarr
+
+    path = tiles_path(run_dir)
+    if mode == "r" and not path.exists():
+        raise StorageError("no tiles.zarr in this run folder", path=run_dir,
+                           hint="run `cancernet tile INPUT... --out RUN` first")
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (OSError, PermissionError) as exc:
+        raise StorageError(f"cannot open tile store: {exc}", path=path,
+                           hint="check that the run folder is writable and not full") from exc
+    if mode != "r" and "schema_version" not in root.attrs:
+        root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
+    version = root.attrs.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
+                           path=path, hint="re-tile into a new run folder")
+    return root
+
+
+def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False):
+    """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False."""
+    gid = input_id(attrs.source)
+    inputs = root.require_group("inputs")
+    if gid in inputs:
+        del inputs[gid]
+    g = inputs.create_group(gid)
+    c = max(1, min(chunk, n)) if n else chunk
+    g.create_array("tiles", shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8")
+    g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32")
+    if labels:
+        g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
+    g.attrs.update({**attrs.to_json(), "complete": False, "chunk": c})
+    return g
+
+
+def mark_complete(group, **updates) -> None:
+    """Record that tiling of this input finished (set last, after every tile chunk is written)."""
+    group.attrs.update({**updates, "complete": True})
+
+
+def iter_inputs(root, *, complete_only: bool = True) -> Iterator[tuple[str, object]]:
+    """``(input_id, group)`` for each input in the store, sorted by id."""
+    if "inputs" not in root:
+        return
+    inputs = root["inputs"]
+    for gid in sorted(inputs.group_keys()):
+        g = inputs[gid]
+        if complete_only and not g.attrs.get("complete", False):
+            continue
+        yield gid, g
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of each tile chunk of an input with ``n`` tiles."""
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def ensure_predictions(group, model_id: str, *, reset: bool = False):
+    """Create (or check) the ``probs``/``done`` arrays of an input for predictions by ``model_id``.
+
+    Returns ``(probs, done)``. A store scored by another model raises :class:`StorageError` unless
+    ``reset`` is true, in which case the old predictions are dropped.
+    """
+    n = int(group["tiles"].shape[0])
+    c = int(group.attrs.get("chunk", group["tiles"].chunks[0]))
+    nchunks = len(chunk_bounds(n, c))
+    if "probs" in group:
+        old = group["probs"].attrs.get("model_id")
+        if old != model_id:
+            if not reset:
+                raise StorageError(f"this run was scored by model {old}, not {model_id}", path=group.attrs.get("source"),
+                                   hint="score into a new run folder, or pass --rescore to replace the predictions")
+            del group["probs"]
+            del group["done"]
+    if "probs" not in group:
+        probs = group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan)
+        probs.attrs["model_id"] = model_id
+        group.create_array("done", shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
+    return group["probs"], group["done"]
+
+
+def done_mask(group) -> np.ndarray:
+    """The per-chunk done flags of an input (all False when it has not been scored)."""
+    if "done" not in group:
+        n = int(group["tiles"].shape[0])
+        c = int(group.attrs.get("chunk", group["tiles"].chunks[0]))
+        return np.zeros(len(chunk_bounds(n, c)), bool)
+    return np.asarray(group["done"][:], bool)
