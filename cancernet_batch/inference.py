@@ -13,6 +13,7 @@ chunk that was scored twice after a kill still holds exactly one set of probabil
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -25,7 +26,8 @@ import numpy as np
 
 from . import store
 from .cluster import ClusterConfig, dask_client
-from .errors import ModelError
+from .atomic import write_text
+from .errors import ModelError, ResolutionError
 from .failures import Failure, merge_failures
 
 log = logging.getLogger(__name__)
@@ -142,14 +144,7 @@ def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: 
 # client side
 # --------------------------------------------------------------------------------------------
 
-def model_id_of(model_dir: str | os.PathLike) -> str:
-    """The model's id from ``model.json`` (a content hash of model.keras)."""
-    from .model import read_meta
-
-    return read_meta(model_dir).model_id
-
-
-def plan_chunks(run_dir: str | os.PathLike, model_id: str, *, rescore: bool = False
+def plan_chunks(run_dir: str | os.PathLike, model_id: str, *, rescore: bool = False, mpp: float | None = None
                 ) -> tuple[list[tuple[str, int, int, int]], int, int, list[Failure]]:
     """Chunks still to score: ``[(gid, index, start, stop)]``, plus inputs, skipped count and failures."""
     root = store.open_root(run_dir, mode="r+")
@@ -159,6 +154,12 @@ def plan_chunks(run_dir: str | os.PathLike, model_id: str, *, rescore: bool = Fa
     failures: list[Failure] = []
     for gid, g in store.iter_inputs(root):
         inputs += 1
+        tiled_mpp = g.attrs.get("target_mpp")
+        if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
+            failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", ResolutionError(
+                f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
+                path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")))
+            continue
         try:
             store.ensure_predictions(g, model_id, reset=rescore)
         except Exception as exc:  # noqa: BLE001 - one input never stops the batch
@@ -183,12 +184,19 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     stages); otherwise one is made from ``cfg.cluster``.
     """
     run_dir = str(Path(run_dir).resolve())
+    store.open_root(run_dir, mode="r")  # a missing or foreign run folder fails here, before anything is written
     if not (Path(cfg.model_dir) / "model.json").exists():
         raise ModelError("no model.json in the model folder", path=cfg.model_dir,
                          hint="give the folder written by `cancernet train`")
-    model_id = model_id_of(cfg.model_dir)
+    from .model import read_meta
+
+    meta = read_meta(cfg.model_dir)
+    model_id = meta.model_id
     cfg = PredictConfig(**{**cfg.__dict__, "model_dir": str(Path(cfg.model_dir).resolve())})
-    todo, inputs, skipped, failures = plan_chunks(run_dir, model_id, rescore=cfg.rescore)
+    write_text(Path(run_dir) / "predict.json", json.dumps(
+        {"model_dir": cfg.model_dir, "model_id": model_id, "threshold": meta.threshold, "mpp": meta.mpp,
+         "engine": cfg.engine, "backend": cfg.backend, "device": cfg.device, "batch_size": cfg.batch_size}, indent=2) + "\n")
+    todo, inputs, skipped, failures = plan_chunks(run_dir, model_id, rescore=cfg.rescore, mpp=meta.mpp)
     summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
                              failures=failures)
     t0 = time.perf_counter()
