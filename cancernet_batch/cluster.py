@@ -69,9 +69,12 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
 
     if cfg.scheduler:
         sec = security(cfg) if cfg.scheduler.startswith("tls://") or any((cfg.tls_ca_file, cfg.tls_cert)) else None
+        if cfg.scheduler.startswith("tls://") and not (sec.tls_client_cert and sec.tls_ca_file):
+            raise ConfigError(f"{cfg.scheduler} needs TLS certificates",
+                              hint="give --tls-ca-file, --tls-cert and --tls-key, or set distributed.comm.tls.* in Dask's config")
         try:
             client = Client(cfg.scheduler, security=sec, timeout="30s")
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, TypeError, ValueError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {exc}",
                               hint="check the address (tcp://HOST:8786 or tls://...), that the scheduler runs, "
                                    "and the TLS certificates") from exc

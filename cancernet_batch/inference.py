@@ -200,6 +200,10 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
                              failures=failures)
     t0 = time.perf_counter()
+    if todo and cfg.engine_threads is None and client is None and not cfg.cluster.scheduler:
+        # a local cluster: share the cores between workers instead of letting each engine take them all
+        workers, threads = cfg.cluster.local_shape()
+        cfg = PredictConfig(**{**cfg.__dict__, "engine_threads": max(1, _cores() // (workers * threads))})
     if todo:
         if client is None:
             with dask_client(cfg.cluster, on_dashboard=on_dashboard) as c:
@@ -219,6 +223,10 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     log.info("scored %d tiles in %.1f s (%.0f patches/s); %d chunks skipped", summary.tiles_scored,
              summary.seconds, summary.patches_per_second, skipped)
     return summary
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:

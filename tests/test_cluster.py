@@ -1,0 +1,118 @@
+"""Clusters: the local one listens on loopback only; a remote scheduler over TLS with certificates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cancernet_batch.cluster import ClusterConfig, dask_client, security
+from cancernet_batch.errors import ConfigError
+
+ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _listening(pids: set[int]) -> list[str]:
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.append(c.laddr.ip)
+    return out
+
+
+def test_local_cluster_listens_on_loopback_only():
+    with dask_client(ClusterConfig(workers=2, dashboard=True)) as client:
+        info = client.scheduler_info()
+        assert info["address"].startswith("tcp://127.0.0.1:")
+        assert all(w.startswith("tcp://127.0.0.1:") for w in info["workers"])
+        assert "127.0.0.1" in client.dashboard_link
+        me = psutil.Process()
+        pids = {me.pid, *(p.pid for p in me.children(recursive=True))}
+        ips = _listening(pids)
+    assert ips, "expected the scheduler, workers and dashboard to listen somewhere"
+    assert set(ips) <= {"127.0.0.1"}, ips
+
+
+def test_partial_tls_settings_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs all of"):
+        security(ClusterConfig(scheduler="tls://127.0.0.1:1", tls_ca_file=str(tmp_path / "ca.pem")))
+    with pytest.raises(ConfigError, match="not found"):
+        security(ClusterConfig(scheduler="tls://127.0.0.1:1", tls_ca_file="a", tls_cert="b", tls_key="c"))
+
+
+def test_unreachable_scheduler_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "predict", str(tmp_path), "--model", str(tmp_path),
+                        "--scheduler", "tcp://127.0.0.1:9"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """A throwaway CA and one certificate for 127.0.0.1, made with the openssl command."""
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=cancernet-test-ca", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1",
+             cwd=d)
+    _openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.pem",
+             "-days", "1", "-extfile", "ext.cnf", cwd=d)
+    return d
+
+
+def test_tls_scheduler_end_to_end(certs, tmp_path):
+    """`cancernet predict --scheduler tls://...` with certificates scores a run on a TLS-only cluster."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_inference import make_run, reference, stored_probs  # noqa: E402 - shared helpers
+
+    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
+
+    import numpy as np
+
+    model_dir = tmp_path / "model"
+    m = build_cancernet(width=8, seed=2)
+    m.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
+    save_model_dir(m, model_dir, ModelMeta(width=8))
+    export_onnx(model_dir)
+    run = tmp_path / "run"
+    tiles = make_run(run, {"t": 200}, chunk=100)
+    tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "node.pem"), "--tls-key", str(certs / "node.key")]
+    bindir = Path(sys.executable).parent
+    sched_file = tmp_path / "sched.json"
+    sched = subprocess.Popen([str(bindir / "dask"), "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+                              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file), *tls],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        assert address.startswith("tls://127.0.0.1:")
+        worker = subprocess.Popen([str(bindir / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+                                   "--no-dashboard", *tls], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # without certificates the client cannot talk to it: a one-line error, not a hang or traceback
+        bad = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "predict", str(run), "--model", str(model_dir),
+                              "--scheduler", address], capture_output=True, text=True, env=ENV, timeout=120)
+        assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+        ok = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "predict", str(run), "--model", str(model_dir),
+                             "--scheduler", address, "--engine", "onnx", *tls], capture_output=True, text=True, env=ENV,
+                            timeout=300)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        for p in (worker, sched):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=30)
+    (gid, t), = tiles.items()
+    np.testing.assert_allclose(stored_probs(run)[gid], reference(model_dir, t), atol=1e-5)
