@@ -1,0 +1,400 @@
+"""IDC maps and per-input / per-patient figures from a scored run, and map accuracy (Dice).
+
+An input is *reported* when its tiling is complete and every chunk of its predictions is done;
+any other input is *not scored* (with a note why) and is listed, never silently dropped.
+
+Figures of one input, at decision threshold ``t`` (a tile is IDC when ``prob >= t``):
+
+* tissue tiles: the tiles in the store (tiling keeps tissue tiles only, unless told otherwise);
+* IDC tiles, IDC fraction = IDC tiles / tissue tiles;
+* areas in mm²: tiles x ``(50 * target_mpp / 1000) ** 2`` (0.04 mm² per tile at 4.0 µm/px);
+* mean and max probability over the tissue tiles.
+
+A patient's figures sum tiles and areas over the patient's reported inputs; its IDC fraction is
+IDC tiles / tissue tiles over all of them, its mean probability the tile-weighted mean, its max
+the max of the maxima.
+
+Map accuracy against a synthetic slide's truth (:func:`compare_with_truth`): the predicted IDC
+mask is ``map >= t`` (unscored / background tiles are not IDC), the true mask is ``truth.idc``, on
+the same grid. Dice = 2 |P ∩ T| / (|P| + |T|), 1.0 when both masks are empty. Sensitivity and
+precision use the same counts; specificity counts true negatives on the *tissue union* (tiles
+that the truth or the tiling calls tissue), so the slide's empty background does not inflate it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import PATCH_SIZE, store
+from .errors import ConfigError, InputError, ModelError
+from .store import InputAttrs
+
+log = logging.getLogger(__name__)
+
+REPORTED = "reported"
+NOT_SCORED = "not scored"
+FAILED = "failed"  # scored, but writing its report failed (listed in failures.csv)
+DEFAULT_THRESHOLD = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# threshold and patients
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Threshold:
+    """The decision threshold of a report and where it came from."""
+
+    value: float
+    source: str  # "--threshold", "model.json of <dir>", "predict.json", or the default's note
+    is_default: bool = False
+    model_id: str | None = None  # the id in the model.json the threshold came from, when known
+
+
+def _load_json(path: Path, error: type[Exception]) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {path.name}: {exc}", path=path, hint="give a file written by this tool") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path.name} is not a JSON object", path=path, hint="give a file written by this tool")
+    return data
+
+
+def _checked_threshold(value: object, where: object) -> float:
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        t = math.nan
+    if not 0.0 <= t <= 1.0:
+        raise ConfigError(f"decision threshold {value!r} is not in [0, 1]", path=where,
+                          hint="give --threshold between 0 and 1")
+    return t
+
+
+def model_threshold(model_dir: str | os.PathLike) -> tuple[float | None, str | None]:
+    """``(threshold, model_id)`` from ``MODEL_DIR/model.json``; None for what it does not hold."""
+    path = Path(model_dir) / "model.json"
+    if not path.is_file():
+        raise ModelError("no model.json in the model folder", path=model_dir,
+                         hint="give the folder written by `cancernet train`, or --threshold")
+    meta = _load_json(path, ModelError)
+    value, model_id = meta.get("threshold"), meta.get("model_id")
+    return (None if value is None else _checked_threshold(value, path)), (None if model_id is None else str(model_id))
+
+
+def resolve_threshold(run_dir: str | os.PathLike, threshold: float | None = None,
+                      model_dir: str | os.PathLike | None = None) -> Threshold:
+    """``threshold`` if given; else the model's (``--model``, then ``RUN/predict.json``); else 0.5."""
+    if threshold is not None:
+        return Threshold(_checked_threshold(threshold, None), "--threshold")
+    predict_json = Path(run_dir) / "predict.json"
+    if model_dir is None and predict_json.is_file():
+        meta = _load_json(predict_json, InputError)
+        if meta.get("threshold") is not None:
+            return Threshold(_checked_threshold(meta["threshold"], predict_json), "predict.json",
+                             model_id=meta.get("model_id"))
+        if meta.get("model_dir") and (Path(meta["model_dir"]) / "model.json").is_file():
+            model_dir = meta["model_dir"]
+    if model_dir is not None:
+        t, model_id = model_threshold(model_dir)
+        if t is not None:
+            return Threshold(t, f"model.json of {model_dir}", model_id=model_id)
+    log.warning("no model threshold found; using the default %.2f (give --threshold or --model)", DEFAULT_THRESHOLD)
+    return Threshold(DEFAULT_THRESHOLD, "default (no model threshold found)", True)
+
+
+def read_patient_map(path: str | os.PathLike) -> dict[str, str]:
+    """``{input: patient}`` from a CSV with columns ``input,patient`` (extra columns are ignored)."""
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"input", "patient"} <= {f.strip() for f in reader.fieldnames}:
+                raise InputError("the patient map needs the columns input,patient", path=p,
+                                 hint="write a header line `input,patient`")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read the patient map: {getattr(exc, 'strerror', None) or exc}", path=p,
+                         hint="give an existing UTF-8 CSV with columns input,patient") from exc
+    mapping: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        key, patient = row.get("input", ""), row.get("patient", "")
+        if not key or not patient:
+            raise InputError(f"line {line}: empty input or patient", path=p, hint="fill both columns on every line")
+        if mapping.get(key, patient) != patient:
+            raise InputError(f"line {line}: input {key!r} is mapped to two patients", path=p,
+                             hint="keep one line per input")
+        mapping[key] = patient
+    return mapping
+
+
+def _input_keys(gid: str, attrs: InputAttrs) -> tuple[str, ...]:
+    """What a patient map may name an input by, most specific first: id, path, file name."""
+    src = Path(attrs.source)
+    return gid, str(src.resolve()), src.name
+
+
+def _map_key(key: str) -> str:
+    """A patient map key as compared: paths (with a separator) resolved, names and ids as they are."""
+    return str(Path(key).resolve()) if ("/" in key or os.sep in key) else key
+
+
+def patient_of(gid: str, attrs: InputAttrs, mapping: dict[str, str]) -> str:
+    """The patient of an input: from ``mapping`` (by input id, source path or file name), else its attrs.
+
+    Without either, the source's file stem stands for the patient.
+    """
+    by_key = {_map_key(k): v for k, v in mapping.items()}
+    for key in _input_keys(gid, attrs):
+        if key in by_key:
+            return by_key[key]
+    return attrs.patient or Path(attrs.source).stem or gid
+
+
+def unmatched_keys(mapping: dict[str, str], inputs: list[tuple[str, InputAttrs]]) -> list[str]:
+    """Keys of the patient map that name none of the inputs (probably a typo)."""
+    known = {k for gid, a in inputs for k in _input_keys(gid, a)}
+    return sorted(k for k in mapping if _map_key(k) not in known)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and maps
+# --------------------------------------------------------------------------------------------
+
+def input_state(group) -> tuple[str, str]:
+    """``(REPORTED, "")`` when tiling is complete and every chunk is scored, else ``(NOT_SCORED, why)``."""
+    if not group.attrs.get("complete", False):
+        return NOT_SCORED, "tiling incomplete"
+    if "probs" not in group:
+        return NOT_SCORED, "no predictions"
+    done = store.done_mask(group)
+    if not done.all():
+        return NOT_SCORED, f"{int(done.sum())} of {done.size} chunks scored"
+    return REPORTED, ""
+
+
+def level0_tile_px(attrs: InputAttrs) -> float:
+    """Side of one model tile in level-0 pixels (50 for patient folders: the Kaggle image's pixels)."""
+    if attrs.level0_tile_px:
+        return float(attrs.level0_tile_px)
+    if attrs.kind == "slide" and attrs.source_mpp:
+        return PATCH_SIZE * attrs.target_mpp / attrs.source_mpp
+    return float(PATCH_SIZE)
+
+
+def tile_area_mm2(target_mpp: float) -> float:
+    """Area of one model tile in mm²: ``(50 * target_mpp / 1000) ** 2`` (0.04 at 4.0 µm/px)."""
+    return (PATCH_SIZE * target_mpp / 1000.0) ** 2
+
+
+@dataclass(frozen=True)
+class ScoredInput:
+    """One fully scored input: its tiles' grid positions and probabilities."""
+
+    input_id: str
+    attrs: InputAttrs
+    patient: str
+    coords: np.ndarray  # (N, 2) int32 (row, col)
+    probs: np.ndarray  # (N,) float32
+    model_id: str
+
+    def on_grid(self) -> np.ndarray:
+        """Mask of the tiles with a position inside the grid (plain folders may have none)."""
+        rows, cols = self.attrs.grid_shape
+        r, c = self.coords[:, 0], self.coords[:, 1]
+        return (r >= 0) & (c >= 0) & (r < rows) & (c < cols)
+
+    def idc_map(self) -> np.ndarray:
+        """The probability map: float32 ``grid_shape``, NaN where no tile was scored (background)."""
+        m = np.full(tuple(self.attrs.grid_shape), np.nan, np.float32)
+        ok = self.on_grid()
+        if not ok.all():
+            log.warning("%s: %d tiles have no position on the grid and are left off the map",
+                        self.input_id, int((~ok).sum()))
+        m[self.coords[ok, 0], self.coords[ok, 1]] = self.probs[ok]
+        return m
+
+
+def load_scored(gid: str, group, patient: str) -> ScoredInput:
+    """Read the coords and probabilities of a reported input (small: 12 bytes a tile)."""
+    attrs = InputAttrs.from_json(dict(group.attrs))
+    coords = np.asarray(group["coords"][:], np.int32).reshape(-1, 2)
+    probs = np.asarray(group["probs"][:], np.float32)
+    if probs.size and not np.isfinite(probs).all():
+        log.warning("%s: %d scored tiles have no finite probability; they count as not IDC",
+                    gid, int((~np.isfinite(probs)).sum()))
+    return ScoredInput(gid, attrs, patient, coords, probs, str(group["probs"].attrs.get("model_id", "")))
+
+
+def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
+    """Save the map as array ``idc_map`` in the input's group (replacing an older one)."""
+    rows, cols = idc_map.shape
+    arr = group.create_array("idc_map", shape=idc_map.shape, dtype="float32", fill_value=np.nan,
+                             chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))), overwrite=True)
+    arr[...] = idc_map
+    arr.attrs.update({"model_id": model_id, "description": "P(IDC) per model tile; NaN: background or unscored"})
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass(frozen=True)
+class InputFigures:
+    """One row of ``inputs.csv``; figures are None for inputs that are not scored."""
+
+    input_id: str
+    source: str
+    patient: str
+    kind: str
+    status: str
+    note: str
+    tissue_tiles: int | None
+    idc_tiles: int | None
+    idc_fraction: float | None
+    idc_area_mm2: float | None
+    tissue_area_mm2: float | None
+    mean_prob: float | None
+    max_prob: float | None
+    model_id: str
+    threshold: float
+    target_mpp: float
+    source_mpp: float | None
+
+
+def input_figures(s: ScoredInput, threshold: float) -> InputFigures:
+    """The figures of one scored input at ``threshold``."""
+    finite = s.probs[np.isfinite(s.probs)]
+    n, k = int(s.probs.size), int((finite >= threshold).sum())
+    area = tile_area_mm2(s.attrs.target_mpp)
+    return InputFigures(
+        s.input_id, s.attrs.source, s.patient, s.attrs.kind, REPORTED, "", n, k, _ratio(k, n), k * area, n * area,
+        float(finite.mean()) if finite.size else None, float(finite.max()) if finite.size else None,
+        s.model_id, threshold, s.attrs.target_mpp, s.attrs.source_mpp)
+
+
+def unscored_figures(gid: str, attrs: InputAttrs, patient: str, status: str, note: str, threshold: float,
+                     model_id: str = "") -> InputFigures:
+    """The row of an input without figures (not scored, or its report failed)."""
+    return InputFigures(gid, attrs.source, patient, attrs.kind, status, note, None, None, None, None, None,
+                        None, None, model_id, threshold, attrs.target_mpp, attrs.source_mpp)
+
+
+@dataclass(frozen=True)
+class PatientFigures:
+    """One row of ``patients.csv``: a patient's reported inputs aggregated."""
+
+    patient: str
+    inputs: int
+    inputs_not_reported: int
+    tissue_tiles: int
+    idc_tiles: int
+    idc_fraction: float | None
+    idc_area_mm2: float
+    tissue_area_mm2: float
+    mean_prob: float | None
+    max_prob: float | None
+
+
+def patient_figures(rows: list[InputFigures]) -> list[PatientFigures]:
+    """Aggregate inputs per patient (sorted by patient id)."""
+    by_patient: dict[str, list[InputFigures]] = {}
+    for r in rows:
+        by_patient.setdefault(r.patient, []).append(r)
+    out = []
+    for patient in sorted(by_patient):
+        done = [r for r in by_patient[patient] if r.status == REPORTED]
+        tissue = sum(r.tissue_tiles or 0 for r in done)
+        idc = sum(r.idc_tiles or 0 for r in done)
+        weighted = sum(((r.mean_prob or 0.0) * (r.tissue_tiles or 0) for r in done), 0.0)
+        maxima = [r.max_prob for r in done if r.max_prob is not None]
+        out.append(PatientFigures(
+            patient, len(done), len(by_patient[patient]) - len(done), tissue, idc, _ratio(idc, tissue),
+            sum((r.idc_area_mm2 or 0.0 for r in done), 0.0), sum((r.tissue_area_mm2 or 0.0 for r in done), 0.0),
+            _ratio(weighted, tissue), max(maxima) if maxima else None))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# map accuracy against a synthetic slide's truth
+# --------------------------------------------------------------------------------------------
+
+def dice(pred_mask: np.ndarray, truth_mask: np.ndarray) -> float:
+    """Dice coefficient 2 |P ∩ T| / (|P| + |T|) of two boolean masks; 1.0 when both are empty."""
+    p, t = np.asarray(pred_mask, bool), np.asarray(truth_mask, bool)
+    if p.shape != t.shape:
+        raise ConfigError(f"masks of different shapes {p.shape} and {t.shape}", hint="compare maps on the same grid")
+    total = int(p.sum()) + int(t.sum())
+    return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+
+
+@dataclass(frozen=True)
+class MapAccuracy:
+    """How a thresholded IDC map agrees with the truth, tile by tile."""
+
+    dice: float
+    tissue_dice: float  # scored tiles vs truth tissue: how well tiling found the tissue
+    true_positive: int
+    false_positive: int
+    false_negative: int
+    true_negative: int  # on the tissue union only
+    sensitivity: float | None
+    precision: float | None
+    specificity: float | None
+
+
+def compare_with_truth(idc_map: np.ndarray, truth, threshold: float) -> MapAccuracy:
+    """Compare ``idc_map >= threshold`` with ``truth.idc`` (a :class:`~cancernet_batch.synth.SlideTruth`)."""
+    m = np.asarray(idc_map, np.float32)
+    if m.shape != truth.idc.shape:
+        raise ConfigError(f"map grid {m.shape} differs from the truth grid {truth.idc.shape}",
+                          hint=f"tile the slide at the truth's resolution, {truth.mpp} µm/px")
+    scored = np.isfinite(m)
+    pred = scored & (np.where(scored, m, 0.0) >= threshold)
+    true = truth.idc
+    union = scored | truth.tissue
+    tp, fp, fn = int((pred & true).sum()), int((pred & ~true).sum()), int((~pred & true).sum())
+    tn = int((union & ~pred & ~true).sum())
+    return MapAccuracy(dice(pred, true), dice(scored, truth.tissue), tp, fp, fn, tn,
+                       _ratio(tp, tp + fn), _ratio(tp, tp + fp), _ratio(tn, tn + fp))
+
+
+def truth_path(source: str | os.PathLike) -> Path:
+    """Where a synthetic slide's truth lies: ``NAME.truth.npz`` beside ``NAME.svs``."""
+    p = Path(source)
+    return p.with_name(f"{p.stem}.truth.npz")
+
+
+def input_accuracy(run_dir: str | os.PathLike, gid: str, threshold: float) -> MapAccuracy:
+    """Map accuracy of one scored input of a run against the truth file beside its source slide."""
+    from .synth import SlideTruth
+
+    root = store.open_root(run_dir, mode="r")
+    if "inputs" not in root or gid not in root["inputs"]:
+        raise InputError(f"no input {gid} in this run", path=run_dir, hint="see the input ids in report/inputs.csv")
+    group = root["inputs"][gid]
+    status, note = input_state(group)
+    if status != REPORTED:
+        raise InputError(f"input {gid} is not scored ({note})", path=run_dir, hint="run `cancernet predict` first")
+    scored = load_scored(gid, group, "")
+    path = truth_path(scored.attrs.source)
+    if not path.is_file():
+        raise InputError("no truth file beside the slide", path=path, hint="only synthetic slides carry a truth")
+    truth = SlideTruth.load(path)
+    if not math.isclose(truth.mpp, scored.attrs.target_mpp):
+        raise ConfigError(f"truth is at {truth.mpp} µm/px, the run at {scored.attrs.target_mpp}", path=path,
+                          hint=f"tile at --mpp {truth.mpp}")
+    return compare_with_truth(scored.idc_map(), truth, threshold)

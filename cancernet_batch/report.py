@@ -1,0 +1,224 @@
+"""The report stage: ``RUN/report/`` with CSV summaries, heatmaps, GeoJSON and ``index.html``.
+
+Outputs (every file written atomically; re-running overwrites them and gives identical CSVs)::
+
+    RUN/report/inputs.csv             one row per input in the store (reported, not scored, failed)
+    RUN/report/patients.csv           the reported inputs aggregated per patient
+    RUN/report/failures.csv           copy of RUN/failures.csv (this stage's failures merged in)
+    RUN/report/index.html             static, offline page: the tables and every heatmap
+    RUN/report/maps/<id>.png          heatmap of the IDC map over a thumbnail of the tissue
+    RUN/report/geojson/<id>.geojson   the IDC tiles for QuPath (File > Import objects)
+
+and per reported input the array ``idc_map`` (float32, ``grid_shape``) in its group of
+``RUN/tiles.zarr``. Output file names are built from the store's input ids, sanitised again here,
+so no name or patient id can reach outside ``RUN/report/``; CSV cells cannot start a formula
+(:func:`cancernet_batch.atomic.write_csv`) and the HTML escapes everything it shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from . import PATCH_SIZE, store
+from .aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
+                        input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
+                        resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
+from .atomic import write_csv
+from .failures import Failure, read_failures, write_failures
+from .geojson import idc_features, write_geojson
+from .heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
+from .store import InputAttrs
+
+log = logging.getLogger(__name__)
+
+STAGE = "report"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``cancernet report`` was asked for."""
+
+    threshold: float | None = None  # default: the model's (see aggregate.resolve_threshold)
+    patients_csv: str | None = None  # CSV input,patient
+    model_dir: str | None = None
+    thumb_px: int = MAX_THUMB_PX
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """One input's row and, when reported, its files (paths relative to ``RUN/report``)."""
+
+    figures: InputFigures
+    heatmap: str | None = None
+    geojson: str | None = None
+    thumbnail: str = ""  # what the heatmap is drawn over
+
+
+@dataclass
+class ReportSummary:
+    """What a report call wrote."""
+
+    out: Path
+    threshold: Threshold
+    inputs: list[InputReport]
+    patients: list[PatientFigures]
+    failures: list[Failure]
+
+    @property
+    def index(self) -> Path:
+        return self.out / "index.html"
+
+    def count(self, status: str) -> int:
+        return sum(r.figures.status == status for r in self.inputs)
+
+    @property
+    def reported(self) -> int:
+        return self.count(REPORTED)
+
+    @property
+    def not_scored(self) -> int:
+        return self.count(NOT_SCORED)
+
+    @property
+    def failed(self) -> int:
+        """Distinct inputs in the failures list (any stage)."""
+        return len({f.input for f in self.failures})
+
+
+def safe_name(text: str) -> str:
+    """A file name made of ``[A-Za-z0-9._-]`` only, never hidden or ``..``; distinct texts stay distinct."""
+    name = _SAFE.sub("_", text).strip("._-")[:80]
+    if name != text or not name:
+        name = f"{name or 'input'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# one input
+# --------------------------------------------------------------------------------------------
+
+def _title(patient: str, gid: str) -> str:
+    return f"patient {patient} · {gid}".replace("$", r"\$")  # no mathtext from names
+
+
+def report_input(out: Path, gid: str, group, patient: str, threshold: float, thumb_px: int) -> InputReport:
+    """Write the map (zarr), heatmap (PNG) and GeoJSON of one fully scored input."""
+    scored = load_scored(gid, group, patient)
+    idc_map = scored.idc_map()
+    write_idc_map(group, idc_map, scored.model_id)
+    tile_px = level0_tile_px(scored.attrs)
+    name = safe_name(gid)
+    thumb = thumbnail_for(group, scored.attrs, tile_px, thumb_px)
+    write_heatmap(out / "maps" / f"{name}.png", idc_map, thumb, tile_px=tile_px,
+                  um_per_px=PATCH_SIZE * scored.attrs.target_mpp / tile_px, threshold=threshold,
+                  title=_title(patient, gid))
+    write_geojson(out / "geojson" / f"{name}.geojson",
+                  idc_features(gid, scored.coords, scored.probs, threshold, tile_px))
+    return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin)
+
+
+def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, thumb_px: int
+               ) -> tuple[InputReport, Failure | None]:
+    status, note = input_state(group)
+    model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
+    if status != REPORTED:
+        return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
+    try:
+        return report_input(out, gid, group, patient, thr.value, thumb_px), None
+    except Exception as exc:  # noqa: BLE001 - one input never stops the report
+        log.warning("%s: report failed: %s", attrs.source, exc)
+        failure = Failure.from_exception(attrs.source, STAGE, exc)
+        return InputReport(unscored_figures(gid, attrs, patient, FAILED, failure.message, thr.value, model_id)), failure
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+def _fmt(value: object) -> object:
+    """A CSV cell: None empty, floats rounded to 6 decimals (stable across re-runs)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(round(value, 6))
+    return value
+
+
+def write_table(path: Path, rows: list, columns: tuple[str, ...]) -> Path:
+    """Write dataclass rows as CSV (formula-safe)."""
+    return write_csv(path, columns, [[_fmt(v) for v in astuple(r)] for r in rows])
+
+
+INPUT_COLUMNS = tuple(f.name for f in fields(InputFigures))
+PATIENT_COLUMNS = tuple(f.name for f in fields(PatientFigures))
+
+
+def update_failures(run_dir: Path, new: list[Failure], checked: set[str]) -> list[Failure]:
+    """Merge this stage's failures into ``RUN/failures.csv``: earlier report rows of ``checked`` inputs go."""
+    path = run_dir / "failures.csv"
+    old = read_failures(path)
+    merged = {(f.input, f.stage): f for f in old if not (f.stage == STAGE and f.input in checked)}
+    merged.update({(f.input, f.stage): f for f in new})
+    failures = list(merged.values())
+    if failures != old or not path.exists():
+        write_failures(path, failures)
+    return failures
+
+
+def _remove_stale(folder: Path, suffix: str, keep: set[str]) -> None:
+    """Drop heatmaps / GeoJSON of inputs that are no longer reported."""
+    if folder.is_dir():
+        for p in folder.glob(f"*{suffix}"):
+            if p.name not in keep and p.is_file():
+                p.unlink()
+
+
+def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
+    if thr.model_id:
+        other = sorted({r.figures.model_id for r in rows if r.figures.model_id and r.figures.model_id != thr.model_id})
+        if other:
+            log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
+
+
+def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
+                progress: Callable[[int], None] | None = None) -> ReportSummary:
+    """Write ``RUN/report/`` for every input of the run's store; returns what was written."""
+    from .report_html import write_index
+
+    run = Path(run_dir)
+    store.open_root(run, mode="r")  # a clear error when there is no store
+    root = store.open_root(run, mode="r+")
+    thr = resolve_threshold(run, cfg.threshold, cfg.model_dir)
+    mapping = read_patient_map(cfg.patients_csv) if cfg.patients_csv else {}
+    groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
+    for key in unmatched_keys(mapping, [(gid, a) for gid, _, a in groups]):
+        log.warning("patient map: %r names no input of this run", key)
+    out = run / "report"
+    rows: list[InputReport] = []
+    new_failures: list[Failure] = []
+    for gid, g, attrs in groups:
+        row, failure = _one_input(out, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px)
+        rows.append(row)
+        new_failures += [failure] if failure else []
+        if progress is not None:
+            progress(1)
+    _check_model(thr, rows)
+    _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
+    _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
+    failures = update_failures(run, new_failures, {a.source for _, _, a in groups})
+    figures = [r.figures for r in rows]
+    summary = ReportSummary(out, thr, rows, patient_figures(figures), failures)
+    write_table(out / "inputs.csv", figures, INPUT_COLUMNS)
+    write_table(out / "patients.csv", summary.patients, PATIENT_COLUMNS)
+    write_failures(out / "failures.csv", failures)
+    write_index(summary)
+    log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
+             summary.failed, summary.index)
+    return summary

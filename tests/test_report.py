@@ -1,0 +1,313 @@
+"""The report stage: CSVs against hand computation, GeoJSON, heatmaps, index.html, safety, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from reportdata import MODEL_ID, add_input
+
+from cancernet_batch import store
+from cancernet_batch.cli import main
+from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+from cancernet_batch.failures import Failure, read_failures, write_failures
+from cancernet_batch.report import ReportConfig, make_report, safe_name
+from cancernet_batch.synth import SlideSpec, write_slide
+
+COORDS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)]
+PROBS = [0.9, 0.2, 0.6, 0.49, 0.5]  # at 0.5: IDC tiles (0,0) (1,1) (3,4)
+B_COORDS = [(0, 0), (1, 0), (2, 2)]
+B_PROBS = [0.1, 0.7, 0.3]  # at 0.5: IDC tile (1,0)
+EVIL = '=HYPERLINK("http://e.x","<img src=x onerror=alert(1)>")'
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _by(rows: list[dict], key: str) -> dict[str, dict]:
+    return {r[key]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """Two slides (one patient via --patients), a patient folder with an evil id, an unscored slide."""
+    base = tmp_path_factory.mktemp("report")
+    run_dir = base / "run"
+    ids = {
+        "a": add_input(run_dir, base / "slides" / "a.svs", COORDS, PROBS, chunk=2),
+        "b": add_input(run_dir, base / "slides" / "b.svs", B_COORDS, B_PROBS),
+        "evil": add_input(run_dir, base / "8863", COORDS, PROBS, kind="patches", patient=EVIL, tile_px=50,
+                          source_mpp=None),
+        "c": add_input(run_dir, base / "slides" / "c.svs", COORDS, PROBS, chunk=2, scored_chunks=1),
+    }
+    write_failures(run_dir / "failures.csv", [Failure("/data/broken.svs", "tile", "InputError", "truncated")])
+    (base / "map.csv").write_text("input,patient\na.svs,P1\nb.svs,P1\n")
+    rc = main(["report", str(run_dir), "--patients", str(base / "map.csv")])
+    return {"base": base, "dir": run_dir, "out": run_dir / "report", "ids": ids, "rc": rc}
+
+
+def test_exit_status_3_when_inputs_not_scored_or_failed(run, capsys):
+    assert run["rc"] == EXIT_PARTIAL
+    assert (run["out"] / "index.html").is_file()
+
+
+def test_inputs_csv_against_hand_computation(run):
+    rows = _by(_rows(run["out"] / "inputs.csv"), "input_id")
+    a = rows[run["ids"]["a"]]
+    assert (a["status"], a["patient"], a["tissue_tiles"], a["idc_tiles"]) == ("reported", "P1", "5", "3")
+    assert float(a["idc_fraction"]) == pytest.approx(0.6)
+    assert float(a["idc_area_mm2"]) == pytest.approx(3 * 0.04)
+    assert float(a["tissue_area_mm2"]) == pytest.approx(5 * 0.04)
+    assert float(a["mean_prob"]) == pytest.approx(0.538, abs=1e-6)
+    assert float(a["max_prob"]) == pytest.approx(0.9, abs=1e-6)
+    assert (a["model_id"], a["threshold"], a["target_mpp"], a["source_mpp"]) == (MODEL_ID, "0.5", "4.0", "0.5")
+    b = rows[run["ids"]["b"]]
+    assert (b["tissue_tiles"], b["idc_tiles"], b["idc_area_mm2"]) == ("3", "1", "0.04")
+
+
+def test_unscored_input_is_listed_not_dropped(run):
+    c = _by(_rows(run["out"] / "inputs.csv"), "input_id")[run["ids"]["c"]]
+    assert (c["status"], c["note"], c["tissue_tiles"], c["idc_tiles"]) == ("not scored", "1 of 3 chunks scored", "", "")
+    html = (run["out"] / "index.html").read_text()
+    assert run["ids"]["c"] in html and "not scored" in html
+    assert not (run["out"] / "maps" / f"{run['ids']['c']}.png").exists()
+
+
+def test_patients_csv_aggregates_one_patient_over_two_slides(run):
+    p1 = _by(_rows(run["out"] / "patients.csv"), "patient")["P1"]
+    assert (p1["inputs"], p1["tissue_tiles"], p1["idc_tiles"]) == ("2", "8", "4")
+    assert float(p1["idc_fraction"]) == pytest.approx(4 / 8)
+    assert float(p1["idc_area_mm2"]) == pytest.approx(0.16)
+    assert float(p1["mean_prob"]) == pytest.approx((sum(PROBS) + sum(B_PROBS)) / 8, abs=1e-6)
+    assert float(p1["max_prob"]) == pytest.approx(0.9, abs=1e-6)
+    c = _by(_rows(run["out"] / "patients.csv"), "patient")["c"]  # only an unscored slide
+    assert (c["inputs"], c["inputs_not_reported"], c["idc_fraction"]) == ("0", "1", "")
+
+
+def test_geojson_is_qupath_featurecollection_of_idc_tiles(run):
+    for key, tile_px, expected in (("a", 400, {(0, 0), (1, 1), (3, 4)}), ("evil", 50, {(0, 0), (1, 1), (3, 4)}),
+                                   ("b", 400, {(1, 0)})):
+        gj = json.loads((run["out"] / "geojson" / f"{run['ids'][key]}.geojson").read_text())
+        assert gj["type"] == "FeatureCollection"
+        found = set()
+        for f in gj["features"]:
+            assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+            ring = f["geometry"]["coordinates"][0]
+            assert len(ring) == 5 and ring[0] == ring[-1]
+            xs, ys = {p[0] for p in ring}, {p[1] for p in ring}
+            assert max(xs) - min(xs) == tile_px and max(ys) - min(ys) == tile_px
+            col, row = min(xs) / tile_px, min(ys) / tile_px
+            found.add((int(row), int(col)))
+            props = f["properties"]
+            assert props["objectType"] == "detection"
+            assert props["classification"]["name"] == "IDC" and len(props["classification"]["color"]) == 3
+            assert props["measurements"]["IDC probability"] >= 0.5
+            assert (props["measurements"]["Tile row"], props["measurements"]["Tile col"]) == (row, col)
+        assert found == expected
+
+
+def test_patch_folder_geojson_matches_kaggle_names(run):
+    """Tile (row, col) of a patient folder starts at x = col*50, y = row*50: the file name's X-1, Y-1."""
+    gj = json.loads((run["out"] / "geojson" / f"{run['ids']['evil']}.geojson").read_text())
+    corners = {tuple(f["geometry"]["coordinates"][0][0]) for f in gj["features"]}
+    assert corners == {(0, 0), (50, 50), (200, 150)}
+
+
+def test_idc_map_saved_in_store(run):
+    g = store.open_root(run["dir"], mode="r")["inputs"][run["ids"]["a"]]
+    m = g["idc_map"][:]
+    assert m.shape == (4, 5) and m.dtype == np.float32
+    assert np.isfinite(m).sum() == 5 and m[0, 0] == pytest.approx(0.9) and np.isnan(m[3, 0])
+    assert g["idc_map"].attrs["model_id"] == MODEL_ID
+
+
+def test_heatmaps_are_bounded_non_blank_pngs(run):
+    for key in ("a", "b", "evil"):
+        img = np.asarray(Image.open(run["out"] / "maps" / f"{run['ids'][key]}.png").convert("RGB"))
+        assert max(img.shape[:2]) <= 1200
+        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+
+
+def test_failures_csv_is_copied(run):
+    failures = read_failures(run["out"] / "failures.csv")
+    assert failures == [Failure("/data/broken.svs", "tile", "InputError", "truncated")]
+
+
+def test_formula_patient_is_neutralised_in_csv_and_escaped_in_html(run):
+    inputs = _by(_rows(run["out"] / "inputs.csv"), "input_id")
+    assert inputs[run["ids"]["evil"]]["patient"] == "'" + EVIL
+    assert "'" + EVIL in _by(_rows(run["out"] / "patients.csv"), "patient")
+    html = (run["out"] / "index.html").read_text()
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.links, self.scripts = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a["src"])
+        elif tag == "a" and not a.get("href", "#").startswith("#"):
+            self.links.append(a["href"])
+        elif tag in ("script", "link", "iframe"):
+            self.scripts += 1
+
+
+def test_index_html_references_only_local_files_that_exist(run):
+    refs = _Refs()
+    refs.feed((run["out"] / "index.html").read_text())
+    assert sorted(refs.imgs) == sorted(f"maps/{run['ids'][k]}.png" for k in ("a", "b", "evil"))
+    assert refs.scripts == 0
+    for ref in refs.imgs + refs.links:
+        assert "://" not in ref and not ref.startswith("/")
+        assert (run["out"] / ref).is_file(), ref
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_index_html_renders_in_headless_chromium(run, tmp_path):
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,2400", f"--screenshot={shot}", (run["out"] / "index.html").as_uri()],
+                   capture_output=True, timeout=90, check=False)
+    assert shot.is_file()
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (2400, 1200)
+    assert (img.min(axis=2) < 128).mean() > 0.005  # text and heatmaps, not a blank page
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 100  # the heatmaps' colours
+
+
+# ---------------------------------------------------------------------------------------------
+# re-runs, failures, stale files
+# ---------------------------------------------------------------------------------------------
+
+def test_rerun_gives_identical_csvs_and_drops_stale_maps(tmp_path):
+    run_dir = tmp_path / "run"
+    a = add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS)
+    b = add_input(run_dir, tmp_path / "b.svs", B_COORDS, B_PROBS)
+    out = run_dir / "report"
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    first = {n: (out / n).read_bytes() for n in ("inputs.csv", "patients.csv", "failures.csv", "index.html")}
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert {n: (out / n).read_bytes() for n in first} == first
+    assert not list(out.rglob(".tmp-*"))
+    del store.open_root(run_dir)["inputs"][b]
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png"]
+    assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson"]
+
+
+def test_one_broken_input_fails_alone_and_recovers(tmp_path):
+    run_dir = tmp_path / "run"
+    add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS)
+    b = add_input(run_dir, tmp_path / "b.svs", B_COORDS, B_PROBS)
+    g = store.open_root(run_dir)["inputs"][b]
+    del g["coords"]
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert (s.reported, s.failed) == (1, 1)
+    assert [f.stage for f in read_failures(run_dir / "failures.csv")] == ["report"]
+    assert _by(_rows(run_dir / "report" / "inputs.csv"), "input_id")[b]["status"] == "failed"
+    add_input(run_dir, tmp_path / "b.svs", B_COORDS, B_PROBS)  # fixed (re-tiled and re-scored)
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert (s.reported, s.failed) == (2, 0)
+    assert read_failures(run_dir / "failures.csv") == []
+
+
+def test_names_and_patients_with_dot_dot_stay_inside_report(tmp_path):
+    run_dir = tmp_path / "deep" / "run"
+    evil_dir = tmp_path / "x" / ".." / ".." / "=evil name"
+    gid = add_input(run_dir, str(evil_dir / ".." / "..") + "/../slide.svs", COORDS, PROBS)
+    add_input(run_dir, tmp_path / "p" / "folder", COORDS, PROBS, kind="patches", patient="../../../outside",
+              tile_px=50, source_mpp=None)
+    (tmp_path / "map.csv").write_text("input,patient\nslide.svs,../../../../etc/evil\n")
+    before = {p for p in tmp_path.rglob("*") if "tiles.zarr" not in p.parts}
+    s = make_report(run_dir, ReportConfig(threshold=0.5, patients_csv=str(tmp_path / "map.csv")))
+    new = {p for p in tmp_path.rglob("*") if "tiles.zarr" not in p.parts} - before
+    report = (run_dir / "report").resolve()
+    assert new and all(p.resolve() == report or report in p.resolve().parents or p == run_dir / "failures.csv"
+                       for p in new), new
+    assert s.reported == 2 and "../../../../etc/evil" in {r.figures.patient for r in s.inputs}
+    assert (run_dir / "report" / "maps" / f"{gid}.png").is_file()
+
+
+@pytest.mark.parametrize("text", ["../../etc/passwd", "..", ".hidden", "a/b\\c", "=1+2", "", "ok-name_1.2"])
+def test_safe_name(text):
+    name = safe_name(text)
+    assert name and "/" not in name and "\\" not in name and not name.startswith((".", "=", "-"))
+    assert name == text or name != safe_name(text + "x")
+    assert safe_name("ok-name_1.2") == "ok-name_1.2"
+
+
+# ---------------------------------------------------------------------------------------------
+# thumbnails
+# ---------------------------------------------------------------------------------------------
+
+def test_thumbnail_from_slide_and_fallback_to_mosaic(tmp_path):
+    slide = tmp_path / "s.svs"
+    truth = write_slide(SlideSpec(slide, width=1024, height=1024, mpp=1.0, seed=1))
+    rc = np.argwhere(truth.tissue)
+    probs = np.where(truth.idc[rc[:, 0], rc[:, 1]], 0.9, 0.1)
+    run_dir = tmp_path / "run"
+    add_input(run_dir, slide, rc, probs, grid_shape=truth.tissue.shape, tile_px=200, source_mpp=1.0,
+              source_size=slide.stat().st_size)
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert [r.thumbnail for r in s.inputs] == ["slide (openslide)"]
+    img = np.asarray(Image.open(run_dir / "report" / s.inputs[0].heatmap).convert("RGB"))
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200  # the rendered tissue, not flat tiles
+    slide.rename(tmp_path / "moved.svs")
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert [r.thumbnail for r in s.inputs] == ["stored tiles"]
+    assert (run_dir / "report" / s.inputs[0].heatmap).is_file()
+    g = next(g for _, g in store.iter_inputs(store.open_root(run_dir)))
+    rows, cols = truth.tissue.shape
+    g.create_array("thumbnail", shape=(rows * 8, cols * 8, 3), dtype="uint8", fill_value=200)  # tiling's view
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert [r.thumbnail for r in s.inputs] == ["stored thumbnail"]
+
+
+def test_thumbnail_of_plain_tiff_uses_tifffile(tmp_path):
+    import tifffile
+
+    from cancernet_batch.heatmap import slide_thumbnail
+
+    tifffile.imwrite(tmp_path / "plain.tif", np.full((300, 400, 3), 200, np.uint8))
+    t = slide_thumbnail(tmp_path / "plain.tif", 100)
+    assert (t.origin, t.image.shape, t.width, t.height) == ("slide (tifffile)", (75, 100, 3), 400.0, 300.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_ok_run_prints_summary_and_exits_0(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"threshold": 0.55, "model_id": MODEL_ID}))
+    assert main(["report", str(run_dir), "--model", str(model)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert str(run_dir / "report" / "index.html") in out and "1 inputs reported, 0 not scored, 0 failed" in out
+    assert "threshold 0.55" in out
+    assert _rows(run_dir / "report" / "inputs.csv")[0]["idc_tiles"] == "2"  # 0.9, 0.6
+
+
+def test_cli_missing_run_is_exit_1(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "cancernet tile" in err
+
+
+def test_cli_bad_threshold_is_usage_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--threshold", "2"]) == EXIT_USAGE
