@@ -114,91 +114,432 @@ def synth_slides_cmd(out: str, count: int, size: int, mpp: float, fmt: str, idc_
 # train / evaluate / export
 # ----------------------------------------------------------------------------------------------
 
+def _quiet_backends() -> None:
+    """Keep TensorFlow's C++ start-up chatter off the terminal (set before Keras is imported)."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    import math
+
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _echo_assessment(title: str, a) -> None:
+    """Print patch metrics with bootstrap intervals, the patient summary and the per-patient table."""
+    p, ci = a.patch, a.ci
+    click.echo(f"{title}: {p['n']} patches of {len(a.rows)} patients "
+               f"({p['support']['non-IDC']} non-IDC, {p['support']['IDC']} IDC), threshold {p['threshold']:.4f}")
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1", "F1 (IDC)"),
+                       ("precision", "precision (IDC)"), ("recall", "recall / sensitivity"),
+                       ("specificity", "specificity"), ("roc_auc", "ROC AUC")):
+        band = ci.get(key) or {}
+        interval = (f"  95% CI {_fmt(band.get('low'))}-{_fmt(band.get('high'))} ({band.get('n_valid', 0)} replicates)"
+                    if band.get("low") is not None else "")
+        click.echo(f"  {label:<22}{_fmt(p[key])}{interval}")
+    (tn, fp), (fn, tp) = p["confusion"]
+    click.echo(f"  confusion (rows true non-IDC, IDC): [[{tn}, {fp}], [{fn}, {tp}]]")
+    s = a.patient
+    click.echo(f"  per patient: mean accuracy {_fmt(s['patient_mean_accuracy'])}, IDC-fraction error "
+               f"{_fmt(s['idc_fraction_mae'])} (mean absolute), {s['n_patients_both_classes']} with both classes")
+    click.echo(f"    {'patient':<10}{'role':<9}{'patches':>8}{'IDC true':>10}{'IDC pred':>10}{'accuracy':>10}"
+               f"{'bal.acc':>9}{'AUC':>7}")
+    for r in a.rows:
+        click.echo(f"    {r.patient:<10}{r.role:<9}{r.n:>8}{r.true_idc_fraction:>10.3f}{r.pred_idc_fraction:>10.3f}"
+                   f"{r.accuracy:>10.3f}{_fmt(r.balanced_accuracy):>9}{_fmt(r.roc_auc):>7}")
+
+
 @cli.command()
 @click.argument("data", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9, min_open=True))
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9, min_open=True),
+              help="Share of patients held out for validation (early stopping, threshold).")
+@click.option("--test-fraction", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.8),
+              help="Share of patients held out as a test set that training never sees.")
 @click.option("--split", "split_file", type=click.Path(), default=None,
-              help="Published patient split: a folder with cases_{train,val,test}.txt, or one such file.")
+              help="Published patient split: a folder with cases_{train,val,test}.txt, one such file, or a split.json.")
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--learning-rate", default=1e-3, show_default=True, type=float)
 @click.option("--width", default=32, show_default=True, type=click.IntRange(min=4), help="Filters in the first block.")
+@click.option("--conv", default="separable", show_default=True, type=click.Choice(["separable", "plain"]),
+              help="Depthwise-separable or plain convolutions.")
 @click.option("--mpp", default=DEFAULT_MPP, show_default=True, type=float, help="Resolution of the training patches, µm/px.")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience (epochs).")
-def train(**kwargs) -> None:
-    """Train CancerNet on Kaggle-layout patch folders with a patient-level split."""
-    raise NotBuiltError("`cancernet train` is not built yet", hint="see issue 4")
+@click.option("--stain-jitter", default=None, type=click.FloatRange(0, 0.5),
+              help="H&E stain augmentation strength, 0 = off [default: TrainConfig's].")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap replicates (over patients) for the confidence intervals.")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
+def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: float, split_file: str | None, seed: int,
+          epochs: int, batch_size: int, learning_rate: float, width: int, conv: str, mpp: float, patience: int,
+          stain_jitter: float | None, bootstrap: int, overwrite: bool) -> int:
+    """Train CancerNet on Kaggle-layout patch folders with a patient-level split.
+
+    Writes OUT/model.keras, model.json, model.onnx, split.json, curves.png, confusion.png,
+    roc.png, patients.png, per_patient.csv, classification_report.txt and metrics.json.
+    """
+    from .config import TrainConfig
+
+    config = TrainConfig(val_fraction=val_fraction, test_fraction=test_fraction, split_file=split_file, seed=seed,
+                         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
+                         separable=conv == "separable", mpp=mpp, patience=patience, bootstrap=bootstrap,
+                         **({} if stain_jitter is None else {"stain_jitter": stain_jitter}))
+    _quiet_backends()
+    from .train import TrainProgress, train as run_training
+
+    class _Progress(TrainProgress):
+        bar = None
+
+        def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+            self.bar = _bar(steps, "batch", f"epoch {epoch}/{epochs}")
+
+        def batch_end(self) -> None:
+            self.bar.update(1)
+
+        def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
+            self.bar.close()
+            click.echo(f"epoch {epoch}: loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
+                       f"auc {logs.get('auc', float('nan')):.4f} | val loss {logs.get('val_loss', float('nan')):.4f} "
+                       f"acc {logs.get('val_accuracy', float('nan')):.4f} auc {logs.get('val_auc', float('nan')):.4f} "
+                       f"({seconds:.1f} s)")
+
+    with _bar(None, "file", "reading patches") as bar:
+        res = run_training(list(data), out, config, progress=_Progress(), load_progress=bar.update, overwrite=overwrite)
+    t = res.meta.training
+    click.echo(f"kept epoch {t['best_epoch']} of {t['epochs_run']} (lowest validation loss); "
+               f"{t['seconds_per_epoch']:.1f} s per epoch")
+    click.echo(f"split: train {len(res.split.train)} patients, val {len(res.split.val)} ({', '.join(res.split.val)})"
+               + (f", test {len(res.split.test)} ({', '.join(res.split.test)})" if res.split.test else ""))
+    click.echo(f"threshold {res.meta.threshold:.4f}: {res.meta.threshold_rule}")
+    _echo_assessment("validation", res.val)
+    if res.test is not None:
+        _echo_assessment("test", res.test)
+    click.echo(f"wrote {res.out_dir} (model {res.meta.model_id}{', model.onnx' if res.onnx else ''})")
+    if res.failures:
+        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
+    return exit_for(len(res.failures))
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path())
 @click.argument("data", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Folder for metrics JSON and figures.")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="Folder for evaluation.json, per_patient.csv and figures [default: MODEL_DIR/evaluation].")
+@click.option("--patients", "role", default="held-out", show_default=True,
+              type=click.Choice(["held-out", "val", "test", "unseen"]),
+              help="Which patients to score; training patients are always left out.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "onnx", "keras"]))
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
-def evaluate(**kwargs) -> None:
+def evaluate(model_dir: str, data: tuple[str, ...], out: str | None, role: str, engine: str, bootstrap: int,
+             seed: int) -> int:
     """Evaluate a model on patches of held-out patients (patch- and patient-level metrics)."""
-    raise NotBuiltError("`cancernet evaluate` is not built yet", hint="see issue 4")
+    _quiet_backends()
+    from .evaluate import evaluate as run_evaluation
+
+    with _bar(None, "file", "reading patches") as bar_load, _bar(None, "patch", "scoring") as bar_score:
+        res = run_evaluation(model_dir, list(data), out_dir=out, role=role, engine=engine, bootstrap=bootstrap,
+                             seed=seed, load_progress=bar_load.update, score_progress=bar_score.update)
+    if res.excluded_training:
+        click.echo(f"left out {len(res.excluded_training)} training patient(s): {', '.join(res.excluded_training)}")
+    _echo_assessment(f"held-out evaluation ({res.engine})", res.assessment)
+    click.echo(f"wrote {res.out_dir}")
+    return exit_for(len(res.failures))
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path())
-def export(**kwargs) -> None:
+def export(model_dir: str) -> None:
     """Export MODEL_DIR/model.keras to MODEL_DIR/model.onnx (checked equal within 1e-5)."""
-    raise NotBuiltError("`cancernet export` is not built yet", hint="see issue 6")
+    _quiet_backends()
+    from .model import export_onnx
+
+    path = export_onnx(model_dir)
+    click.echo(f"wrote {path} (ONNX Runtime equals Keras within 1e-5 on random tiles)")
 
 
 # ----------------------------------------------------------------------------------------------
 # inspect / tile / predict / report / run
 # ----------------------------------------------------------------------------------------------
 
+def _tiling_options(f):
+    """Options shared by ``inspect`` and ``tile``: resolution, tissue filter, preflight."""
+    opts = [
+        click.option("--model", "model_dir", default=None, type=click.Path(),
+                     help="Model folder: tile at the µm/px in its model.json."),
+        click.option("--mpp", default=None, type=float, help=f"Target µm/px (default: the model's, else {DEFAULT_MPP})."),
+        click.option("--mpp-override", default=None, type=float,
+                     help="Source µm/px for slides that state none or an implausible one (outside 0.05-20)."),
+        click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+                     help="Keep a tile when at least this fraction of it is tissue."),
+        click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included."),
+        click.option("--preflight-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+                     help="Seconds a slide may take to open in the preflight child process."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _tile_config(kw: dict, chunk: int | None = None):
+    from .tiling import TileConfig, target_mpp
+
+    extra = {"chunk": chunk} if chunk else {}
+    return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
+                      tissue_threshold=kw.pop("tissue_threshold"), tissue_filter=not kw.pop("no_tissue_filter"),
+                      preflight_timeout=kw.pop("preflight_timeout"), **extra)
+
+
+def _echo_inspection(e: dict) -> None:
+    click.echo(e["source"])
+    if e.get("reader"):
+        click.echo(f"  reader      {e['reader']}" + (f", vendor {e['vendor']}" if e.get("vendor") else ""))
+    for i, lv in enumerate(e.get("levels") or []):
+        mpp = "? µm/px" if lv["mpp"] is None else f"{lv['mpp']:.4g} µm/px"
+        click.echo(f"  level {i:<5} {lv['width']} x {lv['height']} px, downsample {lv['downsample']:.4g}, {mpp}")
+    if e.get("series_of"):
+        click.echo(f"  series      same DICOM series as {e['series_of']}: tiled once, with it")
+        return
+    if "error" in e:
+        err = e["error"]
+        click.echo(f"  error       {err['error_class']} at {err['stage']}: {err['message']}")
+        return
+    if e["kind"] == "patches":
+        click.echo(f"  patches     {e['tissue_tiles']} patches of patient {e['patient']}, grid {e['grid_shape'][0]} x "
+                   f"{e['grid_shape'][1]}, assumed at the model's {e['target_mpp']:g} µm/px")
+        return
+    click.echo(f"  resolution  {e['source_mpp']:.4g} µm/px ({'from the file' if e['mpp_source'] == 'file' else e['mpp_source']})")
+    click.echo(f"  chosen      level {e['level']} (downsample {e['level_downsample']:.4g}, {e['level_mpp']:.4g} µm/px), "
+               f"scale {e['scale']:.4g} -> {e['target_mpp']:g} µm/px")
+    rows, cols = e["grid_shape"]
+    click.echo(f"  grid        {rows} x {cols} = {e['grid_tiles']} tiles of {50 * e['target_mpp']:g} µm "
+               f"({e['level0_tile_px']:.4g} level-0 px; partial edge tiles dropped)")
+    if e["tissue_threshold"] is None:
+        click.echo(f"  tissue      filter off: all {e['tissue_tiles']} tiles kept")
+    else:
+        click.echo(f"  tissue      {e['tissue_tiles']} tiles with tissue >= {e['tissue_threshold']:g} (estimated), "
+                   f"{e['background_tiles']} background")
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--mpp", default=None, type=float, help=f"Target µm/px (default: the model's, else {DEFAULT_MPP}).")
-@click.option("--mpp-override", default=None, type=float, help="Use this source µm/px for slides that state none.")
+@_tiling_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(**kwargs) -> None:
-    """Show what tiling would do for each input, without doing it."""
-    raise NotBuiltError("`cancernet inspect` is not built yet", hint="see issue 5")
+def inspect(inputs: tuple[str, ...], as_json: bool, **kw) -> int:
+    """Show what tiling would do for each input, without doing it.
+
+    \b
+    Per input: reader and vendor, pyramid levels (size, µm/px), the level tiling would read and
+    its scale, the model grid, and the estimated number of tissue tiles; or why it would fail.
+    Exit status 3 when some inputs would fail.
+    """
+    import json
+
+    from .tiling import inspect_inputs
+
+    entries = inspect_inputs(list(inputs), _tile_config(kw))
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
+    else:
+        for e in entries:
+            _echo_inspection(e)
+    return exit_for(sum(1 for e in entries if "error" in e))
+
+
+def _cluster_options(f):
+    """Options shared by every command that runs on Dask."""
+    opts = [
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Existing Dask scheduler (tcp://HOST:8786 or tls://...); default: a local cluster."),
+        click.option("--workers", default=None, type=click.IntRange(min=1), help="Local cluster workers (default: cores)."),
+        click.option("--threads-per-worker", default=None, type=click.IntRange(min=1), help="Threads per local worker (default 1)."),
+        click.option("--tls-ca-file", default=None, type=click.Path(), help="CA certificate for a tls:// scheduler."),
+        click.option("--tls-cert", default=None, type=click.Path(), help="Client certificate for a tls:// scheduler."),
+        click.option("--tls-key", default=None, type=click.Path(), help="Client key for a tls:// scheduler."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _cluster_config(kw: dict):
+    from .cluster import ClusterConfig
+
+    return ClusterConfig(scheduler=kw.pop("scheduler", None), workers=kw.pop("workers", None),
+                         threads_per_worker=kw.pop("threads_per_worker", None), tls_ca_file=kw.pop("tls_ca_file", None),
+                         tls_cert=kw.pop("tls_cert", None), tls_key=kw.pop("tls_key", None))
+
+
+def _predict_options(f):
+    opts = [
+        click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (model.keras, model.json)."),
+        click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "onnx", "keras"]),
+                     help="auto: ONNX Runtime on CPU, Keras on GPU."),
+        click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
+                     help="Keras backend for --engine keras (default: KERAS_BACKEND, else tensorflow)."),
+        click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"])),
+        click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Tiles per model call."),
+        click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _predict_config(kw: dict):
+    import os
+
+    from .inference import PredictConfig
+
+    backend = kw.pop("backend", None)
+    if backend:
+        os.environ["KERAS_BACKEND"] = backend  # inherited by local worker processes
+    return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
+                         device=kw.pop("device"), batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
+                         cluster=_cluster_config(kw))
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--model", "model_dir", default=None, type=click.Path(), help="Model folder (for its µm/px).")
-@click.option("--mpp", default=None, type=float, help=f"Target µm/px (default: the model's, else {DEFAULT_MPP}).")
-@click.option("--mpp-override", default=None, type=float, help="Use this source µm/px for slides that state none.")
-@click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included.")
-def tile(**kwargs) -> None:
-    """Tile slides and patient folders into RUN/tiles.zarr."""
-    raise NotBuiltError("`cancernet tile` is not built yet", hint="see issue 5")
+@_tiling_options
+@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
+              help="Tiles per store chunk, the unit of work of tile and predict (default 1024).")
+@_cluster_options
+def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int:
+    """Tile slides and patient folders into RUN/tiles.zarr (resumable).
+
+    \b
+    INPUT: slide files, folders (searched recursively for slides and patient folders), or patient
+    folders (Kaggle layout). Each slide is read from the pyramid level with the largest downsample
+    that still has the detail of the target µm/px, and area-averaged to exactly that resolution.
+    Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
+    """
+    from .tile_run import tile_run
+
+    cfg = _tile_config(kw, chunk_size)
+    cluster = _cluster_config(kw)
+
+    with _bar(None, "tile", "tile") as bar:
+        def progress(done: int, added: int) -> None:
+            if added:
+                bar.total = (bar.total or 0) + added
+                bar.refresh()
+            if done:
+                bar.update(done)
+
+        s = tile_run(list(inputs), out, cfg, cluster=cluster, progress=progress,
+                     on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+    for source in s.tiled:
+        p = s.plans.get(source, {})
+        how = (f"level {p.get('level')}, scale {p.get('scale', 1):.4g}" if p.get("kind") == "slide" else "patches")
+        resumed = " (resumed)" if source in s.resumed else ""
+        click.echo(f"tiled    {source}: {p.get('tissue_tiles', 0)} tiles, grid {p.get('grid_shape', [0, 0])[0]} x "
+                   f"{p.get('grid_shape', [0, 0])[1]}, {how}{resumed}")
+    for member, rep in sorted(s.series_members.items()):
+        click.echo(f"series   {member}: same DICOM series as {rep}")
+    for f in s.failures:
+        click.echo(f"failed   {f.input} ({f.stage}): {f.message}")
+    click.echo(f"tile: {len(s.tiled)} inputs tiled ({s.tiles_written} tiles, {s.chunks_written} chunks), "
+               f"{len(s.skipped)} skipped (complete, unchanged), {len(s.failed_inputs)} failed in {s.seconds:.1f} s "
+               f"-> {s.run_dir}/tiles.zarr")
+    if s.failures:
+        click.echo(f"failures: {s.run_dir}/failures.csv")
+    return exit_for(len(s.failures))
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@_predict_options
+@_cluster_options
+def predict(run_dir: str, **kw) -> int:
+    """Score the tiles of a run with Dask (local cluster or --scheduler); resumable."""
+    from .inference import predict_run
+
+    cfg = _predict_config(kw)
+    with _bar(None, "patch", "predict") as bar:
+        s = predict_run(run_dir, cfg, progress=bar.update,
+                        on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+    click.echo(f"predict: {s.inputs} inputs, {s.tiles_scored} patches scored in {s.seconds:.1f} s "
+               f"({s.patches_per_second:.0f} patches/s); {s.chunks_skipped} chunks already done; "
+               f"{len(s.failures)} inputs failed")
+    return exit_for(len(s.failures))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--model", "model_dir", required=True, type=click.Path())
-def predict(**kwargs) -> None:
-    """Score the tiles of a run with Dask (local cluster or --scheduler)."""
-    raise NotBuiltError("`cancernet predict` is not built yet", hint="see issue 6")
+@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+              help="Decision threshold (default: the model's, from --model or RUN/predict.json, else 0.5).")
+@click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
+              help="CSV input,patient: input is a source file name, path or input id.")
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
+              help="Model folder whose model.json gives the decision threshold.")
+def report(run_dir: str, threshold: float | None, patients_csv: str | None, model_dir: str | None) -> int:
+    """Write IDC maps, heatmaps, GeoJSON, CSV summaries and index.html into RUN/report."""
+    from .report import ReportConfig, make_report
 
-
-@cli.command()
-@click.argument("run_dir", type=click.Path())
-def report(**kwargs) -> None:
-    """Write IDC maps, heatmaps, GeoJSON, CSV summaries and index.html for a run."""
-    raise NotBuiltError("`cancernet report` is not built yet", hint="see issue 7")
+    cfg = ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir)
+    with _bar(None, "input", "report") as bar:
+        s = make_report(run_dir, cfg, progress=bar.update)
+    click.echo(f"report: {s.index}")
+    click.echo(f"{s.reported} inputs reported, {s.not_scored} not scored, {s.failed} failed; "
+               f"{len(s.patients)} patients; threshold {s.threshold.value:g} from {s.threshold.source}")
+    for r in s.inputs:
+        if r.figures.status != "reported":
+            click.echo(f"  {r.figures.status}: {r.figures.source} ({r.figures.note})")
+    return exit_for(s.not_scored + s.failed)
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "model_dir", required=True, type=click.Path())
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
-def run(**kwargs) -> None:
-    """Tile, predict and report in one resumable command."""
-    raise NotBuiltError("`cancernet run` is not built yet", hint="see issue 7")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@_predict_options
+@click.option("--mpp-override", default=None, type=float,
+              help="Source µm/px for slides that state none or an implausible one (outside 0.05-20).")
+@click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Keep a tile when at least this fraction of it is tissue.")
+@click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included.")
+@click.option("--preflight-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a slide may take to open in the preflight child process.")
+@click.option("--chunk-size", default=None, type=click.IntRange(min=1), help="Tiles per store chunk (default 1024).")
+@click.option("--threshold", default=None, type=click.FloatRange(0, 1), help="Decision threshold (default: the model's).")
+@click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
+              help="CSV input,patient mapping slides to patients.")
+@_cluster_options
+def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
+        **kw) -> int:
+    """Tile, predict and report in one resumable command (tiles at the model's µm/px).
+
+    Running the same command again after a kill continues where it stopped.
+    """
+    from .pipeline import run_pipeline
+    from .report import ReportConfig
+
+    model_dir = kw["model_dir"]
+    tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
+    for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout"):
+        kw.pop(k)
+    predict_cfg = _predict_config(kw)
+    with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
+        def tile_progress(done: int, added: int) -> None:
+            if added:
+                tbar.total = (tbar.total or 0) + added
+                tbar.refresh()
+            if done:
+                tbar.update(done)
+
+        s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
+                         ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir),
+                         tile_progress=tile_progress, predict_progress=pbar.update,
+                         on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+    for line in s.lines():
+        click.echo(line)
+    return exit_for(len(s.failed_inputs) + s.report.not_scored)
 
 
 @cli.command()
@@ -209,15 +550,46 @@ def bench(**kwargs) -> None:
 
 @cli.command()
 @click.option("--out", "out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
-def demo(**kwargs) -> None:
-    """The whole pipeline end to end on built-in synthetic data."""
-    raise NotBuiltError("`cancernet demo` is not built yet", hint="see issue 7; `cancernet synth --help` meanwhile")
+@click.option("--quick", is_flag=True, help="A smaller demo (fewer patients, epochs and slides), as CI runs it.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Local cluster workers (default: cores).")
+def demo(out: str, quick: bool, workers: int | None) -> int:
+    """The whole pipeline end to end on built-in synthetic data.
+
+    Makes synthetic patches, trains a small CancerNet, makes synthetic slides, runs tile + predict +
+    report on the slides and on a held-out patient folder, and checks the IDC maps against the truth.
+    """
+    import time
+
+    from .pipeline import FULL, QUICK, run_demo
+
+    t0 = time.perf_counter()
+    r = run_demo(out, QUICK if quick else FULL, step=lambda msg: click.echo(msg), workers=workers,
+                 on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+    for line in r.run.lines():
+        click.echo(line)
+    if r.val_balanced_accuracy is not None:
+        click.echo(f"model: balanced accuracy {r.val_balanced_accuracy:.3f} on validation patients")
+    for name, d in r.dice.items():
+        click.echo(f"map accuracy {name}: Dice {d:.3f} against the synthetic truth")
+    click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; open {r.run.report.index}")
+    return exit_for(len(r.run.failed_inputs) + r.run.report.not_scored)
 
 
 # ----------------------------------------------------------------------------------------------
 
+def _quiet_native_logs() -> None:
+    """Keep TensorFlow's C++ and Python chatter off the terminal (our own log and bars stay)."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    for name in ("tensorflow", "absl", "jax", "distributed.shuffle", "tf2onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn library errors into one line and an exit status."""
+    _quiet_native_logs()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="cancernet", standalone_mode=False)

@@ -148,12 +148,17 @@ class TissueModel:
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Tissue fraction and IDC fraction of each ``tile_um`` square of a ``rows`` x ``cols`` grid."""
         off = (np.arange(samples) + 0.5) / samples * tile_um
-        ys = (np.arange(rows)[:, None] * tile_um + off[None, :]).reshape(-1)
         xs = (np.arange(cols)[:, None] * tile_um + off[None, :]).reshape(-1)
-        X, Y = np.meshgrid(xs, ys)
-        t, i, _ = self.fields(X, Y)
-        tis = (t > 0.5).reshape(rows, samples, cols, samples).mean(axis=(1, 3))
-        idc = (i > 0.5).reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+        tis = np.empty((rows, cols))
+        idc = np.empty((rows, cols))
+        band = max(1, 4096 // max(1, cols))  # tile rows per band: bounded memory on huge grids
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            ys = (np.arange(r0, r1)[:, None] * tile_um + off[None, :]).reshape(-1)
+            X, Y = np.meshgrid(xs, ys)
+            t, i, _ = self.fields(X, Y)
+            tis[r0:r1] = (t > 0.5).reshape(r1 - r0, samples, cols, samples).mean(axis=(1, 3))
+            idc[r0:r1] = (i > 0.5).reshape(r1 - r0, samples, cols, samples).mean(axis=(1, 3))
         return tis, idc
 
     # -- pixels -------------------------------------------------------------------------------
@@ -253,13 +258,14 @@ def synth_patient_id(index: int) -> str:
 
 
 def synth_patches(out: str | os.PathLike, *, patients: int = 4, per_patient: int = 200,
-                  idc_fraction: float = 0.35, seed: int = 0, progress=None) -> PatchSynthReport:
+                  idc_fraction: float = 0.35, seed: int = 0, first_id: int = 0, progress=None) -> PatchSynthReport:
     """Write synthetic patches in the Kaggle layout: ``OUT/{pid}/{c}/{pid}_idx5_x{X}_y{Y}_class{c}.png``.
 
     Each patient is one tissue image at 4.0 µm/px cut on its 50 px grid; ``X``/``Y`` are the
     1-based pixel position of the patch's top-left corner (``50*col + 1``, as in the Kaggle set).
     Only tissue patches are written (at least half the patch is tissue), like the Kaggle set.
-    Patients get their own IDC ratio around ``idc_fraction`` and their own stain.
+    Patients get their own IDC ratio around ``idc_fraction`` and their own stain. Their ids are
+    ``90000 + first_id + i``.
     """
     from PIL import Image
 
@@ -273,7 +279,7 @@ def synth_patches(out: str | os.PathLike, *, patients: int = 4, per_patient: int
     rng = np.random.default_rng(seed)
     manifest = []
     for p in range(patients):
-        pid = synth_patient_id(p)
+        pid = synth_patient_id(first_id + p)
         frac = float(np.clip(idc_fraction * rng.uniform(0.4, 1.6), 0.0, 0.95)) if 0 < idc_fraction < 1 else idc_fraction
         side = int(math.ceil(math.sqrt(per_patient / 0.4))) + 2
         while True:
@@ -356,6 +362,10 @@ class SlideSpec:
     quality: int = 90
     level_downsample: int = 4
     idc_fraction: float = 0.3
+    detail_mpp: float | None = None
+    """Fast mode for big test slides: levels finer than this are drawn at it and enlarged (pixel
+    repetition), so a 100k x 100k slide takes minutes, not an hour. Tissue layout and truth are
+    unchanged; only fine texture is coarser. ``None``: full detail at every level."""
 
 
 def _levels(width: int, height: int, ds: int, min_side: int = 256) -> list[tuple[int, int, int]]:
@@ -367,15 +377,27 @@ def _levels(width: int, height: int, ds: int, min_side: int = 256) -> list[tuple
     return levels
 
 
-def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_cols: int = 1024
-               ) -> Iterator[np.ndarray]:
-    """Tiles of one pyramid level in row-major order, rendered one band of tile rows at a time."""
+def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_cols: int = 1024,
+               detail_mpp: float | None = None) -> Iterator[np.ndarray]:
+    """Tiles of one pyramid level in row-major order, rendered one band of tile rows at a time.
+
+    With ``detail_mpp`` (fast mode) the band is drawn without supersampling, at ``f`` times the
+    pixel size (``f`` the largest divisor of ``tile`` with ``mpp * f <= detail_mpp``, else 1), and
+    each pixel is repeated ``f`` x ``f``.
+    """
+    f = 1
+    if detail_mpp is not None:
+        f = max((k for k in range(1, tile + 1) if tile % k == 0 and mpp * k <= detail_mpp * (1 + 1e-9)), default=1)
     ntx, nty = -(-w // tile), -(-h // tile)
     for ty in range(nty):
         band = np.empty((tile, ntx * tile, 3), np.uint8)
         for cx in range(0, ntx * tile, band_cols):
             cw = min(band_cols, ntx * tile - cx)
-            band[:, cx:cx + cw] = model.render(cx, ty * tile, cw, tile, mpp)
+            if detail_mpp is None:
+                band[:, cx:cx + cw] = model.render(cx, ty * tile, cw, tile, mpp)
+            else:
+                coarse = model._render_fine(cx // f, ty * tile // f, -(-cw // f), tile // f, mpp * f)
+                band[:, cx:cx + cw] = coarse.repeat(f, axis=0).repeat(f, axis=1)[:, :cw] if f > 1 else coarse
         # pixels outside the image (right/bottom padding) are background, as a scanner writes them
         if (ty + 1) * tile > h:
             band[h - ty * tile:] = int(model.background)
@@ -383,6 +405,17 @@ def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_c
             band[:, w:] = int(model.background)
         for tx in range(ntx):
             yield band[:, tx * tile:(tx + 1) * tile]
+
+
+def slide_model(spec: SlideSpec) -> tuple[TissueModel, np.ndarray, np.ndarray]:
+    """The tissue model that draws ``spec``'s slide, and its tissue and IDC fractions on the model grid."""
+    model = TissueModel.random(spec.seed, spec.width * spec.mpp, spec.height * spec.mpp, vignette=True)
+    rows = int(spec.height * spec.mpp // TILE_UM)
+    cols = int(spec.width * spec.mpp // TILE_UM)
+    tissue, _ = model.tile_truth(rows, cols)
+    model = model.with_idc_fraction(tissue, rows, cols, spec.idc_fraction)
+    tissue, idc = model.tile_truth(rows, cols)
+    return model, tissue, idc
 
 
 def write_slide(spec: SlideSpec) -> SlideTruth:
@@ -398,12 +431,7 @@ def write_slide(spec: SlideSpec) -> SlideTruth:
         raise ConfigError(f"unknown slide format {spec.format!r}", hint="use svs or tiff")
     if spec.width < spec.tile or spec.height < spec.tile:
         raise ConfigError(f"slide size must be at least {spec.tile} px", hint="give a larger --size")
-    model = TissueModel.random(spec.seed, spec.width * spec.mpp, spec.height * spec.mpp, vignette=True)
-    rows = int(spec.height * spec.mpp // TILE_UM)
-    cols = int(spec.width * spec.mpp // TILE_UM)
-    tissue, _ = model.tile_truth(rows, cols)
-    model = model.with_idc_fraction(tissue, rows, cols, spec.idc_fraction)
-    tissue, idc = model.tile_truth(rows, cols)
+    model, tissue, idc = slide_model(spec)
     levels = _levels(spec.width, spec.height, spec.level_downsample)
     bigtiff = spec.width * spec.height * 3 > 2**31
     res_cm = 1e4 / spec.mpp
@@ -422,7 +450,7 @@ def write_slide(spec: SlideSpec) -> SlideTruth:
             else:
                 kw = dict(resolution=(res_cm / f, res_cm / f), resolutionunit="CENTIMETER", metadata=None,
                           description=f"cancernet-batch synthetic slide level {li}" if li else None)
-            tw.write(_tile_iter(model, w, h, mpp, spec.tile), shape=(h, w, 3), dtype=np.uint8,
+            tw.write(_tile_iter(model, w, h, mpp, spec.tile, detail_mpp=spec.detail_mpp), shape=(h, w, 3), dtype=np.uint8,
                      tile=(spec.tile, spec.tile), compression="jpeg", compressionargs={"level": spec.quality},
                      photometric="rgb", subfiletype=0 if li == 0 else 1, **kw)
             if spec.format == "svs" and li == 0:
