@@ -94,6 +94,7 @@ class DemoSize:
     slides: int = 3
     slide_px: int = 4000
     slide_mpp: float = 1.0
+    stain_jitter: float = 0.15  # slides come from patients the model never saw: new stains
 
 
 FULL = DemoSize()
@@ -129,7 +130,8 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
     synth_patches(holdout_dir, patients=1, per_patient=size.per_patient, idc_fraction=0.4, seed=77, first_id=900)
 
     step(f"2/5 training CancerNet (width {size.width}, {size.epochs} epochs) -> {model_dir}")
-    cfg = TrainConfig(epochs=size.epochs, width=size.width, patience=size.epochs, bootstrap=200, seed=0)
+    cfg = TrainConfig(epochs=size.epochs, width=size.width, patience=size.epochs, bootstrap=200, seed=0,
+                      stain_jitter=size.stain_jitter)
     result = train([patches_dir], model_dir, cfg, overwrite=True)
     bacc = result.val.patch.get("balanced_accuracy")
 
