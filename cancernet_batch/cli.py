@@ -248,7 +248,7 @@ def evaluate(model_dir: str, data: tuple[str, ...], out: str | None, role: str, 
                              seed=seed, load_progress=bar_load.update, score_progress=bar_score.update)
     if res.excluded_training:
         click.echo(f"left out {len(res.excluded_training)} training patient(s): {', '.join(res.excluded_training)}")
-    _echo_assessment(f"held-out evaluation ({res.engine})", res.assessment)
+    _echo_assessment(f"{role} patients ({res.engine})", res.assessment)
     click.echo(f"wrote {res.out_dir}")
     return exit_for(len(res.failures))
 
@@ -294,6 +294,18 @@ def _tile_config(kw: dict, chunk: int | None = None):
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
                       tissue_threshold=kw.pop("tissue_threshold"), tissue_filter=not kw.pop("no_tissue_filter"),
                       preflight_timeout=kw.pop("preflight_timeout"), **extra)
+
+
+def _growing(bar):
+    """A ``progress(done, added)`` callback for a bar whose total grows as work is planned (tiling)."""
+    def progress(done: int, added: int) -> None:
+        if added:
+            bar.total = (bar.total or 0) + added
+            bar.refresh()
+        if done:
+            bar.update(done)
+
+    return progress
 
 
 def _echo_inspection(e: dict) -> None:
@@ -427,14 +439,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
     cluster = _cluster_config(kw)
 
     with _bar(None, "tile", "tile") as bar:
-        def progress(done: int, added: int) -> None:
-            if added:
-                bar.total = (bar.total or 0) + added
-                bar.refresh()
-            if done:
-                bar.update(done)
-
-        s = tile_run(list(inputs), out, cfg, cluster=cluster, progress=progress,
+        s = tile_run(list(inputs), out, cfg, cluster=cluster, progress=_growing(bar),
                      on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for source in s.tiled:
         p = s.plans.get(source, {})
@@ -526,16 +531,9 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
         kw.pop(k)
     predict_cfg = _predict_config(kw)
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
-        def tile_progress(done: int, added: int) -> None:
-            if added:
-                tbar.total = (tbar.total or 0) + added
-                tbar.refresh()
-            if done:
-                tbar.update(done)
-
         s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
                          ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir),
-                         tile_progress=tile_progress, predict_progress=pbar.update,
+                         tile_progress=_growing(tbar), predict_progress=pbar.update,
                          on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for line in s.lines():
         click.echo(line)

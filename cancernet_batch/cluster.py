@@ -88,9 +88,16 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.admin.tick.limit": "60s",
                           "distributed.worker.memory.spill": False}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host=cfg.host,
-                               dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
-                               memory_limit=cfg.memory_limit, silence_logs=logging.ERROR)
+        env = dict(os.environ)
+        try:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host=cfg.host,
+                                   dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
+                                   memory_limit=cfg.memory_limit, silence_logs=logging.ERROR)
+        finally:
+            # the nannies set malloc and thread variables in os.environ for their workers; keep them out of
+            # this process and of the child processes it starts later (preflight, tests)
+            os.environ.clear()
+            os.environ.update(env)
         try:
             client = Client(cluster)
             if on_dashboard is not None and cfg.dashboard:

@@ -65,3 +65,7 @@ class StorageError(CancerNetError):
 
 class NotBuiltError(CancerNetError):
     """The command exists in the CLI but its capability is not implemented yet."""
+
+
+class SlideReadError(InputError):
+    """A slide opens but its pixels cannot be read: a decode error, or the native reader crashed or hung."""

@@ -7,6 +7,11 @@ Layout (schema version :data:`SCHEMA_VERSION`)::
         tiles    (N, 50, 50, 3) uint8   chunks (C, 50, 50, 3): one chunk = one unit of work
         coords   (N, 2) int32           (row, col) on the input's model grid, chunks (C, 2)
         labels   (N,) int8              patient folders only: 0/1, -1 unknown
+        tiled    (nchunks,) bool        one flag per tile chunk, set after its tiles are written
+                                        (lets an interrupted ``tile`` finish only missing chunks)
+        tissue   (rows, cols) float32   slides only: tissue fraction of every grid tile
+        thumbnail (rows*k, cols*k, 3) uint8  slides only: the low-resolution view on the grid,
+                                        k = attrs.extra.tissue_px_per_tile px per tile
         probs    (N,) float32           written by ``predict``, chunks (C,), NaN until scored
         done     (nchunks,) bool        one flag per tile chunk, each flag its own zarr chunk
         attrs    see :class:`InputAttrs`; ``complete`` is set last, when tiling finished
@@ -124,6 +129,7 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32")
     if labels:
         g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
+    g.create_array("tiled", shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
     g.attrs.update({**attrs.to_json(), "complete": False, "chunk": c})
     return g
 
@@ -148,6 +154,15 @@ def iter_inputs(root, *, complete_only: bool = True) -> Iterator[tuple[str, obje
 def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` of each tile chunk of an input with ``n`` tiles."""
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def tiled_mask(group) -> np.ndarray:
+    """The per-chunk "tiles written" flags of an input (all True for a store without them)."""
+    n = int(group["tiles"].shape[0])
+    c = int(group.attrs.get("chunk", group["tiles"].chunks[0]))
+    if "tiled" not in group:
+        return np.ones(len(chunk_bounds(n, c)), bool)
+    return np.asarray(group["tiled"][:], bool)
 
 
 def ensure_predictions(group, model_id: str, *, reset: bool = False):

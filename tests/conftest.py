@@ -16,6 +16,23 @@ IDC = SHARED / "idc"
 SLIDES = SHARED / "slides"
 
 
+_DASK_WORKER_ENV = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_BASE_ENV = {k: os.environ.get(k) for k in _DASK_WORKER_ENV}
+
+
+@pytest.fixture(autouse=True)
+def _no_dask_worker_environ():
+    """A local Dask cluster writes its worker settings (MALLOC_TRIM_THRESHOLD_=65536, OMP_NUM_THREADS=1...)
+    into ``os.environ`` and leaves them there; later subprocesses of the session must not inherit them
+    (with that trim threshold glibc maps and unmaps every large array: an 8k slide took minutes, not seconds)."""
+    yield
+    for key, value in _BASE_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_report_header(config):
     return f"shared data: {SHARED} ({'found' if SHARED.is_dir() else 'MISSING'})"
 
@@ -50,3 +67,20 @@ def synth_slide_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth-slides")
     synth_slides(out, count=2, size=2048, mpp=1.0, seed=5)
     return out
+
+
+@pytest.fixture(scope="session")
+def mpp_slides(tmp_path_factory) -> list:
+    """Synthetic slides at source resolutions 0.25, 0.5 and 1.0 µm/px (one generic TIFF), as their SlideSpecs.
+
+    At the model's 4.0 µm/px they read from levels 2, 1 and 1 with scales 1, 0.5 and 1.
+    """
+    from cancernet_batch.synth import SlideSpec, write_slide
+
+    out = tmp_path_factory.mktemp("mpp-slides")
+    specs = [SlideSpec(path=out / "m025.tiff", width=4096, height=4096, mpp=0.25, seed=31, format="tiff"),
+             SlideSpec(path=out / "m050.svs", width=4096, height=3072, mpp=0.5, seed=32),
+             SlideSpec(path=out / "m100.svs", width=2048, height=2048, mpp=1.0, seed=33)]
+    for spec in specs:
+        write_slide(spec)
+    return specs

@@ -1,0 +1,216 @@
+"""Scoring engines: raw uint8 tiles in, IDC probabilities out, behind one small interface.
+
+* :class:`OnnxEngine` runs ``model.onnx`` with ONNX Runtime (CPU, or CUDA when asked and
+  available). It imports neither Keras nor TensorFlow, so a scoring-only worker needs neither.
+* :class:`KerasEngine` runs ``model.keras`` under the Keras backend the process was started with
+  (``KERAS_BACKEND``: tensorflow, jax or torch). Under JAX or PyTorch, TensorFlow is never imported.
+
+:func:`load_engine` picks one: ``"auto"`` takes ONNX on CPU when ``model.onnx`` exists and matches
+``model.keras`` (exporting it first when it is missing or stale and TensorFlow is at hand), and
+Keras otherwise.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CancerNetError, ConfigError, ModelError
+from .model import (MODEL_FILE, ONNX_FILE, PREDICT_BATCH, ModelMeta, check_tiles, export_onnx, load_keras_model,
+                    onnx_model_id, pad_batch, read_meta)
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "onnx", "keras")
+BACKENDS = ("tensorflow", "jax", "torch")
+DEVICES = ("cpu", "gpu")
+
+
+class Engine(abc.ABC):
+    """A loaded model that scores tiles. ``name`` says which engine and backend run it."""
+
+    name: str = "engine"
+
+    def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta, batch_size: int = PREDICT_BATCH):
+        self.model_dir = Path(model_dir)
+        self.meta = meta
+        self.batch_size = int(batch_size)
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """IDC probabilities ``(N,) float32`` of ``(N, 50, 50, 3) uint8`` tiles."""
+        tiles = check_tiles(tiles)
+        out = np.empty(len(tiles), np.float32)
+        for start in range(0, len(tiles), self.batch_size):
+            chunk = tiles[start:start + self.batch_size]
+            out[start:start + len(chunk)] = self._predict_batch(np.ascontiguousarray(chunk)).reshape(-1)
+        return out
+
+    @abc.abstractmethod
+    def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
+        """Probabilities of at most ``batch_size`` tiles."""
+
+    def __repr__(self) -> str:
+        return f"<{self.__class__.__name__} {self.name} {self.model_dir}>"
+
+
+class OnnxEngine(Engine):
+    """``model.onnx`` under ONNX Runtime."""
+
+    def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta | None = None, *, device: str = "cpu",
+                 threads: int | None = None, batch_size: int = 1024):
+        import onnxruntime as ort
+
+        d = Path(model_dir)
+        meta = meta if meta is not None else read_meta(d)
+        super().__init__(d, meta, batch_size)
+        path = d / ONNX_FILE
+        if not path.is_file():
+            raise ModelError(f"no {ONNX_FILE} in the model folder", path=d,
+                             hint="run `cancernet export MODEL_DIR` (needs TensorFlow) or use --engine keras")
+        providers = ["CPUExecutionProvider"]
+        if device == "gpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ConfigError("ONNX Runtime here has no CUDA provider",
+                                  hint="install onnxruntime-gpu, or use --engine keras with a GPU backend, or --device cpu")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+            raise ModelError(f"ONNX Runtime cannot load it ({exc.__class__.__name__})", path=path,
+                             hint="re-create it with `cancernet export MODEL_DIR`") from exc
+        stored = self.session.get_modelmeta().custom_metadata_map.get("cancernet_model_id")
+        if meta.model_id and stored != meta.model_id:
+            raise ModelError(f"was exported from another model.keras (model_id {stored}, model.json says {meta.model_id})",
+                             path=path, hint="run `cancernet export MODEL_DIR` again")
+        inp = self.session.get_inputs()[0]
+        if inp.type != "tensor(uint8)" or list(inp.shape[1:]) != [meta.patch_size, meta.patch_size, 3]:
+            raise ModelError(f"takes {inp.type} {inp.shape}, expected uint8 (batch, 50, 50, 3)", path=path,
+                             hint="re-create it with `cancernet export MODEL_DIR`")
+        self.input_name = inp.name
+        self.name = "onnx-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
+
+    def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: tiles})[0], np.float32)
+
+
+def _keras_backend(wanted: str | None) -> str:
+    """The Keras backend this process will use; ConfigError if ``wanted`` can no longer be had."""
+    if wanted is not None and wanted not in BACKENDS:
+        raise ConfigError(f"unknown Keras backend {wanted!r}", hint=f"use one of {', '.join(BACKENDS)}")
+    if "keras" in sys.modules:
+        current = sys.modules["keras"].backend.backend()
+        if wanted is not None and wanted != current:
+            raise ConfigError(f"Keras is already running with the {current} backend in this process, not {wanted}",
+                              hint=f"set KERAS_BACKEND={wanted} in the environment before the process starts")
+        return current
+    if wanted is not None:
+        env = os.environ.get("KERAS_BACKEND")
+        if env and env != wanted:
+            raise ConfigError(f"KERAS_BACKEND={env} contradicts the requested backend {wanted}",
+                              hint=f"set KERAS_BACKEND={wanted}, or leave the backend choice out")
+        os.environ["KERAS_BACKEND"] = wanted
+        return wanted
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+class KerasEngine(Engine):
+    """``model.keras`` under the process's Keras backend, in fixed-size sub-batches."""
+
+    def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta | None = None, *, backend: str | None = None,
+                 device: str = "cpu", threads: int | None = None, batch_size: int = PREDICT_BATCH):
+        d = Path(model_dir)
+        meta = meta if meta is not None else read_meta(d)
+        super().__init__(d, meta, batch_size)
+        backend = _keras_backend(backend)
+        if threads and "keras" not in sys.modules and backend == "tensorflow":
+            os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(int(threads)))
+            os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+        import keras
+
+        if threads and backend == "torch":
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.device = self._device_name(keras, device)
+        with keras.device(self.device):
+            self.model = load_keras_model(d, meta)
+        self.name = f"keras-{keras.backend.backend()}-{device}"
+
+    @staticmethod
+    def _device_name(keras, device: str) -> str:
+        if device == "cpu":
+            return "cpu:0"
+        try:
+            gpus = keras.distribution.list_devices("gpu")
+        except (RuntimeError, ValueError):  # JAX raises when no GPU platform exists
+            gpus = []
+        if not gpus:
+            raise ConfigError(f"the Keras {keras.backend.backend()} backend sees no GPU",
+                              hint="install a GPU build of the backend (e.g. jax[cuda12]) or use --device cpu")
+        return "gpu:0"
+
+    def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
+        import keras
+
+        with keras.device(self.device):
+            prob = self.model.predict_on_batch(pad_batch(tiles, self.batch_size))
+        return np.asarray(prob, np.float32).reshape(-1)[:len(tiles)]
+
+
+def _can_export() -> bool:
+    """True when this process can export ONNX without changing backend: TensorFlow and tf2onnx installed."""
+    if "keras" in sys.modules:
+        backend = sys.modules["keras"].backend.backend()
+    else:
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    return backend == "tensorflow" and all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tf2onnx"))
+
+
+def load_engine(model_dir: str | os.PathLike, engine: str = "auto", backend: str | None = None, device: str = "cpu",
+                threads: int | None = None) -> Engine:
+    """Load the model in ``model_dir`` for scoring.
+
+    ``engine``: ``"onnx"``, ``"keras"`` or ``"auto"`` (ONNX on CPU when ``model.onnx`` exists and matches
+    ``model.keras``, exported here first if missing or stale and possible; Keras otherwise).
+    ``backend`` (Keras only) must agree with ``KERAS_BACKEND`` if Keras is already imported.
+    ``device``: ``"cpu"`` or ``"gpu"``. ``threads``: intra-op threads (ONNX Runtime; TensorFlow and
+    PyTorch when set before they start).
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}", hint="use cpu or gpu")
+    d = Path(model_dir)
+    meta = read_meta(d)
+    if not (d / MODEL_FILE).is_file() and engine != "onnx":
+        if engine == "auto" and (d / ONNX_FILE).is_file() and device == "cpu":
+            return OnnxEngine(d, meta, device=device, threads=threads)
+        raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint="copy the whole model folder again")
+    if engine == "onnx":
+        return OnnxEngine(d, meta, device=device, threads=threads)
+    if engine == "keras" or device != "cpu" or backend not in (None, "tensorflow"):
+        return KerasEngine(d, meta, backend=backend, device=device, threads=threads)
+    onnx = d / ONNX_FILE
+    fresh = onnx.is_file() and onnx_model_id(onnx) == meta.model_id
+    if not fresh and _can_export():
+        try:
+            log.info("%s %s; exporting it", onnx, "is stale" if onnx.is_file() else "is missing")
+            export_onnx(d)
+            fresh = True
+        except CancerNetError as exc:
+            log.warning("ONNX export failed, scoring with Keras instead: %s", exc)
+    if fresh:
+        return OnnxEngine(d, meta, device=device, threads=threads)
+    log.info("no usable %s and no exporter here; scoring with Keras", ONNX_FILE)
+    return KerasEngine(d, meta, backend=backend, device=device, threads=threads)

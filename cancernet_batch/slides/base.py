@@ -1,0 +1,216 @@
+"""The abstract slide reader every backend implements, and area-averaged reads at any scale.
+
+A reader exposes a pyramid: ``level_dimensions[i] = (width, height)`` in pixels of level ``i``,
+``level_downsamples[i]`` (level-0 pixels per level-``i`` pixel) and the source resolution ``mpp``
+(microns per level-0 pixel, ``None`` when the file does not state one). Pixels come out as
+``(h, w, 3) uint8`` RGB; regions are given in *level* pixel coordinates, and whatever lies outside
+the level is white (background), as a scanner shows bare glass.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+BACKGROUND = 255
+"""Value of pixels outside the scanned area (white, like bare glass)."""
+
+MAX_READ_PX = 1024
+"""Largest side, in source pixels, of one native read: bounds memory whatever the slide's size."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a reader tells about a slide without reading its pixels (JSON-able: the preflight sends it)."""
+
+    path: str
+    reader: str
+    vendor: str | None
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_x: float | None = None
+    mpp_y: float | None = None
+    objective: str | None = None
+    series_key: str | None = None  # files sharing a key are one slide (a DICOM series)
+    properties: dict = field(default_factory=dict)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SlideInfo":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["level_dimensions"] = tuple(tuple(int(v) for v in x) for x in known["level_dimensions"])
+        known["level_downsamples"] = tuple(float(x) for x in known["level_downsamples"])
+        return cls(**known)
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGB ``uint8`` of an RGBA image composited onto white (transparent = not scanned = glass)."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+class SlideReader(abc.ABC):
+    """One open slide. Subclasses fill the metadata in ``__init__`` and implement :meth:`_read`."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.vendor: str | None = None
+        self.level_dimensions: tuple[tuple[int, int], ...] = ()
+        self.level_downsamples: tuple[float, ...] = ()
+        self.mpp_x: float | None = None
+        self.mpp_y: float | None = None
+        self.objective: str | None = None
+        self.series_key: str | None = None
+        self.properties: dict[str, str] = {}
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def mpp(self) -> float | None:
+        """Source µm per level-0 pixel (the mean of x and y), or ``None`` when the file states none."""
+        vals = [v for v in (self.mpp_x, self.mpp_y) if v]
+        return float(sum(vals) / len(vals)) if vals else None
+
+    def info(self) -> SlideInfo:
+        return SlideInfo(path=str(self.path), reader=self.name, vendor=self.vendor,
+                         level_dimensions=tuple(self.level_dimensions),
+                         level_downsamples=tuple(float(d) for d in self.level_downsamples), mpp=self.mpp,
+                         mpp_x=self.mpp_x, mpp_y=self.mpp_y, objective=self.objective, series_key=self.series_key,
+                         properties=dict(self.properties))
+
+    @staticmethod
+    def downsamples_of(dims: list[tuple[int, int]]) -> tuple[float, ...]:
+        """Level downsamples as OpenSlide computes them: the mean of the width and height ratios."""
+        w0, h0 = dims[0]
+        return tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+
+    # -- pixels --------------------------------------------------------------------------------
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB ``(h, w, 3) uint8`` of the region at (x, y) in *level* pixels; white outside the level."""
+        lw, lh = self.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x0 == x and y0 == y and x1 == x + w and y1 == y + h:
+            return self._read(level, x, y, w, h)
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._read(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    @abc.abstractmethod
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB ``(h, w, 3) uint8`` of a region that lies inside the level."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without handles
+        """Release file handles."""
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} {self.vendor} levels={self.level_count} mpp={self.mpp}>"
+
+
+def area_weights(a0: float, a1: float, n: int, length: int):
+    """Sparse ``(n, length)`` matrix whose row ``j`` averages ``[a0, a1)`` cut in ``n`` equal parts.
+
+    A source pixel ``i`` is the unit interval ``[i, i + 1)``; its weight in output ``j`` is the
+    length of their overlap divided by the part's length, so each output is an exact area average.
+    """
+    import scipy.sparse as sp
+
+    edges = np.clip(a0 + (a1 - a0) * np.arange(n + 1) / n, 0.0, float(length))
+    lo = np.floor(edges[:-1]).astype(np.int64)
+    width = int((np.ceil(edges[1:]).astype(np.int64) - lo).max())
+    i = lo[:, None] + np.arange(max(width, 1))[None, :]
+    left = np.maximum(i, edges[:-1, None])
+    right = np.minimum(i + 1, edges[1:, None])
+    w = np.clip(right - left, 0.0, None) / np.maximum(edges[1:] - edges[:-1], 1e-12)[:, None]
+    keep = (w > 0) & (i < length)
+    j = np.broadcast_to(np.arange(n)[:, None], i.shape)
+    return sp.csr_matrix((w[keep].astype(np.float32), (j[keep], i[keep])), shape=(n, length))
+
+
+def area_resize(src: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """``(h, w, 3) uint8`` exact area average of ``box`` (x0, y0, x1, y1, in pixels of ``src``) at ``size`` (w, h).
+
+    Integer factors on the pixel grid use Pillow's ``reduce`` (an exact block mean, fast); any other
+    scale is a product of sparse overlap-weight matrices (:func:`area_weights`), one per axis.
+    """
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    w, h = size
+    fx, fy = (x1 - x0) / w, (y1 - y0) / h
+    ints = [x0, y0, fx, fy]
+    if all(abs(v - round(v)) < 1e-9 for v in ints) and round(fx) == round(fy) >= 1:
+        k = int(round(fx))
+        crop = src[int(round(y0)):int(round(y0)) + h * k, int(round(x0)):int(round(x0)) + w * k]
+        if crop.shape[:2] == (h * k, w * k):
+            return crop.copy() if k == 1 else np.asarray(Image.fromarray(crop).reduce(k))
+    wy = area_weights(y0, y1, h, src.shape[0])
+    wx = area_weights(x0, x1, w, src.shape[1])
+    out = np.empty((h, w, 3), np.uint8)
+    for c in range(3):  # one channel at a time: transient memory is one float32 plane
+        rows = wy @ src[..., c].astype(np.float32)  # (h, W)
+        out[..., c] = np.clip(np.rint((wx @ rows.T).T), 0, 255)
+    return out
+
+
+def read_scaled(reader: SlideReader, level: int, box: tuple[float, float, float, float],
+                size: tuple[int, int], *, max_read: int = MAX_READ_PX) -> np.ndarray:
+    """Area-averaged resample of ``box`` (x0, y0, x1, y1 in *level* pixels, floats) to ``size`` (w, h).
+
+    Each output pixel is the exact area average of its footprint in the source (:func:`area_resize`),
+    so non-integer scales are handled without drift. The output is made in blocks whose source read
+    is at most ``max_read`` pixels a side, so memory stays bounded however large the box is.
+    """
+    out_w, out_h = size
+    x0, y0, x1, y1 = box
+    fx, fy = (x1 - x0) / out_w, (y1 - y0) / out_h
+    bw = max(1, min(out_w, int(max_read // max(fx, 1e-9)) - 1))
+    bh = max(1, min(out_h, int(max_read // max(fy, 1e-9)) - 1))
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for oy in range(0, out_h, bh):
+        oh = min(bh, out_h - oy)
+        sy0, sy1 = y0 + oy * fy, y0 + (oy + oh) * fy
+        iy0, iy1 = math.floor(sy0 + 1e-9), math.ceil(sy1 - 1e-9)
+        for ox in range(0, out_w, bw):
+            ow = min(bw, out_w - ox)
+            sx0, sx1 = x0 + ox * fx, x0 + (ox + ow) * fx
+            ix0, ix1 = math.floor(sx0 + 1e-9), math.ceil(sx1 - 1e-9)
+            src = reader.read_region(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+            out[oy:oy + oh, ox:ox + ow] = area_resize(src, (sx0 - ix0, sy0 - iy0, sx1 - ix0, sy1 - iy0), (ow, oh))
+    return out

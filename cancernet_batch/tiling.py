@@ -1,0 +1,444 @@
+"""What tiling does to one input: find inputs, plan the model grid, read tiles at the model's resolution.
+
+**Grid contract.** At target resolution ``T`` µm/px the model grid of a slide starts at the slide's
+level-0 origin; tile ``(row, col)`` covers ``[col * 50 * T, (col + 1) * 50 * T)`` µm in x (and the
+same in y with ``row``). ``rows = floor(H0 * mpp0 / (50 * T))``, ``cols`` likewise: partial tiles
+at the right and bottom edges are dropped. One tile is ``level0_tile_px = 50 * T / mpp0`` level-0
+pixels a side. Tiles are read from the chosen pyramid level (see
+:func:`cancernet_batch.slides.choose_level`) and area-averaged to exactly 50 x 50 px.
+
+**Tissue.** A low-resolution view on the same grid (8 px per tile) gives each tile a tissue
+fraction (:mod:`cancernet_batch.tissue`); a tile is kept when it is at least the threshold, unless
+the filter is off. Background tiles are counted, not stored.
+
+**Order.** Kept tiles are stored block by block (blocks of :attr:`TileConfig.block` x ``block``
+tiles in raster order, raster order inside a block), so one store chunk covers a compact piece of
+slide and its task reads few pixels twice. ``coords`` always gives each tile's ``(row, col)``.
+
+**Patient folders** (Kaggle layout) are inputs too: one per patient; their 50 px patches are
+assumed to be at the model's resolution (they carry none), and every patch is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import DEFAULT_MPP, PATCH_SIZE
+from .errors import ConfigError, InputError
+from .failures import Failure
+from .slides import SLIDE_EXTENSIONS, MAX_READ_PX, SlideReader, choose_level, open_slide, read_scaled, resolve_mpp
+from .slides.resolution import check_plausible
+from .store import DEFAULT_CHUNK, InputAttrs
+from .tissue import DEFAULT_THRESHOLD, PX_PER_TILE, tile_fractions, tissue_mask
+
+log = logging.getLogger(__name__)
+
+MAX_VIEW_PX = 16_000_000
+"""Largest low-resolution view (pixels) tiling makes for tissue detection and the stored thumbnail."""
+_TCGA = re.compile(r"^(tcga-[a-z0-9]{2}-[a-z0-9]{4})", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Settings of one tiling run."""
+
+    target_mpp: float = DEFAULT_MPP
+    mpp_override: float | None = None
+    tissue_threshold: float = DEFAULT_THRESHOLD
+    tissue_filter: bool = True
+    chunk: int = DEFAULT_CHUNK
+    preflight_timeout: float = 60.0
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        check_plausible(self.target_mpp, "--mpp")
+        if self.mpp_override is not None:
+            check_plausible(self.mpp_override)
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ConfigError(f"--tissue-threshold {self.tissue_threshold} is not in [0, 1]")
+        if self.chunk < 1 or self.block < 1:
+            raise ConfigError("chunk and block sizes must be at least 1")
+        if self.preflight_timeout <= 0:
+            raise ConfigError("--preflight-timeout must be positive")
+
+    @property
+    def tile_um(self) -> float:
+        """Physical side of one model tile in microns."""
+        return PATCH_SIZE * self.target_mpp
+
+
+def target_mpp(model_dir: str | os.PathLike | None, mpp: float | None) -> float:
+    """The resolution to tile at: the model's (``model.json``), else ``mpp``, else :data:`DEFAULT_MPP`."""
+    if model_dir is not None:
+        from .model import read_meta
+
+        model_mpp = read_meta(model_dir).mpp
+        if mpp is not None and abs(mpp - model_mpp) > 1e-3 * model_mpp:
+            raise ConfigError(f"--mpp {mpp:g} contradicts the model's {model_mpp:g} µm/px",
+                              hint="drop --mpp: tiles must be at the model's resolution")
+        return model_mpp
+    return float(mpp) if mpp is not None else DEFAULT_MPP
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input: a slide file or a patient patch folder (absolute path)."""
+
+    path: Path
+    kind: str  # "slide" | "patches"
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+
+def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Failure]]:
+    """Inputs named by ``paths``: files, folders searched recursively by extension, and patient folders.
+
+    A folder that is a patient folder (Kaggle layout: ``0``/``1`` subfolders) is one input and is
+    not searched further; run folders (``*.zarr``) and hidden folders are skipped. Missing paths and
+    folders with nothing to tile come back as failures (stage ``discover``).
+    """
+    from .patches import is_patient_folder
+
+    specs: dict[Path, InputSpec] = {}
+    failures: list[Failure] = []
+
+    def add(p: Path, kind: str) -> None:
+        specs.setdefault(p.resolve(), InputSpec(p.resolve(), kind))
+
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
+                "no such file or folder", path=p.absolute(), hint="check the path")))
+            continue
+        if p.is_file():
+            add(p, "slide")
+            continue
+        if is_patient_folder(p):
+            add(p, "patches")
+            continue
+        before = len(specs)
+        for dirpath, dirnames, filenames in os.walk(p):
+            d = Path(dirpath)
+            if d != p and is_patient_folder(d):
+                add(d, "patches")
+                dirnames[:] = []
+                continue
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith(".") and not x.endswith(".zarr"))
+            for f in sorted(filenames):
+                if f.lower().endswith(SLIDE_EXTENSIONS) and not f.startswith("."):
+                    add(d / f, "slide")
+        if len(specs) == before:
+            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
+                "no slides or patient folders found in this folder", path=p.absolute(),
+                hint=f"slides end in {', '.join(SLIDE_EXTENSIONS)}; patient folders hold 0/ and 1/")))
+    return sorted(specs.values(), key=lambda s: s.source), failures
+
+
+def discover_some(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Failure]]:
+    """:func:`discover`, but :class:`InputError` when nothing at all is found (the command cannot do anything)."""
+    specs, failures = discover([str(p) for p in paths])
+    if not specs:
+        if failures:
+            raise InputError(f"nothing to tile: {failures[0].message}")
+        raise InputError("no slides or patient folders found", path=", ".join(map(str, paths)),
+                         hint="give slide files, folders holding slides, or patient folders (PATIENT/0, PATIENT/1)")
+    return specs, failures
+
+
+def patient_of(path: str | os.PathLike) -> str:
+    """Patient id of a slide: the TCGA participant (``TCGA-XX-XXXX``) when the name has one, else the file stem."""
+    stem = Path(path).name.split(".")[0] if Path(path).is_file() else Path(path).name
+    m = _TCGA.match(stem)
+    return m.group(1).upper() if m else stem
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TilePlan:
+    """Everything decided for one input before its pixels are tiled (used by ``inspect`` and ``tile``)."""
+
+    source: str
+    kind: str
+    reader: str
+    vendor: str | None
+    patient: str
+    source_size: int
+    source_mtime: float
+    target_mpp: float
+    grid_shape: tuple[int, int]
+    coords: np.ndarray  # (N, 2) int32 (row, col), in store order
+    source_mpp: float | None = None
+    mpp_source: str = "file"  # file | override | assumed
+    level: int = 0
+    level_downsample: float = 1.0
+    level0_tile_px: float = 0.0
+    levels: list[tuple[int, int, float]] = field(default_factory=list)
+    tissue: np.ndarray | None = None  # (rows, cols) float32 tissue fraction per grid tile
+    thumbnail: np.ndarray | None = None  # the low-resolution view, PX_PER_TILE px per tile
+    tissue_threshold: float | None = None
+    objective: str | None = None
+    series_files: list[str] = field(default_factory=list)
+
+    @property
+    def view_px(self) -> int:
+        """Pixels per grid tile of the stored thumbnail (0 when there is none)."""
+        rows = self.grid_shape[0]
+        return 0 if self.thumbnail is None or rows == 0 else self.thumbnail.shape[0] // rows
+
+    @property
+    def n_tiles(self) -> int:
+        return int(len(self.coords))
+
+    @property
+    def n_background(self) -> int:
+        return self.grid_shape[0] * self.grid_shape[1] - self.n_tiles if self.kind == "slide" else 0
+
+    @property
+    def level_mpp(self) -> float | None:
+        return None if self.source_mpp is None else self.source_mpp * self.level_downsample
+
+    @property
+    def scale(self) -> float:
+        """Output pixels per pixel of the chosen level (1.0: no resampling; < 1: area averaging)."""
+        return 1.0 if self.level_mpp is None else self.level_mpp / self.target_mpp
+
+    @property
+    def tile_px_level(self) -> float:
+        """Side of one model tile in pixels of the chosen level."""
+        return self.level0_tile_px / self.level_downsample
+
+    @property
+    def tissue_fraction(self) -> float | None:
+        return None if self.tissue is None or self.tissue.size == 0 else float(self.tissue.mean())
+
+    def attrs(self) -> InputAttrs:
+        extra = {"mpp_source": self.mpp_source, "level_mpp": self.level_mpp, "scale": self.scale,
+                 "levels": [list(x) for x in self.levels], "tissue_filter": self.tissue_threshold is not None,
+                 "tissue_px_per_tile": self.view_px, "objective": self.objective,
+                 "edge_tiles": "dropped", "order": "blocks" if self.kind == "slide" else "files"}
+        if self.series_files:
+            extra["series_files"] = list(self.series_files)
+        return InputAttrs(source=self.source, kind=self.kind, reader=self.reader, patient=self.patient,
+                          source_size=self.source_size, source_mtime=self.source_mtime, target_mpp=self.target_mpp,
+                          grid_shape=self.grid_shape, n_tiles=self.n_tiles, n_background=self.n_background,
+                          source_mpp=self.source_mpp, level=self.level, level_downsample=self.level_downsample,
+                          level0_tile_px=self.level0_tile_px, tissue_threshold=self.tissue_threshold,
+                          tissue_fraction=self.tissue_fraction, vendor=self.vendor, extra=extra)
+
+    def summary(self) -> dict:
+        """A JSON-able description (what ``inspect`` shows)."""
+        return {"source": self.source, "kind": self.kind, "reader": self.reader, "vendor": self.vendor,
+                "patient": self.patient, "source_mpp": self.source_mpp, "mpp_source": self.mpp_source,
+                "levels": [{"width": w, "height": h, "downsample": d,
+                            "mpp": None if self.source_mpp is None else self.source_mpp * d}
+                           for w, h, d in self.levels],
+                "level": self.level, "level_downsample": self.level_downsample, "level_mpp": self.level_mpp,
+                "scale": self.scale, "target_mpp": self.target_mpp, "level0_tile_px": self.level0_tile_px,
+                "grid_shape": list(self.grid_shape), "grid_tiles": self.grid_shape[0] * self.grid_shape[1],
+                "tissue_tiles": self.n_tiles, "background_tiles": self.n_background,
+                "tissue_threshold": self.tissue_threshold, "tissue_fraction": self.tissue_fraction,
+                "series_files": self.series_files}
+
+
+def _stat(path: str | os.PathLike, series_files: list[str] | None = None) -> tuple[int, float]:
+    """Size and mtime of an input; a series counts all its files (total size, newest mtime)."""
+    files = [Path(f) for f in (series_files or [path])]
+    sts = [f.stat() for f in files]
+    return int(sum(s.st_size for s in sts)), float(max(s.st_mtime for s in sts))
+
+
+def view_px_per_tile(rows: int, cols: int) -> int:
+    """Pixels per grid tile of the low-resolution view: :data:`PX_PER_TILE`, fewer when the view would
+    exceed :data:`MAX_VIEW_PX` pixels (a very fine target on a huge slide), never fewer than 1."""
+    return max(1, min(PX_PER_TILE, int(math.sqrt(MAX_VIEW_PX / max(1, rows * cols)))))
+
+
+def block_order(coords: np.ndarray, block: int) -> np.ndarray:
+    """Indices that sort ``(row, col)`` coords block by block (raster over blocks, raster inside)."""
+    r, c = coords[:, 0], coords[:, 1]
+    return np.lexsort((c, r, c // block, r // block))
+
+
+def plan_slide(path: str | os.PathLike, cfg: TileConfig, *, reader: SlideReader | None = None,
+               series_files: list[str] | None = None) -> TilePlan:
+    """Plan one slide: resolution, level, grid, tissue. Reads only the low-resolution view."""
+    own = reader is None
+    reader = reader or open_slide(path)
+    try:
+        return _plan_slide(reader, cfg, series_files or [])
+    finally:
+        if own:
+            reader.close()
+
+
+def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -> TilePlan:
+    info = reader.info()
+    path = reader.path
+    mpp0, mpp_source = resolve_mpp(info, cfg.mpp_override)
+    level = choose_level(mpp0, info.level_downsamples, cfg.target_mpp, path=path)
+    w0, h0 = info.level_dimensions[0]
+    tile_um = cfg.tile_um
+    rows = int(math.floor(h0 * mpp0 / tile_um + 1e-9))
+    cols = int(math.floor(w0 * mpp0 / tile_um + 1e-9))
+    if rows == 0 or cols == 0:
+        raise InputError(f"slide is {w0 * mpp0:.0f} x {h0 * mpp0:.0f} µm ({w0} x {h0} px at {mpp0:.4g} µm/px), "
+                         f"smaller than one model tile ({tile_um:g} µm at {cfg.target_mpp:g} µm/px); nothing to tile",
+                         path=path, hint=f"leave it out: a slide must be at least {tile_um:g} µm wide and high")
+    s0 = tile_um / mpp0
+    # low-resolution view on the model grid: PX_PER_TILE px per tile, fewer on huge grids
+    k = view_px_per_tile(rows, cols)
+    view_level = choose_level(mpp0, info.level_downsamples, tile_um / k, path=path)
+    dv = info.level_downsamples[view_level]
+    view = read_scaled(reader, view_level, (0.0, 0.0, cols * s0 / dv, rows * s0 / dv), (cols * k, rows * k))
+    tissue = tile_fractions(tissue_mask(view, px_per_tile=k), rows, cols, px_per_tile=k)
+    keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
+    coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
+    coords = coords[block_order(coords, cfg.block)]
+    size, mtime = _stat(path, series_files)
+    plan = TilePlan(source=str(path), kind="slide", reader=info.reader, vendor=info.vendor, patient=patient_of(path),
+                    source_size=size, source_mtime=mtime, target_mpp=cfg.target_mpp, grid_shape=(rows, cols),
+                    coords=coords, source_mpp=mpp0, mpp_source=mpp_source, level=level,
+                    level_downsample=float(info.level_downsamples[level]), level0_tile_px=s0,
+                    levels=[(int(w), int(h), float(d)) for (w, h), d in zip(info.level_dimensions, info.level_downsamples)],
+                    tissue=tissue.astype(np.float32), thumbnail=view,
+                    tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
+                    objective=info.objective, series_files=list(series_files))
+    log.info("%s: level %d (x%.3g, %.4g µm/px), scale %.4g, grid %dx%d, %d tissue tiles", path, level,
+             plan.level_downsample, plan.level_mpp, plan.scale, rows, cols, plan.n_tiles)
+    return plan
+
+
+def plan_patches(folder: str | os.PathLike, cfg: TileConfig) -> TilePlan:
+    """Plan one patient folder from its file names (no pixels read); every patch is kept."""
+    from .patches import grid_shape, scan
+
+    folder = Path(folder)
+    records, _ = scan(folder)
+    coords = np.array([(r.row, r.col) for r in records], np.int32).reshape(-1, 2)
+    size, mtime = _folder_stat(folder)
+    return TilePlan(source=str(folder), kind="patches", reader="patches", vendor=None,
+                    patient=records[0].patient if records else folder.name, source_size=size, source_mtime=mtime,
+                    target_mpp=cfg.target_mpp, grid_shape=grid_shape(coords), coords=coords,
+                    source_mpp=cfg.target_mpp, mpp_source="assumed", level0_tile_px=float(PATCH_SIZE))
+
+
+def _folder_stat(folder: Path) -> tuple[int, float]:
+    """Total size and newest mtime of the files below a folder (a changed or added patch changes them)."""
+    size, mtime = 0, folder.stat().st_mtime
+    for dirpath, _, files in os.walk(folder):
+        mtime = max(mtime, os.stat(dirpath).st_mtime)
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime)
+    return size, mtime
+
+
+def source_stat(spec_source: str, kind: str, series_files: list[str] | None = None) -> tuple[int, float]:
+    """Size and mtime recorded for an input (compared on re-runs to decide whether it changed)."""
+    return _folder_stat(Path(spec_source)) if kind == "patches" else _stat(spec_source, series_files)
+
+
+# --------------------------------------------------------------------------------------------
+# pixels
+# --------------------------------------------------------------------------------------------
+
+def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarray, *,
+               max_read: int = MAX_READ_PX) -> np.ndarray:
+    """Tiles ``(N, 50, 50, 3) uint8`` at ``coords`` (row, col); ``tile_px`` = tile side in level pixels.
+
+    Tiles are gathered in windows of at most ``max_read`` source pixels a side; each window reads the
+    bounding box of its tiles once and area-averages it to 50 px per tile.
+    """
+    n = len(coords)
+    out = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    if n == 0:
+        return out
+    per = max(1, int(max_read // tile_px))
+    keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    for idx in np.split(order, bounds):
+        rc = coords[idx]
+        r0, c0 = rc.min(axis=0)
+        r1, c1 = rc.max(axis=0) + 1
+        img = read_scaled(reader, level, (c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px),
+                          (int(c1 - c0) * PATCH_SIZE, int(r1 - r0) * PATCH_SIZE), max_read=max_read)
+        for i, (r, c) in zip(idx, rc):
+            y, x = (r - r0) * PATCH_SIZE, (c - c0) * PATCH_SIZE
+            out[i] = img[y:y + PATCH_SIZE, x:x + PATCH_SIZE]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------
+
+def _info_summary(info) -> dict:
+    return {"source": info.path, "kind": "slide", "reader": info.reader, "vendor": info.vendor,
+            "source_mpp": info.mpp, "levels": [{"width": w, "height": h, "downsample": d,
+                                                "mpp": None if info.mpp is None else info.mpp * d}
+                                               for (w, h), d in zip(info.level_dimensions, info.level_downsamples)]}
+
+
+def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig) -> list[dict]:
+    """What ``tile`` would do for each input, without writing anything (one JSON-able dict per input).
+
+    Slides go through the same preflight (child process, timeout) and plan as in ``tile``; an input
+    that would fail carries ``error: {stage, error_class, message}``; a file of a DICOM series that
+    another file stands for carries ``series_of``.
+    """
+    from .errors import CancerNetError
+    from .preflight import preflight
+
+    specs, failures = discover_some(paths)
+    out: dict[str, dict] = {}
+
+    def error(entry: dict, stage: str, exc: BaseException) -> dict:
+        f = Failure.from_exception(entry["source"], stage, exc)
+        entry["error"] = {"stage": stage, "error_class": f.error_class, "message": f.message}
+        return entry
+
+    for f in failures:
+        out[f.input] = {"source": f.input, "kind": None,
+                        "error": {"stage": f.stage, "error_class": f.error_class, "message": f.message}}
+    infos = {}
+    series: dict[str, list[str]] = {}
+    for spec in specs:
+        if spec.kind == "patches":
+            try:
+                out[spec.source] = plan_patches(spec.path, cfg).summary()
+            except CancerNetError as exc:
+                out[spec.source] = error({"source": spec.source, "kind": "patches"}, "plan", exc)
+            continue
+        try:
+            infos[spec.source] = info = preflight(spec.path, timeout=cfg.preflight_timeout)
+        except CancerNetError as exc:
+            out[spec.source] = error({"source": spec.source, "kind": "slide"}, "preflight", exc)
+            continue
+        series.setdefault(info.series_key or spec.source, []).append(spec.source)
+    for files in series.values():
+        for member in files[1:]:
+            out[member] = {**_info_summary(infos[member]), "series_of": files[0]}
+        try:
+            out[files[0]] = plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary()
+        except CancerNetError as exc:
+            out[files[0]] = error(_info_summary(infos[files[0]]), "plan", exc)
+    return [out[k] for k in sorted(out)]

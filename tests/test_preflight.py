@@ -1,0 +1,70 @@
+"""Preflight: slides are opened in a child process; crashes and hangs become clean failures."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+
+from cancernet_batch.errors import CancerNetError, InputError, SlideReadError, UnsupportedFormatError
+from cancernet_batch.preflight import preflight
+from cancernet_batch.slides import open_slide
+
+
+def test_good_slide_metadata(slides_dir):
+    info = preflight(slides_dir / "cmu-1-small-region.svs")
+    assert info.reader == "openslide" and info.vendor == "aperio"
+    assert info.level_dimensions == ((2220, 2967),) and info.mpp == pytest.approx(0.499)
+    info = preflight(slides_dir / "kidney-48-5.tif")
+    assert info.reader == "tifffile" and info.mpp is None
+
+
+@pytest.mark.parametrize("name", ["broken.svs", "unopenable.tiff", "unreadable.svs"])
+def test_child_reports_the_readers_own_error(slides_dir, name):
+    """The parent raises the error class and one-line message the reader raises in-process."""
+    with pytest.raises(CancerNetError) as direct:
+        with open_slide(slides_dir / name) as r:
+            r.read_region(0, 0, 0, 16, 16)
+    with pytest.raises(type(direct.value)) as child:
+        preflight(slides_dir / name)
+    assert str(child.value) == str(direct.value) and name in str(child.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        preflight(tmp_path / "gone.svs")
+
+
+def _fake_python(tmp_path, body: str) -> str:
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+def test_reader_crash_is_a_failure_not_a_crash(tmp_path, slides_dir):
+    python = _fake_python(tmp_path, "echo 'libfoo: corrupt tile' >&2; kill -SEGV $$")
+    with pytest.raises(SlideReadError, match=r"crashed \(signal SIGSEGV\).*corrupt tile") as ei:
+        preflight(slides_dir / "cmu-1-small-region.svs", python=python)
+    assert "cmu-1-small-region.svs" in str(ei.value)
+
+
+def test_reader_hang_times_out(tmp_path, slides_dir):
+    python = _fake_python(tmp_path, "exec sleep 30")
+    t = time.perf_counter()
+    with pytest.raises(SlideReadError, match="hung: no answer within 1 s"):
+        preflight(slides_dir / "cmu-1-small-region.svs", python=python, timeout=1)
+    assert time.perf_counter() - t < 10
+
+
+def test_child_leaves_no_temporary_files(slides_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    preflight(slides_dir / "small.svs")
+    with pytest.raises(UnsupportedFormatError):
+        preflight(slides_dir / "broken.svs")
+    assert os.listdir(tmp_path) == []

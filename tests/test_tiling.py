@@ -1,0 +1,350 @@
+"""Tiling: the real slides folder in one call, the model grid on synthetic slides, patient folders,
+resume, failures, inspect, bounded memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cancernet_batch import store
+from cancernet_batch.cli import main
+from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from cancernet_batch.synth import slide_model
+from cancernet_batch.tile_run import tile_run
+from cancernet_batch.tiling import TileConfig, discover
+
+# What ../shared/data/README.md implies for each broken or unusable file: (stage, error class, words)
+EXPECTED_FAILURES = {
+    "broken.svs": ("preflight", "UnsupportedFormatError", "not a slide format"),
+    "unopenable.tiff": ("preflight", "UnsupportedFormatError", "compression 52479"),
+    "unreadable.svs": ("preflight", "SlideReadError", "Bogus marker length"),
+    "tcga-cr-7395-01a-01-ts1.svs": ("plan", "ResolutionError", "--mpp-override"),
+    "kidney-48-5.tif": ("plan", "ResolutionError", "--mpp-override"),
+    "boxes.tiff": ("plan", "ResolutionError", "--mpp-override"),
+    "small.svs": ("plan", "InputError", "smaller than one model tile"),
+    "boxes_0.dcm": ("plan", "InputError", "smaller than one model tile"),  # the DICOM series, once
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+def _group(run: Path, source) -> zarr.Group:
+    root = store.open_root(run, mode="r")
+    return root["inputs"][store.input_id(source)]
+
+
+def _failures(run: Path) -> dict[str, dict]:
+    with open(run / "failures.csv", newline="") as fh:
+        return {Path(r["input"]).name: r for r in csv.DictReader(fh)}
+
+
+def test_real_slides_folder_in_one_call(slides_dir, tmp_path, capsys):
+    """One `cancernet tile` over the whole folder (default local cluster): CMU-1 tiles, every other file is
+    recorded with its reason, and the exit status says some inputs failed."""
+    run = tmp_path / "run"
+    rc = main(["tile", str(slides_dir), "--out", str(run), "--workers", "2"])
+    out = capsys.readouterr().out
+    assert rc == EXIT_PARTIAL
+    assert "1 inputs tiled" in out and "8 failed" in out
+    fails = _failures(run)
+    assert set(fails) == set(EXPECTED_FAILURES)  # boxes_1.dcm is part of boxes_0.dcm's series: no row
+    for name, (stage, cls, words) in EXPECTED_FAILURES.items():
+        row = fails[name]
+        assert (row["stage"], row["error_class"]) == (stage, cls), name
+        assert name in row["message"] and words in row["message"], row["message"]
+    assert "boxes_1.dcm: same DICOM series as" in out
+    g = _group(run, slides_dir / "cmu-1-small-region.svs")
+    a = dict(g.attrs)
+    assert a["complete"] and a["schema_version"] == store.SCHEMA_VERSION
+    assert (a["reader"], a["vendor"], a["kind"]) == ("openslide", "aperio", "slide")
+    assert a["source_mpp"] == pytest.approx(0.499) and a["target_mpp"] == 4.0
+    assert a["level"] == 0 and a["level_downsample"] == 1.0
+    assert a["extra"]["scale"] == pytest.approx(0.499 / 4.0) and a["extra"]["mpp_source"] == "file"
+    assert a["level0_tile_px"] == pytest.approx(200 / 0.499)
+    assert a["grid_shape"] == [7, 5]  # floor(2967 * 0.499 / 200) x floor(2220 * 0.499 / 200)
+    assert a["n_tiles"] + a["n_background"] == 35 and 5 <= a["n_tiles"] <= 20
+    assert a["source_size"] == (slides_dir / "cmu-1-small-region.svs").stat().st_size
+    tiles, coords = g["tiles"][:], g["coords"][:]
+    assert tiles.shape == (a["n_tiles"], 50, 50, 3) and tiles.dtype == np.uint8
+    assert coords.dtype == np.int32 and (coords >= 0).all() and (coords < [7, 5]).all()
+    assert len({tuple(c) for c in coords}) == len(coords)
+    assert g["tissue"].shape == (7, 5) and g["thumbnail"].shape == (56, 40, 3)
+    assert (g["tissue"][:][coords[:, 0], coords[:, 1]] >= 0.5).all()
+    assert tiles.reshape(len(tiles), -1).mean(axis=1).max() < 225  # tissue, not glass
+
+
+def test_overrides_make_the_unresolved_slides_tile(slides_dir, tmp_path, client):
+    run = tmp_path / "run"
+    names = ["tcga-cr-7395-01a-01-ts1.svs", "kidney-48-5.tif", "cmu-1-small-region.svs"]
+    s = tile_run([slides_dir / n for n in names], run, TileConfig(mpp_override=0.25), client=client)
+    assert not s.failures and len(s.tiled) == 3
+    tcga = dict(_group(run, slides_dir / names[0]).attrs)
+    assert tcga["level"] == 1 and tcga["level_downsample"] == pytest.approx(2.0005, abs=1e-3)
+    assert tcga["grid_shape"] == [4, 5] and tcga["extra"]["mpp_source"] == "override"
+    assert tcga["patient"] == "TCGA-CR-7395"
+    kidney = dict(_group(run, slides_dir / names[1]).attrs)
+    assert kidney["reader"] == "tifffile" and kidney["grid_shape"] == [1, 1] and kidney["source_mpp"] == 0.25
+    cmu = dict(_group(run, slides_dir / names[2]).attrs)
+    assert cmu["source_mpp"] == pytest.approx(0.499) and cmu["extra"]["mpp_source"] == "file"  # its own value wins
+    # an implausible stated value is overridden the same way; 2.0 µm/px puts boxes.tiff's level 1 at 4.0
+    s = tile_run([slides_dir / "boxes.tiff"], run, TileConfig(mpp_override=2.0), client=client)
+    boxes = dict(_group(run, slides_dir / "boxes.tiff").attrs)
+    assert boxes["level"] == 1 and boxes["grid_shape"] == [2, 3] and boxes["extra"]["scale"] == pytest.approx(1.0)
+
+
+def test_synthetic_grid_lines_up_with_truth(mpp_slides, tmp_path, client):
+    """Tile (row, col) is the square at (col, row) x 50 px x 4.0 µm/px: stored pixels match the slide's own
+    tissue model drawn at 4.0 µm/px there, and the kept tiles are the truth's tissue tiles."""
+    run = tmp_path / "run"
+    s = tile_run([spec.path for spec in mpp_slides], run, TileConfig(), client=client)
+    assert len(s.tiled) == 3 and not s.failures
+    for spec in mpp_slides:
+        model, truth_fraction, _ = slide_model(spec)
+        g = _group(run, spec.path)
+        a = dict(g.attrs)
+        assert a["grid_shape"] == list(truth_fraction.shape)
+        assert a["level0_tile_px"] * spec.mpp == pytest.approx(200.0)
+        coords, tiles = g["coords"][:], g["tiles"][:]
+        kept = np.zeros(truth_fraction.shape, bool)
+        kept[coords[:, 0], coords[:, 1]] = True
+        assert (kept == (truth_fraction >= 0.5)).mean() >= 0.9
+        assert a["n_tiles"] == kept.sum() and a["n_background"] == kept.size - kept.sum()
+        here, shifted = [], []
+        for (r, c), t in list(zip(coords, tiles))[:12]:
+            t = t.astype(float)
+            here.append(np.abs(t - model.render(int(c) * 50, int(r) * 50, 50, 50, 4.0)).mean())
+            shifted.append(np.abs(t - model.render(int(c) * 50 + 4, int(r) * 50 + 4, 50, 50, 4.0)).mean())
+        assert np.mean(here) < 8 and np.mean(shifted) > 2 * np.mean(here), (spec.path.name, here, shifted)
+
+
+def test_no_tissue_filter_keeps_every_tile(mpp_slides, tmp_path, client):
+    spec = mpp_slides[-1]
+    s = tile_run([spec.path], tmp_path / "run", TileConfig(tissue_filter=False), client=client)
+    a = dict(_group(tmp_path / "run", spec.path).attrs)
+    assert a["n_tiles"] == 100 and a["n_background"] == 0 and a["tissue_threshold"] is None
+    assert s.tiles_written == 100
+
+
+def test_patient_folders(synth_patch_dir, idc_dir, tmp_path, client):
+    from cancernet_batch.patches import load
+
+    run = tmp_path / "run"
+    s = tile_run([synth_patch_dir, idc_dir / "8918"], run, TileConfig(chunk=50), client=client)
+    assert len(s.tiled) == 5 and not s.failures
+    for folder in [*sorted(p for p in synth_patch_dir.iterdir() if p.is_dir()), idc_dir / "8918"]:
+        g = _group(run, folder)
+        a = dict(g.attrs)
+        ps = load(folder)
+        assert (a["kind"], a["reader"], a["patient"]) == ("patches", "patches", folder.name)
+        assert a["source_mpp"] == a["target_mpp"] == 4.0 and a["extra"]["mpp_source"] == "assumed"
+        assert a["n_tiles"] == len(ps) and a["chunk"] == 50
+        assert np.array_equal(g["tiles"][:], ps.tiles) and np.array_equal(g["coords"][:], ps.coords)
+        assert np.array_equal(g["labels"][:], ps.labels)
+        assert store.tiled_mask(g).all()
+
+
+def test_discover_folders(tmp_path, slides_dir, synth_patch_dir):
+    root = tmp_path / "archive"
+    (root / "a" / "b").mkdir(parents=True)
+    shutil.copy(slides_dir / "small.svs", root / "a" / "b" / "s1.svs")
+    shutil.copy(slides_dir / "small.svs", root / "s2.SVS")
+    shutil.copytree(synth_patch_dir / "90000", root / "patients" / "90000")
+    (root / "old-run" / "tiles.zarr").mkdir(parents=True)
+    shutil.copy(slides_dir / "small.svs", root / "old-run" / "tiles.zarr" / "x.svs")
+    (root / "notes.txt").write_text("not a slide")
+    specs, failures = discover([root, root / "s2.SVS", tmp_path / "missing"])
+    assert [(s.path.relative_to(root).as_posix(), s.kind) for s in specs] == [
+        ("a/b/s1.svs", "slide"), ("patients/90000", "patches"), ("s2.SVS", "slide")]
+    assert len(failures) == 1 and failures[0].stage == "discover" and "missing" in failures[0].message
+
+
+def test_target_resolution_from_model_json(tmp_path):
+    from cancernet_batch.errors import ConfigError
+    from cancernet_batch.tiling import target_mpp
+
+    (tmp_path / "model.json").write_text(json.dumps({"patch_size": 50, "mpp": 2.0, "threshold": 0.4,
+                                                      "classes": ["non-IDC", "IDC"]}))
+    assert target_mpp(tmp_path, None) == 2.0 and target_mpp(tmp_path, 2.0) == 2.0
+    assert target_mpp(None, 8.0) == 8.0 and target_mpp(None, None) == 4.0
+    with pytest.raises(ConfigError, match="contradicts the model's 2"):
+        target_mpp(tmp_path, 4.0)
+
+
+def test_view_size_is_bounded():
+    from cancernet_batch.tiling import MAX_VIEW_PX, view_px_per_tile
+
+    assert view_px_per_tile(250, 250) == 8  # 100k px at 0.5 µm/px, 4.0 µm/px target
+    assert view_px_per_tile(2000, 2000) == 2 and view_px_per_tile(20000, 20000) == 1
+    assert view_px_per_tile(1000, 1500) ** 2 * 1000 * 1500 <= MAX_VIEW_PX
+
+
+def _chunk_files(g) -> dict[str, float]:
+    path = Path(g.store.root) / g.path / "tiles"
+    return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+def test_rerun_skips_and_interrupted_run_finishes_missing_chunks(mpp_slides, tmp_path, client):
+    src = tmp_path / "slide.svs"
+    shutil.copy(mpp_slides[-1].path, src)
+    run = tmp_path / "run"
+    cfg = TileConfig(chunk=8)
+    first = tile_run([src], run, cfg, client=client)
+    g = _group(run, src)
+    n = int(g.attrs["n_tiles"])
+    nchunks = -(-n // 8)
+    assert first.chunks_written == nchunks >= 4
+    tiles0, files0 = g["tiles"][:], _chunk_files(g)
+    # a finished run: no work at all
+    again = tile_run([src], run, cfg, client=client)
+    assert again.skipped == [str(src)] and not again.tiled and again.tiles_written == 0
+    assert _chunk_files(g) == files0
+    # interrupted: not complete, chunks 1 and 3 never written
+    g = zarr.open_group(str(store.tiles_path(run)), mode="r+")["inputs"][store.input_id(src)]
+    g.attrs["complete"] = False
+    for k in (1, 3):
+        g["tiled"][k] = False
+        os.remove(Path(g.store.root) / g.path / "tiles" / "c" / str(k) / "0" / "0" / "0")
+    resumed = tile_run([src], run, cfg, client=client)
+    assert resumed.resumed == [str(src)] and resumed.chunks_written == 2 and resumed.chunks_kept == nchunks - 2
+    assert resumed.tiles_written == 16
+    g = _group(run, src)
+    assert g.attrs["complete"] and np.array_equal(g["tiles"][:], tiles0)
+    untouched = {k: v for k, v in _chunk_files(g).items() if "/c/1/" not in k and "/c/3/" not in k}
+    assert untouched == {k: v for k, v in files0.items() if k in untouched}
+    # a changed source is tiled again
+    os.utime(src, (1_000_000_000, 1_000_000_000))
+    redo = tile_run([src], run, cfg, client=client)
+    assert redo.tiled == [str(src)] and redo.chunks_written == nchunks and not redo.resumed
+
+
+def test_corrupt_region_fails_at_tile_stage_and_the_rest_goes_on(mpp_slides, tmp_path, client):
+    """A slide whose preflight and plan pass but one level-0 tile does not decode: that input fails at the
+    tile stage (not complete, not a crash), the other input of the run is tiled."""
+    import tifffile
+
+    bad = tmp_path / "bad.svs"
+    shutil.copy(mpp_slides[-1].path, bad)
+    with tifffile.TiffFile(bad) as tf:
+        offset = tf.pages[0].dataoffsets[0]  # level 0, top-left JPEG tile: neither probed nor in the view
+    with open(bad, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * 64)
+    run = tmp_path / "run"
+    cfg = TileConfig(target_mpp=2.0, tissue_filter=False)  # 2.0 µm/px: tiles come from level 0
+    s = tile_run([bad, mpp_slides[-1].path], run, cfg, client=client)
+    assert s.tiled == [str(mpp_slides[-1].path)]
+    assert [(f.input, f.stage, f.error_class) for f in s.failures] == [(str(bad), "tile", "SlideReadError")]
+    assert "bad.svs" in s.failures[0].message and "Not a JPEG file" in s.failures[0].message
+    assert not _group(run, bad).attrs["complete"]
+    assert _failures(run)["bad.svs"]["stage"] == "tile"
+
+
+def test_worker_death_is_a_reader_crash():
+    from distributed.scheduler import KilledWorker
+
+    from cancernet_batch.errors import SlideReadError
+    from cancernet_batch.tile_run import _worker_error
+
+    err = _worker_error("/data/x.svs", KilledWorker("tile_chunk_task-1", None, 3))
+    assert isinstance(err, SlideReadError) and "crashed" in str(err) and "/data/x.svs" in str(err)
+
+
+def test_retry_drops_old_failure_rows(slides_dir, tmp_path, client):
+    run = tmp_path / "run"
+    src = slides_dir / "tcga-cr-7395-01a-01-ts1.svs"
+    s = tile_run([src], run, TileConfig(), client=client)
+    assert [f.error_class for f in s.failures] == ["ResolutionError"]
+    assert "tcga-cr-7395-01a-01-ts1.svs" in _failures(run)
+    s = tile_run([src], run, TileConfig(mpp_override=0.25), client=client)
+    assert s.tiled == [str(src)] and _failures(run) == {}
+
+
+def test_cli_tile_rerun_exit_codes_and_messages(mpp_slides, tmp_path, client, capsys):
+    run = tmp_path / "run"
+    args = ["tile", str(mpp_slides[-1].path), "--out", str(run), "--scheduler", client.scheduler.address]
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "tiled    " in out and "level 1, scale 1" in out and "1 inputs tiled" in out
+    assert main(args) == EXIT_OK
+    assert "0 inputs tiled (0 tiles, 0 chunks), 1 skipped" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["tile", str(empty), "--out", str(run)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no slides or patient folders found" in err and err.count("\n") == 1
+    assert main(["tile", str(tmp_path / "nope.svs"), "--out", str(run)]) == EXIT_ERROR
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_cli_inspect(slides_dir, tmp_path, capsys):
+    assert main(["inspect", str(slides_dir), "--json"]) == EXIT_PARTIAL
+    entries = {Path(e["source"]).name: e for e in json.loads(capsys.readouterr().out)}
+    assert len(entries) == 10
+    cmu = entries["cmu-1-small-region.svs"]
+    assert (cmu["reader"], cmu["vendor"], cmu["level"], cmu["grid_shape"]) == ("openslide", "aperio", 0, [7, 5])
+    assert cmu["scale"] == pytest.approx(0.12475) and cmu["levels"][0]["width"] == 2220
+    assert cmu["tissue_tiles"] + cmu["background_tiles"] == 35 and "error" not in cmu
+    assert entries["boxes_1.dcm"]["series_of"].endswith("boxes_0.dcm")
+    for name, (stage, cls, words) in EXPECTED_FAILURES.items():
+        assert entries[name]["error"]["error_class"] == cls and words in entries[name]["error"]["message"]
+    tcga = entries["tcga-cr-7395-01a-01-ts1.svs"]
+    assert tcga["levels"][1]["height"] == 1783 and tcga["levels"][1]["mpp"] is None
+    assert main(["inspect", str(slides_dir / "tcga-cr-7395-01a-01-ts1.svs"), "--mpp-override", "0.25"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "chosen      level 1" in out and "grid        4 x 5" in out and "0.25 µm/px (override)" in out
+    assert main(["inspect", str(tmp_path / "nope.svs")]) == EXIT_ERROR
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_big_slide_tiles_in_bounded_memory(tmp_path):
+    """A 12k x 12k slide (raw level 0: 432 MB) read whole at level 0 (--mpp 1.0, scale 0.5, no tissue filter):
+    the memory tiling adds (client, scheduler and worker in one process, after the imports) stays well
+    below the raw size. The 100k x 100k figures are in benchmarks/TILING.md."""
+    code = f"""
+import threading, time
+from pathlib import Path
+import psutil
+from distributed import Client
+from cancernet_batch.synth import SlideSpec, write_slide
+from cancernet_batch.tile_run import tile_run
+from cancernet_batch.tiling import TileConfig
+import openslide, PIL.Image, scipy.ndimage, scipy.sparse, tifffile, zarr  # imports are not working memory
+if __name__ == "__main__":
+    p = Path(r'{tmp_path}') / 'big.svs'
+    write_slide(SlideSpec(path=p, width=12288, height=12288, mpp=0.5, seed=2, detail_mpp=4.0))
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as c:
+        base = peak = psutil.Process().memory_info().rss
+        done = threading.Event()
+        def sample():
+            global peak
+            while not done.is_set():
+                peak = max(peak, psutil.Process().memory_info().rss)
+                time.sleep(0.01)
+        t = threading.Thread(target=sample)
+        t.start()
+        s = tile_run([p], p.parent / 'run', TileConfig(target_mpp=1.0, tissue_filter=False), client=c)
+        done.set()
+        t.join()
+    print(s.tiles_written, (peak - base) // 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    tiles, growth_mb = int(out[-2]), int(out[-1])
+    assert tiles == 122 * 122  # every tile: 6144 µm / 50 µm
+    assert growth_mb < 432 / 2, growth_mb
