@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, NotBuiltError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, NotBuiltError
 
 log = logging.getLogger("cancernet_batch")
 
@@ -398,6 +398,7 @@ def _predict_options(f):
         click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"])),
         click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Tiles per model call."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
+        click.option("--autotune", is_flag=True, help="Use the workers and batch size `cancernet bench` saved here."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -412,6 +413,16 @@ def _predict_config(kw: dict):
     backend = kw.pop("backend", None)
     if backend:
         os.environ["KERAS_BACKEND"] = backend  # inherited by local worker processes
+    if kw.pop("autotune", False):
+        from .bench import autotune_path, load_autotune
+
+        saved = load_autotune()
+        if saved is None:
+            raise ConfigError("no saved autotune for this machine", path=autotune_path(),
+                              hint="run `cancernet bench` here first, or drop --autotune")
+        kw["batch_size"] = int(saved["batch_size"])
+        kw["workers"] = kw.get("workers") or int(saved["workers"])
+        kw["threads_per_worker"] = kw.get("threads_per_worker") or int(saved.get("threads_per_worker", 1))
     return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
                          device=kw.pop("device"), batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
                          cluster=_cluster_config(kw))
@@ -540,10 +551,61 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     return exit_for(len(s.failed_inputs) + s.report.not_scored)
 
 
+def _int_list(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("expected positive integers")
+    return out
+
+
 @cli.command()
-def bench(**kwargs) -> None:
-    """Measure patches/s per stage against the model-only roof and the naive loop."""
-    raise NotBuiltError("`cancernet bench` is not built yet", hint="see issue 8")
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--model", "model_dir", default=None, type=click.Path(),
+              help="Model folder (default: CancerNet of the default width with random weights).")
+@click.option("--synthetic-slides", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Without INPUT: how many synthetic slides to make.")
+@click.option("--size", default=10000, show_default=True, type=click.IntRange(min=512), help="Synthetic slide side, px.")
+@click.option("--batch-sizes", default="256,1024,4096", show_default=True, callback=_int_list)
+@click.option("--workers", default="1,2", show_default=True, callback=_int_list, help="Local cluster workers to try.")
+@click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
+              help="Keras backend for the Keras roof (default: KERAS_BACKEND).")
+@click.option("--naive-count", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write every figure here.")
+@click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
+@click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
+              help="Save the best workers and batch size for `predict --autotune`.")
+def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, backend, naive_count, json_out, md_out,
+          save_autotune) -> int:
+    """Measure patches/s per stage against the model-only roof and the naive loop, in one run."""
+    import json
+    import os
+
+    from .atomic import write_text
+    from .bench import BenchConfig, run_bench, save_autotune as _save
+
+    if backend:
+        os.environ["KERAS_BACKEND"] = backend
+    cfg = BenchConfig(model_dir=model_dir, inputs=tuple(inputs), synthetic_slides=synthetic_slides, size=size,
+                      batch_sizes=batch_sizes, workers=workers, naive_count=naive_count)
+    r = run_bench(cfg, step=lambda msg: click.echo(f"bench: {msg}", err=True))
+    click.echo(r.markdown())
+    ratios = r.ratios()
+    click.echo(f"predict stage: {r.rate('predict'):.0f} patches/s = {ratios['predict_vs_roof']:.2f} x roof, "
+               f"{ratios['predict_vs_naive'] or 0:.0f} x naive; end to end {r.rate('run'):.0f} patches/s = "
+               f"{ratios['run_vs_naive'] or 0:.0f} x naive")
+    if json_out:
+        write_text(json_out, json.dumps(r.to_json(), indent=2) + "\n")
+        click.echo(f"json: {json_out}")
+    if md_out:
+        write_text(md_out, r.markdown())
+    if save_autotune:
+        click.echo(f"autotune: {r.best['workers']} workers x 1 thread, batch {r.best['batch_size']} -> {_save(r.best)}")
+    return 0
 
 
 @cli.command()

@@ -465,7 +465,8 @@ def write_slide(spec: SlideSpec) -> SlideTruth:
 
 
 def synth_slides(out: str | os.PathLike, *, count: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0,
-                 fmt: str = "svs", idc_fraction: float = 0.3, progress=None) -> list[tuple[Path, SlideTruth]]:
+                 fmt: str = "svs", idc_fraction: float = 0.3, detail_mpp: float | None = None,
+                 progress=None) -> list[tuple[Path, SlideTruth]]:
     """Write ``count`` synthetic slides of ``size`` x ``size`` px at ``mpp`` into ``out``.
 
     Beside each ``NAME.svs`` (or ``.tiff``) goes ``NAME.truth.npz`` (tissue and IDC fractions per
@@ -483,7 +484,7 @@ def synth_slides(out: str | os.PathLike, *, count: int = 2, size: int = 4096, mp
     for k in range(count):
         path = out / f"synth-{seed:04d}-{k:03d}.{ext}"
         spec = SlideSpec(path=path, width=size, height=size, mpp=mpp, seed=seed * 1000 + 500 + k, format=fmt,
-                         idc_fraction=idc_fraction)
+                         idc_fraction=idc_fraction, detail_mpp=detail_mpp)
         truth = write_slide(spec)
         truth.save(out / f"{path.stem}.truth.npz")
         results.append((path, truth))

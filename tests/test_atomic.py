@@ -16,6 +16,17 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        p = write_text(tmp_path / "m.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == 0o644
+
+
 def test_failed_write_keeps_old_file(tmp_path):
     p = tmp_path / "a.txt"
     write_text(p, "old")
