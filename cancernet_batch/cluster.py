@@ -84,7 +84,14 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
             client.close()
         return
     workers, threads = cfg.local_shape()
-    with dask.config.set({"distributed.worker.daemon": False,
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = str(max(1, cores // (workers * threads)))
+    # Dask's nannies pin OMP/MKL/OpenBLAS to 1 thread per worker; the model engines (oneDNN under
+    # TensorFlow, MLAS under ONNX Runtime) should get this worker's share of the cores instead.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": per_task,
+                          "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": per_task,
+                          "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": per_task,
+                          "distributed.worker.daemon": False,
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.admin.tick.limit": "60s",
                           "distributed.worker.memory.spill": False}):
