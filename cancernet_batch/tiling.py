@@ -116,7 +116,14 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
     failures: list[Failure] = []
 
     def add(p: Path, kind: str) -> None:
-        specs.setdefault(p.resolve(), InputSpec(p.resolve(), kind))
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a dangling link, a vanished file
+            why = "a symlink loop" if "loop" in str(exc).lower() else f"cannot be resolved ({exc.__class__.__name__})"
+            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
+                f"path is {why}", path=p.absolute(), hint="fix or remove the link")))
+            return
+        specs.setdefault(real, InputSpec(real, kind))
 
     for raw in paths:
         p = Path(raw)
