@@ -87,3 +87,20 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     for row in rows:
         writer.writerow([safe_cell(v) for v in row])
     return write_text(path, buf.getvalue())
+
+
+def remove_stale_temps(*folders: str | os.PathLike) -> int:
+    """Delete temporary files that a killed writer left in ``folders`` (not recursive).
+
+    Covers this module's ``.tmp-*`` files and zarr's ``*.partial`` files; returns how many went.
+    """
+    gone = 0
+    for folder in folders:
+        d = Path(folder)
+        if not d.is_dir():
+            continue
+        for f in d.iterdir():
+            if f.is_file() and (f.name.startswith(".tmp-") or f.name.endswith(".partial")):
+                f.unlink(missing_ok=True)
+                gone += 1
+    return gone

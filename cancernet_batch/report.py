@@ -29,7 +29,7 @@ from . import PATCH_SIZE, store
 from .aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
                         input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
-from .atomic import write_csv
+from .atomic import write_csv, remove_stale_temps
 from .failures import Failure, read_failures, write_failures
 from .geojson import idc_features, write_geojson
 from .heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
@@ -201,6 +201,7 @@ def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
     for key in unmatched_keys(mapping, [(gid, a) for gid, _, a in groups]):
         log.warning("patient map: %r names no input of this run", key)
     out = run / "report"
+    remove_stale_temps(run, out, out / "maps", out / "geojson")  # left by a killed earlier report
     rows: list[InputReport] = []
     new_failures: list[Failure] = []
     for gid, g, attrs in groups:

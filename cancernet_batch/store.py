@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import PATCH_SIZE
+from .atomic import remove_stale_temps
 from .errors import StorageError
 
 SCHEMA_VERSION = 1
@@ -108,6 +109,11 @@ def open_root(run_dir: str | os.PathLike, mode: str = "a"):
     except (OSError, PermissionError) as exc:
         raise StorageError(f"cannot open tile store: {exc}", path=path,
                            hint="check that the run folder is writable and not full") from exc
+    if mode != "r":
+        # a run killed mid-write leaves zarr's temporary "*.partial" files beside group metadata
+        inputs_dir = path / "inputs"
+        groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
+        remove_stale_temps(path, inputs_dir, *groups, *(d / name for d in groups for name in ("probs", "done", "tiled")))
     if mode != "r" and "schema_version" not in root.attrs:
         root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
     version = root.attrs.get("schema_version", SCHEMA_VERSION)
