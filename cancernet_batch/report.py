@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from . import PATCH_SIZE, store
 from .aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
                         input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
-from .atomic import write_csv, remove_stale_temps
+from .atomic import remove_stale_temps, write_csv
+from .errors import StorageError
 from .failures import Failure, read_failures, write_failures
 from .geojson import idc_features, write_geojson
 from .heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
@@ -38,6 +40,7 @@ from .store import InputAttrs
 log = logging.getLogger(__name__)
 
 STAGE = "report"
+_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -132,10 +135,23 @@ def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr:
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
         return report_input(out, gid, group, patient, thr.value, thumb_px), None
+    except StorageError:
+        raise  # the output folder itself is unwritable or full: no other input would fare better
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:
+            raise StorageError(f"cannot write the report: {exc.strerror}", path=out,
+                               hint="check that the output folder is writable and has free space") from exc
+        return _failed_input(gid, attrs, patient, thr, model_id, exc)
     except Exception as exc:  # noqa: BLE001 - one input never stops the report
-        log.warning("%s: report failed: %s", attrs.source, exc)
-        failure = Failure.from_exception(attrs.source, STAGE, exc)
-        return InputReport(unscored_figures(gid, attrs, patient, FAILED, failure.message, thr.value, model_id)), failure
+        return _failed_input(gid, attrs, patient, thr, model_id, exc)
+
+
+def _failed_input(gid: str, attrs: InputAttrs, patient: str, thr: Threshold, model_id: str, exc: BaseException
+                  ) -> tuple[InputReport, Failure]:
+    """The row and failure of an input whose own report could not be made (the others go on)."""
+    log.warning("%s: report failed: %s", attrs.source, exc)
+    failure = Failure.from_exception(attrs.source, STAGE, exc)
+    return InputReport(unscored_figures(gid, attrs, patient, FAILED, failure.message, thr.value, model_id)), failure
 
 
 # --------------------------------------------------------------------------------------------
