@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, NotBuiltError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError
 
 log = logging.getLogger("cancernet_batch")
 

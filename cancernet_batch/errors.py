@@ -63,9 +63,5 @@ class StorageError(CancerNetError):
     """The output location cannot be written (read-only, full) or a store is inconsistent."""
 
 
-class NotBuiltError(CancerNetError):
-    """The command exists in the CLI but its capability is not implemented yet."""
-
-
 class SlideReadError(InputError):
     """A slide opens but its pixels cannot be read: a decode error, or the native reader crashed or hung."""

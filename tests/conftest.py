@@ -84,3 +84,19 @@ def mpp_slides(tmp_path_factory) -> list:
     for spec in specs:
         write_slide(spec)
     return specs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """An untrained (random-weight) CancerNet of width 8 with its ONNX export: its scores are deterministic,
+    which is all that scoring, resume and fault tests need."""
+    import numpy as np
+
+    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    m = build_cancernet(width=8, seed=1)
+    m.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
+    save_model_dir(m, d, ModelMeta(width=8))
+    export_onnx(d)
+    return d

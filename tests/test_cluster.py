@@ -70,20 +70,14 @@ def certs(tmp_path_factory) -> Path:
     return d
 
 
-def test_tls_scheduler_end_to_end(certs, tmp_path):
+def test_tls_scheduler_end_to_end(certs, tmp_path, tiny_model_dir):
     """`cancernet predict --scheduler tls://...` with certificates scores a run on a TLS-only cluster."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_inference import make_run, reference, stored_probs  # noqa: E402 - shared helpers
 
-    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
-
     import numpy as np
 
-    model_dir = tmp_path / "model"
-    m = build_cancernet(width=8, seed=2)
-    m.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
-    save_model_dir(m, model_dir, ModelMeta(width=8))
-    export_onnx(model_dir)
+    model_dir = tiny_model_dir
     run = tmp_path / "run"
     tiles = make_run(run, {"t": 200}, chunk=100)
     tls = ["--tls-ca-file", str(certs / "ca.pem"), "--tls-cert", str(certs / "node.pem"), "--tls-key", str(certs / "node.key")]

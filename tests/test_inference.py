@@ -24,20 +24,8 @@ ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """An untrained (random-weight) CancerNet with its ONNX export: the scores are deterministic, which is all
-    these tests need."""
-    import keras
-
-    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
-
-    d = tmp_path_factory.mktemp("model")
-    model = build_cancernet(width=8, seed=1)
-    model.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
-    save_model_dir(model, d, ModelMeta(width=8))
-    export_onnx(d)
-    del keras
-    return d
+def tiny_model(tiny_model_dir):
+    return tiny_model_dir
 
 
 def make_run(run_dir: Path, sizes: dict[str, int], chunk: int, seed: int = 0, mpp: float = 4.0) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cancernet_batch import PATCH_SIZE
 from cancernet_batch.cli import main
-from cancernet_batch.synth import TILE_UM, SlideSpec, SlideTruth, TissueModel, synth_slides, write_slide
+from cancernet_batch.synth import TILE_UM, SlideSpec, SlideTruth, TissueModel, write_slide
 
 NAME = re.compile(r"^(\d+)_idx5_x(\d+)_y(\d+)_class([01])\.png$")
 

@@ -20,15 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
-
-    d = tmp_path_factory.mktemp("kill-model")
-    m = build_cancernet(width=8, seed=5)
-    m.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
-    save_model_dir(m, d, ModelMeta(width=8))
-    export_onnx(d)
-    return d
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def _args(inputs, run: Path, model: Path, *extra: str) -> list[str]:

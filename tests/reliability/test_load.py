@@ -9,9 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -20,15 +18,10 @@ pytestmark = pytest.mark.slow
 N_FOLDERS, N_SLIDES = 900, 100
 
 
-def test_thousand_inputs(tmp_path, synth_patch_dir):
-    from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
+def test_thousand_inputs(tmp_path, synth_patch_dir, tiny_model_dir):
     from cancernet_batch.synth import SlideSpec, write_slide
 
-    model = tmp_path / "model"
-    m = build_cancernet(width=8, seed=9)
-    m.predict_on_batch(np.zeros((1, 50, 50, 3), np.uint8))
-    save_model_dir(m, model, ModelMeta(width=8))
-    export_onnx(model)
+    model = tiny_model_dir
 
     archive = tmp_path / "archive"
     pid = sorted(p.name for p in synth_patch_dir.iterdir() if p.is_dir())[0]
