@@ -78,8 +78,8 @@ def _tifffile_thumbnail(path: Path, max_px: int) -> Thumbnail:
     import tifffile
     from PIL import Image
 
-    with tifffile.TiffFile(path) as tf:
-        series = tf.series[0]
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
         sizes = [(lv, lv.shape[lv.axes.index("Y")], lv.shape[lv.axes.index("X")]) for lv in series.levels]
         h0, w0 = sizes[0][1], sizes[0][2]
         big_enough = [s for s in sizes if max(s[1], s[2]) >= max_px] or sizes[:1]

@@ -76,10 +76,10 @@ def _tag_mpp(page, tags_unit_um: float | None = None) -> tuple[float | None, flo
     return out[0], out[1]
 
 
-def tiff_mpp(tf, page) -> tuple[tuple[float | None, float | None], str | None]:
+def tiff_mpp(tif, page) -> tuple[tuple[float | None, float | None], str | None]:
     """``((mpp_x, mpp_y), where)`` of a TIFF: ``where`` names the metadata it came from, or ``None``."""
-    if tf.is_ome and tf.ome_metadata:
-        xy = _ome_mpp(tf.ome_metadata)
+    if tif.is_ome and tif.ome_metadata:
+        xy = _ome_mpp(tif.ome_metadata)
         if any(xy):
             return xy, "ome"
     desc = page.description or ""
@@ -91,7 +91,7 @@ def tiff_mpp(tf, page) -> tuple[tuple[float | None, float | None], str | None]:
             v = 0.0
         if v > 0:
             return (v, v), "aperio-description"
-    if tf.is_imagej and (tf.imagej_metadata or {}).get("unit") in ("micron", "um", "µm", "\\u00B5m"):
+    if tif.is_imagej and (tif.imagej_metadata or {}).get("unit") in ("micron", "um", "µm", "\\u00B5m"):
         xy = _tag_mpp(page, tags_unit_um=1.0)
         if any(xy):
             return xy, "imagej"
@@ -122,9 +122,9 @@ class TiffFileReader(SlideReader):
             raise
 
     def _setup(self, tifffile) -> None:
-        tf = self._tf
+        tif = self._tf
         try:
-            candidates = [s for s in tf.series if s.levels]
+            candidates = [s for s in tif.series if s.levels]
         except Exception as exc:  # noqa: BLE001
             raise UnsupportedFormatError(f"tifffile cannot parse the image structure ({exc})", path=self.path,
                                          hint="the file is corrupt or not an image TIFF") from exc
@@ -159,9 +159,9 @@ class TiffFileReader(SlideReader):
             dims.append((int(shp["X"]), int(shp["Y"])))
         self.level_dimensions = tuple(dims)
         self.level_downsamples = self.downsamples_of(dims)
-        (self.mpp_x, self.mpp_y), where = tiff_mpp(tf, series.levels[0].keyframe)
-        self.vendor = ("ome-tiff" if tf.is_ome else "aperio" if tf.is_svs else "imagej" if tf.is_imagej
-                       else "ndpi" if tf.is_ndpi else "tiff")
+        (self.mpp_x, self.mpp_y), where = tiff_mpp(tif, series.levels[0].keyframe)
+        self.vendor = ("ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "imagej" if tif.is_imagej
+                       else "ndpi" if tif.is_ndpi else "tiff")
         self.properties = {"tifffile.series": series.name or "", "tifffile.axes": axes,
                            "tifffile.compression": series.levels[0].keyframe.compression.name,
                            "tifffile.mpp-source": where or ""}
