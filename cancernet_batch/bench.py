@@ -53,7 +53,9 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from .cluster import usable_cores
+
+    cores = usable_cores()
     versions = {"cancernet_batch": __version__, "python": platform.python_version(), "numpy": np.__version__}
     for name in ("onnxruntime", "keras", "tensorflow", "jax", "torch", "dask", "zarr"):
         mod = sys.modules.get(name)

@@ -20,6 +20,11 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where to run: ``scheduler`` address, or the shape of a local cluster."""
@@ -36,8 +41,7 @@ class ClusterConfig:
 
     def local_shape(self) -> tuple[int, int]:
         """Workers and threads per worker for a local cluster, sized to this machine when not given."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = self.workers or max(1, min(cores, 8))
+        workers = self.workers or max(1, min(usable_cores(), 8))
         threads = self.threads_per_worker or 1
         return workers, threads
 
@@ -84,8 +88,7 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
             client.close()
         return
     workers, threads = cfg.local_shape()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_task = str(max(1, cores // (workers * threads)))
+    per_task = str(max(1, usable_cores() // (workers * threads)))
     # Dask's nannies pin OMP/MKL/OpenBLAS to 1 thread per worker; the model engines (oneDNN under
     # TensorFlow, MLAS under ONNX Runtime) should get this worker's share of the cores instead.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": per_task,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .cluster import ClusterConfig, dask_client
+from .cluster import ClusterConfig, dask_client, usable_cores
 from .atomic import write_text
 from .errors import ModelError, ResolutionError
 from .failures import Failure, merge_failures
@@ -203,7 +203,7 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     if todo and cfg.engine_threads is None and client is None and not cfg.cluster.scheduler:
         # a local cluster: share the cores between workers instead of letting each engine take them all
         workers, threads = cfg.cluster.local_shape()
-        cfg = PredictConfig(**{**cfg.__dict__, "engine_threads": max(1, _cores() // (workers * threads))})
+        cfg = PredictConfig(**{**cfg.__dict__, "engine_threads": max(1, usable_cores() // (workers * threads))})
     if todo:
         if client is None:
             with dask_client(cfg.cluster, on_dashboard=on_dashboard) as c:
@@ -219,14 +219,10 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
         if src not in failed_inputs and store.done_mask(g).all():
             ok_inputs.add(src)
     merge_failures(Path(run_dir) / "failures.csv", summary.failures,
-                   replace_stage_for=None if not ok_inputs else {s for s in ok_inputs})
+                   replace_stage_for=ok_inputs or None)
     log.info("scored %d tiles in %.1f s (%.0f patches/s); %d chunks skipped", summary.tiles_scored,
              summary.seconds, summary.patches_per_second, skipped)
     return summary
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
