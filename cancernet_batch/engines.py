@@ -136,7 +136,9 @@ class KerasEngine(Engine):
         if threads and "keras" not in sys.modules and backend == "tensorflow":
             os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(int(threads)))
             os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-        import keras
+        from .quiet import import_keras
+
+        keras = import_keras()
 
         if threads and backend == "torch":
             import torch
@@ -161,7 +163,9 @@ class KerasEngine(Engine):
         return "gpu:0"
 
     def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
-        import keras
+        from .quiet import import_keras
+
+        keras = import_keras()
 
         with keras.device(self.device):
             prob = self.model.predict_on_batch(pad_batch(tiles, self.batch_size))

@@ -70,7 +70,9 @@ def build_cancernet(width: int = 32, dropout: float = 0.25, separable: bool = Tr
     ``2*width`` (x2) and ``4*width`` (x3) filters; then a dense layer of ``8*width`` units (ReLU,
     batch norm, dropout 0.5) and one sigmoid unit. ``seed`` fixes the initial weights.
     """
-    import keras
+    from .quiet import import_keras
+
+    keras = import_keras()
     from keras import layers
 
     if width < 1:
@@ -132,7 +134,9 @@ class BatchNormCalibrator:
     """
 
     def __init__(self, model, batch_size: int = PREDICT_BATCH):
-        import keras
+        from .quiet import import_keras
+
+        keras = import_keras()
 
         self.model = model
         self.batch_size = batch_size
@@ -267,7 +271,9 @@ def save_model_dir(model, out_dir: str | os.PathLike, meta: ModelMeta) -> ModelM
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(model, "optimizer", None) is not None:  # save the network only: a third of the size
-        import keras
+        from .quiet import import_keras
+
+        keras = import_keras()
 
         bare = keras.models.clone_model(model)
         bare.set_weights(model.get_weights())
@@ -360,7 +366,9 @@ def load_keras_model(model_dir: str | os.PathLike, meta: ModelMeta | None = None
     if meta.model_id and file_id(path) != meta.model_id:
         raise ModelError(f"does not match {META_FILE} (model_id {meta.model_id}); the two files come from different runs",
                          path=path, hint=_FIX)
-    import keras
+    from .quiet import import_keras
+
+    keras = import_keras()
 
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)

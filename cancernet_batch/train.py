@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from .atomic import write_text
@@ -37,8 +36,10 @@ from .figures import plot_curves
 from .metrics import THRESHOLD_RULE, choose_threshold
 from .model import (CLASSES, META_FILE, THRESHOLD_RULE_DEFAULT, BatchNormCalibrator, ModelMeta, build_cancernet,
                     export_onnx, jsonable, predict_tiles, save_model_dir)
+from .quiet import import_keras
 from .split import Split, class_counts, make_split
 
+keras = import_keras()
 log = logging.getLogger(__name__)
 
 BN_SAMPLES = 2048
