@@ -186,6 +186,46 @@ def test_onnx_export_equals_keras(model_dir):
         onnx_p = sess.run(None, {inp.name: TILES[:n]})[0].reshape(-1)
         assert np.max(np.abs(onnx_p - keras_p[:n])) < 1e-5
     assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("BatchNormalization") == 6  # each post-ReLU batch norm of the 6 conv layers is one fused node
+
+
+def _affine_graph(share_mul_output: bool):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    scale = rng.normal(size=(1, 4, 1, 1)).astype(np.float32)  # negative scales too
+    shift = rng.normal(size=(1, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "scale"], ["m"]),
+             helper.make_node("Add", ["m", "shift"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 4, 5, 5])]
+    if share_mul_output:
+        outputs.append(helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, [None, 4, 5, 5]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, 5, 5])],
+                              outputs, [numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(shift, "shift")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def test_fuse_channel_affines_is_exact_and_leaves_shared_outputs():
+    import onnx
+    import onnxruntime as ort
+
+    from cancernet_batch.model import fuse_channel_affines
+
+    x = np.random.default_rng(4).normal(size=(3, 4, 5, 5)).astype(np.float32)
+    before = _affine_graph(False)
+    want = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert fuse_channel_affines(before) == 1
+    onnx.checker.check_model(before, full_check=True)
+    assert [n.op_type for n in before.graph.node] == ["Relu", "BatchNormalization"]
+    assert {t.name for t in before.graph.initializer}.isdisjoint({"scale", "shift"})  # no unused constants left
+    got = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.max(np.abs(got - want)) < 1e-5 * max(1.0, float(np.max(np.abs(want))))
+    shared = _affine_graph(True)  # the Mul's result is also a graph output: it must stay
+    assert fuse_channel_affines(shared) == 0 and [n.op_type for n in shared.graph.node] == ["Relu", "Mul", "Add"]
 
 
 def test_saving_a_new_model_drops_a_stale_onnx(tmp_path):
