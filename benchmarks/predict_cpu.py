@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tiles", type=int, default=40000)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--shapes", default="1x1,2x1", help="workers x threads per worker for the predict stage")
+    ap.add_argument("--shapes", default="1x1,1x2,2x1", help="workers x threads per worker for the predict stage")
+    ap.add_argument("--engines", default="onnx,keras", help="engines for the predict stage")
+    ap.add_argument("--batch-size", type=int, default=1024)
     args = ap.parse_args()
 
     from cancernet_batch import bench, patches
@@ -75,12 +77,15 @@ def main() -> None:
     for bs in (256, 1024, 4096):
         figures.append(bench.roof(onnx, sample, bs))
     keras_engine = KerasEngine(model_dir)
-    figures.append(bench.roof(keras_engine, sample, 1024))
+    for bs in (256, 1024, 4096):
+        figures.append(bench.roof(keras_engine, sample, bs))
     roof_rate = max(f.rate for f in figures)
     del onnx, keras_engine
-    for shape in args.shapes.split(","):
-        w, t = (int(v) for v in shape.split("x"))
-        figures.append(bench.predict_stage(run, model_dir, workers=w, threads=t, batch_size=1024))
+    for engine in args.engines.split(","):
+        for shape in args.shapes.split(","):
+            w, t = (int(v) for v in shape.split("x"))
+            figures.append(bench.predict_stage(run, model_dir, workers=w, threads=t, batch_size=args.batch_size,
+                                               engine=engine))
     pngs = sorted(idc.glob("*/*/*.png"))[::50]
     naive = bench.naive_loop(model_dir, pngs, limit=100)
     figures.append(naive)

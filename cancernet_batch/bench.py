@@ -40,8 +40,25 @@ class Figure:
         return {**asdict(self), "patches_per_second": round(self.rate, 1)}
 
 
+def gpus() -> list[dict]:
+    """The NVIDIA GPUs ``nvidia-smi`` lists (name, memory, driver); empty where there is none."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+    return [{"name": r[0], "memory": r[1], "driver": r[2]} for r in rows if len(r) == 3]
+
+
 def machine() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on: CPU, usable cores, memory, GPUs and library versions."""
     import sys
 
     cpu = platform.processor() or platform.machine()
@@ -56,12 +73,57 @@ def machine() -> dict:
     from .cluster import usable_cores
 
     cores = usable_cores()
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):
+        pass
     versions = {"cancernet_batch": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for name in ("onnxruntime", "keras", "tensorflow", "jax", "torch", "dask", "zarr"):
+    for name in ("onnxruntime", "keras", "tensorflow", "jax", "torch", "dask", "distributed", "zarr"):
         mod = sys.modules.get(name)
         if mod is not None:
             versions[name] = str(getattr(mod, "__version__", "?"))
-    return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "versions": versions}
+    providers = []
+    if "onnxruntime" in sys.modules:
+        providers = list(sys.modules["onnxruntime"].get_available_providers())
+    return {"cpu": cpu, "cores": cores, "memory_gib": memory, "gpus": gpus(), "onnxruntime_providers": providers,
+            "platform": platform.platform(), "versions": versions}
+
+
+def peak_rss(reset: bool = False) -> int:
+    """This process's peak resident memory in bytes since it started or since the last ``reset``.
+
+    Linux: ``VmHWM`` from /proc/self/status, reset by writing 5 to /proc/self/clear_refs, so one
+    process can report its peak per stage. Elsewhere: ``ru_maxrss`` (never reset).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            hwm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        return hwm
+    except (OSError, StopIteration, ValueError):
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
+def worker_peaks(client, reset: bool = False) -> list[int]:
+    """Peak resident memory of every Dask worker process (bytes, sorted by worker address)."""
+    got = client.run(peak_rss, reset)
+    return [int(got[k]) for k in sorted(got)]
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def _peaks(peaks: list[int]) -> dict:
+    return {"peak_worker_rss_mib": _mib(max(peaks)) if peaks else None,
+            "peak_rss_mib_per_worker": [_mib(p) for p in peaks]}
 
 
 def random_tiles(n: int, seed: int = 0) -> np.ndarray:
@@ -72,10 +134,10 @@ def roof(engine, tiles: np.ndarray, batch_size: int, *, min_seconds: float = 2.0
     """Model-only throughput: in-memory uint8 batches straight into ``engine.predict``."""
     engine.batch_size = batch_size
     engine.predict(tiles[:batch_size])  # warm-up (graph build, allocations)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        for s in range(0, len(tiles), batch_size):
-            n += len(engine.predict(tiles[s:s + batch_size]))
+    n, t0, s = 0, time.perf_counter(), 0
+    while True:  # whole batches until min_seconds have passed (a slow engine stops after one batch past it)
+        n += len(engine.predict(tiles[s:s + batch_size]))
+        s = s + batch_size if s + 2 * batch_size <= len(tiles) else 0
         dt = time.perf_counter() - t0
         if dt >= min_seconds:
             return Figure("roof", engine.name, n, dt, {"batch_size": batch_size})
@@ -98,9 +160,60 @@ def naive_loop(model_dir: str | os.PathLike, pngs: list[Path], *, limit: int = 1
     return Figure("naive", "keras-predict-1", len(files), time.perf_counter() - t0, {"files": len(files)})
 
 
+def installed_backends() -> list[str]:
+    """Keras backends importable here (TensorFlow first: the default)."""
+    import importlib.util
+
+    return [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
+
+
+def keras_roofs(model_dir: str | os.PathLike, backend: str, batch_sizes: tuple[int, ...], *, device: str = "cpu",
+                n_tiles: int = 8192, min_seconds: float = 2.0) -> list[Figure]:
+    """The Keras roof under ``backend``, per batch size, measured in a child process.
+
+    A process holds one Keras backend for its life, so each backend gets its own interpreter
+    (``python -m cancernet_batch.bench roof ...``); the tiles are the same random ones as the
+    ONNX roof's. Raises :class:`~cancernet_batch.errors.ConfigError` with the child's last line
+    when the backend cannot run (not installed, no GPU).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from .errors import ConfigError
+
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    cmd = [sys.executable, "-m", "cancernet_batch.bench", "roof", str(model_dir), backend, device,
+           ",".join(map(str, batch_sizes)), str(n_tiles), str(min_seconds)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"the Keras {backend} roof failed: {last}")
+    return [Figure(**f) for f in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
+def _roof_child(argv: list[str]) -> None:
+    """Entry of :func:`keras_roofs`' child: print the figures as one JSON line."""
+    import json
+
+    from .engines import KerasEngine
+
+    model_dir, backend, device, sizes, n_tiles, min_seconds = argv
+    engine = KerasEngine(model_dir, backend=backend, device=device)
+    batch_sizes = [int(b) for b in sizes.split(",")]
+    tiles = random_tiles(max(int(n_tiles), 2 * max(batch_sizes)))
+    figs = [roof(engine, tiles, bs, min_seconds=float(min_seconds)) for bs in batch_sizes]
+    print(json.dumps([asdict(f) for f in figs]))
+
+
 def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int, threads: int,
-                  batch_size: int, engine: str = "onnx") -> Figure:
-    """The ``predict`` stage over a run's tiles.zarr on a fresh local cluster, scoring everything anew."""
+                  batch_size: int, engine: str = "onnx", backend: str | None = None, device: str = "cpu") -> Figure:
+    """The ``predict`` stage over a run's tiles.zarr on a fresh local cluster, scoring everything anew.
+
+    The figure's time is the whole stage (planning, loading the model on the workers, scoring);
+    ``steady_patches_per_second`` leaves the model load out (the rate a long run approaches) and
+    ``peak_worker_rss_mib`` is the largest worker process's peak resident memory during the stage.
+    """
     from . import store
     from .cluster import ClusterConfig, dask_client
     from .inference import PredictConfig, predict_run
@@ -110,25 +223,96 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
         for name in ("probs", "done"):
             if name in g:
                 del g[name]
-    cfg = PredictConfig(model_dir=str(model_dir), engine=engine, batch_size=batch_size,
+    cfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device, batch_size=batch_size,
                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False))
     with dask_client(cfg.cluster) as client:  # started before the clock: the stage, not the cluster's start
         client.wait_for_workers(workers)
+        worker_peaks(client, reset=True)
         s = predict_run(run_dir, cfg, client=client)
-    return Figure("predict", engine, s.tiles_scored, s.seconds,
-                  {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size,
-                   "worker_seconds": round(s.worker_seconds, 2)})
+        peaks = worker_peaks(client)
+    name = engine if engine != "keras" else f"keras-{backend or os.environ.get('KERAS_BACKEND', 'tensorflow')}"
+    return Figure("predict", name, s.tiles_scored, s.seconds,
+                  {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "device": device,
+                   "load_seconds": round(s.load_seconds, 2), "worker_seconds": round(s.worker_seconds, 2),
+                   "steady_patches_per_second": round(s.steady_patches_per_second, 1), **_peaks(peaks)})
+
+
+def _source_bytes(paths: list[str]) -> int:
+    total = 0
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        total += sum(f.stat().st_size for f in files)
+    return total
+
+
+def tile_stage(inputs: list[str], run_dir: str | os.PathLike, *, workers: int, tile_cfg=None) -> Figure:
+    """Tiling ``inputs`` into a new tiles.zarr on a fresh local cluster: tiles/s, source MB/s, worker peaks."""
+    from .cluster import ClusterConfig, dask_client
+    from .tile_run import tile_run
+    from .tiling import TileConfig
+
+    with dask_client(ClusterConfig(workers=workers, dashboard=False)) as client:
+        client.wait_for_workers(workers)
+        worker_peaks(client, reset=True)
+        t = tile_run(inputs, run_dir, tile_cfg or TileConfig(), client=client)
+        peaks = worker_peaks(client)
+    return Figure("tile", "dask", t.tiles_written, t.seconds,
+                  {"workers": workers, "inputs": len(t.tiled), "failed": len(t.failed_inputs),
+                   "MB_read_per_s": round(_source_bytes(inputs) / 1e6 / t.seconds, 1), **_peaks(peaks)})
+
+
+def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int,
+               threads: int = 1, batch_size: int = 1024, engine: str = "onnx", backend: str | None = None,
+               device: str = "cpu", tile_cfg=None) -> Figure:
+    """``cancernet run`` on ``inputs``: wall time from cluster start to the written report.
+
+    Settings hold the time per stage, the wall time per input, the workers' peak memory over tile and
+    predict, and this (client) process's peak memory during the run.
+    """
+    from .cluster import ClusterConfig, dask_client
+    from .inference import PredictConfig
+    from .pipeline import run_pipeline
+    from .report import ReportConfig
+    from .tiling import TileConfig
+
+    pcfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device,
+                         batch_size=batch_size,
+                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False))
+    peak_rss(reset=True)
+    t0 = time.perf_counter()
+    with dask_client(pcfg.cluster) as client:
+        s = run_pipeline(inputs, run_dir, tile_cfg or TileConfig(), pcfg, ReportConfig(model_dir=str(model_dir)),
+                         client=client)
+        peaks = worker_peaks(client)
+    wall = time.perf_counter() - t0
+    n_inputs = max(1, len(s.tile.tiled) + len(s.tile.skipped))
+    return Figure("run", engine if engine != "keras" else f"keras-{backend or os.environ.get('KERAS_BACKEND', 'tensorflow')}",
+                  s.predict.tiles_scored, wall,
+                  {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "inputs": n_inputs,
+                   "seconds_per_input": round(wall / n_inputs, 2),
+                   "stage_seconds": {k: round(v, 2) for k, v in s.seconds.items()},
+                   "cluster_seconds": round(wall - sum(s.seconds.values()), 2),
+                   "failed": len(s.failed_inputs), **_peaks(peaks), "client_peak_rss_mib": _mib(peak_rss())})
+
+
+_HIDDEN = {"worker_seconds", "peak_rss_mib_per_worker", "stage_seconds", "steady_patches_per_second",
+           "peak_worker_rss_mib", "device", "inputs", "failed", "cluster_seconds", "client_peak_rss_mib"}
 
 
 def markdown_table(figures: list[Figure], roof_rate: float | None, naive_rate: float | None) -> str:
-    """A markdown table with patches/s and the ratios to the roof and to the naive loop."""
-    lines = ["| stage | engine | settings | patches | seconds | patches/s | x roof | x naive |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    """A markdown table: patches/s (and steady patches/s), ratios to the roof and the naive loop, peak MiB per worker."""
+    lines = ["| stage | engine | settings | patches | seconds | patches/s | steady patches/s | x roof | x naive "
+             "| peak MiB / worker |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in figures:
-        r = f"{f.rate / roof_rate:.2f}" if roof_rate else ""
+        steady = f.settings.get("steady_patches_per_second")
+        r = f"{f.rate / roof_rate:.2f}" + (f" ({steady / roof_rate:.2f})" if steady and roof_rate else "") \
+            if roof_rate else ""
         nv = f"{f.rate / naive_rate:.0f}" if naive_rate else ""
-        settings = ", ".join(f"{k}={v}" for k, v in f.settings.items() if k != "worker_seconds")
-        lines.append(f"| {f.stage} | {f.engine} | {settings} | {f.patches} | {f.seconds:.2f} | {f.rate:.0f} | {r} | {nv} |")
+        settings = ", ".join(f"{k}={v}" for k, v in f.settings.items() if k not in _HIDDEN)
+        peak = f.settings.get("peak_worker_rss_mib")
+        lines.append(f"| {f.stage} | {f.engine} | {settings} | {f.patches} | {f.seconds:.2f} | {f.rate:.0f} | "
+                     f"{f'{steady:.0f}' if steady else ''} | {r} | {nv} | {peak if peak is not None else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +331,10 @@ class BenchConfig:
     slide_mpp: float = 0.5
     batch_sizes: tuple[int, ...] = (256, 1024, 4096)
     workers: tuple[int, ...] = (1, 2)
+    threads: tuple[int, ...] = (1,)
+    engines: tuple[str, ...] = ("onnx", "keras")
+    backends: tuple[str, ...] | None = None  # Keras backends for the roof; None: every installed one
+    device: str = "cpu"
     naive_count: int = 100
     work_dir: str | None = None
 
@@ -162,18 +350,31 @@ class BenchResult:
         rates = [f.rate for f in self.figures if f.stage == stage]
         return max(rates) if rates else 0.0
 
+    def steady_rate(self) -> float:
+        rates = [f.settings.get("steady_patches_per_second") or 0.0 for f in self.figures if f.stage == "predict"]
+        return max(rates) if rates else 0.0
+
     def ratios(self) -> dict:
+        """Best predict and end-to-end rates against the fastest roof of this run and the naive loop."""
         roof_rate, naive = self.rate("roof"), self.rate("naive")
         out = {}
         for stage in ("predict", "run"):
             r = self.rate(stage)
             out[f"{stage}_vs_roof"] = r / roof_rate if roof_rate else None
             out[f"{stage}_vs_naive"] = r / naive if naive else None
+        out["predict_steady_vs_roof"] = self.steady_rate() / roof_rate if roof_rate else None
         return out
 
     def to_json(self) -> dict:
+        roofs = [f for f in self.figures if f.stage == "roof"]
+        fastest = max(roofs, key=lambda f: f.rate) if roofs else None
         return {"machine": self.machine, "settings": self.settings, "figures": [f.to_json() for f in self.figures],
-                "roof_patches_per_second": self.rate("roof"), "naive_patches_per_second": self.rate("naive"),
+                "roof_patches_per_second": self.rate("roof"),
+                "roof_engine": fastest.engine if fastest else None,
+                "predict_patches_per_second": self.rate("predict"),
+                "predict_steady_patches_per_second": self.steady_rate(),
+                "run_patches_per_second": self.rate("run"),
+                "naive_patches_per_second": self.rate("naive"),
                 "ratios": self.ratios(), "best": self.best}
 
     def markdown(self) -> str:
@@ -188,14 +389,6 @@ def _random_model(d: Path) -> Path:
     save_model_dir(m, d, ModelMeta(width=32))
     export_onnx(d)
     return d
-
-
-def _source_bytes(paths: list[str]) -> int:
-    total = 0
-    for p in map(Path, paths):
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-        total += sum(f.stat().st_size for f in files)
-    return total
 
 
 def _pngs_from_run(run: Path, out: Path, n: int) -> list[Path]:
@@ -218,18 +411,17 @@ def _pngs_from_run(run: Path, out: Path, n: int) -> list[Path]:
 
 
 def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
-    """Measure the roof, tiling, the predict stage, end to end, and the naive loop, in this order."""
+    """Measure the roofs, tiling, the predict stage, end to end, and the naive loop, in this order.
+
+    The best predict settings (by steady patches/s: what a long run gets) are the autotune choice
+    and run the end-to-end figure.
+    """
     import shutil
     import tempfile
 
-    from .cluster import ClusterConfig
-    from .engines import KerasEngine, OnnxEngine
-    from .inference import PredictConfig
-    from .pipeline import run_pipeline
-    from .report import ReportConfig
+    from .engines import OnnxEngine
+    from .errors import CancerNetError
     from .synth import synth_slides
-    from .tile_run import tile_run
-    from .tiling import TileConfig
 
     work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="cancernet-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -242,52 +434,59 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
                          detail_mpp=2.0)
             inputs = [str(work / "slides")]
         figures: list[Figure] = []
+        backends = list(cfg.backends) if cfg.backends is not None else installed_backends()
+        keras_backend = os.environ.get("KERAS_BACKEND", "tensorflow")
 
-        step("model-only roof")
-        sample = random_tiles(max(cfg.batch_sizes) * 2)
-        onnx = OnnxEngine(model_dir)
-        for bs in cfg.batch_sizes:
-            figures.append(roof(onnx, sample, bs))
+        step("model-only roof: ONNX Runtime" + "".join(f", Keras-{b}" for b in backends))
         try:
-            keras_engine = KerasEngine(model_dir)
-            figures.append(roof(keras_engine, sample, max(cfg.batch_sizes)))
-        except Exception as exc:  # noqa: BLE001 - a scoring-only install has no Keras backend
-            log.warning("Keras roof skipped: %s", exc)
-        del onnx
+            onnx = OnnxEngine(model_dir, device=cfg.device)
+            sample = random_tiles(max(cfg.batch_sizes) * 2)
+            figures += [roof(onnx, sample, bs) for bs in cfg.batch_sizes]
+            del onnx
+        except CancerNetError as exc:  # e.g. no CUDA provider for --device gpu
+            log.warning("ONNX Runtime roof skipped: %s", exc)
+        for b in backends:
+            try:
+                figures += keras_roofs(model_dir, b, cfg.batch_sizes, device=cfg.device)
+            except CancerNetError as exc:
+                log.warning("%s", exc)
 
         step("tiling")
-        tile_cfg = TileConfig()
         run = work / "run-tile"
-        t = tile_run(inputs, run, tile_cfg, cluster=ClusterConfig(workers=max(cfg.workers), dashboard=False))
-        figures.append(Figure("tile", "dask", t.tiles_written, t.seconds,
-                              {"workers": max(cfg.workers), "MB_read_per_s": round(_source_bytes(inputs) / 1e6 / t.seconds, 1)}))
+        figures.append(tile_stage(inputs, run, workers=max(cfg.workers)))
 
         step("predict stage")
-        for w in cfg.workers:
-            for bs in cfg.batch_sizes:
-                figures.append(predict_stage(run, model_dir, workers=w, threads=1, batch_size=bs))
+        for engine in cfg.engines:
+            for w in cfg.workers:
+                for t in cfg.threads:
+                    for bs in cfg.batch_sizes:
+                        try:
+                            figures.append(predict_stage(run, model_dir, workers=w, threads=t, batch_size=bs,
+                                                         engine=engine, device=cfg.device))
+                        except CancerNetError as exc:
+                            log.warning("predict stage with %s skipped: %s", engine, exc)
+        stages = [f for f in figures if f.stage == "predict"]
+        if not stages:
+            raise CancerNetError("no engine could run the predict stage", hint="see the warnings above")
+        best = max(stages, key=lambda f: f.settings["steady_patches_per_second"])
+        engine = "keras" if best.engine.startswith("keras") else best.engine
+        choice = {"engine": engine, "backend": keras_backend if engine == "keras" else None, "device": cfg.device,
+                  "workers": best.settings["workers"], "threads_per_worker": best.settings["threads_per_worker"],
+                  "batch_size": best.settings["batch_size"], "patches_per_second": round(best.rate, 1),
+                  "steady_patches_per_second": best.settings["steady_patches_per_second"]}
 
-        best = max((f for f in figures if f.stage == "predict"), key=lambda f: f.rate)
         step("end to end (cancernet run)")
-        e2e = work / "run-e2e"
-        pcfg = PredictConfig(model_dir=str(model_dir), batch_size=best.settings["batch_size"],
-                             cluster=ClusterConfig(workers=best.settings["workers"], dashboard=False))
-        t0 = time.perf_counter()
-        s = run_pipeline(inputs, e2e, tile_cfg, pcfg, ReportConfig(model_dir=str(model_dir)))
-        wall = time.perf_counter() - t0
-        n_inputs = max(1, len(s.tile.tiled))
-        figures.append(Figure("run", "onnx", s.predict.tiles_scored, wall,
-                              {"workers": best.settings["workers"], "batch_size": best.settings["batch_size"],
-                               "seconds_per_input": round(wall / n_inputs, 2)}))
+        figures.append(end_to_end(inputs, work / "run-e2e", model_dir, workers=choice["workers"],
+                                  threads=choice["threads_per_worker"], batch_size=choice["batch_size"],
+                                  engine=engine, device=cfg.device))
 
         step("naive loop")
         pngs = _pngs_from_run(run, work / "pngs", cfg.naive_count)
         if pngs:
             figures.append(naive_loop(model_dir, pngs, limit=cfg.naive_count))
-        settings = {**asdict(cfg), "model_dir": str(model_dir), "inputs": inputs}
-        return BenchResult(machine(), settings, figures,
-                           {"workers": best.settings["workers"], "threads_per_worker": 1,
-                            "batch_size": best.settings["batch_size"], "patches_per_second": round(best.rate, 1)})
+        settings = {**asdict(cfg), "model_dir": str(model_dir), "inputs": inputs, "backends": backends,
+                    "keras_backend": keras_backend}
+        return BenchResult(machine(), settings, figures, choice)
     finally:
         if cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -323,3 +522,12 @@ def load_autotune() -> dict | None:
         log.warning("%s was measured on another machine; ignoring it (run `cancernet bench` here)", p)
         return None
     return saved
+
+
+if __name__ == "__main__":  # the child process of keras_roofs
+    import sys
+
+    if len(sys.argv) == 8 and sys.argv[1] == "roof":
+        _roof_child(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m cancernet_batch.bench roof MODEL_DIR BACKEND DEVICE BATCHES N_TILES MIN_SECONDS")

@@ -396,9 +396,10 @@ def _predict_options(f):
         click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
                      help="Keras backend for --engine keras (default: KERAS_BACKEND, else tensorflow)."),
         click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"])),
-        click.option("--batch-size", default=1024, show_default=True, type=click.IntRange(min=1), help="Tiles per model call."),
+        click.option("--batch-size", default=None, type=click.IntRange(min=1),
+                     help="Tiles per model call (default 256 on CPU, 2048 on GPU)."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
-        click.option("--autotune", is_flag=True, help="Use the workers and batch size `cancernet bench` saved here."),
+        click.option("--autotune", is_flag=True, help="Use the engine, workers, threads and batch size `cancernet bench` saved here."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -420,9 +421,16 @@ def _predict_config(kw: dict):
         if saved is None:
             raise ConfigError("no saved autotune for this machine", path=autotune_path(),
                               hint="run `cancernet bench` here first, or drop --autotune")
-        kw["batch_size"] = int(saved["batch_size"])
+        kw["batch_size"] = kw["batch_size"] or int(saved["batch_size"])  # explicit options win
         kw["workers"] = kw.get("workers") or int(saved["workers"])
         kw["threads_per_worker"] = kw.get("threads_per_worker") or int(saved.get("threads_per_worker", 1))
+        if kw["engine"] == "auto" and saved.get("engine") in ("onnx", "keras") and saved.get("device", "cpu") == kw["device"]:
+            kw["engine"] = saved["engine"]  # the engine bench measured fastest here, unless --engine says otherwise
+            if kw["engine"] == "keras" and backend is None and saved.get("backend"):
+                backend = os.environ.get("KERAS_BACKEND") or saved["backend"]  # an explicit environment wins
+                os.environ["KERAS_BACKEND"] = backend
+    if kw["batch_size"] is None:
+        kw["batch_size"] = 256 if kw["device"] == "cpu" else 2048
     return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
                          device=kw.pop("device"), batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
                          cluster=_cluster_config(kw))
@@ -563,6 +571,21 @@ def _int_list(ctx, param, value: str | None):
     return out
 
 
+def _name_list(allowed: tuple[str, ...]):
+    """A click callback for comma-separated names out of ``allowed``."""
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        out = tuple(v.strip() for v in value.split(",") if v.strip())
+        bad = [v for v in out if v not in allowed]
+        if not out or bad:
+            raise click.BadParameter(f"expected comma-separated names out of {', '.join(allowed)}, got {value!r}")
+        return out
+
+    return parse
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--model", "model_dir", default=None, type=click.Path(),
@@ -572,16 +595,29 @@ def _int_list(ctx, param, value: str | None):
 @click.option("--size", default=10000, show_default=True, type=click.IntRange(min=512), help="Synthetic slide side, px.")
 @click.option("--batch-sizes", default="256,1024,4096", show_default=True, callback=_int_list)
 @click.option("--workers", default="1,2", show_default=True, callback=_int_list, help="Local cluster workers to try.")
+@click.option("--threads", default="1", show_default=True, callback=_int_list, help="Threads per worker to try.")
+@click.option("--engines", default="onnx,keras", show_default=True, callback=_name_list(("onnx", "keras")),
+              help="Engines for the predict stage (keras runs under KERAS_BACKEND or --backend).")
 @click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
-              help="Keras backend for the Keras roof (default: KERAS_BACKEND).")
+              help="Keras backend of the predict stage and end to end (default: KERAS_BACKEND, else tensorflow).")
+@click.option("--roof-backends", default=None, callback=_name_list(("tensorflow", "jax", "torch")),
+              help="Keras backends whose roof to measure (default: every installed one).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
 @click.option("--naive-count", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write every figure here.")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
 @click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
-              help="Save the best workers and batch size for `predict --autotune`.")
-def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, backend, naive_count, json_out, md_out,
-          save_autotune) -> int:
-    """Measure patches/s per stage against the model-only roof and the naive loop, in one run."""
+              help="Save the best engine, workers, threads and batch size for `predict --autotune`.")
+def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threads, engines, backend, roof_backends,
+          device, naive_count, json_out, md_out, save_autotune) -> int:
+    """Measure patches/s per stage against the model-only roof and the naive loop, in one run.
+
+    \b
+    Roof: ONNX Runtime and Keras under every installed backend, in-memory uint8 batches.
+    Tile: INPUT (or synthetic slides) into a tiles.zarr. Predict: the stage over that store for
+    each engine x workers x threads x batch size. End to end: `cancernet run` with the best
+    predict settings. Naive: one PNG read and one-patch model.predict at a time.
+    """
     import json
     import os
 
@@ -591,20 +627,26 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, backe
     if backend:
         os.environ["KERAS_BACKEND"] = backend
     cfg = BenchConfig(model_dir=model_dir, inputs=tuple(inputs), synthetic_slides=synthetic_slides, size=size,
-                      batch_sizes=batch_sizes, workers=workers, naive_count=naive_count)
+                      batch_sizes=batch_sizes, workers=workers, threads=threads, engines=engines,
+                      backends=roof_backends, device=device, naive_count=naive_count)
     r = run_bench(cfg, step=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo(r.markdown())
     ratios = r.ratios()
-    click.echo(f"predict stage: {r.rate('predict'):.0f} patches/s = {ratios['predict_vs_roof']:.2f} x roof, "
-               f"{ratios['predict_vs_naive'] or 0:.0f} x naive; end to end {r.rate('run'):.0f} patches/s = "
-               f"{ratios['run_vs_naive'] or 0:.0f} x naive")
+    roof_engine = r.to_json()["roof_engine"]
+    click.echo(f"fastest roof: {r.rate('roof'):.0f} patches/s ({roof_engine})")
+    click.echo(f"predict stage: {r.rate('predict'):.0f} patches/s = {ratios['predict_vs_roof']:.2f} x roof "
+               f"(steady {r.steady_rate():.0f} = {ratios['predict_steady_vs_roof']:.2f} x roof), "
+               f"{ratios['predict_vs_naive'] or 0:.0f} x naive")
+    click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive")
     if json_out:
         write_text(json_out, json.dumps(r.to_json(), indent=2) + "\n")
         click.echo(f"json: {json_out}")
     if md_out:
         write_text(md_out, r.markdown())
     if save_autotune:
-        click.echo(f"autotune: {r.best['workers']} workers x 1 thread, batch {r.best['batch_size']} -> {_save(r.best)}")
+        b = r.best
+        click.echo(f"autotune: {b['engine']}{'-' + b['backend'] if b['backend'] else ''}, {b['workers']} workers x "
+                   f"{b['threads_per_worker']} threads, batch {b['batch_size']} -> {_save(b)}")
     return 0
 
 

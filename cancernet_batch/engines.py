@@ -182,15 +182,24 @@ def _can_export() -> bool:
 
 
 def load_engine(model_dir: str | os.PathLike, engine: str = "auto", backend: str | None = None, device: str = "cpu",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, batch_size: int | None = None) -> Engine:
     """Load the model in ``model_dir`` for scoring.
 
     ``engine``: ``"onnx"``, ``"keras"`` or ``"auto"`` (ONNX on CPU when ``model.onnx`` exists and matches
     ``model.keras``, exported here first if missing or stale and possible; Keras otherwise).
     ``backend`` (Keras only) must agree with ``KERAS_BACKEND`` if Keras is already imported.
     ``device``: ``"cpu"`` or ``"gpu"``. ``threads``: intra-op threads (ONNX Runtime; TensorFlow and
-    PyTorch when set before they start).
+    PyTorch when set before they start). ``batch_size``: tiles per model call (Keras pads every call
+    to it, so a backend compiles one shape); default the engine's own.
     """
+    eng = _load_engine(model_dir, engine, backend, device, threads)
+    if batch_size:
+        eng.batch_size = int(batch_size)
+    return eng
+
+
+def _load_engine(model_dir: str | os.PathLike, engine: str, backend: str | None, device: str,
+                 threads: int | None) -> Engine:
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
     if device not in DEVICES:

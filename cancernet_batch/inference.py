@@ -41,7 +41,7 @@ class PredictConfig:
     engine: str = "auto"  # auto | onnx | keras
     backend: str | None = None  # keras backend for engine=keras: tensorflow | jax | torch
     device: str = "cpu"  # cpu | gpu
-    batch_size: int = 1024
+    batch_size: int = 256  # tiles per model call; 256 is fastest and smallest on CPU (benchmarks/RESULTS.md)
     engine_threads: int | None = None  # intra-op threads per worker (ONNX); default cores / workers
     rescore: bool = False
     max_inflight_per_thread: int = 2  # bounded scheduler and client memory for huge archives
@@ -58,12 +58,19 @@ class PredictSummary:
     chunks_skipped: int = 0
     tiles_scored: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0  # of ``seconds``: loading the model on the workers before the first chunk
     worker_seconds: float = 0.0
     failures: list[Failure] = field(default_factory=list)
 
     @property
     def patches_per_second(self) -> float:
         return self.tiles_scored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_patches_per_second(self) -> float:
+        """Patches/s once the workers hold the model: the rate a long run approaches."""
+        busy = self.seconds - self.load_seconds
+        return self.tiles_scored / busy if busy > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +83,7 @@ ENGINE_LOADS = {"count": 0}  # per process: how many times a model was loaded (t
 
 
 def _engine_key(cfg: PredictConfig) -> tuple:
-    return (str(Path(cfg.model_dir).resolve()), cfg.engine, cfg.backend, cfg.device, cfg.engine_threads)
+    return (str(Path(cfg.model_dir).resolve()), cfg.engine, cfg.backend, cfg.device, cfg.engine_threads, cfg.batch_size)
 
 
 def get_engine(cfg: PredictConfig):
@@ -90,7 +97,7 @@ def get_engine(cfg: PredictConfig):
             if cfg.backend and cfg.engine != "onnx":
                 os.environ.setdefault("KERAS_BACKEND", cfg.backend)
             eng = load_engine(cfg.model_dir, engine=cfg.engine, backend=cfg.backend, device=cfg.device,
-                              threads=cfg.engine_threads)
+                              threads=cfg.engine_threads, batch_size=cfg.batch_size)
             _ENGINES[key] = eng
             ENGINE_LOADS["count"] += 1
             log.info("loaded %s engine for %s in process %d", getattr(eng, "name", "?"), cfg.model_dir, os.getpid())
@@ -130,9 +137,7 @@ def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: 
     g = zarr.open_group(str(store.tiles_path(run_dir)), mode="r+", zarr_format=3)[f"inputs/{gid}"]
     tiles = g["tiles"][start:stop]
     t1 = time.perf_counter()
-    out = np.empty(stop - start, np.float32)
-    for s in range(0, len(tiles), cfg.batch_size):
-        out[s:s + cfg.batch_size] = engine.predict(tiles[s:s + cfg.batch_size])
+    out = engine.predict(tiles)  # in calls of cfg.batch_size tiles
     t2 = time.perf_counter()
     g["probs"][start:stop] = out
     g["done"][index] = True
@@ -200,8 +205,9 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
                              failures=failures)
     t0 = time.perf_counter()
-    if todo and cfg.engine_threads is None and client is None and not cfg.cluster.scheduler:
-        # a local cluster: share the cores between workers instead of letting each engine take them all
+    if todo and cfg.engine_threads is None and not cfg.cluster.scheduler:
+        # a local cluster (ours, or the one `run` shares): share the cores between workers instead of
+        # letting each engine take them all
         workers, threads = cfg.cluster.local_shape()
         cfg = PredictConfig(**{**cfg.__dict__, "engine_threads": max(1, usable_cores() // (workers * threads))})
     if todo:
@@ -228,8 +234,10 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
 def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
     from distributed import as_completed
 
+    t0 = time.perf_counter()
     try:
         client.register_plugin(EnginePlugin(cfg), name=EnginePlugin.name)
+        summary.load_seconds = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load the model
         raise ModelError(f"workers could not load the model: {exc}", path=cfg.model_dir,
                          hint="check the model folder is readable from every worker and the engine is installed") from exc

@@ -7,6 +7,7 @@ inputs are not re-tiled, scored chunks are not re-scored, and the report is rewr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -59,14 +60,19 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], run_dir: str | os.PathLike
                  predict_cfg: PredictConfig, report_cfg: ReportConfig | None = None, *,
                  tile_progress: Callable[[int, int], None] | None = None,
                  predict_progress: Callable[[int], None] | None = None,
-                 on_dashboard: Callable[[str], None] | None = None) -> RunSummary:
-    """Tile ``inputs`` into ``run_dir``, score them with ``predict_cfg.model_dir``, write the report."""
+                 on_dashboard: Callable[[str], None] | None = None, client=None) -> RunSummary:
+    """Tile ``inputs`` into ``run_dir``, score them with ``predict_cfg.model_dir``, write the report.
+
+    ``client``: an already connected ``distributed.Client`` to use for tiling and scoring (``bench``
+    measures its workers); otherwise one is made from ``predict_cfg.cluster``.
+    """
     run = Path(run_dir).resolve()
     report_cfg = report_cfg or ReportConfig()
     if report_cfg.model_dir is None:
         report_cfg = replace(report_cfg, model_dir=predict_cfg.model_dir)
     seconds: dict[str, float] = {}
-    with dask_client(predict_cfg.cluster, on_dashboard=on_dashboard) as client:
+    with contextlib.nullcontext(client) if client is not None else dask_client(
+            predict_cfg.cluster, on_dashboard=on_dashboard) as client:
         t0 = time.perf_counter()
         ts = tile_run(list(inputs), run, tile_cfg, client=client, progress=tile_progress)
         seconds["tile"] = time.perf_counter() - t0

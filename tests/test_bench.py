@@ -21,24 +21,46 @@ def test_bench_json_holds_every_figure(tmp_path):
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
-    stages = {(f["stage"], f["engine"]) for f in data["figures"]}
-    assert ("roof", "onnx-cpu") in stages and any(s == "roof" and e.startswith("keras") for s, e in stages)
+    figures = data["figures"]
+    stages = {(f["stage"], f["engine"]) for f in figures}
     for stage in ("tile", "predict", "run", "naive"):
         assert any(s == stage for s, _ in stages), stage
-    for f in data["figures"]:
+    for f in figures:
         assert f["patches"] > 0 and f["seconds"] > 0 and f["patches_per_second"] > 0
-    roofs = [f for f in data["figures"] if f["stage"] == "roof" and f["engine"] == "onnx-cpu"]
-    assert sorted(f["settings"]["batch_size"] for f in roofs) == [256, 1024]
-    tile = [f for f in data["figures"] if f["stage"] == "tile"][0]
-    assert tile["settings"]["MB_read_per_s"] > 0
-    assert data["machine"]["cores"] >= 1 and "onnxruntime" in data["machine"]["versions"]
+    # roofs: ONNX Runtime and Keras under every installed backend (TensorFlow and JAX here), per batch size
+    for engine in ("onnx-cpu", "keras-tensorflow-cpu", "keras-jax-cpu"):
+        sizes = sorted(f["settings"]["batch_size"] for f in figures if f["stage"] == "roof" and f["engine"] == engine)
+        assert sizes == [256, 1024], (engine, sizes)
+    # predict stage: both engines, with the model load apart and each worker's peak memory
+    predict = [f for f in figures if f["stage"] == "predict"]
+    assert {f["engine"] for f in predict} == {"onnx", "keras-tensorflow"}
+    for f in predict:
+        st = f["settings"]
+        assert 0 < st["load_seconds"] < f["seconds"]
+        assert st["steady_patches_per_second"] > f["patches_per_second"]
+        assert len(st["peak_rss_mib_per_worker"]) == 1 and 100 < st["peak_worker_rss_mib"] < 4096
+    keras_load = max(f["settings"]["load_seconds"] for f in predict if f["engine"] == "keras-tensorflow")
+    onnx_load = max(f["settings"]["load_seconds"] for f in predict if f["engine"] == "onnx")
+    assert onnx_load < keras_load  # ONNX workers import no TensorFlow
+    tile = [f for f in figures if f["stage"] == "tile"][0]
+    assert tile["settings"]["MB_read_per_s"] > 0 and tile["settings"]["inputs"] == 2 and tile["settings"]["peak_worker_rss_mib"] > 0
+    run = [f for f in figures if f["stage"] == "run"][0]
+    assert run["patches"] == tile["patches"]  # every tiled patch scored once, end to end
+    assert set(run["settings"]["stage_seconds"]) == {"tile", "predict", "report"}
+    assert run["settings"]["seconds_per_input"] == pytest.approx(run["seconds"] / 2, rel=0.02)
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and "onnxruntime" in machine["versions"] and "gpus" in machine
+    assert data["roof_patches_per_second"] == pytest.approx(max(f["patches_per_second"] for f in figures if f["stage"] == "roof"), abs=0.1)
     ratios = data["ratios"]
     assert ratios["predict_vs_roof"] > 0 and ratios["predict_vs_naive"] > 0 and ratios["run_vs_naive"] > 0
+    assert ratios["predict_steady_vs_roof"] > ratios["predict_vs_roof"]
     best = data["best"]
-    assert best["batch_size"] in (256, 1024) and best["workers"] == 1
+    chosen = max(predict, key=lambda f: f["settings"]["steady_patches_per_second"])
+    assert best["batch_size"] == chosen["settings"]["batch_size"] and best["workers"] == 1
+    assert best["engine"] == ("keras" if chosen["engine"].startswith("keras") else chosen["engine"])
     assert "| predict |" in (tmp_path / "bench.md").read_text()
     saved = json.loads((tmp_path / "cfg" / "cancernet-batch" / "autotune.json").read_text())
-    assert saved["batch_size"] == best["batch_size"]
+    assert {k: saved[k] for k in ("engine", "batch_size", "workers")} == {k: best[k] for k in ("engine", "batch_size", "workers")}
 
 
 def test_predict_autotune_without_bench_is_clear_error(tmp_path):
@@ -46,3 +68,31 @@ def test_predict_autotune_without_bench_is_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "predict", str(tmp_path), "--model", str(tmp_path),
                         "--autotune"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "cancernet bench" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_autotune_uses_the_saved_engine_and_batch(tmp_path, synth_patch_dir, tiny_model_dir):
+    from cancernet_batch.bench import machine
+
+    cfg = tmp_path / "cfg"
+    (cfg / "cancernet-batch").mkdir(parents=True)
+    saved = {"engine": "keras", "backend": "tensorflow", "device": "cpu", "workers": 1, "threads_per_worker": 1,
+             "batch_size": 128, "machine": machine()}
+    (cfg / "cancernet-batch" / "autotune.json").write_text(json.dumps(saved))
+    env = {**os.environ, "XDG_CONFIG_HOME": str(cfg)}
+    env.pop("KERAS_BACKEND", None)
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "cancernet_batch.cli"]
+    r = subprocess.run(cli + ["tile", str(synth_patch_dir), "--out", str(run), "--workers", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(cli + ["predict", str(run), "--model", str(tiny_model_dir), "--autotune"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    used = json.loads((run / "predict.json").read_text())
+    assert (used["engine"], used["backend"], used["batch_size"]) == ("keras", "tensorflow", 128)
+    # an explicit option beats the saved choice
+    r = subprocess.run(cli + ["predict", str(run), "--model", str(tiny_model_dir), "--autotune", "--engine", "onnx",
+                              "--batch-size", "64"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    used = json.loads((run / "predict.json").read_text())
+    assert (used["engine"], used["batch_size"]) == ("onnx", 64)
