@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--shapes", default="1x1,1x2,2x1", help="workers x threads per worker for the predict stage")
     ap.add_argument("--engines", default="onnx,keras", help="engines for the predict stage")
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args()
 
     from cancernet_batch import bench, patches

@@ -262,7 +262,7 @@ def tile_stage(inputs: list[str], run_dir: str | os.PathLike, *, workers: int, t
 
 
 def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int,
-               threads: int = 1, batch_size: int = 1024, engine: str = "onnx", backend: str | None = None,
+               threads: int = 1, batch_size: int = 256, engine: str = "onnx", backend: str | None = None,
                device: str = "cpu", tile_cfg=None) -> Figure:
     """``cancernet run`` on ``inputs``: wall time from cluster start to the written report.
 

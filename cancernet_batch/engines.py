@@ -145,8 +145,20 @@ class KerasEngine(Engine):
 
             torch.set_num_threads(int(threads))
         self.device = self._device_name(keras, device)
-        with keras.device(self.device):
+        if keras.backend.backend() == "torch":
+            # Keras 3.15 under PyTorch cannot build a Dropout's integer seed state inside keras.device()
+            # ("Only Tensors of floating point ... can require gradients"), so the model is loaded on
+            # PyTorch's default device, which is the GPU where CUDA is present and the CPU otherwise.
+            import torch
+
+            if (device == "cpu") == torch.cuda.is_available():
+                raise ConfigError(f"Keras under PyTorch loads models on {'the GPU' if device == 'cpu' else 'the CPU'} "
+                                  f"here, not on the {device.upper()}",
+                                  hint="use --device gpu on a CUDA machine, or --engine onnx for the CPU")
             self.model = load_keras_model(d, meta)
+        else:
+            with keras.device(self.device):
+                self.model = load_keras_model(d, meta)
         self.name = f"keras-{keras.backend.backend()}-{device}"
 
     @staticmethod

@@ -143,3 +143,11 @@ def test_keras_engine_under_jax_never_imports_tensorflow(exported, tmp_path):
     assert "ENGINE keras-jax-cpu" in out, out
     assert "tensorflow" not in out.split("LOADED")[1]
     assert np.max(np.abs(got - OnnxEngine(exported).predict(TILES))) < 1e-5
+
+
+def test_keras_engine_under_torch_never_imports_tensorflow(exported, tmp_path):
+    pytest.importorskip("torch", reason="PyTorch is optional: pip install -e '.[torch]' (.ci/run installs the CPU build)")
+    got, out = _run(exported, "keras", tmp_path, KERAS_BACKEND="torch")
+    assert "ENGINE keras-torch-cpu" in out, out
+    assert "tensorflow" not in out.split("LOADED")[1]
+    assert np.max(np.abs(got - OnnxEngine(exported).predict(TILES))) < 1e-5

@@ -269,10 +269,11 @@ def test_same_predictions_under_torch(model_dir, tmp_path):
     try:
         import torch  # noqa: F401
     except ImportError:
-        pytest.skip("PyTorch is not installed here (optional: pip install -e '.[torch]')")
+        pytest.skip("PyTorch is not installed here (optional: pip install -e '.[torch]'; .ci/run installs the CPU build)")
     expected = predict_tiles(load_keras_model(model_dir), TILES)
-    got, _ = _predict_under("torch", model_dir, tmp_path)
+    got, out = _predict_under("torch", model_dir, tmp_path)
     assert np.max(np.abs(got - expected)) < 1e-5
+    assert "tensorflow loaded: False" in out  # the PyTorch path never needs TensorFlow
 
 
 def test_model_file_is_a_keras_zip(model_dir):
