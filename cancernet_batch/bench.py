@@ -78,14 +78,22 @@ def machine() -> dict:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (AttributeError, ValueError, OSError):
         pass
-    versions = {"cancernet_batch": __version__, "python": platform.python_version(), "numpy": np.__version__}
-    for name in ("onnxruntime", "keras", "tensorflow", "jax", "torch", "dask", "distributed", "zarr"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            versions[name] = str(getattr(mod, "__version__", "?"))
+    from importlib import metadata
+
+    versions = {"cancernet_batch": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "keras", "tensorflow", "tensorflow-cpu", "jax", "jaxlib",
+                 "torch", "dask", "distributed", "zarr", "openslide-python", "openslide-bin", "tifffile"):
+        try:  # installed versions, read without importing anything heavy
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     providers = []
-    if "onnxruntime" in sys.modules:
-        providers = list(sys.modules["onnxruntime"].get_available_providers())
+    try:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    except ImportError:
+        pass
     return {"cpu": cpu, "cores": cores, "memory_gib": memory, "gpus": gpus(), "onnxruntime_providers": providers,
             "platform": platform.platform(), "versions": versions}
 

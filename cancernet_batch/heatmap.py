@@ -152,18 +152,19 @@ def stored_thumbnail(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX
 
 
 def thumbnail_for(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_THUMB_PX) -> Thumbnail:
-    """The slide's own thumbnail when it can still be read unchanged; else the view stored by tiling;
-    else (and always for patient folders) a mosaic of the stored tiles."""
+    """What a map is drawn over: for a slide, the view tiling stored (no slide access: the report works
+    on a run whose slides are offline, and costs no decoding); else the slide's own thumbnail when
+    it can still be read unchanged; else (and always for patient folders) a mosaic of the stored tiles."""
     if attrs.kind == "slide":
+        stored = stored_thumbnail(group, attrs, tile_px, max_px)
+        if stored is not None:
+            return stored
         try:
             if attrs.source_size and Path(attrs.source).is_file() and Path(attrs.source).stat().st_size != attrs.source_size:
                 raise InputError("the slide changed since it was tiled (re-tile it)", path=attrs.source)
             return slide_thumbnail(attrs.source, max_px)
-        except Exception as exc:  # noqa: BLE001 - the stored views always work
-            log.warning("%s; the map is drawn over the stored view", exc)
-        stored = stored_thumbnail(group, attrs, tile_px, max_px)
-        if stored is not None:
-            return stored
+        except Exception as exc:  # noqa: BLE001 - the stored tiles always work
+            log.warning("%s; the map is drawn over the stored tiles", exc)
     return mosaic_thumbnail(group, attrs, tile_px, max_px)
 
 

@@ -79,9 +79,9 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], run_dir: str | os.PathLike
         t0 = time.perf_counter()
         ps = predict_run(run, predict_cfg, client=client, progress=predict_progress)
         seconds["predict"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rs = make_report(run, report_cfg)
-    seconds["report"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rs = make_report(run, report_cfg, client=client)  # each input's maps on the workers, in parallel
+        seconds["report"] = time.perf_counter() - t0
     return RunSummary(run, ts, ps, rs, seconds)
 
 

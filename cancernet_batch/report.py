@@ -22,6 +22,7 @@ import logging
 import errno
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -203,9 +204,51 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
             log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
 
 
+def report_task(run_dir: str, gid: str, patient: str, thr: Threshold, thumb_px: int
+                ) -> tuple[InputReport, Failure | None]:
+    """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
+    g = store.open_root(run_dir, mode="r+")["inputs"][gid]
+    return _one_input(Path(run_dir) / "report", gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, thumb_px)
+
+
+def _report_on_cluster(client, run: Path, work: list[tuple[str, str]], thr: Threshold, thumb_px: int,
+                       progress: Callable[[int], None] | None) -> list[tuple[InputReport, Failure | None]]:
+    """``report_task`` for each ``(gid, patient)`` on the cluster, a bounded number in flight, in order."""
+    from distributed import as_completed
+
+    window = max(2, 2 * (sum(client.nthreads().values()) or 1))
+    results: dict[int, tuple] = {}
+    pending = iter(enumerate(work))
+    ac = as_completed()
+    index_of = {}
+
+    def submit_next() -> None:
+        for i, (gid, patient) in pending:
+            fut = client.submit(report_task, str(run), gid, patient, thr, thumb_px, pure=False,
+                                key=f"report-{gid}-{time.monotonic_ns()}")
+            index_of[fut.key] = i
+            ac.add(fut)
+            return
+
+    for _ in range(window):
+        submit_next()
+    for fut in ac:
+        results[index_of.pop(fut.key)] = fut.result()  # StorageError and the like end the report, as in-process
+        fut.release()
+        if progress is not None:
+            progress(1)
+        submit_next()
+    return [results[i] for i in range(len(work))]
+
+
 def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
-                progress: Callable[[int], None] | None = None) -> ReportSummary:
-    """Write ``RUN/report/`` for every input of the run's store; returns what was written."""
+                progress: Callable[[int], None] | None = None, client=None) -> ReportSummary:
+    """Write ``RUN/report/`` for every input of the run's store; returns what was written.
+
+    ``client``: a connected ``distributed.Client`` (``cancernet run`` passes its own) to make the
+    inputs' maps, heatmaps and GeoJSON as Dask tasks in parallel; the tables and index.html are
+    written here once all are done. Without one, inputs are reported one after another here.
+    """
     from .report_html import write_index
 
     run = Path(run_dir)
@@ -220,12 +263,18 @@ def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
     remove_stale_temps(run, out, out / "maps", out / "geojson")  # left by a killed earlier report
     rows: list[InputReport] = []
     new_failures: list[Failure] = []
-    for gid, g, attrs in groups:
-        row, failure = _one_input(out, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px)
+    if client is not None and len(groups) > 1:
+        done = _report_on_cluster(client, run, [(gid, patient_of(gid, attrs, mapping)) for gid, _, attrs in groups],
+                                  thr, cfg.thumb_px, progress)
+    else:
+        done = []
+        for gid, g, attrs in groups:
+            done.append(_one_input(out, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px))
+            if progress is not None:
+                progress(1)
+    for row, failure in done:
         rows.append(row)
         new_failures += [failure] if failure else []
-        if progress is not None:
-            progress(1)
     _check_model(thr, rows)
     _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
     _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})

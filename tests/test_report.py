@@ -253,7 +253,7 @@ def test_safe_name(text):
 # thumbnails
 # ---------------------------------------------------------------------------------------------
 
-def test_thumbnail_from_slide_and_fallback_to_mosaic(tmp_path):
+def test_thumbnail_stored_view_first_then_slide_then_mosaic(tmp_path):
     slide = tmp_path / "s.svs"
     truth = write_slide(SlideSpec(slide, width=1024, height=1024, mpp=1.0, seed=1))
     rc = np.argwhere(truth.tissue)
@@ -272,6 +272,9 @@ def test_thumbnail_from_slide_and_fallback_to_mosaic(tmp_path):
     g = next(g for _, g in store.iter_inputs(store.open_root(run_dir)))
     rows, cols = truth.tissue.shape
     g.create_array("thumbnail", shape=(rows * 8, cols * 8, 3), dtype="uint8", fill_value=200)  # tiling's view
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert [r.thumbnail for r in s.inputs] == ["stored thumbnail"]
+    (tmp_path / "moved.svs").rename(slide)  # the slide is back, but the stored view still comes first (no decoding)
     s = make_report(run_dir, ReportConfig(threshold=0.5))
     assert [r.thumbnail for r in s.inputs] == ["stored thumbnail"]
 
@@ -311,3 +314,47 @@ def test_cli_missing_run_is_exit_1(tmp_path, capsys):
 
 def test_cli_bad_threshold_is_usage_error(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--threshold", "2"]) == EXIT_USAGE
+
+
+def test_report_on_a_dask_cluster_equals_the_serial_report(tmp_path):
+    """`run` makes each input's maps, heatmap and GeoJSON on its workers; the files equal a serial report's."""
+    import sys
+
+    from cancernet_batch.cluster import ClusterConfig, dask_client
+
+    rng = np.random.default_rng(8)
+    run = tmp_path / "run"
+    coords = np.argwhere(np.ones((4, 5), bool))
+    for k in range(4):
+        add_input(run, tmp_path / f"slide-{k}.svs", coords, rng.random(len(coords)), patient=f"p{k % 2}")
+    add_input(run, tmp_path / "half.svs", coords, rng.random(len(coords)), scored_chunks=2)  # not fully scored
+
+    def files() -> dict:
+        rep = run / "report"
+        out = {p.relative_to(rep).as_posix(): p.read_bytes() for p in rep.rglob("*") if p.is_file()
+               and p.suffix in (".csv", ".geojson", ".png")}
+        root = store.open_root(run, mode="r")
+        for gid, g in store.iter_inputs(root):
+            if "idc_map" in g:
+                out[gid + "/idc_map"] = np.asarray(g["idc_map"][...]).tobytes()
+        return out
+
+    serial = make_report(run, ReportConfig(threshold=0.5))
+    want = files()
+    shutil.rmtree(run / "report")
+    with dask_client(ClusterConfig(workers=2, dashboard=False)) as client:
+        parallel = make_report(run, ReportConfig(threshold=0.5), client=client)
+        rendered_there = client.run(lambda: "matplotlib.figure" in sys.modules)
+    assert all(rendered_there.values())  # the heatmaps were drawn on the workers
+    assert [(r.figures.input_id, r.figures.status, r.heatmap, r.geojson) for r in parallel.inputs] == \
+        [(r.figures.input_id, r.figures.status, r.heatmap, r.geojson) for r in serial.inputs]
+    got = files()
+    assert got.keys() == want.keys() and sum(k.endswith(".png") for k in got) == 4
+    for key in want:
+        if key.endswith(".png"):  # compare pixels: PNG metadata may differ between processes
+            import io
+
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[key]))),
+                                  np.asarray(Image.open(io.BytesIO(want[key])))), key
+        else:
+            assert got[key] == want[key], key
