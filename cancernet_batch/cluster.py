@@ -91,7 +91,12 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
     per_task = str(max(1, usable_cores() // (workers * threads)))
     # Dask's nannies pin OMP/MKL/OpenBLAS to 1 thread per worker; the model engines (oneDNN under
     # TensorFlow, MLAS under ONNX Runtime) should get this worker's share of the cores instead.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": per_task,
+    # Dask's nannies also set MALLOC_TRIM_THRESHOLD_=65536, which makes glibc map and zero-fill every
+    # large buffer afresh: reading slide regions (4 MB RGBA each) ran about 25 % slower. A 128 MiB trim
+    # threshold with buffers up to 32 MiB served from the heap measured as fast as glibc's defaults.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 128 * 2**20,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
+                          "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": per_task,
                           "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": per_task,
                           "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": per_task,
                           "distributed.worker.daemon": False,

@@ -110,3 +110,20 @@ def test_tls_scheduler_end_to_end(certs, tmp_path, tiny_model_dir):
                 p.wait(timeout=30)
     (gid, t), = tiles.items()
     np.testing.assert_allclose(stored_probs(run)[gid], reference(model_dir, t), atol=1e-5)
+
+
+def _worker_env() -> dict:
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_get_fast_malloc_settings_and_a_core_share():
+    before = _worker_env()
+    with dask_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)) as client:
+        envs = client.run(_worker_env)
+    assert len(envs) == 2
+    cores = len(os.sched_getaffinity(0))
+    for env in envs.values():
+        # not Dask's 65,536-byte trim threshold, under which every large buffer is mapped and zeroed afresh
+        assert env["MALLOC_TRIM_THRESHOLD_"] == str(128 * 2**20) and env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
+        assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert _worker_env() == before  # this process keeps its own environment
