@@ -1,10 +1,14 @@
 """Preflight: open a slide and decode a few pixels in a child process, with a timeout.
 
 Native readers (libopenslide, libtiff, libjpeg, OpenJPEG...) can crash the whole process or hang
-on corrupt files. :func:`preflight` runs ``python -m cancernet_batch.preflight PATH --result FILE``;
-the child opens the slide with :func:`cancernet_batch.slides.open_slide`, reads its metadata and
-decodes a small region of the smallest and the largest level, and writes JSON to ``FILE``. The
-parent turns the outcome into a :class:`~cancernet_batch.slides.SlideInfo` or raises:
+on corrupt files. The child opens the slide with :func:`cancernet_batch.slides.open_slide`, reads
+its metadata and decodes a small region of the smallest and the largest level, and answers in
+JSON. Starting an interpreter per slide cost about 0.17 s of CPU, so each thread keeps one child
+(``python -m cancernet_batch.preflight --serve``: a path per line on stdin, an answer per line)
+for up to :data:`SERVE_REQUESTS` slides. When that child dies or hangs, the slide is checked again
+alone in a fresh child (``python -m cancernet_batch.preflight PATH --result FILE``), so a slide is
+only ever recorded as failed by what it does on its own, never by damage an earlier file left.
+The parent turns the outcome into a :class:`~cancernet_batch.slides.SlideInfo` or raises:
 
 * the reader refused the file or its pixels do not decode: the child's own error class
   (:class:`UnsupportedFormatError`, :class:`SlideReadError`...) and message;
@@ -18,10 +22,13 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from . import errors
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 PROBE_PX = 256
+SERVE_REQUESTS = 500
+"""Slides one serving child checks before it is replaced (bounds whatever a reader leaks)."""
 
 
 def _check(path: str) -> dict:
@@ -60,18 +69,114 @@ def _error(answer: dict, path: str) -> CancerNetError:
     return cls(answer.get("message") or "preflight failed", path=path, hint=answer.get("hint"))
 
 
+def _child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                    os.environ.get("PYTHONPATH")]))}
+
+
+class _Server:
+    """One serving child: ``ask(path)`` returns its JSON answer, or None when it died or hung (then it is gone)."""
+
+    def __init__(self, python: str):
+        self.python = python
+        self.served = 0
+        self._buf = b""
+        self._err = tempfile.TemporaryFile()  # the child's stderr, never a pipe that could fill and block it
+        self.proc = subprocess.Popen([python, "-m", "cancernet_batch.preflight", "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
+
+    def ask(self, path: str, timeout: float) -> dict | None:
+        try:
+            self.proc.stdin.write((json.dumps({"path": path}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:  # it died earlier
+            self.close()
+            return None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("%s: the serving preflight child gave no answer within %g s", path, timeout)
+                self.close()
+                return None
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                log.info("%s: the serving preflight child died", path)
+                self.close()
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        self.served += 1
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.close()
+            return None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.served < SERVE_REQUESTS
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self._err):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+_LOCAL = threading.local()
+
+
+def _ask_server(path: str, timeout: float, python: str) -> dict | None:
+    """The answer of this thread's serving child (started or replaced as needed); None when it failed."""
+    server = getattr(_LOCAL, "server", None)
+    if server is not None and (server.python != python or not server.alive):
+        server.close()
+        server = None
+    if server is None:
+        try:
+            server = _Server(python)
+        except OSError:
+            _LOCAL.server = None
+            return None
+    _LOCAL.server = server
+    answer = server.ask(path, timeout)
+    if answer is None:
+        _LOCAL.server = None
+    return answer
+
+
 def preflight(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, python: str | None = None) -> SlideInfo:
     """Open ``path`` in a child process (``python``, default this interpreter) and return its metadata.
 
-    Raises the reader's error, or :class:`SlideReadError` when the child crashes or exceeds ``timeout``.
+    Raises the reader's error, or :class:`SlideReadError` when the child crashes or exceeds ``timeout``
+    (checked alone in a fresh child: a slide that fails in the shared one is tried once more by itself,
+    so a hang costs up to twice ``timeout``).
     """
     path = str(path)
+    answer = _ask_server(path, timeout, python or sys.executable)
+    if answer is None:
+        return _preflight_alone(path, timeout, python)
+    if not answer.get("ok"):
+        raise _error(answer, path)
+    log.debug("%s: preflight ok", path)
+    return SlideInfo.from_json(answer["info"])
+
+
+def _preflight_alone(path: str, timeout: float, python: str | None) -> SlideInfo:
+    """:func:`preflight` in a fresh child of its own: the verdict that counts when the shared child failed."""
     fd, result = tempfile.mkstemp(prefix="cancernet-preflight-", suffix=".json")
     os.close(fd)
     try:
         cmd = [python or sys.executable, "-m", "cancernet_batch.preflight", path, "--result", result]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                        os.environ.get("PYTHONPATH")]))}
+        env = _child_env()
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
@@ -97,8 +202,23 @@ def preflight(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, pyth
         Path(result).unlink(missing_ok=True)
 
 
+def serve() -> int:
+    """Serving child: a JSON request ``{"path": ...}`` per stdin line, a JSON answer per stdout line."""
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # anything a native library prints goes to stderr, never into the answers
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        answers.write(json.dumps(_check(json.loads(line)["path"])) + "\n")
+        answers.flush()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m cancernet_batch.preflight PATH --result FILE``."""
+    """Child entry point: ``python -m cancernet_batch.preflight PATH --result FILE``, or ``--serve``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--serve"]:
+        return serve()
     ap = argparse.ArgumentParser(prog="python -m cancernet_batch.preflight")
     ap.add_argument("path")
     ap.add_argument("--result", required=True)

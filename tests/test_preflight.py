@@ -68,3 +68,45 @@ def test_child_leaves_no_temporary_files(slides_dir, tmp_path, monkeypatch):
     with pytest.raises(UnsupportedFormatError):
         preflight(slides_dir / "broken.svs")
     assert os.listdir(tmp_path) == []
+
+
+def _server_pid():
+    from cancernet_batch import preflight as pf
+
+    server = getattr(pf._LOCAL, "server", None)
+    return None if server is None else server.proc.pid
+
+
+def test_one_serving_child_per_thread_is_reused_and_replaced(slides_dir, monkeypatch):
+    import threading
+
+    from cancernet_batch import preflight as pf
+
+    good = slides_dir / "cmu-1-small-region.svs"
+    preflight(good)
+    first = _server_pid()
+    assert first is not None
+    with pytest.raises(UnsupportedFormatError):
+        preflight(slides_dir / "broken.svs")  # a refusal is an answer: the child lives on
+    assert preflight(slides_dir / "kidney-48-5.tif").reader and _server_pid() == first
+    other = []
+    t = threading.Thread(target=lambda: (preflight(good), other.append(_server_pid())))
+    t.start()
+    t.join()
+    assert other and other[0] not in (None, first)  # each thread its own child
+    monkeypatch.setattr(pf, "SERVE_REQUESTS", pf._LOCAL.server.served)
+    preflight(good)  # the old child has served its quota: a new one
+    assert _server_pid() not in (None, first)
+
+
+def test_a_dead_serving_child_costs_nothing_but_a_retry(slides_dir):
+    import signal as sig
+
+    good = slides_dir / "cmu-1-small-region.svs"
+    preflight(good)
+    os.kill(_server_pid(), sig.SIGKILL)  # as if an earlier file had broken it
+    time.sleep(0.2)
+    info = preflight(good)  # checked again alone, in a fresh child: no false failure
+    assert info.mpp is not None
+    preflight(good)
+    assert _server_pid() is not None  # and the next slide has a serving child again
