@@ -119,6 +119,15 @@ def peak_rss(reset: bool = False) -> int:
         return r if sys.platform == "darwin" else r * 1024
 
 
+def bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux ``rchar``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/io") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def worker_peaks(client, reset: bool = False) -> list[int]:
     """Peak resident memory of every Dask worker process (bytes, sorted by worker address)."""
     got = client.run(peak_rss, reset)
@@ -262,11 +271,15 @@ def tile_stage(inputs: list[str], run_dir: str | os.PathLike, *, workers: int, t
     with dask_client(ClusterConfig(workers=workers, dashboard=False)) as client:
         client.wait_for_workers(workers)
         worker_peaks(client, reset=True)
+        read0 = sum(client.run(bytes_read).values())
         t = tile_run(inputs, run_dir, tile_cfg or TileConfig(), client=client)
+        read = sum(client.run(bytes_read).values()) - read0
         peaks = worker_peaks(client)
     return Figure("tile", "dask", t.tiles_written, t.seconds,
                   {"workers": workers, "inputs": len(t.tiled), "failed": len(t.failed_inputs),
-                   "MB_read_per_s": round(_source_bytes(inputs) / 1e6 / t.seconds, 1), **_peaks(peaks)})
+                   "MB_read_per_s": round(read / 1e6 / t.seconds, 1), "KB_read_per_tile":
+                   round(read / 1e3 / max(1, t.tiles_written), 1),
+                   "source_MB_per_s": round(_source_bytes(inputs) / 1e6 / t.seconds, 1), **_peaks(peaks)})
 
 
 def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int,

@@ -96,6 +96,9 @@ def get_engine(cfg: PredictConfig):
 
             if cfg.backend and cfg.engine != "onnx":
                 os.environ.setdefault("KERAS_BACKEND", cfg.backend)
+            if cfg.device == "gpu":
+                # several workers may share one GPU: JAX must not grab 75 % of its memory in each of them
+                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             eng = load_engine(cfg.model_dir, engine=cfg.engine, backend=cfg.backend, device=cfg.device,
                               threads=cfg.engine_threads, batch_size=cfg.batch_size)
             _ENGINES[key] = eng

@@ -43,7 +43,7 @@ def test_bench_json_holds_every_figure(tmp_path):
     onnx_load = max(f["settings"]["load_seconds"] for f in predict if f["engine"] == "onnx")
     assert onnx_load < keras_load  # ONNX workers import no TensorFlow
     tile = [f for f in figures if f["stage"] == "tile"][0]
-    assert tile["settings"]["MB_read_per_s"] > 0 and tile["settings"]["inputs"] == 2 and tile["settings"]["peak_worker_rss_mib"] > 0
+    assert tile["settings"]["MB_read_per_s"] > 0 and tile["settings"]["KB_read_per_tile"] > 0 and tile["settings"]["inputs"] == 2 and tile["settings"]["peak_worker_rss_mib"] > 0
     run = [f for f in figures if f["stage"] == "run"][0]
     assert run["patches"] == tile["patches"]  # every tiled patch scored once, end to end
     assert set(run["settings"]["stage_seconds"]) == {"tile", "predict", "report"}
