@@ -133,11 +133,9 @@ def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: 
 
     Runs on a worker. Returns only counts and timings.
     """
-    import zarr
-
     t0 = time.perf_counter()
     engine = get_engine(cfg)
-    g = zarr.open_group(str(store.tiles_path(run_dir)), mode="r+", zarr_format=3)[f"inputs/{gid}"]
+    g = store.open_input(run_dir, gid)
     tiles = g["tiles"][start:stop]
     t1 = time.perf_counter()
     out = engine.predict(tiles)  # in calls of cfg.batch_size tiles

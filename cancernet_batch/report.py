@@ -207,7 +207,7 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
 def report_task(run_dir: str, gid: str, patient: str, thr: Threshold, thumb_px: int
                 ) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
-    g = store.open_root(run_dir, mode="r+")["inputs"][gid]
+    g = store.open_input(run_dir, gid)  # not open_root: its clean-up would delete other workers' files in flight
     return _one_input(Path(run_dir) / "report", gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, thumb_px)
 
 

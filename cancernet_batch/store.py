@@ -96,6 +96,17 @@ def tiles_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "tiles.zarr"
 
 
+def open_input(run_dir: str | os.PathLike, gid: str, mode: str = "r+"):
+    """The group of one input, for tasks on workers.
+
+    Unlike :func:`open_root` it removes no temporary files: other workers are writing beside it,
+    and their in-flight ``*.partial`` files are not stale.
+    """
+    import zarr
+
+    return zarr.open_group(str(tiles_path(run_dir)), mode=mode, zarr_format=3)[f"inputs/{gid}"]
+
+
 def open_root(run_dir: str | os.PathLike, mode: str = "a"):
     """Open (or create, with ``mode='a'``) the run's ``tiles.zarr`` root group."""
     import zarr

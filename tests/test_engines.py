@@ -137,17 +137,13 @@ def test_scoring_only_copy_without_model_keras(exported, tmp_path):
     assert "ENGINE onnx-cpu" in out and "LOADED []" in out
 
 
-def test_keras_engine_under_jax_never_imports_tensorflow(exported, tmp_path):
-    pytest.importorskip("jax", reason="jax is in the dev extra: pip install -e '.[dev]'")
-    got, out = _run(exported, "keras", tmp_path, KERAS_BACKEND="jax")
-    assert "ENGINE keras-jax-cpu" in out, out
-    assert "tensorflow" not in out.split("LOADED")[1]
-    assert np.max(np.abs(got - OnnxEngine(exported).predict(TILES))) < 1e-5
-
-
-def test_keras_engine_under_torch_never_imports_tensorflow(exported, tmp_path):
-    pytest.importorskip("torch", reason="PyTorch is optional: pip install -e '.[torch]' (.ci/run installs the CPU build)")
-    got, out = _run(exported, "keras", tmp_path, KERAS_BACKEND="torch")
-    assert "ENGINE keras-torch-cpu" in out, out
+@pytest.mark.parametrize("backend, why", [
+    ("jax", "jax is in the dev extra: pip install -e '.[dev]'"),
+    ("torch", "PyTorch is optional: pip install -e '.[torch]' (.ci/run installs the CPU build)"),
+])
+def test_keras_engine_under_jax_or_torch_never_imports_tensorflow(exported, tmp_path, backend, why):
+    pytest.importorskip(backend, reason=why)
+    got, out = _run(exported, "keras", tmp_path, KERAS_BACKEND=backend)
+    assert f"ENGINE keras-{backend}-cpu" in out, out
     assert "tensorflow" not in out.split("LOADED")[1]
     assert np.max(np.abs(got - OnnxEngine(exported).predict(TILES))) < 1e-5

@@ -358,3 +358,17 @@ def test_report_on_a_dask_cluster_equals_the_serial_report(tmp_path):
                                   np.asarray(Image.open(io.BytesIO(want[key])))), key
         else:
             assert got[key] == want[key], key
+
+
+def test_worker_tasks_open_their_input_without_deleting_other_writers_temporaries(tmp_path):
+    """Report tasks run side by side: one opening the store must not remove another's in-flight ``*.partial``
+    file (that race failed one input in 1,000 of the load test). Only the client's open_root cleans up."""
+    run = tmp_path / "run"
+    coords = np.argwhere(np.ones((2, 2), bool))
+    gid = add_input(run, tmp_path / "a.svs", coords, np.full(len(coords), 0.5))
+    in_flight = run / "tiles.zarr" / "inputs" / gid / "zarr.json.1f2e3d.partial"
+    in_flight.write_text("{}")
+    g = store.open_input(run, gid)
+    assert g.attrs["source"].endswith("a.svs") and in_flight.exists()
+    store.open_root(run, mode="r+")  # the client opening the run: whatever is left now is stale
+    assert not in_flight.exists()

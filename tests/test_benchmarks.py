@@ -1,0 +1,49 @@
+"""The benchmark scenarios in benchmarks/ run from a fresh clone (tiny sizes here) and write what RESULTS.md quotes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_scaling_scenario_writes_points_fits_and_memory(tmp_path, tiny_model_dir):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--model", str(tiny_model_dir),
+                        "--counts", "1,2", "--count-size", "4096", "--sizes", "2048,4096", "--workers", "1",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = list((tmp_path / "out").glob("scaling-*.json"))
+    data = json.loads(result.read_text())
+    points = data["points"]
+    assert [(p["series"], p["slides"], p["size_px"]) for p in points] == [
+        ("slides", 1, 4096), ("slides", 2, 4096), ("size", 1, 2048), ("size", 1, 4096)]
+    for p in points:
+        assert p["tiles"] > 0 and p["wall_s"] > 0 and set(p["stage_seconds"]) == {"tile", "predict", "report"}
+        assert len(p["peak_rss_mib_per_worker"]) == 1 and p["peak_worker_rss_mib"] > 50 and p["client_peak_rss_mib"] > 50
+    two, one = points[1], points[0]
+    assert two["tiles"] > one["tiles"]  # two slides, more tiles
+    for name in ("slides", "size", "size: tile stage", "slides: predict stage"):
+        fit = data["fits"][name]
+        assert fit["slope"] is not None and fit["r2"] <= 1.0
+    assert data["machine"]["cores"] >= 1
+    assert "| size |" in next((tmp_path / "out").glob("scaling-*.md")).read_text()
+
+
+def test_linear_fit():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from scaling import linear_fit
+    finally:
+        sys.path.pop(0)
+    fit = linear_fit([1000, 2000, 4000], [3.0, 4.0, 6.0])
+    assert fit["intercept"] == pytest.approx(2.0) and fit["slope"] == pytest.approx(0.001) and fit["r2"] == pytest.approx(1.0)
+    assert linear_fit([5, 5], [1, 2])["slope"] is None  # no spread in x: no line
