@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -124,3 +124,34 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                 client.close()
         finally:
             cluster.close()
+
+
+def as_completed_windowed(items: Iterable, submit: Callable[[object], object], window: int) -> Iterator[tuple]:
+    """``(item, future)`` as futures finish, with at most ``window`` submitted and unfinished.
+
+    ``submit(item)`` returns a ``distributed`` future. Items are drawn lazily, so a generator that
+    skips items (e.g. of an input that already failed) sees the consumer's latest state. Each future
+    is released once the consumer has handled it, which keeps scheduler and client memory bounded
+    however many items there are.
+    """
+    from distributed import as_completed
+
+    pending = iter(items)
+    ac = as_completed()
+    item_of: dict = {}
+
+    def submit_next() -> None:
+        for item in pending:
+            fut = submit(item)
+            item_of[fut.key] = item
+            ac.add(fut)
+            return
+
+    for _ in range(max(1, window)):
+        submit_next()
+    for fut in ac:
+        try:
+            yield item_of.pop(fut.key), fut
+        finally:
+            fut.release()
+        submit_next()

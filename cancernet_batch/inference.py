@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .cluster import ClusterConfig, dask_client, usable_cores
+from .cluster import ClusterConfig, as_completed_windowed, dask_client, usable_cores
 from .atomic import write_text
 from .errors import ModelError, ResolutionError
 from .failures import Failure, merge_failures
@@ -233,8 +233,6 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
 
 
 def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     try:
         client.register_plugin(EnginePlugin(cfg), name=EnginePlugin.name)
@@ -249,26 +247,13 @@ def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictS
     for gid, g in store.iter_inputs(root):
         sources[gid] = g.attrs.get("source", gid)
     failed_gids: set[str] = set()
-    pending = iter(todo)
-    ac = as_completed()
-    meta: dict[str, tuple] = {}
+    chunks = (item for item in todo if item[0] not in failed_gids)  # lazily: chunks of failed inputs are dropped
 
-    def submit_next() -> bool:
-        for item in pending:
-            if item[0] in failed_gids:
-                continue
-            fut = client.submit(score_chunk, run_dir, *item, cfg, pure=False, retries=2,
-                                key=f"score-{item[0]}-{item[1]}-{time.monotonic_ns()}")
-            meta[fut.key] = item
-            ac.add(fut)
-            return True
-        return False
+    def submit(item):
+        return client.submit(score_chunk, run_dir, *item, cfg, pure=False, retries=2,
+                             key=f"score-{item[0]}-{item[1]}-{time.monotonic_ns()}")
 
-    for _ in range(window):
-        if not submit_next():
-            break
-    for fut in ac:
-        item = meta.pop(fut.key)
+    for item, fut in as_completed_windowed(chunks, submit, window):
         try:
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - record and go on with the other inputs
@@ -283,6 +268,3 @@ def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictS
             summary.worker_seconds += res["read_s"] + res["model_s"] + res["write_s"]
             if progress is not None:
                 progress(res["n"])
-        finally:
-            fut.release()
-        submit_next()

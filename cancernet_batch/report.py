@@ -32,6 +32,7 @@ from .aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigur
                         input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
 from .atomic import remove_stale_temps, write_csv
+from .cluster import as_completed_windowed
 from .errors import StorageError
 from .failures import Failure, read_failures, write_failures
 from .geojson import idc_features, write_geojson
@@ -214,30 +215,17 @@ def report_task(run_dir: str, gid: str, patient: str, thr: Threshold, thumb_px: 
 def _report_on_cluster(client, run: Path, work: list[tuple[str, str]], thr: Threshold, thumb_px: int,
                        progress: Callable[[int], None] | None) -> list[tuple[InputReport, Failure | None]]:
     """``report_task`` for each ``(gid, patient)`` on the cluster, a bounded number in flight, in order."""
-    from distributed import as_completed
+    def submit(i: int):
+        gid, patient = work[i]
+        return client.submit(report_task, str(run), gid, patient, thr, thumb_px, pure=False,
+                             key=f"report-{gid}-{time.monotonic_ns()}")
 
-    window = max(2, 2 * (sum(client.nthreads().values()) or 1))
     results: dict[int, tuple] = {}
-    pending = iter(enumerate(work))
-    ac = as_completed()
-    index_of = {}
-
-    def submit_next() -> None:
-        for i, (gid, patient) in pending:
-            fut = client.submit(report_task, str(run), gid, patient, thr, thumb_px, pure=False,
-                                key=f"report-{gid}-{time.monotonic_ns()}")
-            index_of[fut.key] = i
-            ac.add(fut)
-            return
-
-    for _ in range(window):
-        submit_next()
-    for fut in ac:
-        results[index_of.pop(fut.key)] = fut.result()  # StorageError and the like end the report, as in-process
-        fut.release()
+    window = max(2, 2 * (sum(client.nthreads().values()) or 1))
+    for i, fut in as_completed_windowed(range(len(work)), submit, window):
+        results[i] = fut.result()  # StorageError and the like end the report, as in-process
         if progress is not None:
             progress(1)
-        submit_next()
     return [results[i] for i in range(len(work))]
 
 
