@@ -57,22 +57,23 @@ def gpus() -> list[dict]:
     return [{"name": r[0], "memory": r[1], "driver": r[2]} for r in rows if len(r) == 3]
 
 
-def machine() -> dict:
-    """What the figures were measured on: CPU, usable cores, memory, GPUs and library versions."""
-    import sys
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU, usable cores, memory, GPUs and library versions."""
     from .cluster import usable_cores
 
-    cores = usable_cores()
+    cpu, cores = cpu_name(), usable_cores()
     memory = None
     try:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -196,31 +197,45 @@ def keras_roofs(model_dir: str | os.PathLike, backend: str, batch_sizes: tuple[i
     import json
     import subprocess
     import sys
+    import tempfile
 
     from .errors import ConfigError
 
     env = {**os.environ, "KERAS_BACKEND": backend}
-    cmd = [sys.executable, "-m", "cancernet_batch.bench", "roof", str(model_dir), backend, device,
-           ",".join(map(str, batch_sizes)), str(n_tiles), str(min_seconds)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"the Keras {backend} roof failed: {last}")
-    return [Figure(**f) for f in json.loads(r.stdout.strip().splitlines()[-1])]
+    with tempfile.TemporaryDirectory(prefix="cancernet-roof-") as tmp:
+        result = Path(tmp) / "figures.json"
+        cmd = [sys.executable, "-m", "cancernet_batch.bench", "roof", str(model_dir), backend, device,
+               ",".join(map(str, batch_sizes)), str(n_tiles), str(min_seconds), str(result)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if r.returncode != 0 or not result.is_file():
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"the Keras {backend} roof failed: {last}")
+        return [Figure(**f) for f in json.loads(result.read_text())]
 
 
 def _roof_child(argv: list[str]) -> None:
-    """Entry of :func:`keras_roofs`' child: print the figures as one JSON line."""
+    """Entry of :func:`keras_roofs`' child: measure, then write the figures as JSON to the result file
+    (a file, not stdout, which the backends' own start-up output may share)."""
     import json
 
     from .engines import KerasEngine
 
-    model_dir, backend, device, sizes, n_tiles, min_seconds = argv
+    model_dir, backend, device, sizes, n_tiles, min_seconds, result = argv
     engine = KerasEngine(model_dir, backend=backend, device=device)
     batch_sizes = [int(b) for b in sizes.split(",")]
     tiles = random_tiles(max(int(n_tiles), 2 * max(batch_sizes)))
     figs = [roof(engine, tiles, bs, min_seconds=float(min_seconds)) for bs in batch_sizes]
-    print(json.dumps([asdict(f) for f in figs]))
+    Path(result).write_text(json.dumps([asdict(f) for f in figs]))
+
+
+def _keras_backend(backend: str | None = None) -> str:
+    """The Keras backend workers run under: ``backend``, else ``KERAS_BACKEND``, else TensorFlow."""
+    return backend or os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def _engine_label(engine: str, backend: str | None) -> str:
+    """How figures name an engine: ``onnx``, or ``keras-<backend>``."""
+    return engine if engine != "keras" else f"keras-{_keras_backend(backend)}"
 
 
 def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int, threads: int,
@@ -247,8 +262,7 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
         worker_peaks(client, reset=True)
         s = predict_run(run_dir, cfg, client=client)
         peaks = worker_peaks(client)
-    name = engine if engine != "keras" else f"keras-{backend or os.environ.get('KERAS_BACKEND', 'tensorflow')}"
-    return Figure("predict", name, s.tiles_scored, s.seconds,
+    return Figure("predict", _engine_label(engine, backend), s.tiles_scored, s.seconds,
                   {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "device": device,
                    "load_seconds": round(s.load_seconds, 2), "worker_seconds": round(s.worker_seconds, 2),
                    "steady_patches_per_second": round(s.steady_patches_per_second, 1), **_peaks(peaks)})
@@ -307,8 +321,7 @@ def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | o
         peaks = worker_peaks(client)
     wall = time.perf_counter() - t0
     n_inputs = max(1, len(s.tile.tiled) + len(s.tile.skipped))
-    return Figure("run", engine if engine != "keras" else f"keras-{backend or os.environ.get('KERAS_BACKEND', 'tensorflow')}",
-                  s.predict.tiles_scored, wall,
+    return Figure("run", _engine_label(engine, backend), s.predict.tiles_scored, wall,
                   {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "inputs": n_inputs,
                    "seconds_per_input": round(wall / n_inputs, 2),
                    "stage_seconds": {k: round(v, 2) for k, v in s.seconds.items()},
@@ -456,7 +469,7 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
             inputs = [str(work / "slides")]
         figures: list[Figure] = []
         backends = list(cfg.backends) if cfg.backends is not None else installed_backends()
-        keras_backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        keras_backend = _keras_backend()
 
         step("model-only roof: ONNX Runtime" + "".join(f", Keras-{b}" for b in backends))
         try:
@@ -538,8 +551,10 @@ def load_autotune() -> dict | None:
         saved = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    here = machine()
-    if saved.get("machine", {}).get("cpu") != here["cpu"] or saved.get("machine", {}).get("cores") != here["cores"]:
+    from .cluster import usable_cores
+
+    # only what decides the choice: no nvidia-smi call or ONNX Runtime import at the start of every predict
+    if saved.get("machine", {}).get("cpu") != cpu_name() or saved.get("machine", {}).get("cores") != usable_cores():
         log.warning("%s was measured on another machine; ignoring it (run `cancernet bench` here)", p)
         return None
     return saved
@@ -548,7 +563,7 @@ def load_autotune() -> dict | None:
 if __name__ == "__main__":  # the child process of keras_roofs
     import sys
 
-    if len(sys.argv) == 8 and sys.argv[1] == "roof":
+    if len(sys.argv) == 9 and sys.argv[1] == "roof":
         _roof_child(sys.argv[2:])
     else:
-        sys.exit("usage: python -m cancernet_batch.bench roof MODEL_DIR BACKEND DEVICE BATCHES N_TILES MIN_SECONDS")
+        sys.exit("usage: python -m cancernet_batch.bench roof MODEL_DIR BACKEND DEVICE BATCHES N_TILES MIN_SECONDS RESULT")
