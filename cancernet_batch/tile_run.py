@@ -164,7 +164,7 @@ def prepare_slide_task(run_dir: str, source: str, cfg: TileConfig, series_files:
 def tile_chunk_task(run_dir: str, gid: str, source: str, index: int, start: int, stop: int, level: int,
                     tile_px: float) -> int:
     """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag."""
-    g = _open_inputs(run_dir)[f"inputs/{gid}"]
+    g = store.open_input(run_dir, gid)
     coords = np.asarray(g["coords"][start:stop])
     try:
         tiles = read_tiles(_reader(source), level, tile_px, coords)
