@@ -160,6 +160,7 @@ class KerasEngine(Engine):
             with keras.device(self.device):
                 self.model = load_keras_model(d, meta)
         self.name = f"keras-{keras.backend.backend()}-{device}"
+        self._keras = keras
 
     @staticmethod
     def _device_name(keras, device: str) -> str:
@@ -175,11 +176,7 @@ class KerasEngine(Engine):
         return "gpu:0"
 
     def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
-        from .quiet import import_keras
-
-        keras = import_keras()
-
-        with keras.device(self.device):
+        with self._keras.device(self.device):
             prob = self.model.predict_on_batch(pad_batch(tiles, self.batch_size))
         return np.asarray(prob, np.float32).reshape(-1)[:len(tiles)]
 
