@@ -132,7 +132,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"scaling-{stamp}.json").write_text(json.dumps(
-        {"machine": bench.machine(), "settings": {k: v for k, v in vars(args).items()}, "model": str(model_dir),
+        {"machine": bench.machine(), "settings": vars(args), "model": str(model_dir),
          "points": rows, "fits": fits}, indent=2) + "\n")
     (out / f"scaling-{stamp}.md").write_text(table)
 

@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import store
 from .cluster import ClusterConfig, as_completed_windowed, dask_client, usable_cores
 from .atomic import write_text
