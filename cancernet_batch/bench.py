@@ -248,7 +248,7 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
     """
     from . import store
     from .cluster import ClusterConfig, dask_client
-    from .inference import PredictConfig, predict_run
+    from .stages.score import PredictConfig, predict_run
 
     root = store.open_root(run_dir)
     for _, g in store.iter_inputs(root):  # forget earlier scores: measure a full pass
@@ -279,7 +279,7 @@ def _source_bytes(paths: list[str]) -> int:
 def tile_stage(inputs: list[str], run_dir: str | os.PathLike, *, workers: int, tile_cfg=None) -> Figure:
     """Tiling ``inputs`` into a new tiles.zarr on a fresh local cluster: tiles/s, source MB/s, worker peaks."""
     from .cluster import ClusterConfig, dask_client
-    from .tile_run import tile_run
+    from .stages.tile import tile_run
     from .tiling import TileConfig
 
     with dask_client(ClusterConfig(workers=workers, dashboard=False)) as client:
@@ -305,9 +305,9 @@ def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | o
     predict, and this (client) process's peak memory during the run.
     """
     from .cluster import ClusterConfig, dask_client
-    from .inference import PredictConfig
-    from .pipeline import run_pipeline
-    from .report import ReportConfig
+    from .stages.score import PredictConfig
+    from .stages.run import run_pipeline
+    from .stages.report import ReportConfig
     from .tiling import TileConfig
 
     pcfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device,

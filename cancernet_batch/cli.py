@@ -409,7 +409,7 @@ def _predict_options(f):
 def _predict_config(kw: dict):
     import os
 
-    from .inference import PredictConfig
+    from .stages.score import PredictConfig
 
     backend = kw.pop("backend", None)
     if backend:
@@ -452,7 +452,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
     that still has the detail of the target µm/px, and area-averaged to exactly that resolution.
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
-    from .tile_run import tile_run
+    from .stages.tile import tile_run
 
     cfg = _tile_config(kw, chunk_size)
     cluster = _cluster_config(kw)
@@ -483,7 +483,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
 @_cluster_options
 def predict(run_dir: str, **kw) -> int:
     """Score the tiles of a run with Dask (local cluster or --scheduler); resumable."""
-    from .inference import predict_run
+    from .stages.score import predict_run
 
     cfg = _predict_config(kw)
     with _bar(None, "patch", "predict") as bar:
@@ -505,7 +505,7 @@ def predict(run_dir: str, **kw) -> int:
               help="Model folder whose model.json gives the decision threshold.")
 def report(run_dir: str, threshold: float | None, patients_csv: str | None, model_dir: str | None) -> int:
     """Write IDC maps, heatmaps, GeoJSON, CSV summaries and index.html into RUN/report."""
-    from .report import ReportConfig, make_report
+    from .stages.report import ReportConfig, make_report
 
     cfg = ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir)
     with _bar(None, "input", "report") as bar:
@@ -541,8 +541,8 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
 
     Running the same command again after a kill continues where it stopped.
     """
-    from .pipeline import run_pipeline
-    from .report import ReportConfig
+    from .stages.run import run_pipeline
+    from .stages.report import ReportConfig
 
     model_dir = kw["model_dir"]
     tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
@@ -662,7 +662,7 @@ def demo(out: str, quick: bool, workers: int | None) -> int:
     """
     import time
 
-    from .pipeline import FULL, QUICK, run_demo
+    from .stages.run import FULL, QUICK, run_demo
 
     t0 = time.perf_counter()
     r = run_demo(out, QUICK if quick else FULL, step=lambda msg: click.echo(msg), workers=workers,

@@ -73,7 +73,7 @@ def certs(tmp_path_factory) -> Path:
 def test_tls_scheduler_end_to_end(certs, tmp_path, tiny_model_dir):
     """`cancernet predict --scheduler tls://...` with certificates scores a run on a TLS-only cluster."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_inference import make_run, reference, stored_probs  # noqa: E402 - shared helpers
+    from test_score import make_run, reference, stored_probs  # noqa: E402 - shared helpers
 
     import numpy as np
 

@@ -18,7 +18,7 @@ from cancernet_batch import store
 from cancernet_batch.cli import main
 from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from cancernet_batch.failures import Failure, read_failures, write_failures
-from cancernet_batch.report import ReportConfig, make_report, safe_name
+from cancernet_batch.stages.report import ReportConfig, make_report, safe_name
 from cancernet_batch.synth import SlideSpec, write_slide
 
 COORDS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)]

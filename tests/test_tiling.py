@@ -19,7 +19,7 @@ from cancernet_batch import store
 from cancernet_batch.cli import main
 from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from cancernet_batch.synth import slide_model
-from cancernet_batch.tile_run import tile_run
+from cancernet_batch.stages.tile import tile_run
 from cancernet_batch.tiling import TileConfig, discover
 
 # What ../shared/data/README.md implies for each broken or unusable file: (stage, error class, words)
@@ -259,7 +259,7 @@ def test_worker_death_is_a_reader_crash():
     from distributed.scheduler import KilledWorker
 
     from cancernet_batch.errors import SlideReadError
-    from cancernet_batch.tile_run import _worker_error
+    from cancernet_batch.stages.tile import _worker_error
 
     err = _worker_error("/data/x.svs", KilledWorker("tile_chunk_task-1", None, 3))
     assert isinstance(err, SlideReadError) and "crashed" in str(err) and "/data/x.svs" in str(err)
@@ -323,7 +323,7 @@ from pathlib import Path
 import psutil
 from distributed import Client
 from cancernet_batch.synth import SlideSpec, write_slide
-from cancernet_batch.tile_run import tile_run
+from cancernet_batch.stages.tile import tile_run
 from cancernet_batch.tiling import TileConfig
 import openslide, PIL.Image, scipy.ndimage, scipy.sparse, tifffile, zarr  # imports are not working memory
 if __name__ == "__main__":

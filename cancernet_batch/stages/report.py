@@ -27,17 +27,17 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from . import PATCH_SIZE, store
-from .aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
+from .. import PATCH_SIZE, store
+from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
                         input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
-from .atomic import remove_stale_temps, write_csv
-from .cluster import as_completed_windowed
-from .errors import StorageError
-from .failures import Failure, read_failures, write_failures
-from .geojson import idc_features, write_geojson
-from .heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
-from .store import InputAttrs
+from ..atomic import remove_stale_temps, write_csv
+from ..cluster import as_completed_windowed
+from ..errors import StorageError
+from ..failures import Failure, read_failures, write_failures
+from ..geojson import idc_features, write_geojson
+from ..heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
+from ..store import InputAttrs
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
     inputs' maps, heatmaps and GeoJSON as Dask tasks in parallel; the tables and index.html are
     written here once all are done. Without one, inputs are reported one after another here.
     """
-    from .report_html import write_index
+    from ..report_html import write_index
 
     run = Path(run_dir)
     store.open_root(run, mode="r")  # a clear error when there is no store

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .cluster import ClusterConfig, dask_client
-from .errors import CancerNetError, SlideReadError, StorageError
-from .failures import Failure, merge_failures, read_failures
-from .tiling import InputSpec, TileConfig, TilePlan, discover_some, plan_patches, plan_slide, read_tiles, source_stat
+from .. import store
+from ..cluster import ClusterConfig, dask_client
+from ..errors import CancerNetError, SlideReadError, StorageError
+from ..failures import Failure, merge_failures, read_failures
+from ..tiling import InputSpec, TileConfig, TilePlan, discover_some, plan_patches, plan_slide, read_tiles, source_stat
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ _MAX_READERS = 4
 
 def _reader(source: str):
     """An open reader for ``source``, kept per worker process (a few at a time) across tasks."""
-    from .slides import open_slide
+    from ..slides import open_slide
 
     st = os.stat(source)
     key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
@@ -107,7 +107,7 @@ def _open_inputs(run_dir: str):
 
 def preflight_task(source: str, timeout: float) -> dict | Failure:
     """Worker: the preflight of one slide (in a child process). Slide metadata as JSON, or a Failure."""
-    from .preflight import preflight
+    from ..preflight import preflight
 
     try:
         return preflight(source, timeout=timeout).to_json()
@@ -178,7 +178,7 @@ def tile_chunk_task(run_dir: str, gid: str, source: str, index: int, start: int,
 
 def patches_task(run_dir: str, source: str, cfg: TileConfig) -> dict | Failure:
     """Worker: load one patient folder and write all its chunks. Bad patch files come back as failures."""
-    from .patches import grid_shape, load
+    from ..patches import grid_shape, load
 
     try:
         ps = load(source)

@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cluster import dask_client
-from .inference import PredictConfig, PredictSummary, predict_run
+from ..cluster import dask_client
+from .score import PredictConfig, PredictSummary, predict_run
 from .report import ReportConfig, ReportSummary, make_report
-from .tile_run import TileSummary, tile_run
-from .tiling import TileConfig
+from .tile import TileSummary, tile_run
+from ..tiling import TileConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,12 @@ class DemoResult:
 def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[str], None] = lambda s: None,
              on_dashboard: Callable[[str], None] | None = None, workers: int | None = None) -> DemoResult:
     """Synthetic patches -> train -> synthetic slides + a held-out patient folder -> run -> Dice vs truth."""
-    from .aggregate import input_accuracy
-    from .cluster import ClusterConfig
-    from .config import TrainConfig
-    from .store import input_id
-    from .synth import synth_patches, synth_slides
-    from .train import train
+    from ..aggregate import input_accuracy
+    from ..cluster import ClusterConfig
+    from ..config import TrainConfig
+    from ..store import input_id
+    from ..synth import synth_patches, synth_slides
+    from ..train import train
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import store
-from .cluster import ClusterConfig, as_completed_windowed, dask_client, usable_cores
-from .atomic import write_text
-from .errors import ModelError, ResolutionError
-from .failures import Failure, merge_failures
+from .. import store
+from ..cluster import ClusterConfig, as_completed_windowed, dask_client, usable_cores
+from ..atomic import write_text
+from ..errors import ModelError, ResolutionError
+from ..failures import Failure, merge_failures
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Cal
     if not (Path(cfg.model_dir) / "model.json").exists():
         raise ModelError("no model.json in the model folder", path=cfg.model_dir,
                          hint="give the folder written by `cancernet train`")
-    from .model import read_meta
+    from ..model import read_meta
 
     meta = read_meta(cfg.model_dir)
     model_id = meta.model_id

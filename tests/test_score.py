@@ -18,7 +18,7 @@ import pytest
 
 from cancernet_batch import store
 from cancernet_batch.cluster import ClusterConfig, dask_client
-from cancernet_batch.inference import PredictConfig, predict_run
+from cancernet_batch.stages.score import PredictConfig, predict_run
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -69,7 +69,7 @@ def test_local_cluster_equals_model_and_loads_once_per_worker(tiny_model, tmp_pa
     cfg = PredictConfig(model_dir=str(tiny_model), engine="onnx", batch_size=100)
     with dask_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)) as client:
         s = predict_run(run, cfg, client=client)
-        loads = client.run(lambda: __import__("cancernet_batch.inference", fromlist=["x"]).ENGINE_LOADS["count"])
+        loads = client.run(lambda: __import__("cancernet_batch.stages.score", fromlist=["x"]).ENGINE_LOADS["count"])
         tf_loaded = client.run(lambda: "tensorflow" in sys.modules or "keras" in sys.modules)
     assert s.tiles_scored == 830 and s.chunks_scored == 6 + 2 and not s.failures
     assert sorted(loads.values()) == [1, 1]  # the model was loaded once in each worker, not per task
