@@ -22,6 +22,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from cancernet_batch.runfolder import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_store(run: Path, tiles: np.ndarray, total: int, per_input: int = 10000) -> None:
     from cancernet_batch import store
 
-    root = store.open_root(run)
+    root = Run.of(run).open_store()
     k = 0
     while k * per_input < total:
         n = min(per_input, total - k * per_input)

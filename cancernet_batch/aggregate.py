@@ -91,16 +91,21 @@ def model_threshold(model_dir: str | os.PathLike) -> tuple[float | None, str | N
     return (None if value is None else _checked_threshold(value, path)), (None if model_id is None else str(model_id))
 
 
-def resolve_threshold(run_dir: str | os.PathLike, threshold: float | None = None,
+def resolve_threshold(run, threshold: float | None = None,
                       model_dir: str | os.PathLike | None = None) -> Threshold:
-    """``threshold`` if given; else the model's (``--model``, then ``RUN/predict.json``); else 0.5."""
+    """``threshold`` if given; else the model's (``--model``, then the run's ``predict.json``); else 0.5.
+
+    ``run``: the :class:`~cancernet_batch.runfolder.Run` (or its folder).
+    """
+    from .runfolder import Run
+
     if threshold is not None:
         return Threshold(_checked_threshold(threshold, None), "--threshold")
-    predict_json = Path(run_dir) / "predict.json"
-    if model_dir is None and predict_json.is_file():
-        meta = _load_json(predict_json, InputError)
+    run = Run.of(run)
+    meta = run.predict_record() if model_dir is None else None
+    if meta is not None:
         if meta.get("threshold") is not None:
-            return Threshold(_checked_threshold(meta["threshold"], predict_json), "predict.json",
+            return Threshold(_checked_threshold(meta["threshold"], run.predict_json), "predict.json",
                              model_id=meta.get("model_id"))
         if meta.get("model_dir") and (Path(meta["model_dir"]) / "model.json").is_file():
             model_dir = meta["model_dir"]
@@ -380,9 +385,10 @@ def truth_path(source: str | os.PathLike) -> Path:
 
 def input_accuracy(run_dir: str | os.PathLike, gid: str, threshold: float) -> MapAccuracy:
     """Map accuracy of one scored input of a run against the truth file beside its source slide."""
+    from .runfolder import Run
     from .synth import SlideTruth
 
-    root = store.open_root(run_dir, mode="r")
+    root = Run.of(run_dir).open_store("r")
     if "inputs" not in root or gid not in root["inputs"]:
         raise InputError(f"no input {gid} in this run", path=run_dir, hint="see the input ids in report/inputs.csv")
     group = root["inputs"][gid]

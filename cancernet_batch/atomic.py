@@ -79,14 +79,26 @@ def safe_cell(value: object) -> object:
     return value
 
 
-def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
-    """Atomically write a CSV whose string cells cannot start a spreadsheet formula."""
+def unsafe_cell(value: str) -> str:
+    """Undo :func:`safe_cell` on a string read back from a CSV this tool wrote."""
+    if value.startswith("'") and value[1:].startswith(_FORMULA_PREFIXES):
+        return value[1:]
+    return value
+
+
+def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
+    """CSV (UTF-8) whose string cells cannot start a spreadsheet formula."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([safe_cell(h) for h in header])
     for row in rows:
         writer.writerow([safe_cell(v) for v in row])
-    return write_text(path, buf.getvalue())
+    return buf.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """Atomically write a CSV whose string cells cannot start a spreadsheet formula."""
+    return write_bytes(path, csv_bytes(header, rows))
 
 
 def remove_stale_temps(*folders: str | os.PathLike) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import PATCH_SIZE, __version__
+from .runfolder import Run
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
     from .cluster import ClusterConfig, dask_client
     from .stages.score import PredictConfig, predict_run
 
-    root = store.open_root(run_dir)
+    root = Run.of(run_dir).open_store()
     for _, g in store.iter_inputs(root):  # forget earlier scores: measure a full pass
         for name in ("probs", "done"):
             if name in g:
@@ -326,6 +327,7 @@ def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | o
                    "seconds_per_input": round(wall / n_inputs, 2),
                    "stage_seconds": {k: round(v, 2) for k, v in s.seconds.items()},
                    "cluster_seconds": round(wall - sum(s.seconds.values()), 2),
+                   "first_report_seconds": None if s.first_report_seconds is None else round(s.first_report_seconds, 2),
                    "failed": len(s.failed_inputs), **_peaks(peaks), "client_peak_rss_mib": _mib(peak_rss())})
 
 
@@ -433,7 +435,7 @@ def _pngs_from_run(run: Path, out: Path, n: int) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for _, g in store.iter_inputs(store.open_root(run, mode="r")):
+    for _, g in store.iter_inputs(Run.of(run).open_store("r")):
         tiles = g["tiles"][: n - len(files)]
         for i, t in enumerate(tiles):
             f = out / f"tile-{len(files):05d}.png"

@@ -374,18 +374,25 @@ def _cluster_options(f):
         click.option("--tls-ca-file", default=None, type=click.Path(), help="CA certificate for a tls:// scheduler."),
         click.option("--tls-cert", default=None, type=click.Path(), help="Client certificate for a tls:// scheduler."),
         click.option("--tls-key", default=None, type=click.Path(), help="Client key for a tls:// scheduler."),
+        click.option("--score-workers", default=None, type=click.IntRange(min=0),
+                     help="Local workers that only score; the others only tile (default: 1 with --device gpu, "
+                          "else 0: every worker does both)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def _cluster_config(kw: dict):
+def _cluster_config(kw: dict, device: str | None = None):
     from .cluster import ClusterConfig
 
+    score_workers = kw.pop("score_workers", None)
+    if score_workers is None and device == "gpu" and not kw.get("scheduler"):
+        score_workers = 1  # one scoring worker on the GPU, the other workers decode and tile
     return ClusterConfig(scheduler=kw.pop("scheduler", None), workers=kw.pop("workers", None),
                          threads_per_worker=kw.pop("threads_per_worker", None), tls_ca_file=kw.pop("tls_ca_file", None),
-                         tls_cert=kw.pop("tls_cert", None), tls_key=kw.pop("tls_key", None))
+                         tls_cert=kw.pop("tls_cert", None), tls_key=kw.pop("tls_key", None),
+                         score_workers=score_workers or None)
 
 
 def _predict_options(f):
@@ -431,9 +438,10 @@ def _predict_config(kw: dict):
                 os.environ["KERAS_BACKEND"] = backend
     if kw["batch_size"] is None:
         kw["batch_size"] = 256 if kw["device"] == "cpu" else 2048
+    device = kw.pop("device")
     return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
-                         device=kw.pop("device"), batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
-                         cluster=_cluster_config(kw))
+                         device=device, batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
+                         cluster=_cluster_config(kw, device))
 
 
 @cli.command()
@@ -534,15 +542,27 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @click.option("--threshold", default=None, type=click.FloatRange(0, 1), help="Decision threshold (default: the model's).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
               help="CSV input,patient mapping slides to patients.")
+@click.option("--until", "until", default=None, metavar="HH:MM",
+              help="Start no new input after this local time (the next such time from now); exit status 3.")
+@click.option("--max-hours", default=None, type=click.FloatRange(min=0, min_open=True, max=24 * 366),
+              help="Start no new input after this many hours; exit status 3.")
+@click.option("--max-inputs-in-flight", "max_inputs", default=None, type=click.IntRange(min=1),
+              help="Inputs on their way at once (default: 2 per worker thread, at least 4).")
 @_cluster_options
 def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
-        **kw) -> int:
-    """Tile, predict and report in one resumable command (tiles at the model's µm/px).
+        until: str | None, max_hours: float | None, max_inputs: int | None, **kw) -> int:
+    """Tile, score and report in one resumable command, each input as a stream (tiles at the model's µm/px).
 
-    Running the same command again after a kill continues where it stopped.
+    \b
+    Each input is scored as its tiles are written and reported as soon as it is scored; RUN/report
+    is rewritten every few seconds, so it always covers every finished input. Watch it from another
+    terminal with `cancernet status RUN`. Running the same command again after a kill, or after
+    --until/--max-hours stopped it, continues where it stopped.
     """
     from .stages.run import run_pipeline
     from .stages.report import ReportConfig
+
+    deadline = _deadline(until, max_hours)
 
     model_dir = kw["model_dir"]
     tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
@@ -552,11 +572,54 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
         s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
                          ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir),
-                         tile_progress=_growing(tbar), predict_progress=pbar.update,
-                         on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+                         tile_progress=_growing(tbar), predict_progress=pbar.update, deadline=deadline,
+                         max_inputs=max_inputs, on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for line in s.lines():
         click.echo(line)
-    return exit_for(len(s.failed_inputs) + s.report.not_scored)
+    return exit_for(len(s.failed_inputs) + s.report.not_scored + s.remaining)
+
+
+def _deadline(until: str | None, max_hours: float | None) -> float | None:
+    """The time (``time.time()``) after which no new input starts, from --until HH:MM and/or --max-hours."""
+    import datetime
+    import time
+
+    out = []
+    if max_hours is not None:
+        out.append(time.time() + max_hours * 3600)
+    if until is not None:
+        try:
+            t = datetime.datetime.strptime(until.strip(), "%H:%M").time()
+        except ValueError:
+            raise click.BadParameter(f"expected a local time HH:MM, got {until!r}", param_hint="--until") from None
+        now = datetime.datetime.now()
+        at = datetime.datetime.combine(now.date(), t)
+        if at <= now:
+            at += datetime.timedelta(days=1)
+        out.append(at.timestamp())
+    return min(out) if out else None
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the progress record as JSON.")
+def status(run_dir: str, as_json: bool) -> int:
+    """How far a run is: inputs done / failed / remaining, patches scored, rate, finish time.
+
+    Read from the run folder alone: works while the run is going (from another terminal) and
+    after it stopped or died.
+    """
+    import json
+
+    from .status import run_status
+
+    st = run_status(run_dir)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+    else:
+        for line in st["lines"]:
+            click.echo(line)
+    return EXIT_OK
 
 
 def _int_list(ctx, param, value: str | None):
@@ -689,9 +752,22 @@ def _quiet_native_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a job scheduler's time limit, `kill`): unwind like Ctrl-C so every writer closes cleanly."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn library errors into one line and an exit status."""
+    import signal
+    import threading
+
     _quiet_native_logs()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="cancernet", standalone_mode=False)
@@ -711,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; re-run the same command to resume", err=True)
         return 130
+    except _Terminated:
+        click.echo("terminated; re-run the same command to resume", err=True)
+        return 143
     return int(rv) if isinstance(rv, int) else EXIT_OK
 
 

@@ -38,6 +38,15 @@ class ClusterConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    score_workers: int | None = None
+    """Local workers that only score (Dask resource ``score``); the others only decode and tile
+    (resource ``tile``). None or 0: every worker does both kinds of work (a CPU-only machine)."""
+
+    def __post_init__(self) -> None:
+        workers, _ = self.local_shape()
+        if self.score_workers is not None and not 0 <= self.score_workers < workers and not self.scheduler:
+            raise ConfigError(f"--score-workers {self.score_workers} leaves no tiling worker out of {workers}",
+                              hint="give --workers more than --score-workers, or leave --score-workers out")
 
     def local_shape(self) -> tuple[int, int]:
         """Workers and threads per worker for a local cluster, sized to this machine when not given."""
@@ -105,7 +114,7 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                           "distributed.worker.memory.spill": False}):
         env = dict(os.environ)
         try:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host=cfg.host,
+            cluster = LocalCluster(n_workers=0 if cfg.score_workers else workers, threads_per_worker=threads, processes=True, host=cfg.host,
                                    dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
                                    memory_limit=cfg.memory_limit, silence_logs=logging.ERROR)
         finally:
@@ -114,7 +123,11 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
             os.environ.clear()
             os.environ.update(env)
         try:
+            if cfg.score_workers:
+                _split_workers(cluster, workers, cfg.score_workers, threads)
             client = Client(cluster)
+            if cfg.score_workers:
+                client.wait_for_workers(workers, timeout=120)
             if on_dashboard is not None and cfg.dashboard:
                 on_dashboard(client.dashboard_link)
             log.info("local Dask cluster: %d workers x %d threads at %s", workers, threads, cluster.scheduler_address)
@@ -124,6 +137,30 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                 client.close()
         finally:
             cluster.close()
+
+
+TILE, SCORE = "tile", "score"
+"""Dask worker resources: a worker that advertises only one of them does only that kind of work."""
+
+
+def _split_workers(cluster, workers: int, score_workers: int, threads: int) -> None:
+    """Start ``score_workers`` workers with the ``score`` resource and the rest with ``tile``."""
+    base = cluster.new_spec
+    for i in range(workers):
+        kind = SCORE if i < score_workers else TILE
+        cluster.worker_spec[f"{kind}-{i}"] = {"cls": base["cls"],
+                                             "options": {**base["options"], "resources": {kind: threads}}}
+    cluster.sync(cluster._correct_state)
+
+
+def work_split(client) -> bool:
+    """True when the cluster's workers are split into scoring and tiling workers (by resources)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # newer distributed lists only a few workers by default
+    except TypeError:
+        info = client.scheduler_info()
+    kinds = [set((w.get("resources") or {})) for w in info.get("workers", {}).values()]
+    return any(SCORE in k for k in kinds) and any(TILE in k for k in kinds)
 
 
 def as_completed_windowed(items: Iterable, submit: Callable[[object], object], window: int) -> Iterator[tuple]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from .atomic import write_csv
+from .atomic import csv_bytes, unsafe_cell, write_bytes
+from .errors import StorageError
 
 
 @dataclass(frozen=True)
@@ -28,32 +30,30 @@ class Failure:
 FAILURE_COLUMNS = tuple(f.name for f in fields(Failure))
 
 
+def failures_to_csv(failures: list[Failure]) -> bytes:
+    """The failures list as CSV bytes (formula-safe cells)."""
+    return csv_bytes(FAILURE_COLUMNS, [astuple(f) for f in failures])
+
+
+def failures_from_csv(data: bytes, path: str | os.PathLike = "failures.csv") -> list[Failure]:
+    """Parse a failures CSV (a spreadsheet's UTF-8 BOM is fine); a damaged one is a clear error."""
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in FAILURE_COLUMNS if c not in (rows.fieldnames or [])]
+    if missing:
+        raise StorageError(f"{Path(path).name} has no column(s) {', '.join(missing)}", path=path,
+                           hint="restore the file's header (input,stage,error_class,message) or delete the file")
+    return [Failure(**{k: unsafe_cell(row[k] or "") for k in FAILURE_COLUMNS}) for row in rows]
+
+
 def read_failures(path: str | os.PathLike) -> list[Failure]:
     """Read a failures CSV written by :func:`write_failures`; a missing file is an empty list."""
     p = Path(path)
     if not p.exists():
         return []
-    with open(p, newline="", encoding="utf-8") as fh:
-        return [Failure(**{k: row[k] for k in FAILURE_COLUMNS}) for row in csv.DictReader(fh)]
+    return failures_from_csv(p.read_bytes(), p)
 
 
 def write_failures(path: str | os.PathLike, failures: list[Failure]) -> Path:
-    """Atomically write the failures CSV (always written, even when empty, so a run shows it checked)."""
-    return write_csv(path, FAILURE_COLUMNS, [astuple(f) for f in failures])
-
-
-def merge_failures(path: str | os.PathLike, new: list[Failure], *, replace_stage_for: set[str] | None = None) -> list[Failure]:
-    """Merge ``new`` into the CSV at ``path``, one row per (input, stage), newest wins.
-
-    ``replace_stage_for`` lists inputs whose earlier rows are dropped first (they were retried).
-    """
-    merged: dict[tuple[str, str], Failure] = {}
-    for f in read_failures(path):
-        if replace_stage_for and f.input in replace_stage_for:
-            continue
-        merged[(f.input, f.stage)] = f
-    for f in new:
-        merged[(f.input, f.stage)] = f
-    out = list(merged.values())
-    write_failures(path, out)
-    return out
+    """Atomically write a failures CSV (always written, even when empty, so a run shows it checked)."""
+    return write_bytes(path, failures_to_csv(failures))

@@ -92,35 +92,37 @@ class InputAttrs:
         return cls(**known)
 
 
-def tiles_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "tiles.zarr"
-
-
-def open_input(run_dir: str | os.PathLike, gid: str, mode: str = "r+"):
-    """The group of one input, for tasks on workers.
+def open_input(location: str | os.PathLike, gid: str, mode: str = "r+"):
+    """The group of one input of the tile store at ``location``, for tasks on workers.
 
     Unlike :func:`open_root` it removes no temporary files: other workers are writing beside it,
-    and their in-flight ``*.partial`` files are not stale.
+    and their in-flight ``*.partial`` files are not stale. Use :meth:`Run.open_input
+    <cancernet_batch.runfolder.Run.open_input>`.
     """
     import zarr
 
-    return zarr.open_group(str(tiles_path(run_dir)), mode=mode, zarr_format=3)[f"inputs/{gid}"]
+    return zarr.open_group(str(location), mode=mode, zarr_format=3)[f"inputs/{gid}"]
 
 
-def open_root(run_dir: str | os.PathLike, mode: str = "a"):
-    """Open (or create, with ``mode='a'``) the run's ``tiles.zarr`` root group."""
+def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os.PathLike | None = None,
+              clean: bool = True):
+    """Open (or create, with ``mode='a'``) the tile store's root group at ``location``.
+
+    Use :meth:`Run.open_store <cancernet_batch.runfolder.Run.open_store>`; ``run_dir`` names the run
+    folder in messages.
+    """
     import zarr
 
-    path = tiles_path(run_dir)
+    path = Path(location)
     if mode == "r" and not path.exists():
-        raise StorageError("no tiles.zarr in this run folder", path=run_dir,
+        raise StorageError("no tiles.zarr in this run folder", path=run_dir or path.parent,
                            hint="run `cancernet tile INPUT... --out RUN` first")
     try:
         root = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except (OSError, PermissionError) as exc:
         raise StorageError(f"cannot open tile store: {exc}", path=path,
                            hint="check that the run folder is writable and not full") from exc
-    if mode != "r":
+    if mode != "r" and clean:
         # a run killed mid-write leaves zarr's temporary "*.partial" files beside group metadata
         inputs_dir = path / "inputs"
         groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []

@@ -8,6 +8,7 @@ import numpy as np
 
 from cancernet_batch import store
 from cancernet_batch.store import InputAttrs
+from cancernet_batch.runfolder import Run
 
 MODEL_ID = "model-test-0001"
 
@@ -23,7 +24,7 @@ def add_input(run: Path, source: str | Path, coords, probs, *, kind: str = "slid
     attrs = InputAttrs(source=str(source), kind=kind, reader="test", patient=patient, source_size=source_size,
                        source_mtime=0.0, target_mpp=target_mpp, grid_shape=grid_shape, n_tiles=n,
                        source_mpp=source_mpp, level0_tile_px=tile_px)
-    root = store.open_root(run)
+    root = Run.of(run).open_store()
     g = store.create_input(root, attrs, n, chunk=chunk)
     if n:
         if tiles is None:

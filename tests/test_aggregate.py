@@ -17,13 +17,14 @@ from cancernet_batch.aggregate import (NOT_SCORED, REPORTED, compare_with_truth,
 from cancernet_batch.errors import ConfigError, InputError, ModelError
 from cancernet_batch.store import InputAttrs
 from cancernet_batch.synth import SlideSpec, SlideTruth, write_slide
+from cancernet_batch.runfolder import Run
 
 COORDS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)]
 PROBS = [0.9, 0.2, 0.6, 0.49, 0.5]  # at 0.5: three IDC tiles (0.9, 0.6, 0.5); 0.49 is not
 
 
 def _group(run, gid):
-    return store.open_root(run, mode="r")["inputs"][gid]
+    return Run.of(run).open_store("r")["inputs"][gid]
 
 
 def test_tile_area_is_200_um_squared_at_4_mpp():

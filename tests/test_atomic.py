@@ -5,7 +5,7 @@ import pytest
 
 from cancernet_batch.atomic import atomic_path, safe_cell, write_csv, write_text
 from cancernet_batch.errors import StorageError
-from cancernet_batch.failures import Failure, merge_failures, read_failures, write_failures
+from cancernet_batch.failures import Failure, read_failures, write_failures
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -54,13 +54,13 @@ def test_csv_neutralises_formulas(tmp_path):
     assert safe_cell(-3) == -3
 
 
-def test_failures_roundtrip_and_merge(tmp_path):
+def test_failures_roundtrip(tmp_path):
     p = tmp_path / "failures.csv"
-    write_failures(p, [Failure("a.svs", "tile", "InputError", "a.svs: bad")])
-    merge_failures(p, [Failure("b.svs", "tile", "InputError", "b, \"quoted\"\nnewline")])
-    got = read_failures(p)
-    assert [f.input for f in got] == ["a.svs", "b.svs"]
-    merge_failures(p, [], replace_stage_for={"a.svs"})
-    assert [f.input for f in read_failures(p)] == ["b.svs"]
+    rows = [Failure("a.svs", "tile", "InputError", "a.svs: bad"), Failure("b.svs", "tile", "InputError", "b, \"quoted\"\nnewline"),
+            Failure("=c.svs", "plan", "X", "-1 is not a size")]
+    write_failures(p, rows)
+    assert read_failures(p) == rows  # formula guards are undone on reading
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())  # re-saved by a spreadsheet with a BOM
+    assert read_failures(p) == rows
     f = Failure.from_exception("x", "read", ValueError("multi\nline  message"))
     assert f.message == "multi line message" and f.error_class == "ValueError"

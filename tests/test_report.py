@@ -20,6 +20,7 @@ from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from cancernet_batch.failures import Failure, read_failures, write_failures
 from cancernet_batch.stages.report import ReportConfig, make_report, safe_name
 from cancernet_batch.synth import SlideSpec, write_slide
+from cancernet_batch.runfolder import Run
 
 COORDS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)]
 PROBS = [0.9, 0.2, 0.6, 0.49, 0.5]  # at 0.5: IDC tiles (0,0) (1,1) (3,4)
@@ -123,7 +124,7 @@ def test_patch_folder_geojson_matches_kaggle_names(run):
 
 
 def test_idc_map_saved_in_store(run):
-    g = store.open_root(run["dir"], mode="r")["inputs"][run["ids"]["a"]]
+    g = Run.of(run["dir"]).open_store("r")["inputs"][run["ids"]["a"]]
     m = g["idc_map"][:]
     assert m.shape == (4, 5) and m.dtype == np.float32
     assert np.isfinite(m).sum() == 5 and m[0, 0] == pytest.approx(0.9) and np.isnan(m[3, 0])
@@ -202,7 +203,7 @@ def test_rerun_gives_identical_csvs_and_drops_stale_maps(tmp_path):
     make_report(run_dir, ReportConfig(threshold=0.5))
     assert {n: (out / n).read_bytes() for n in first} == first
     assert not list(out.rglob(".tmp-*"))
-    del store.open_root(run_dir)["inputs"][b]
+    del Run.of(run_dir).open_store()["inputs"][b]
     make_report(run_dir, ReportConfig(threshold=0.5))
     assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png"]
     assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson"]
@@ -212,7 +213,7 @@ def test_one_broken_input_fails_alone_and_recovers(tmp_path):
     run_dir = tmp_path / "run"
     add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS)
     b = add_input(run_dir, tmp_path / "b.svs", B_COORDS, B_PROBS)
-    g = store.open_root(run_dir)["inputs"][b]
+    g = Run.of(run_dir).open_store()["inputs"][b]
     del g["coords"]
     s = make_report(run_dir, ReportConfig(threshold=0.5))
     assert (s.reported, s.failed) == (1, 1)
@@ -269,7 +270,7 @@ def test_thumbnail_stored_view_first_then_slide_then_mosaic(tmp_path):
     s = make_report(run_dir, ReportConfig(threshold=0.5))
     assert [r.thumbnail for r in s.inputs] == ["stored tiles"]
     assert (run_dir / "report" / s.inputs[0].heatmap).is_file()
-    g = next(g for _, g in store.iter_inputs(store.open_root(run_dir)))
+    g = next(g for _, g in store.iter_inputs(Run.of(run_dir).open_store()))
     rows, cols = truth.tissue.shape
     g.create_array("thumbnail", shape=(rows * 8, cols * 8, 3), dtype="uint8", fill_value=200)  # tiling's view
     s = make_report(run_dir, ReportConfig(threshold=0.5))
@@ -333,7 +334,7 @@ def test_report_on_a_dask_cluster_equals_the_serial_report(tmp_path):
         rep = run / "report"
         out = {p.relative_to(rep).as_posix(): p.read_bytes() for p in rep.rglob("*") if p.is_file()
                and p.suffix in (".csv", ".geojson", ".png")}
-        root = store.open_root(run, mode="r")
+        root = Run.of(run).open_store("r")
         for gid, g in store.iter_inputs(root):
             if "idc_map" in g:
                 out[gid + "/idc_map"] = np.asarray(g["idc_map"][...]).tobytes()
@@ -368,7 +369,7 @@ def test_worker_tasks_open_their_input_without_deleting_other_writers_temporarie
     gid = add_input(run, tmp_path / "a.svs", coords, np.full(len(coords), 0.5))
     in_flight = run / "tiles.zarr" / "inputs" / gid / "zarr.json.1f2e3d.partial"
     in_flight.write_text("{}")
-    g = store.open_input(run, gid)
+    g = Run.of(run).open_input(gid)
     assert g.attrs["source"].endswith("a.svs") and in_flight.exists()
-    store.open_root(run, mode="r+")  # the client opening the run: whatever is left now is stale
+    Run.of(run).open_store("r+")  # the client opening the run: whatever is left now is stale
     assert not in_flight.exists()

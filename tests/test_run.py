@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cancernet_batch import store
+from cancernet_batch.runfolder import Run
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 pytestmark = pytest.mark.slow
@@ -59,7 +60,7 @@ def test_demo_outputs(demo):
 
 def _done_chunks(run: Path) -> int:
     try:
-        root = store.open_root(run, mode="r")
+        root = Run.of(run).open_store("r")
         return sum(int(store.done_mask(g).sum()) for _, g in store.iter_inputs(root, complete_only=False))
     except Exception:  # noqa: BLE001 - the store may be mid-creation
         return 0

@@ -19,6 +19,7 @@ import pytest
 from cancernet_batch import store
 from cancernet_batch.cluster import ClusterConfig, dask_client
 from cancernet_batch.stages.score import PredictConfig, predict_run
+from cancernet_batch.runfolder import Run
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -31,7 +32,7 @@ def tiny_model(tiny_model_dir):
 def make_run(run_dir: Path, sizes: dict[str, int], chunk: int, seed: int = 0, mpp: float = 4.0) -> dict[str, np.ndarray]:
     """A tiles.zarr with one input per name holding random tiles; returns the tiles per input id."""
     rng = np.random.default_rng(seed)
-    root = store.open_root(run_dir)
+    root = Run.of(run_dir).open_store()
     out = {}
     for name, n in sizes.items():
         src = str(run_dir / "sources" / f"{name}.svs")
@@ -54,12 +55,12 @@ def reference(model_dir: Path, tiles: np.ndarray) -> np.ndarray:
 
 
 def stored_probs(run_dir: Path) -> dict[str, np.ndarray]:
-    root = store.open_root(run_dir, mode="r")
+    root = Run.of(run_dir).open_store("r")
     return {gid: np.asarray(g["probs"][:]) for gid, g in store.iter_inputs(root)}
 
 
 def all_done(run_dir: Path) -> bool:
-    root = store.open_root(run_dir, mode="r")
+    root = Run.of(run_dir).open_store("r")
     return all(store.done_mask(g).all() for _, g in store.iter_inputs(root))
 
 
@@ -110,7 +111,7 @@ def test_sigkill_mid_run_then_resume_scores_each_tile_once(tiny_model, tmp_path)
     done = 0
     while time.time() < deadline:
         try:
-            root = store.open_root(run, mode="r")
+            root = Run.of(run).open_store("r")
             done = sum(int(store.done_mask(g).sum()) for _, g in store.iter_inputs(root))
         except Exception:  # noqa: BLE001 - the store may be mid-creation
             done = 0
@@ -148,7 +149,7 @@ def test_worker_killed_mid_run_completes(tiny_model, tmp_path):
         th.start()
         deadline = time.time() + 120
         while time.time() < deadline:
-            root = store.open_root(run, mode="r")
+            root = Run.of(run).open_store("r")
             if sum(int(store.done_mask(g).sum()) for _, g in store.iter_inputs(root)) >= 2:
                 break
             time.sleep(0.05)
@@ -226,7 +227,7 @@ def test_other_model_needs_rescore(tiny_model, tmp_path):
 
     run = tmp_path / "run"
     make_run(run, {"r": 20}, chunk=20)
-    root = store.open_root(run)
+    root = Run.of(run).open_store()
     (_, g), = store.iter_inputs(root)
     store.ensure_predictions(g, "another-model")
     with pytest.raises(StorageError):

@@ -21,6 +21,7 @@ from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from cancernet_batch.synth import slide_model
 from cancernet_batch.stages.tile import tile_run
 from cancernet_batch.tiling import TileConfig, discover
+from cancernet_batch.runfolder import Run
 
 # What ../shared/data/README.md implies for each broken or unusable file: (stage, error class, words)
 EXPECTED_FAILURES = {
@@ -45,7 +46,7 @@ def client():
 
 
 def _group(run: Path, source) -> zarr.Group:
-    root = store.open_root(run, mode="r")
+    root = Run.of(run).open_store("r")
     return root["inputs"][store.input_id(source)]
 
 
@@ -215,7 +216,7 @@ def test_rerun_skips_and_interrupted_run_finishes_missing_chunks(mpp_slides, tmp
     assert again.skipped == [str(src)] and not again.tiled and again.tiles_written == 0
     assert _chunk_files(g) == files0
     # interrupted: not complete, chunks 1 and 3 never written
-    g = zarr.open_group(str(store.tiles_path(run)), mode="r+")["inputs"][store.input_id(src)]
+    g = zarr.open_group(str(Run.of(run).store_path), mode="r+")["inputs"][store.input_id(src)]
     g.attrs["complete"] = False
     for k in (1, 3):
         g["tiled"][k] = False

@@ -31,10 +31,11 @@ from .. import PATCH_SIZE, store
 from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
                         input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
-from ..atomic import remove_stale_temps, write_csv
-from ..cluster import as_completed_windowed
+from ..atomic import write_csv
+from ..cluster import TILE, as_completed_windowed, work_split
 from ..errors import StorageError
-from ..failures import Failure, read_failures, write_failures
+from ..failures import Failure
+from ..runfolder import Run
 from ..geojson import idc_features, write_geojson
 from ..heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
 from ..store import InputAttrs
@@ -129,6 +130,15 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, thu
     return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin)
 
 
+def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold) -> InputReport:
+    """The row of a scored input from its stored probabilities, drawing nothing (its files as they are)."""
+    scored = load_scored(gid, group, patient)
+    name = safe_name(gid)
+    heatmap, geo = f"maps/{name}.png", f"geojson/{name}.geojson"
+    return InputReport(input_figures(scored, thr.value), heatmap if run.report_file(heatmap).is_file() else None,
+                       geo if run.report_file(geo).is_file() else None)
+
+
 def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, thumb_px: int
                ) -> tuple[InputReport, Failure | None]:
     status, note = input_state(group)
@@ -178,18 +188,6 @@ INPUT_COLUMNS = tuple(f.name for f in fields(InputFigures))
 PATIENT_COLUMNS = tuple(f.name for f in fields(PatientFigures))
 
 
-def update_failures(run_dir: Path, new: list[Failure], checked: set[str]) -> list[Failure]:
-    """Merge this stage's failures into ``RUN/failures.csv``: earlier report rows of ``checked`` inputs go."""
-    path = run_dir / "failures.csv"
-    old = read_failures(path)
-    merged = {(f.input, f.stage): f for f in old if not (f.stage == STAGE and f.input in checked)}
-    merged.update({(f.input, f.stage): f for f in new})
-    failures = list(merged.values())
-    if failures != old or not path.exists():
-        write_failures(path, failures)
-    return failures
-
-
 def _remove_stale(folder: Path, suffix: str, keep: set[str]) -> None:
     """Drop heatmaps / GeoJSON of inputs that are no longer reported."""
     if folder.is_dir():
@@ -205,74 +203,104 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
             log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
 
 
-def report_task(run_dir: str, gid: str, patient: str, thr: Threshold, thumb_px: int
+def report_task(run: Run, gid: str, patient: str, thr: Threshold, thumb_px: int
                 ) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
-    g = store.open_input(run_dir, gid)  # not open_root: its clean-up would delete other workers' files in flight
-    return _one_input(Path(run_dir) / "report", gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, thumb_px)
+    g = run.open_input(gid)  # not open_store: its clean-up would delete other workers' files in flight
+    return _one_input(run.report_dir, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, thumb_px)
 
 
-def _report_on_cluster(client, run: Path, work: list[tuple[str, str]], thr: Threshold, thumb_px: int,
+def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, thumb_px: int, *, split: bool = False,
+                  priority: int = 0):
+    """Submit :func:`report_task` for one input; on the tiling workers when the work is split."""
+    return client.submit(report_task, run, gid, patient, thr, thumb_px, pure=False, priority=priority,
+                         resources={TILE: 1} if split else None, key=f"report-{gid}-{time.monotonic_ns()}")
+
+
+def report_result(fut, source: str, gid: str, attrs: InputAttrs, patient: str, thr: Threshold
+                  ) -> tuple[InputReport, Failure | None]:
+    """The outcome of a report task; a worker lost under it fails that input only."""
+    try:
+        return fut.result()
+    except StorageError:
+        raise  # the output folder itself is unwritable or full: no other input would fare better
+    except Exception as exc:  # noqa: BLE001 - e.g. the worker was killed for memory while drawing this input
+        return _failed_input(gid, attrs, patient, thr, "", exc)
+
+
+def _report_on_cluster(client, run: Run, work: list[tuple[str, str, InputAttrs]], thr: Threshold, thumb_px: int,
                        progress: Callable[[int], None] | None) -> list[tuple[InputReport, Failure | None]]:
-    """``report_task`` for each ``(gid, patient)`` on the cluster, a bounded number in flight, in order."""
+    """``report_task`` for each ``(gid, patient, attrs)`` on the cluster, a bounded number in flight, in order."""
+    split = work_split(client)
+
     def submit(i: int):
-        gid, patient = work[i]
-        return client.submit(report_task, str(run), gid, patient, thr, thumb_px, pure=False,
-                             key=f"report-{gid}-{time.monotonic_ns()}")
+        gid, patient, _ = work[i]
+        return submit_report(client, run, gid, patient, thr, thumb_px, split=split)
 
     results: dict[int, tuple] = {}
     window = max(2, 2 * (sum(client.nthreads().values()) or 1))
     for i, fut in as_completed_windowed(range(len(work)), submit, window):
-        results[i] = fut.result()  # StorageError and the like end the report, as in-process
+        gid, patient, attrs = work[i]
+        results[i] = report_result(fut, attrs.source, gid, attrs, patient, thr)
         if progress is not None:
             progress(1)
     return [results[i] for i in range(len(work))]
 
 
-def make_report(run_dir: str | os.PathLike, cfg: ReportConfig = ReportConfig(),
-                progress: Callable[[int], None] | None = None, client=None) -> ReportSummary:
-    """Write ``RUN/report/`` for every input of the run's store; returns what was written.
-
-    ``client``: a connected ``distributed.Client`` (``cancernet run`` passes its own) to make the
-    inputs' maps, heatmaps and GeoJSON as Dask tasks in parallel; the tables and index.html are
-    written here once all are done. Without one, inputs are reported one after another here.
-    """
+def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: list[Failure]) -> ReportSummary:
+    """Write inputs.csv, patients.csv, the report's failures.csv and index.html for ``rows`` (atomically)."""
     from ..report_html import write_index
 
-    run = Path(run_dir)
-    store.open_root(run, mode="r")  # a clear error when there is no store
-    root = store.open_root(run, mode="r+")
-    thr = resolve_threshold(run, cfg.threshold, cfg.model_dir)
-    mapping = read_patient_map(cfg.patients_csv) if cfg.patients_csv else {}
-    groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
-    for key in unmatched_keys(mapping, [(gid, a) for gid, _, a in groups]):
-        log.warning("patient map: %r names no input of this run", key)
-    out = run / "report"
-    remove_stale_temps(run, out, out / "maps", out / "geojson")  # left by a killed earlier report
-    rows: list[InputReport] = []
-    new_failures: list[Failure] = []
-    if client is not None and len(groups) > 1:
-        done = _report_on_cluster(client, run, [(gid, patient_of(gid, attrs, mapping)) for gid, _, attrs in groups],
-                                  thr, cfg.thumb_px, progress)
-    else:
-        done = []
-        for gid, g, attrs in groups:
-            done.append(_one_input(out, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px))
-            if progress is not None:
-                progress(1)
-    for row, failure in done:
-        rows.append(row)
-        new_failures += [failure] if failure else []
-    _check_model(thr, rows)
-    _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
-    _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
-    failures = update_failures(run, new_failures, {a.source for _, _, a in groups})
+    out = run.report_dir
     figures = [r.figures for r in rows]
     summary = ReportSummary(out, thr, rows, patient_figures(figures), failures)
     write_table(out / "inputs.csv", figures, INPUT_COLUMNS)
     write_table(out / "patients.csv", summary.patients, PATIENT_COLUMNS)
-    write_failures(out / "failures.csv", failures)
+    run.write_report_failures(failures)
     write_index(summary)
+    return summary
+
+
+def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: list[Failure]) -> ReportSummary:
+    """The report's last step: drop files of inputs no longer reported, then write the tables."""
+    _check_model(thr, rows)
+    out = run.report_dir
+    _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
+    _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
+    summary = write_tables(run, rows, thr, failures)
     log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
              summary.failed, summary.index)
     return summary
+
+
+def make_report(run_dir: "str | os.PathLike | Run", cfg: ReportConfig = ReportConfig(),
+                progress: Callable[[int], None] | None = None, client=None) -> ReportSummary:
+    """Write ``RUN/report/`` for every input of the run's store; returns what was written.
+
+    ``client``: a connected ``distributed.Client`` to make the inputs' maps, heatmaps and GeoJSON as
+    Dask tasks in parallel; the tables and index.html are written here once all are done. Without
+    one, inputs are reported one after another here.
+    """
+    run = Run.of(run_dir)
+    run.open_store("r")  # a clear error when there is no store
+    with run.lock("report"):
+        root = run.open_store("r+")
+        thr = resolve_threshold(run, cfg.threshold, cfg.model_dir)
+        mapping = read_patient_map(cfg.patients_csv) if cfg.patients_csv else {}
+        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
+        for key in unmatched_keys(mapping, [(gid, a) for gid, _, a in groups]):
+            log.warning("patient map: %r names no input of this run", key)
+        run.remove_stale_report_temps()  # left by a killed earlier report
+        if client is not None and len(groups) > 1:
+            done = _report_on_cluster(client, run, [(gid, patient_of(gid, attrs, mapping), attrs)
+                                                    for gid, _, attrs in groups], thr, cfg.thumb_px, progress)
+        else:
+            done = []
+            for gid, g, attrs in groups:
+                done.append(_one_input(run.report_dir, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px))
+                if progress is not None:
+                    progress(1)
+        rows = [row for row, _ in done]
+        failures = run.record_failures([f for _, f in done if f], retried={a.source for _, _, a in groups},
+                                       from_stage=STAGE)
+        return finish_report(run, rows, thr, failures)

@@ -13,22 +13,24 @@ chunk that was scored twice after a kill still holds exactly one set of probabil
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import store
-from ..cluster import ClusterConfig, as_completed_windowed, dask_client, usable_cores
-from ..atomic import write_text
-from ..errors import ModelError, ResolutionError
-from ..failures import Failure, merge_failures
+from ..cluster import SCORE, ClusterConfig, as_completed_windowed, dask_client, usable_cores, work_split
+from ..errors import ModelError, ResolutionError, StorageError
+from ..failures import Failure
+from ..runfolder import Run
 
 log = logging.getLogger(__name__)
+
+STAGE = "predict"
 
 
 @dataclass(frozen=True)
@@ -120,20 +122,24 @@ class EnginePlugin(_WorkerPlugin):
         self.cfg = cfg
 
     def setup(self, worker) -> None:  # noqa: D401 - distributed's hook
+        resources = getattr(worker.state, "total_resources", None) if hasattr(worker, "state") else None
+        resources = resources if resources is not None else getattr(worker, "total_resources", {}) or {}
+        if resources and SCORE not in resources:
+            return  # a tiling-only worker never scores: no model in its memory (or on its GPU)
         get_engine(self.cfg)
 
     def teardown(self, worker) -> None:
         pass
 
 
-def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: PredictConfig) -> dict:
+def score_chunk(run: Run, gid: str, index: int, start: int, stop: int, cfg: PredictConfig) -> dict:
     """Score tiles ``[start, stop)`` of input ``gid`` and write probs, then the chunk's done flag.
 
     Runs on a worker. Returns only counts and timings.
     """
     t0 = time.perf_counter()
     engine = get_engine(cfg)
-    g = store.open_input(run_dir, gid)
+    g = run.open_input(gid)
     tiles = g["tiles"][start:stop]
     t1 = time.perf_counter()
     out = engine.predict(tiles)  # in calls of cfg.batch_size tiles
@@ -148,117 +154,154 @@ def score_chunk(run_dir: str, gid: str, index: int, start: int, stop: int, cfg: 
 # client side
 # --------------------------------------------------------------------------------------------
 
-def plan_chunks(run_dir: str | os.PathLike, model_id: str, *, rescore: bool = False, mpp: float | None = None
-                ) -> tuple[list[tuple[str, int, int, int]], int, int, list[Failure]]:
-    """Chunks still to score: ``[(gid, index, start, stop)]``, plus inputs, skipped count and failures."""
-    root = store.open_root(run_dir, mode="r+")
-    todo: list[tuple[str, int, int, int]] = []
-    skipped = 0
-    inputs = 0
-    failures: list[Failure] = []
-    for gid, g in store.iter_inputs(root):
-        inputs += 1
-        tiled_mpp = g.attrs.get("target_mpp")
-        if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
-            failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", ResolutionError(
-                f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
-                path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")))
-            continue
-        try:
-            store.ensure_predictions(g, model_id, reset=rescore)
-        except Exception as exc:  # noqa: BLE001 - one input never stops the batch
-            failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", exc))
-            continue
-        done = store.done_mask(g)
-        n = int(g["tiles"].shape[0])
-        chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
-        for index, (start, stop) in enumerate(store.chunk_bounds(n, chunk)):
-            if done[index]:
-                skipped += 1
-            else:
-                todo.append((gid, index, start, stop))
-    return todo, inputs, skipped, failures
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring a run needs on the client: the settings (model path absolute, threads shared
+    out) and the model's id, threshold and µm/px. Made by :func:`prepare_scoring`."""
+
+    cfg: PredictConfig
+    model_id: str
+    threshold: float | None
+    mpp: float
 
 
-def predict_run(run_dir: str | os.PathLike, cfg: PredictConfig, *, progress: Callable[[int], None] | None = None,
-                on_dashboard: Callable[[str], None] | None = None, client=None) -> PredictSummary:
-    """Score every unscored tile chunk of ``run_dir`` with Dask and record failures.
+def prepare_scoring(run: Run, cfg: PredictConfig) -> Scoring:
+    """Check the model and the run before anything is written, then record ``predict.json``.
 
-    ``client``: an already connected ``distributed.Client`` (``cancernet run`` shares one between
-    stages); otherwise one is made from ``cfg.cluster``.
+    A run folder scored (in part) by another model is refused as a whole unless ``cfg.rescore``:
+    one report must never mix one model's probabilities with another's threshold.
     """
-    run_dir = str(Path(run_dir).resolve())
-    store.open_root(run_dir, mode="r")  # a missing or foreign run folder fails here, before anything is written
     if not (Path(cfg.model_dir) / "model.json").exists():
         raise ModelError("no model.json in the model folder", path=cfg.model_dir,
                          hint="give the folder written by `cancernet train`")
     from ..model import read_meta
 
     meta = read_meta(cfg.model_dir)
-    model_id = meta.model_id
-    cfg = PredictConfig(**{**cfg.__dict__, "model_dir": str(Path(cfg.model_dir).resolve())})
-    write_text(Path(run_dir) / "predict.json", json.dumps(
-        {"model_dir": cfg.model_dir, "model_id": model_id, "threshold": meta.threshold, "mpp": meta.mpp,
-         "engine": cfg.engine, "backend": cfg.backend, "device": cfg.device, "batch_size": cfg.batch_size}, indent=2) + "\n")
-    todo, inputs, skipped, failures = plan_chunks(run_dir, model_id, rescore=cfg.rescore, mpp=meta.mpp)
-    summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
-                             failures=failures)
-    t0 = time.perf_counter()
-    if todo and cfg.engine_threads is None and not cfg.cluster.scheduler:
+    cfg = replace(cfg, model_dir=str(Path(cfg.model_dir).resolve()))
+    if not cfg.rescore and run.exists():
+        others = sorted({str(m) for m in _scored_by(run) if m != meta.model_id})
+        if others:
+            raise StorageError(f"this run was scored by model {', '.join(others)}, not {meta.model_id}", path=run.root,
+                               hint="score into a new run folder, or pass --rescore to score every input again")
+    if cfg.engine_threads is None and not cfg.cluster.scheduler:
         # a local cluster (ours, or the one `run` shares): share the cores between workers instead of
         # letting each engine take them all
         workers, threads = cfg.cluster.local_shape()
-        cfg = PredictConfig(**{**cfg.__dict__, "engine_threads": max(1, usable_cores() // (workers * threads))})
-    if todo:
-        if client is None:
-            with dask_client(cfg.cluster, on_dashboard=on_dashboard) as c:
-                _run_tasks(c, run_dir, cfg, todo, summary, progress)
-        else:
-            _run_tasks(client, run_dir, cfg, todo, summary, progress)
-    summary.seconds = time.perf_counter() - t0
-    failed_inputs = {f.input for f in summary.failures}
-    ok_inputs = set()
-    root = store.open_root(run_dir, mode="r")
+        cfg = replace(cfg, engine_threads=max(1, usable_cores() // (workers * threads)))
+    run.create().write_predict_record(
+        {"model_dir": cfg.model_dir, "model_id": meta.model_id, "threshold": meta.threshold, "mpp": meta.mpp,
+         "engine": cfg.engine, "backend": cfg.backend, "device": cfg.device, "batch_size": cfg.batch_size})
+    return Scoring(cfg, meta.model_id, meta.threshold, meta.mpp)
+
+
+def _scored_by(run: Run) -> set:
+    root = run.open_store("r", clean=False)
+    return {g["probs"].attrs.get("model_id") for _, g in store.iter_inputs(root, complete_only=False) if "probs" in g}
+
+
+def input_chunks_to_score(g, gid: str, scoring: Scoring) -> list[tuple[str, int, int, int]]:
+    """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input, its predictions set up.
+
+    Raises (for the input's failure row) when it was tiled at another µm/px than the model's, or
+    when its predictions cannot be set up.
+    """
+    tiled_mpp = g.attrs.get("target_mpp")
+    mpp = scoring.mpp
+    if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
+        raise ResolutionError(f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
+                              path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")
+    store.ensure_predictions(g, scoring.model_id, reset=scoring.cfg.rescore)
+    done = store.done_mask(g)
+    n = int(g["tiles"].shape[0])
+    chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
+    return [(gid, i, s, e) for i, (s, e) in enumerate(store.chunk_bounds(n, chunk)) if not done[i]]
+
+
+def plan_chunks(run: Run, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int, int, list[Failure]]:
+    """Chunks still to score: ``[(gid, index, start, stop)]``, plus inputs, skipped count and failures."""
+    root = run.open_store("r+")
+    todo: list[tuple[str, int, int, int]] = []
+    skipped = 0
+    inputs = 0
+    failures: list[Failure] = []
     for gid, g in store.iter_inputs(root):
-        src = g.attrs.get("source", gid)
-        if src not in failed_inputs and store.done_mask(g).all():
-            ok_inputs.add(src)
-    merge_failures(Path(run_dir) / "failures.csv", summary.failures,
-                   replace_stage_for=ok_inputs or None)
+        inputs += 1
+        try:
+            chunks = input_chunks_to_score(g, gid, scoring)
+        except Exception as exc:  # noqa: BLE001 - one input never stops the batch
+            failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", exc))
+            continue
+        todo += chunks
+        skipped += len(store.done_mask(g)) - len(chunks)
+    return todo, inputs, skipped, failures
+
+
+def predict_run(run_dir: "str | os.PathLike | Run", cfg: PredictConfig, *, progress: Callable[[int], None] | None = None,
+                on_dashboard: Callable[[str], None] | None = None, client=None) -> PredictSummary:
+    """Score every unscored tile chunk of the run with Dask and record failures.
+
+    ``client``: an already connected ``distributed.Client``; otherwise one is made from ``cfg.cluster``.
+    """
+    run = Run.of(run_dir)
+    run.open_store("r")  # a missing or foreign run folder fails here, before anything is written
+    with run.lock("predict"):
+        scoring = prepare_scoring(run, cfg)
+        todo, inputs, skipped, failures = plan_chunks(run, scoring)
+        summary = PredictSummary(inputs=inputs, chunks_total=len(todo) + skipped, chunks_skipped=skipped,
+                                 failures=failures)
+        t0 = time.perf_counter()
+        if todo:
+            with contextlib.nullcontext(client) if client is not None else dask_client(
+                    scoring.cfg.cluster, on_dashboard=on_dashboard) as c:
+                _run_tasks(c, run, scoring.cfg, todo, summary, progress)
+        summary.seconds = time.perf_counter() - t0
+        failed_inputs = {f.input for f in summary.failures}
+        ok_inputs = {g.attrs.get("source", gid) for gid, g in store.iter_inputs(run.open_store("r"))
+                     if store.done_mask(g).all()} - failed_inputs
+        run.record_failures(summary.failures, retried=ok_inputs, from_stage=STAGE)
     log.info("scored %d tiles in %.1f s (%.0f patches/s); %d chunks skipped", summary.tiles_scored,
              summary.seconds, summary.patches_per_second, skipped)
     return summary
 
 
-def _run_tasks(client, run_dir: str, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
+def load_engines(client, cfg: PredictConfig) -> float:
+    """Load the model once on every (scoring) worker; returns the seconds it took."""
     t0 = time.perf_counter()
     try:
         client.register_plugin(EnginePlugin(cfg), name=EnginePlugin.name)
-        summary.load_seconds = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - a worker that cannot load the model
         raise ModelError(f"workers could not load the model: {exc}", path=cfg.model_dir,
                          hint="check the model folder is readable from every worker and the engine is installed") from exc
+    return time.perf_counter() - t0
+
+
+def submit_score(client, run: Run, item: tuple, cfg: PredictConfig, *, split: bool = False, priority: int = 0):
+    """Submit :func:`score_chunk` for ``item = (gid, index, start, stop)``; on scoring workers when ``split``."""
+    return client.submit(score_chunk, run, *item, cfg, pure=False, retries=2, priority=priority,
+                         resources={SCORE: 1} if split else None,
+                         key=f"score-{item[0]}-{item[1]}-{time.monotonic_ns()}")
+
+
+def _run_tasks(client, run: Run, cfg: PredictConfig, todo, summary: PredictSummary, progress) -> None:
+    summary.load_seconds = load_engines(client, cfg)
+    split = work_split(client)
     nthreads = sum(client.nthreads().values()) or 1
     window = max(2, cfg.max_inflight_per_thread * nthreads)
     sources: dict[str, str] = {}
-    root = store.open_root(run_dir, mode="r")
-    for gid, g in store.iter_inputs(root):
+    for gid, g in store.iter_inputs(run.open_store("r")):
         sources[gid] = g.attrs.get("source", gid)
     failed_gids: set[str] = set()
     chunks = (item for item in todo if item[0] not in failed_gids)  # lazily: chunks of failed inputs are dropped
 
-    def submit(item):
-        return client.submit(score_chunk, run_dir, *item, cfg, pure=False, retries=2,
-                             key=f"score-{item[0]}-{item[1]}-{time.monotonic_ns()}")
-
-    for item, fut in as_completed_windowed(chunks, submit, window):
+    for item, fut in as_completed_windowed(chunks, lambda item: submit_score(client, run, item, cfg, split=split),
+                                           window):
         try:
             res = fut.result()
         except Exception as exc:  # noqa: BLE001 - record and go on with the other inputs
             gid = item[0]
             if gid not in failed_gids:
                 failed_gids.add(gid)
-                summary.failures.append(Failure.from_exception(sources.get(gid, gid), "predict", exc))
+                summary.failures.append(Failure.from_exception(sources.get(gid, gid), STAGE, exc))
                 log.warning("%s: scoring failed: %s", sources.get(gid, gid), exc)
         else:
             summary.chunks_scored += 1

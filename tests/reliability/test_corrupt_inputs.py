@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cancernet_batch.runfolder import Run
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ def test_one_tile_call_records_every_broken_input(archive, tmp_path):
     assert any(row["input"].endswith(".png") for row in rows)
     from cancernet_batch import store
 
-    tiled = {Path(g.attrs["source"]).name for _, g in store.iter_inputs(store.open_root(run, mode="r"))}
+    tiled = {Path(g.attrs["source"]).name for _, g in store.iter_inputs(Run.of(run).open_store("r"))}
     assert "good.svs" in tiled
     assert any(name.startswith("9") for name in tiled)  # the synthetic patient folder
     assert "folder.svs" not in by_name or by_name["folder.svs"][0]["message"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cancernet_batch import store
+from cancernet_batch.runfolder import Run
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def _args(inputs, run: Path, model: Path, *extra: str) -> list[str]:
 
 def _flags(run: Path, name: str) -> int:
     try:
-        root = store.open_root(run, mode="r")
+        root = Run.of(run).open_store("r")
         total = 0
         for _, g in store.iter_inputs(root, complete_only=False):
             if name in g:
@@ -54,7 +55,7 @@ KILL_POINTS = {
 def _outputs(run: Path) -> dict:
     rep = run / "report"
     out = {name: (rep / name).read_text() for name in ("inputs.csv", "patients.csv", "failures.csv")}
-    root = store.open_root(run, mode="r")
+    root = Run.of(run).open_store("r")
     for gid, g in store.iter_inputs(root):
         out[gid] = np.asarray(g["probs"][:]).tobytes()
         out[gid + "/coords"] = np.asarray(g["coords"][:]).tobytes()

@@ -1,0 +1,542 @@
+"""The streaming machinery of ``cancernet run`` (and ``tile``): every input flows tile -> score -> report on its own.
+
+One :class:`Flow` drives one Dask client. Inputs are admitted a window at a time; each goes on as
+soon as its previous step is done:
+
+    slide:          preflight -> prepare (plan, group) -> tile chunk ... -> score chunk ... -> report
+    patient folder: load and write all chunks ------------------------------> score chunk ... -> report
+    already tiled:                                                           score chunk ... -> report
+
+A tile chunk is scored as soon as it is written; an input's report part (maps, heatmap, GeoJSON,
+its CSV row) is made as soon as its last chunk is scored. Every few seconds (and at the end) the
+run's failures list, ``inputs.csv``, ``patients.csv``, ``index.html`` and ``progress.json`` are
+rewritten atomically, so at every moment the report folder is a valid report of every finished
+input. Bounded whatever the archive: at most ``max_inputs`` inputs in flight (their task
+descriptions only: no pixels pass the client), scoring tasks ahead of tiling tasks in Dask's
+priorities (backpressure: tiles do not pile up unscored), report tasks ahead of both.
+
+Work split: when the cluster's workers advertise the Dask resources ``tile`` and ``score``
+(:func:`cancernet_batch.cluster.work_split`; ``--score-workers``, or one scoring worker per GPU),
+decoding tasks go to the tiling workers and scoring to the scoring workers, so both run at once.
+Otherwise every worker takes both kinds.
+
+Resume: every step writes in the order that makes a re-run safe (tiles, then their chunk's flag;
+probabilities, then their done flag; report files by rename), so a killed run re-run with the same
+command finishes only what is missing. A deadline (``--until``/``--max-hours``) stops admitting
+inputs; those in flight finish, the report covers every finished input and the rest stay for the
+next run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import store
+from ..cluster import TILE, ClusterConfig, dask_client, work_split
+from ..errors import CancerNetError, StorageError
+from ..failures import Failure
+from ..runfolder import Run
+from ..tiling import InputSpec, TileConfig, discover_some
+from .tile import (TileSummary, _worker_error, is_fresh, patches_task, preflight_task, prepare_slide_task,
+                   tile_chunk_task)
+
+log = logging.getLogger(__name__)
+
+# Dask priorities (higher first): finish what is started before starting more
+_REPORT, _SCORE, _TILE = 3_000_000, 2_000_000, 1_000_000
+
+
+@dataclass
+class _Input:
+    """One input on its way through the flow."""
+
+    seq: int
+    source: str
+    gid: str
+    entry: str  # "tile" (tile it first) | "score" (already tiled: score and report it)
+    spec: InputSpec | None = None
+    series_files: list[str] = field(default_factory=list)
+    preflighted: bool = False
+    outstanding: int = 0  # its tasks submitted and not yet back
+    to_tile: int = 0
+    to_score: int = 0
+    tiling_done: bool = False
+    score_after_tile: set[int] = field(default_factory=set)  # chunks to score once their tiles are written
+    reporting: bool = False
+    reported: bool = False
+    attrs: object = None  # InputAttrs, once its report starts
+    patient: str = ""
+    failed: bool = False
+    finished: bool = False
+
+
+class Flow:
+    """Tile (and, when given their settings, score and report) a run's inputs as a stream.
+
+    ``scoring``: a :class:`~cancernet_batch.stages.score.Scoring` (from ``prepare_scoring``), or
+    None to tile only. ``report_cfg``: a ``ReportConfig``, or None for no report.
+    """
+
+    def __init__(self, run: Run, *, tile_cfg: TileConfig, scoring=None, report_cfg=None, deadline: float | None = None,
+                 max_inputs: int | None = None, flush_seconds: float = 5.0,
+                 tile_progress: Callable[[int, int], None] | None = None,
+                 score_progress: Callable[[int], None] | None = None,
+                 report_progress: Callable[[int], None] | None = None):
+        from .score import PredictSummary
+
+        self.run, self.tile_cfg, self.scoring, self.report_cfg = run, tile_cfg, scoring, report_cfg
+        self.deadline, self.max_inputs, self.flush_seconds = deadline, max_inputs, flush_seconds
+        self._tile_progress = tile_progress or (lambda done, added: None)
+        self._score_progress = score_progress or (lambda n: None)
+        self._report_progress = report_progress or (lambda n: None)
+        self.tile = TileSummary(run_dir=str(run.root))
+        self.predict = PredictSummary()
+        self.rows: dict = {}  # gid -> InputReport, of inputs finished in this flow
+        self.report = None  # ReportSummary after the final flush
+        self.threshold = None
+        self.mapping: dict[str, str] = {}
+        self.queue: collections.deque[_Input] = collections.deque()
+        self.dicom: list[InputSpec] = []
+        self.remaining = 0  # inputs not started because of the deadline
+        self.stopped_by_deadline = False
+        self.started = time.time()
+        self.first_report_seconds: float | None = None
+        self.inputs_total = 0
+        self.inputs_done = 0
+        self.inputs_failed = 0
+        self._new_failures: list[Failure] = []
+        self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
+        self._failed_sources: set[str] = set()
+        self._seq = 0
+        self._last_flush = 0.0
+        self._first_score_at: float | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # what to do
+    # ---------------------------------------------------------------------------------------
+    def discover(self, paths) -> None:
+        """Find the inputs named by ``paths``; those already tiled and unchanged go straight to scoring."""
+        specs, failures = discover_some(paths)
+        self._new_failures += failures
+        self.tile.failures += failures
+        root = self.run.create().open_store("a")
+        inputs = root.require_group("inputs")
+        done_members: set[str] = set()
+        todo: list[InputSpec] = []
+        fresh: list[tuple[InputSpec, str]] = []
+        for spec in specs:
+            gid = store.input_id(spec.source)
+            if gid in inputs and is_fresh(dict(inputs[gid].attrs), spec, self.tile_cfg):
+                fresh.append((spec, gid))
+                done_members.update((inputs[gid].attrs.get("extra") or {}).get("series_files") or [])
+            else:
+                todo.append(spec)
+        for spec in todo:
+            if spec.source in done_members:
+                fresh.append((spec, ""))  # a member of a tiled DICOM series: nothing of its own to do
+            elif spec.kind == "slide" and spec.path.suffix.lower() == ".dcm":
+                self.dicom.append(spec)  # grouped into series after their preflight, before the stream
+            else:
+                self._enqueue(spec.source, store.input_id(spec.source), "tile", spec=spec)
+        for spec, gid in fresh:
+            self.tile.skipped.append(spec.source)
+            if gid and self.scoring is not None:
+                self._enqueue(spec.source, gid, "score")
+        if self.tile.skipped:
+            log.info("%d inputs already complete and unchanged: not tiled again", len(self.tile.skipped))
+        if self.scoring is not None:  # inputs of earlier calls, complete, that this call does not name
+            named = {i.gid for i in self.queue} | {store.input_id(s.source) for s in self.dicom}
+            for gid, g in store.iter_inputs(root):
+                if gid not in named:
+                    self._enqueue(str(g.attrs.get("source", gid)), gid, "score")
+        self.inputs_total = len(self.queue) + len(self.dicom)
+
+    def _enqueue(self, source: str, gid: str, entry: str, **kw) -> _Input:
+        self._seq += 1
+        inp = _Input(self._seq, source, gid, entry, **kw)
+        self.queue.append(inp)
+        return inp
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------
+    def execute(self, client=None, cluster: ClusterConfig | None = None, *, on_dashboard=None) -> None:
+        """Run every input through (a local cluster is made from ``cluster`` when no client is given)."""
+        if not self.queue and not self.dicom and self.report_cfg is None:
+            self.flush(final=True)
+            return
+        with contextlib.nullcontext(client) if client is not None else dask_client(
+                cluster or ClusterConfig(), on_dashboard=on_dashboard) as c:
+            self.client = c
+            self.split = work_split(c)
+            nthreads = sum(c.nthreads().values()) or 1
+            self.window = self.max_inputs or max(4, 2 * nthreads)
+            if self.report_cfg is not None:
+                self._setup_report()
+            if self.scoring is not None and (self.queue or self.dicom):
+                from .score import load_engines
+
+                self.predict.load_seconds = load_engines(c, self.scoring.cfg)
+            self._preflight_dicom()
+            self._loop()
+            if self.report_cfg is not None:
+                self._report_leftovers()
+        self.flush(final=True)
+
+    def _loop(self) -> None:
+        from distributed import as_completed
+
+        self._ac = as_completed()
+        self._meta: dict[str, tuple] = {}
+        self._inflight = 0
+        self._admit()
+        for fut in self._ac:
+            kind, inp, extra = self._meta.pop(fut.key)
+            inp.outstanding -= 1
+            try:
+                try:
+                    res = fut.result()
+                except StorageError:
+                    raise  # the run folder itself is unwritable or full: stop, the report says what is done
+                except Exception as exc:  # noqa: BLE001 - this input fails, the others go on
+                    res = exc
+            finally:
+                fut.release()
+            getattr(self, f"_on_{kind}")(inp, res, extra)
+            self._maybe_finish(inp)
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                self.flush()
+
+    def _admit(self) -> None:
+        while self._inflight < self.window and self.queue:
+            if self.deadline is not None and time.time() >= self.deadline:
+                self.stopped_by_deadline = True
+                self.remaining = len(self.queue)
+                log.info("deadline reached: %d inputs not started (re-run the same command to continue)",
+                         self.remaining)
+                return
+            inp = self.queue.popleft()
+            self._inflight += 1
+            self._start(inp)
+            self._maybe_finish(inp)
+
+    def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, extra=None) -> None:
+        resources = ({"score": 1} if scoring else {TILE: 1}) if self.split else None
+        fut = self.client.submit(fn, *args, pure=False, priority=priority - inp.seq, resources=resources,
+                                 key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
+        self._meta[fut.key] = (kind, inp, extra)
+        inp.outstanding += 1
+        self._ac.add(fut)
+
+    # ---------------------------------------------------------------------------------------
+    # steps
+    # ---------------------------------------------------------------------------------------
+    def _start(self, inp: _Input) -> None:
+        self._retried.setdefault(inp.source, "discover" if inp.entry == "tile" else "predict")
+        if inp.entry == "score":
+            inp.tiling_done = True
+            self._start_scoring(inp, tiled_now=set())
+        elif inp.spec is not None and inp.spec.kind == "patches":
+            self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
+        elif inp.preflighted:
+            self._submit_prepare(inp)
+        else:
+            self._submit("preflight", inp, preflight_task, inp.source, self.tile_cfg.preflight_timeout, priority=_TILE)
+
+    def _submit_prepare(self, inp: _Input) -> None:
+        self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
+                     priority=_TILE)
+
+    def _on_preflight(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, BaseException):
+            res = Failure.from_exception(inp.source, "preflight", res)
+        if isinstance(res, Failure):
+            self._fail(inp, res, drop_group=True)
+        else:
+            self._submit_prepare(inp)
+
+    def _on_prepare(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, BaseException):
+            self._fail(inp, Failure.from_exception(inp.source, "plan", _worker_error(inp.source, res)))
+            return
+        if isinstance(res, Failure):
+            self._fail(inp, res, drop_group=True)
+            return
+        self.tile.plans[inp.source] = res["summary"]
+        self.tile.chunks_kept += res["kept"]
+        if res["kept"]:
+            self.tile.resumed.append(inp.source)
+        inp.to_tile = len(res["todo"])
+        self._tile_progress(0, sum(e - s for _, s, e in res["todo"]))
+        for index, start, stop in res["todo"]:
+            self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
+                         res["level"], res["tile_px"], priority=_TILE, extra=(index, start, stop))
+        if not inp.to_tile:
+            self._tiled(inp)
+        if self.scoring is not None:
+            self._start_scoring(inp, tiled_now={i for i, _, _ in res["todo"]})
+
+    def _on_chunk(self, inp: _Input, res, extra) -> None:
+        index, start, stop = extra
+        if isinstance(res, BaseException):
+            self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res)))
+            return
+        if inp.failed:
+            return
+        self.tile.tiles_written += res
+        self.tile.chunks_written += 1
+        self._tile_progress(res, 0)
+        inp.to_tile -= 1
+        if self.scoring is not None and index in inp.score_after_tile:
+            self._submit_score(inp, (inp.gid, index, start, stop))
+        if inp.to_tile == 0:
+            self._tiled(inp)
+
+    def _on_patches(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, BaseException):
+            res = Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res))
+        if isinstance(res, Failure):
+            self._fail(inp, res, drop_group=True)
+            return
+        self._new_failures += res["failures"]
+        self.tile.failures += res["failures"]
+        self.tile.plans[inp.source] = res["summary"]
+        self.tile.tiles_written += res["n"]
+        self.tile.chunks_written += res["chunks"]
+        self._tile_progress(res["n"], res["n"])
+        self._tiled(inp)
+        if self.scoring is not None:
+            self._start_scoring(inp, tiled_now=set())
+
+    def _tiled(self, inp: _Input) -> None:
+        if inp.failed or inp.tiling_done:
+            return
+        store.mark_complete(self.run.open_input(inp.gid))
+        inp.tiling_done = True
+        if inp.entry == "tile":
+            self.tile.tiled.append(inp.source)
+            log.info("%s: tiled", inp.source)
+
+    def _start_scoring(self, inp: _Input, tiled_now: set[int]) -> None:
+        """Set up the input's predictions; score its tiled chunks now and the others as their tiles land."""
+        from .score import input_chunks_to_score
+
+        try:
+            chunks = input_chunks_to_score(self.run.open_input(inp.gid), inp.gid, self.scoring)
+        except CancerNetError as exc:
+            self._fail(inp, Failure.from_exception(inp.source, "predict", exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. damaged arrays of this input only
+            self._fail(inp, Failure.from_exception(inp.source, "predict", exc))
+            return
+        inp.to_score = len(chunks)
+        self.predict.inputs += 1
+        nchunks = len(store.done_mask(self.run.open_input(inp.gid)))
+        self.predict.chunks_total += nchunks
+        self.predict.chunks_skipped += nchunks - len(chunks)
+        for item in chunks:
+            if item[1] in tiled_now:
+                inp.score_after_tile.add(item[1])
+            else:
+                self._submit_score(inp, item)
+
+    def _submit_score(self, inp: _Input, item: tuple) -> None:
+        from .score import score_chunk
+
+        self._submit("score", inp, score_chunk, self.run, *item, self.scoring.cfg, priority=_SCORE, scoring=True,
+                     extra=item[1])
+
+    def _on_score(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, BaseException):
+            self._fail(inp, Failure.from_exception(inp.source, "predict", res))
+            return
+        if inp.failed:
+            return
+        if self._first_score_at is None:
+            self._first_score_at = time.monotonic()
+        self.predict.chunks_scored += 1
+        self.predict.tiles_scored += res["n"]
+        self.predict.worker_seconds += res["read_s"] + res["model_s"] + res["write_s"]
+        self._score_progress(res["n"])
+        inp.to_score -= 1
+
+    def _ready_for_report(self, inp: _Input) -> bool:
+        return (self.report_cfg is not None and inp.tiling_done and inp.to_tile == 0 and inp.to_score == 0
+                and inp.outstanding == 0 and not inp.failed and not inp.reporting)
+
+    def _start_report(self, inp: _Input) -> None:
+        from ..aggregate import patient_of
+        from ..store import InputAttrs
+        from .report import report_task
+
+        inp.reporting = True
+        attrs = InputAttrs.from_json(dict(self.run.open_input(inp.gid, "r").attrs))
+        inp.attrs = attrs
+        inp.patient = patient_of(inp.gid, attrs, self.mapping)
+        self._submit("report", inp, report_task, self.run, inp.gid, inp.patient, self.threshold,
+                     self.report_cfg.thumb_px, priority=_REPORT)
+
+    def _on_report(self, inp: _Input, res, extra) -> None:
+        from .report import _failed_input
+
+        if isinstance(res, BaseException):  # the worker died under it: this input only
+            res = _failed_input(inp.gid, inp.attrs, inp.patient, self.threshold, "", res)
+        row, failure = res
+        self.rows[inp.gid] = row
+        if failure is not None:
+            self._new_failures.append(failure)
+            self._failed_sources.add(inp.source)
+        if self.first_report_seconds is None:
+            self.first_report_seconds = time.time() - self.started
+        self._report_progress(1)
+        inp.reported = True
+
+    def _maybe_finish(self, inp: _Input) -> None:
+        if inp.finished or inp.outstanding:
+            return
+        if self._ready_for_report(inp):
+            self._start_report(inp)
+            return
+        done = (inp.failed or inp.reported
+                or (self.report_cfg is None and inp.tiling_done and inp.to_tile == 0 and inp.to_score == 0))
+        if not done:
+            return
+        inp.finished = True
+        self.inputs_done += 1
+        self.inputs_failed += inp.failed
+        self._inflight -= 1
+        self._admit()
+
+    def _fail(self, inp: _Input, failure: Failure, *, drop_group: bool = False) -> None:
+        if inp.failed:
+            return
+        inp.failed = True
+        self._new_failures.append(failure)
+        self._failed_sources.add(inp.source)
+        (self.tile.failures if failure.stage in ("discover", "preflight", "plan", "tile") else self.predict.failures
+         ).append(failure)
+        log.info("%s failed at %s: %s", inp.source, failure.stage, failure.message)
+        if drop_group:  # it no longer matches its source
+            inputs = self.run.open_store("r+", clean=False)["inputs"]
+            if inp.gid in inputs:
+                del inputs[inp.gid]
+
+    # ---------------------------------------------------------------------------------------
+    # DICOM series: their files are grouped (one input per series) before the stream starts
+    # ---------------------------------------------------------------------------------------
+    def _preflight_dicom(self) -> None:
+        if not self.dicom:
+            return
+        futs = {s.source: self.client.submit(preflight_task, s.source, self.tile_cfg.preflight_timeout, pure=False)
+                for s in self.dicom}
+        series: dict[str, list[str]] = {}
+        for source, fut in futs.items():
+            try:
+                res = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker lost while preflighting
+                res = Failure.from_exception(source, "preflight", exc)
+            if isinstance(res, Failure):
+                self._retried.setdefault(source, "discover")
+                self._new_failures.append(res)
+                self.tile.failures.append(res)
+                self.inputs_done += 1
+                self.inputs_failed += 1
+                self._drop(store.input_id(source))
+                continue
+            series.setdefault(res.get("series_key") or source, []).append(source)
+        by_source = {s.source: s for s in self.dicom}
+        for files in series.values():
+            files = sorted(files)
+            for member in files[1:]:
+                self.tile.series_members[member] = files[0]
+                self._retried.setdefault(member, "discover")
+                self.inputs_done += 1
+                log.info("%s: same DICOM series as %s; tiled once", member, files[0])
+            self._enqueue(files[0], store.input_id(files[0]), "tile", spec=by_source[files[0]],
+                          series_files=files if len(files) > 1 else [], preflighted=True)
+        self.dicom = []
+
+    def _drop(self, gid: str) -> None:
+        inputs = self.run.open_store("r+", clean=False)["inputs"]
+        if gid in inputs:
+            del inputs[gid]
+
+    # ---------------------------------------------------------------------------------------
+    # the report
+    # ---------------------------------------------------------------------------------------
+    def _setup_report(self) -> None:
+        from ..aggregate import read_patient_map, resolve_threshold
+
+        cfg = self.report_cfg
+        self.threshold = resolve_threshold(self.run, cfg.threshold, cfg.model_dir)
+        self.mapping = read_patient_map(cfg.patients_csv) if cfg.patients_csv else {}
+        self.run.remove_stale_report_temps()
+
+    def _report_leftovers(self) -> None:
+        """Rows for the store's inputs this flow did not report: failed, unfinished, or left by the deadline."""
+        from ..aggregate import REPORTED, input_state, patient_of, unmatched_keys
+        from ..store import InputAttrs
+        from .report import _one_input, _report_on_cluster, existing_row
+
+        root = self.run.open_store("r+", clean=False)
+        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
+        for key in unmatched_keys(self.mapping, [(gid, a) for gid, _, a in groups]):
+            log.warning("patient map: %r names no input of this run", key)
+        draw = []
+        for gid, g, attrs in groups:
+            if gid in self.rows:
+                continue
+            patient = patient_of(gid, attrs, self.mapping)
+            if input_state(g)[0] == REPORTED and not self.stopped_by_deadline:
+                draw.append((gid, patient, attrs))
+            elif input_state(g)[0] == REPORTED:
+                self.rows[gid] = existing_row(self.run, gid, g, attrs, patient, self.threshold)
+            else:
+                row, failure = _one_input(self.run.report_dir, gid, g, attrs, patient, self.threshold,
+                                          self.report_cfg.thumb_px)
+                self.rows[gid] = row
+                if failure is not None:
+                    self._new_failures.append(failure)
+        if draw:
+            for (gid, _, attrs), (row, failure) in zip(draw, _report_on_cluster(
+                    self.client, self.run, draw, self.threshold, self.report_cfg.thumb_px, self._report_progress)):
+                self.rows[gid] = row
+                self._retried.setdefault(attrs.source, "report")
+                if failure is not None:
+                    self._new_failures.append(failure)
+
+    def flush(self, *, final: bool = False) -> None:
+        """Write the failures list, the report tables, index.html and progress.json as they stand now."""
+        from .report import finish_report, write_tables
+
+        self._last_flush = time.monotonic()
+        failures = self.run.record_failures(self._new_failures, retried=self._retried)
+        self._new_failures, self._retried = [], {}
+        if self.report_cfg is not None and self.threshold is not None:
+            rows = [self.rows[gid] for gid in sorted(self.rows)]
+            self.report = (finish_report if final else write_tables)(self.run, rows, self.threshold, failures)
+        self.run.write_progress(self.progress_record(final))
+
+    def progress_record(self, final: bool) -> dict:
+        now = time.time()
+        elapsed = now - self.started
+        scored = self.predict.tiles_scored
+        rate = 0.0
+        if self._first_score_at is not None:
+            rate = scored / max(1e-9, time.monotonic() - self._first_score_at)
+        left = self.inputs_total - self.inputs_done
+        eta = now + elapsed / self.inputs_done * left if self.inputs_done and left > 0 and not final else None
+        state = "finished" if final and not self.stopped_by_deadline else ("stopped at the deadline" if final else "running")
+        return {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                "updated": now, "inputs": {"total": self.inputs_total, "done": self.inputs_done - self.inputs_failed,
+                                           "failed": self.inputs_failed, "remaining": left},
+                "patches": {"tiled": self.tile.tiles_written, "scored": scored},
+                "patches_per_second": round(rate, 1), "eta": eta,
+                "first_report_seconds": self.first_report_seconds}

@@ -1,0 +1,100 @@
+"""The run folder object: locations, the failures list's one merge rule, records, the one-writer lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cancernet_batch.errors import StorageError
+from cancernet_batch.failures import Failure
+from cancernet_batch.runfolder import Run
+
+
+def _f(inp, stage, msg="bad"):
+    return Failure(inp, stage, "InputError", msg)
+
+
+def test_locations_are_absolute_and_keep_links(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    os.chdir(tmp_path)
+    run = Run.of("link/run")
+    assert run.root == tmp_path / "link" / "run"  # as given (made absolute), the link not resolved
+    assert run.store_path.name == "tiles.zarr" and run.report_file("maps", "a.png").parent == run.root / "report" / "maps"
+    assert Run.of(run) is run
+
+
+def test_failures_one_merge_rule(tmp_path):
+    run = Run.of(tmp_path).create()
+    run.record_failures([_f("/a.svs", "tile"), _f("/b.svs", "predict"), _f("/P/0/x.png", "tile"), _f("/c.svs", "report")])
+    # newest wins per (input, stage)
+    got = run.record_failures([_f("/a.svs", "tile", "worse")])
+    assert {(f.input, f.message) for f in got if f.input == "/a.svs"} == {("/a.svs", "worse")}
+    # a retried input loses its rows from that stage on, and so do files inside it
+    got = run.record_failures([], retried={"/P": "discover", "/b.svs": "report", "/c.svs": "report"})
+    assert {f.input for f in got} == {"/a.svs", "/b.svs"}  # /b.svs kept: its row is earlier than report
+    got = run.record_failures([_f("/b.svs", "report")], retried=["/b.svs"], from_stage="predict")
+    assert [(f.input, f.stage) for f in got] == [("/a.svs", "tile"), ("/b.svs", "report")]
+    assert run.failures() == got
+    with pytest.raises(ValueError):
+        run.record_failures([], retried=["/x"], from_stage="nope")
+
+
+def test_failures_file_written_only_on_change(tmp_path):
+    run = Run.of(tmp_path).create()
+    run.record_failures([_f("/a", "tile")])
+    before = run.failures_csv.stat().st_mtime_ns
+    os.utime(run.failures_csv, ns=(1, 1))
+    run.record_failures([_f("/a", "tile")])
+    assert run.failures_csv.stat().st_mtime_ns == 1 != before
+
+
+def test_damaged_records_are_clear_errors(tmp_path):
+    run = Run.of(tmp_path).create()
+    run.predict_json.write_text("{not json")
+    with pytest.raises(StorageError, match="predict.json is damaged"):
+        run.predict_record()
+    run.failures_csv.write_text("who,what\n1,2\n")
+    with pytest.raises(StorageError, match="no column"):
+        run.failures()
+    run.write_progress({"state": "running"})
+    assert run.progress() == {"state": "running"}
+
+
+def test_lock_one_writer(tmp_path):
+    run = Run.of(tmp_path / "run")
+    with run.create().lock("run"):
+        assert run.holder()["command"] == "run"
+        # another process trying to take it fails at once, naming the holder
+        code = ("import sys; from cancernet_batch.runfolder import Run\n"
+                "from cancernet_batch.errors import StorageError\n"
+                f"try:\n  Run.of({str(run.root)!r}).lock('tile').__enter__()\n"
+                "except StorageError as e:\n  print(e.one_line()); sys.exit(1)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert "in use by `cancernet run`" in r.stdout and f"pid {os.getpid()}" in r.stdout
+    assert run.holder() is None
+    with run.lock("report"):  # released: free again
+        pass
+
+
+def test_lock_released_when_holder_is_killed(tmp_path):
+    run = Run.of(tmp_path / "run").create()
+    code = (f"from cancernet_batch.runfolder import Run\nimport time\n"
+            f"with Run.of({str(run.root)!r}).lock('run'):\n  print('held', flush=True)\n  time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        assert run.holder()["pid"] == p.pid
+        p.kill()
+        p.wait(timeout=30)
+        assert run.holder() is None
+        with run.lock("run"):
+            assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
+    finally:
+        p.kill()
