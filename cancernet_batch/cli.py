@@ -548,9 +548,11 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
               help="Start no new input after this many hours; exit status 3.")
 @click.option("--max-inputs-in-flight", "max_inputs", default=None, type=click.IntRange(min=1),
               help="Inputs on their way at once (default: 2 per worker thread, at least 4).")
+@click.option("--report-every", default=5.0, show_default=True, type=click.FloatRange(min=0, max=3600),
+              help="Seconds between rewrites of the report tables, index.html and progress.json while the run goes.")
 @_cluster_options
 def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
-        until: str | None, max_hours: float | None, max_inputs: int | None, **kw) -> int:
+        until: str | None, max_hours: float | None, max_inputs: int | None, report_every: float, **kw) -> int:
     """Tile, score and report in one resumable command, each input as a stream (tiles at the model's µm/px).
 
     \b
@@ -573,7 +575,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
         s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
                          ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir),
                          tile_progress=_growing(tbar), predict_progress=pbar.update, deadline=deadline,
-                         max_inputs=max_inputs, on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
+                         max_inputs=max_inputs, flush_seconds=report_every, on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for line in s.lines():
         click.echo(line)
     return exit_for(len(s.failed_inputs) + s.report.not_scored + s.remaining)

@@ -92,7 +92,7 @@ def get_engine(cfg: PredictConfig):
     with _ENGINE_LOCK:
         eng = _ENGINES.get(key)
         if eng is None:
-            from .engines import load_engine
+            from ..engines import load_engine
 
             if cfg.backend and cfg.engine != "onnx":
                 os.environ.setdefault("KERAS_BACKEND", cfg.backend)

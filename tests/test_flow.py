@@ -1,0 +1,170 @@
+"""The streaming run: each input reported as soon as it is scored, the report valid at every moment,
+a deadline that leaves the rest resumable, `cancernet status`, and scoring on its own workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cancernet_batch import store
+from cancernet_batch.cluster import ClusterConfig, dask_client
+from cancernet_batch.runfolder import Run
+from cancernet_batch.stages.flow import Flow
+from cancernet_batch.stages.report import ReportConfig
+from cancernet_batch.stages.run import run_pipeline
+from cancernet_batch.stages.score import PredictConfig, prepare_scoring
+from cancernet_batch.tiling import TileConfig
+
+ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def inputs(synth_slide_dir, synth_patch_dir) -> list[Path]:
+    slides = sorted(synth_slide_dir.glob("*.svs"))
+    patients = sorted(p for p in synth_patch_dir.iterdir() if p.is_dir())[:2]
+    return [*slides, *patients]
+
+
+def _rows(run: Path) -> list[dict]:
+    p = run / "report" / "inputs.csv"
+    if not p.exists():
+        return []
+    with open(p, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _scores(run: Path) -> dict[str, bytes]:
+    return {gid: np.asarray(g["probs"][:]).tobytes() for gid, g in store.iter_inputs(Run.of(run).open_store("r"))}
+
+
+def test_each_input_reported_before_the_next_is_tiled(client, inputs, tiny_model_dir, tmp_path):
+    """One input in flight at a time, tables rewritten at once: whenever tiling of an input starts, the report
+    already lists every input before it, valid (its rows complete) though the run is not finished."""
+    run = tmp_path / "run"
+    seen: list[int] = []
+
+    def on_tile(done: int, added: int) -> None:
+        if added:  # an input's tiles are planned: the inputs before it are already in the report
+            seen.append(len([r for r in _rows(run) if r["status"] == "reported"]))
+
+    s = run_pipeline(inputs, run, TileConfig(target_mpp=4.0, chunk=16), PredictConfig(model_dir=str(tiny_model_dir)),
+                     max_inputs=1, flush_seconds=0, tile_progress=on_tile, client=client)
+    assert s.report.reported == len(inputs) and not s.failed_inputs
+    assert seen == list(range(len(inputs)))  # input k starts tiling with exactly k inputs reported
+    assert s.first_report_seconds is not None and s.first_report_seconds < s.seconds["total"]
+    prog = json.loads((run / "progress.json").read_text())
+    assert prog["state"] == "finished" and prog["inputs"] == {"total": len(inputs), "done": len(inputs), "failed": 0,
+                                                              "remaining": 0}
+    assert prog["patches"]["scored"] == s.predict.tiles_scored > 0
+
+
+def test_streamed_outputs_equal_the_stage_by_stage_commands(client, inputs, tiny_model_dir, tmp_path):
+    """The stream writes exactly what tile, then predict, then report write one after another."""
+    from cancernet_batch.stages.report import make_report
+    from cancernet_batch.stages.score import predict_run
+    from cancernet_batch.stages.tile import tile_run
+
+    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    pcfg = PredictConfig(model_dir=str(tiny_model_dir))
+    a, b = tmp_path / "stream", tmp_path / "stages"
+    run_pipeline(inputs, a, cfg, pcfg, client=client)
+    tile_run(inputs, b, cfg, client=client)
+    predict_run(b, pcfg, client=client)
+    make_report(b, ReportConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert _scores(a) == _scores(b)
+    for name in ("inputs.csv", "patients.csv", "failures.csv"):
+        assert (a / "report" / name).read_text() == (b / "report" / name).read_text(), name
+
+
+def test_deadline_stops_new_inputs_and_the_rerun_finishes(client, inputs, tiny_model_dir, tmp_path):
+    run = Run.of(tmp_path / "run")
+    pcfg = PredictConfig(model_dir=str(tiny_model_dir))
+    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    with run.create().lock("run"):
+        flow = Flow(run, tile_cfg=cfg, scoring=prepare_scoring(run, pcfg), report_cfg=ReportConfig(), max_inputs=1,
+                    flush_seconds=0)
+
+        def first_tiles(done, added):
+            flow.deadline = time.time()  # the night ends while the first input is on its way
+
+        flow._tile_progress = first_tiles
+        flow.discover(inputs)
+        flow.execute(client)
+    assert flow.stopped_by_deadline and flow.remaining == len(inputs) - 1
+    assert [r["status"] for r in _rows(run.root)] == ["reported"]  # the one in flight finished and is reported
+    assert run.progress()["state"] == "stopped at the deadline"
+    s = run_pipeline(inputs, run, cfg, pcfg, client=client)
+    assert s.report.reported == len(inputs) and s.remaining == 0 and len(s.tile.skipped) == 1
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cancernet_batch.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def test_cli_deadline_exit_status_and_status_command(inputs, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["run", *map(str, inputs), "--out", str(run), "--model", str(tiny_model_dir), "--workers", "1"]
+    r = _cli(*args, "--max-hours", "0.000001")  # 4 ms: over before the cluster is up
+    assert r.returncode == 3, r.stderr
+    assert f"{len(inputs)} inputs remain; re-run the same command to continue" in r.stdout
+    st = _cli("status", str(run))
+    assert st.returncode == 0 and "stopped at the deadline" in st.stdout and f"remaining of {len(inputs)}" in st.stdout
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    st = _cli("status", str(run), "--json")
+    rec = json.loads(st.stdout)
+    assert rec["state"] == "finished" and not rec["running"] and rec["inputs"]["done"] == len(inputs)
+    # a run that died mid-way: the record says running, but nobody holds the run folder
+    Run.of(run).write_progress({**rec, "state": "running"})
+    st = _cli("status", str(run))
+    assert "stopped: the process is gone" in st.stdout
+
+
+def test_second_writer_is_refused(inputs, tiny_model_dir, tmp_path):
+    run = Run.of(tmp_path / "run")
+    with run.create().lock("run"):
+        r = _cli("run", str(inputs[0]), "--out", str(run.root), "--model", str(tiny_model_dir), "--workers", "1")
+        st = _cli("status", str(run.root))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: ") and "in use by `cancernet run`" in r.stderr
+    assert "running (`cancernet run`" in st.stdout
+    assert not (run.root / "predict.json").exists()  # nothing was written
+
+
+def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
+    """--score-workers 1 of 2: the model is loaded on the scoring worker only, every chunk is scored there,
+    and the scores equal those of workers that do both kinds of work."""
+    from cancernet_batch.stages import score
+
+    cluster = ClusterConfig(workers=2, score_workers=1, dashboard=False)
+    pcfg = PredictConfig(model_dir=str(tiny_model_dir), cluster=cluster)
+    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    with dask_client(cluster) as c:
+        names = {w["name"]: w.get("resources") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
+        assert names == {"score-0": {"score": 1}, "tile-1": {"tile": 1}}
+        run_pipeline(inputs, tmp_path / "split", cfg, pcfg, client=c)
+        loads = c.run(lambda: __import__("cancernet_batch.stages.score", fromlist=["x"]).ENGINE_LOADS["count"])
+        by_name = {w["name"]: loads[addr] for addr, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+    assert by_name == {"score-0": 1, "tile-1": 0}
+    run_pipeline(inputs, tmp_path / "mixed", cfg, PredictConfig(model_dir=str(tiny_model_dir),
+                                                                cluster=ClusterConfig(workers=2, dashboard=False)))
+    assert _scores(tmp_path / "split") == _scores(tmp_path / "mixed")
+    assert score.ENGINE_LOADS["count"] == 0  # the client never loaded a model
