@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import PATCH_SIZE, __version__
+from . import PATCH_SIZE
+from .machine import machine
 from .runfolder import Run
 
 log = logging.getLogger(__name__)
@@ -39,65 +39,6 @@ class Figure:
 
     def to_json(self) -> dict:
         return {**asdict(self), "patches_per_second": round(self.rate, 1)}
-
-
-def gpus() -> list[dict]:
-    """The NVIDIA GPUs ``nvidia-smi`` lists (name, memory, driver); empty where there is none."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    return [{"name": r[0], "memory": r[1], "driver": r[2]} for r in rows if len(r) == 3]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` says."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-    """What the figures were measured on: CPU, usable cores, memory, GPUs and library versions."""
-    from .cluster import usable_cores
-
-    cpu, cores = cpu_name(), usable_cores()
-    memory = None
-    try:
-        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (AttributeError, ValueError, OSError):
-        pass
-    from importlib import metadata
-
-    versions = {"cancernet_batch": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "keras", "tensorflow", "tensorflow-cpu", "jax", "jaxlib",
-                 "torch", "dask", "distributed", "zarr", "openslide-python", "openslide-bin", "tifffile"):
-        try:  # installed versions, read without importing anything heavy
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    providers = []
-    try:
-        import onnxruntime
-
-        providers = list(onnxruntime.get_available_providers())
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cores": cores, "memory_gib": memory, "gpus": gpus(), "onnxruntime_providers": providers,
-            "platform": platform.platform(), "versions": versions}
 
 
 def peak_rss(reset: bool = False) -> int:
@@ -526,40 +467,6 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
     finally:
         if cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def autotune_path() -> Path:
-    """Where ``bench`` saves the best predict settings for this machine."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "cancernet-batch" / "autotune.json"
-
-
-def save_autotune(best: dict) -> Path:
-    import json
-
-    from .atomic import write_text
-
-    return write_text(autotune_path(), json.dumps({**best, "machine": machine()}, indent=2) + "\n")
-
-
-def load_autotune() -> dict | None:
-    """The saved choice, or None when ``bench`` has not run on this machine (or it ran elsewhere)."""
-    import json
-
-    p = autotune_path()
-    if not p.exists():
-        return None
-    try:
-        saved = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    from .cluster import usable_cores
-
-    # only what decides the choice: no nvidia-smi call or ONNX Runtime import at the start of every predict
-    if saved.get("machine", {}).get("cpu") != cpu_name() or saved.get("machine", {}).get("cores") != usable_cores():
-        log.warning("%s was measured on another machine; ignoring it (run `cancernet bench` here)", p)
-        return None
-    return saved
 
 
 if __name__ == "__main__":  # the child process of keras_roofs

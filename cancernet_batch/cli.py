@@ -288,7 +288,8 @@ def _tiling_options(f):
 
 
 def _tile_config(kw: dict, chunk: int | None = None):
-    from .tiling import TileConfig, target_mpp
+    from .model import target_mpp
+    from .tiling import TileConfig
 
     extra = {"chunk": chunk} if chunk else {}
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
@@ -422,7 +423,7 @@ def _predict_config(kw: dict):
     if backend:
         os.environ["KERAS_BACKEND"] = backend  # inherited by local worker processes
     if kw.pop("autotune", False):
-        from .bench import autotune_path, load_autotune
+        from .autotune import autotune_path, load_autotune
 
         saved = load_autotune()
         if saved is None:
@@ -687,7 +688,8 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
     import os
 
     from .atomic import write_text
-    from .bench import BenchConfig, run_bench, save_autotune as _save
+    from .autotune import save_autotune as _save
+    from .bench import BenchConfig, run_bench
 
     if backend:
         os.environ["KERAS_BACKEND"] = backend

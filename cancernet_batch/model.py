@@ -37,7 +37,7 @@ import numpy as np
 
 from . import DEFAULT_MPP, PATCH_SIZE, __version__
 from .atomic import atomic_path, write_text
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -521,3 +521,14 @@ def export_onnx(model_dir: str | os.PathLike, *, tolerance: float = 1e-5, check_
                                  hint="use the Keras engine (--engine keras) and report this model")
     log.info("exported %s (%d batch norms fused; ONNX Runtime equals Keras within %.1e)", final, fused, diff)
     return final
+
+
+def target_mpp(model_dir: str | os.PathLike | None, mpp: float | None) -> float:
+    """The resolution to tile at (tiling itself only takes a µm/px): the model's (``model.json``), else ``mpp``, else :data:`DEFAULT_MPP`."""
+    if model_dir is not None:
+        model_mpp = read_meta(model_dir).mpp
+        if mpp is not None and abs(mpp - model_mpp) > 1e-3 * model_mpp:
+            raise ConfigError(f"--mpp {mpp:g} contradicts the model's {model_mpp:g} µm/px",
+                              hint="drop --mpp: tiles must be at the model's resolution")
+        return model_mpp
+    return float(mpp) if mpp is not None else DEFAULT_MPP

@@ -74,19 +74,6 @@ class TileConfig:
         return PATCH_SIZE * self.target_mpp
 
 
-def target_mpp(model_dir: str | os.PathLike | None, mpp: float | None) -> float:
-    """The resolution to tile at: the model's (``model.json``), else ``mpp``, else :data:`DEFAULT_MPP`."""
-    if model_dir is not None:
-        from .model import read_meta
-
-        model_mpp = read_meta(model_dir).mpp
-        if mpp is not None and abs(mpp - model_mpp) > 1e-3 * model_mpp:
-            raise ConfigError(f"--mpp {mpp:g} contradicts the model's {model_mpp:g} µm/px",
-                              hint="drop --mpp: tiles must be at the model's resolution")
-        return model_mpp
-    return float(mpp) if mpp is not None else DEFAULT_MPP
-
-
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 from reportdata import MODEL_ID, add_input
 
 from cancernet_batch import store
-from cancernet_batch.aggregate import (NOT_SCORED, REPORTED, compare_with_truth, dice, input_accuracy,
-                                       input_figures, input_state, level0_tile_px, load_scored, patient_figures,
-                                       patient_of, read_patient_map, resolve_threshold, tile_area_mm2,
+from cancernet_batch.aggregate import (NOT_SCORED, REPORTED, input_figures, input_state, level0_tile_px, load_scored,
+                                       patient_figures, patient_of, read_patient_map, resolve_threshold, tile_area_mm2,
                                        unmatched_keys)
+from cancernet_batch.truth import compare_with_truth, dice, input_accuracy
 from cancernet_batch.errors import ConfigError, InputError, ModelError
 from cancernet_batch.store import InputAttrs
 from cancernet_batch.synth import SlideSpec, SlideTruth, write_slide

@@ -71,7 +71,7 @@ def test_predict_autotune_without_bench_is_clear_error(tmp_path):
 
 
 def test_predict_autotune_uses_the_saved_engine_and_batch(tmp_path, synth_patch_dir, tiny_model_dir):
-    from cancernet_batch.bench import machine
+    from cancernet_batch.machine import machine
 
     cfg = tmp_path / "cfg"
     (cfg / "cancernet-batch").mkdir(parents=True)

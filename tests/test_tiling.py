@@ -177,7 +177,7 @@ def test_discover_folders(tmp_path, slides_dir, synth_patch_dir):
 
 def test_target_resolution_from_model_json(tmp_path):
     from cancernet_batch.errors import ConfigError
-    from cancernet_batch.tiling import target_mpp
+    from cancernet_batch.model import target_mpp
 
     (tmp_path / "model.json").write_text(json.dumps({"patch_size": 50, "mpp": 2.0, "threshold": 0.4,
                                                       "classes": ["non-IDC", "IDC"]}))

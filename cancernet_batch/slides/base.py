@@ -69,9 +69,28 @@ def on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 class SlideReader(abc.ABC):
-    """One open slide. Subclasses fill the metadata in ``__init__`` and implement :meth:`_read`."""
+    """One open slide. Subclasses fill the metadata in ``__init__`` and implement :meth:`_read`.
+
+    To add a reader:
+
+    1. Subclass ``SlideReader`` in a module of its own (``slides/<name>_backend.py``) with a ``name``,
+       a classmethod :meth:`detect` that answers cheaply whether a file is for it (a header or
+       the library's own format check, never a full open), an ``__init__`` that opens the file and
+       fills ``level_dimensions``, ``level_downsamples``, ``mpp_x``/``mpp_y`` (None when the file
+       does not state them), ``vendor`` and ``properties``, raising
+       :class:`~cancernet_batch.errors.UnsupportedFormatError` when it cannot, and :meth:`_read`
+       (RGB uint8, transparent areas on white; :class:`~cancernet_batch.errors.SlideReadError`
+       for undecodable pixels).
+    2. Register it in ``slides/__init__.py``'s :data:`READERS`, in the order it should be tried.
+    3. Add its class to ``tests/test_readers.py``: the reader contract suite runs against it.
+    """
 
     name: ClassVar[str] = "?"
+
+    @classmethod
+    def detect(cls, path: str | os.PathLike) -> bool:
+        """True when ``path`` looks like a file this reader opens (cheap: no full open)."""
+        return False
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -37,6 +37,10 @@ class OpenSlideReader(SlideReader):
 
     name = "openslide"
 
+    @classmethod
+    def detect(cls, path: str | os.PathLike) -> bool:
+        return detect_format(path) is not None
+
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         import openslide

@@ -106,6 +106,10 @@ class TiffFileReader(SlideReader):
 
     name = "tifffile"
 
+    @classmethod
+    def detect(cls, path: str | os.PathLike) -> bool:
+        return is_tiff(path)
+
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         import tifffile

@@ -130,7 +130,7 @@ class DemoResult:
 def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[str], None] = lambda s: None,
              on_dashboard: Callable[[str], None] | None = None, workers: int | None = None) -> DemoResult:
     """Synthetic patches -> train -> synthetic slides + a held-out patient folder -> run -> Dice vs truth."""
-    from ..aggregate import input_accuracy
+    from ..truth import input_accuracy
     from ..cluster import ClusterConfig
     from ..config import TrainConfig
     from ..store import input_id

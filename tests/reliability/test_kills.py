@@ -1,4 +1,4 @@
-"""SIGKILL of `cancernet run` at five points spread over tile, predict and report; each re-run ends with
+"""SIGKILL of `cancernet run` at seven points spread over tile, predict, report and the streaming phase; each re-run ends with
 outputs identical to an uninterrupted run: no missing or duplicate rows, no partial files."""
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def _flags(run: Path, name: str) -> int:
         return 0
 
 
+def _reported_rows(run: Path) -> int:
+    p = run / "report" / "inputs.csv"
+    try:
+        return max(0, len(p.read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _progress_done(run: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((run / "progress.json").read_text())["inputs"]["done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 KILL_POINTS = {
     "tile-started": lambda run: _flags(run, "tiled") >= 1,
     "predict-starting": lambda run: (run / "predict.json").exists(),
@@ -49,6 +66,9 @@ KILL_POINTS = {
     "report-started": lambda run: any((run / "report" / "maps").glob("*.png")) if (run / "report" / "maps").exists() else False,
     "report-geojson": lambda run: len(list((run / "report" / "geojson").glob("*.geojson"))) >= 1
     if (run / "report" / "geojson").exists() else False,
+    # inside the streaming phase: the report already lists finished inputs while others are still tiled/scored
+    "streaming-first-row": lambda run: _reported_rows(run) >= 1,
+    "streaming-progress": lambda run: _progress_done(run) >= 2,
 }
 
 
@@ -65,7 +85,7 @@ def _outputs(run: Path) -> dict:
     return out
 
 
-def test_kills_at_five_points_then_resume(model_dir, synth_slide_dir, synth_patch_dir, tmp_path):
+def test_kills_at_seven_points_then_resume(model_dir, synth_slide_dir, synth_patch_dir, tmp_path):
     pid = sorted(p.name for p in synth_patch_dir.iterdir() if p.is_dir())[0]
     inputs = [synth_slide_dir, synth_patch_dir / pid]
     ref = tmp_path / "reference"
@@ -76,7 +96,8 @@ def test_kills_at_five_points_then_resume(model_dir, synth_slide_dir, synth_patc
     for name, reached in KILL_POINTS.items():
         run = tmp_path / name
         # batch size 1 slows scoring so each point is reached while the run is still going
-        p = subprocess.Popen(_args(inputs, run, model_dir, "--batch-size", "1"), env=ENV, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(_args(inputs, run, model_dir, "--batch-size", "1", "--max-inputs-in-flight", "1",
+                                   "--report-every", "0"), env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline and p.poll() is None and not reached(run):
