@@ -5,8 +5,9 @@
 
 Every point is one end-to-end `cancernet run` (tile + predict + report, a fresh local Dask cluster
 started inside the timing) over synthetic Aperio slides at 0.5 µm/px (made once per shape and
-kept in the work folder). For each point: wall time, tiles, time per stage, the peak resident
-memory of each worker process and of the client. A least-squares line through wall time against
+kept in the work folder). For each point: wall time, tiles, the time to the first reported input
+(the run streams: stages overlap, so there is no time per stage), the peak resident memory of
+each worker process and of the client. A least-squares line through wall time against
 tiles gives the fixed cost and the cost per 1,000 tiles of each series, and R^2 says how straight
 the line is. Prints markdown and writes JSON beside it.
 """
@@ -74,14 +75,13 @@ def point(series: str, count: int, size: int, args, work: Path, model_dir: Path)
 
 
 def markdown(rows: list[dict], fits: dict) -> str:
-    out = ["| series | slides | size (px) | tiles | wall (s) | tile (s) | predict (s) | report (s) | cluster (s) "
+    out = ["| series | slides | size (px) | tiles | wall (s) | first report (s) | cluster (s) "
            "| patches/s | s per slide | peak MiB per worker | client peak MiB |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        st = r["stage_seconds"]
+        first = r.get("first_report_seconds")
         out.append(f"| {r['series']} | {r['slides']} | {r['size_px']:,} | {r['tiles']:,} | {r['wall_s']:.1f} | "
-                   f"{st.get('tile', 0):.1f} | {st.get('predict', 0):.1f} | {st.get('report', 0):.1f} | "
-                   f"{r['cluster_seconds']:.1f} | {r['patches_per_second']:.0f} | {r['seconds_per_input']:.1f} | "
+                   f"{'-' if first is None else f'{first:.1f}'} | {r['cluster_seconds']:.1f} | {r['patches_per_second']:.0f} | {r['seconds_per_input']:.1f} | "
                    f"{' / '.join(f'{v:.0f}' for v in r['peak_rss_mib_per_worker'])} | {r['client_peak_rss_mib']:.0f} |")
     out.append("")
     out.append("| series | fixed cost (s) | s per 1,000 tiles | R^2 |")
@@ -123,9 +123,8 @@ def main() -> None:
     for series in ("slides", "size"):
         sel = [r for r in rows if r["series"] == series]
         fits[series] = linear_fit([r["tiles"] for r in sel], [r["wall_s"] for r in sel])
-        fits[f"{series}: predict stage"] = linear_fit([r["tiles"] for r in sel],
-                                                      [r["stage_seconds"]["predict"] for r in sel])
-        fits[f"{series}: tile stage"] = linear_fit([r["tiles"] for r in sel], [r["stage_seconds"]["tile"] for r in sel])
+        fits[f"{series}: first report"] = linear_fit([r["tiles"] for r in sel],
+                                                     [r["first_report_seconds"] or 0.0 for r in sel])
     table = markdown(rows, fits)
     print(table)
     out = Path(args.out)

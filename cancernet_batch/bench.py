@@ -240,8 +240,11 @@ def tile_stage(inputs: list[str], run_dir: str | os.PathLike, *, workers: int, t
 
 def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int,
                threads: int = 1, batch_size: int = 256, engine: str = "onnx", backend: str | None = None,
-               device: str = "cpu", tile_cfg=None) -> Figure:
-    """``cancernet run`` on ``inputs``: wall time from cluster start to the written report.
+               device: str = "cpu", tile_cfg=None, score_workers: int | None = None) -> Figure:
+    """``cancernet run`` (the stream) on ``inputs``: wall time from cluster start to the written report.
+
+    ``score_workers``: that many of the local workers only score, the others only tile (stage
+    ``run-split``); otherwise every worker does both (stage ``run``).
 
     Settings hold the time per stage, the wall time per input, the workers' peak memory over tile and
     predict, and this (client) process's peak memory during the run.
@@ -254,26 +257,64 @@ def end_to_end(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | o
 
     pcfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device,
                          batch_size=batch_size,
-                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False))
+                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False,
+                                               score_workers=score_workers))
     peak_rss(reset=True)
     t0 = time.perf_counter()
     with dask_client(pcfg.cluster) as client:
+        t1 = time.perf_counter()
         s = run_pipeline(inputs, run_dir, tile_cfg or TileConfig(), pcfg, ReportConfig(model_dir=str(model_dir)),
                          client=client)
         peaks = worker_peaks(client)
     wall = time.perf_counter() - t0
     n_inputs = max(1, len(s.tile.tiled) + len(s.tile.skipped))
-    return Figure("run", _engine_label(engine, backend), s.predict.tiles_scored, wall,
-                  {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "inputs": n_inputs,
+    first = None if s.first_report_seconds is None else s.first_report_seconds + (t1 - t0)
+    return Figure("run-split" if score_workers else "run", _engine_label(engine, backend), s.predict.tiles_scored, wall,
+                  {"workers": workers, "score_workers": score_workers or 0,
+                   "first_report_seconds": None if first is None else round(first, 2),
+                   "first_report_fraction": None if first is None else round(first / wall, 3), "threads_per_worker": threads, "batch_size": batch_size, "inputs": n_inputs,
                    "seconds_per_input": round(wall / n_inputs, 2),
                    "stage_seconds": {k: round(v, 2) for k, v in s.seconds.items()},
                    "cluster_seconds": round(wall - sum(s.seconds.values()), 2),
-                   "first_report_seconds": None if s.first_report_seconds is None else round(s.first_report_seconds, 2),
                    "failed": len(s.failed_inputs), **_peaks(peaks), "client_peak_rss_mib": _mib(peak_rss())})
 
 
 _HIDDEN = {"worker_seconds", "peak_rss_mib_per_worker", "stage_seconds", "steady_patches_per_second",
            "peak_worker_rss_mib", "device", "inputs", "failed", "cluster_seconds", "client_peak_rss_mib"}
+
+
+def end_to_end_barrier(inputs: list[str], run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int,
+                       threads: int = 1, batch_size: int = 256, engine: str = "onnx", backend: str | None = None,
+                       device: str = "cpu", tile_cfg=None) -> Figure:
+    """The same work stage by stage (``tile``, then ``predict``, then ``report`` on one cluster): the
+    barrier version the stream replaced. Nothing is reported before every tile is scored."""
+    from .cluster import ClusterConfig, dask_client
+    from .stages.report import ReportConfig, make_report
+    from .stages.score import PredictConfig, predict_run
+    from .stages.tile import tile_run
+    from .tiling import TileConfig
+
+    pcfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device,
+                         batch_size=batch_size,
+                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False))
+    peak_rss(reset=True)
+    t0 = time.perf_counter()
+    with dask_client(pcfg.cluster) as client:
+        t1 = time.perf_counter()
+        tile_run(inputs, run_dir, tile_cfg or TileConfig(), client=client)
+        t2 = time.perf_counter()
+        p = predict_run(run_dir, pcfg, client=client)
+        t3 = time.perf_counter()
+        make_report(run_dir, ReportConfig(model_dir=str(model_dir)), client=client)
+        t4 = time.perf_counter()
+        peaks = worker_peaks(client)
+    wall = time.perf_counter() - t0
+    first = t3 - t0  # the report's tables appear only after every tile is scored (and then all at once)
+    return Figure("run-barrier", _engine_label(engine, backend), p.tiles_scored, wall,
+                  {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size,
+                   "stage_seconds": {"tile": round(t2 - t1, 2), "predict": round(t3 - t2, 2), "report": round(t4 - t3, 2)},
+                   "first_report_seconds": round(first, 2), "first_report_fraction": round(first / wall, 3),
+                   **_peaks(peaks), "client_peak_rss_mib": _mib(peak_rss())})
 
 
 def markdown_table(figures: list[Figure], roof_rate: float | None, naive_rate: float | None) -> str:
@@ -340,7 +381,24 @@ class BenchResult:
             out[f"{stage}_vs_roof"] = r / roof_rate if roof_rate else None
             out[f"{stage}_vs_naive"] = r / naive if naive else None
         out["predict_steady_vs_roof"] = self.steady_rate() / roof_rate if roof_rate else None
+        barrier = self.rate("run-barrier")
+        out["run_vs_barrier"] = self.rate("run") / barrier if barrier else None
+        stream = self._one("run")
+        out["first_report_fraction"] = stream.settings.get("first_report_fraction") if stream else None
+        split = self._one("run-split")
+        tile1 = [f for f in self.figures if f.stage == "tile" and f.settings.get("workers") == 1]
+        pred1 = [f for f in self.figures if f.stage == "predict" and f.settings.get("workers") == 1
+                 and f.settings.get("threads_per_worker") == 1]
+        if split and tile1 and pred1 and split.patches:
+            # each stage alone on one worker, for the split run's work (seconds per patch x its patches)
+            slower = max(min(f.seconds / f.patches for f in tile1 if f.patches),
+                         min(f.seconds / f.patches for f in pred1 if f.patches)) * split.patches
+            out["split_vs_slower_stage_alone"] = split.seconds / slower if slower else None
         return out
+
+    def _one(self, stage: str):
+        got = [f for f in self.figures if f.stage == stage]
+        return got[0] if got else None
 
     def to_json(self) -> dict:
         roofs = [f for f in self.figures if f.stage == "roof"]
@@ -452,10 +510,18 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
                   "batch_size": best.settings["batch_size"], "patches_per_second": round(best.rate, 1),
                   "steady_patches_per_second": best.settings["steady_patches_per_second"]}
 
-        step("end to end (cancernet run)")
-        figures.append(end_to_end(inputs, work / "run-e2e", model_dir, workers=choice["workers"],
-                                  threads=choice["threads_per_worker"], batch_size=choice["batch_size"],
-                                  engine=engine, device=cfg.device))
+        step("end to end (cancernet run, streaming) and the same stage by stage (the barrier version)")
+        e2e = dict(workers=choice["workers"], threads=choice["threads_per_worker"], batch_size=choice["batch_size"],
+                   engine=engine, device=cfg.device)
+        figures.append(end_to_end(inputs, work / "run-e2e", model_dir, **e2e))
+        figures.append(end_to_end_barrier(inputs, work / "run-barrier", model_dir, **e2e))
+        if max(cfg.workers) >= 2:
+            step("tiling and scoring on their own workers (tile alone on 1 worker for the overlap figure)")
+            if 1 not in cfg.workers:
+                log.info("the overlap figure needs the predict stage on 1 worker: add 1 to --workers")
+            figures.append(tile_stage(inputs, work / "run-tile-1", workers=1))
+            figures.append(end_to_end(inputs, work / "run-split", model_dir,
+                                      **{**e2e, "workers": max(cfg.workers), "threads": 1}, score_workers=1))
 
         step("naive loop")
         pngs = _pngs_from_run(run, work / "pngs", cfg.naive_count)

@@ -705,6 +705,13 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
                f"(steady {r.steady_rate():.0f} = {ratios['predict_steady_vs_roof']:.2f} x roof), "
                f"{ratios['predict_vs_naive'] or 0:.0f} x naive")
     click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive")
+    if ratios.get("run_vs_barrier"):
+        first = ratios.get("first_report_fraction")
+        click.echo(f"stream vs stage by stage: {ratios['run_vs_barrier']:.2f} x the patches/s; first input reported "
+                   f"after {100 * first:.0f} % of the run" if first is not None else "")
+    if ratios.get("split_vs_slower_stage_alone"):
+        click.echo(f"tiling and scoring on their own workers: {ratios['split_vs_slower_stage_alone']:.2f} x the "
+                   "slower stage alone on one worker")
     if json_out:
         write_text(json_out, json.dumps(r.to_json(), indent=2) + "\n")
         click.echo(f"json: {json_out}")

@@ -23,7 +23,7 @@ def test_bench_json_holds_every_figure(tmp_path):
     data = json.loads(out.read_text())
     figures = data["figures"]
     stages = {(f["stage"], f["engine"]) for f in figures}
-    for stage in ("tile", "predict", "run", "naive"):
+    for stage in ("tile", "predict", "run", "run-barrier", "naive"):
         assert any(s == stage for s, _ in stages), stage
     for f in figures:
         assert f["patches"] > 0 and f["seconds"] > 0 and f["patches_per_second"] > 0
@@ -46,7 +46,12 @@ def test_bench_json_holds_every_figure(tmp_path):
     assert tile["settings"]["MB_read_per_s"] > 0 and tile["settings"]["KB_read_per_tile"] > 0 and tile["settings"]["inputs"] == 2 and tile["settings"]["peak_worker_rss_mib"] > 0
     run = [f for f in figures if f["stage"] == "run"][0]
     assert run["patches"] == tile["patches"]  # every tiled patch scored once, end to end
-    assert set(run["settings"]["stage_seconds"]) == {"tile", "predict", "report"}
+    barrier = [f for f in figures if f["stage"] == "run-barrier"][0]
+    assert barrier["patches"] == run["patches"]  # the same work, stage by stage
+    assert set(barrier["settings"]["stage_seconds"]) == {"tile", "predict", "report"}
+    # the stream reports its first input before the end; stage by stage, only after every tile is scored
+    assert 0 < run["settings"]["first_report_fraction"] < 1
+    assert barrier["settings"]["first_report_seconds"] > sum(barrier["settings"]["stage_seconds"][k] for k in ("tile", "predict"))
     assert run["settings"]["seconds_per_input"] == pytest.approx(run["seconds"] / 2, rel=0.02)
     machine = data["machine"]
     assert machine["cores"] >= 1 and "onnxruntime" in machine["versions"] and "gpus" in machine
@@ -54,6 +59,7 @@ def test_bench_json_holds_every_figure(tmp_path):
     ratios = data["ratios"]
     assert ratios["predict_vs_roof"] > 0 and ratios["predict_vs_naive"] > 0 and ratios["run_vs_naive"] > 0
     assert ratios["predict_steady_vs_roof"] > ratios["predict_vs_roof"]
+    assert ratios["run_vs_barrier"] > 0 and ratios["first_report_fraction"] == run["settings"]["first_report_fraction"]
     best = data["best"]
     chosen = max(predict, key=lambda f: f["settings"]["steady_patches_per_second"])
     assert best["batch_size"] == chosen["settings"]["batch_size"] and best["workers"] == 1

@@ -27,11 +27,12 @@ def test_scaling_scenario_writes_points_fits_and_memory(tmp_path, tiny_model_dir
     assert [(p["series"], p["slides"], p["size_px"]) for p in points] == [
         ("slides", 1, 4096), ("slides", 2, 4096), ("size", 1, 2048), ("size", 1, 4096)]
     for p in points:
-        assert p["tiles"] > 0 and p["wall_s"] > 0 and set(p["stage_seconds"]) == {"tile", "predict", "report"}
+        assert p["tiles"] > 0 and p["wall_s"] > 0 and set(p["stage_seconds"]) == {"total"}
+        assert 0 < p["first_report_seconds"] < p["wall_s"]
         assert len(p["peak_rss_mib_per_worker"]) == 1 and p["peak_worker_rss_mib"] > 50 and p["client_peak_rss_mib"] > 50
     two, one = points[1], points[0]
     assert two["tiles"] > one["tiles"]  # two slides, more tiles
-    for name in ("slides", "size", "size: tile stage", "slides: predict stage"):
+    for name in ("slides", "size", "size: first report", "slides: first report"):
         fit = data["fits"][name]
         assert fit["slope"] is not None and fit["r2"] <= 1.0
     assert data["machine"]["cores"] >= 1
