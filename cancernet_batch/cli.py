@@ -14,6 +14,7 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
+from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError
 
 log = logging.getLogger("cancernet_batch")
@@ -234,7 +235,7 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
 @click.option("--patients", "role", default="held-out", show_default=True,
               type=click.Choice(["held-out", "val", "test", "unseen"]),
               help="Which patients to score; training patients are always left out.")
-@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "onnx", "keras"]))
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINE_CHOICES))
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 def evaluate(model_dir: str, data: tuple[str, ...], out: str | None, role: str, engine: str, bootstrap: int,
@@ -289,7 +290,7 @@ def _tiling_options(f):
 
 def _tile_config(kw: dict, chunk: int | None = None):
     from .model import target_mpp
-    from .tiling import TileConfig
+    from .config import TileConfig
 
     extra = {"chunk": chunk} if chunk else {}
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
@@ -385,7 +386,7 @@ def _cluster_options(f):
 
 
 def _cluster_config(kw: dict, device: str | None = None):
-    from .cluster import ClusterConfig
+    from .config import ClusterConfig
 
     score_workers = kw.pop("score_workers", None)
     if score_workers is None and device == "gpu" and not kw.get("scheduler"):
@@ -399,11 +400,11 @@ def _cluster_config(kw: dict, device: str | None = None):
 def _predict_options(f):
     opts = [
         click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (model.keras, model.json)."),
-        click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "onnx", "keras"]),
+        click.option("--engine", default="auto", show_default=True, type=click.Choice(ENGINE_CHOICES),
                      help="auto: ONNX Runtime on CPU, Keras on GPU."),
-        click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
+        click.option("--backend", default=None, type=click.Choice(BACKENDS),
                      help="Keras backend for --engine keras (default: KERAS_BACKEND, else tensorflow)."),
-        click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"])),
+        click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES)),
         click.option("--batch-size", default=None, type=click.IntRange(min=1),
                      help="Tiles per model call (default 256 on CPU, 2048 on GPU)."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
@@ -417,7 +418,7 @@ def _predict_options(f):
 def _predict_config(kw: dict):
     import os
 
-    from .stages.score import PredictConfig
+    from .config import PredictConfig
 
     backend = kw.pop("backend", None)
     if backend:
@@ -432,13 +433,13 @@ def _predict_config(kw: dict):
         kw["batch_size"] = kw["batch_size"] or int(saved["batch_size"])  # explicit options win
         kw["workers"] = kw.get("workers") or int(saved["workers"])
         kw["threads_per_worker"] = kw.get("threads_per_worker") or int(saved.get("threads_per_worker", 1))
-        if kw["engine"] == "auto" and saved.get("engine") in ("onnx", "keras") and saved.get("device", "cpu") == kw["device"]:
+        if kw["engine"] == "auto" and saved.get("engine") in ENGINES and saved.get("device", "cpu") == kw["device"]:
             kw["engine"] = saved["engine"]  # the engine bench measured fastest here, unless --engine says otherwise
             if kw["engine"] == "keras" and backend is None and saved.get("backend"):
                 backend = os.environ.get("KERAS_BACKEND") or saved["backend"]  # an explicit environment wins
                 os.environ["KERAS_BACKEND"] = backend
     if kw["batch_size"] is None:
-        kw["batch_size"] = 256 if kw["device"] == "cpu" else 2048
+        kw["batch_size"] = DEFAULT_BATCH[kw["device"]]
     device = kw.pop("device")
     return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
                          device=device, batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
@@ -662,13 +663,13 @@ def _name_list(allowed: tuple[str, ...]):
 @click.option("--batch-sizes", default="256,1024,4096", show_default=True, callback=_int_list)
 @click.option("--workers", default="1,2", show_default=True, callback=_int_list, help="Local cluster workers to try.")
 @click.option("--threads", default="1", show_default=True, callback=_int_list, help="Threads per worker to try.")
-@click.option("--engines", default="onnx,keras", show_default=True, callback=_name_list(("onnx", "keras")),
+@click.option("--engines", default=",".join(ENGINES), show_default=True, callback=_name_list(ENGINES),
               help="Engines for the predict stage (keras runs under KERAS_BACKEND or --backend).")
-@click.option("--backend", default=None, type=click.Choice(["tensorflow", "jax", "torch"]),
+@click.option("--backend", default=None, type=click.Choice(BACKENDS),
               help="Keras backend of the predict stage and end to end (default: KERAS_BACKEND, else tensorflow).")
-@click.option("--roof-backends", default=None, callback=_name_list(("tensorflow", "jax", "torch")),
+@click.option("--roof-backends", default=None, callback=_name_list(BACKENDS),
               help="Keras backends whose roof to measure (default: every installed one).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES))
 @click.option("--naive-count", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write every figure here.")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write the table here.")

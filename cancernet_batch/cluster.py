@@ -13,8 +13,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
+from .config import ClusterConfig
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,36 +23,6 @@ log = logging.getLogger(__name__)
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where to run: ``scheduler`` address, or the shape of a local cluster."""
-
-    scheduler: str | None = None
-    workers: int | None = None
-    threads_per_worker: int | None = None
-    memory_limit: str | None = "auto"
-    host: str = "127.0.0.1"
-    dashboard: bool = True
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    score_workers: int | None = None
-    """Local workers that only score (Dask resource ``score``); the others only decode and tile
-    (resource ``tile``). None or 0: every worker does both kinds of work (a CPU-only machine)."""
-
-    def __post_init__(self) -> None:
-        workers, _ = self.local_shape()
-        if self.score_workers is not None and not 0 <= self.score_workers < workers and not self.scheduler:
-            raise ConfigError(f"--score-workers {self.score_workers} leaves no tiling worker out of {workers}",
-                              hint="give --workers more than --score-workers, or leave --score-workers out")
-
-    def local_shape(self) -> tuple[int, int]:
-        """Workers and threads per worker for a local cluster, sized to this machine when not given."""
-        workers = self.workers or max(1, min(usable_cores(), 8))
-        threads = self.threads_per_worker or 1
-        return workers, threads
 
 
 def security(cfg: ClusterConfig):

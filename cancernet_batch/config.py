@@ -1,17 +1,174 @@
-"""Settings as frozen dataclasses, checked when they are made.
+"""Settings as frozen dataclasses, checked when they are made: the one home of every stage's settings.
 
-Each stage owns one dataclass here; a bad value raises :class:`~cancernet_batch.errors.ConfigError`
-with the option to change, so the CLI and the library report it the same way.
+Each stage owns one dataclass here (tile, predict, report, cluster, train); a bad value raises
+:class:`~cancernet_batch.errors.ConfigError` with the option to change, so the CLI and the library
+report it the same way. The names and bounds they check (engines, Keras backends, devices, batch
+sizes, µm/px) are defined once, below, and the CLI offers its choices from them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import DEFAULT_MPP
+from . import DEFAULT_MPP, PATCH_SIZE
 from .errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# names and bounds, defined once
+# ----------------------------------------------------------------------------------------------
+
+ENGINES = ("onnx", "keras")
+"""Scoring engines (``engines.py``); ``auto`` picks ONNX Runtime on CPU and Keras on GPU."""
+ENGINE_CHOICES = ("auto", *ENGINES)
+BACKENDS = ("tensorflow", "jax", "torch")
+"""Keras backends the model runs under."""
+DEVICES = ("cpu", "gpu")
+MPP_MIN, MPP_MAX = 0.05, 20.0
+"""Plausible resolutions, µm/px: anything outside is a wrong or missing value, not a scan."""
+MAX_BATCH = 1 << 20
+"""Largest batch (tiles per model call) accepted: 2^20 tiles are 7.9 GB of uint8 input."""
+DEFAULT_BATCH = {"cpu": 256, "gpu": 2048}
+"""Tiles per model call: 256 is the fastest and smallest on CPU (benchmarks/RESULTS.md)."""
+DEFAULT_CHUNK = 1024
+"""Tiles per store chunk: 1024 x 7.5 KB = 7.7 MB raw, a good unit of work for one predict task."""
+DEFAULT_TISSUE_THRESHOLD = 0.5
+MAX_THUMB_PX = 1024
+
+
+def check_mpp(mpp: float, what: str = "--mpp-override") -> float:
+    """``mpp`` when it is a plausible resolution; else a :class:`ConfigError` naming the option."""
+    if not (isinstance(mpp, (int, float)) and MPP_MIN <= mpp <= MPP_MAX):
+        raise ConfigError(f"{what} {mpp:g} µm/px is not a plausible resolution" if isinstance(mpp, (int, float))
+                          else f"{what} {mpp!r} is not a resolution",
+                          hint=f"use {MPP_MIN:g}-{MPP_MAX:g} µm/px, e.g. 0.25 (40x) or 0.5 (20x)")
+    return mpp
+
+
+def _choice(value, allowed: tuple, what: str, none_ok: bool = False):
+    if value is None and none_ok:
+        return
+    if value not in allowed:
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _count(value, what: str, low: int = 1, high: int | None = None, none_ok: bool = True) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ConfigError(f"{what} must be a whole number {'from ' + str(low) if high is None else f'in {low}-{high}'},"
+                          f" got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# where to run
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where to run: ``scheduler`` address, or the shape of a local cluster."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str | None = "auto"
+    host: str = "127.0.0.1"
+    dashboard: bool = True
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    score_workers: int | None = None
+    """Local workers that only score (Dask resource ``score``); the others only decode and tile
+    (resource ``tile``). None or 0: every worker does both kinds of work (a CPU-only machine)."""
+
+    def __post_init__(self) -> None:
+        _count(self.workers, "--workers")
+        _count(self.threads_per_worker, "--threads-per-worker")
+        _count(self.score_workers, "--score-workers", low=0)
+        workers, _ = self.local_shape()
+        if self.score_workers and not self.scheduler and self.score_workers >= workers:
+            raise ConfigError(f"--score-workers {self.score_workers} leaves no tiling worker out of {workers}",
+                              hint="give --workers more than --score-workers, or leave --score-workers out")
+
+    def local_shape(self) -> tuple[int, int]:
+        """Workers and threads per worker for a local cluster, sized to this machine when not given."""
+        from .cluster import usable_cores
+
+        workers = self.workers or max(1, min(usable_cores(), 8))
+        threads = self.threads_per_worker or 1
+        return workers, threads
+
+
+# ----------------------------------------------------------------------------------------------
+# tile, predict, report
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Settings of one tiling run."""
+
+    target_mpp: float = DEFAULT_MPP
+    mpp_override: float | None = None
+    tissue_threshold: float = DEFAULT_TISSUE_THRESHOLD
+    tissue_filter: bool = True
+    chunk: int = DEFAULT_CHUNK
+    preflight_timeout: float = 60.0
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        check_mpp(self.target_mpp, "--mpp")
+        if self.mpp_override is not None:
+            check_mpp(self.mpp_override)
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ConfigError(f"--tissue-threshold {self.tissue_threshold} is not in [0, 1]")
+        if self.chunk < 1 or self.block < 1:
+            raise ConfigError("chunk and block sizes must be at least 1")
+        if not 0 < self.preflight_timeout <= 24 * 3600:
+            raise ConfigError(f"--preflight-timeout {self.preflight_timeout} must be positive and at most a day")
+
+    @property
+    def tile_um(self) -> float:
+        """Physical side of one model tile in microns."""
+        return PATCH_SIZE * self.target_mpp
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to score a run."""
+
+    model_dir: str
+    engine: str = "auto"  # one of ENGINE_CHOICES
+    backend: str | None = None  # Keras backend for engine=keras, one of BACKENDS
+    device: str = "cpu"  # one of DEVICES
+    batch_size: int = DEFAULT_BATCH["cpu"]  # tiles per model call
+    engine_threads: int | None = None  # intra-op threads per worker (ONNX); default cores / workers
+    rescore: bool = False
+    max_inflight_per_thread: int = 2  # bounded scheduler and client memory for huge archives
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        _choice(self.engine, ENGINE_CHOICES, "--engine")
+        _choice(self.backend, BACKENDS, "--backend", none_ok=True)
+        _choice(self.device, DEVICES, "--device")
+        _count(self.batch_size, "--batch-size", high=MAX_BATCH, none_ok=False)
+        _count(self.engine_threads, "engine threads")
+        _count(self.max_inflight_per_thread, "tasks in flight per thread", none_ok=False)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What ``cancernet report`` was asked for."""
+
+    threshold: float | None = None  # default: the model's (see aggregate.resolve_threshold)
+    patients_csv: str | None = None  # CSV input,patient
+    model_dir: str | None = None
+    thumb_px: int = MAX_THUMB_PX
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
+            raise ConfigError(f"--threshold {self.threshold!r} is not in [0, 1]")
+        _count(self.thumb_px, "thumbnail size", low=16, high=16384, none_ok=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +221,7 @@ class TrainConfig:
             raise ConfigError(f"--width must be at least 4, got {self.width}", hint="32 is CancerNet's width")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.05 < self.mpp < 20:
-            raise ConfigError(f"--mpp {self.mpp} is not a plausible resolution", hint="use 0.05-20 µm/px; Kaggle IDC is 4.0")
+        check_mpp(self.mpp, "--mpp")
         if not 0.0 <= self.jitter <= 0.5 or not 0.0 <= self.stain_jitter <= 0.5:
             raise ConfigError(f"colour and stain jitter must be in [0, 0.5], got {self.jitter} and {self.stain_jitter}")
         if self.bootstrap < 0:

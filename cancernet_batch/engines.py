@@ -28,7 +28,7 @@ from .model import (MODEL_FILE, ONNX_FILE, PREDICT_BATCH, ModelMeta, check_tiles
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "onnx", "keras")
-BACKENDS = ("tensorflow", "jax", "torch")
+from .config import BACKENDS  # noqa: E402 - the Keras backends, defined once
 DEVICES = ("cpu", "gpu")
 
 

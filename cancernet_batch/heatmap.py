@@ -25,7 +25,7 @@ from .store import InputAttrs
 
 log = logging.getLogger(__name__)
 
-MAX_THUMB_PX = 1024
+from .config import MAX_THUMB_PX  # noqa: E402 - defined with the report's other settings
 _MAX_LEVEL_PIXELS = 64_000_000  # a pyramid level larger than this is not read whole for a thumbnail
 
 

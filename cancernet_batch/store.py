@@ -39,8 +39,7 @@ from .atomic import remove_stale_temps
 from .errors import StorageError
 
 SCHEMA_VERSION = 1
-DEFAULT_CHUNK = 1024
-"""Tiles per chunk: 1024 x 7.5 KB = 7.7 MB raw, a good unit of work for one predict task."""
+from .config import DEFAULT_CHUNK  # noqa: E402,F401 - tiles per chunk, defined with the other settings
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

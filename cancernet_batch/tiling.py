@@ -30,48 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_MPP, PATCH_SIZE
-from .errors import ConfigError, InputError
+from . import PATCH_SIZE
+from .config import TileConfig
+from .errors import InputError
 from .failures import Failure
 from .slides import SLIDE_EXTENSIONS, MAX_READ_PX, SlideReader, choose_level, open_slide, read_scaled, resolve_mpp
-from .slides.resolution import check_plausible
-from .store import DEFAULT_CHUNK, InputAttrs
-from .tissue import DEFAULT_THRESHOLD, PX_PER_TILE, tile_fractions, tissue_mask
+from .store import InputAttrs
+from .tissue import PX_PER_TILE, tile_fractions, tissue_mask
 
 log = logging.getLogger(__name__)
 
 MAX_VIEW_PX = 16_000_000
 """Largest low-resolution view (pixels) tiling makes for tissue detection and the stored thumbnail."""
 _TCGA = re.compile(r"^(tcga-[a-z0-9]{2}-[a-z0-9]{4})", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Settings of one tiling run."""
-
-    target_mpp: float = DEFAULT_MPP
-    mpp_override: float | None = None
-    tissue_threshold: float = DEFAULT_THRESHOLD
-    tissue_filter: bool = True
-    chunk: int = DEFAULT_CHUNK
-    preflight_timeout: float = 60.0
-    block: int = 32
-
-    def __post_init__(self) -> None:
-        check_plausible(self.target_mpp, "--mpp")
-        if self.mpp_override is not None:
-            check_plausible(self.mpp_override)
-        if not 0.0 <= self.tissue_threshold <= 1.0:
-            raise ConfigError(f"--tissue-threshold {self.tissue_threshold} is not in [0, 1]")
-        if self.chunk < 1 or self.block < 1:
-            raise ConfigError("chunk and block sizes must be at least 1")
-        if self.preflight_timeout <= 0:
-            raise ConfigError("--preflight-timeout must be positive")
-
-    @property
-    def tile_um(self) -> float:
-        """Physical side of one model tile in microns."""
-        return PATCH_SIZE * self.target_mpp
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 PX_PER_TILE = 8
 """Pixels per model-tile side in the low-resolution view."""
-DEFAULT_THRESHOLD = 0.5
+from .config import DEFAULT_TISSUE_THRESHOLD as DEFAULT_THRESHOLD  # noqa: E402,F401 - with the tile settings
 """A tile is kept when at least this fraction of it is tissue."""
 MIN_SATURATION = 0.05
 MAX_SATURATION = 0.20

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ConfigError, ResolutionError
+from ..errors import ResolutionError
 from .base import SlideInfo
 
 log = logging.getLogger(__name__)
 
-MPP_MIN = 0.05
-MPP_MAX = 20.0
+from ..config import MPP_MAX, MPP_MIN, check_mpp
+
 LEVEL_TOLERANCE = 1e-3
 _HINT = "pass --mpp-override MPP with the scan's µm/px, e.g. 0.25 at 40x or 0.5 at 20x"
 
 
-def check_plausible(mpp: float, what: str = "--mpp-override") -> float:
-    if not MPP_MIN <= mpp <= MPP_MAX:
-        raise ConfigError(f"{what} {mpp:g} µm/px is not a plausible resolution",
-                          hint=f"use {MPP_MIN:g}-{MPP_MAX:g} µm/px, e.g. 0.25 (40x) or 0.5 (20x)")
-    return mpp
+check_plausible = check_mpp  # the bounds and message are defined once, in config.py
 
 
 def resolve_mpp(info: SlideInfo, override: float | None = None) -> tuple[float, str]:

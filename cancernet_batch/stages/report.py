@@ -33,11 +33,12 @@ from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigu
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
 from ..atomic import write_csv
 from ..cluster import TILE, as_completed_windowed, work_split
+from ..config import ReportConfig
 from ..errors import StorageError
 from ..failures import Failure
 from ..runfolder import Run
 from ..geojson import idc_features, write_geojson
-from ..heatmap import MAX_THUMB_PX, thumbnail_for, write_heatmap
+from ..heatmap import thumbnail_for, write_heatmap
 from ..store import InputAttrs
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ log = logging.getLogger(__name__)
 STAGE = "report"
 _STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """What ``cancernet report`` was asked for."""
-
-    threshold: float | None = None  # default: the model's (see aggregate.resolve_threshold)
-    patients_csv: str | None = None  # CSV input,patient
-    model_dir: str | None = None
-    thumb_px: int = MAX_THUMB_PX
 
 
 @dataclass(frozen=True)

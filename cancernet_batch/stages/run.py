@@ -19,7 +19,7 @@ from ..runfolder import Run
 from .score import PredictConfig, PredictSummary
 from .report import ReportConfig, ReportSummary
 from .tile import TileSummary
-from ..tiling import TileConfig
+from ..config import TileConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
              on_dashboard: Callable[[str], None] | None = None, workers: int | None = None) -> DemoResult:
     """Synthetic patches -> train -> synthetic slides + a held-out patient folder -> run -> Dice vs truth."""
     from ..truth import input_accuracy
-    from ..cluster import ClusterConfig
+    from ..config import ClusterConfig
     from ..config import TrainConfig
     from ..store import input_id
     from ..synth import synth_patches, synth_slides

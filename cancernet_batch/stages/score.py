@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import store
-from ..cluster import SCORE, ClusterConfig, as_completed_windowed, dask_client, usable_cores, work_split
+from ..cluster import SCORE, as_completed_windowed, dask_client, usable_cores, work_split
+from ..config import PredictConfig
 from ..errors import ModelError, ResolutionError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
@@ -31,21 +32,6 @@ from ..runfolder import Run
 log = logging.getLogger(__name__)
 
 STAGE = "predict"
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """How to score a run."""
-
-    model_dir: str
-    engine: str = "auto"  # auto | onnx | keras
-    backend: str | None = None  # keras backend for engine=keras: tensorflow | jax | torch
-    device: str = "cpu"  # cpu | gpu
-    batch_size: int = 256  # tiles per model call; 256 is fastest and smallest on CPU (benchmarks/RESULTS.md)
-    engine_threads: int | None = None  # intra-op threads per worker (ONNX); default cores / workers
-    rescore: bool = False
-    max_inflight_per_thread: int = 2  # bounded scheduler and client memory for huge archives
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @dataclass
