@@ -64,9 +64,21 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; the undecodable bytes of file names (surrogates) go back to the bytes they were.
+
+    So a path read back (``errors="surrogateescape"``) is the same path. Any other lone surrogate is
+    backslash-escaped rather than crashing the write.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write UTF-8 ``text`` to ``path``."""
-    return write_bytes(path, text.encode("utf-8"))
+    """Atomically write UTF-8 ``text`` to ``path`` (see :func:`encode_text` for file names that are not UTF-8)."""
+    return write_bytes(path, encode_text(text))
 
 
 def safe_cell(value: object) -> object:
@@ -93,7 +105,7 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
     writer.writerow([safe_cell(h) for h in header])
     for row in rows:
         writer.writerow([safe_cell(v) for v in row])
-    return buf.getvalue().encode("utf-8", errors="surrogateescape")
+    return encode_text(buf.getvalue())
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:

@@ -780,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_native_logs()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never as raw bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="cancernet", standalone_mode=False)

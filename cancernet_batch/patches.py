@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import PATCH_SIZE
-from .errors import InputError
+from .errors import InputError, printable
 from .failures import Failure
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,12 @@ def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
                         continue
                     if not _is_image(f):
                         failures.append(Failure(str(f), "read", "InputError",
-                                                f"{f}: not an image file (expected .png); remove it or move it out of the patch folder"))
+                                                f"{printable(f)}: not an image file (expected .png); remove it or move it out of the patch folder"))
                         continue
                     rec = _parse(f, pdir.name, int(d))
                     if rec.label != int(d):
                         failures.append(Failure(str(f), "read", "InputError",
-                                                f"{f}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
+                                                f"{printable(f)}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
                         continue
                     records.append(rec)
     else:

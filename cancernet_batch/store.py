@@ -47,11 +47,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def input_id(source: str | os.PathLike) -> str:
     """A stable, filesystem-safe group name for an input: ``<sanitised stem>-<8 hex of its abs path>``.
 
-    Separators, ``..`` and odd characters in names never reach the store's paths.
+    Separators, ``..`` and odd characters in names never reach the store's paths; names that are
+    not UTF-8 (any POSIX bytes) are hashed as the bytes they are.
     """
     p = Path(source).resolve()
     stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
-    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    return f"{stem}-{hashlib.sha256(os.fsencode(str(p))).hexdigest()[:8]}"  # any bytes a name may hold
 
 
 @dataclass(frozen=True)
