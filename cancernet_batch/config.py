@@ -78,6 +78,8 @@ class ClusterConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    connect_timeout: float = 30.0
+    """Seconds to reach a ``scheduler``, Dask's handshake included (:func:`cluster.probe_scheduler`)."""
     score_workers: int | None = None
     """Local workers that only score (Dask resource ``score``); the others only decode and tile
     (resource ``tile``). None or 0: every worker does both kinds of work (a CPU-only machine)."""
