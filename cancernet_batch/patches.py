@@ -49,9 +49,10 @@ MAX_GRID_SIDE = 100_000
 """Largest grid position (rows or columns, 50 px tiles: 5,000,000 px) a patch name may claim."""
 MAX_GRID_CELLS = 50_000_000
 """Largest grid (rows x cols) of one patient folder: its float32 map is at most 200 MB."""
-OUTLIER_SLACK = 100
-"""Tiles beyond the robust extent of a folder's other patches (1st-99th percentile, widened by its
-own size and by this) where a patch's claimed position counts as absurd."""
+OUTLIER_SLACK = 2000
+"""Tiles beyond the robust extent of a folder's other patches (upper quartile plus four interquartile
+ranges, plus this) where a patch's claimed position counts as absurd: the map of a
+patient with one such stray patch stays within a few thousand tiles a side (tens of MB)."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ def bound_positions(records: list[PatchRecord]) -> tuple[list[PatchRecord], list
     """Drop patches whose name claims an absurd grid position; each becomes a failure row.
 
     Absurd: beyond :data:`MAX_GRID_SIDE`, or far outside the robust extent of the other patches of
-    the same patient (the 1st-99th percentile of rows and of columns, widened by that extent and by
-    :data:`OUTLIER_SLACK` tiles): one copied patch with ``x999999999`` in its name must not make a
+    the same patient (the quartiles of rows and of columns, widened by four times the interquartile range and
+    by :data:`OUTLIER_SLACK` tiles; robust to a quarter of the names being wrong): one copied patch with ``x999999999`` in its name must not make a
     patient's map many GB. When even the robust grid exceeds :data:`MAX_GRID_CELLS`, the patient's
     farthest patches go until it fits.
     """
@@ -210,13 +211,13 @@ def bound_positions(records: list[PatchRecord]) -> tuple[list[PatchRecord], list
             by_patient.setdefault(rec.patient, []).append(rec)
     for patient, recs in by_patient.items():
         pos = np.array([(r.row, r.col) for r in recs], np.int64)
-        lo, hi = np.percentile(pos, 1, axis=0), np.percentile(pos, 99, axis=0)
-        top = hi + np.maximum(hi - lo, 0) + OUTLIER_SLACK
+        lo, hi = np.percentile(pos, 25, axis=0, method="nearest"), np.percentile(pos, 75, axis=0, method="nearest")
+        top = hi + 4 * np.maximum(hi - lo, 0) + OUTLIER_SLACK
         ok = (pos <= top).all(axis=1)
         for r, good in zip(recs, ok):
             if not good:
                 refuse(r, f"far outside the other patches of patient {printable(patient)} "
-                          f"(rows up to {int(hi[0])}, columns up to {int(hi[1])})")
+                          f"(their middle half: rows {int(lo[0])}-{int(hi[0])}, columns {int(lo[1])}-{int(hi[1])})")
         inside = [r for r, good in zip(recs, ok) if good]
         inside.sort(key=lambda r: max(r.row, r.col))
         while inside and (max(r.row for r in inside) + 1) * (max(r.col for r in inside) + 1) > MAX_GRID_CELLS:
