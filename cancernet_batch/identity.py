@@ -8,7 +8,7 @@ load:
 * a ``model.keras`` whose content hash is not the ``model_id`` (replaced after export) is refused,
   whichever engine scores (ONNX too: its metadata and ``model.json`` would still agree);
 * an ``model.onnx`` is compared with ``model.keras`` on a probe batch once per pair of files: the
-  outcome is recorded in ``MODEL_DIR/.cancernet-verified.json`` (or the user cache when the folder is
+  outcome is recorded in ``MODEL_DIR/onnx-check.json`` (or the user cache when the folder is
   read-only), keyed by the model id and the ONNX file's hash, so workers and later runs only hash the
   files. :func:`~cancernet_batch.model.export_onnx` records its own comparison, so an exported
   folder never needs the probe; a hand-copied or forged ``model.onnx`` does.
@@ -33,7 +33,7 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-VERIFIED_FILE = ".cancernet-verified.json"
+VERIFIED_FILE = "onnx-check.json"
 PROBE_TOLERANCE = 1e-5  # what export_onnx demands
 _EXPORT_HINT = "re-export with `cancernet export MODEL_DIR`"
 _COPY_HINT = "copy the whole model folder written by `cancernet train` again (model.keras, model.json and model.onnx together)"
