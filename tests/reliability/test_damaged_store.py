@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cancernet_batch import store
+from cancernet_batch.runfolder import Run
 from cancernet_batch.errors import StorageError
 from cancernet_batch.store import InputAttrs
 
@@ -25,7 +26,7 @@ COORDS, PROBS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)], [0.9, 0.2, 0.7, 0.1, 0
 
 
 def _group_dir(run: Path, source: str) -> Path:
-    return store.tiles_path(run) / "inputs" / store.input_id(source)
+    return Run.of(run).store_path / "inputs" / store.input_id(source)
 
 
 def _hostile_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -34,7 +35,7 @@ def _hostile_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     src = {k: str(tmp_path / f"{k}.svs") for k in ("good", "nan", "offgrid", "dtype", "metadata", "truncated")}
     for k, s in src.items():
         add_input(run, s, COORDS, PROBS, patient=k)
-    root = store.open_root(run)
+    root = Run.of(run).open_store()
     g = root["inputs"][store.input_id(src["nan"])]
     g["probs"][:] = np.nan  # done flags set, probabilities lost
     g = root["inputs"][store.input_id(src["offgrid"])]
@@ -53,7 +54,7 @@ def _hostile_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def test_iter_inputs_skips_damaged_groups_and_says_which(tmp_path):
     run, src = _hostile_run(tmp_path)
     damaged: list[store.DamagedInput] = []
-    gids = [gid for gid, _ in store.iter_inputs(store.open_root(run, mode="r"), damaged=damaged)]
+    gids = [gid for gid, _ in store.iter_inputs(Run.of(run).open_store("r"), damaged=damaged)]
     assert len(gids) == 4
     assert {d.gid for d in damaged} == {store.input_id(src["metadata"]), store.input_id(src["truncated"])}
     by = {d.gid: d for d in damaged}
@@ -66,7 +67,7 @@ def test_iter_inputs_skips_damaged_groups_and_says_which(tmp_path):
 
 def test_validate_input_names_each_inconsistency(tmp_path):
     run, src = _hostile_run(tmp_path)
-    root = store.open_root(run, mode="r")
+    root = Run.of(run).open_store("r")
     why = {Path(g.attrs["source"]).stem: store.validate_input(g) for _, g in store.iter_inputs(root)}
     assert why["good"] is None
     assert "flagged done" in why["nan"]
@@ -76,7 +77,7 @@ def test_validate_input_names_each_inconsistency(tmp_path):
 
 def test_done_flags_without_probabilities_are_cleared_for_rescoring(tmp_path):
     run, src = _hostile_run(tmp_path)
-    g = store.open_root(run)["inputs"][store.input_id(src["nan"])]
+    g = Run.of(run).open_store()["inputs"][store.input_id(src["nan"])]
     assert store.done_mask(g).all()
     assert store.clear_unproven_done(g) == 2
     assert not store.done_mask(g).any()
@@ -85,7 +86,7 @@ def test_done_flags_without_probabilities_are_cleared_for_rescoring(tmp_path):
 
 def test_damaged_group_is_tiled_again(tmp_path):
     run, src = _hostile_run(tmp_path)
-    root = store.open_root(run)
+    root = Run.of(run).open_store()
     gone = store.drop_damaged(root)
     assert len(gone) == 2 and not _group_dir(run, src["metadata"]).exists()
     assert store.input_id(src["metadata"]) not in root["inputs"]  # zarr can look again
@@ -100,11 +101,11 @@ def test_damaged_group_is_tiled_again(tmp_path):
 def test_damaged_root_is_one_clear_error(tmp_path):
     run, _ = _hostile_run(tmp_path)
     store.check_root(run)  # sound
-    (store.tiles_path(run) / "zarr.json").write_text("{{{")
+    (Run.of(run).store_path / "zarr.json").write_text("{{{")
     with pytest.raises(StorageError) as ei:
         store.check_root(run)
-    assert str(store.tiles_path(run) / "zarr.json") in str(ei.value) and "\n" not in str(ei.value)
-    (store.tiles_path(run) / "zarr.json").unlink()
+    assert str(Run.of(run).store_path / "zarr.json") in str(ei.value) and "\n" not in str(ei.value)
+    (Run.of(run).store_path / "zarr.json").unlink()
     with pytest.raises(StorageError, match="missing"):
         store.check_root(run)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cancernet_batch import store
+from cancernet_batch.runfolder import Run
 from cancernet_batch.failures import Failure, read_failures, write_failures
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -42,7 +43,9 @@ def _touch(path: bytes, data: bytes = b"") -> None:
 
 def test_failures_csv_keeps_undecodable_names(tmp_path):
     name = os.fsdecode(_bytes_path(tmp_path, b"slide" + BAD + b".svs"))
-    rows = [Failure(name, "preflight", "InputError", "cannot open"), Failure("plain.svs", "tile", "X", "a, \"quoted\" message")]
+    cr = os.fsdecode(_bytes_path(tmp_path, b"carriage\rreturn.svs"))  # found by the property test
+    rows = [Failure(name, "preflight", "InputError", "cannot open"), Failure("plain.svs", "tile", "X", "a, \"quoted\" message"),
+            Failure(cr, "tile", "X", "=1+1")]
     write_failures(tmp_path / "failures.csv", rows)
     assert read_failures(tmp_path / "failures.csv") == rows  # the same name, byte for byte
     assert BAD in (tmp_path / "failures.csv").read_bytes()
@@ -115,7 +118,7 @@ def test_tile_with_undecodable_names(tmp_path, synth_slide_dir, synth_patch_dir)
         assert "\n" not in rows[0].message and "\\xff\\xfe" in rows[0].message
         rows[0].message.encode("utf-8")
     assert rows_by_run[0] == rows_by_run[1]  # the row survives the re-run
-    tiled = {g.attrs["source"]: g for _, g in store.iter_inputs(store.open_root(run, mode="r"))}
+    tiled = {g.attrs["source"]: g for _, g in store.iter_inputs(Run.of(run).open_store("r"))}
     assert set(tiled) == {os.fsdecode(_bytes_path(archive, b"slide" + BAD + b".svs")), os.fsdecode(patient)}
     folder = tiled[os.fsdecode(patient)]
     assert int(folder.attrs["n_tiles"]) == 60  # every patch, the renamed one included

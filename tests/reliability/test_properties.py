@@ -15,6 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cancernet_batch import cli, patches, store
+from cancernet_batch.runfolder import Run
 from cancernet_batch.errors import CancerNetError, InputError, printable
 from cancernet_batch.failures import Failure, read_failures, write_failures
 from cancernet_batch.tiling import discover
@@ -131,7 +132,7 @@ def test_store_validation_never_crashes(c):
         n = c["n"]
         attrs = InputAttrs(source=str(Path(tmp) / "a.svs"), kind=c["kind"], reader="t", patient="p", source_size=0,
                            source_mtime=0.0, target_mpp=4.0, grid_shape=c["grid"], n_tiles=n)
-        root = store.open_root(run)
+        root = Run.of(run).open_store()
         g = store.create_input(root, attrs, n, chunk=4)
         if c["dtype"] != "uint8":
             del g["tiles"]
@@ -149,9 +150,9 @@ def test_store_validation_never_crashes(c):
         assert why is None or ("\n" not in why)
         store.clear_unproven_done(g)
         if c["damage"] is not None:
-            (store.tiles_path(run) / "inputs" / store.input_id(attrs.source) / "zarr.json").write_bytes(c["damage"])
+            (Run.of(run).store_path / "inputs" / store.input_id(attrs.source) / "zarr.json").write_bytes(c["damage"])
         damaged: list = []
-        listed = list(store.iter_inputs(store.open_root(run, mode="r"), complete_only=False, damaged=damaged))
+        listed = list(store.iter_inputs(Run.of(run).open_store("r"), complete_only=False, damaged=damaged))
         assert len(listed) + len(damaged) == 1
         if listed:
             try:

@@ -213,8 +213,9 @@ def test_one_tile_call_over_absurd_inputs(tmp_path, synth_patch_dir, synth_slide
     assert set(rows) == {far.name, bomb.name, "sparse.tif"}, rows
     assert rows["sparse.tif"].stage == "plan"
     from cancernet_batch import store
+    from cancernet_batch.runfolder import Run
 
-    tiled = {Path(g.attrs["source"]).name: g for _, g in store.iter_inputs(store.open_root(run, mode="r"))}
+    tiled = {Path(g.attrs["source"]).name: g for _, g in store.iter_inputs(Run.of(run).open_store("r"))}
     assert set(tiled) == {"good.svs", folder.name}
     assert int(tiled[folder.name].attrs["n_tiles"]) == n  # every patch but the two bad files
     rows_, cols_ = tiled[folder.name].attrs["grid_shape"]
