@@ -88,6 +88,9 @@ class ClusterConfig:
         _count(self.workers, "--workers")
         _count(self.threads_per_worker, "--threads-per-worker")
         _count(self.score_workers, "--score-workers", low=0)
+        t = self.connect_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 24 * 3600:  # NaN fails too
+            raise ConfigError(f"--connect-timeout {t!r} must be a number of seconds, positive and at most a day")
         workers, _ = self.local_shape()
         if self.score_workers and not self.scheduler and self.score_workers >= workers:
             raise ConfigError(f"--score-workers {self.score_workers} leaves no tiling worker out of {workers}",
