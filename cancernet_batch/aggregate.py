@@ -230,7 +230,13 @@ class ScoredInput:
 
 
 def load_scored(gid: str, group, patient: str) -> ScoredInput:
-    """Read the coords and probabilities of a reported input (small: 12 bytes a tile)."""
+    """Read the coords and probabilities of a reported input (small: 12 bytes a tile).
+
+    :class:`~cancernet_batch.store.DamagedInputError` when its stored data are inconsistent (done
+    flags without probabilities, positions off the grid, arrays of the wrong type or shape): such an
+    input fails, it is never reported as 0 % IDC or drawn.
+    """
+    store.check_input(group, gid)
     attrs = InputAttrs.from_json(dict(group.attrs))
     coords = np.asarray(group["coords"][:], np.int32).reshape(-1, 2)
     probs = np.asarray(group["probs"][:], np.float32)

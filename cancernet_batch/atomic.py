@@ -64,9 +64,21 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def encode_text(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; the undecodable bytes of file names (surrogates) go back to the bytes they were.
+
+    So a path read back (``errors="surrogateescape"``) is the same path. Any other lone surrogate is
+    backslash-escaped rather than crashing the write.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write UTF-8 ``text`` to ``path``."""
-    return write_bytes(path, text.encode("utf-8"))
+    """Atomically write UTF-8 ``text`` to ``path`` (see :func:`encode_text` for file names that are not UTF-8)."""
+    return write_bytes(path, encode_text(text))
 
 
 def safe_cell(value: object) -> object:
@@ -90,10 +102,14 @@ def csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
     """CSV (UTF-8) whose string cells cannot start a spreadsheet formula."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    # with "\n" as line end the csv module does not quote a cell holding "\r" (a file name may), and
+    # every reader would split the row there: such rows are written fully quoted
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow([safe_cell(h) for h in header])
     for row in rows:
-        writer.writerow([safe_cell(v) for v in row])
-    return buf.getvalue().encode("utf-8", errors="surrogateescape")
+        cells = [safe_cell(v) for v in row]
+        (quoted if any(isinstance(c, str) and "\r" in c for c in cells) else writer).writerow(cells)
+    return encode_text(buf.getvalue())
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:

@@ -14,10 +14,49 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES
+from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError
 
 log = logging.getLogger("cancernet_batch")
+
+
+class Number(click.ParamType):
+    """A finite float in ``[low, high]`` (either end open when asked): ``nan``, ``inf`` and absurd values
+    are usage errors (exit 2) before any work starts. Every float option of the CLI uses one."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float, *, low_open: bool = False, high_open: bool = False, unit: str = ""):
+        self.low, self.high, self.low_open, self.high_open, self.unit = low, high, low_open, high_open, unit
+
+    def __repr__(self) -> str:
+        return f"Number({self.low}, {self.high})"
+
+    def _range(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def get_metavar(self, param, ctx=None) -> str:  # noqa: D102 - click's hook
+        return f"{self.unit or 'NUMBER'} in {self._range()}"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(f):
+            self.fail(f"{value!r} is not a finite number; give a value in {self._range()}", param, ctx)
+        if f < self.low or f > self.high or (self.low_open and f == self.low) or (self.high_open and f == self.high):
+            self.fail(f"{value!r} is not in {self._range()}", param, ctx)
+        return f
+
+
+FRACTION = Number(0, 1)
+SECONDS = Number(1, 86400, unit="SECONDS")  # a day: anything longer is a typo, not a timeout
+MPP = Number(0, 1000, low_open=True, unit="µm/px")  # finite and positive; plausibility (0.05-20) is the library's check
+
+MAX_WORKERS = 1024
 
 
 class _CliFormatter(logging.Formatter):
@@ -74,7 +113,7 @@ def synth() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--patients", default=8, show_default=True, type=click.IntRange(min=1), help="Number of patients.")
 @click.option("--per-patient", default=200, show_default=True, type=click.IntRange(min=1), help="Patches per patient.")
-@click.option("--idc-fraction", default=0.35, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--idc-fraction", default=0.35, show_default=True, type=FRACTION,
               help="Mean fraction of IDC patches (each patient varies around it).")
 @click.option("--seed", default=0, show_default=True, type=int)
 def synth_patches_cmd(out: str, patients: int, per_patient: int, idc_fraction: float, seed: int) -> None:
@@ -93,10 +132,10 @@ def synth_patches_cmd(out: str, patients: int, per_patient: int, idc_fraction: f
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--count", default=2, show_default=True, type=click.IntRange(min=1), help="Number of slides.")
 @click.option("--size", default=4096, show_default=True, type=click.IntRange(min=256), help="Width and height in px (level 0).")
-@click.option("--mpp", default=0.5, show_default=True, type=float, help="Level-0 resolution in µm/px.")
+@click.option("--mpp", default=0.5, show_default=True, type=MPP, help="Level-0 resolution in µm/px.")
 @click.option("--format", "fmt", default="svs", show_default=True, type=click.Choice(["svs", "tiff"]),
               help="Aperio SVS or generic tiled pyramidal TIFF.")
-@click.option("--idc-fraction", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--idc-fraction", default=0.3, show_default=True, type=FRACTION,
               help="Fraction of tissue tiles that are IDC.")
 @click.option("--seed", default=0, show_default=True, type=int)
 def synth_slides_cmd(out: str, count: int, size: int, mpp: float, fmt: str, idc_fraction: float, seed: int) -> None:
@@ -157,22 +196,22 @@ def _echo_assessment(title: str, a) -> None:
 @cli.command()
 @click.argument("data", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
-@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9, min_open=True),
+@click.option("--val-fraction", default=0.2, show_default=True, type=Number(0, 0.9, low_open=True),
               help="Share of patients held out for validation (early stopping, threshold).")
-@click.option("--test-fraction", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.8),
+@click.option("--test-fraction", default=0.0, show_default=True, type=Number(0, 0.8),
               help="Share of patients held out as a test set that training never sees.")
 @click.option("--split", "split_file", type=click.Path(), default=None,
               help="Published patient split: a folder with cases_{train,val,test}.txt, one such file, or a split.json.")
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--learning-rate", default=1e-3, show_default=True, type=float)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, MAX_BATCH))
+@click.option("--learning-rate", default=1e-3, show_default=True, type=Number(0, 10, low_open=True))
 @click.option("--width", default=32, show_default=True, type=click.IntRange(min=4), help="Filters in the first block.")
 @click.option("--conv", default="separable", show_default=True, type=click.Choice(["separable", "plain"]),
               help="Depthwise-separable or plain convolutions.")
-@click.option("--mpp", default=DEFAULT_MPP, show_default=True, type=float, help="Resolution of the training patches, µm/px.")
+@click.option("--mpp", default=DEFAULT_MPP, show_default=True, type=MPP, help="Resolution of the training patches, µm/px.")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience (epochs).")
-@click.option("--stain-jitter", default=None, type=click.FloatRange(0, 0.5),
+@click.option("--stain-jitter", default=None, type=Number(0, 0.5),
               help="H&E stain augmentation strength, 0 = off [default: TrainConfig's].")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap replicates (over patients) for the confidence intervals.")
@@ -274,13 +313,13 @@ def _tiling_options(f):
     opts = [
         click.option("--model", "model_dir", default=None, type=click.Path(),
                      help="Model folder: tile at the µm/px in its model.json."),
-        click.option("--mpp", default=None, type=float, help=f"Target µm/px (default: the model's, else {DEFAULT_MPP})."),
-        click.option("--mpp-override", default=None, type=float,
+        click.option("--mpp", default=None, type=MPP, help=f"Target µm/px (default: the model's, else {DEFAULT_MPP})."),
+        click.option("--mpp-override", default=None, type=MPP,
                      help="Source µm/px for slides that state none or an implausible one (outside 0.05-20)."),
-        click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+        click.option("--tissue-threshold", default=0.5, show_default=True, type=FRACTION,
                      help="Keep a tile when at least this fraction of it is tissue."),
         click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included."),
-        click.option("--preflight-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+        click.option("--preflight-timeout", default=60.0, show_default=True, type=SECONDS,
                      help="Seconds a slide may take to open in the preflight child process."),
     ]
     for opt in reversed(opts):
@@ -296,6 +335,27 @@ def _tile_config(kw: dict, chunk: int | None = None):
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
                       tissue_threshold=kw.pop("tissue_threshold"), tissue_filter=not kw.pop("no_tissue_filter"),
                       preflight_timeout=kw.pop("preflight_timeout"), **extra)
+
+
+def check_out_not_inside_inputs(out: str, inputs) -> None:
+    """Usage error (exit 2) when the run folder ``out`` is one of ``inputs`` or lies inside one.
+
+    A run folder inside an input would be searched as input on the next run, and its writes would
+    change the input (a patient folder's mtime and size: re-tiled every time); inside a patient's
+    ``0/`` or ``1/`` folder its files would be read as patches.
+    """
+    import os
+    from pathlib import Path
+
+    def real(p: str) -> Path:
+        return Path(os.path.realpath(os.path.abspath(p)))
+
+    o = real(out)
+    for raw in inputs:
+        i = real(raw)
+        if o == i or i in o.parents:
+            raise click.BadParameter(f"{out!r} is inside the input {raw!r}; give a run folder outside every input",
+                                     param_hint="'--out'")
 
 
 def _growing(bar):
@@ -371,14 +431,16 @@ def _cluster_options(f):
     opts = [
         click.option("--scheduler", default=None, metavar="ADDRESS",
                      help="Existing Dask scheduler (tcp://HOST:8786 or tls://...); default: a local cluster."),
-        click.option("--workers", default=None, type=click.IntRange(min=1), help="Local cluster workers (default: cores)."),
-        click.option("--threads-per-worker", default=None, type=click.IntRange(min=1), help="Threads per local worker (default 1)."),
+        click.option("--workers", default=None, type=click.IntRange(1, MAX_WORKERS), help="Local cluster workers (default: cores)."),
+        click.option("--threads-per-worker", default=None, type=click.IntRange(1, MAX_WORKERS), help="Threads per local worker (default 1)."),
         click.option("--tls-ca-file", default=None, type=click.Path(), help="CA certificate for a tls:// scheduler."),
         click.option("--tls-cert", default=None, type=click.Path(), help="Client certificate for a tls:// scheduler."),
         click.option("--tls-key", default=None, type=click.Path(), help="Client key for a tls:// scheduler."),
         click.option("--score-workers", default=None, type=click.IntRange(min=0),
                      help="Local workers that only score; the others only tile (default: 1 with --device gpu, "
                           "else 0: every worker does both)."),
+        click.option("--connect-timeout", default=30.0, show_default=True, type=SECONDS,
+                     help="Seconds to reach --scheduler (connection and handshake) before giving up."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -388,13 +450,17 @@ def _cluster_options(f):
 def _cluster_config(kw: dict, device: str | None = None):
     from .config import ClusterConfig
 
+    tls = {k: kw.pop(k, None) for k in ("tls_ca_file", "tls_cert", "tls_key")}
+    if any(tls.values()) and not kw.get("scheduler"):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in tls.items() if v)
+        raise click.UsageError(f"{given} only apply to a --scheduler tls://... address; give --scheduler or drop them")
     score_workers = kw.pop("score_workers", None)
     if score_workers is None and device == "gpu" and not kw.get("scheduler"):
         score_workers = 1  # one scoring worker on the GPU, the other workers decode and tile
     return ClusterConfig(scheduler=kw.pop("scheduler", None), workers=kw.pop("workers", None),
-                         threads_per_worker=kw.pop("threads_per_worker", None), tls_ca_file=kw.pop("tls_ca_file", None),
-                         tls_cert=kw.pop("tls_cert", None), tls_key=kw.pop("tls_key", None),
-                         score_workers=score_workers or None)
+                         threads_per_worker=kw.pop("threads_per_worker", None), tls_ca_file=tls["tls_ca_file"],
+                         tls_cert=tls["tls_cert"], tls_key=tls["tls_key"], score_workers=score_workers or None,
+                         connect_timeout=kw.pop("connect_timeout", 30.0))
 
 
 def _predict_options(f):
@@ -405,7 +471,7 @@ def _predict_options(f):
         click.option("--backend", default=None, type=click.Choice(BACKENDS),
                      help="Keras backend for --engine keras (default: KERAS_BACKEND, else tensorflow)."),
         click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES)),
-        click.option("--batch-size", default=None, type=click.IntRange(min=1),
+        click.option("--batch-size", default=None, type=click.IntRange(1, MAX_BATCH),
                      help="Tiles per model call (default 256 on CPU, 2048 on GPU)."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
         click.option("--autotune", is_flag=True, help="Use the engine, workers, threads and batch size `cancernet bench` saved here."),
@@ -450,7 +516,7 @@ def _predict_config(kw: dict):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @_tiling_options
-@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
+@click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH),
               help="Tiles per store chunk, the unit of work of tile and predict (default 1024).")
 @_cluster_options
 def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int:
@@ -464,6 +530,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
     """
     from .stages.tile import tile_run
 
+    check_out_not_inside_inputs(out, inputs)
     cfg = _tile_config(kw, chunk_size)
     cluster = _cluster_config(kw)
 
@@ -507,7 +574,7 @@ def predict(run_dir: str, **kw) -> int:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=None, type=FRACTION,
               help="Decision threshold (default: the model's, from --model or RUN/predict.json, else 0.5).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
               help="CSV input,patient: input is a source file name, path or input id.")
@@ -533,24 +600,24 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @_predict_options
-@click.option("--mpp-override", default=None, type=float,
+@click.option("--mpp-override", default=None, type=MPP,
               help="Source µm/px for slides that state none or an implausible one (outside 0.05-20).")
-@click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--tissue-threshold", default=0.5, show_default=True, type=FRACTION,
               help="Keep a tile when at least this fraction of it is tissue.")
 @click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included.")
-@click.option("--preflight-timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--preflight-timeout", default=60.0, show_default=True, type=SECONDS,
               help="Seconds a slide may take to open in the preflight child process.")
-@click.option("--chunk-size", default=None, type=click.IntRange(min=1), help="Tiles per store chunk (default 1024).")
-@click.option("--threshold", default=None, type=click.FloatRange(0, 1), help="Decision threshold (default: the model's).")
+@click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH), help="Tiles per store chunk (default 1024).")
+@click.option("--threshold", default=None, type=FRACTION, help="Decision threshold (default: the model's).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
               help="CSV input,patient mapping slides to patients.")
 @click.option("--until", "until", default=None, metavar="HH:MM",
               help="Start no new input after this local time (the next such time from now); exit status 3.")
-@click.option("--max-hours", default=None, type=click.FloatRange(min=0, min_open=True, max=24 * 366),
+@click.option("--max-hours", default=None, type=Number(0, 24 * 366, low_open=True, unit="HOURS"),
               help="Start no new input after this many hours; exit status 3.")
 @click.option("--max-inputs-in-flight", "max_inputs", default=None, type=click.IntRange(min=1),
               help="Inputs on their way at once (default: 2 per worker thread, at least 4).")
-@click.option("--report-every", default=5.0, show_default=True, type=click.FloatRange(min=0, max=3600),
+@click.option("--report-every", default=5.0, show_default=True, type=Number(0, 3600, unit="SECONDS"),
               help="Seconds between rewrites of the report tables, index.html and progress.json while the run goes.")
 @_cluster_options
 def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
@@ -566,6 +633,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     from .stages.run import run_pipeline
     from .stages.report import ReportConfig
 
+    check_out_not_inside_inputs(out, inputs)
     deadline = _deadline(until, max_hours)
 
     model_dir = kw["model_dir"]
@@ -728,7 +796,7 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
 @cli.command()
 @click.option("--out", "out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A smaller demo (fewer patients, epochs and slides), as CI runs it.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Local cluster workers (default: cores).")
+@click.option("--workers", default=None, type=click.IntRange(1, MAX_WORKERS), help="Local cluster workers (default: cores).")
 def demo(out: str, quick: bool, workers: int | None) -> int:
     """The whole pipeline end to end on built-in synthetic data.
 
@@ -781,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never as raw bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return _main(argv)
     finally:

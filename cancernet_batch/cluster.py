@@ -41,6 +41,39 @@ def security(cfg: ClusterConfig):
     return Security()
 
 
+def probe_scheduler(address: str, sec, timeout: float) -> None:
+    """Connect to ``address`` and complete Dask's handshake within ``timeout`` seconds, or ConfigError.
+
+    ``distributed.Client`` bounds the TCP connect but then waits for the peer's handshake without a
+    limit: an HTTP server (the dashboard port) or any server that accepts and stays silent hangs it
+    forever. This probe bounds the whole exchange.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    hint = ("check the address (tcp://HOST:8786 or tls://..., the scheduler's port, not the dashboard's), "
+            "that the scheduler runs, the TLS certificates, or raise --connect-timeout")
+    args = sec.get_connection_args("client") if sec is not None else {}
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout, **args), timeout)
+        await comm.close()
+
+    try:
+        asyncio.run(handshake())
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise ConfigError(f"no Dask scheduler answered at {address} within {timeout:g} s "
+                          "(something accepts connections there but does not speak Dask's protocol)",
+                          hint=hint) from exc
+    except (OSError, TypeError, ValueError, EOFError) as exc:
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"cannot reach the Dask scheduler at {address}: {text}", hint=hint) from exc
+    except Exception as exc:  # noqa: BLE001 - a peer that sends garbage makes the decoder raise anything
+        raise ConfigError(f"{address} is not a Dask scheduler ({type(exc).__name__} in the handshake)",
+                          hint=hint) from exc
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
     """A connected ``distributed.Client``; a local cluster is started and closed around it.
@@ -55,8 +88,9 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
         if cfg.scheduler.startswith("tls://") and not (sec.tls_client_cert and sec.tls_ca_file):
             raise ConfigError(f"{cfg.scheduler} needs TLS certificates",
                               hint="give --tls-ca-file, --tls-cert and --tls-key, or set distributed.comm.tls.* in Dask's config")
+        probe_scheduler(cfg.scheduler, sec, cfg.connect_timeout)
         try:
-            client = Client(cfg.scheduler, security=sec, timeout="30s")
+            client = Client(cfg.scheduler, security=sec, timeout=f"{cfg.connect_timeout}s")
         except (OSError, TimeoutError, TypeError, ValueError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {exc}",
                               hint="check the address (tcp://HOST:8786 or tls://...), that the scheduler runs, "

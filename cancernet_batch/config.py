@@ -78,6 +78,8 @@ class ClusterConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    connect_timeout: float = 30.0
+    """Seconds to reach a ``scheduler``, Dask's handshake included (:func:`cluster.probe_scheduler`)."""
     score_workers: int | None = None
     """Local workers that only score (Dask resource ``score``); the others only decode and tile
     (resource ``tile``). None or 0: every worker does both kinds of work (a CPU-only machine)."""
@@ -86,6 +88,9 @@ class ClusterConfig:
         _count(self.workers, "--workers")
         _count(self.threads_per_worker, "--threads-per-worker")
         _count(self.score_workers, "--score-workers", low=0)
+        t = self.connect_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 24 * 3600:  # NaN fails too
+            raise ConfigError(f"--connect-timeout {t!r} must be a number of seconds, positive and at most a day")
         workers, _ = self.local_shape()
         if self.score_workers and not self.scheduler and self.score_workers >= workers:
             raise ConfigError(f"--score-workers {self.score_workers} leaves no tiling worker out of {workers}",
@@ -104,6 +109,12 @@ class ClusterConfig:
 # tile, predict, report
 # ----------------------------------------------------------------------------------------------
 
+MAX_GRID_TILES = 25_000_000
+"""Default largest model grid (rows x cols) of one slide: 5,000 x 5,000 tiles, a 1 m² slide at 4 µm/px."""
+MAX_PLAN_PX = 2_000_000_000
+"""Default most source pixels planning may decode for the low-resolution view (about a minute of JPEG
+decoding); a slide without a small enough pyramid level is refused rather than planned for hours."""
+
 @dataclass(frozen=True)
 class TileConfig:
     """Settings of one tiling run."""
@@ -115,6 +126,8 @@ class TileConfig:
     chunk: int = DEFAULT_CHUNK
     preflight_timeout: float = 60.0
     block: int = 32
+    max_grid_tiles: int = MAX_GRID_TILES  # a larger slide grid fails its plan (a damaged header, usually)
+    max_plan_px: float = MAX_PLAN_PX  # most source pixels the plan's overview may decode
 
     def __post_init__(self) -> None:
         check_mpp(self.target_mpp, "--mpp")
@@ -126,6 +139,8 @@ class TileConfig:
             raise ConfigError("chunk and block sizes must be at least 1")
         if not 0 < self.preflight_timeout <= 24 * 3600:
             raise ConfigError(f"--preflight-timeout {self.preflight_timeout} must be positive and at most a day")
+        if not (self.max_grid_tiles >= 1 and self.max_plan_px >= 1):
+            raise ConfigError("max_grid_tiles and max_plan_px must be at least 1")
 
     @property
     def tile_um(self) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CancerNetError, ConfigError, ModelError
+from .identity import check_model_files, verify_onnx
 from .model import (MODEL_FILE, ONNX_FILE, PREDICT_BATCH, ModelMeta, check_tiles, export_onnx, load_keras_model,
                     onnx_model_id, pad_batch, read_meta)
 
@@ -41,6 +42,7 @@ class Engine(abc.ABC):
         self.model_dir = Path(model_dir)
         self.meta = meta
         self.batch_size = int(batch_size)
+        check_model_files(self.model_dir, meta)  # model.json has an id and model.keras still hashes to it
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """IDC probabilities ``(N,) float32`` of ``(N, 50, 50, 3) uint8`` tiles."""
@@ -93,6 +95,7 @@ class OnnxEngine(Engine):
         if meta.model_id and stored != meta.model_id:
             raise ModelError(f"was exported from another model.keras (model_id {stored}, model.json says {meta.model_id})",
                              path=path, hint="run `cancernet export MODEL_DIR` again")
+        self.verified = verify_onnx(d, meta, self.session)  # against model.keras, once per pair of files
         inp = self.session.get_inputs()[0]
         if inp.type != "tensor(uint8)" or list(inp.shape[1:]) != [meta.patch_size, meta.patch_size, 3]:
             raise ModelError(f"takes {inp.type} {inp.shape}, expected uint8 (batch, 50, 50, 3)", path=path,
@@ -215,6 +218,7 @@ def _load_engine(model_dir: str | os.PathLike, engine: str, backend: str | None,
         raise ConfigError(f"unknown device {device!r}", hint="use cpu or gpu")
     d = Path(model_dir)
     meta = read_meta(d)
+    check_model_files(d, meta)
     if not (d / MODEL_FILE).is_file() and engine != "onnx":
         if engine == "auto" and (d / ONNX_FILE).is_file() and device == "cpu":
             return OnnxEngine(d, meta, device=device, threads=threads)

@@ -7,6 +7,8 @@ the traceback instead.
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 """Everything asked for was done."""
 EXIT_ERROR = 1
@@ -17,6 +19,27 @@ EXIT_PARTIAL = 3
 """The command finished, but some inputs failed; they are listed in the run's ``failures.csv``."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print and to store as UTF-8, on one line.
+
+    File names on POSIX are any bytes: Python decodes the bytes that are not UTF-8 as lone
+    surrogates (``\\udcff``), which cannot be encoded and crash a print or a write. Those bytes
+    become ``\\xff``, control characters (a newline in a name) ``\\x0a``; everything else is kept.
+    """
+    s = str(text)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # surrogates that no file name decodes to
+            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+
+
 class CancerNetError(Exception):
     """Base class of every error this library raises on purpose.
 
@@ -25,9 +48,9 @@ class CancerNetError(Exception):
     """
 
     def __init__(self, message: str, *, path: object | None = None, hint: str | None = None):
-        self.message = " ".join(str(message).split())
-        self.path = None if path is None else str(path)
-        self.hint = None if hint is None else " ".join(str(hint).split())
+        self.message = " ".join(printable(" ".join(str(message).split())).split())
+        self.path = None if path is None else printable(path)
+        self.hint = None if hint is None else " ".join(printable(" ".join(str(hint).split())).split())
         super().__init__(self.one_line())
 
     def one_line(self) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import PATCH_SIZE
 from .atomic import atomic_path
-from .errors import InputError
+from .errors import InputError, printable
 from .store import InputAttrs
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def write_heatmap(path: str | os.PathLike, idc_map: np.ndarray, thumb: Thumbnail
     ax.set_xlim(0, max(thumb.width, cols * tile_px))
     ax.set_ylim(max(thumb.height, rows * tile_px), 0)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
+    ax.set_title(printable(title), fontsize=9)  # names that are not UTF-8 cannot be drawn as they are
     bar_um = _nice_length(thumb.width * um_per_px)
     ax.add_artist(AnchoredSizeBar(ax.transData, bar_um / um_per_px, _scale_label(bar_um), "lower left",
                                   pad=0.4, frameon=True, size_vertical=max(thumb.height / 150, 1e-9)))

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import PATCH_SIZE
-from .errors import InputError
+from .errors import InputError, printable
 from .failures import Failure
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_NAME = re.compile(r"^(?P<patient>[^/\\]+?)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])$")
 POSITION_NAME = re.compile(r"_x(?P<x>\d+)_y(?P<y>\d+)")
 PAD_VALUE = 255
+MAX_GRID_SIDE = 100_000
+"""Largest grid position (rows or columns, 50 px tiles: 5,000,000 px) a patch name may claim."""
+MAX_GRID_CELLS = 50_000_000
+"""Largest grid (rows x cols) of one patient folder: its float32 map is at most 200 MB."""
+OUTLIER_SLACK = 2000
+"""Tiles beyond the robust extent of a folder's other patches (upper quartile plus four interquartile
+ranges, plus this) where a patch's claimed position counts as absurd: the map of a
+patient with one such stray patch stays within a few thousand tiles a side (tens of MB)."""
 
 
 @dataclass(frozen=True)
@@ -148,12 +156,12 @@ def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
                         continue
                     if not _is_image(f):
                         failures.append(Failure(str(f), "read", "InputError",
-                                                f"{f}: not an image file (expected .png); remove it or move it out of the patch folder"))
+                                                f"{printable(f)}: not an image file (expected .png); remove it or move it out of the patch folder"))
                         continue
                     rec = _parse(f, pdir.name, int(d))
                     if rec.label != int(d):
                         failures.append(Failure(str(f), "read", "InputError",
-                                                f"{f}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
+                                                f"{printable(f)}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
                         continue
                     records.append(rec)
     else:
@@ -167,11 +175,110 @@ def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
     if not records:
         raise InputError("no patches found", path=root,
                          hint="expected PATIENT/0/*.png and PATIENT/1/*.png (Kaggle layout) or a folder of images")
+    records, absurd = bound_positions(records)
+    failures.extend(absurd)
+    if not records:
+        raise InputError("no patch with a plausible position", path=root,
+                         hint="every patch name claims a grid position beyond the limit; see the failures list")
     return records, failures
 
 
+def bound_positions(records: list[PatchRecord]) -> tuple[list[PatchRecord], list[Failure]]:
+    """Drop patches whose name claims an absurd grid position; each becomes a failure row.
+
+    Absurd: beyond :data:`MAX_GRID_SIDE`, or far outside the robust extent of the other patches of
+    the same patient (the quartiles of rows and of columns, widened by four times the interquartile range and
+    by :data:`OUTLIER_SLACK` tiles; robust to a quarter of the names being wrong): one copied patch with ``x999999999`` in its name must not make a
+    patient's map many GB. When even the robust grid exceeds :data:`MAX_GRID_CELLS`, the patient's
+    farthest patches go until it fits.
+    """
+    keep: list[PatchRecord] = []
+    failures: list[Failure] = []
+
+    def refuse(rec: PatchRecord, why: str) -> None:
+        failures.append(Failure(str(rec.path), "read", "InputError",
+                                f"{printable(rec.path)}: its name claims grid position row {rec.row}, column {rec.col} "
+                                f"(x{rec.col * PATCH_SIZE + 1}, y{rec.row * PATCH_SIZE + 1}), {why}; "
+                                "rename the file to its true position or remove it"))
+
+    by_patient: dict[str, list[PatchRecord]] = {}
+    for rec in records:
+        if rec.row > MAX_GRID_SIDE or rec.col > MAX_GRID_SIDE:
+            refuse(rec, f"beyond the limit of {MAX_GRID_SIDE} tiles a side")
+        elif rec.row < 0:
+            keep.append(rec)  # no position: not placed on a map
+        else:
+            by_patient.setdefault(rec.patient, []).append(rec)
+    for patient, recs in by_patient.items():
+        pos = np.array([(r.row, r.col) for r in recs], np.int64)
+        lo, hi = np.percentile(pos, 25, axis=0, method="nearest"), np.percentile(pos, 75, axis=0, method="nearest")
+        top = hi + 4 * np.maximum(hi - lo, 0) + OUTLIER_SLACK
+        ok = (pos <= top).all(axis=1)
+        for r, good in zip(recs, ok):
+            if not good:
+                refuse(r, f"far outside the other patches of patient {printable(patient)} "
+                          f"(their middle half: rows {int(lo[0])}-{int(hi[0])}, columns {int(lo[1])}-{int(hi[1])})")
+        inside = [r for r, good in zip(recs, ok) if good]
+        inside.sort(key=lambda r: max(r.row, r.col))
+        while inside and (max(r.row for r in inside) + 1) * (max(r.col for r in inside) + 1) > MAX_GRID_CELLS:
+            refuse(inside.pop(), f"the patient's grid would exceed {MAX_GRID_CELLS} tiles")
+        keep.extend(inside)
+    order = {id(r): i for i, r in enumerate(records)}
+    keep.sort(key=lambda r: order[id(r)])
+    return keep, failures
+
+
+def to_rgb8(im, path: object = None) -> np.ndarray:
+    """``(H, W, 3) uint8`` RGB of a decoded PIL image of any mode, or :class:`InputError` with the reason.
+
+    16-bit greyscale is scaled to 8 bits (``v / 257``), not clipped to white as PIL's own conversion
+    does; 32-bit integer and float images are scaled when their values fit 8 or 16 bits (or [0, 1]),
+    refused otherwise; transparency is composited over white (the background), and an image that is
+    entirely transparent is refused rather than read as black.
+    """
+    mode = im.mode
+    hint = "save the patch as 8-bit RGB PNG"
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if a.size and not np.isfinite(a).all():
+            raise InputError(f"{mode} image holds NaN or infinite values", path=path, hint=hint)
+        top = float(a.max()) if a.size else 0.0
+        low = float(a.min()) if a.size else 0.0
+        if low < 0:
+            raise InputError(f"{mode} image holds negative values ({low:g})", path=path, hint=hint)
+        if mode == "F" and top <= 1.0:
+            scale = 255.0
+        elif mode.startswith("I;16") or top > 255:
+            if top > 65535:
+                raise InputError(f"{mode} image values reach {top:g}, beyond 16 bits; cannot tell its range",
+                                 path=path, hint=hint)
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0
+        g = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        if rgba.size and not alpha.any():
+            raise InputError("image is fully transparent: no pixels to read", path=path, hint=hint)
+        rgb = rgba[..., :3] * alpha + PAD_VALUE * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    try:
+        return np.asarray(im.convert("RGB"))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot convert a {mode} image to RGB ({exc})", path=path, hint=hint) from exc
+
+
 def _read_one(path: Path) -> tuple[np.ndarray, bool, bytes]:
-    """Pixels as (50, 50, 3) uint8, whether padding was needed, and the file's raw bytes."""
+    """Pixels as (50, 50, 3) uint8, whether padding was needed, and the file's raw bytes.
+
+    The declared size is checked before any pixel is decoded: a small file that claims a huge image
+    (a decompression bomb) costs a header read, and is this file's failure only.
+    """
     from PIL import Image, UnidentifiedImageError
 
     data = path.read_bytes()
@@ -179,15 +286,19 @@ def _read_one(path: Path) -> tuple[np.ndarray, bool, bytes]:
         import io
 
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if h > PATCH_SIZE or w > PATCH_SIZE:
+                raise InputError(f"patch is {w}x{h}, larger than {PATCH_SIZE}x{PATCH_SIZE}", path=path,
+                                 hint="patch folders hold 50x50 patches; tile whole images with `cancernet tile` instead")
             im.load()
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            arr = to_rgb8(im, path)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image declares more pixels than any patch ({exc})", path=path,
+                         hint="patch folders hold 50x50 patches; remove this file") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"cannot read image ({exc.__class__.__name__}: {exc})", path=path,
                          hint="the file is corrupt or truncated; re-download or remove it") from exc
     h, w = arr.shape[:2]
-    if h > PATCH_SIZE or w > PATCH_SIZE:
-        raise InputError(f"patch is {w}x{h}, larger than {PATCH_SIZE}x{PATCH_SIZE}", path=path,
-                         hint="patch folders hold 50x50 patches; tile whole images with `cancernet tile` instead")
     if h == PATCH_SIZE and w == PATCH_SIZE:
         return np.ascontiguousarray(arr), False, data
     out = np.full((PATCH_SIZE, PATCH_SIZE, 3), PAD_VALUE, np.uint8)

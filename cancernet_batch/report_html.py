@@ -13,6 +13,7 @@ from urllib.parse import quote
 from . import __version__
 from .aggregate import REPORTED
 from .atomic import write_text
+from .errors import printable
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
@@ -27,7 +28,7 @@ figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em}
 
 
 def _e(value: object) -> str:
-    return escape("" if value is None else str(value), quote=True)
+    return escape("" if value is None else printable(value), quote=True)
 
 
 def _href(rel: str) -> str:

@@ -157,7 +157,7 @@ def read_split_file(path: str | os.PathLike) -> tuple[dict[str, list[str]], str 
         raise ConfigError("split file not found", path=p, hint="give a folder with cases_{train,val,test}.txt")
     if p.suffix == ".json":
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            d = json.loads(p.read_text(encoding="utf-8-sig"))
             lists = {role: [str(x) for x in d.get(role, [])] for role in ("train", "val", "test")}
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
             raise ConfigError("not a split.json (expected {\"train\": [...], \"val\": [...], \"test\": [...]})",
@@ -173,7 +173,7 @@ def read_split_file(path: str | os.PathLike) -> tuple[dict[str, list[str]], str 
 
 def _read_ids(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a list re-saved by a spreadsheet starts with a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the patient list ({exc.__class__.__name__})", path=path,
                           hint="a list holds one patient id per line") from exc

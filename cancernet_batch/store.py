@@ -26,8 +26,11 @@ proof that its probabilities are on disk. ``complete`` (tiling) and the probs' `
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +39,9 @@ import numpy as np
 
 from . import PATCH_SIZE
 from .atomic import remove_stale_temps
-from .errors import StorageError
+from .errors import CancerNetError, StorageError, printable
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 from .config import DEFAULT_CHUNK  # noqa: E402,F401 - tiles per chunk, defined with the other settings
@@ -47,11 +52,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def input_id(source: str | os.PathLike) -> str:
     """A stable, filesystem-safe group name for an input: ``<sanitised stem>-<8 hex of its abs path>``.
 
-    Separators, ``..`` and odd characters in names never reach the store's paths.
+    Separators, ``..`` and odd characters in names never reach the store's paths; names that are
+    not UTF-8 (any POSIX bytes) are hashed as the bytes they are.
     """
     p = Path(source).resolve()
     stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
-    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    return f"{stem}-{hashlib.sha256(os.fsencode(str(p))).hexdigest()[:8]}"  # any bytes a name may hold
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,9 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False."""
     gid = input_id(attrs.source)
     inputs = root.require_group("inputs")
+    base = _group_dir(inputs)
+    if base is not None and (base / gid).is_dir() and _metadata_problem(base / gid / "zarr.json") is not None:
+        shutil.rmtree(base / gid)  # a damaged old group: zarr cannot even look at it
     if gid in inputs:
         del inputs[gid]
     g = inputs.create_group(gid)
@@ -157,16 +166,238 @@ def mark_complete(group, **updates) -> None:
     group.attrs.update({**updates, "complete": True})
 
 
-def iter_inputs(root, *, complete_only: bool = True) -> Iterator[tuple[str, object]]:
-    """``(input_id, group)`` for each input in the store, sorted by id."""
+class DamagedInputError(CancerNetError):
+    """One input's part of the store is damaged or inconsistent: that input fails, the others go on.
+
+    (Not a :class:`StorageError`, which means the whole output location is unusable.)
+    """
+
+
+@dataclass(frozen=True)
+class DamagedInput:
+    """An input group whose metadata cannot be read: its id, the damaged file, why, and its source
+    when it could be salvaged from the damaged text (else None)."""
+
+    gid: str
+    path: str
+    message: str
+    source: str | None = None
+
+    def failure(self, stage: str = "store"):
+        """A failures-list row for it (input: the salvaged source, else the group's folder)."""
+        from .failures import Failure
+
+        where = self.source or str(Path(self.path).parent)
+        return Failure(where, stage, "DamagedInputError",
+                       f"{printable(self.path)}: damaged store metadata ({self.message}); "
+                       + ("re-run `cancernet tile` or `run` with its source to tile it again" if self.source
+                          else "tile its source again"))
+
+
+_SOURCE = re.compile(r'"source"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _group_dir(group) -> Path | None:
+    """The folder of a group on a local store (None for other stores)."""
+    base = getattr(group.store, "root", None)
+    return None if base is None else Path(base) / group.path
+
+
+def _metadata_problem(path: Path) -> str | None:
+    """Why a group's ``zarr.json`` cannot be used (None when it is a readable zarr v3 group document)."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return "zarr.json is missing"
+    except OSError as exc:
+        return f"zarr.json cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:  # JSON syntax, or bytes that are not UTF-8
+        return f"zarr.json is not valid JSON ({' '.join(str(exc).split())[:120]})"
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        return "zarr.json is not a zarr v3 group document"
+    if not isinstance(meta.get("attributes", {}), dict):
+        return "zarr.json attributes are not an object"
+    return None
+
+
+def _salvage_source(path: Path) -> str | None:
+    try:
+        m = _SOURCE.search(path.read_bytes().decode("utf-8", "replace"))
+        return json.loads(f'"{m.group(1)}"') if m else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_root(location: str | os.PathLike) -> None:
+    """:class:`StorageError` naming the file when the metadata of the tile store at ``location`` (the
+    ``tiles.zarr`` folder, or the run folder holding it: its root or its ``inputs`` group) is damaged;
+    nothing when there is no store yet or it is sound.
+
+    Call before :func:`open_root`: zarr itself raises a bare JSON error with no file name.
+    """
+    path = Path(location)
+    if path.suffix != ".zarr":
+        path = path / "tiles.zarr"
+    for meta in (path / "zarr.json", path / "inputs" / "zarr.json"):
+        if not meta.parent.is_dir() or (meta.parent != path and not meta.exists()):
+            continue
+        why = _metadata_problem(meta)
+        if why is not None:
+            raise StorageError(f"damaged tile store metadata: {why}", path=meta,
+                               hint="restore the file from a backup, or tile again into a new run folder; "
+                                    "each input's tiles and predictions are in their own folders")
+
+
+def damaged_inputs(root) -> list[DamagedInput]:
+    """Input groups of the store whose ``zarr.json`` cannot be read (local stores only)."""
+    found: list[DamagedInput] = []
+    base = _group_dir(root)
+    folder = None if base is None else base / "inputs"
+    if folder is None or not folder.is_dir():
+        return found
+    for d in sorted(folder.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        why = _metadata_problem(d / "zarr.json")
+        if why is not None:
+            found.append(DamagedInput(d.name, str(d / "zarr.json"), why, _salvage_source(d / "zarr.json")))
+    return found
+
+
+def drop_damaged(root) -> list[DamagedInput]:
+    """Remove the input groups whose metadata is damaged, so that their sources can be tiled again.
+
+    Returns what was removed (record each with :meth:`DamagedInput.failure`). Needs a writable store.
+    """
+    gone = damaged_inputs(root)
+    for d in gone:
+        log.warning("%s: %s; the input's group is removed", printable(d.path), d.message)
+        shutil.rmtree(Path(d.path).parent, ignore_errors=True)
+    return gone
+
+
+def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput] | None = None
+                ) -> Iterator[tuple[str, object]]:
+    """``(input_id, group)`` for each input in the store, sorted by id.
+
+    An input whose group metadata is damaged is skipped (with a warning), never an exception that
+    stops every input: pass a list as ``damaged`` to receive them.
+    """
     if "inputs" not in root:
         return
     inputs = root["inputs"]
-    for gid in sorted(inputs.group_keys()):
-        g = inputs[gid]
+    bad = {d.gid: d for d in damaged_inputs(root)}
+    base = _group_dir(inputs)
+    if base is not None:
+        names = sorted(d.name for d in base.iterdir() if d.is_dir() and (d / "zarr.json").exists() or d.name in bad)
+    else:
+        names = sorted(inputs.group_keys())
+    for gid in names:
+        if gid in bad:
+            log.warning("%s: %s; input skipped", printable(bad[gid].path), bad[gid].message)
+            if damaged is not None:
+                damaged.append(bad[gid])
+            continue
+        try:
+            g = inputs[gid]
+        except KeyError:  # an array, or removed meanwhile
+            continue
+        if not hasattr(g, "group_keys"):
+            continue
         if complete_only and not g.attrs.get("complete", False):
             continue
         yield gid, g
+
+
+def validate_input(group) -> str | None:
+    """Why an input's stored data cannot be trusted, or None when it is consistent.
+
+    Checked: the attrs parse; ``tiles`` is ``(N, 50, 50, 3) uint8`` and ``coords`` ``(N, 2)`` integers with
+    ``N == n_tiles``; every position lies on the grid (patient folders may hold ``(-1, -1)``: no
+    position); ``probs`` is ``(N,) float32`` and ``done`` has one flag per chunk; a chunk flagged done
+    holds finite probabilities in [0, 1]. Reads coords and probs (12 bytes a tile), never the tiles.
+    """
+    try:
+        attrs = InputAttrs.from_json(dict(group.attrs))
+        rows, cols = (int(v) for v in attrs.grid_shape)
+    except (TypeError, ValueError, KeyError) as exc:
+        return f"its attrs are damaged ({type(exc).__name__}: {exc})"
+    for name in ("tiles", "coords"):
+        if name not in group:
+            return f"it has no {name} array"
+    tiles, coords = group["tiles"], group["coords"]
+    n = int(tiles.shape[0]) if len(tiles.shape) else -1
+    if tuple(tiles.shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3) or str(tiles.dtype) != "uint8":
+        return f"its tiles are {tiles.dtype} {tuple(tiles.shape)}, expected uint8 (N, {PATCH_SIZE}, {PATCH_SIZE}, 3)"
+    if tuple(coords.shape) != (n, 2) or not np.issubdtype(np.dtype(str(coords.dtype)), np.integer):
+        return f"its coords are {coords.dtype} {tuple(coords.shape)}, expected integers ({n}, 2)"
+    if attrs.n_tiles != n:
+        return f"it records {attrs.n_tiles} tiles but holds {n}"
+    if rows < 0 or cols < 0:
+        return f"its grid {rows} x {cols} is negative"
+    c = np.asarray(coords[:], np.int64).reshape(-1, 2)
+    placed = (c >= 0).all(axis=1) if attrs.kind == "patches" else np.ones(len(c), bool)
+    unplaced = (c == -1).all(axis=1)
+    off = placed & ((c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= rows) | (c[:, 1] >= cols))
+    if attrs.kind == "patches":
+        off |= ~placed & ~unplaced
+    if off.any():
+        r, k = c[np.flatnonzero(off)[0]]
+        return f"{int(off.sum())} tile positions lie outside its {rows} x {cols} grid (e.g. row {r}, column {k})"
+    if "probs" in group or "done" in group:
+        if "probs" not in group or "done" not in group:
+            return "it has done flags without probabilities" if "done" in group else "it has probabilities without done flags"
+        probs, done_arr = group["probs"], group["done"]
+        chunk = int(group.attrs.get("chunk", tiles.chunks[0]) or 1)
+        bounds = chunk_bounds(n, chunk)
+        if tuple(probs.shape) != (n,) or str(probs.dtype) != "float32":
+            return f"its probs are {probs.dtype} {tuple(probs.shape)}, expected float32 ({n},)"
+        if tuple(done_arr.shape) != (len(bounds),) or str(done_arr.dtype) != "bool":
+            return f"its done flags are {done_arr.dtype} {tuple(done_arr.shape)}, expected bool ({len(bounds)},)"
+        done = np.asarray(done_arr[:], bool)
+        if done.any():
+            p = np.asarray(probs[:], np.float32)
+            for i in np.flatnonzero(done):
+                a, b = bounds[i]
+                v = p[a:b]
+                if not (np.isfinite(v) & (v >= 0) & (v <= 1)).all():
+                    return f"chunk {int(i)} (tiles {a}-{b - 1}) is flagged done but its probabilities are missing or not in [0, 1]"
+    return None
+
+
+def clear_unproven_done(group) -> int:
+    """Clear the done flags of chunks whose probabilities are missing (NaN) or out of [0, 1], so that
+    ``predict`` scores them again instead of a report counting them as 0 % IDC. Returns how many."""
+    if "probs" not in group or "done" not in group:
+        return 0
+    n = int(group["tiles"].shape[0])
+    bounds = chunk_bounds(n, int(group.attrs.get("chunk", group["tiles"].chunks[0]) or 1))
+    done_arr = group["done"]
+    done = np.asarray(done_arr[:], bool)
+    if not done.any() or done.shape != (len(bounds),):
+        return 0
+    p = np.asarray(group["probs"][:], np.float32)
+    cleared = 0
+    for i in np.flatnonzero(done):
+        a, b = bounds[i]
+        v = p[a:b]
+        if not (np.isfinite(v) & (v >= 0) & (v <= 1)).all():
+            done_arr[int(i)] = False
+            cleared += 1
+    if cleared:
+        log.warning("%s: %d chunks were flagged done without probabilities; they will be scored again",
+                    printable(group.attrs.get("source", group.path)), cleared)
+    return cleared
+
+
+def check_input(group, gid: str = "") -> None:
+    """:class:`DamagedInputError` (naming the input and the reason) unless :func:`validate_input` passes."""
+    why = validate_input(group)
+    if why is not None:
+        where = group.attrs.get("source") or gid
+        raise DamagedInputError(f"stored data of this input are inconsistent: {why}", path=where,
+                                hint="tile it again (or predict again with --rescore for probabilities); "
+                                     "its figures would be wrong")
 
 
 def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:

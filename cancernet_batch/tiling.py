@@ -266,11 +266,23 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
         raise InputError(f"slide is {w0 * mpp0:.0f} x {h0 * mpp0:.0f} µm ({w0} x {h0} px at {mpp0:.4g} µm/px), "
                          f"smaller than one model tile ({tile_um:g} µm at {cfg.target_mpp:g} µm/px); nothing to tile",
                          path=path, hint=f"leave it out: a slide must be at least {tile_um:g} µm wide and high")
+    if rows * cols > cfg.max_grid_tiles:
+        raise InputError(f"slide declares {w0} x {h0} px at {mpp0:.4g} µm/px: a model grid of {rows} x {cols} = "
+                         f"{rows * cols} tiles, more than the limit of {cfg.max_grid_tiles}", path=path,
+                         hint="a small file that declares a huge image is damaged; leave it out (a real slide this "
+                              "large needs a higher TileConfig.max_grid_tiles)")
     s0 = tile_um / mpp0
     # low-resolution view on the model grid: PX_PER_TILE px per tile, fewer on huge grids
     k = view_px_per_tile(rows, cols)
     view_level = choose_level(mpp0, info.level_downsamples, tile_um / k, path=path)
     dv = info.level_downsamples[view_level]
+    decode = (cols * s0 / dv) * (rows * s0 / dv)
+    if decode > cfg.max_plan_px:
+        lw, lh = info.level_dimensions[view_level]
+        raise InputError(f"planning would decode {decode:.3g} px of level {view_level} ({lw} x {lh} px): no pyramid "
+                         f"level is small enough for the overview (limit {cfg.max_plan_px:.3g} px)", path=path,
+                         hint="re-export the slide with a pyramid (e.g. `vips tiffsave --pyramid --tile`), or leave "
+                              "it out; a small file that declares a huge image is damaged")
     view = read_scaled(reader, view_level, (0.0, 0.0, cols * s0 / dv, rows * s0 / dv), (cols * k, rows * k))
     tissue = tile_fractions(tissue_mask(view, px_per_tile=k), rows, cols, px_per_tile=k)
     keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
