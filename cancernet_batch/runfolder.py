@@ -207,7 +207,9 @@ class Run:
         """
         from . import store
 
-        return store.open_root(self.fs.store_location(self.store_path), mode=mode, run_dir=self.root, clean=clean)
+        location = self.fs.store_location(self.store_path)
+        store.check_root(location)  # a damaged root is one clear error naming its file
+        return store.open_root(location, mode=mode, run_dir=self.root, clean=clean)
 
     def open_input(self, gid: str, mode: str = "r+"):
         """One input's group, for tasks on workers (removes nothing: other workers write beside it)."""

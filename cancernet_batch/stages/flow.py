@@ -128,6 +128,10 @@ class Flow:
         self.tile.failures += failures
         root = self.run.create().open_store("a")
         inputs = root.require_group("inputs")
+        named = {str(s.source) for s in specs}
+        for d in store.drop_damaged(root):  # their sources, when named here, are tiled again
+            if d.source not in named:
+                self._new_failures.append(d.failure("tile"))
         done_members: set[str] = set()
         todo: list[InputSpec] = []
         fresh: list[tuple[InputSpec, str]] = []
@@ -486,7 +490,10 @@ class Flow:
         from .report import _one_input, _report_on_cluster, existing_row
 
         root = self.run.open_store("r+", clean=False)
-        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
+        damaged: list = []
+        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs)))
+                  for gid, g in store.iter_inputs(root, complete_only=False, damaged=damaged)]
+        self._new_failures += [d.failure("report") for d in damaged]
         for key in unmatched_keys(self.mapping, [(gid, a) for gid, _, a in groups]):
             log.warning("patient map: %r names no input of this run", key)
         draw = []

@@ -278,7 +278,9 @@ def make_report(run_dir: "str | os.PathLike | Run", cfg: ReportConfig = ReportCo
         root = run.open_store("r+")
         thr = resolve_threshold(run, cfg.threshold, cfg.model_dir)
         mapping = read_patient_map(cfg.patients_csv) if cfg.patients_csv else {}
-        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs))) for gid, g in store.iter_inputs(root, complete_only=False)]
+        damaged: list = []
+        groups = [(gid, g, InputAttrs.from_json(dict(g.attrs)))
+                  for gid, g in store.iter_inputs(root, complete_only=False, damaged=damaged)]
         for key in unmatched_keys(mapping, [(gid, a) for gid, _, a in groups]):
             log.warning("patient map: %r names no input of this run", key)
         run.remove_stale_report_temps()  # left by a killed earlier report
@@ -292,6 +294,7 @@ def make_report(run_dir: "str | os.PathLike | Run", cfg: ReportConfig = ReportCo
                 if progress is not None:
                     progress(1)
         rows = [row for row, _ in done]
-        failures = run.record_failures([f for _, f in done if f], retried={a.source for _, _, a in groups},
+        failures = run.record_failures([f for _, f in done if f] + [d.failure(STAGE) for d in damaged],
+                                       retried={a.source for _, _, a in groups},
                                        from_stage=STAGE)
         return finish_report(run, rows, thr, failures)

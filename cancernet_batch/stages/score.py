@@ -197,6 +197,8 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring) -> list[tuple[str, int,
         raise ResolutionError(f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
                               path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")
     store.ensure_predictions(g, scoring.model_id, reset=scoring.cfg.rescore)
+    store.clear_unproven_done(g)  # a done flag without probabilities is scored again, never reported as 0 %
+    store.check_input(g, gid)
     done = store.done_mask(g)
     n = int(g["tiles"].shape[0])
     chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
@@ -210,7 +212,8 @@ def plan_chunks(run: Run, scoring: Scoring) -> tuple[list[tuple[str, int, int, i
     skipped = 0
     inputs = 0
     failures: list[Failure] = []
-    for gid, g in store.iter_inputs(root):
+    damaged: list = []
+    for gid, g in store.iter_inputs(root, damaged=damaged):
         inputs += 1
         try:
             chunks = input_chunks_to_score(g, gid, scoring)
@@ -219,6 +222,7 @@ def plan_chunks(run: Run, scoring: Scoring) -> tuple[list[tuple[str, int, int, i
             continue
         todo += chunks
         skipped += len(store.done_mask(g)) - len(chunks)
+    failures += [d.failure(STAGE) for d in damaged]
     return todo, inputs, skipped, failures
 
 
