@@ -117,10 +117,12 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                           "distributed.admin.tick.limit": "60s",
                           "distributed.worker.memory.spill": False}):
         env = dict(os.environ)
+        # Workers log a failed task at ERROR ("Compute Failed" and its traceback) on the terminal; the client
+        # gets the same exception and the tool reports it as one line or a failures.csv row: only CRITICAL shows.
         try:
             cluster = LocalCluster(n_workers=0 if cfg.score_workers else workers, threads_per_worker=threads, processes=True, host=cfg.host,
                                    dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
-                                   memory_limit=cfg.memory_limit, silence_logs=logging.ERROR)
+                                   memory_limit=cfg.memory_limit, silence_logs=logging.CRITICAL)
         finally:
             # the nannies set malloc and thread variables in os.environ for their workers; keep them out of
             # this process and of the child processes it starts later (preflight, tests)

@@ -39,6 +39,17 @@ def test_local_cluster_listens_on_loopback_only():
     assert set(ips) <= {"127.0.0.1"}, ips
 
 
+def test_failed_task_is_not_logged_by_the_workers(tmp_path, capfd):
+    """A task that raises comes back to the client, which reports it (one line, a failures.csv row):
+    the worker processes must not also print "Compute Failed" and a traceback on the terminal."""
+    missing = str(tmp_path / "missing.svs")
+    with dask_client(ClusterConfig(workers=1, dashboard=False)) as client:
+        with pytest.raises(FileNotFoundError):
+            client.submit(os.stat, missing, pure=False).result()
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "Traceback" not in err and missing not in err, err
+
+
 def test_partial_tls_settings_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs all of"):
         security(ClusterConfig(scheduler="tls://127.0.0.1:1", tls_ca_file=str(tmp_path / "ca.pem")))
