@@ -15,7 +15,7 @@ import click
 
 from . import DEFAULT_MPP, __version__
 from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
 
@@ -874,18 +874,45 @@ def _main(argv: list[str] | None) -> int:
     except click.ClickException as exc:
         exc.show()
         return EXIT_USAGE if isinstance(exc, click.UsageError) else EXIT_ERROR
-    except CancerNetError as exc:
-        if debug:
-            raise
-        click.echo(f"error: {exc.one_line()}", err=True)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         click.echo("interrupted; re-run the same command to resume", err=True)
         return 130
     except _Terminated:
         click.echo("terminated; re-run the same command to resume", err=True)
         return 143
+    except Exception as exc:
+        err = as_one_line_error(exc)  # a library error, or a full / read-only disk however it was wrapped
+        if err is None or debug:
+            raise
+        _fail_quietly(err)
+        return EXIT_ERROR
+    finally:
+        _settle_storage()
     return int(rv) if isinstance(rv, int) else EXIT_OK
+
+
+def _settle_storage() -> None:
+    """Let zarr writes still in flight finish before the process exits (see :func:`store.settle_io`)."""
+    if "zarr" in sys.modules:
+        from .store import settle_io
+
+        settle_io()
+
+
+def _fail_quietly(err: CancerNetError) -> None:
+    """Print the one-line error; after it, no library's log reaches stderr while the process exits
+    (asyncio, zarr or Dask reporting the aftermath of the same error from their exit handlers)."""
+    import atexit
+
+    _settle_storage()
+    click.echo(f"error: {err.one_line()}", err=True)
+    sys.stderr.flush()
+    atexit.unregister(_mute_logging)
+    atexit.register(_mute_logging)  # runs before the exit handlers of libraries imported earlier (LIFO)
+
+
+def _mute_logging() -> None:
+    logging.disable(logging.CRITICAL)
 
 
 def exit_for(failed: int) -> int:

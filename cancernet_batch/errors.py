@@ -7,6 +7,7 @@ the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import re
 
 EXIT_OK = 0
@@ -88,3 +89,56 @@ class StorageError(CancerNetError):
 
 class SlideReadError(InputError):
     """A slide opens but its pixels cannot be read: a decode error, or the native reader crashed or hung."""
+
+
+STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""errno values that mean "this location cannot take the write" (read-only, no permission, full, over quota,
+file size limit)."""
+
+
+def _linked(exc: BaseException) -> list[BaseException]:
+    """The exceptions ``exc`` carries: an exception group's members, then its cause and context."""
+    return [*getattr(exc, "exceptions", ()), *(e for e in (exc.__cause__, exc.__context__) if e is not None)]
+
+
+def storage_oserror(exc: BaseException) -> OSError | None:
+    """The first ``OSError`` with a :data:`STORAGE_ERRNOS` errno in ``exc``, its exception-group members,
+    ``__cause__`` or ``__context__`` (searched breadth first), or None."""
+    seen: set[int] = set()
+    queue = [exc]
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e
+        queue.extend(_linked(e))
+    return None
+
+
+def as_one_line_error(exc: BaseException) -> CancerNetError | None:
+    """The :class:`CancerNetError` to show for an exception that escaped a command, or None for a bug.
+
+    A library error wrapped in an exception group or raised ``from`` another exception is unwrapped;
+    an unwritable or full output location (an ``OSError`` with a storage errno anywhere in the
+    exception's group, cause or context: zarr, Dask and asyncio wrap them) becomes a
+    :class:`StorageError`. Anything else is left to show its traceback.
+    """
+    if isinstance(exc, CancerNetError):
+        return exc
+    queue, seen = [exc], set()
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CancerNetError):
+            return e
+        queue.extend([*getattr(e, "exceptions", ()), *([e.__cause__] if e.__cause__ is not None else [])])
+    os_err = storage_oserror(exc)
+    if os_err is None:
+        return None
+    where = os_err.filename if os_err.filename is not None else None
+    return StorageError(f"cannot write: {os_err.strerror or os_err}", path=where,
+                        hint="check that the output folder is writable and has free space")

@@ -445,3 +445,38 @@ def done_mask(group) -> np.ndarray:
         c = int(group.attrs.get("chunk", group["tiles"].chunks[0]))
         return np.zeros(len(chunk_bounds(n, c)), bool)
     return np.asarray(group["done"][:], bool)
+
+
+def settle_io(timeout: float = 30.0) -> int:
+    """Let zarr's background writes that an error left in flight finish; returns how many there were.
+
+    zarr writes a node's metadata and its parents' (``set_if_not_exists``) as concurrent tasks on its
+    own event loop thread. When one of them fails (a full disk: ``EFBIG``/``ENOSPC``), the error reaches
+    the caller at once while the others are still running. If the process then exits, zarr's exit
+    handler stops the loop before those tasks have taken their results, and asyncio prints each one
+    left unretrieved ("Future exception was never retrieved" and a traceback, e.g. the parents'
+    ``FileExistsError`` of ``*.partial -> zarr.json``) on stderr. The CLI calls this before it exits;
+    it returns at once when zarr was never used or nothing is pending.
+    """
+    import asyncio
+    import sys
+
+    zsync = sys.modules.get("zarr.core.sync")
+    loop = getattr(zsync, "loop", [None])[0] if zsync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return 0
+
+    async def _settle() -> int:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: asyncio will not report it at exit
+        return len(tasks)
+
+    try:
+        return asyncio.run_coroutine_threadsafe(_settle(), loop).result(timeout + 5)
+    except Exception:  # noqa: BLE001 - best effort on the way out; never hides the command's own outcome
+        return 0

@@ -65,3 +65,86 @@ def test_debug_shows_traceback(tmp_path):
 
     with pytest.raises(ConfigError):
         main(["--debug", "synth", "slides", str(tmp_path / "s"), "--mpp", "50"])
+
+
+def _efbig(name: str = "/run/tiles.zarr/inputs/a/zarr.json") -> OSError:
+    import errno
+    import os
+
+    return OSError(errno.EFBIG, os.strerror(errno.EFBIG), name)
+
+
+def _raised(make) -> BaseException:
+    try:
+        make()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects whatever was raised
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def _wrapped_from():
+    try:
+        raise _efbig()
+    except OSError as exc:
+        raise RuntimeError("zarr: write failed") from exc
+
+
+def _wrapped_during():
+    try:
+        raise _efbig()
+    except OSError:
+        raise KeyError("cleanup failed too")
+
+
+@pytest.mark.parametrize("make", [_wrapped_from, _wrapped_during])
+def test_storage_oserror_anywhere_is_one_storage_error(make):
+    from cancernet_batch.errors import StorageError, as_one_line_error
+
+    err = as_one_line_error(_raised(make))
+    assert isinstance(err, StorageError)
+    assert err.one_line() == ("/run/tiles.zarr/inputs/a/zarr.json: cannot write: File too large "
+                              "(check that the output folder is writable and has free space)")
+
+
+def test_storage_oserror_inside_an_exception_group():
+    import builtins
+
+    from cancernet_batch.errors import ConfigError, StorageError, as_one_line_error
+
+    group = getattr(builtins, "ExceptionGroup", None)
+    if group is None:
+        pytest.skip("ExceptionGroup is Python 3.11+")
+    inner = RuntimeError("worker task failed")
+    inner.__cause__ = _efbig()
+    assert isinstance(as_one_line_error(group("tasks", [ValueError("x"), inner])), StorageError)
+    lib = ConfigError("bad settings", hint="fix them")
+    assert as_one_line_error(group("tasks", [lib])) is lib  # a library error inside a group is shown as itself
+    assert as_one_line_error(group("tasks", [ValueError("x")])) is None  # a bug keeps its traceback
+    assert as_one_line_error(KeyError("bug")) is None
+    assert as_one_line_error(OSError(2, "No such file or directory", "x")) is None  # not a storage errno
+
+
+def test_wrapped_full_disk_escaping_a_command_is_one_line(capsys):
+    """Whatever wraps it (zarr, Dask, asyncio), an EFBIG / ENOSPC reaching the CLI is one line, exit 1."""
+    import click
+
+    from cancernet_batch.cli import cli
+
+    @click.command("raise-wrapped-efbig")
+    def raise_wrapped() -> None:
+        _wrapped_from()
+
+    cli.add_command(raise_wrapped)
+    try:
+        rc = main(["raise-wrapped-efbig"])
+    finally:
+        cli.commands.pop("raise-wrapped-efbig")
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR
+    assert err.startswith("error: ") and err.count("\n") == 1 and "File too large" in err and "free space" in err
+    with pytest.raises(RuntimeError):  # --debug still shows the traceback
+        cli.add_command(raise_wrapped)
+        try:
+            main(["--debug", "raise-wrapped-efbig"])
+        finally:
+            cli.commands.pop("raise-wrapped-efbig")
