@@ -49,13 +49,23 @@ from .config import DEFAULT_CHUNK  # noqa: E402,F401 - tiles per chunk, defined 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def input_id(source: str | os.PathLike) -> str:
-    """A stable, filesystem-safe group name for an input: ``<sanitised stem>-<8 hex of its abs path>``.
+def input_key(source: str | os.PathLike) -> str:
+    """What identifies an input: its real path (absolute, symbolic links resolved).
 
+    Reports show the path the user gave (links kept); two paths with the same key (a link and its
+    target) are the same input: one group, one row.
+    """
+    return str(Path(source).resolve())
+
+
+def input_id(source: str | os.PathLike) -> str:
+    """A stable, filesystem-safe group name for an input: ``<sanitised stem>-<8 hex of its real path>``.
+
+    The same file reached through a link or directly gets the same id (:func:`input_key`).
     Separators, ``..`` and odd characters in names never reach the store's paths; names that are
     not UTF-8 (any POSIX bytes) are hashed as the bytes they are.
     """
-    p = Path(source).resolve()
+    p = Path(input_key(source))
     stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
     return f"{stem}-{hashlib.sha256(os.fsencode(str(p))).hexdigest()[:8]}"  # any bytes a name may hold
 

@@ -51,7 +51,12 @@ _TCGA = re.compile(r"^(tcga-[a-z0-9]{2}-[a-z0-9]{4})", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One input: a slide file or a patient patch folder (absolute path)."""
+    """One input: a slide file or a patient patch folder.
+
+    ``path`` is the path as the user gave it (or as found under a folder they gave), made absolute but
+    with its symbolic links kept: that is what every report, log and failures.csv row shows. The
+    input's identity (:func:`cancernet_batch.store.input_id`, duplicates) is its real path.
+    """
 
     path: Path
     kind: str  # "slide" | "patches"
@@ -61,12 +66,27 @@ class InputSpec:
         return str(self.path)
 
 
+def as_given(path: str | os.PathLike) -> Path:
+    """``path`` as the user gave it, made absolute: ``os.path.abspath`` (``.`` and ``..`` folded, symbolic
+    links kept), unless folding ``..`` after a link would name another file; then only made absolute."""
+    p = Path(path)
+    folded = Path(os.path.abspath(p))
+    try:
+        if ".." not in p.parts or folded.resolve() == p.resolve():
+            return folded
+    except (OSError, RuntimeError):  # a symlink loop: keep the path as it is
+        pass
+    return p.absolute()
+
+
 def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Failure]]:
     """Inputs named by ``paths``: files, folders searched recursively by extension, and patient folders.
 
     A folder that is a patient folder (Kaggle layout: ``0``/``1`` subfolders) is one input and is
     not searched further; run folders (``*.zarr``) and hidden folders are skipped. Missing paths and
-    folders with nothing to tile come back as failures (stage ``discover``).
+    folders with nothing to tile come back as failures (stage ``discover``). Paths stay as given
+    (made absolute, links kept); one file reached twice (through a link and directly) is one input,
+    under the path met first.
     """
     from .patches import is_patient_folder
 
@@ -78,16 +98,16 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
             real = p.resolve(strict=True)
         except (OSError, RuntimeError) as exc:  # a symlink loop, a dangling link, a vanished file
             why = "a symlink loop" if "loop" in str(exc).lower() else f"cannot be resolved ({exc.__class__.__name__})"
-            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
-                f"path is {why}", path=p.absolute(), hint="fix or remove the link")))
+            failures.append(Failure.from_exception(as_given(p), "discover", InputError(
+                f"path is {why}", path=as_given(p), hint="fix or remove the link")))
             return
-        specs.setdefault(real, InputSpec(real, kind))
+        specs.setdefault(real, InputSpec(as_given(p), kind))
 
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
-                "no such file or folder", path=p.absolute(), hint="check the path")))
+            failures.append(Failure.from_exception(as_given(p), "discover", InputError(
+                "no such file or folder", path=as_given(p), hint="check the path")))
             continue
         if p.is_file():
             add(p, "slide")
@@ -107,8 +127,8 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
                 if f.lower().endswith(SLIDE_EXTENSIONS) and not f.startswith("."):
                     add(d / f, "slide")
         if len(specs) == before:
-            failures.append(Failure.from_exception(p.absolute(), "discover", InputError(
-                "no slides or patient folders found in this folder", path=p.absolute(),
+            failures.append(Failure.from_exception(as_given(p), "discover", InputError(
+                "no slides or patient folders found in this folder", path=as_given(p),
                 hint=f"slides end in {', '.join(SLIDE_EXTENSIONS)}; patient folders hold 0/ and 1/")))
     return sorted(specs.values(), key=lambda s: s.source), failures
 

@@ -276,6 +276,49 @@ def test_retry_drops_old_failure_rows(slides_dir, tmp_path, client):
     assert s.tiled == [str(src)] and _failures(run) == {}
 
 
+def test_paths_are_reported_as_given_through_a_symlink(slides_dir, tmp_path, client, monkeypatch):
+    """Paths are reported as the user gave them (absolute, links kept); the input's identity is its real
+    path, so the same slide through a link and directly is one input (docs/DESIGN.md, Contracts)."""
+    link = tmp_path / "archive"
+    link.symlink_to(slides_dir, target_is_directory=True)
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    given = ["archive/cmu-1-small-region.svs", "sub/../archive/tcga-cr-7395-01a-01-ts1.svs"]  # relative, with ..
+    cmu, tcga = link / "cmu-1-small-region.svs", link / "tcga-cr-7395-01a-01-ts1.svs"
+    specs, _ = discover([given[0], slides_dir / "cmu-1-small-region.svs"])
+    assert [s.source for s in specs] == [str(cmu)]  # one input, under the path met first
+    s = tile_run(given, run, TileConfig(), client=client)
+    assert s.tiled == [str(cmu)] and [f.input for f in s.failures] == [str(tcga)]
+    assert _failures(run)[tcga.name]["input"] == str(tcga)
+    assert _group(run, cmu).attrs["source"] == str(cmu)
+    assert store.input_id(cmu) == store.input_id(slides_dir / cmu.name)  # identity: the real path
+    # ".." after a link is the OS's (the link target's parent), never folded into another file's name
+    specs, failures = discover(["archive/../archive/" + cmu.name])
+    assert not specs and failures[0].input == str(tmp_path / "archive/../archive" / cmu.name)
+    # the same slides through their real paths: the tiled one is skipped, the failed one's retry clears its row
+    s = tile_run([slides_dir / cmu.name, slides_dir / tcga.name], run, TileConfig(mpp_override=0.25), client=client)
+    assert s.skipped == [str(slides_dir / cmu.name)] and s.tiled == [str(slides_dir / tcga.name)]
+    assert _failures(run) == {}
+    assert sorted(store.open_root(run, mode="r")["inputs"].group_keys()) == sorted(
+        store.input_id(p) for p in (cmu, tcga))
+
+
+def test_cli_run_through_a_symlinked_patient_folder(synth_patch_dir, tiny_model_dir, tmp_path, client):
+    link = tmp_path / "patient-link"
+    link.symlink_to(synth_patch_dir / "90000", target_is_directory=True)
+    run = tmp_path / "run"
+    args = ["run", str(link), "--out", str(run), "--model", str(tiny_model_dir), "--scheduler", client.scheduler.address]
+    assert main(args) == EXIT_OK
+    with open(run / "report" / "inputs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["source"], r["status"]) for r in rows] == [(str(link), "reported")]
+    # the real folder is the same input: nothing to redo, still one row
+    assert main([*args[:1], str(synth_patch_dir / "90000"), *args[2:]]) == EXIT_OK
+    with open(run / "report" / "inputs.csv", newline="") as fh:
+        assert [r["source"] for r in csv.DictReader(fh)] == [str(link)]
+
+
 def test_cli_tile_rerun_exit_codes_and_messages(mpp_slides, tmp_path, client, capsys):
     run = tmp_path / "run"
     args = ["tile", str(mpp_slides[-1].path), "--out", str(run), "--scheduler", client.scheduler.address]
