@@ -233,15 +233,20 @@ class Run:
         Rows are keyed by (input, stage), the newest winning. Inputs in ``retried`` were tried
         again from ``from_stage`` on (or, when ``retried`` maps inputs to stages, from each
         one's own stage): their earlier rows at that stage or a later one go first, and so do the
-        rows of files inside them (a patient folder's patch files). The file is rewritten
+        rows of files inside them (a patient folder's patch files), whichever path (a link or the
+        real one) named them (:func:`store.input_key`). The file is rewritten
         (atomically) only when the list changed.
         """
         stages = dict(retried) if isinstance(retried, Mapping) else dict.fromkeys(retried, from_stage)
         if any(s not in STAGES for s in stages.values()):
             raise ValueError(f"unknown stage in {sorted(set(stages.values()))}")
+        from . import store
+
+        # matched by identity (real path): an earlier row may name the input through a link
+        stages = {store.input_key(k): v for k, v in stages.items()}
 
         def cleared(f: Failure) -> bool:
-            path = f.input
+            path = store.input_key(f.input)
             while True:
                 stage = stages.get(path)
                 if stage is not None and STAGES.index(f.stage) >= STAGES.index(stage):
