@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,43 @@ def _no_dask_worker_environ():
             os.environ[key] = value
 
 
+# Where the libraries this project uses keep caches and settings under the home folder.
+FRESH_HOME_VARS = {
+    "HOME": "", "XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config", "XDG_DATA_HOME": ".local/share",
+    "XDG_STATE_HOME": ".local/state", "KERAS_HOME": ".keras", "MPLCONFIGDIR": ".config/matplotlib",
+    "DASK_CONFIG": ".config/dask", "TORCH_HOME": ".cache/torch",
+}
+_FRESH_HOME = pytest.StashKey[Path]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fresh-home", action="store_true", default=False,
+                     help="run as on a machine that never ran the project: HOME and the cache and config folders "
+                          f"({', '.join(FRESH_HOME_VARS)}) point into a new empty folder, for the test process and "
+                          "every subprocess it starts (CI sets it through PYTEST_ADDOPTS, see .ci/run)")
+
+
+def pytest_configure(config):
+    """With ``--fresh-home``, an empty home before anything (Keras, matplotlib, Dask) reads its settings."""
+    if config.getoption("fresh_home"):
+        home = Path(tempfile.mkdtemp(prefix="cancernet-fresh-home-")).resolve()
+        for name, sub in FRESH_HOME_VARS.items():
+            (home / sub).mkdir(parents=True, exist_ok=True)
+            os.environ[name] = str(home / sub)
+        config.stash[_FRESH_HOME] = home
+
+
+def pytest_unconfigure(config):
+    home = config.stash.get(_FRESH_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def pytest_report_header(config):
-    return f"shared data: {SHARED} ({'found' if SHARED.is_dir() else 'MISSING'})"
+    lines = [f"shared data: {SHARED} ({'found' if SHARED.is_dir() else 'MISSING'})"]
+    if _FRESH_HOME in config.stash:
+        lines.append(f"fresh home: {config.stash[_FRESH_HOME]} (empty caches and settings)")
+    return lines
 
 
 @pytest.fixture(scope="session")
