@@ -300,7 +300,7 @@ def test_paths_are_reported_as_given_through_a_symlink(slides_dir, tmp_path, cli
     s = tile_run([slides_dir / cmu.name, slides_dir / tcga.name], run, TileConfig(mpp_override=0.25), client=client)
     assert s.skipped == [str(slides_dir / cmu.name)] and s.tiled == [str(slides_dir / tcga.name)]
     assert _failures(run) == {}
-    assert sorted(store.open_root(run, mode="r")["inputs"].group_keys()) == sorted(
+    assert sorted(Run.of(run).open_store("r")["inputs"].group_keys()) == sorted(
         store.input_id(p) for p in (cmu, tcga))
 
 
