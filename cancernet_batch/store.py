@@ -55,7 +55,7 @@ def input_key(source: str | os.PathLike) -> str:
     Reports show the path the user gave (links kept); two paths with the same key (a link and its
     target) are the same input: one group, one row.
     """
-    return str(Path(source).resolve())
+    return os.path.realpath(source)  # Path.resolve() without its RuntimeError on a symlink loop
 
 
 def input_id(source: str | os.PathLike) -> str:
