@@ -28,15 +28,38 @@ from .model import (MODEL_FILE, ONNX_FILE, PREDICT_BATCH, ModelMeta, check_tiles
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "onnx", "keras")
-from .config import BACKENDS  # noqa: E402 - the Keras backends, defined once
-DEVICES = ("cpu", "gpu")
+from .config import BACKENDS, DEVICES, ENGINE_CHOICES  # noqa: E402 - names defined once
 
 
 class Engine(abc.ABC):
-    """A loaded model that scores tiles. ``name`` says which engine and backend run it."""
+    """A loaded model that scores tiles. ``name`` says which engine and backend run it.
+
+    To add an engine:
+
+    1. Subclass ``Engine`` in this module (or one of its own) with a ``kind`` (the ``--engine``
+       name), the ``artefact`` it loads from the model folder, :meth:`available` (is its runtime
+       installed: a cheap check, no import), :meth:`open` (load it for a device and thread count,
+       raising :class:`~cancernet_batch.errors.ModelError` / ``ConfigError`` with a hint) and
+       :meth:`_predict_batch` (at most ``batch_size`` uint8 tiles in, probabilities out).
+    2. Register it in :func:`engines` and add its ``kind`` to ``config.ENGINES``.
+    3. Add a subclass of ``EngineContract`` to ``tests/test_engine_contract.py``: the contract suite
+       (uint8 in, probabilities out, any batch size, the same numbers as Keras) runs against it.
+    """
 
     name: str = "engine"
+    kind: str = "?"
+    artefact: str = "?"
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when this engine's runtime is installed here."""
+        return False
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, model_dir: Path, meta: ModelMeta, *, backend: str | None, device: str,
+             threads: int | None) -> "Engine":
+        """Load the model in ``model_dir`` for scoring on ``device``."""
 
     def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta, batch_size: int = PREDICT_BATCH):
         self.model_dir = Path(model_dir)
@@ -63,6 +86,16 @@ class Engine(abc.ABC):
 
 class OnnxEngine(Engine):
     """``model.onnx`` under ONNX Runtime."""
+
+    kind, artefact = "onnx", ONNX_FILE
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("onnxruntime") is not None
+
+    @classmethod
+    def open(cls, model_dir, meta, *, backend=None, device="cpu", threads=None) -> "OnnxEngine":
+        return cls(model_dir, meta, device=device, threads=threads)
 
     def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta | None = None, *, device: str = "cpu",
                  threads: int | None = None, batch_size: int = 1024):
@@ -130,6 +163,16 @@ def _keras_backend(wanted: str | None) -> str:
 class KerasEngine(Engine):
     """``model.keras`` under the process's Keras backend, in fixed-size sub-batches."""
 
+    kind, artefact = "keras", MODEL_FILE
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("keras") is not None
+
+    @classmethod
+    def open(cls, model_dir, meta, *, backend=None, device="cpu", threads=None) -> "KerasEngine":
+        return cls(model_dir, meta, backend=backend, device=device, threads=threads)
+
     def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta | None = None, *, backend: str | None = None,
                  device: str = "cpu", threads: int | None = None, batch_size: int = PREDICT_BATCH):
         d = Path(model_dir)
@@ -184,6 +227,11 @@ class KerasEngine(Engine):
         return np.asarray(prob, np.float32).reshape(-1)[:len(tiles)]
 
 
+def engines() -> dict[str, type[Engine]]:
+    """The registered engines by ``--engine`` name (``auto`` chooses among them)."""
+    return {e.kind: e for e in (OnnxEngine, KerasEngine)}
+
+
 def _can_export() -> bool:
     """True when this process can export ONNX without changing backend: TensorFlow and tf2onnx installed."""
     if "keras" in sys.modules:
@@ -212,20 +260,28 @@ def load_engine(model_dir: str | os.PathLike, engine: str = "auto", backend: str
 
 def _load_engine(model_dir: str | os.PathLike, engine: str, backend: str | None, device: str,
                  threads: int | None) -> Engine:
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+    if engine not in ENGINE_CHOICES:
+        raise ConfigError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINE_CHOICES)}")
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}", hint="use cpu or gpu")
     d = Path(model_dir)
     meta = read_meta(d)
     check_model_files(d, meta)
-    if not (d / MODEL_FILE).is_file() and engine != "onnx":
-        if engine == "auto" and (d / ONNX_FILE).is_file() and device == "cpu":
+    registry = engines()
+    if engine != "auto":
+        cls = registry[engine]
+        if not cls.available():
+            raise ConfigError(f"the {engine} engine's runtime is not installed here",
+                              hint="install it (see the README), or choose another --engine")
+        if not (d / cls.artefact).is_file() and cls.kind == "keras":
+            raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint="copy the whole model folder again")
+        return cls.open(d, meta, backend=backend, device=device, threads=threads)
+    # auto: ONNX Runtime on CPU where its graph is at hand and matches model.keras; Keras otherwise
+    if not (d / MODEL_FILE).is_file():
+        if (d / ONNX_FILE).is_file() and device == "cpu":
             return OnnxEngine(d, meta, device=device, threads=threads)
         raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint="copy the whole model folder again")
-    if engine == "onnx":
-        return OnnxEngine(d, meta, device=device, threads=threads)
-    if engine == "keras" or device != "cpu" or backend not in (None, "tensorflow"):
+    if device != "cpu" or backend not in (None, "tensorflow"):
         return KerasEngine(d, meta, backend=backend, device=device, threads=threads)
     onnx = d / ONNX_FILE
     fresh = onnx.is_file() and onnx_model_id(onnx) == meta.model_id
