@@ -33,7 +33,9 @@ DEFAULT_BATCH = {"cpu": 256, "gpu": 2048}
 """Tiles per model call: 256 is the fastest and smallest on CPU (benchmarks/RESULTS.md)."""
 DEFAULT_CHUNK = 1024
 """Tiles per store chunk: 1024 x 7.5 KB = 7.7 MB raw, a good unit of work for one predict task."""
-DEFAULT_TISSUE_THRESHOLD = 0.5
+DEFAULT_TISSUE_THRESHOLD = 0.25
+"""Keep a tile when at least a quarter of it is tissue: what the Kaggle IDC set counts as a tissue patch
+(see cancernet_batch/tissue.py and benchmarks/REAL_TISSUE.md)."""
 MAX_THUMB_PX = 1024
 
 

@@ -329,7 +329,10 @@ class SlideTruth:
 
     @property
     def tissue(self) -> np.ndarray:
-        return self.tissue_fraction >= 0.5
+        """Tiles that are tissue: the same cut as tiling's default (:data:`tissue.DEFAULT_THRESHOLD`)."""
+        from .tissue import DEFAULT_THRESHOLD
+
+        return self.tissue_fraction >= DEFAULT_THRESHOLD
 
     @property
     def idc(self) -> np.ndarray:

@@ -8,8 +8,8 @@ pixels a side. Tiles are read from the chosen pyramid level (see
 :func:`cancernet_batch.slides.choose_level`) and area-averaged to exactly 50 x 50 px.
 
 **Tissue.** A low-resolution view on the same grid (8 px per tile) gives each tile a tissue
-fraction (:mod:`cancernet_batch.tissue`); a tile is kept when it is at least the threshold, unless
-the filter is off. Background tiles are counted, not stored.
+fraction (:mod:`cancernet_batch.tissue`, sizes in µm of the view); a tile is kept when it is at
+least the threshold (default a quarter of the tile), unless the filter is off. Background tiles are counted, not stored.
 
 **Order.** Kept tiles are stored block by block (blocks of :attr:`TileConfig.block` x ``block``
 tiles in raster order, raster order inside a block), so one store chunk covers a compact piece of
@@ -304,7 +304,7 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                          hint="re-export the slide with a pyramid (e.g. `vips tiffsave --pyramid --tile`), or leave "
                               "it out; a small file that declares a huge image is damaged")
     view = read_scaled(reader, view_level, (0.0, 0.0, cols * s0 / dv, rows * s0 / dv), (cols * k, rows * k))
-    tissue = tile_fractions(tissue_mask(view, px_per_tile=k), rows, cols, px_per_tile=k)
+    tissue = tile_fractions(tissue_mask(view, px_per_tile=k, um_per_px=tile_um / k), rows, cols, px_per_tile=k)
     keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
     coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
     coords = coords[block_order(coords, cfg.block)]

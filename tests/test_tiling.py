@@ -22,6 +22,7 @@ from cancernet_batch.synth import slide_model
 from cancernet_batch.stages.tile import tile_run
 from cancernet_batch.tiling import TileConfig, discover
 from cancernet_batch.runfolder import Run
+from cancernet_batch.tissue import DEFAULT_THRESHOLD
 
 # What ../shared/data/README.md implies for each broken or unusable file: (stage, error class, words)
 EXPECTED_FAILURES = {
@@ -86,7 +87,7 @@ def test_real_slides_folder_in_one_call(slides_dir, tmp_path, capsys):
     assert coords.dtype == np.int32 and (coords >= 0).all() and (coords < [7, 5]).all()
     assert len({tuple(c) for c in coords}) == len(coords)
     assert g["tissue"].shape == (7, 5) and g["thumbnail"].shape == (56, 40, 3)
-    assert (g["tissue"][:][coords[:, 0], coords[:, 1]] >= 0.5).all()
+    assert (g["tissue"][:][coords[:, 0], coords[:, 1]] >= DEFAULT_THRESHOLD).all()
     assert tiles.reshape(len(tiles), -1).mean(axis=1).max() < 225  # tissue, not glass
 
 
@@ -124,7 +125,7 @@ def test_synthetic_grid_lines_up_with_truth(mpp_slides, tmp_path, client):
         coords, tiles = g["coords"][:], g["tiles"][:]
         kept = np.zeros(truth_fraction.shape, bool)
         kept[coords[:, 0], coords[:, 1]] = True
-        assert (kept == (truth_fraction >= 0.5)).mean() >= 0.9
+        assert (kept == (truth_fraction >= DEFAULT_THRESHOLD)).mean() >= 0.9
         assert a["n_tiles"] == kept.sum() and a["n_background"] == kept.size - kept.sum()
         here, shifted = [], []
         for (r, c), t in list(zip(coords, tiles))[:12]:

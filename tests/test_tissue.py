@@ -8,7 +8,7 @@ import pytest
 from cancernet_batch.slides import open_slide
 from cancernet_batch.synth import slide_model
 from cancernet_batch.tiling import TileConfig, plan_slide
-from cancernet_batch.tissue import otsu_threshold, tile_fractions, tissue_mask
+from cancernet_batch.tissue import DEFAULT_THRESHOLD, otsu_threshold, tile_fractions, tissue_mask
 
 PINK = (200, 120, 170)
 GLASS = (242, 241, 243)
@@ -57,18 +57,20 @@ def test_tile_fractions():
 
 
 def test_agrees_with_synthetic_truth(mpp_slides):
-    """The kept tiles (tissue >= 0.5) match the truth's tissue tiles at every source resolution."""
+    """The kept tiles (tissue >= the default threshold) match the truth's tissue tiles at every source resolution."""
     agree, total = 0, 0
     for spec in mpp_slides:
         _, truth_fraction, _ = slide_model(spec)
         plan = plan_slide(spec.path, TileConfig())
         kept = np.zeros(plan.grid_shape, bool)
         kept[plan.coords[:, 0], plan.coords[:, 1]] = True
-        truth = truth_fraction >= 0.5
+        truth = truth_fraction >= DEFAULT_THRESHOLD
         assert plan.grid_shape == truth.shape
         assert truth.any() and (~truth).any()
         assert (kept == truth).mean() >= 0.9, spec.path.name
-        assert np.abs(plan.tissue - truth_fraction).mean() < 0.05  # fractions, not only the cut
+        # fractions, not only the cut; the detector counts faint stain at the fading edge that the
+        # synthetic truth (tissue where the stain is at least half strength) does not: a small upward bias
+        assert np.abs(plan.tissue - truth_fraction).mean() < 0.07
         agree += int((kept == truth).sum())
         total += truth.size
     assert agree / total >= 0.95
@@ -76,9 +78,10 @@ def test_agrees_with_synthetic_truth(mpp_slides):
 
 def test_real_he_slides(slides_dir):
     cmu = plan_slide(slides_dir / "cmu-1-small-region.svs", TileConfig())
-    # CMU-1 small region: a strip of tissue down the middle, glass on the left
+    # CMU-1 small region: a strip of tissue down the middle, glass on the left but for one thin
+    # pink strand reaching into row 2 (tissue, too little of the tile to keep it)
     assert cmu.grid_shape == (7, 5)
-    assert (cmu.tissue[:, 0] < 0.1).all()
+    assert (np.delete(cmu.tissue[:, 0], 2) < 0.1).all() and cmu.tissue[2, 0] < DEFAULT_THRESHOLD
     assert (cmu.tissue[5:, 2] > 0.9).all()
     assert 0.2 < cmu.tissue_fraction < 0.5
     tcga = plan_slide(slides_dir / "tcga-cr-7395-01a-01-ts1.svs", TileConfig(mpp_override=0.25))
@@ -105,3 +108,53 @@ def test_threshold_extremes(mpp_slides, threshold, expect):
         return
     plan = plan_slide(spec.path, TileConfig(tissue_threshold=threshold))
     assert plan.n_tiles == plan.grid_shape[0] * plan.grid_shape[1]
+
+
+FAT_MEMBRANE = (214, 150, 190)
+
+
+def _fat(img, y0, y1, x0, x1, cell=3):
+    """Fat: white cells framed by thin pink membranes, every ``cell`` px (view of ~75 µm cells)."""
+    img[y0:y1, x0:x1] = GLASS
+    img[y0:y1:cell, x0:x1] = FAT_MEMBRANE
+    img[y0:y1, x0:x1:cell] = FAT_MEMBRANE
+
+
+def test_fat_inside_the_specimen_is_tissue():
+    img = _canvas(120, 120)
+    img[10:110, 10:110] = PINK
+    _fat(img, 30, 90, 30, 90)  # a big lobule of fat inside stroma
+    _fat(img, 100, 118, 100, 118)  # fat at the edge of the specimen too
+    m = tissue_mask(img)
+    assert m[30:90, 30:90].mean() > 0.97
+    assert m[100:118, 100:118].mean() > 0.9
+    assert not m[:6].any() and not m[:, :6].any()  # the glass around stays glass
+
+
+def test_grey_tissue_counts_only_inside_a_stained_specimen():
+    img = _canvas(120, 120)
+    img[10:60, 10:60] = PINK
+    img[10:60, 60:90] = (200, 198, 200)  # grey (poorly stained) tissue attached to pink stroma
+    img[80:110, 80:110] = (200, 198, 200)  # a grey smudge alone on the glass
+    m = tissue_mask(img)
+    assert m[12:58, 62:88].all()
+    assert not m[80:110, 80:110].any()
+
+
+def test_dust_pen_and_fold():
+    rng = np.random.default_rng(4)
+    img = np.clip(_canvas(160, 160).astype(float) + rng.normal(0, 2, (160, 160, 1)), 0, 255).astype(np.uint8)
+    img[20:140, 20:100] = PINK
+    for y, x in rng.integers(0, 160, (25, 2)):  # dust: dark grey specks (1-2 view px, 25-50 µm) on the glass
+        if not (15 < y < 145 and 15 < x < 105):
+            img[y:y + 2, x:x + 2] = (90, 90, 95)
+    img[30:36, 110:150] = (40, 90, 200)  # blue ink on glass
+    img[60:66, 40:150] = (40, 90, 200)  # blue ink across tissue and glass
+    img[90:96, 40:150] = (40, 160, 90)  # green ink across tissue and glass
+    img[110:120, 20:100] = (120, 30, 90)  # a fold: twice the stain, a dark band across the tissue
+    img[125:130, 40:150] = (25, 25, 30)  # black ink
+    m = tissue_mask(img)
+    assert not m[:, 105:].any()  # no dust, no ink on the glass
+    assert not m[60:66, 40:].any() and not m[90:96, 40:].any() and not m[125:130, 40:].any()  # ink on tissue
+    assert not m[110:120].any()  # the fold is not tissue
+    assert m[20:58, 22:98].all() and m[70:88, 22:98].all() and m[60:66, 22:38].all()  # the tissue around is
