@@ -602,7 +602,7 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @_predict_options
 @click.option("--mpp-override", default=None, type=MPP,
               help="Source µm/px for slides that state none or an implausible one (outside 0.05-20).")
-@click.option("--tissue-threshold", default=0.5, show_default=True, type=FRACTION,
+@click.option("--tissue-threshold", default=0.25, show_default=True, type=FRACTION,
               help="Keep a tile when at least this fraction of it is tissue.")
 @click.option("--no-tissue-filter", is_flag=True, help="Keep every tile, background included.")
 @click.option("--preflight-timeout", default=60.0, show_default=True, type=SECONDS,
