@@ -155,3 +155,68 @@ def test_big_slide_memory_is_bounded(tmp_path):
             "import re; print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)")
     peak_mb = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
     assert peak_mb < 160, peak_mb  # raw level 0 alone is 192 MB
+
+
+def _small_patient(idc_dir, tmp_path):
+    """Patient 9175's patches (34, both classes) plus one edge patch cut to 30x40 px at the far corner."""
+    import shutil
+
+    src = idc_dir / "9175"
+    dst = tmp_path / "9175"
+    shutil.copytree(src, dst)
+    one = sorted((dst / "1").iterdir())[0]
+    img = np.asarray(Image.open(one).convert("RGB"))[:40, :30]
+    Image.fromarray(img).save(dst / "1" / "9175_idx5_x2001_y801_class1.png")  # row 16, col 40: a new corner
+    return dst
+
+
+@pytest.mark.parametrize("fmt,mpp", [("tiff", 1.0), ("svs", 0.5)])
+def test_slide_from_patches_rebuilds_a_real_patient(idc_dir, tmp_path, fmt, mpp):
+    """Every patch lands at its name position; read back at the patches' 4.0 µm/px the slide gives
+    the patch pixels again (JPEG aside); glass is white-ish with slight noise; MPP and truth are right."""
+    import openslide
+
+    from cancernet_batch.patches import scan
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.synth import slide_from_patches
+    from cancernet_batch.tiling import TileConfig, plan_slide, read_tiles
+
+    pdir = _small_patient(idc_dir, tmp_path)
+    path = tmp_path / f"9175.{fmt}"
+    truth, mosaic = slide_from_patches(pdir, path, mpp=mpp, fmt=fmt)
+    records, _ = scan(pdir)
+    assert mosaic.small == 1
+    rows, cols = max(r.row for r in records) + 2, max(r.col for r in records) + 2
+    assert truth.tissue.shape == (rows, cols) == (18, 42)
+    assert int(truth.tissue.sum()) == len(records) == 35
+    assert int(truth.idc.sum()) == sum(r.label for r in records) == 11
+    with openslide.OpenSlide(str(path)) as s:
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(mpp, rel=1e-3)
+        assert s.dimensions == (round(cols * 50 * 4.0 / mpp), round(rows * 50 * 4.0 / mpp))
+        assert s.level_count >= 2
+    plan = plan_slide(path, TileConfig())
+    assert plan.grid_shape == truth.tissue.shape
+    coords = np.array([(r.row, r.col) for r in records if r.row < 16 or r.col < 40], np.int32)
+    with open_slide(path) as reader:
+        tiles = read_tiles(reader, plan.level, plan.tile_px_level, coords)
+    for (r, c), t in zip(coords, tiles):
+        patch = mosaic.image[r * 50:(r + 1) * 50, c * 50:(c + 1) * 50].astype(float)
+        assert np.abs(t.astype(float) - patch).mean() < 6, (r, c)
+    glass = mosaic.image[mosaic.glass]
+    assert (glass.min(axis=-1) > 225).all()
+    with open_slide(path) as reader:  # glass on the slide: white-ish, slightly noisy
+        g = reader.read_region(0, 0, 0, 200, 200).astype(float)
+    assert g.min() > 200 and 0.5 < g.std() < 6
+
+
+def test_cli_synth_slides_from_patches(idc_dir, tmp_path, capsys):
+    out = tmp_path / "slides"
+    assert main(["synth", "slides", str(out), "--from-patches", str(idc_dir / "9259"), "--mpp", "1.0",
+                 "--format", "tiff"]) == 0
+    assert "4 patches" in capsys.readouterr().out
+    truth = SlideTruth.load(out / "9259.truth.npz")
+    assert truth.mpp == 4.0 and int(truth.tissue.sum()) == 4 and not truth.idc.any()
+    with open(out / "slides.csv") as fh:
+        [row] = list(csv.DictReader(fh))
+    assert row["patient"] == "9259" and row["patches"] == "4"
+    assert main(["synth", "slides", str(out), "--from-patches", str(tmp_path)]) != 0  # no patient folder there
