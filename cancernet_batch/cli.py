@@ -138,8 +138,28 @@ def synth_patches_cmd(out: str, patients: int, per_patient: int, idc_fraction: f
 @click.option("--idc-fraction", default=0.3, show_default=True, type=FRACTION,
               help="Fraction of tissue tiles that are IDC.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth_slides_cmd(out: str, count: int, size: int, mpp: float, fmt: str, idc_fraction: float, seed: int) -> None:
+@click.option("--from-patches", "from_patches", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Rebuild real tissue instead: a patient folder (Kaggle layout), or a folder of them; repeatable. "
+                   "Each patient becomes OUT/PID.svs at --mpp (patches at their name positions, glass elsewhere) "
+                   "with its patch labels as the truth.")
+def synth_slides_cmd(out: str, count: int, size: int, mpp: float, fmt: str, idc_fraction: float, seed: int,
+                     from_patches: tuple[str, ...]) -> None:
     """Write pyramidal JPEG-tiled slides with their ground truth (NAME.truth.npz) on the model grid."""
+    if from_patches:
+        from .errors import InputError
+        from .patches import find_patient_folders
+        from .synth import slides_from_patches
+
+        dirs = [d for p in from_patches for d in find_patient_folders(p)]
+        if not dirs:
+            raise InputError("no patient folders (PATIENT/0, PATIENT/1) here", path=", ".join(from_patches),
+                             hint="give a patient folder of the Kaggle layout or a folder holding them")
+        with _bar(len(dirs), "slide", "synth slides") as bar:
+            res = slides_from_patches(out, dirs, mpp=mpp, fmt=fmt, seed=seed, progress=bar.update)
+        for path, truth in res:
+            click.echo(f"{path}: patient rebuilt at {mpp} µm/px, grid {truth.tissue.shape[0]}x{truth.tissue.shape[1]}, "
+                       f"{int(truth.tissue.sum())} patches, {int(truth.idc.sum())} IDC")
+        return
     from .synth import synth_slides
 
     with _bar(count, "slide", "synth slides") as bar:
