@@ -825,7 +825,7 @@ def demo(out: str, quick: bool, workers: int | None) -> int:
     """
     import time
 
-    from .stages.run import FULL, QUICK, run_demo
+    from .demo import FULL, QUICK, run_demo
 
     t0 = time.perf_counter()
     r = run_demo(out, QUICK if quick else FULL, step=lambda msg: click.echo(msg), workers=workers,
@@ -836,6 +836,9 @@ def demo(out: str, quick: bool, workers: int | None) -> int:
         click.echo(f"model: balanced accuracy {r.val_balanced_accuracy:.3f} on validation patients")
     for name, d in r.dice.items():
         click.echo(f"map accuracy {name}: Dice {d:.3f} against the synthetic truth")
+    if r.real:
+        click.echo(f"real tissue {r.real['slide']}: tissue Dice {r.real['tissue_dice']:.3f} (kept tiles vs the "
+                   f"patient's patches); IDC Dice {r.real['idc_dice']:.3f} (a model trained on synthetic tissue)")
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s; open {r.run.report.index}")
     return exit_for(len(r.run.failed_inputs) + r.run.report.not_scored)
 

@@ -1,4 +1,4 @@
-"""The whole night's work in one call: tile, predict and report (``cancernet run``), and the demo.
+"""The whole night's work in one call: tile, predict and report (``cancernet run``); the demo is in :mod:`.demo`.
 
 ``run_pipeline`` streams every input through tiling, scoring and its report on one Dask client
 (:mod:`cancernet_batch.stages.flow`). Every step resumes from what is on disk, so running the same
@@ -94,75 +94,3 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], run_dir: "str | os.PathLik
     flow.tile.seconds = total
     return RunSummary(run.root, flow.tile, flow.predict, flow.report, {"total": total}, flow.remaining,
                       flow.first_report_seconds)
-
-
-# --------------------------------------------------------------------------------------------
-# the demo
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DemoSize:
-    """How big the demo is: the full one (the README's first command) or the quick one (CI)."""
-
-    patients: int = 10
-    per_patient: int = 200
-    epochs: int = 6
-    width: int = 16
-    slides: int = 3
-    slide_px: int = 4000
-    slide_mpp: float = 1.0
-    stain_jitter: float = 0.15  # slides come from patients the model never saw: new stains
-
-
-FULL = DemoSize()
-QUICK = DemoSize(patients=6, per_patient=100, epochs=4, width=8, slides=2, slide_px=2400)
-
-
-@dataclass
-class DemoResult:
-    out: Path
-    model_dir: Path
-    run: RunSummary
-    dice: dict[str, float]
-    val_balanced_accuracy: float | None
-
-
-def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[str], None] = lambda s: None,
-             on_dashboard: Callable[[str], None] | None = None, workers: int | None = None) -> DemoResult:
-    """Synthetic patches -> train -> synthetic slides + a held-out patient folder -> run -> Dice vs truth."""
-    from ..truth import input_accuracy
-    from ..config import ClusterConfig
-    from ..config import TrainConfig
-    from ..store import input_id
-    from ..synth import synth_patches, synth_slides
-    from ..train import train
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    patches_dir, holdout_dir = out / "patches", out / "holdout"
-    model_dir, slides_dir, run_dir = out / "model", out / "slides", out / "run"
-
-    step(f"1/5 synthetic patches: {size.patients} patients x {size.per_patient} -> {patches_dir}")
-    synth_patches(patches_dir, patients=size.patients, per_patient=size.per_patient, idc_fraction=0.4, seed=0)
-    synth_patches(holdout_dir, patients=1, per_patient=size.per_patient, idc_fraction=0.4, seed=77, first_id=900)
-
-    step(f"2/5 training CancerNet (width {size.width}, {size.epochs} epochs) -> {model_dir}")
-    cfg = TrainConfig(epochs=size.epochs, width=size.width, patience=size.epochs, bootstrap=200, seed=0,
-                      stain_jitter=size.stain_jitter)
-    result = train([patches_dir], model_dir, cfg, overwrite=True)
-    bacc = result.val.patch.get("balanced_accuracy")
-
-    step(f"3/5 synthetic slides: {size.slides} x {size.slide_px} px at {size.slide_mpp} µm/px -> {slides_dir}")
-    slides = synth_slides(slides_dir, count=size.slides, size=size.slide_px, mpp=size.slide_mpp, seed=1)
-
-    step(f"4/5 cancernet run: tile + predict + report -> {run_dir}")
-    predict_cfg = PredictConfig(model_dir=str(model_dir), cluster=ClusterConfig(workers=workers))
-    summary = run_pipeline([slides_dir, holdout_dir], run_dir, TileConfig(target_mpp=result.meta.mpp),
-                           predict_cfg, ReportConfig(model_dir=str(model_dir)), on_dashboard=on_dashboard)
-
-    step("5/5 map accuracy against the synthetic truth")
-    dice = {}
-    for path, _ in slides:
-        acc = input_accuracy(run_dir, input_id(path), summary.report.threshold.value)
-        dice[path.name] = acc.dice
-    return DemoResult(out, model_dir, summary, dice, bacc)
