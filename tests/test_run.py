@@ -42,7 +42,7 @@ def test_demo_outputs(demo):
         assert (model / name).is_file(), name
     report = out / "run" / "report"
     rows = list(csv.DictReader(open(report / "inputs.csv")))
-    assert len(rows) == 3  # two synthetic slides and the held-out patient folder
+    assert len(rows) == 4  # two synthetic slides, one real-tissue slide (9175 rebuilt) and the held-out folder
     assert all(r["status"] == "reported" for r in rows)
     assert all(int(r["tissue_tiles"]) > 0 for r in rows)
     patients = list(csv.DictReader(open(report / "patients.csv")))
@@ -50,12 +50,15 @@ def test_demo_outputs(demo):
     html = (report / "index.html").read_text()
     for src in re.findall(r'<img[^>]+src="([^"]+)"', html):
         assert (report / src).is_file(), src
-    assert len(list((report / "geojson").glob("*.geojson"))) == 3
+    assert len(list((report / "geojson").glob("*.geojson"))) == 4
     # the demo reports map accuracy against the synthetic truth; the quick demo's maps are coarse
     # (12 x 12 tiles, 4 epochs), so only a floor is checked here: the full demo's figure is in the README
-    dice = [float(v) for v in re.findall(r"Dice ([0-9.]+)", stdout)]
+    dice = [float(v) for v in re.findall(r"map accuracy \S+: Dice ([0-9.]+)", stdout)]
     assert len(dice) == 2 and max(dice) >= 0.4, stdout
     assert "balanced accuracy" in stdout and "index.html" in stdout
+    # the real-tissue slide: the slide path keeps the patient's patches (model-free tissue Dice)
+    [real] = re.findall(r"real tissue real-9175.svs: tissue Dice ([0-9.]+)", stdout)
+    assert float(real) >= 0.95, stdout
 
 
 def _done_chunks(run: Path) -> int:
