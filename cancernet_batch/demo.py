@@ -35,6 +35,7 @@ class DemoSize:
     slide_mpp: float = 1.0
     stain_jitter: float = 0.15  # slides come from patients the model never saw: new stains
     real_patient: str | None = "8863"  # rebuilt from ../shared/data/idc when it is there
+    idc_scale_um: float = 900.0  # tumour-sized IDC regions on the slides (the patches' 320 µm makes 1-2 tile islands)
 
 
 FULL = DemoSize()
@@ -95,7 +96,8 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
     real_dir = Path(real_patient_dir) if real_patient_dir else find_real_patient(size.real_patient)
     step(f"3/5 synthetic slides: {size.slides} x {size.slide_px} px at {size.slide_mpp} µm/px -> {slides_dir}"
          + (f"; patient {real_dir.name}'s real tissue rebuilt as a slide" if real_dir else ""))
-    slides = synth_slides(slides_dir, count=size.slides, size=size.slide_px, mpp=size.slide_mpp, seed=1 + seed)
+    slides = synth_slides(slides_dir, count=size.slides, size=size.slide_px, mpp=size.slide_mpp, seed=1 + seed,
+                          idc_scale_um=size.idc_scale_um)
     real_path = None
     if real_dir is not None:
         real_path = slides_dir / f"real-{real_dir.name}.svs"

@@ -107,6 +107,9 @@ class TissueModel:
     h_strength: float = 1.0
     e_strength: float = 1.0
     background: float = 240.0
+    idc_scale_um: float = 320.0
+    """Feature size of the IDC field (µm): 320 makes islands of one or two 200 µm tiles (the patch
+    sets); slides for maps use larger, tumour-sized regions (see :class:`SlideSpec`)."""
 
     @classmethod
     def random(cls, seed: int, width_um: float, height_um: float, *, vignette: bool = False) -> "TissueModel":
@@ -134,13 +137,13 @@ class TissueModel:
     def fields(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tissue weight, IDC weight and benign-dense weight in [0, 1] at points (x, y) µm."""
         t = _smoothstep((self.tissue_raw(x, y) - self.tissue_threshold) / 0.04 + 0.5)
-        idc_raw = _fbm(x, y, 320.0, self.seed * 31 + 2, octaves=3)
+        idc_raw = _fbm(x, y, self.idc_scale_um, self.seed * 31 + 2, octaves=3)
         i = _smoothstep((idc_raw - self.idc_threshold) / 0.03 + 0.5) * t
         dense = _smoothstep((_fbm(x, y, 260.0, self.seed * 31 + 3, octaves=2) - 0.68) / 0.04 + 0.5) * t * (1 - i)
         return t, i, dense
 
     def idc_raw_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return _fbm(x, y, 320.0, self.seed * 31 + 2, octaves=3)
+        return _fbm(x, y, self.idc_scale_um, self.seed * 31 + 2, octaves=3)
 
     # -- truth on the model grid ------------------------------------------------------------
 
@@ -365,6 +368,8 @@ class SlideSpec:
     quality: int = 90
     level_downsample: int = 4
     idc_fraction: float = 0.3
+    idc_scale_um: float = 320.0
+    """Feature size of the IDC regions (µm); see :attr:`TissueModel.idc_scale_um`."""
     detail_mpp: float | None = None
     """Fast mode for big test slides: levels finer than this are drawn at it and enlarged (pixel
     repetition), so a 100k x 100k slide takes minutes, not an hour. Tissue layout and truth are
@@ -413,6 +418,7 @@ def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_c
 def slide_model(spec: SlideSpec) -> tuple[TissueModel, np.ndarray, np.ndarray]:
     """The tissue model that draws ``spec``'s slide, and its tissue and IDC fractions on the model grid."""
     model = TissueModel.random(spec.seed, spec.width * spec.mpp, spec.height * spec.mpp, vignette=True)
+    model = replace(model, idc_scale_um=spec.idc_scale_um)
     rows = int(spec.height * spec.mpp // TILE_UM)
     cols = int(spec.width * spec.mpp // TILE_UM)
     tissue, _ = model.tile_truth(rows, cols)
@@ -490,7 +496,7 @@ def write_slide(spec: SlideSpec) -> SlideTruth:
 
 def synth_slides(out: str | os.PathLike, *, count: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0,
                  fmt: str = "svs", idc_fraction: float = 0.3, detail_mpp: float | None = None,
-                 progress=None) -> list[tuple[Path, SlideTruth]]:
+                 idc_scale_um: float = 320.0, progress=None) -> list[tuple[Path, SlideTruth]]:
     """Write ``count`` synthetic slides of ``size`` x ``size`` px at ``mpp`` into ``out``.
 
     Beside each ``NAME.svs`` (or ``.tiff``) goes ``NAME.truth.npz`` (tissue and IDC fractions per
@@ -508,7 +514,7 @@ def synth_slides(out: str | os.PathLike, *, count: int = 2, size: int = 4096, mp
     for k in range(count):
         path = out / f"synth-{seed:04d}-{k:03d}.{ext}"
         spec = SlideSpec(path=path, width=size, height=size, mpp=mpp, seed=seed * 1000 + 500 + k, format=fmt,
-                         idc_fraction=idc_fraction, detail_mpp=detail_mpp)
+                         idc_fraction=idc_fraction, detail_mpp=detail_mpp, idc_scale_um=idc_scale_um)
         truth = write_slide(spec)
         truth.save(out / f"{path.stem}.truth.npz")
         results.append((path, truth))
