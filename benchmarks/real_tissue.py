@@ -5,7 +5,7 @@ tiled and scored like any slide, and compared with the same patient's patch fold
         [--mpp 1.0] [--fine 9175 --fine-mpp 0.25] [--patients 8863 9175] [--results benchmarks/REAL_TISSUE.md]
 
 Per patient: ``cancernet synth slides --from-patches`` (library: ``synth.slide_from_patches``), then
-``tile_run`` on the slide and on the patient folder in one run, ``predict_run`` with MODEL, and
+``stages.tile.tile_run`` on the slide and on the patient folder in one run, ``stages.score.predict_run`` with MODEL, and
 per grid position: patches kept by default tissue detection, extra slide tiles where no patch is,
 the IDC fraction (tiles with probability >= the model's threshold) from the slide and from the
 folder, and the correlation of the probabilities where both scored a tile. Writes a markdown table
@@ -36,12 +36,12 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
     """Rebuild, tile, score and compare each patient (see the module doc); one dict per patient."""
     from cancernet_batch import store
     from cancernet_batch.aggregate import load_scored
-    from cancernet_batch.cluster import ClusterConfig, dask_client
-    from cancernet_batch.inference import PredictConfig, predict_run
+    from cancernet_batch.cluster import dask_client
+    from cancernet_batch.config import ClusterConfig, PredictConfig, TileConfig
     from cancernet_batch.model import read_meta
+    from cancernet_batch.stages.score import predict_run
+    from cancernet_batch.stages.tile import tile_run
     from cancernet_batch.synth import slide_from_patches
-    from cancernet_batch.tile_run import tile_run
-    from cancernet_batch.tiling import TileConfig
 
     meta = read_meta(model_dir)
     slides = work / f"slides-{mpp:g}"
