@@ -88,7 +88,7 @@ def test_real_slides_folder_in_one_call(slides_dir, tmp_path, capsys):
     assert len({tuple(c) for c in coords}) == len(coords)
     assert g["tissue"].shape == (7, 5) and g["thumbnail"].shape == (56, 40, 3)
     assert (g["tissue"][:][coords[:, 0], coords[:, 1]] >= DEFAULT_THRESHOLD).all()
-    assert tiles.reshape(len(tiles), -1).mean(axis=1).max() < 225  # tissue, not glass
+    assert tiles.reshape(len(tiles), -1).mean(axis=1).max() < 235  # tissue (>= a quarter of each tile), not glass (~244)
 
 
 def test_overrides_make_the_unresolved_slides_tile(slides_dir, tmp_path, client):
