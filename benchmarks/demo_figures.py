@@ -79,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--from-json", action="store_true",
+                    help="Only re-render the table from WORK/demo_figures.json (the seeds finished so far).")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for s in a.seeds:
-        rows.append(one_seed(a.work, s, a.quick, a.workers))
-        (a.work / "demo_figures.json").write_text(json.dumps(rows, indent=1))
+    if a.from_json:
+        rows = json.loads((a.work / "demo_figures.json").read_text())
+    else:
+        rows = []
+        for s in a.seeds:
+            rows.append(one_seed(a.work, s, a.quick, a.workers))
+            (a.work / "demo_figures.json").write_text(json.dumps(rows, indent=1))
     text = markdown(rows, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]), a.quick)
     if a.results:
         from cancernet_batch.atomic import write_text
