@@ -32,7 +32,7 @@ BARS = {"kept": 0.95, "extra": 0.10, "idc_diff": 0.03, "corr": 0.99}
 
 
 def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *, workers: int = 1,
-            fmt: str = "svs") -> list[dict]:
+            fmt: str = "svs", reuse: bool = False) -> list[dict]:
     """Rebuild, tile, score and compare each patient (see the module doc); one dict per patient."""
     from cancernet_batch import store
     from cancernet_batch.aggregate import load_scored
@@ -41,7 +41,7 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
     from cancernet_batch.model import read_meta
     from cancernet_batch.stages.score import predict_run
     from cancernet_batch.stages.tile import tile_run
-    from cancernet_batch.synth import slide_from_patches
+    from cancernet_batch.synth import SlideTruth, patch_mosaic, slide_from_patches
 
     meta = read_meta(model_dir)
     slides = work / f"slides-{mpp:g}"
@@ -51,8 +51,11 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
     for d in patient_dirs:
         path = slides / f"{d.name}.{fmt}"
         t0 = time.perf_counter()
-        truth, mosaic = slide_from_patches(d, path, mpp=mpp, fmt=fmt)
-        truth.save(slides / f"{d.name}.truth.npz")
+        if reuse and path.is_file() and (slides / f"{d.name}.truth.npz").is_file():  # built by an earlier call
+            truth, mosaic = SlideTruth.load(slides / f"{d.name}.truth.npz"), patch_mosaic(d)
+        else:
+            truth, mosaic = slide_from_patches(d, path, mpp=mpp, fmt=fmt)
+            truth.save(slides / f"{d.name}.truth.npz")
         built[d] = (path, truth, mosaic, time.perf_counter() - t0)
     inputs = [str(x) for d in patient_dirs for x in (built[d][0], d)]
     with dask_client(ClusterConfig(workers=workers)) as client:
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine", nargs="*", default=[], help="Patients also rebuilt at --fine-mpp.")
     ap.add_argument("--fine-mpp", type=float, default=0.25)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--reuse-slides", action="store_true", help="Use slides already built in WORK (same --mpp).")
     ap.add_argument("--results", type=Path, default=None, help="Markdown file to write.")
     ap.add_argument("--model-note", default="", help="How the model was made (goes into the markdown).")
     ap.add_argument("--from-json", type=Path, default=None, help="Only re-render the markdown from a real_tissue.json.")
@@ -168,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     dirs = find_patient_folders(a.data)
     if a.patients:
         dirs = [d for d in dirs if d.name in set(a.patients)]
-    rows = measure(dirs, a.work, a.model, a.mpp, workers=a.workers)
+    rows = measure(dirs, a.work, a.model, a.mpp, workers=a.workers, reuse=a.reuse_slides)
     if a.fine:
         rows += measure([d for d in find_patient_folders(a.data) if d.name in set(a.fine)], a.work, a.model,
-                        a.fine_mpp, workers=a.workers)
+                        a.fine_mpp, workers=a.workers, reuse=a.reuse_slides)
     (a.work / "real_tissue.json").write_text(json.dumps(rows, indent=1))
     text = markdown(rows, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]), str(a.model),
                     a.model_note)
