@@ -63,7 +63,7 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
         if ts.failures:
             raise RuntimeError(f"tiling failed: {ts.failures[0].message}")
         predict_run(run, PredictConfig(model_dir=str(model_dir)), client=client)
-    root = store.open_root(run, mode="r")
+    root = store.open_root(run / "tiles.zarr", mode="r", run_dir=run)
     rows = []
     for d in patient_dirs:
         path, truth, mosaic, build_s = built[d]

@@ -117,7 +117,7 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
     real: dict = {}
     if real_path is not None:
         gid = input_id(real_path)
-        group = open_root(run_dir, mode="r")["inputs"][gid]
+        group = open_root(run_dir / "tiles.zarr", mode="r", run_dir=run_dir)["inputs"][gid]
         acc = compare_with_truth(load_scored(gid, group, "").idc_map(), SlideTruth.load(truth_path(real_path)), thr)
         real = {"slide": real_path.name, "tissue_dice": acc.tissue_dice, "idc_dice": acc.dice}
     return DemoResult(out, model_dir, summary, dice, bacc, real)
