@@ -28,7 +28,8 @@ def test_real_patients_as_slides_match_their_folders(idc_dir, tiny_model_dir, tm
     for r in rows:
         assert r["kept"] >= 0.95, r
         assert r["extra"] <= 0.10, r
-        assert abs(r["idc_slide"] - r["idc_folder"]) <= 0.03, r
+        # the IDC fraction the denominator gives (labels of the kept tiles); a random-weight model's
+        # probabilities sit at its threshold, so its IDC fraction is not a test (REAL_TISSUE.md has a trained one's)
         assert abs(r["label_idc_slide"] - r["label_idc_folder"]) <= 0.03, r
         # the slide's tiles are the folder's patches again (a random-weight model's probabilities are too
         # flat to test resampling with; benchmarks/real_tissue.py measures them with a trained model)
