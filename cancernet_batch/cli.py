@@ -173,7 +173,9 @@ def _echo_assessment(title: str, a) -> None:
     """Print patch metrics with bootstrap intervals, the patient summary and the per-patient table."""
     p, ci = a.patch, a.ci
     click.echo(f"{title}: {p['n']} patches of {len(a.rows)} patients "
-               f"({p['support']['non-IDC']} non-IDC, {p['support']['IDC']} IDC), threshold {p['threshold']:.4f}")
+               f"({p['support']['non-IDC']} non-IDC, {p['support']['IDC']} IDC), threshold "
+               + (f"{p['threshold']:.4f}" if isinstance(p["threshold"], float)
+                  else f"per fold {min(p['threshold']):.4f}-{max(p['threshold']):.4f}"))
     for key, label in (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1", "F1 (IDC)"),
                        ("precision", "precision (IDC)"), ("recall", "recall / sensitivity"),
                        ("specificity", "specificity"), ("roc_auc", "ROC AUC")):
@@ -215,10 +217,21 @@ def _echo_assessment(title: str, a) -> None:
               help="H&E stain augmentation strength, 0 = off [default: TrainConfig's].")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap replicates (over patients) for the confidence intervals.")
+@click.option("--cv", "cv", default=0, show_default=True, type=click.IntRange(min=0),
+              help="K-fold cross-validation over patients (0 = one train/validation split): per-fold and pooled "
+                   "out-of-fold metrics; the exported model averages the K fold models.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Test-time augmentation: the exported model averages the 8 flips/rotations of each tile.")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="With --cv: export the K fold models averaged (else one model retrained on all patients).")
+@click.option("--calibrate", default=None, type=click.Choice(["none", "temperature", "platt"]),
+              help="Calibration fitted on out-of-fold (with --cv) or validation logits, baked into the model "
+                   "[default: platt with --cv, none without].")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: float, split_file: str | None, seed: int,
           epochs: int, batch_size: int, learning_rate: float, width: int, conv: str, mpp: float, patience: int,
-          stain_jitter: float | None, bootstrap: int, overwrite: bool) -> int:
+          stain_jitter: float | None, bootstrap: int, cv: int, tta: bool, ensemble: bool, calibrate: str | None,
+          overwrite: bool) -> int:
     """Train CancerNet on Kaggle-layout patch folders with a patient-level split.
 
     Writes OUT/model.keras, model.json, model.onnx, split.json, curves.png, confusion.png,
@@ -229,6 +242,8 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     config = TrainConfig(val_fraction=val_fraction, test_fraction=test_fraction, split_file=split_file, seed=seed,
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                          separable=conv == "separable", mpp=mpp, patience=patience, bootstrap=bootstrap,
+                         cv=cv, tta=tta, ensemble=ensemble,
+                         calibrate=calibrate or ("platt" if cv else "none"),
                          **({} if stain_jitter is None else {"stain_jitter": stain_jitter}))
     _quiet_backends()
     from .train import TrainProgress, train as run_training
@@ -242,6 +257,10 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
         def batch_end(self) -> None:
             self.bar.update(1)
 
+        def fold_start(self, fold: int, folds: int, held_out) -> None:
+            click.echo(f"fold {fold}/{folds}: " + (f"held out {', '.join(held_out)}" if held_out
+                                                   else "the exported model, on every patient"))
+
         def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
             self.bar.close()
             click.echo(f"epoch {epoch}: loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
@@ -251,6 +270,9 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
 
     with _bar(None, "file", "reading patches") as bar:
         res = run_training(list(data), out, config, progress=_Progress(), load_progress=bar.update, overwrite=overwrite)
+    if cv:
+        _echo_cv(res)
+        return exit_for(len(res.failures))
     t = res.meta.training
     click.echo(f"kept epoch {t['best_epoch']} of {t['epochs_run']} (lowest validation loss); "
                f"{t['seconds_per_epoch']:.1f} s per epoch")
@@ -264,6 +286,32 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     if res.failures:
         click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
     return exit_for(len(res.failures))
+
+
+def _echo_cv(res) -> None:
+    """The cross-validation summary: pooled out-of-fold metrics, per fold, every variant, the exported model."""
+    cv, meta = res.cv, res.meta
+    click.echo(f"{cv['folds']}-fold cross-validation over patients; out-of-fold: {cv['measures']}")
+    for f, held in enumerate(cv["held_out"], start=1):
+        click.echo(f"  fold {f}: {', '.join(held)}")
+    _echo_assessment(f"pooled out-of-fold ({cv['variant']}, calibration {cv['calibration']})", res.val)
+    click.echo(f"  ECE uncalibrated {_fmt(cv['ece_uncalibrated'])} -> {_fmt(res.val.patch['ece'])} calibrated")
+    click.echo(f"    {'fold':<6}{'patches':>8}{'bal.acc':>9}{'F1':>7}{'AUC':>7}{'ECE':>7}")
+    for f, a in enumerate(res.per_fold, start=1):
+        p = a.patch
+        click.echo(f"    {f:<6}{p['n']:>8}{_fmt(p['balanced_accuracy']):>9}{_fmt(p['f1']):>7}{_fmt(p['roc_auc']):>7}"
+                   f"{_fmt(p['ece']):>7}")
+    click.echo(f"    {'variant':<22}{'bal.acc':>9}{'F1':>7}{'AUC':>7}{'ECE':>7}")
+    for name, v in cv["variants"].items():
+        click.echo(f"    {name:<22}{_fmt(v['balanced_accuracy']):>9}{_fmt(v['f1']):>7}{_fmt(v['roc_auc']):>7}"
+                   f"{_fmt(v['ece']):>7}")
+    s = meta.scoring
+    c = s["calibration"]
+    click.echo(f"exported: {s['member_kind']} (mean logit){', x8 flips/rotations' if s['tta'] else ''}, calibration "
+               f"{c['method']} (a {c['a']:.4f}, b {c['b']:.4f}), threshold {meta.threshold:.4f}")
+    click.echo(f"wrote {res.out_dir} (model {meta.model_id}{', model.onnx' if res.onnx else ''})")
+    if res.failures:
+        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
 
 
 @cli.command()
@@ -721,6 +769,18 @@ def _name_list(allowed: tuple[str, ...]):
     return parse
 
 
+def _variants(value: str) -> tuple[str, ...]:
+    from .bench import parse_variant
+
+    out = tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+    for v in out:
+        try:
+            parse_variant(v)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return out
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--model", "model_dir", default=None, type=click.Path(),
@@ -741,10 +801,14 @@ def _name_list(allowed: tuple[str, ...]):
 @click.option("--naive-count", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write every figure here.")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
+@click.option("--variants", default="tta,ensemble5,ensemble5-tta", show_default=True,
+              callback=lambda ctx, param, value: _variants(value),
+              help="Model variants whose ONNX roof is measured against the single model (none: skip): "
+                   "tta, ensembleN, ensembleN-tta.")
 @click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
               help="Save the best engine, workers, threads and batch size for `predict --autotune`.")
 def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threads, engines, backend, roof_backends,
-          device, naive_count, json_out, md_out, save_autotune) -> int:
+          device, naive_count, variants, json_out, md_out, save_autotune) -> int:
     """Measure patches/s per stage against the model-only roof and the naive loop, in one run.
 
     \b
@@ -764,7 +828,7 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
         os.environ["KERAS_BACKEND"] = backend
     cfg = BenchConfig(model_dir=model_dir, inputs=tuple(inputs), synthetic_slides=synthetic_slides, size=size,
                       batch_sizes=batch_sizes, workers=workers, threads=threads, engines=engines,
-                      backends=roof_backends, device=device, naive_count=naive_count)
+                      backends=roof_backends, device=device, naive_count=naive_count, variants=variants)
     r = run_bench(cfg, step=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo(r.markdown())
     ratios = r.ratios()
