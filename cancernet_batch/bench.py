@@ -123,8 +123,8 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
                   min_seconds: float = 2.0, device: str = "cpu") -> list[Figure]:
     """ONNX Runtime roof of scoring-model variants built from the model in ``model_dir``, against the single model.
 
-    Each variant (:func:`parse_variant`) wraps N copies of the model (the cost does not depend on the
-    weights) with or without test-time augmentation into one graph
+    Each variant (:func:`parse_variant`) wraps N copies of the model (weights scaled by 1 + 1e-6 k, so
+    that ONNX Runtime cannot merge identical members; the cost does not depend on the weights) with or without test-time augmentation into one graph
     (:func:`cancernet_batch.layers.scoring_model`), exported to ONNX as ``cancernet train --cv --tta``
     exports it; figures have stage ``variant`` and say their cost as ``x_single``.
     """
@@ -132,6 +132,9 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
     from .layers import scoring_model
     from .model import ModelMeta, export_onnx, load_keras_model, read_meta, save_model_dir
 
+    from .quiet import import_keras
+
+    keras = import_keras()
     meta = read_meta(model_dir)
     if meta.scoring:
         log.warning("%s is already a scoring variant (%s); variants are built from plain single models", model_dir,
@@ -143,10 +146,15 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
     figs = [Figure("variant", base.engine, base.patches, base.seconds, {"variant": "single", "members": 1,
                                                                          "tta": False, "batch_size": batch_size,
                                                                          "x_single": 1.0})]
+    copies = [single]
     for name in variants:
         members, tta = parse_variant(name)
+        while len(copies) < members:  # distinct weights: ONNX Runtime would merge identical members into one
+            twin = keras.models.clone_model(single)
+            twin.set_weights([w * np.float32(1 + 1e-6 * len(copies)) for w in single.get_weights()])
+            copies.append(twin)
         d = work / f"variant-{name}"
-        save_model_dir(scoring_model([single] * members, tta=tta), d, ModelMeta(width=meta.width, mpp=meta.mpp))
+        save_model_dir(scoring_model(copies[:members], tta=tta), d, ModelMeta(width=meta.width, mpp=meta.mpp))
         export_onnx(d)
         f = roof(OnnxEngine(d, device=device), tiles, batch_size, min_seconds=min_seconds)
         figs.append(Figure("variant", f.engine, f.patches, f.seconds,

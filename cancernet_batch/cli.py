@@ -178,11 +178,11 @@ def _echo_assessment(title: str, a) -> None:
                   else f"per fold {min(p['threshold']):.4f}-{max(p['threshold']):.4f}"))
     for key, label in (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1", "F1 (IDC)"),
                        ("precision", "precision (IDC)"), ("recall", "recall / sensitivity"),
-                       ("specificity", "specificity"), ("roc_auc", "ROC AUC")):
+                       ("specificity", "specificity"), ("roc_auc", "ROC AUC"), ("ece", "ECE (calibration)")):
         band = ci.get(key) or {}
         interval = (f"  95% CI {_fmt(band.get('low'))}-{_fmt(band.get('high'))} ({band.get('n_valid', 0)} replicates)"
                     if band.get("low") is not None else "")
-        click.echo(f"  {label:<22}{_fmt(p[key])}{interval}")
+        click.echo(f"  {label:<22}{_fmt(p.get(key))}{interval}")
     (tn, fp), (fn, tp) = p["confusion"]
     click.echo(f"  confusion (rows true non-IDC, IDC): [[{tn}, {fp}], [{fn}, {tp}]]")
     s = a.patient
@@ -263,10 +263,10 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
 
         def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
             self.bar.close()
+            val = (f" | val loss {logs.get('val_loss', float('nan')):.4f} acc {logs.get('val_accuracy', float('nan')):.4f} "
+                   f"auc {logs.get('val_auc', float('nan')):.4f}" if "val_loss" in logs else "")
             click.echo(f"epoch {epoch}: loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
-                       f"auc {logs.get('auc', float('nan')):.4f} | val loss {logs.get('val_loss', float('nan')):.4f} "
-                       f"acc {logs.get('val_accuracy', float('nan')):.4f} auc {logs.get('val_auc', float('nan')):.4f} "
-                       f"({seconds:.1f} s)")
+                       f"auc {logs.get('auc', float('nan')):.4f}{val} ({seconds:.1f} s)")
 
     with _bar(None, "file", "reading patches") as bar:
         res = run_training(list(data), out, config, progress=_Progress(), load_progress=bar.update, overwrite=overwrite)

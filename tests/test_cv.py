@@ -236,15 +236,20 @@ def test_exported_model_is_the_calibrated_fold_ensemble_in_every_engine(cv_run, 
     np.testing.assert_allclose(onnx, want, atol=1e-5)  # ONNX: fold models averaged, x8 flips, Platt baked in
     np.testing.assert_allclose(keras_tf, onnx, atol=1e-5)
     assert np.max(np.abs(onnx - cal.sigmoid(z))) > 1e-4  # calibration moved the probabilities
-    for v in _dihedral(TILES)[1:]:
-        np.testing.assert_allclose(OnnxEngine(out).predict(v), onnx, atol=1e-5)
-    for backend in ("torch", "jax"):  # Keras under the other backends, where installed
-        try:
-            __import__(backend)
-        except ImportError:
-            continue
-        got = _score_under(backend, out, tmp_path)
-        np.testing.assert_allclose(got, onnx, atol=1e-5, err_msg=backend)
+    eng = OnnxEngine(out)
+    for v in _dihedral(TILES)[1:]:  # TTA: invariant to flipping / rotating the input
+        np.testing.assert_allclose(eng.predict(v), onnx, atol=1e-5)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_exported_model_under_jax_and_torch_equals_onnx(cv_run, tmp_path, backend):
+    """Keras under the other backends (where installed) runs the same graph: same calibrated probabilities."""
+    from cancernet_batch.engines import OnnxEngine
+
+    pytest.importorskip(backend, reason=f"{backend} is optional (dev extra); the ONNX/TensorFlow test covers the rest")
+    data, out, res = cv_run
+    np.testing.assert_allclose(_score_under(backend, out, tmp_path), OnnxEngine(out).predict(TILES), atol=1e-5)
 
 
 SCORE = textwrap.dedent("""
