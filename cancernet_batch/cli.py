@@ -226,7 +226,7 @@ def _echo_assessment(title: str, a) -> None:
               help="With --cv: export the K fold models averaged (else one model retrained on all patients).")
 @click.option("--calibrate", default=None, type=click.Choice(["none", "temperature", "platt"]),
               help="Calibration fitted on out-of-fold (with --cv) or validation logits, baked into the model "
-                   "[default: platt with --cv, none without].")
+                   "[default: none; cross-validation found neither helping on unseen patients: training/RESULTS.md].")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: float, split_file: str | None, seed: int,
           epochs: int, batch_size: int, learning_rate: float, width: int, conv: str, mpp: float, patience: int,
@@ -243,7 +243,7 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                          separable=conv == "separable", mpp=mpp, patience=patience, bootstrap=bootstrap,
                          cv=cv, tta=tta, ensemble=ensemble,
-                         calibrate=calibrate or ("platt" if cv else "none"),
+                         calibrate=calibrate or "none",
                          **({} if stain_jitter is None else {"stain_jitter": stain_jitter}))
     _quiet_backends()
     from .train import TrainProgress, train as run_training

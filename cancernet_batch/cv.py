@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from . import calibration as cal
-from .atomic import write_text
+from .atomic import atomic_path, write_text
 from .config import TrainConfig
 from .errors import ConfigError
 from .evaluate import Assessment, assess, write_assessment
@@ -225,6 +225,11 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
 
     # ---- report: pooled and per-fold figures, reliability diagram, metrics.json
     cv_dir = out / "cv"
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cv_dir / "oof.npz") as tmp:  # out-of-fold logits: re-fit calibrations without re-training
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, patient=pids.astype(str), label=y, fold=fold_of + 1, logit_single=z["single"],
+                                logit_tta=z["tta"])
     write_assessment(cv_dir, a_oof, title=f"out-of-fold ({chosen_v}, {config.calibrate})", threshold=thr_oof,
                      json_name=None)
     for f, a in enumerate(per_fold):

@@ -216,6 +216,8 @@ def test_oof_metrics_in_model_json_and_report(cv_run):
                  "cv/roc.png", "cv/patients.png", "cv/per_patient.csv", "folds/fold1/model.keras",
                  "folds/fold1/held-out/confusion.png"):
         assert (out / name).is_file(), name
+    oof = np.load(out / "cv" / "oof.npz")
+    assert len(oof["logit_tta"]) == len(oof["label"]) == 6 * 30 and set(oof["fold"].tolist()) == {1, 2, 3}
     full = json.loads((out / "metrics.json").read_text())
     assert set(full["cv"]["reliability"]) == {"uncalibrated", "temperature (cross-fitted)", "platt (cross-fitted)"}
 
