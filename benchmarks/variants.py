@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
-    from cancernet_batch.bench import machine, variant_roofs
+    from cancernet_batch.bench import variant_roofs
+    from cancernet_batch.machine import machine
     from cancernet_batch.model import ModelMeta, build_cancernet, export_onnx, save_model_dir
 
     with tempfile.TemporaryDirectory(prefix="cancernet-variants-") as tmp:

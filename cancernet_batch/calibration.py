@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("none", "temperature", "platt")
+from .config import CALIBRATIONS as METHODS  # ("none", "temperature", "platt")
 IDENTITY = {"method": "none", "a": 1.0, "b": 0.0}
 LOGIT_CLIP = 30.0
 """Logits beyond +-30 (probabilities within 1e-13 of 0 or 1) are clipped when fitting."""

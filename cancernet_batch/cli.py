@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
+from .config import BACKENDS, CALIBRATIONS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
@@ -224,7 +224,7 @@ def _echo_assessment(title: str, a) -> None:
               help="Test-time augmentation: the exported model averages the 8 flips/rotations of each tile.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="With --cv: export the K fold models averaged (else one model retrained on all patients).")
-@click.option("--calibrate", default=None, type=click.Choice(["none", "temperature", "platt"]),
+@click.option("--calibrate", default=None, type=click.Choice(CALIBRATIONS),
               help="Calibration fitted on out-of-fold (with --cv) or validation logits, baked into the model "
                    "[default: none; cross-validation found neither helping on unseen patients: training/RESULTS.md].")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")

@@ -190,6 +190,10 @@ class ReportConfig:
 # training (issue 4)
 # ----------------------------------------------------------------------------------------------
 
+CALIBRATIONS = ("none", "temperature", "platt")
+"""``cancernet train --calibrate`` choices (see :mod:`cancernet_batch.calibration`)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How ``cancernet train`` splits the patients and fits CancerNet.
@@ -253,8 +257,8 @@ class TrainConfig:
             raise ConfigError(f"--cv {self.cv}: cross-validation needs at least 2 folds and takes no --split or "
                               "--test-fraction (every patient is held out once)",
                               hint="drop --split / --test-fraction, or leave out --cv for one split")
-        if self.calibrate not in ("none", "temperature", "platt"):
-            raise ConfigError(f"unknown calibration {self.calibrate!r}", hint="use none, temperature or platt")
+        if self.calibrate not in CALIBRATIONS:
+            raise ConfigError(f"unknown calibration {self.calibrate!r}", hint=f"use one of {', '.join(CALIBRATIONS)}")
         if self.bootstrap < 0:
             raise ConfigError("--bootstrap must be 0 (off) or more")
         if self.split_file is not None and not Path(self.split_file).exists():
