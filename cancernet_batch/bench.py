@@ -103,6 +103,66 @@ def roof(engine, tiles: np.ndarray, batch_size: int, *, min_seconds: float = 2.0
             return Figure("roof", engine.name, n, dt, {"batch_size": batch_size})
 
 
+VARIANT_HELP = "tta (x8 flips/rotations), ensembleN (N members), ensembleN-tta"
+
+
+def parse_variant(name: str) -> tuple[int, bool]:
+    """``tta`` -> (1, True), ``ensemble5`` -> (5, False), ``ensemble5-tta`` -> (5, True); ValueError otherwise."""
+    import re
+
+    m = re.fullmatch(r"(?:ensemble(\d+))?(-?tta)?", name)
+    if not name or m is None or (m.group(1) is None and m.group(2) != "tta") or (m.group(1) and m.group(2) == "tta"):
+        raise ValueError(f"unknown model variant {name!r}; use {VARIANT_HELP}")
+    members = int(m.group(1)) if m.group(1) else 1
+    if members < 1:
+        raise ValueError(f"an ensemble needs at least one member: {name!r}")
+    return members, m.group(2) is not None
+
+
+def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work: Path, *, batch_size: int = 256,
+                  min_seconds: float = 2.0, device: str = "cpu") -> list[Figure]:
+    """ONNX Runtime roof of scoring-model variants built from the model in ``model_dir``, against the single model.
+
+    Each variant (:func:`parse_variant`) wraps N copies of the model (weights scaled by 1 + 1e-6 k, so
+    that ONNX Runtime cannot merge identical members; the cost does not depend on the weights) with or without test-time augmentation into one graph
+    (:func:`cancernet_batch.layers.scoring_model`), exported to ONNX as ``cancernet train --cv --tta``
+    exports it; figures have stage ``variant`` and say their cost as ``x_single``.
+    """
+    from .engines import OnnxEngine
+    from .layers import scoring_model
+    from .model import ModelMeta, export_onnx, load_keras_model, read_meta, save_model_dir
+
+    from .quiet import import_keras
+
+    keras = import_keras()
+    meta = read_meta(model_dir)
+    if meta.scoring:
+        log.warning("%s is already a scoring variant (%s); variants are built from plain single models", model_dir,
+                    meta.scoring.get("member_kind"))
+        return []
+    single = load_keras_model(model_dir, meta)
+    tiles = random_tiles(2 * batch_size)
+    base = roof(OnnxEngine(model_dir, meta, device=device), tiles, batch_size, min_seconds=min_seconds)
+    figs = [Figure("variant", base.engine, base.patches, base.seconds, {"variant": "single", "members": 1,
+                                                                         "tta": False, "batch_size": batch_size,
+                                                                         "x_single": 1.0})]
+    copies = [single]
+    for name in variants:
+        members, tta = parse_variant(name)
+        while len(copies) < members:  # distinct weights: ONNX Runtime would merge identical members into one
+            twin = keras.models.clone_model(single)
+            twin.set_weights([w * np.float32(1 + 1e-6 * len(copies)) for w in single.get_weights()])
+            copies.append(twin)
+        d = work / f"variant-{name}"
+        save_model_dir(scoring_model(copies[:members], tta=tta), d, ModelMeta(width=meta.width, mpp=meta.mpp))
+        export_onnx(d)
+        f = roof(OnnxEngine(d, device=device), tiles, batch_size, min_seconds=min_seconds)
+        figs.append(Figure("variant", f.engine, f.patches, f.seconds,
+                           {"variant": name, "members": members, "tta": tta, "batch_size": batch_size,
+                            "x_single": round(f.rate / base.rate, 4) if base.rate else None}))
+    return figs
+
+
 def naive_loop(model_dir: str | os.PathLike, pngs: list[Path], *, limit: int = 100) -> Figure:
     """The seed-style loop: open one PNG, ``model.predict`` on one patch, repeat (Keras, this process)."""
     from PIL import Image
@@ -355,6 +415,8 @@ class BenchConfig:
     device: str = "cpu"
     naive_count: int = 100
     work_dir: str | None = None
+    variants: tuple[str, ...] = ("tta", "ensemble5", "ensemble5-tta")
+    """Scoring-model variants whose ONNX roof is measured against the single model (:func:`variant_roofs`)."""
 
 
 @dataclass
@@ -485,6 +547,14 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
                 figures += keras_roofs(model_dir, b, cfg.batch_sizes, device=cfg.device)
             except CancerNetError as exc:
                 log.warning("%s", exc)
+
+        if cfg.variants:
+            step("variant roofs (ONNX Runtime): single, " + ", ".join(cfg.variants))
+            try:
+                figures += variant_roofs(model_dir, cfg.variants, work, batch_size=min(cfg.batch_sizes),
+                                         device=cfg.device)
+            except CancerNetError as exc:
+                log.warning("variant roofs skipped: %s", exc)
 
         step("tiling")
         run = work / "run-tile"

@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .config import BACKENDS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
+from .config import BACKENDS, CALIBRATIONS, DEFAULT_BATCH, DEVICES, ENGINE_CHOICES, ENGINES, MAX_BATCH
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
@@ -193,14 +193,16 @@ def _echo_assessment(title: str, a) -> None:
     """Print patch metrics with bootstrap intervals, the patient summary and the per-patient table."""
     p, ci = a.patch, a.ci
     click.echo(f"{title}: {p['n']} patches of {len(a.rows)} patients "
-               f"({p['support']['non-IDC']} non-IDC, {p['support']['IDC']} IDC), threshold {p['threshold']:.4f}")
+               f"({p['support']['non-IDC']} non-IDC, {p['support']['IDC']} IDC), threshold "
+               + (f"{p['threshold']:.4f}" if isinstance(p["threshold"], float)
+                  else f"per fold {min(p['threshold']):.4f}-{max(p['threshold']):.4f}"))
     for key, label in (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1", "F1 (IDC)"),
                        ("precision", "precision (IDC)"), ("recall", "recall / sensitivity"),
-                       ("specificity", "specificity"), ("roc_auc", "ROC AUC")):
+                       ("specificity", "specificity"), ("roc_auc", "ROC AUC"), ("ece", "ECE (calibration)")):
         band = ci.get(key) or {}
         interval = (f"  95% CI {_fmt(band.get('low'))}-{_fmt(band.get('high'))} ({band.get('n_valid', 0)} replicates)"
                     if band.get("low") is not None else "")
-        click.echo(f"  {label:<22}{_fmt(p[key])}{interval}")
+        click.echo(f"  {label:<22}{_fmt(p.get(key))}{interval}")
     (tn, fp), (fn, tp) = p["confusion"]
     click.echo(f"  confusion (rows true non-IDC, IDC): [[{tn}, {fp}], [{fn}, {tp}]]")
     s = a.patient
@@ -235,10 +237,21 @@ def _echo_assessment(title: str, a) -> None:
               help="H&E stain augmentation strength, 0 = off [default: TrainConfig's].")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap replicates (over patients) for the confidence intervals.")
+@click.option("--cv", "cv", default=0, show_default=True, type=click.IntRange(min=0),
+              help="K-fold cross-validation over patients (0 = one train/validation split): per-fold and pooled "
+                   "out-of-fold metrics; the exported model averages the K fold models.")
+@click.option("--tta/--no-tta", default=False, show_default=True,
+              help="Test-time augmentation: the exported model averages the 8 flips/rotations of each tile.")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="With --cv: export the K fold models averaged (else one model retrained on all patients).")
+@click.option("--calibrate", default=None, type=click.Choice(CALIBRATIONS),
+              help="Calibration fitted on out-of-fold (with --cv) or validation logits, baked into the model "
+                   "[default: none; cross-validation found neither helping on unseen patients: training/RESULTS.md].")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: float, split_file: str | None, seed: int,
           epochs: int, batch_size: int, learning_rate: float, width: int, conv: str, mpp: float, patience: int,
-          stain_jitter: float | None, bootstrap: int, overwrite: bool) -> int:
+          stain_jitter: float | None, bootstrap: int, cv: int, tta: bool, ensemble: bool, calibrate: str | None,
+          overwrite: bool) -> int:
     """Train CancerNet on Kaggle-layout patch folders with a patient-level split.
 
     Writes OUT/model.keras, model.json, model.onnx, split.json, curves.png, confusion.png,
@@ -249,6 +262,8 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     config = TrainConfig(val_fraction=val_fraction, test_fraction=test_fraction, split_file=split_file, seed=seed,
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                          separable=conv == "separable", mpp=mpp, patience=patience, bootstrap=bootstrap,
+                         cv=cv, tta=tta, ensemble=ensemble,
+                         calibrate=calibrate or "none",
                          **({} if stain_jitter is None else {"stain_jitter": stain_jitter}))
     _quiet_backends()
     from .train import TrainProgress, train as run_training
@@ -262,15 +277,22 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
         def batch_end(self) -> None:
             self.bar.update(1)
 
+        def fold_start(self, fold: int, folds: int, held_out) -> None:
+            click.echo(f"fold {fold}/{folds}: " + (f"held out {', '.join(held_out)}" if held_out
+                                                   else "the exported model, on every patient"))
+
         def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
             self.bar.close()
+            val = (f" | val loss {logs.get('val_loss', float('nan')):.4f} acc {logs.get('val_accuracy', float('nan')):.4f} "
+                   f"auc {logs.get('val_auc', float('nan')):.4f}" if "val_loss" in logs else "")
             click.echo(f"epoch {epoch}: loss {logs.get('loss', float('nan')):.4f} acc {logs.get('accuracy', float('nan')):.4f} "
-                       f"auc {logs.get('auc', float('nan')):.4f} | val loss {logs.get('val_loss', float('nan')):.4f} "
-                       f"acc {logs.get('val_accuracy', float('nan')):.4f} auc {logs.get('val_auc', float('nan')):.4f} "
-                       f"({seconds:.1f} s)")
+                       f"auc {logs.get('auc', float('nan')):.4f}{val} ({seconds:.1f} s)")
 
     with _bar(None, "file", "reading patches") as bar:
         res = run_training(list(data), out, config, progress=_Progress(), load_progress=bar.update, overwrite=overwrite)
+    if cv:
+        _echo_cv(res)
+        return exit_for(len(res.failures))
     t = res.meta.training
     click.echo(f"kept epoch {t['best_epoch']} of {t['epochs_run']} (lowest validation loss); "
                f"{t['seconds_per_epoch']:.1f} s per epoch")
@@ -284,6 +306,32 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     if res.failures:
         click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
     return exit_for(len(res.failures))
+
+
+def _echo_cv(res) -> None:
+    """The cross-validation summary: pooled out-of-fold metrics, per fold, every variant, the exported model."""
+    cv, meta = res.cv, res.meta
+    click.echo(f"{cv['folds']}-fold cross-validation over patients; out-of-fold: {cv['measures']}")
+    for f, held in enumerate(cv["held_out"], start=1):
+        click.echo(f"  fold {f}: {', '.join(held)}")
+    _echo_assessment(f"pooled out-of-fold ({cv['variant']}, calibration {cv['calibration']})", res.val)
+    click.echo(f"  ECE uncalibrated {_fmt(cv['ece_uncalibrated'])} -> {_fmt(res.val.patch['ece'])} calibrated")
+    click.echo(f"    {'fold':<6}{'patches':>8}{'bal.acc':>9}{'F1':>7}{'AUC':>7}{'ECE':>7}")
+    for f, a in enumerate(res.per_fold, start=1):
+        p = a.patch
+        click.echo(f"    {f:<6}{p['n']:>8}{_fmt(p['balanced_accuracy']):>9}{_fmt(p['f1']):>7}{_fmt(p['roc_auc']):>7}"
+                   f"{_fmt(p['ece']):>7}")
+    click.echo(f"    {'variant':<22}{'bal.acc':>9}{'F1':>7}{'AUC':>7}{'ECE':>7}")
+    for name, v in cv["variants"].items():
+        click.echo(f"    {name:<22}{_fmt(v['balanced_accuracy']):>9}{_fmt(v['f1']):>7}{_fmt(v['roc_auc']):>7}"
+                   f"{_fmt(v['ece']):>7}")
+    s = meta.scoring
+    c = s["calibration"]
+    click.echo(f"exported: {s['member_kind']} (mean logit){', x8 flips/rotations' if s['tta'] else ''}, calibration "
+               f"{c['method']} (a {c['a']:.4f}, b {c['b']:.4f}), threshold {meta.threshold:.4f}")
+    click.echo(f"wrote {res.out_dir} (model {meta.model_id}{', model.onnx' if res.onnx else ''})")
+    if res.failures:
+        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
 
 
 @cli.command()
@@ -741,6 +789,18 @@ def _name_list(allowed: tuple[str, ...]):
     return parse
 
 
+def _variants(value: str) -> tuple[str, ...]:
+    from .bench import parse_variant
+
+    out = tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+    for v in out:
+        try:
+            parse_variant(v)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return out
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("--model", "model_dir", default=None, type=click.Path(),
@@ -761,10 +821,14 @@ def _name_list(allowed: tuple[str, ...]):
 @click.option("--naive-count", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write every figure here.")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write the table here.")
+@click.option("--variants", default="tta,ensemble5,ensemble5-tta", show_default=True,
+              callback=lambda ctx, param, value: _variants(value),
+              help="Model variants whose ONNX roof is measured against the single model (none: skip): "
+                   "tta, ensembleN, ensembleN-tta.")
 @click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
               help="Save the best engine, workers, threads and batch size for `predict --autotune`.")
 def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threads, engines, backend, roof_backends,
-          device, naive_count, json_out, md_out, save_autotune) -> int:
+          device, naive_count, variants, json_out, md_out, save_autotune) -> int:
     """Measure patches/s per stage against the model-only roof and the naive loop, in one run.
 
     \b
@@ -784,7 +848,7 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
         os.environ["KERAS_BACKEND"] = backend
     cfg = BenchConfig(model_dir=model_dir, inputs=tuple(inputs), synthetic_slides=synthetic_slides, size=size,
                       batch_sizes=batch_sizes, workers=workers, threads=threads, engines=engines,
-                      backends=roof_backends, device=device, naive_count=naive_count)
+                      backends=roof_backends, device=device, naive_count=naive_count, variants=variants)
     r = run_bench(cfg, step=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo(r.markdown())
     ratios = r.ratios()

@@ -192,6 +192,10 @@ class ReportConfig:
 # training (issue 4)
 # ----------------------------------------------------------------------------------------------
 
+CALIBRATIONS = ("none", "temperature", "platt")
+"""``cancernet train --calibrate`` choices (see :mod:`cancernet_batch.calibration`)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How ``cancernet train`` splits the patients and fits CancerNet.
@@ -222,6 +226,16 @@ class TrainConfig:
     class_weights: bool = True
     bootstrap: int = 1000
     export_onnx: bool = True
+    cv: int = 0
+    """K-fold cross-validation over patients (0 = off: one train/validation split). With ``cv`` each fold
+    trains ``epochs`` epochs (no early stopping) and its held-out patients are only scored."""
+    tta: bool = False
+    """Test-time augmentation in the exported model: the mean logit over the 8 flips / rotations."""
+    ensemble: bool = True
+    """With ``cv``: the exported model averages the K fold models; otherwise one model retrained on all patients."""
+    calibrate: str = "none"
+    """``none``, ``temperature`` or ``platt``: fitted on the pooled out-of-fold logits (with ``cv``) or on the
+    validation patients' logits, stored in ``model.json`` and baked into the exported model."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -241,6 +255,12 @@ class TrainConfig:
         check_mpp(self.mpp, "--mpp")
         if not 0.0 <= self.jitter <= 0.5 or not 0.0 <= self.stain_jitter <= 0.5:
             raise ConfigError(f"colour and stain jitter must be in [0, 0.5], got {self.jitter} and {self.stain_jitter}")
+        if self.cv and (self.cv < 2 or self.split_file is not None or self.test_fraction > 0):
+            raise ConfigError(f"--cv {self.cv}: cross-validation needs at least 2 folds and takes no --split or "
+                              "--test-fraction (every patient is held out once)",
+                              hint="drop --split / --test-fraction, or leave out --cv for one split")
+        if self.calibrate not in CALIBRATIONS:
+            raise ConfigError(f"unknown calibration {self.calibrate!r}", hint=f"use one of {', '.join(CALIBRATIONS)}")
         if self.bootstrap < 0:
             raise ConfigError("--bootstrap must be 0 (off) or more")
         if self.split_file is not None and not Path(self.split_file).exists():

@@ -71,7 +71,7 @@ def classification_report_text(y_true, prob, threshold: float, classes: Sequence
     from sklearn.metrics import classification_report
 
     y = np.asarray(y_true).astype(int)
-    pred = (np.asarray(prob) >= threshold).astype(int)
+    pred = (np.asarray(prob) >= np.asarray(threshold)).astype(int)
     return classification_report(y, pred, labels=[0, 1], target_names=list(classes), digits=4, zero_division=0)
 
 
@@ -89,19 +89,25 @@ def write_assessment(out_dir: str | os.PathLike, a: Assessment, *, title: str, t
     out = Path(out_dir)
     files = [
         plot_confusion(a.patch["confusion"], classes, out / "confusion.png",
-                       title=f"{title}: threshold {threshold:.3f}"),
+                       title=f"{title}: threshold {_thr_text(threshold)}"),
         plot_roc(a.y, a.prob, out / "roc.png", threshold=threshold, auc=a.patch["roc_auc"]),
         plot_patients(a.rows, out / "patients.png"),
         write_csv(out / "per_patient.csv", PER_PATIENT_COLUMNS,
                   [[_fmt(getattr(r, c)) for c in PER_PATIENT_COLUMNS] for r in a.rows]),
         write_text(out / "classification_report.txt",
-                   f"{title} ({a.patch['n']} patches of {len(a.rows)} patients; IDC when p >= {threshold:.4f})\n\n"
+                   f"{title} ({a.patch['n']} patches of {len(a.rows)} patients; IDC when p >= {_thr_text(threshold, 4)})\n\n"
                    + classification_report_text(a.y, a.prob, threshold, classes)),
     ]
     if json_name:
         files.append(write_text(out / json_name,
                                 json.dumps(jsonable({**(extra or {}), **a.to_dict()}), indent=2, allow_nan=False) + "\n"))
     return files
+
+
+def _thr_text(threshold, digits: int = 3) -> str:
+    """A threshold for titles: the number, or the range of per-fold thresholds."""
+    t = np.unique(np.asarray(threshold, np.float64))
+    return f"{t[0]:.{digits}f}" if len(t) == 1 else f"per fold {t.min():.{digits}f}-{t.max():.{digits}f}"
 
 
 def _fmt(v):

@@ -66,7 +66,7 @@ def plot_confusion(confusion: Sequence[Sequence[float]], classes: Sequence[str],
     return _save(fig, path)
 
 
-def plot_roc(y_true, prob, path: str | os.PathLike, *, threshold: float, auc: float | None = None) -> Path:
+def plot_roc(y_true, prob, path: str | os.PathLike, *, threshold, auc: float | None = None) -> Path:
     """ROC curve with the operating point at ``threshold`` marked."""
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(prob, np.float64)
@@ -77,9 +77,10 @@ def plot_roc(y_true, prob, path: str | os.PathLike, *, threshold: float, auc: fl
         tpr = np.concatenate([[0], np.cumsum(y[order]) / y.sum()])
         fpr = np.concatenate([[0], np.cumsum(~y[order]) / (~y).sum()])
         ax.plot(fpr, tpr, label=f"ROC (AUC {auc:.3f})" if auc is not None else "ROC")
-        pred = p >= threshold
+        thr = np.asarray(threshold, np.float64)  # one number, or one per patch (per-fold thresholds)
+        pred = p >= thr
         ax.plot([(pred & ~y).sum() / (~y).sum()], [(pred & y).sum() / y.sum()], "o", color="C3",
-                label=f"threshold {threshold:.3f}")
+                label=f"threshold {float(thr):.3f}" if thr.ndim == 0 else "per-fold thresholds")
     else:
         ax.text(0.5, 0.5, "one class only:\nROC undefined", ha="center", va="center")
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -111,4 +112,31 @@ def plot_patients(rows, path: str | os.PathLike) -> Path:
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("accuracy")
     ax2.set_title("accuracy per patient (orange: both classes)")
+    return _save(fig, path)
+
+
+def plot_reliability(curves: dict[str, dict], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Reliability diagram: IDC share against mean probability per bin, one line per curve, with each curve's ECE.
+
+    ``curves``: ``{label: {"mean_prob", "frac_idc", "count", "ece"}}`` as :func:`cancernet_batch.metrics.reliability`
+    gives them (plus the ECE). Below: the patch count per bin of the first curve.
+    """
+    fig = _figure(5.2, 5.6)
+    ax, hist = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for i, (label, c) in enumerate(curves.items()):
+        m = np.asarray(c["count"]) > 0
+        ax.plot(np.asarray(c["mean_prob"])[m], np.asarray(c["frac_idc"])[m], "-o", markersize=4, color=f"C{i}",
+                label=f"{label} (ECE {c['ece']:.3f})")
+    first = next(iter(curves.values()))
+    edges = np.linspace(0, 1, len(first["count"]) + 1)
+    hist.bar(edges[:-1], first["count"], width=np.diff(edges), align="edge", color="C0", alpha=0.6)
+    hist.set_ylabel("patches")
+    hist.set_xlabel("predicted IDC probability")
+    ax.set_ylabel("share of IDC patches")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "reliability")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)

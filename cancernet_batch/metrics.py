@@ -15,6 +15,8 @@ probability is ``>= threshold``.
   patches of one patient are strongly correlated; a patch-level interval would be far too narrow.
   A replicate in which a metric is undefined (e.g. no non-IDC patch drawn) does not count for that
   metric; ``n_valid`` says how many did.
+* **Calibration**: expected calibration error (15 equal-width bins) and the reliability table
+  behind the reliability diagram: does a probability of 0.7 mean 70 % IDC patches?
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CI_METRICS = ("accuracy", "balanced_accuracy", "f1", "precision", "recall", "specificity", "roc_auc",
-              "patient_mean_accuracy", "idc_fraction_mae")
+              "patient_mean_accuracy", "idc_fraction_mae", "ece")
 """The metrics that get a bootstrap confidence interval."""
 
 
@@ -95,18 +97,65 @@ def roc_auc(y_true, scores, weights=None) -> float:
     return _RankIndex(y_true, scores).auc(weights)
 
 
-def binary_metrics(y_true, prob, threshold: float, weights=None) -> dict:
-    """Patch-level metrics at ``threshold`` (IDC when ``prob >= threshold``); NaN where undefined."""
+ECE_BINS = 15
+"""Equal-width probability bins of the expected calibration error and the reliability diagram."""
+
+
+def _bin_index(prob, bins: int) -> np.ndarray:
+    return np.clip((np.asarray(prob, np.float64) * bins).astype(np.int64), 0, bins - 1)
+
+
+def reliability(y_true, prob, bins: int = ECE_BINS, weights=None) -> dict[str, np.ndarray]:
+    """Per equal-width bin of the IDC probability: patch count (weighted), mean probability and IDC share.
+
+    A bin without patches has NaN means. ``count``, ``mean_prob`` and ``frac_idc`` are arrays of ``bins``.
+    """
+    y = np.asarray(y_true).astype(np.float64)
+    p = np.asarray(prob, np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    b = _bin_index(p, bins)
+    count = np.bincount(b, weights=w, minlength=bins)
+    return {"count": count, "mean_prob": _div(np.bincount(b, weights=w * p, minlength=bins), count),
+            "frac_idc": _div(np.bincount(b, weights=w * y, minlength=bins), count),
+            "edges": np.linspace(0.0, 1.0, bins + 1)}
+
+
+def expected_calibration_error(y_true, prob, bins: int = ECE_BINS, weights=None) -> float:
+    """Expected calibration error of the IDC probability (Naeini et al. 2015; Guo et al. 2017).
+
+    ``sum_b n_b / n * |mean probability_b - IDC share_b|`` over ``bins`` equal-width bins of [0, 1]:
+    0 when a probability of 0.7 means 70 % IDC patches. NaN for no patches.
+    """
+    r = reliability(y_true, prob, bins, weights)
+    n = r["count"].sum()
+    if n <= 0:
+        return float("nan")
+    gap = np.where(r["count"] > 0, np.abs(np.nan_to_num(r["mean_prob"]) - np.nan_to_num(r["frac_idc"])), 0.0)
+    return float((r["count"] * gap).sum() / n)
+
+
+def binary_metrics(y_true, prob, threshold, weights=None) -> dict:
+    """Patch-level metrics at ``threshold`` (IDC when ``prob >= threshold``); NaN where undefined.
+
+    ``threshold`` is one number, or one per patch (e.g. each cross-validation fold's own).
+    """
     y = np.asarray(y_true).astype(np.int8)
     p = np.asarray(prob, np.float64)
-    tn, fp, fn, tp = confusion_counts(y, p >= threshold, weights)
+    tn, fp, fn, tp = confusion_counts(y, p >= np.asarray(threshold, np.float64), weights)
     out = {k: float(v) for k, v in _from_counts(tn, fp, fn, tp).items()}
     out["roc_auc"] = roc_auc(y, p, weights)
+    out["ece"] = expected_calibration_error(y, p, weights=weights)
     out["confusion"] = [[tn, fp], [fn, tp]] if weights is not None else [[int(tn), int(fp)], [int(fn), int(tp)]]
     out["support"] = {"non-IDC": int((y == 0).sum()), "IDC": int((y == 1).sum())}
     out["n"] = int(len(y))
-    out["threshold"] = float(threshold)
+    out["threshold"] = _threshold_value(threshold)
     return out
+
+
+def _threshold_value(threshold):
+    """A scalar threshold as a float; per-patch thresholds (cross-fitted per fold) as their distinct values."""
+    t = np.asarray(threshold, np.float64)
+    return float(t) if t.ndim == 0 else [float(v) for v in np.unique(t)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,11 +190,12 @@ def patient_rows(patients, y_true, prob, threshold: float, roles: dict[str, str]
     patients = np.asarray(patients).astype(str)
     y = np.asarray(y_true).astype(np.int8)
     p = np.asarray(prob, np.float64)
+    thr = np.broadcast_to(np.asarray(threshold, np.float64), p.shape)
     rows = []
     for pid in sorted(set(patients.tolist())):
         m = patients == pid
         yy, pp = y[m], p[m]
-        pred = pp >= threshold
+        pred = pp >= thr[m]
         c = _from_counts(*confusion_counts(yy, pred))
         rows.append(PatientRow(
             patient=pid, role=(roles or {}).get(pid, ""), n=int(m.sum()), n_idc=int(yy.sum()), n_pred_idc=int(pred.sum()),
@@ -192,7 +242,7 @@ class PatientBootstrap:
         patients = np.asarray(patients).astype(str)
         self.ids, self.code = np.unique(patients, return_inverse=True)
         y = np.asarray(y_true).astype(bool)
-        pred = np.asarray(prob, np.float64) >= threshold
+        pred = np.asarray(prob, np.float64) >= np.asarray(threshold, np.float64)
         P = len(self.ids)
         cell = (y.astype(int) * 2 + pred.astype(int))  # 0 tn, 1 fp, 2 fn, 3 tp
         self.counts = np.zeros((P, 4))
@@ -201,6 +251,9 @@ class PatientBootstrap:
         self.acc = (self.counts[:, 0] + self.counts[:, 3]) / n
         self.frac_err = np.abs(self.counts[:, 1] - self.counts[:, 2]) / n  # |predicted - true| IDC fraction = |fp - fn| / n
         self.ranks = _RankIndex(y, prob)
+        p = np.asarray(prob, np.float64)
+        self.bins = _bin_index(p, ECE_BINS)
+        self.y, self.p = y.astype(np.float64), p
 
     def replicate(self, m: np.ndarray) -> dict[str, float]:
         m = np.asarray(m, np.float64)
@@ -209,6 +262,11 @@ class PatientBootstrap:
         out["roc_auc"] = self.ranks.auc(m[self.code])
         out["patient_mean_accuracy"] = float(m @ self.acc / m.sum())
         out["idc_fraction_mae"] = float(m @ self.frac_err / m.sum())
+        w = m[self.code]
+        count = np.bincount(self.bins, weights=w, minlength=ECE_BINS)
+        gap = np.abs(np.bincount(self.bins, weights=w * self.p, minlength=ECE_BINS)
+                     - np.bincount(self.bins, weights=w * self.y, minlength=ECE_BINS))
+        out["ece"] = float(gap.sum() / count.sum()) if count.sum() > 0 else float("nan")
         return out
 
     def intervals(self, replicates: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:

@@ -199,6 +199,10 @@ class ModelMeta:
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    scoring: dict[str, Any] = field(default_factory=dict)
+    """How ``model.keras`` / ``model.onnx`` score (empty for a plain single model): ``members`` averaged in logit
+    space, ``tta`` (the 8 flips / rotations), ``calibration`` ``{"method", "a", "b"}`` baked in as
+    ``sigmoid(a * z + b)``. Informational: the graph itself applies all of it."""
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     model_id: str = ""
@@ -338,7 +342,7 @@ def read_meta(model_dir: str | os.PathLike) -> ModelMeta:
     kwargs["classes"] = tuple(classes)
     kwargs["mpp"] = float(mpp)
     kwargs["threshold"] = float(thr)
-    for key in ("split", "data", "metrics", "training", "versions"):
+    for key in ("split", "data", "metrics", "training", "scoring", "versions"):
         if not isinstance(kwargs.get(key, {}), dict):
             raise _bad(d, f"{key!r} must be a JSON object")
     return ModelMeta(**kwargs)
@@ -369,6 +373,7 @@ def load_keras_model(model_dir: str | os.PathLike, meta: ModelMeta | None = None
     from .quiet import import_keras
 
     keras = import_keras()
+    from . import layers  # noqa: F401 - registers the scoring-model layers (TTA, calibration) for loading
 
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -139,6 +139,53 @@ def stratified_split(counts: dict[str, tuple[int, int]], val_fraction: float = 0
                       hint="add patients with both kinds of patches, lower --test-fraction, or give --split")
 
 
+def cv_folds(counts: dict[str, tuple[int, int]], k: int, seed: int = 42) -> list[tuple[str, ...]]:
+    """``k`` disjoint groups of whole patients (the held-out patients of each cross-validation fold).
+
+    Stratified as :func:`stratified_split`: patients sorted by IDC ratio (ties in random order) are
+    cut into consecutive groups of ``k``, and each group's patients are dealt to the folds in random
+    order, so every fold spans the range of IDC ratios. A draw is kept when every fold's held-out
+    patients and its training patients (the other folds) have both classes; otherwise the draw is
+    repeated (same seed, next draw), and after :data:`MAX_DRAWS` the first draw whose training sides
+    all have both classes is kept with a warning (too few patients of one class to give every fold
+    both). ConfigError when ``k`` is below 2 or above the number of patients, or when no draw gives
+    every training side both classes.
+    """
+    pids = sorted(counts)
+    n = len(pids)
+    if k < 2 or k > n:
+        raise ConfigError(f"--cv {k} needs between 2 and {n} folds ({n} patients)",
+                          hint="use e.g. --cv 5; each fold holds out at least one whole patient")
+    ratio = {p: counts[p][1] / max(1, sum(counts[p])) for p in pids}
+    totals = (sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
+    rng = np.random.default_rng(seed)
+    fallback = None
+    for draw in range(MAX_DRAWS):
+        tiebreak = dict(zip(pids, rng.random(n)))
+        order = sorted(pids, key=lambda p: (ratio[p], tiebreak[p]))
+        folds: list[list[str]] = [[] for _ in range(k)]
+        start = int(rng.integers(k))  # which fold a short last group misses
+        for g in range(0, n, k):
+            group = order[g:g + k]
+            slots = rng.permutation(k)[:len(group)] if len(group) == k else (start + np.arange(len(group))) % k
+            for p, f in zip(group, slots):
+                folds[int(f)].append(p)
+        folds_t = [tuple(sorted(f)) for f in folds]
+        trains = [[p for p in pids if p not in f] for f in folds_t]
+        if not all(_side_ok(counts, t, totals, 0.0) for t in trains):
+            continue
+        if all(_side_ok(counts, list(f), totals, 0.0) for f in folds_t):
+            return folds_t
+        fallback = fallback or folds_t
+    if fallback is not None:
+        with_0 = sum(1 for p in pids if counts[p][0])
+        log.warning("%d patient(s) have non-IDC patches and %d IDC patches: not every one of the %d folds can hold "
+                    "out both classes", with_0, sum(1 for p in pids if counts[p][1]), k)
+        return fallback
+    raise ConfigError(f"no {k}-fold split by patient leaves both classes in every fold's training patients",
+                      hint="use fewer folds (--cv), or add patients with both kinds of patches")
+
+
 def read_split_file(path: str | os.PathLike) -> tuple[dict[str, list[str]], str | None]:
     """Patient lists per role from a split folder, one ``cases_*.txt`` file, or a ``split.json``.
 

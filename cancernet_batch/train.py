@@ -157,6 +157,9 @@ class TrainProgress:
     def epoch_end(self, epoch: int, logs: dict[str, float], seconds: float) -> None:
         """Epoch finished (validation included) with Keras' logs."""
 
+    def fold_start(self, fold: int, folds: int, held_out: Sequence[str]) -> None:
+        """Cross-validation (``--cv``): fold ``fold`` (1-based) of ``folds`` starts; ``held_out`` are its patients."""
+
 
 def _callback(progress: TrainProgress, epochs: int, steps: int, times: list[float], calibrate=None):
     """Progress hooks and epoch timing; ``calibrate()`` runs before each validation (precise batch norm)."""
@@ -240,16 +243,24 @@ def _load_labelled(data: Sequence[str | os.PathLike], load_progress=None):
     return patches
 
 
-def _fit(model, patches, idx: dict[str, np.ndarray], config: TrainConfig, progress: TrainProgress):
-    """Compile and fit; returns (history, epoch seconds, class weights, batches per epoch)."""
+def _fit(model, patches, idx: dict[str, np.ndarray], config: TrainConfig, progress: TrainProgress, *,
+         early_stopping: bool = True):
+    """Compile and fit; returns (history, epoch seconds, class weights, batches per epoch).
+
+    Without ``early_stopping`` the model trains for ``config.epochs`` epochs and keeps the last; the
+    validation patches (if any) are then only monitored (cross-validation: nothing is chosen on them).
+    Batch norm is calibrated on the training sample before each validation and once more at the end.
+    """
     labels = patches.labels
     weights = class_weights(labels[idx["train"]]) if config.class_weights else (1.0, 1.0)
     train_batches = PatchBatches(patches.tiles, labels, idx["train"], config.batch_size, weights=weights,
                                  augment=config.augment, jitter=config.jitter, stain=config.stain_jitter, shuffle=True,
                                  seed=config.seed)
-    val_weights = class_weights(labels[idx["val"]]) if config.class_weights else (1.0, 1.0)
-    val_batches = PatchBatches(patches.tiles, labels, idx["val"], max(config.batch_size, 128),
-                               weights=tuple(w if w > 0 else 1.0 for w in val_weights))
+    val_batches = None
+    if len(idx.get("val", ())):
+        val_weights = class_weights(labels[idx["val"]]) if config.class_weights else (1.0, 1.0)
+        val_batches = PatchBatches(patches.tiles, labels, idx["val"], max(config.batch_size, 128),
+                                   weights=tuple(w if w > 0 else 1.0 for w in val_weights))
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
@@ -260,17 +271,47 @@ def _fit(model, patches, idx: dict[str, np.ndarray], config: TrainConfig, progre
     hooks = _callback(progress, config.epochs, len(train_batches), times,
                       lambda: calibrator(patches.tiles[np.sort(calib)]))
     log.info("training on %d patches, validating on %d; class weights %.3f / %.3f",
-             len(idx["train"]), len(idx["val"]), *weights)
+             len(idx["train"]), len(idx.get("val", ())), *weights)
     fit = model.fit(train_batches, validation_data=val_batches, epochs=config.epochs, shuffle=False, verbose=0,
-                    callbacks=[stopper, hooks])
+                    callbacks=[stopper, hooks] if early_stopping else [hooks])
+    if not early_stopping:
+        calibrator(patches.tiles[np.sort(calib)])  # the kept (last) weights' exact batch-norm statistics
     history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     return history, times, weights, len(train_batches)
+
+
+def _wrap_single(model, val_tiles: np.ndarray, val_labels: np.ndarray, config: TrainConfig):
+    """One-split training with ``--tta`` / ``--calibrate``: the scoring model and its ``scoring`` record.
+
+    The calibration is fitted on the validation patients' logits (which also choose the threshold and
+    the stopping epoch); with one class only there, it stays the identity, with a warning.
+    """
+    from . import calibration as cal
+    from .cv import member_logits
+    from .layers import scoring_model
+
+    c = dict(cal.IDENTITY)
+    if config.calibrate != "none":
+        z = member_logits([model], val_tiles, tta=config.tta)
+        try:
+            c = cal.fit(z, val_labels, config.calibrate)
+        except ValueError:
+            log.warning("the validation patients have one class only: no calibration fitted")
+    scoring = {"members": 1, "member_kind": "one model", "tta": bool(config.tta), "combine": "mean logit",
+               "calibration": {k: v for k, v in c.items() if k in ("method", "a", "b", "temperature", "nll_before",
+                                                                    "nll_after", "n")},
+               "calibration_fitted_on": f"validation patients' logits ({len(val_labels)} patches)"}
+    return scoring_model([model], tta=config.tta, calibration=c), scoring
 
 
 def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig | None = None, *,
           progress: TrainProgress | None = None, load_progress=None, overwrite: bool = False) -> TrainResult:
     """Train CancerNet on Kaggle-layout patch folders and write the model folder ``out_dir``."""
     config = config or TrainConfig()
+    if config.cv:
+        from .cv import train_cv
+
+        return train_cv(data, out_dir, config, progress=progress, load_progress=load_progress, overwrite=overwrite)
     out = Path(out_dir)
     if (out / META_FILE).exists() and not overwrite:
         raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
@@ -291,6 +332,9 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
     best_epoch = int(np.argmin(history["val_loss"])) + 1
 
     labels, roles = patches.labels, split.roles()
+    scoring = {}
+    if config.tta or config.calibrate != "none":  # the exported model: TTA and/or calibration fitted on validation
+        model, scoring = _wrap_single(model, patches.tiles[idx["val"]], labels[idx["val"]], config)
     val_prob = _predict(model, patches.tiles, idx["val"])
     threshold = choose_threshold(labels[idx["val"]], val_prob)
     rule = THRESHOLD_RULE if threshold is not None else THRESHOLD_RULE_DEFAULT
@@ -319,7 +363,7 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
                      separable=config.separable, split=split.to_dict(),
                      data=_data_summary(data, patches, counts, split),
                      metrics={"val": val.summary(), **({"test": test.summary()} if test is not None else {})},
-                     training=training)
+                     training=training, scoring=scoring)
     meta = save_model_dir(model, out, meta)  # model.json last but the ONNX: it marks a finished model
     onnx = None
     if config.export_onnx:

@@ -1,0 +1,312 @@
+"""Cross-validation over patients, the scoring model (ensemble + test-time augmentation + calibration), and
+its equality across engines (issue 14, part 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cancernet_batch import calibration as cal
+from cancernet_batch.config import TrainConfig
+from cancernet_batch.errors import ConfigError, InputError
+from cancernet_batch.metrics import PatientBootstrap, expected_calibration_error, reliability
+from cancernet_batch.split import cv_folds
+
+CV_TINY = dict(cv=3, epochs=1, width=4, batch_size=16, bootstrap=50, seed=7, tta=True, calibrate="platt")
+
+
+def _dihedral(t: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips / rotations of a batch (numpy, independent of the model's keras.ops version)."""
+    return [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))) for v in (t, t[:, :, ::-1]) for k in range(4)]
+
+
+# ----------------------------------------------------------------------------------------------
+# folds, ECE, calibration fits: plain numpy
+# ----------------------------------------------------------------------------------------------
+
+def _idc_counts(idc_dir: Path) -> dict[str, tuple[int, int]]:
+    counts: dict[str, list[int]] = {}
+    with open(idc_dir / "MANIFEST.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            counts.setdefault(row["patient"], [0, 0])[int(row["label"])] += 1
+    return {p: (c[0], c[1]) for p, c in counts.items()}
+
+
+def test_cv_folds_partition_patients_and_hold_out_both_classes(idc_dir):
+    counts = _idc_counts(idc_dir)
+    assert len(counts) == 19
+    for k in (3, 5):
+        folds = cv_folds(counts, k, seed=42)
+        assert len(folds) == k
+        held = [p for f in folds for p in f]
+        assert sorted(held) == sorted(counts)  # every patient held out exactly once
+        assert len(set(held)) == len(held)
+        for f in folds:
+            train = set(counts) - set(f)
+            assert not train & set(f)  # no patient on both sides of a fold
+            for side in (f, train):  # both classes on both sides (6 patients have non-IDC patches: possible)
+                assert sum(counts[p][0] for p in side) > 0 and sum(counts[p][1] for p in side) > 0
+        assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 1
+    assert cv_folds(counts, 5, seed=42) == cv_folds(counts, 5, seed=42)
+    assert cv_folds(counts, 5, seed=42) != cv_folds(counts, 5, seed=43)
+
+
+def test_cv_folds_refuse_impossible_requests():
+    counts = {"a": (10, 0), "b": (0, 10), "c": (5, 5)}
+    with pytest.raises(ConfigError, match="between 2 and 3"):
+        cv_folds(counts, 4)
+    with pytest.raises(ConfigError, match="between 2 and 3"):
+        cv_folds(counts, 1)
+    with pytest.raises(ConfigError, match="both classes"):
+        cv_folds({"a": (10, 0), "b": (0, 10), "c": (0, 5)}, 3)  # holding out a leaves no non-IDC to train on
+    with pytest.raises(ConfigError, match="--cv"):
+        TrainConfig(cv=5, test_fraction=0.2)
+    with pytest.raises(ConfigError, match="calibration"):
+        TrainConfig(calibrate="isotonic")
+
+
+def test_ece_and_reliability_by_hand():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 1])
+    p = np.array([0.05, 0.1, 0.12, 0.9, 0.95, 0.5, 0.55, 0.52])
+    r = reliability(y, p, bins=2)
+    assert list(r["count"]) == [3, 5]
+    assert r["frac_idc"][0] == pytest.approx(1 / 3) and r["mean_prob"][0] == pytest.approx(0.09)
+    want = (3 * abs(0.09 - 1 / 3) + 5 * abs(np.mean([0.9, 0.95, 0.5, 0.55, 0.52]) - 4 / 5)) / 8
+    assert expected_calibration_error(y, p, bins=2) == pytest.approx(want)
+    assert expected_calibration_error(y, y.astype(float)) == 0.0  # certain and right
+    # a bootstrap replicate's ECE equals recomputing on the resampled patients' patches
+    patients = np.array(list("aabbccdd"))
+    m = np.array([2, 0, 1, 1])
+    idx = np.concatenate([np.flatnonzero(patients == pid) for pid, n in zip("abcd", m) for _ in range(n)])
+    assert PatientBootstrap(patients, y, p, 0.5).replicate(m)["ece"] == pytest.approx(
+        expected_calibration_error(y[idx], p[idx]))
+
+
+def test_calibration_fits_recover_known_scalings():
+    rng = np.random.default_rng(0)
+    true = rng.normal(0, 2, 20000)
+    y = (rng.random(len(true)) < cal.sigmoid(true)).astype(int)
+    over = 3.0 * true  # an overconfident model: temperature 3
+    t = cal.fit(over, y, "temperature")
+    assert t["temperature"] == pytest.approx(3.0, rel=0.05) and t["b"] == 0.0
+    assert t["nll_after"] < t["nll_before"]
+    shifted = true / 2 + 1.0  # underconfident and biased: Platt a = 2, b = -2
+    pl = cal.fit(shifted, y, "platt")
+    assert pl["a"] == pytest.approx(2.0, rel=0.05) and pl["b"] == pytest.approx(-2.0, abs=0.1)
+    assert expected_calibration_error(y, cal.apply(shifted, pl)) < 0.02 < expected_calibration_error(
+        y, cal.sigmoid(shifted))
+    assert cal.fit(over, y, "none")["a"] == 1.0
+    np.testing.assert_allclose(cal.apply(over, None), cal.sigmoid(over))
+    with pytest.raises(ValueError):
+        cal.fit(over, np.ones_like(y), "platt")
+
+
+# ----------------------------------------------------------------------------------------------
+# the scoring model (no training): TTA invariance, ONNX = Keras, calibration baked in
+# ----------------------------------------------------------------------------------------------
+
+TILES = np.random.default_rng(21).integers(0, 256, (24, 50, 50, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def members():
+    from cancernet_batch.model import BatchNormCalibrator, build_cancernet
+
+    out = []
+    for seed in (1, 2):
+        m = build_cancernet(width=4, seed=seed)
+        BatchNormCalibrator(m, batch_size=24)(TILES)
+        out.append(m)
+    return out
+
+
+def test_scoring_model_is_the_mean_logit_over_members_and_flips_then_calibration(members):
+    from cancernet_batch.layers import scoring_model
+    from cancernet_batch.model import predict_tiles
+
+    c = {"a": 0.7, "b": -0.4}
+    net = scoring_model(members, tta=True, calibration=c)
+    got = predict_tiles(net, TILES)
+    z = np.mean([cal.logit(predict_tiles(m, v), eps=1e-12) for m in members for v in _dihedral(TILES)], axis=0)
+    np.testing.assert_allclose(got, cal.apply(z, c), atol=2e-5)
+    assert np.max(np.abs(got - cal.sigmoid(z))) > 1e-3  # the calibration did change the probabilities
+    for v in _dihedral(TILES)[1:]:  # TTA output is invariant to flipping / rotating the input
+        np.testing.assert_allclose(predict_tiles(net, v), got, atol=1e-6)
+    plain = predict_tiles(scoring_model(members[:1]), TILES)  # one member, no TTA, identity = the model itself
+    np.testing.assert_allclose(plain, predict_tiles(members[0], TILES), atol=1e-6)
+
+
+def test_bench_variant_roofs(members, tmp_path):
+    from cancernet_batch.bench import parse_variant, variant_roofs
+    from cancernet_batch.model import ModelMeta, export_onnx, save_model_dir
+
+    assert parse_variant("tta") == (1, True) and parse_variant("ensemble5") == (5, False)
+    assert parse_variant("ensemble3-tta") == (3, True)
+    for bad in ("", "ensemble", "tta5", "ensemble0"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    save_model_dir(members[0], tmp_path / "m", ModelMeta(width=4))
+    export_onnx(tmp_path / "m")
+    figs = variant_roofs(tmp_path / "m", ("tta", "ensemble2"), tmp_path, batch_size=16, min_seconds=0.05)
+    assert [f.settings["variant"] for f in figs] == ["single", "tta", "ensemble2"]
+    assert all(f.stage == "variant" and f.patches > 0 and f.seconds > 0 for f in figs)
+    assert figs[0].settings["x_single"] == 1.0 and figs[1].settings["tta"] and figs[2].settings["members"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# cancernet train --cv end to end (tiny)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    """3-fold CV on 6 synthetic patients, 1 epoch, width 4, TTA, Platt: the model folder and the result."""
+    from cancernet_batch.synth import synth_patches
+    from cancernet_batch.train import train
+
+    data = tmp_path_factory.mktemp("cv-data")
+    synth_patches(data, patients=6, per_patient=30, idc_fraction=0.4, seed=3)
+    out = tmp_path_factory.mktemp("cv") / "model"
+    return data, out, train([data], out, TrainConfig(**CV_TINY))
+
+
+def test_cv_folds_never_share_a_patient_between_train_and_held_out(cv_run):
+    data, out, res = cv_run
+    patients = sorted(p.name for p in data.iterdir() if p.is_dir())
+    held = []
+    for f in range(1, 4):
+        s = json.loads((out / "folds" / f"fold{f}" / "split.json").read_text())
+        assert s["train"] and s["val"]
+        assert not set(s["train"]) & set(s["val"]), f"fold {f}: a patient in both train and held-out"
+        assert sorted(s["train"] + s["val"]) == patients
+        held += s["val"]
+        info = res.meta.training["folds"][f - 1]
+        assert info["held_out"] == s["val"] and info["train_patients"] == len(s["train"])
+    assert sorted(held) == patients  # each patient held out by exactly one fold
+    assert json.loads((out / "split.json").read_text())["folds"] == [sorted(h) for h in res.folds]
+
+
+def test_oof_metrics_in_model_json_and_report(cv_run):
+    data, out, res = cv_run
+    meta = json.loads((out / "model.json").read_text())
+    cv = meta["metrics"]["cv"]
+    assert cv["folds"] == 3 and cv["variant"] == "tta" and cv["calibration"] == "platt"
+    pooled = cv["pooled"]
+    assert pooled["patch"]["n"] == 6 * 30
+    for key in ("balanced_accuracy", "f1", "roc_auc", "ece", "confusion"):
+        assert key in pooled["patch"]
+    for key in ("balanced_accuracy", "f1", "roc_auc", "ece"):
+        assert pooled["ci"][key]["n_valid"] > 0
+    assert "patient_mean_accuracy" in pooled["patient"] and "idc_fraction_mae" in pooled["patient"]
+    assert [f["fold"] for f in cv["per_fold"]] == [1, 2, 3]
+    assert sum(f["patch"]["n"] for f in cv["per_fold"]) == pooled["patch"]["n"]
+    assert set(cv["variants"]) == {f"{v}/{m}" for v in ("single", "tta") for m in ("none", "temperature", "platt")}
+    assert cv["variants"]["tta/platt"]["balanced_accuracy"] == pytest.approx(pooled["patch"]["balanced_accuracy"])
+    sc = meta["scoring"]
+    assert sc["members"] == 3 and sc["tta"] is True and sc["calibration"]["method"] == "platt"
+    assert 0 <= meta["threshold"] <= 1 and "out-of-fold" in meta["threshold_rule"]
+    for name in ("model.keras", "model.onnx", "curves.png", "metrics.json", "cv/reliability.png", "cv/confusion.png",
+                 "cv/roc.png", "cv/patients.png", "cv/per_patient.csv", "folds/fold1/model.keras",
+                 "folds/fold1/held-out/confusion.png"):
+        assert (out / name).is_file(), name
+    oof = np.load(out / "cv" / "oof.npz")
+    assert len(oof["logit_tta"]) == len(oof["label"]) == 6 * 30 and set(oof["fold"].tolist()) == {1, 2, 3}
+    full = json.loads((out / "metrics.json").read_text())
+    assert set(full["cv"]["reliability"]) == {"uncalibrated", "temperature (cross-fitted)", "platt (cross-fitted)"}
+
+
+def test_exported_model_is_the_calibrated_fold_ensemble_in_every_engine(cv_run, tmp_path):
+    from cancernet_batch.cv import member_logits
+    from cancernet_batch.engines import KerasEngine, OnnxEngine, load_engine
+    from cancernet_batch.model import load_keras_model
+
+    data, out, res = cv_run
+    c = res.meta.scoring["calibration"]
+    folds = [load_keras_model(out / "folds" / f"fold{f}") for f in (1, 2, 3)]
+    z = member_logits(folds, TILES, tta=True)
+    want = cal.apply(z, c)
+    onnx = OnnxEngine(out).predict(TILES)
+    keras_tf = KerasEngine(out).predict(TILES)
+    assert load_engine(out).name.startswith("onnx")
+    np.testing.assert_allclose(onnx, want, atol=1e-5)  # ONNX: fold models averaged, x8 flips, Platt baked in
+    np.testing.assert_allclose(keras_tf, onnx, atol=1e-5)
+    assert np.max(np.abs(onnx - cal.sigmoid(z))) > 1e-4  # calibration moved the probabilities
+    eng = OnnxEngine(out)
+    for v in _dihedral(TILES)[1:]:  # TTA: invariant to flipping / rotating the input
+        np.testing.assert_allclose(eng.predict(v), onnx, atol=1e-5)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_exported_model_under_jax_and_torch_equals_onnx(cv_run, tmp_path, backend):
+    """Keras under the other backends (where installed) runs the same graph: same calibrated probabilities."""
+    from cancernet_batch.engines import OnnxEngine
+
+    pytest.importorskip(backend, reason=f"{backend} is optional (dev extra); the ONNX/TensorFlow test covers the rest")
+    data, out, res = cv_run
+    np.testing.assert_allclose(_score_under(backend, out, tmp_path), OnnxEngine(out).predict(TILES), atol=1e-5)
+
+
+SCORE = textwrap.dedent("""
+    import sys, numpy as np
+    from cancernet_batch.engines import KerasEngine
+    e = KerasEngine(sys.argv[1], backend=sys.argv[3])
+    np.save(sys.argv[2] + ".out.npy", e.predict(np.load(sys.argv[2])))
+""")
+
+
+def _score_under(backend: str, model_dir: Path, tmp_path: Path) -> np.ndarray:
+    tiles = tmp_path / f"tiles-{backend}.npy"
+    np.save(tiles, TILES)
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", SCORE, str(model_dir), str(tiles), backend], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(str(tiles) + ".out.npy")
+
+
+def test_fold_model_evaluates_its_held_out_patients_and_the_ensemble_has_none(cv_run, tmp_path):
+    from cancernet_batch.evaluate import evaluate
+
+    data, out, res = cv_run
+    r = evaluate(out / "folds" / "fold1", [data], out_dir=tmp_path / "ev", bootstrap=20)
+    assert sorted(r.roles) == sorted(res.folds[0])
+    with pytest.raises(InputError, match="no held-out patient"):
+        evaluate(out, [data], out_dir=tmp_path / "ev2", bootstrap=0)
+
+
+def test_old_model_folders_still_score(tiny_model_dir, tmp_path):
+    """A model.json without ``scoring`` (written before cross-validation existed) reads and scores as before."""
+    import shutil
+
+    from cancernet_batch.engines import KerasEngine, OnnxEngine
+    from cancernet_batch.model import read_meta
+
+    d = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, d)
+    raw = json.loads((d / "model.json").read_text())
+    raw.pop("scoring", None)
+    (d / "model.json").write_text(json.dumps(raw))
+    meta = read_meta(d)
+    assert meta.scoring == {}
+    np.testing.assert_allclose(OnnxEngine(d).predict(TILES), KerasEngine(d).predict(TILES), atol=1e-5)
+
+
+def test_one_split_with_tta_and_calibration_wraps_the_model(members):
+    from cancernet_batch.model import predict_tiles
+    from cancernet_batch.train import _wrap_single
+
+    labels = np.array([0, 1] * 12)
+    net, scoring = _wrap_single(members[0], TILES, labels, TrainConfig(tta=True, calibrate="temperature"))
+    assert scoring["tta"] and scoring["calibration"]["method"] == "temperature"
+    from cancernet_batch.cv import member_logits
+
+    z = member_logits([members[0]], TILES, tta=True)
+    np.testing.assert_allclose(predict_tiles(net, TILES), cal.apply(z, scoring["calibration"]), atol=2e-5)
