@@ -35,6 +35,7 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
             fmt: str = "svs", reuse: bool = False) -> list[dict]:
     """Rebuild, tile, score and compare each patient (see the module doc); one dict per patient."""
     from cancernet_batch import store
+    from cancernet_batch.runfolder import Run
     from cancernet_batch.aggregate import load_scored
     from cancernet_batch.cluster import dask_client
     from cancernet_batch.config import ClusterConfig, PredictConfig, TileConfig
@@ -63,7 +64,7 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
         if ts.failures:
             raise RuntimeError(f"tiling failed: {ts.failures[0].message}")
         predict_run(run, PredictConfig(model_dir=str(model_dir)), client=client)
-    root = store.open_root(run / "tiles.zarr", mode="r", run_dir=run)
+    root = Run.of(run).open_store("r")
     rows = []
     for d in patient_dirs:
         path, truth, mosaic, build_s = built[d]

@@ -72,7 +72,8 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
     folder -> run -> Dice vs truth. ``seed`` varies the patients, the training and the slides."""
     from .aggregate import load_scored
     from .config import ClusterConfig, PredictConfig, ReportConfig, TileConfig, TrainConfig
-    from .store import input_id, open_root
+    from .runfolder import Run
+    from .store import input_id
     from .synth import SlideTruth, slide_from_patches, synth_patches, synth_slides
     from .train import train
     from .truth import compare_with_truth, input_accuracy, truth_path
@@ -117,7 +118,7 @@ def run_demo(out: str | os.PathLike, size: DemoSize = FULL, *, step: Callable[[s
     real: dict = {}
     if real_path is not None:
         gid = input_id(real_path)
-        group = open_root(run_dir / "tiles.zarr", mode="r", run_dir=run_dir)["inputs"][gid]
+        group = Run.of(run_dir).open_store("r")["inputs"][gid]
         acc = compare_with_truth(load_scored(gid, group, "").idc_map(), SlideTruth.load(truth_path(real_path)), thr)
         real = {"slide": real_path.name, "tissue_dice": acc.tissue_dice, "idc_dice": acc.dice}
     return DemoResult(out, model_dir, summary, dice, bacc, real)
