@@ -939,11 +939,15 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped, never as raw bytes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    logger = logging.getLogger("cancernet_batch")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     try:
         return _main(argv)
     finally:
+        # main() called in-process (tests, notebooks) leaves no trace: signal handler and logging as they were
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)  # main() called in-process (tests, notebooks) leaves no trace
+            signal.signal(signal.SIGTERM, previous)
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _main(argv: list[str] | None) -> int:
