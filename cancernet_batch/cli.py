@@ -596,6 +596,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
     that still has the detail of the target µm/px, and area-averaged to exactly that resolution.
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
+    from .runfolder import Run
     from .stages.tile import tile_run
 
     check_out_not_inside_inputs(out, inputs)
@@ -617,9 +618,9 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
         click.echo(f"failed   {f.input} ({f.stage}): {f.message}")
     click.echo(f"tile: {len(s.tiled)} inputs tiled ({s.tiles_written} tiles, {s.chunks_written} chunks), "
                f"{len(s.skipped)} skipped (complete, unchanged), {len(s.failed_inputs)} failed in {s.seconds:.1f} s "
-               f"-> {s.run_dir}/tiles.zarr")
+               f"-> {Run.of(s.run_dir).store_path}")
     if s.failures:
-        click.echo(f"failures: {s.run_dir}/failures.csv")
+        click.echo(f"failures: {Run.of(s.run_dir).failures_csv}")
     return exit_for(len(s.failures))
 
 @cli.command()

@@ -50,7 +50,7 @@ from .evaluate import Assessment, assess, write_assessment
 from .failures import Failure, write_failures
 from .figures import plot_curves, plot_reliability
 from .metrics import choose_threshold, expected_calibration_error, reliability
-from .model import (CLASSES, META_FILE, ModelMeta, build_cancernet, export_onnx, jsonable, predict_tiles,
+from .model import (CLASSES, META_FILE, ModelMeta, build_cancernet, jsonable, predict_tiles,
                     save_model_dir)
 from .quiet import import_keras
 from .split import Split, class_counts, cv_folds
@@ -124,7 +124,7 @@ def _variant_summary(a: Assessment, ece_before: float) -> dict:
 def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig, *, progress=None,
              load_progress=None, overwrite: bool = False) -> CVResult:
     """K-fold cross-validation over patients, then the calibrated (ensemble / TTA) model; see the module doc."""
-    from .train import TrainProgress, _data_summary, _fit, _load_labelled
+    from .train import TrainProgress, _data_summary, _fit, _load_labelled, _save_and_export
 
     progress = progress or TrainProgress()
     out = Path(out_dir)
@@ -271,13 +271,7 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
     meta = ModelMeta(mpp=config.mpp, threshold=threshold, threshold_rule=CV_THRESHOLD_RULE.format(k=k), classes=CLASSES,
                      width=config.width, separable=config.separable, split=split_dict, data=data_summary,
                      metrics={"cv": cv_summary}, training=training, scoring=scoring)
-    meta = save_model_dir(final, out, meta)
-    onnx = None
-    if config.export_onnx:
-        try:
-            onnx = export_onnx(out)
-        except Exception as exc:  # noqa: BLE001 - the Keras model is complete; ONNX is an extra
-            log.warning("ONNX export failed; `cancernet export %s` can retry: %s", out, exc)
+    meta, onnx = _save_and_export(final, out, meta, config.export_onnx)
     return CVResult(meta, out, split, folds, _mean_history(histories), a_oof, None, per_fold, cv_summary, times_all,
                     list(patches.failures), onnx)
 

@@ -33,7 +33,7 @@ def run_status(run_dir: str | os.PathLike) -> dict:
     rec = run.progress() or {}
     holder = run.holder()
     running = holder is not None
-    failures = run.failures()
+    failed_inputs = len({f.input for f in run.failures()})
     lines = [f"run:       {run.root}"]
     if not rec:
         lines.append("progress:  none recorded (the run has not started streaming, or was made by tile/predict/report)")
@@ -56,6 +56,6 @@ def run_status(run_dir: str | os.PathLike) -> dict:
         lines.append(f"updated:   {_when(rec.get('updated'))} ({_duration(age)} ago); started {_when(rec.get('started'))}")
         if running and rec.get("eta"):
             lines.append(f"finish:    about {_when(rec['eta'])} (in {_duration(rec['eta'] - time.time())})")
-    lines.append(f"failures:  {len({f.input for f in failures})} inputs in {run.failures_csv}")
-    return {**rec, "running": running, "holder": holder, "failed_inputs": len({f.input for f in failures}),
+    lines.append(f"failures:  {failed_inputs} inputs in {run.failures_csv}")
+    return {**rec, "running": running, "holder": holder, "failed_inputs": failed_inputs,
             "lines": lines}

@@ -239,15 +239,12 @@ def _salvage_source(path: Path) -> str | None:
 
 
 def check_root(location: str | os.PathLike) -> None:
-    """:class:`StorageError` naming the file when the metadata of the tile store at ``location`` (the
-    ``tiles.zarr`` folder, or the run folder holding it: its root or its ``inputs`` group) is damaged;
-    nothing when there is no store yet or it is sound.
+    """:class:`StorageError` naming the file when the metadata of the tile store at ``location`` (its
+    root or its ``inputs`` group) is damaged; nothing when there is no store yet or it is sound.
 
     Call before :func:`open_root`: zarr itself raises a bare JSON error with no file name.
     """
     path = Path(location)
-    if path.suffix != ".zarr":
-        path = path / "tiles.zarr"
     for meta in (path / "zarr.json", path / "inputs" / "zarr.json"):
         if not meta.parent.is_dir() or (meta.parent != path and not meta.exists()):
             continue

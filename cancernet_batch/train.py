@@ -304,6 +304,19 @@ def _wrap_single(model, val_tiles: np.ndarray, val_labels: np.ndarray, config: T
     return scoring_model([model], tta=config.tta, calibration=c), scoring
 
 
+def _save_and_export(model, out: Path, meta: ModelMeta, export: bool) -> tuple[ModelMeta, Path | None]:
+    """Write the model folder (model.json last but the ONNX: it marks a finished model), then the ONNX
+    graph when asked; a failed export is a warning, since the Keras model is complete without it."""
+    meta = save_model_dir(model, out, meta)
+    onnx = None
+    if export:
+        try:
+            onnx = export_onnx(out)
+        except Exception as exc:  # noqa: BLE001 - the Keras model is complete; ONNX is an extra
+            log.warning("ONNX export failed; `cancernet export %s` can retry: %s", out, exc)
+    return meta, onnx
+
+
 def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig | None = None, *,
           progress: TrainProgress | None = None, load_progress=None, overwrite: bool = False) -> TrainResult:
     """Train CancerNet on Kaggle-layout patch folders and write the model folder ``out_dir``."""
@@ -364,11 +377,5 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
                      data=_data_summary(data, patches, counts, split),
                      metrics={"val": val.summary(), **({"test": test.summary()} if test is not None else {})},
                      training=training, scoring=scoring)
-    meta = save_model_dir(model, out, meta)  # model.json last but the ONNX: it marks a finished model
-    onnx = None
-    if config.export_onnx:
-        try:
-            onnx = export_onnx(out)
-        except Exception as exc:  # noqa: BLE001 - the Keras model is complete; ONNX is an extra
-            log.warning("ONNX export failed; `cancernet export %s` can retry: %s", out, exc)
+    meta, onnx = _save_and_export(model, out, meta, config.export_onnx)
     return TrainResult(meta, out, split, history, val, test, times, list(patches.failures), onnx)

@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import store
-from ..cluster import TILE, ClusterConfig, dask_client, work_split
-from ..errors import CancerNetError, StorageError
+from ..cluster import SCORE, TILE, ClusterConfig, dask_client, work_split
+from ..errors import StorageError
 from ..failures import Failure
 from ..runfolder import Run
 from ..tiling import InputSpec, TileConfig, discover_some
@@ -232,7 +232,7 @@ class Flow:
             self._maybe_finish(inp)
 
     def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, extra=None) -> None:
-        resources = ({"score": 1} if scoring else {TILE: 1}) if self.split else None
+        resources = ({SCORE: 1} if scoring else {TILE: 1}) if self.split else None
         fut = self.client.submit(fn, *args, pure=False, priority=priority - inp.seq, resources=resources,
                                  key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
         self._meta[fut.key] = (kind, inp, extra)
@@ -333,16 +333,12 @@ class Flow:
         from .score import input_chunks_to_score
 
         try:
-            chunks = input_chunks_to_score(self.run.open_input(inp.gid), inp.gid, self.scoring)
-        except CancerNetError as exc:
-            self._fail(inp, Failure.from_exception(inp.source, "predict", exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - e.g. damaged arrays of this input only
+            chunks, nchunks = input_chunks_to_score(self.run.open_input(inp.gid), inp.gid, self.scoring)
+        except Exception as exc:  # noqa: BLE001 - e.g. another µm/px, or damaged arrays of this input only
             self._fail(inp, Failure.from_exception(inp.source, "predict", exc))
             return
         inp.to_score = len(chunks)
         self.predict.inputs += 1
-        nchunks = len(store.done_mask(self.run.open_input(inp.gid)))
         self.predict.chunks_total += nchunks
         self.predict.chunks_skipped += nchunks - len(chunks)
         for item in chunks:

@@ -208,7 +208,7 @@ def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, thum
                          resources={TILE: 1} if split else None, key=f"report-{gid}-{time.monotonic_ns()}")
 
 
-def report_result(fut, source: str, gid: str, attrs: InputAttrs, patient: str, thr: Threshold
+def report_result(fut, gid: str, attrs: InputAttrs, patient: str, thr: Threshold
                   ) -> tuple[InputReport, Failure | None]:
     """The outcome of a report task; a worker lost under it fails that input only."""
     try:
@@ -232,7 +232,7 @@ def _report_on_cluster(client, run: Run, work: list[tuple[str, str, InputAttrs]]
     window = max(2, 2 * (sum(client.nthreads().values()) or 1))
     for i, fut in as_completed_windowed(range(len(work)), submit, window):
         gid, patient, attrs = work[i]
-        results[i] = report_result(fut, attrs.source, gid, attrs, patient, thr)
+        results[i] = report_result(fut, gid, attrs, patient, thr)
         if progress is not None:
             progress(1)
     return [results[i] for i in range(len(work))]

@@ -55,7 +55,7 @@ class RunSummary:
                f"report:  threshold {self.report.threshold.value:g} ({self.report.threshold.source})",
                f"total:   {total:.1f} s{first}; report at {self.report.index}"]
         if self.failed_inputs:
-            out.append(f"failures: {self.run_dir / 'failures.csv'}")
+            out.append(f"failures: {Run.of(self.run_dir).failures_csv}")
         if self.remaining:
             out.append(f"stopped at the deadline: {self.remaining} inputs remain; re-run the same command to continue")
         return out

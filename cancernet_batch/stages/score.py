@@ -185,8 +185,9 @@ def _scored_by(run: Run) -> set:
     return {g["probs"].attrs.get("model_id") for _, g in store.iter_inputs(root, complete_only=False) if "probs" in g}
 
 
-def input_chunks_to_score(g, gid: str, scoring: Scoring) -> list[tuple[str, int, int, int]]:
-    """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input, its predictions set up.
+def input_chunks_to_score(g, gid: str, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int]:
+    """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input (its predictions set up)
+    and how many chunks it has.
 
     Raises (for the input's failure row) when it was tiled at another µm/px than the model's, or
     when its predictions cannot be set up.
@@ -202,7 +203,7 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring) -> list[tuple[str, int,
     done = store.done_mask(g)
     n = int(g["tiles"].shape[0])
     chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
-    return [(gid, i, s, e) for i, (s, e) in enumerate(store.chunk_bounds(n, chunk)) if not done[i]]
+    return [(gid, i, s, e) for i, (s, e) in enumerate(store.chunk_bounds(n, chunk)) if not done[i]], len(done)
 
 
 def plan_chunks(run: Run, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int, int, list[Failure]]:
@@ -216,12 +217,12 @@ def plan_chunks(run: Run, scoring: Scoring) -> tuple[list[tuple[str, int, int, i
     for gid, g in store.iter_inputs(root, damaged=damaged):
         inputs += 1
         try:
-            chunks = input_chunks_to_score(g, gid, scoring)
+            chunks, nchunks = input_chunks_to_score(g, gid, scoring)
         except Exception as exc:  # noqa: BLE001 - one input never stops the batch
             failures.append(Failure.from_exception(g.attrs.get("source", gid), "predict", exc))
             continue
         todo += chunks
-        skipped += len(store.done_mask(g)) - len(chunks)
+        skipped += nchunks - len(chunks)
     failures += [d.failure(STAGE) for d in damaged]
     return todo, inputs, skipped, failures
 

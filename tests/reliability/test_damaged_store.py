@@ -100,14 +100,14 @@ def test_damaged_group_is_tiled_again(tmp_path):
 
 def test_damaged_root_is_one_clear_error(tmp_path):
     run, _ = _hostile_run(tmp_path)
-    store.check_root(run)  # sound
+    store.check_root(Run.of(run).store_path)  # sound
     (Run.of(run).store_path / "zarr.json").write_text("{{{")
     with pytest.raises(StorageError) as ei:
-        store.check_root(run)
+        store.check_root(Run.of(run).store_path)
     assert str(Run.of(run).store_path / "zarr.json") in str(ei.value) and "\n" not in str(ei.value)
     (Run.of(run).store_path / "zarr.json").unlink()
     with pytest.raises(StorageError, match="missing"):
-        store.check_root(run)
+        store.check_root(Run.of(run).store_path)
 
 
 def test_report_goes_on_without_the_damaged_inputs(tmp_path):
