@@ -114,6 +114,8 @@ class ClusterConfig:
 MAX_GRID_TILES = 25_000_000
 """Default largest model grid (rows x cols) of one slide: 5,000 x 5,000 tiles, a 1 m² slide at 4 µm/px."""
 MAX_PLAN_PX = 2_000_000_000
+# seconds one per-input step that reads a source (a slide's plan, one tile chunk, a patient folder) may take
+DEFAULT_READ_TIMEOUT = 600.0
 """Default most source pixels planning may decode for the low-resolution view (about a minute of JPEG
 decoding); a slide without a small enough pyramid level is refused rather than planned for hours."""
 
@@ -127,6 +129,7 @@ class TileConfig:
     tissue_filter: bool = True
     chunk: int = DEFAULT_CHUNK
     preflight_timeout: float = 60.0
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # most seconds one plan, tile chunk or patient folder may take
     block: int = 32
     max_grid_tiles: int = MAX_GRID_TILES  # a larger slide grid fails its plan (a damaged header, usually)
     max_plan_px: float = MAX_PLAN_PX  # most source pixels the plan's overview may decode
@@ -141,6 +144,8 @@ class TileConfig:
             raise ConfigError("chunk and block sizes must be at least 1")
         if not 0 < self.preflight_timeout <= 24 * 3600:
             raise ConfigError(f"--preflight-timeout {self.preflight_timeout} must be positive and at most a day")
+        if not 0 < self.read_timeout <= 24 * 3600:
+            raise ConfigError(f"--read-timeout {self.read_timeout} must be positive and at most a day")
         if not (self.max_grid_tiles >= 1 and self.max_plan_px >= 1):
             raise ConfigError("max_grid_tiles and max_plan_px must be at least 1")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PATCH_SIZE
+from . import PATCH_SIZE, deadline
 from .errors import InputError, printable
 from .failures import Failure
 
@@ -339,6 +339,7 @@ def load(roots: str | os.PathLike | Sequence[str | os.PathLike], *, progress=Non
     padded = 0
     digests: Counter[str] = Counter()
     for i, rec in enumerate(keep):
+        deadline.check()
         try:
             tiles[i], was_padded, data = _read_one(rec.path)
         except InputError as exc:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import PATCH_SIZE
+from . import PATCH_SIZE, deadline
 from .config import TileConfig
 from .errors import InputError
 from .failures import Failure
@@ -435,7 +435,9 @@ def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig) -> list[dict
         for member in files[1:]:
             out[member] = {**_info_summary(infos[member]), "series_of": files[0]}
         try:
-            out[files[0]] = plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary()
+            out[files[0]] = deadline.bounded(
+                lambda files=files: plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary(),
+                cfg.read_timeout, path=files[0], what="planning the slide")
         except CancerNetError as exc:
             out[files[0]] = error(_info_summary(infos[files[0]]), "plan", exc)
     return [out[k] for k in sorted(out)]

@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import deadline
+
 BACKGROUND = 255
 """Value of pixels outside the scanned area (white, like bare glass)."""
 
@@ -230,6 +232,7 @@ def read_scaled(reader: SlideReader, level: int, box: tuple[float, float, float,
             ow = min(bw, out_w - ox)
             sx0, sx1 = x0 + ox * fx, x0 + (ox + ow) * fx
             ix0, ix1 = math.floor(sx0 + 1e-9), math.ceil(sx1 - 1e-9)
+            deadline.check()
             src = reader.read_region(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
             out[oy:oy + oh, ox:ox + ow] = area_resize(src, (sx0 - ix0, sy0 - iy0, sx1 - ix0, sy1 - iy0), (ow, oh))
     return out

@@ -281,7 +281,7 @@ class Flow:
         self._tile_progress(0, sum(e - s for _, s, e in res["todo"]))
         for index, start, stop in res["todo"]:
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
-                         res["level"], res["tile_px"], priority=_TILE, extra=(index, start, stop))
+                         res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))
         if not inp.to_tile:
             self._tiled(inp)
         if self.scoring is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .. import store
+from .. import deadline, store
 from ..cluster import ClusterConfig
 from ..errors import CancerNetError, SlideReadError
 from ..failures import Failure
@@ -88,11 +88,22 @@ def _reader(source: str):
         return r
 
 
-def _drop_reader(source: str) -> None:
-    """Forget readers of ``source`` (OpenSlide errors are sticky: a failed handle stays failed)."""
+def _drop_reader(source: str, *, close: bool = True) -> None:
+    """Forget readers of ``source`` (OpenSlide errors are sticky: a failed handle stays failed).
+
+    ``close=False`` leaves them open: a thread still stuck in a read holds them (see :mod:`..deadline`).
+    """
     with _READERS_LOCK:
         for key in [k for k in _READERS if k.rsplit("|", 2)[0] == source]:
-            _READERS.pop(key).close()
+            r = _READERS.pop(key)
+            if close:
+                r.close()
+
+
+def _bounded_read(fn, source: str, what: str, cfg: TileConfig):
+    """``fn()`` within ``cfg.read_timeout`` seconds (:func:`cancernet_batch.deadline.bounded`)."""
+    return deadline.bounded(fn, cfg.read_timeout, path=source, what=what,
+                            on_timeout=lambda: _drop_reader(source, close=False))
 
 
 def preflight_task(source: str, timeout: float) -> dict | Failure:
@@ -121,7 +132,8 @@ def _store_chunk(n: int, chunk: int) -> int:
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str]) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure."""
     try:
-        plan = plan_slide(source, cfg, reader=_reader(source), series_files=series_files)
+        plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source), series_files=series_files),
+                             source, "planning the slide", cfg)
     except CancerNetError as exc:
         _drop_reader(source)
         return Failure.from_exception(source, "plan", exc)
@@ -152,12 +164,13 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
 
 
 def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, stop: int, level: int,
-                    tile_px: float) -> int:
+                    tile_px: float, cfg: TileConfig) -> int:
     """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag."""
     g = run.open_input(gid)
     coords = np.asarray(g["coords"][start:stop])
     try:
-        tiles = read_tiles(_reader(source), level, tile_px, coords)
+        tiles = _bounded_read(lambda: read_tiles(_reader(source), level, tile_px, coords), source,
+                              f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
         _drop_reader(source)
         raise
@@ -171,7 +184,7 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
     from ..patches import grid_shape, load
 
     try:
-        ps = load(source)
+        ps = _bounded_read(lambda: load(source), source, "reading the patient's patches", cfg)
         plan = plan_patches(source, cfg)
     except CancerNetError as exc:
         return Failure.from_exception(source, "tile", exc)

@@ -220,3 +220,95 @@ def test_one_tile_call_over_absurd_inputs(tmp_path, synth_patch_dir, synth_slide
     assert int(tiled[folder.name].attrs["n_tiles"]) == n  # every patch but the two bad files
     rows_, cols_ = tiled[folder.name].attrs["grid_shape"]
     assert rows_ * cols_ < 5_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# every per-input step that reads a slide is bounded in time
+# --------------------------------------------------------------------------------------------
+
+def _threads_named(prefix: str) -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_bounded_read_hard_guard_gives_up_on_a_call_that_never_returns():
+    import threading
+    import time
+
+    from cancernet_batch import deadline
+    from cancernet_batch.errors import SlideReadError
+
+    release, gave_up = threading.Event(), []
+    t0 = time.monotonic()
+    with pytest.raises(SlideReadError, match=r"reading tiles 0-8 took longer than 0.3 s") as err:
+        deadline.bounded(lambda: release.wait(60), 0.3, path="/x/hung.svs", what="reading tiles 0-8",
+                         on_timeout=lambda: gave_up.append(True))
+    assert time.monotonic() - t0 < 5
+    assert gave_up == [True]
+    assert "/x/hung.svs" in str(err.value) and "--read-timeout" in str(err.value)
+    release.set()  # the stuck "native call" returns: its thread ends
+    for _ in range(100):
+        if not _threads_named("bounded reading tiles"):
+            break
+        time.sleep(0.05)
+    assert not _threads_named("bounded reading tiles")
+    # a step within its bound returns its value, errors pass through unchanged
+    assert deadline.bounded(lambda: 41 + 1, 5, path="p", what="w") == 42
+    with pytest.raises(ZeroDivisionError):
+        deadline.bounded(lambda: 1 / 0, 5, path="p", what="w")
+    deadline.check()  # outside a bounded step: no deadline
+
+
+def test_plan_of_a_slide_that_reads_for_hours_stops_at_the_bound(tmp_path):
+    """The sparse giant with the size guard lifted would read 10^10 px: the time bound stops it, and the
+    cooperative check ends its thread too (no CPU left burning behind the failure)."""
+    import time
+
+    from cancernet_batch.errors import SlideReadError
+    from cancernet_batch.stages.tile import _bounded_read
+    from cancernet_batch.tiling import TileConfig, plan_slide
+
+    big = tmp_path / "big.tif"
+    sparse_tiff(big, 100_000, 100_000)
+    cfg = TileConfig(max_plan_px=1e12, read_timeout=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(SlideReadError, match="planning the slide took longer than 1.5 s"):
+        _bounded_read(lambda: plan_slide(big, cfg), str(big), "planning the slide", cfg)
+    assert time.monotonic() - t0 < 10
+    for _ in range(200):
+        if not _threads_named("bounded planning"):
+            break
+        time.sleep(0.05)
+    assert not _threads_named("bounded planning"), "the planning thread kept reading after the bound"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401"])
+def test_read_timeout_rejects_absurd_values(value, tmp_path):
+    from click.testing import CliRunner
+
+    from cancernet_batch.cli import cli
+
+    r = CliRunner().invoke(cli, ["tile", str(tmp_path), "--out", str(tmp_path / "run"), "--read-timeout", value])
+    assert r.exit_code == 2 and "--read-timeout" in r.output, r.output
+
+
+def test_tile_records_a_slide_whose_plan_is_too_slow_and_tiles_the_rest(tmp_path, synth_slide_dir):
+    from cancernet_batch import store
+    from cancernet_batch.cluster import ClusterConfig
+    from cancernet_batch.runfolder import Run
+    from cancernet_batch.stages.tile import tile_run
+    from cancernet_batch.tiling import TileConfig
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(sorted(synth_slide_dir.glob("*.svs"))[0], archive / "good.svs")
+    sparse_tiff(archive / "slow.tif", 100_000, 100_000)
+    run = tmp_path / "run"
+    s = tile_run([archive], run, TileConfig(target_mpp=4.0, max_plan_px=1e12, read_timeout=3),
+                 cluster=ClusterConfig(workers=1, threads_per_worker=2, dashboard=False))
+    rows = {Path(f.input).name: f for f in read_failures(run / "failures.csv")}
+    assert set(rows) == {"slow.tif"}, rows
+    assert rows["slow.tif"].stage == "plan" and "took longer than 3 s" in rows["slow.tif"].message
+    tiled = {Path(g.attrs["source"]).name for _, g in store.iter_inputs(Run.of(run).open_store("r"))}
+    assert tiled == {"good.svs"} and [Path(p).name for p in s.tiled] == ["good.svs"]
