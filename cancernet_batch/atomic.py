@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                            hint="check that the output folder is writable and has free space") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on success it replaces ``path`` (a folder).
+
+    For outputs that are folders (an OME-Zarr). The new folder is renamed into place; an earlier
+    one is first renamed aside and removed after, so ``path`` is always absent, the old folder
+    whole, or the new folder whole, never half-written. On an exception the temporary folder goes.
+    """
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+    except OSError as exc:
+        raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
+                           hint="check that the output folder exists, is writable and has free space") from exc
+    try:
+        yield tmp
+        os.chmod(tmp, _file_mode() | (_file_mode() & 0o444) >> 2)  # rwx where a file would be rw: like mkdir
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.old.", dir=final.parent))
+            os.replace(final, old / "x")
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"writing failed: {exc.strerror or exc}", path=final,
+                           hint="check that the output folder is writable and has free space") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -130,5 +165,8 @@ def remove_stale_temps(*folders: str | os.PathLike) -> int:
         for f in d.iterdir():
             if f.is_file() and (f.name.startswith(".tmp-") or f.name.endswith(".partial")):
                 f.unlink(missing_ok=True)
+                gone += 1
+            elif f.is_dir() and not f.is_symlink() and f.name.startswith(".tmp-"):  # an atomic_dir's
+                shutil.rmtree(f, ignore_errors=True)
                 gone += 1
     return gone

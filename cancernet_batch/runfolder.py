@@ -219,7 +219,7 @@ class Run:
 
     def remove_stale_report_temps(self) -> int:
         r = self.report_dir
-        return self.fs.remove_stale_temps(self.root, r, r / "maps", r / "geojson")
+        return self.fs.remove_stale_temps(self.root, r, r / "maps", r / "geojson", r / "pyramids")
 
     # failures --------------------------------------------------------------------------------
     def failures(self) -> list[Failure]:

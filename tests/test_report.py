@@ -123,6 +123,19 @@ def test_patch_folder_geojson_matches_kaggle_names(run):
     assert corners == {(0, 0), (50, 50), (200, 150)}
 
 
+def test_probability_pyramids_of_reported_inputs_only(run):
+    import zarr
+
+    names = sorted(p.name for p in (run["out"] / "pyramids").iterdir())
+    assert names == sorted(f"{safe_name(run['ids'][k])}{s}" for k in ("a", "b", "evil") for s in (".ome.tif", ".ome.zarr"))
+    g = zarr.open_group(str(run["out"] / "pyramids" / f"{run['ids']['a']}.ome.zarr"), mode="r")
+    m = np.asarray(g["0"][:])
+    assert m.shape == (4, 5) and np.nansum(m) == pytest.approx(sum(PROBS), rel=1e-6)
+    # patient folders: one map pixel is one 50 px Kaggle patch at the model's 4.0 µm/px: 200 µm
+    g = zarr.open_group(str(run["out"] / "pyramids" / f"{safe_name(run['ids']['evil'])}.ome.zarr"), mode="r")
+    assert g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [200.0, 200.0]
+
+
 def test_idc_map_saved_in_store(run):
     g = Run.of(run["dir"]).open_store("r")["inputs"][run["ids"]["a"]]
     m = g["idc_map"][:]
@@ -207,6 +220,7 @@ def test_rerun_gives_identical_csvs_and_drops_stale_maps(tmp_path):
     make_report(run_dir, ReportConfig(threshold=0.5))
     assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png"]
     assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson"]
+    assert sorted(p.name for p in (out / "pyramids").iterdir()) == [f"{a}.ome.tif", f"{a}.ome.zarr"]
 
 
 def test_one_broken_input_fails_alone_and_recovers(tmp_path):

@@ -8,6 +8,9 @@ Outputs (every file written atomically; re-running overwrites them and gives ide
     RUN/report/index.html             static, offline page: the tables and every heatmap
     RUN/report/maps/<id>.png          heatmap of the IDC map over a thumbnail of the tissue
     RUN/report/geojson/<id>.geojson   the IDC tiles for QuPath (File > Import objects)
+    RUN/report/pyramids/<id>.ome.zarr the probability map as an NGFF image (IDC mask as its label image),
+                                      slide-aligned, for napari / QuPath / ome-zarr (:mod:`..pyramid`)
+    RUN/report/pyramids/<id>.ome.tif  the same as a pyramidal OME-TIFF (probability, mask channels)
 
 and per reported input the array ``idc_map`` (float32, ``grid_shape``) in its group of
 ``RUN/tiles.zarr``. Output file names are built from the store's input ids, sanitised again here,
@@ -22,6 +25,7 @@ import logging
 import errno
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
@@ -39,6 +43,7 @@ from ..failures import Failure
 from ..runfolder import Run
 from ..geojson import idc_features, write_geojson
 from ..heatmap import thumbnail_for, write_heatmap
+from ..pyramid import write_pyramids
 from ..store import InputAttrs
 
 log = logging.getLogger(__name__)
@@ -111,13 +116,15 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, thu
     idc_map = scored.idc_map()
     write_idc_map(group, idc_map, scored.model_id)
     tile_px = level0_tile_px(scored.attrs)
+    mpp0 = PATCH_SIZE * scored.attrs.target_mpp / tile_px  # µm per level-0 pixel
     name = safe_name(gid)
     thumb = thumbnail_for(group, scored.attrs, tile_px, thumb_px)
     write_heatmap(out / "maps" / f"{name}.png", idc_map, thumb, tile_px=tile_px,
-                  um_per_px=PATCH_SIZE * scored.attrs.target_mpp / tile_px, threshold=threshold,
-                  title=_title(patient, gid))
+                  um_per_px=mpp0, threshold=threshold, title=_title(patient, gid))
     write_geojson(out / "geojson" / f"{name}.geojson",
                   idc_features(gid, scored.coords, scored.probs, threshold, tile_px))
+    write_pyramids(out / "pyramids", name, idc_map, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=gid,
+                   model_id=scored.model_id)
     return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin)
 
 
@@ -180,10 +187,14 @@ PATIENT_COLUMNS = tuple(f.name for f in fields(PatientFigures))
 
 
 def _remove_stale(folder: Path, suffix: str, keep: set[str]) -> None:
-    """Drop heatmaps / GeoJSON of inputs that are no longer reported."""
+    """Drop heatmaps / GeoJSON / pyramids of inputs that are no longer reported."""
     if folder.is_dir():
         for p in folder.glob(f"*{suffix}"):
-            if p.name not in keep and p.is_file():
+            if p.name in keep or p.name.startswith(".tmp-"):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file():
                 p.unlink()
 
 
@@ -258,6 +269,9 @@ def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: l
     out = run.report_dir
     _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
     _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
+    stems = {Path(r.heatmap).stem for r in rows if r.heatmap}
+    for suffix in (".ome.zarr", ".ome.tif"):
+        _remove_stale(out / "pyramids", suffix, {s + suffix for s in stems})
     summary = write_tables(run, rows, thr, failures)
     log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
              summary.failed, summary.index)
