@@ -1,7 +1,8 @@
 """``RUN/report/index.html``: one static page that works offline.
 
-No scripts, no external CSS or fonts; images and files are referenced by relative paths inside
-``RUN/report/``; every text that comes from data (ids, paths, patient ids, messages) is escaped.
+No external scripts, CSS or fonts: one local script, ``viewer.js`` (:mod:`cancernet_batch.report_view`),
+makes each map zoomable (the static PNG stays beside it); images, files and map data are referenced by
+relative paths inside ``RUN/report/``; every text that comes from data (ids, paths, patient ids, messages) is escaped.
 The page carries no timestamp, so re-running the report on the same run gives the same page.
 """
 
@@ -24,7 +25,11 @@ th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.bad td{background:#fff3f0}.note{color:#a33}
 figure{display:inline-block;margin:.5em;vertical-align:top;max-width:760px}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em}
+div.zoom canvas{width:100%;border:1px solid #ddd;cursor:crosshair;touch-action:none}
+div.zoom .bar{font-size:.85em;margin:.2em 0}div.zoom .bar button{min-width:2em;margin-right:.2em}
+div.zoom .readout{font-variant-numeric:tabular-nums}div.zoom .regions{font-size:.85em}
 """
+_VIEW_W, _VIEW_H = 760, 520  # canvas pixels of a zoomable map
 
 
 def _e(value: object) -> str:
@@ -95,8 +100,17 @@ def _maps(summary) -> str:
         caption = (f"patient {_e(f.patient)} · {_e(f.input_id)} · IDC {_num(f.idc_fraction, '.1%')} of "
                    f"{_num(f.tissue_tiles, 'd')} tiles, {_num(f.idc_area_mm2, '.3f')} mm² · drawn over "
                    f"{_e(r.thumbnail)} · <a href=\"{_href(r.geojson)}\">GeoJSON</a>")
-        parts.append(f'<figure id="{_e(f.input_id)}"><img src="{_href(r.heatmap)}" '
-                     f'alt="IDC heatmap of {_e(f.input_id)}"><figcaption>{caption}</figcaption></figure>')
+        img = f'<img src="{_href(r.heatmap)}" alt="IDC heatmap of {_e(f.input_id)}">'
+        if r.view:
+            img = (f'<div class="zoom" data-id="{_e(f.input_id)}" data-view="{_href(r.view)}">'
+                   '<div class="bar"><button type="button" data-zoom="1.5" title="zoom in">+</button>'
+                   '<button type="button" data-zoom="0.6667" title="zoom out">&minus;</button>'
+                   '<button type="button" data-zoom="fit">fit</button> '
+                   '<span class="readout">wheel: zoom · drag: pan · click: pin a tile</span></div>'
+                   f'<canvas width="{_VIEW_W}" height="{_VIEW_H}"></canvas>'
+                   '<div class="regions"></div></div>'
+                   f'<details><summary>static heatmap</summary>{img}</details>')
+        parts.append(f'<figure id="{_e(f.input_id)}">{img}<figcaption>{caption}</figcaption></figure>')
     return "\n".join(parts) or "<p>No input is fully scored yet.</p>"
 
 
@@ -122,6 +136,7 @@ Files: <a href="inputs.csv">inputs.csv</a>, <a href="patients.csv">patients.csv<
 <h2>Maps</h2>
 {_maps(summary)}
 <p style="color:#888;font-size:.8em">cancernet-batch {_e(__version__)}</p>
+<script src="viewer.js"></script>
 </body></html>
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from browser import CHROMIUM, Browser
 from reportdata import MODEL_ID, add_input
 
 from cancernet_batch import store
@@ -167,7 +169,7 @@ def test_formula_patient_is_neutralised_in_csv_and_escaped_in_html(run):
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.links, self.scripts = [], [], 0
+        self.imgs, self.links, self.scripts, self.views, self.other = [], [], [], [], 0
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -175,31 +177,78 @@ class _Refs(HTMLParser):
             self.imgs.append(a["src"])
         elif tag == "a" and not a.get("href", "#").startswith("#"):
             self.links.append(a["href"])
-        elif tag in ("script", "link", "iframe"):
-            self.scripts += 1
+        elif tag == "script":
+            self.scripts.append(a.get("src"))
+        elif tag in ("link", "iframe", "object", "embed"):
+            self.other += 1
+        if "data-view" in a:
+            self.views.append(a["data-view"])
 
 
 def test_index_html_references_only_local_files_that_exist(run):
     refs = _Refs()
     refs.feed((run["out"] / "index.html").read_text())
-    assert sorted(refs.imgs) == sorted(f"maps/{run['ids'][k]}.png" for k in ("a", "b", "evil"))
-    assert refs.scripts == 0
-    for ref in refs.imgs + refs.links:
+    reported = ("a", "b", "evil")
+    assert sorted(refs.imgs) == sorted(f"maps/{run['ids'][k]}.png" for k in reported)
+    assert refs.scripts == ["viewer.js"] and refs.other == 0  # one local script, no inline code
+    assert sorted(refs.views) == sorted(f"maps/{run['ids'][k]}.view.js" for k in reported)
+    for ref in refs.imgs + refs.links + refs.scripts + refs.views:
         assert "://" not in ref and not ref.startswith("/")
         assert (run["out"] / ref).is_file(), ref
+    viewer = (run["out"] / "viewer.js").read_text()
+    assert "__INFERNO__" not in viewer and len(re.findall(r"\b[0-9a-f]{1536}\b", viewer)) == 1  # the colour table
+    assert not re.search(r"\b(fetch|XMLHttpRequest|import\(|https?://)", viewer)  # nothing from the network
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
-def test_index_html_renders_in_headless_chromium(run, tmp_path):
-    shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1200,2400", f"--screenshot={shot}", (run["out"] / "index.html").as_uri()],
-                   capture_output=True, timeout=90, check=False)
-    assert shot.is_file()
-    img = np.asarray(Image.open(shot).convert("RGB"))
-    assert img.shape[:2] == (2400, 1200)
-    assert (img.min(axis=2) < 128).mean() > 0.005  # text and heatmaps, not a blank page
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 100  # the heatmaps' colours
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_zoomable_map_in_headless_chromium(run):
+    """Real mouse events through Chromium: pin a tile, zoom about the pointer, list the regions, draw."""
+    from io import BytesIO
+
+    gid = run["ids"]["a"]
+    box = f'document.querySelector(\'div.zoom[data-id="{gid}"]\')'
+    with Browser((run["out"] / "index.html").as_uri(), width=1200, height=1400) as b:
+        b.eval(f"{box}.scrollIntoView()")
+        b.wait_for(f"{box}.dataset.ready === '1'")
+
+        def page_xy(r, c):  # centre of tile (r, c) in page CSS pixels
+            return b.eval(f"""(() => {{ const v = {box}.viewer, q = v.toCanvas({r}, {c}),
+                               rect = v.canvas.getBoundingClientRect();
+                               return [rect.left + q[0] * rect.width / v.canvas.width,
+                                       rect.top + q[1] * rect.height / v.canvas.height]; }})()""")
+
+        def canvas_png():
+            rect = b.eval(f"(() => {{ const r = {box}.querySelector('canvas').getBoundingClientRect();"
+                          " return [r.left, r.top, r.right, r.bottom]; })()")
+            img = np.asarray(Image.open(BytesIO(b.screenshot())).convert("RGB")).astype(int)
+            x0, y0, x1, y1 = (int(round(v)) for v in rect)
+            return img[y0 + 2:y1 - 2, x0 + 2:x1 - 2]
+
+        before = canvas_png()
+        assert len(np.unique(before.reshape(-1, 3), axis=0)) > 50  # thumbnail and map colours, not blank
+        x, y = page_xy(0, 0)  # tile (0, 0) of input a: P = 0.9, IDC
+        b.click(x, y)
+        readout = b.eval(f"{box}.querySelector('.readout').textContent")
+        assert "row 0, col 0" in readout and "P(IDC) = 0.900 (IDC)" in readout and readout.startswith("pinned")
+        assert b.eval(f"{box}.dataset.pinned") == "0,0"
+        b.click(*page_xy(0, 1))  # P = 0.2: not IDC
+        assert b.eval(f"{box}.querySelector('.readout').textContent").endswith("P(IDC) = 0.200")
+        b.click(*page_xy(0, 4))  # no tile there: background
+        assert b.eval(f"{box}.querySelector('.readout').textContent").endswith("not scored")
+        # the wheel zooms about the pointer: the tile under it stays under it
+        x, y = page_xy(2, 3)
+        b.mouse("mouseWheel", x, y, deltaX=0, deltaY=-600)
+        assert float(b.eval(f"{box}.dataset.zoom")) > 4
+        assert b.eval(f"""(() => {{ const v = {box}.viewer, rect = v.canvas.getBoundingClientRect();
+                          return v.tileAt(({x} - rect.left) * v.canvas.width / rect.width,
+                                          ({y} - rect.top) * v.canvas.height / rect.height); }})()""") == [2, 3]
+        after = canvas_png()
+        assert np.abs(after - before).mean() > 5  # the picture changed with the zoom
+        # regions: at 0.5 the IDC tiles (0,0), (1,1), (3,4) touch only diagonally: three foci of one tile
+        items = b.eval(f"Array.from({box}.querySelectorAll('.regions li')).map(li => li.textContent)")
+        assert len(items) == 3 and all(t.startswith("0.040 mm², 1 tiles") for t in items), items
+        b.eval(f"{box}.querySelector('.regions a').click()")
+        assert float(b.eval(f"{box}.dataset.zoom")) > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +267,7 @@ def test_rerun_gives_identical_csvs_and_drops_stale_maps(tmp_path):
     assert not list(out.rglob(".tmp-*"))
     del Run.of(run_dir).open_store()["inputs"][b]
     make_report(run_dir, ReportConfig(threshold=0.5))
-    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png"]
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png", f"{a}.thumb.jpg", f"{a}.view.js"]
     assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson"]
     assert sorted(p.name for p in (out / "pyramids").iterdir()) == [f"{a}.ome.tif", f"{a}.ome.zarr"]
 

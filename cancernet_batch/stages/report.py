@@ -44,6 +44,7 @@ from ..runfolder import Run
 from ..geojson import idc_features, write_geojson
 from ..heatmap import thumbnail_for, write_heatmap
 from ..pyramid import write_pyramids
+from ..report_view import write_view, write_viewer
 from ..store import InputAttrs
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class InputReport:
     heatmap: str | None = None
     geojson: str | None = None
     thumbnail: str = ""  # what the heatmap is drawn over
+    view: str | None = None  # the zoomable map's data (maps/<id>.view.js), see report_view
 
 
 @dataclass
@@ -125,16 +127,19 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, thu
                   idc_features(gid, scored.coords, scored.probs, threshold, tile_px))
     write_pyramids(out / "pyramids", name, idc_map, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=gid,
                    model_id=scored.model_id)
-    return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin)
+    view = write_view(out, name, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold)
+    return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin,
+                       view)
 
 
 def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold) -> InputReport:
     """The row of a scored input from its stored probabilities, drawing nothing (its files as they are)."""
     scored = load_scored(gid, group, patient)
     name = safe_name(gid)
-    heatmap, geo = f"maps/{name}.png", f"geojson/{name}.geojson"
+    heatmap, geo, view = f"maps/{name}.png", f"geojson/{name}.geojson", f"maps/{name}.view.js"
     return InputReport(input_figures(scored, thr.value), heatmap if run.report_file(heatmap).is_file() else None,
-                       geo if run.report_file(geo).is_file() else None)
+                       geo if run.report_file(geo).is_file() else None,
+                       view=view if run.report_file(view).is_file() else None)
 
 
 def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, thumb_px: int
@@ -259,6 +264,7 @@ def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: li
     write_table(out / "inputs.csv", figures, INPUT_COLUMNS)
     write_table(out / "patients.csv", summary.patients, PATIENT_COLUMNS)
     run.write_report_failures(failures)
+    write_viewer(out)
     write_index(summary)
     return summary
 
@@ -270,8 +276,9 @@ def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: l
     _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
     _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
     stems = {Path(r.heatmap).stem for r in rows if r.heatmap}
-    for suffix in (".ome.zarr", ".ome.tif"):
-        _remove_stale(out / "pyramids", suffix, {s + suffix for s in stems})
+    for folder, suffix in (("maps", ".thumb.jpg"), ("maps", ".view.js"), ("pyramids", ".ome.zarr"),
+                           ("pyramids", ".ome.tif")):
+        _remove_stale(out / folder, suffix, {s + suffix for s in stems})
     summary = write_tables(run, rows, thr, failures)
     log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
              summary.failed, summary.index)

@@ -1,0 +1,94 @@
+"""The zoomable maps of ``index.html``: per input a thumbnail and its map data, and one viewer script.
+
+Files (in ``RUN/report/``, each written atomically):
+
+    viewer.js                the viewer (``cancernet_batch/assets/viewer.js``, its colour table filled in
+                             from the same matplotlib colour map as the PNG heatmaps); no network, no
+                             dependency
+    maps/<id>.thumb.jpg      the thumbnail the map is drawn over (at most 1024 px)
+    maps/<id>.view.js        ``cancernetView({...})``: grid, tile side in level-0 px, µm/px, threshold,
+                             P(IDC) per tile (uint16 little-endian, base64; 65535 = not scored) and the
+                             IDC regions (connected IDC tiles, edge-sharing: size, tiles, max P, box)
+
+The page loads a map's data only when its figure comes near the screen, so a report of thousands of
+inputs stays light. Everything that comes from data reaches the page as JSON inside a script file
+(``json.dumps`` with ASCII escapes) or escaped HTML; nothing is interpreted as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path, write_text
+
+NONE = 65535
+VIEWER = "viewer.js"
+
+
+@functools.lru_cache(maxsize=4)
+def viewer_script(cmap: str = "inferno") -> str:
+    """The viewer with its 256-colour table from ``cmap``."""
+    import matplotlib
+
+    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    text = resources.files("cancernet_batch").joinpath("assets", VIEWER).read_text(encoding="utf-8")
+    return text.replace("__INFERNO__", lut.tobytes().hex())
+
+
+def write_viewer(out: str | Path) -> Path:
+    """``out/viewer.js``, rewritten only when its content changes."""
+    path = Path(out) / VIEWER
+    text = viewer_script()
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        write_text(path, text)
+    return path
+
+
+def regions(idc_map: np.ndarray, threshold: float, tile_mm: float) -> list[dict]:
+    """Connected IDC tiles (sharing an edge), largest first: area mm², tiles, mean and max P, tile box."""
+    from scipy import ndimage
+
+    p = np.where(np.isfinite(idc_map), idc_map, -1.0)
+    labels, n = ndimage.label(p >= threshold)  # 4-connectivity: diagonal contact does not merge
+    out = []
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        vals = p[box][labels[box] == i]
+        out.append({"tiles": int(vals.size), "area_mm2": float(vals.size * tile_mm ** 2),
+                    "mean_p": float(vals.mean()), "max_p": float(vals.max()),
+                    "bbox": [box[0].start, box[1].start, box[0].stop, box[1].stop]})
+    out.sort(key=lambda r: (-r["tiles"], r["bbox"]))
+    return out
+
+
+def view_data(gid: str, idc_map: np.ndarray, *, thumb_rel: str, thumb_w: float, thumb_h: float, tile_px: float,
+              mpp0: float, threshold: float) -> dict:
+    """What ``maps/<id>.view.js`` hands to the viewer."""
+    m = np.asarray(idc_map, np.float32)
+    q = np.where(np.isfinite(m), np.clip(np.rint(np.nan_to_num(m) * (NONE - 1)), 0, NONE - 1), NONE)
+    rows, cols = m.shape
+    return {"id": gid, "rows": rows, "cols": cols, "tile": tile_px, "um": mpp0, "thr": threshold,
+            "thumb": thumb_rel, "thumbW": thumb_w, "thumbH": thumb_h,
+            "p": base64.b64encode(q.astype("<u2").tobytes()).decode("ascii"),
+            "regions": regions(m, threshold, tile_px * mpp0 / 1000.0)}
+
+
+def write_view(out: str | Path, name: str, gid: str, idc_map: np.ndarray, thumb, *, tile_px: float, mpp0: float,
+               threshold: float) -> str:
+    """Write ``maps/<name>.thumb.jpg`` and ``maps/<name>.view.js``; returns the latter relative to ``out``."""
+    from PIL import Image
+
+    out = Path(out)
+    thumb_rel = f"maps/{name}.thumb.jpg"
+    with atomic_path(out / thumb_rel) as tmp:
+        Image.fromarray(np.asarray(thumb.image, np.uint8)).save(tmp, format="JPEG", quality=85)
+    data = view_data(gid, idc_map, thumb_rel=thumb_rel, thumb_w=thumb.width, thumb_h=thumb.height,
+                     tile_px=tile_px, mpp0=mpp0, threshold=threshold)
+    rel = f"maps/{name}.view.js"
+    write_text(out / rel, f"cancernetView({json.dumps(data, ensure_ascii=True, allow_nan=False)});\n")
+    return rel
