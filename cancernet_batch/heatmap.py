@@ -11,6 +11,7 @@ side. Everything is placed in level-0 pixel coordinates, so the map (one cell pe
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -179,55 +180,129 @@ def _scale_label(um: float) -> str:
     return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
 
 
-def outline_segments(mask: np.ndarray, tile_px: float) -> np.ndarray:
-    """Line segments ``(K, 2, 2)`` in level-0 px along the tile edges between ``mask`` and the rest."""
-    m = np.pad(np.asarray(mask, bool), 1)
-    vr, vc = np.nonzero(m[1:-1, 1:] != m[1:-1, :-1])  # vertical edge left of column vc, row vr
-    hr, hc = np.nonzero(m[1:, 1:-1] != m[:-1, 1:-1])  # horizontal edge above row hr, column hc
-    vertical = np.stack([np.stack([vc, vr], -1), np.stack([vc, vr + 1], -1)], 1)
-    horizontal = np.stack([np.stack([hc, hr], -1), np.stack([hc + 1, hr], -1)], 1)
-    return np.concatenate([vertical, horizontal]).astype(np.float64).reshape(-1, 2, 2) * tile_px
-
-
 @dataclass(frozen=True)
 class HeatmapStyle:
     cmap: str = "inferno"
     alpha: float = 0.55
-    idc_colour: str = "#00e5ff"
-    width_in: float = 7.0
-    dpi: int = 110
+    idc_colour: tuple[int, int, int] = (0, 229, 255)
+    map_px: int = 640  # longest side of the map area, at most
+    font_px: int = 12
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    """DejaVu Sans (shipped with matplotlib: it has µ, ≥ and ·), else PIL's own font."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):  # pragma: no cover - matplotlib is a dependency
+        return ImageFont.load_default(size)
+
+
+@functools.lru_cache(maxsize=4)
+def colour_table(cmap: str) -> np.ndarray:
+    """``(256, 3) uint8``: the colour map sampled at 256 levels (as the page's viewer uses it)."""
+    import matplotlib
+
+    return (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def _outline(idc: np.ndarray, rows_of_y: np.ndarray, cols_of_x: np.ndarray) -> np.ndarray:
+    """Pixels on the edges between IDC and other tiles, for an image whose pixels map to tiles as given."""
+    grid = np.pad(np.asarray(idc, bool), 1)  # out of the grid: not IDC
+    pix = grid[np.ix_(rows_of_y + 1, cols_of_x + 1)]
+    edge = np.zeros_like(pix)
+    dx = pix[:, 1:] != pix[:, :-1]
+    dy = pix[1:, :] != pix[:-1, :]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    return edge
+
+
+def render_heatmap(idc_map: np.ndarray, thumb: Thumbnail, *, tile_px: float, um_per_px: float, threshold: float,
+                   title: str, style: HeatmapStyle = HeatmapStyle()) -> "Image.Image":
+    """The heatmap picture: the map over the thumbnail, the IDC outline, a scale bar, a colour bar, a title.
+
+    Drawn with numpy and PIL (no figure machinery: a few milliseconds an input, which matters when an
+    archive has thousands of small inputs). Map and thumbnail are placed in level-0 pixels, as in the
+    module doc; tiles are drawn with hard edges (one colour a tile).
+    """
+    from PIL import Image, ImageDraw
+
+    rows, cols = idc_map.shape
+    world_w = max(thumb.width, cols * tile_px, 1e-9)
+    world_h = max(thumb.height, rows * tile_px, 1e-9)
+    s = style.map_px / max(world_w, world_h)  # picture px per level-0 px
+    mw, mh = max(1, round(world_w * s)), max(1, round(world_h * s))
+    canvas = Image.new("RGB", (mw, mh), (255, 255, 255))
+    tw, th = max(1, round(thumb.width * s)), max(1, round(thumb.height * s))
+    canvas.paste(Image.fromarray(np.asarray(thumb.image, np.uint8)).resize((tw, th), Image.Resampling.BILINEAR), (0, 0))
+    # the map: one colour a tile, NaN (no tile) transparent
+    lut = colour_table(style.cmap)
+    finite = np.isfinite(idc_map)
+    idx = np.clip(np.rint(np.where(finite, idc_map, 0.0) * 255), 0, 255).astype(np.intp)
+    tile_of = (np.arange(mh) + 0.5) / (s * tile_px), (np.arange(mw) + 0.5) / (s * tile_px)
+    r_of_y = np.minimum(tile_of[0].astype(np.intp), rows)  # rows (== out of the grid) past the map
+    c_of_x = np.minimum(tile_of[1].astype(np.intp), cols)
+    pad_idx = np.pad(idx, ((0, 1), (0, 1)))
+    pad_ok = np.pad(finite, ((0, 1), (0, 1)))
+    sel = np.ix_(r_of_y, c_of_x)
+    a = np.where(pad_ok[sel], style.alpha, 0.0)[..., None]
+    base = np.asarray(canvas, np.float32)
+    pic = base * (1.0 - a) + lut[pad_idx[sel]].astype(np.float32) * a
+    with np.errstate(invalid="ignore"):
+        idc = finite & (np.where(finite, idc_map, 0.0) >= threshold)
+    pic[_outline(idc, np.where(r_of_y < rows, r_of_y, -1), np.where(c_of_x < cols, c_of_x, -1))] = style.idc_colour
+    canvas = Image.fromarray(np.rint(pic).astype(np.uint8))
+    font, small = _font(style.font_px), _font(max(style.font_px - 2, 8))
+    draw = ImageDraw.Draw(canvas)
+    # scale bar, lower left, on a white box
+    bar_um = _nice_length(thumb.width * um_per_px if thumb.width else world_w * um_per_px)
+    bar = max(1, round(bar_um / um_per_px * s))
+    label = _scale_label(bar_um)
+    lw = draw.textlength(label, font=small)
+    x0, y1 = 6, mh - 6
+    draw.rectangle((x0 - 3, y1 - 22, x0 + max(bar, lw) + 3, y1 + 2), fill=(255, 255, 255))
+    draw.rectangle((x0, y1 - 4, x0 + bar, y1), fill=(0, 0, 0))
+    draw.text((x0, y1 - 21), label, fill=(0, 0, 0), font=small)
+    # the whole picture: title above, colour bar right
+    pad, head, side = 8, style.font_px + 12, 86
+    out = Image.new("RGB", (mw + 2 * pad + side, mh + head + pad), (255, 255, 255))
+    out.paste(canvas, (pad, head))
+    d = ImageDraw.Draw(out)
+    text = printable(title)
+    while d.textlength(text, font=font) > out.width - 2 * pad and len(text) > 8:
+        text = text[:-2]
+    d.text((pad, 4), text, fill=(0, 0, 0), font=font)
+    bh = max(40, round(mh * 0.8))
+    bx, by = mw + 2 * pad + 4, head + (mh - bh) // 2
+    ramp = lut[np.linspace(255, 0, bh).round().astype(np.intp)]
+    out.paste(Image.fromarray(np.repeat(ramp[:, None, :], 14, axis=1)), (bx, by))
+    d.rectangle((bx - 1, by - 1, bx + 14, by + bh), outline=(0, 0, 0))
+    for v in (0.0, 0.5, 1.0):
+        y = by + round((1.0 - v) * (bh - 1))
+        d.line((bx + 14, y, bx + 18, y), fill=(0, 0, 0))
+        d.text((bx + 20, y - style.font_px // 2), f"{v:.1f}", fill=(0, 0, 0), font=small)
+    d.text((bx - 2, by - style.font_px - 12), "P(IDC)", fill=(0, 0, 0), font=small)
+    thr = f"outline: p ≥ {threshold:.2f}"
+    tl = Image.new("RGB", (round(d.textlength(thr, font=small)) + 2, style.font_px + 2), (255, 255, 255))
+    ImageDraw.Draw(tl).text((1, 0), thr, fill=(0, 0, 0), font=small)
+    tl = tl.rotate(90, expand=True)
+    if tl.height <= out.height:
+        out.paste(tl, (bx + 52, max(0, head + (mh - tl.height) // 2)))
+    return out
 
 
 def write_heatmap(path: str | os.PathLike, idc_map: np.ndarray, thumb: Thumbnail, *, tile_px: float,
                   um_per_px: float, threshold: float, title: str, style: HeatmapStyle = HeatmapStyle()) -> Path:
     """Write a PNG of the map over the thumbnail, with colour bar, scale bar and the IDC outline."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
-    import matplotlib
-
-    rows, cols = idc_map.shape
-    aspect = thumb.height / thumb.width if thumb.width else 1.0
-    fig = Figure(figsize=(style.width_in, min(max(style.width_in * aspect, 3.0), 10.0)), dpi=style.dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.imshow(thumb.image, extent=(0, thumb.width, thumb.height, 0), interpolation="bilinear")
-    cmap = matplotlib.colormaps[style.cmap].with_extremes(bad=(0, 0, 0, 0))
-    extent = (0, cols * tile_px, rows * tile_px, 0)
-    im = ax.imshow(np.ma.masked_invalid(idc_map), cmap=cmap, vmin=0.0, vmax=1.0, alpha=style.alpha,
-                   extent=extent, interpolation="nearest")
-    idc = np.where(np.isfinite(idc_map), idc_map, 0.0) >= threshold
-    ax.add_collection(LineCollection(outline_segments(idc, tile_px), colors=style.idc_colour, linewidths=1.0))
-    ax.set_xlim(0, max(thumb.width, cols * tile_px))
-    ax.set_ylim(max(thumb.height, rows * tile_px), 0)
-    ax.set_axis_off()
-    ax.set_title(printable(title), fontsize=9)  # names that are not UTF-8 cannot be drawn as they are
-    bar_um = _nice_length(thumb.width * um_per_px)
-    ax.add_artist(AnchoredSizeBar(ax.transData, bar_um / um_per_px, _scale_label(bar_um), "lower left",
-                                  pad=0.4, frameon=True, size_vertical=max(thumb.height / 150, 1e-9)))
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    cbar.set_label(f"P(IDC); outline: p ≥ {threshold:.2f}")
+    img = render_heatmap(idc_map, thumb, tile_px=tile_px, um_per_px=um_per_px, threshold=threshold, title=title,
+                         style=style)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
+        img.save(tmp, format="PNG", compress_level=6)
     return Path(path)

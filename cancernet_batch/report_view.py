@@ -34,9 +34,9 @@ VIEWER = "viewer.js"
 @functools.lru_cache(maxsize=4)
 def viewer_script(cmap: str = "inferno") -> str:
     """The viewer with its 256-colour table from ``cmap``."""
-    import matplotlib
+    from .heatmap import colour_table
 
-    lut = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    lut = colour_table(cmap)
     text = resources.files("cancernet_batch").joinpath("assets", VIEWER).read_text(encoding="utf-8")
     return text.replace("__INFERNO__", lut.tobytes().hex())
 

@@ -408,7 +408,7 @@ def test_report_on_a_dask_cluster_equals_the_serial_report(tmp_path):
     shutil.rmtree(run / "report")
     with dask_client(ClusterConfig(workers=2, dashboard=False)) as client:
         parallel = make_report(run, ReportConfig(threshold=0.5), client=client)
-        rendered_there = client.run(lambda: "matplotlib.figure" in sys.modules)
+        rendered_there = client.run(lambda: "cancernet_batch.heatmap" in sys.modules)
     assert all(rendered_there.values())  # the heatmaps were drawn on the workers
     assert [(r.figures.input_id, r.figures.status, r.heatmap, r.geojson) for r in parallel.inputs] == \
         [(r.figures.input_id, r.figures.status, r.heatmap, r.geojson) for r in serial.inputs]

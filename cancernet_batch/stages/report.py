@@ -109,7 +109,7 @@ def safe_name(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _title(patient: str, gid: str) -> str:
-    return f"patient {patient} · {gid}".replace("$", r"\$")  # no mathtext from names
+    return f"patient {patient} · {gid}"
 
 
 def report_input(out: Path, gid: str, group, patient: str, threshold: float, thumb_px: int) -> InputReport:
