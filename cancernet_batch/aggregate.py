@@ -8,11 +8,13 @@ Figures of one input, at decision threshold ``t`` (a tile is IDC when ``prob >= 
 * tissue tiles: the tiles in the store (tiling keeps tissue tiles only, unless told otherwise);
 * IDC tiles, IDC fraction = IDC tiles / tissue tiles;
 * areas in mm²: tiles x ``(50 * target_mpp / 1000) ** 2`` (0.04 mm² per tile at 4.0 µm/px);
-* mean and max probability over the tissue tiles.
+* mean and max probability over the tissue tiles;
+* IDC regions (:mod:`cancernet_batch.regions`: IDC tiles joined through shared edges, those smaller
+  than ``--min-region-mm2`` left out): their count and the area of the largest, in mm².
 
 A patient's figures sum tiles and areas over the patient's reported inputs; its IDC fraction is
 IDC tiles / tissue tiles over all of them, its mean probability the tile-weighted mean, its max
-the max of the maxima.
+the max of the maxima; its region count the sum over its inputs, its largest region the largest of any.
 
 Map accuracy against a synthetic slide's truth (:func:`compare_with_truth`): the predicted IDC
 mask is ``map >= t`` (unscored / background tiles are not IDC), the true mask is ``truth.idc``, on
@@ -35,6 +37,7 @@ import numpy as np
 
 from . import PATCH_SIZE, store
 from .errors import ConfigError, InputError, ModelError
+from .regions import find_regions, region_summary
 from .store import InputAttrs
 
 log = logging.getLogger(__name__)
@@ -229,6 +232,12 @@ class ScoredInput:
         return m
 
 
+def find_input_regions(s: ScoredInput, threshold: float, min_region_mm2: float = 0.0, smooth: int = 0) -> list:
+    """The IDC regions of a scored input (:func:`cancernet_batch.regions.find_regions`), largest first."""
+    return find_regions(tuple(s.attrs.grid_shape), s.coords, s.probs, threshold,
+                        tile_area_mm2=tile_area_mm2(s.attrs.target_mpp), min_area_mm2=min_region_mm2, smooth=smooth)
+
+
 def load_scored(gid: str, group, patient: str) -> ScoredInput:
     """Read the coords and probabilities of a reported input (small: 12 bytes a tile).
 
@@ -280,28 +289,37 @@ class InputFigures:
     tissue_area_mm2: float | None
     mean_prob: float | None
     max_prob: float | None
+    idc_regions: int | None  # IDC regions (edge-connected IDC tiles) at least the minimum size
+    largest_region_mm2: float | None  # area of the largest of them (0.0 without any)
     model_id: str
     threshold: float
     target_mpp: float
     source_mpp: float | None
 
 
-def input_figures(s: ScoredInput, threshold: float) -> InputFigures:
-    """The figures of one scored input at ``threshold``."""
+def input_figures(s: ScoredInput, threshold: float, regions: tuple[int, float] | None = None,
+                  min_region_mm2: float = 0.0) -> InputFigures:
+    """The figures of one scored input at ``threshold``.
+
+    ``regions``: ``(count, largest area mm²)`` of its IDC regions when already found, else they are
+    found here (regions smaller than ``min_region_mm2`` not counted).
+    """
+    if regions is None:
+        regions = region_summary(find_input_regions(s, threshold, min_region_mm2))
     finite = s.probs[np.isfinite(s.probs)]
     n, k = int(s.probs.size), int((finite >= threshold).sum())
     area = tile_area_mm2(s.attrs.target_mpp)
     return InputFigures(
         s.input_id, s.attrs.source, s.patient, s.attrs.kind, REPORTED, "", n, k, _ratio(k, n), k * area, n * area,
         float(finite.mean()) if finite.size else None, float(finite.max()) if finite.size else None,
-        s.model_id, threshold, s.attrs.target_mpp, s.attrs.source_mpp)
+        regions[0], regions[1], s.model_id, threshold, s.attrs.target_mpp, s.attrs.source_mpp)
 
 
 def unscored_figures(gid: str, attrs: InputAttrs, patient: str, status: str, note: str, threshold: float,
                      model_id: str = "") -> InputFigures:
     """The row of an input without figures (not scored, or its report failed)."""
     return InputFigures(gid, attrs.source, patient, attrs.kind, status, note, None, None, None, None, None,
-                        None, None, model_id, threshold, attrs.target_mpp, attrs.source_mpp)
+                        None, None, None, None, model_id, threshold, attrs.target_mpp, attrs.source_mpp)
 
 
 @dataclass(frozen=True)
@@ -318,6 +336,8 @@ class PatientFigures:
     tissue_area_mm2: float
     mean_prob: float | None
     max_prob: float | None
+    idc_regions: int  # summed over its reported inputs
+    largest_region_mm2: float | None  # the largest region of any of its reported inputs (empty: none reported)
 
 
 def patient_figures(rows: list[InputFigures]) -> list[PatientFigures]:
@@ -335,7 +355,9 @@ def patient_figures(rows: list[InputFigures]) -> list[PatientFigures]:
         out.append(PatientFigures(
             patient, len(done), len(by_patient[patient]) - len(done), tissue, idc, _ratio(idc, tissue),
             sum((r.idc_area_mm2 or 0.0 for r in done), 0.0), sum((r.tissue_area_mm2 or 0.0 for r in done), 0.0),
-            _ratio(weighted, tissue), max(maxima) if maxima else None))
+            _ratio(weighted, tissue), max(maxima) if maxima else None,
+            sum(r.idc_regions or 0 for r in done),
+            max((r.largest_region_mm2 or 0.0 for r in done), default=None) if done else None))
     return out
 
 

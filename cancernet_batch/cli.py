@@ -536,6 +536,23 @@ def _cluster_config(kw: dict, device: str | None = None):
                          connect_timeout=kw.pop("connect_timeout", 30.0))
 
 
+def _region_options(f):
+    """Options of the report's outputs, shared by report and run."""
+    for opt in reversed([
+        click.option("--min-region-mm2", default=0.0, show_default=True, type=Number(0, 1e6, unit="MM2"),
+                     help="Leave IDC regions smaller than this (mm²) out of regions.geojson and the region counts."),
+        click.option("--region-smoothing", default=0, show_default=True, type=click.IntRange(0, 8),
+                     help="Rounds of corner cutting of the region outlines, for display (0: exact tile edges)."),
+        click.option("--geojson-gzip", is_flag=True, help="Write the per-tile GeoJSON gzipped (<id>.geojson.gz)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _region_config(min_region_mm2: float, region_smoothing: int, geojson_gzip: bool) -> dict:
+    return {"min_region_mm2": min_region_mm2, "region_smoothing": region_smoothing, "geojson_gzip": geojson_gzip}
+
+
 def _predict_options(f):
     opts = [
         click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (model.keras, model.json)."),
@@ -654,11 +671,14 @@ def predict(run_dir: str, **kw) -> int:
               help="CSV input,patient: input is a source file name, path or input id.")
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
               help="Model folder whose model.json gives the decision threshold.")
-def report(run_dir: str, threshold: float | None, patients_csv: str | None, model_dir: str | None) -> int:
-    """Write IDC maps, heatmaps, GeoJSON, CSV summaries and index.html into RUN/report."""
+@_region_options
+def report(run_dir: str, threshold: float | None, patients_csv: str | None, model_dir: str | None,
+           **regions) -> int:
+    """Write IDC maps, heatmaps, GeoJSON (tiles and regions), CSV summaries and index.html into RUN/report."""
     from .stages.report import ReportConfig, make_report
 
-    cfg = ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir)
+    cfg = ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir,
+                       **_region_config(**regions))
     with _bar(None, "input", "report") as bar:
         s = make_report(run_dir, cfg, progress=bar.update)
     click.echo(f"report: {s.index}")
@@ -694,9 +714,11 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
               help="Inputs on their way at once (default: 2 per worker thread, at least 4).")
 @click.option("--report-every", default=5.0, show_default=True, type=Number(0, 3600, unit="SECONDS"),
               help="Seconds between rewrites of the report tables, index.html and progress.json while the run goes.")
+@_region_options
 @_cluster_options
 def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
-        until: str | None, max_hours: float | None, max_inputs: int | None, report_every: float, **kw) -> int:
+        until: str | None, max_hours: float | None, max_inputs: int | None, report_every: float,
+        min_region_mm2: float, region_smoothing: int, geojson_gzip: bool, **kw) -> int:
     """Tile, score and report in one resumable command, each input as a stream (tiles at the model's µm/px).
 
     \b
@@ -718,7 +740,8 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     predict_cfg = _predict_config(kw)
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
         s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
-                         ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir),
+                         ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir,
+                                      **_region_config(min_region_mm2, region_smoothing, geojson_gzip)),
                          tile_progress=_growing(tbar), predict_progress=pbar.update, deadline=deadline,
                          max_inputs=max_inputs, flush_seconds=report_every, on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for line in s.lines():

@@ -186,11 +186,18 @@ class ReportConfig:
     patients_csv: str | None = None  # CSV input,patient
     model_dir: str | None = None
     thumb_px: int = MAX_THUMB_PX
+    min_region_mm2: float = 0.0  # IDC regions smaller than this are left out of regions.geojson and the counts
+    region_smoothing: int = 0  # rounds of corner cutting of the region outlines (0: exact tile edges)
+    geojson_gzip: bool = False  # per-tile GeoJSON as <id>.geojson.gz
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold <= 1.0):
             raise ConfigError(f"--threshold {self.threshold!r} is not in [0, 1]")
         _count(self.thumb_px, "thumbnail size", low=16, high=16384, none_ok=False)
+        m = self.min_region_mm2
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m < float("inf"):
+            raise ConfigError(f"--min-region-mm2 must be a number >= 0, got {m!r}")
+        _count(self.region_smoothing, "region smoothing", low=0, high=8, none_ok=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,21 +12,28 @@ its own exports:
   QuPath, and usable by *Measure > Show measurement maps*), ``classification``
   ``{"name": "IDC", "color": [r, g, b]}``, and ``measurements`` ``{"IDC probability": p,
   "Tile row": row, "Tile col": col}`` (QuPath >= 0.4 reads measurements as an object).
+
+:func:`write_geojson` streams: features are serialised and written a batch at a time under a
+temporary name, then renamed, so a slide with 100,000 IDC tiles never has its whole collection in
+memory; optionally gzipped. The merged IDC regions (annotations) are in :mod:`cancernet_batch.regions`.
 """
 
 from __future__ import annotations
 
+import gzip as _gzip
 import json
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from .atomic import atomic_path
 
 IDC_CLASS = {"name": "IDC", "color": [220, 20, 60]}
 OBJECT_TYPE = "detection"
+STREAM_BATCH = 1000  # features serialised and written at a time
 
 
 def _num(v: float) -> float | int:
@@ -41,16 +48,17 @@ def tile_polygon(row: int, col: int, tile_px: float) -> list[list[list[float | i
     return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
 
 
-def idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float) -> list[dict]:
-    """One QuPath detection feature per IDC tile with a grid position, in (row, col) order."""
+def iter_idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float
+                      ) -> Iterator[dict]:
+    """One QuPath detection feature per IDC tile with a grid position, in (row, col) order, one at a time."""
     probs = np.asarray(probs, np.float32)
+    coords = np.asarray(coords).reshape(-1, 2)
     keep = np.isfinite(probs) & (probs >= threshold) & (coords[:, 0] >= 0) & (coords[:, 1] >= 0)
     idx = np.flatnonzero(keep)
     idx = idx[np.lexsort((coords[idx, 1], coords[idx, 0]))]
-    features = []
     for i in idx:
         row, col = int(coords[i, 0]), int(coords[i, 1])
-        features.append({
+        yield {
             "type": "Feature",
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cancernet-batch:{input_id}/{row}/{col}")),
             "geometry": {"type": "Polygon", "coordinates": tile_polygon(row, col, tile_px)},
@@ -59,11 +67,42 @@ def idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold
                 "classification": dict(IDC_CLASS),
                 "measurements": {"IDC probability": round(float(probs[i]), 6), "Tile row": row, "Tile col": col},
             },
-        })
-    return features
+        }
 
 
-def write_geojson(path: str | os.PathLike, features: list[dict]) -> Path:
-    """Atomically write a FeatureCollection (one feature per line, so diffs and greps stay readable)."""
-    body = ",\n".join(json.dumps(f, separators=(",", ":"), allow_nan=False) for f in features)
-    return write_text(path, '{"type":"FeatureCollection","features":[\n' + body + "\n]}\n")
+def idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float) -> list[dict]:
+    """:func:`iter_idc_features` as a list (small inputs, tests)."""
+    return list(iter_idc_features(input_id, coords, probs, threshold, tile_px))
+
+
+_HEAD = b'{"type":"FeatureCollection","features":[\n'
+_TAIL = b"\n]}\n"
+
+
+def write_geojson(path: str | os.PathLike, features: Iterable[dict], *, gzip: bool = False,
+                  batch: int = STREAM_BATCH) -> Path:
+    """Atomically write a FeatureCollection, streamed: ``features`` is consumed ``batch`` features at a time.
+
+    One feature per line (diffs and greps stay readable); the whole collection is never built in
+    memory, so a slide with 100,000 IDC tiles costs a batch of lines, not a 50 MB string. With
+    ``gzip`` the file is gzip-compressed (no name or time in its header: re-runs give the same bytes);
+    give it a ``.gz`` name. Written under a temporary name and renamed (:func:`atomic_path`).
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        fh = _gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gzip else raw
+        try:
+            fh.write(_HEAD)
+            lines: list[str] = []
+            first = True
+            for f in features:
+                lines.append(json.dumps(f, separators=(",", ":"), allow_nan=False))
+                if len(lines) >= batch:
+                    fh.write((("" if first else ",\n") + ",\n".join(lines)).encode("ascii"))
+                    first, lines = False, []
+            if lines:
+                fh.write((("" if first else ",\n") + ",\n".join(lines)).encode("ascii"))
+            fh.write(_TAIL)
+        finally:
+            if gzip:
+                fh.close()
+    return Path(path)

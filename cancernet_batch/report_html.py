@@ -58,10 +58,12 @@ def _table(header: list[str], rows: list[list[tuple[str, bool]]], bad: list[bool
 
 def _figures_cells(f) -> list[tuple[str, bool]]:
     return [(_num(f.tissue_tiles, "d"), True), (_num(f.idc_tiles, "d"), True), (_num(f.idc_fraction, ".1%"), True),
-            (_num(f.idc_area_mm2, ".3f"), True), (_num(f.mean_prob, ".3f"), True), (_num(f.max_prob, ".3f"), True)]
+            (_num(f.idc_area_mm2, ".3f"), True), (_num(f.mean_prob, ".3f"), True), (_num(f.max_prob, ".3f"), True),
+            (_num(f.idc_regions, "d"), True), (_num(f.largest_region_mm2, ".3f"), True)]
 
 
-_FIG_HEAD = ["tissue tiles", "IDC tiles", "IDC fraction", "IDC area mm²", "mean p", "max p"]
+_FIG_HEAD = ["tissue tiles", "IDC tiles", "IDC fraction", "IDC area mm²", "mean p", "max p", "IDC regions",
+             "largest region mm²"]
 
 
 def _inputs_table(summary) -> str:
@@ -99,7 +101,8 @@ def _maps(summary) -> str:
         f = r.figures
         caption = (f"patient {_e(f.patient)} · {_e(f.input_id)} · IDC {_num(f.idc_fraction, '.1%')} of "
                    f"{_num(f.tissue_tiles, 'd')} tiles, {_num(f.idc_area_mm2, '.3f')} mm² · drawn over "
-                   f"{_e(r.thumbnail)} · <a href=\"{_href(r.geojson)}\">GeoJSON</a>")
+                   f"{_e(r.thumbnail)} · <a href=\"{_href(r.geojson)}\">GeoJSON</a>"
+                   + (f" · <a href=\"{_href(r.regions)}\">regions</a>" if r.regions else ""))
         img = f'<img src="{_href(r.heatmap)}" alt="IDC heatmap of {_e(f.input_id)}">'
         if r.view:
             img = (f'<div class="zoom" data-id="{_e(f.input_id)}" data-view="{_href(r.view)}">'

@@ -48,3 +48,17 @@ def test_linear_fit():
     fit = linear_fit([1000, 2000, 4000], [3.0, 4.0, 6.0])
     assert fit["intercept"] == pytest.approx(2.0) and fit["slope"] == pytest.approx(0.001) and fit["r2"] == pytest.approx(1.0)
     assert linear_fit([5, 5], [1, 2])["slope"] is None  # no spread in x: no line
+
+
+def test_geojson_stream_benchmark_rows(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from geojson_stream import measure, table
+    finally:
+        sys.path.pop(0)
+    rows = measure(300, tmp_path)  # asserts the streamed file equals the whole-string one
+    cases = {(r["map"], r["case"]) for r in rows}
+    assert ("all IDC", "tiles: streamed, gzip") in cases and ("half IDC", "regions: trace") in cases
+    trace = [r for r in rows if r["case"] == "regions: trace"]
+    assert trace[0]["regions"] == 1 and trace[0]["idc_tiles"] == 300 and trace[1]["regions"] >= 1
+    assert "| half IDC | regions: trace |" in table(rows)

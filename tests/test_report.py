@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
 import shutil
@@ -138,6 +139,22 @@ def test_probability_pyramids_of_reported_inputs_only(run):
     assert g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [200.0, 200.0]
 
 
+def test_region_columns_and_regions_geojson(run):
+    """At 0.5 the IDC tiles of a, b and evil touch only at corners: one region each (4-connectivity)."""
+    rows = _by(_rows(run["out"] / "inputs.csv"), "input_id")
+    got = {k: (rows[run["ids"][k]]["idc_regions"], rows[run["ids"][k]]["largest_region_mm2"]) for k in "abc"}
+    assert got == {"a": ("3", "0.04"), "b": ("1", "0.04"), "c": ("", "")}
+    p1 = _by(_rows(run["out"] / "patients.csv"), "patient")["P1"]
+    assert (p1["idc_regions"], p1["largest_region_mm2"]) == ("4", "0.04")
+    for key, corners in (("a", {(0, 0), (400, 400), (1600, 1200)}), ("evil", {(0, 0), (50, 50), (200, 150)})):
+        gj = json.loads((run["out"] / "geojson" / f"{run['ids'][key]}.regions.geojson").read_text())
+        assert {tuple(f["geometry"]["coordinates"][0][0]) for f in gj["features"]} == corners
+        for f in gj["features"]:
+            assert f["properties"]["objectType"] == "annotation"
+            assert f["properties"]["measurements"]["Tile count"] == 1
+            assert f["properties"]["measurements"]["Area mm^2"] == pytest.approx(0.04)
+
+
 def test_idc_map_saved_in_store(run):
     g = Run.of(run["dir"]).open_store("r")["inputs"][run["ids"]["a"]]
     m = g["idc_map"][:]
@@ -268,7 +285,7 @@ def test_rerun_gives_identical_csvs_and_drops_stale_maps(tmp_path):
     del Run.of(run_dir).open_store()["inputs"][b]
     make_report(run_dir, ReportConfig(threshold=0.5))
     assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{a}.png", f"{a}.thumb.jpg", f"{a}.view.js"]
-    assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson"]
+    assert sorted(p.name for p in (out / "geojson").iterdir()) == [f"{a}.geojson", f"{a}.regions.geojson"]
     assert sorted(p.name for p in (out / "pyramids").iterdir()) == [f"{a}.ome.tif", f"{a}.ome.zarr"]
 
 
@@ -368,6 +385,15 @@ def test_cli_ok_run_prints_summary_and_exits_0(tmp_path, capsys):
     assert str(run_dir / "report" / "index.html") in out and "1 inputs reported, 0 not scored, 0 failed" in out
     assert "threshold 0.55" in out
     assert _rows(run_dir / "report" / "inputs.csv")[0]["idc_tiles"] == "2"  # 0.9, 0.6
+    assert _rows(run_dir / "report" / "inputs.csv")[0]["idc_regions"] == "2"  # diagonal: not merged
+    assert main(["report", str(run_dir), "--model", str(model), "--min-region-mm2", "0.05", "--geojson-gzip"]) == EXIT_OK
+    assert (_rows(run_dir / "report" / "inputs.csv")[0]["idc_regions"],
+            _rows(run_dir / "report" / "inputs.csv")[0]["largest_region_mm2"]) == ("0", "0.0")
+    geo = run_dir / "report" / "geojson"
+    assert sorted(p.suffixes[-1] for p in geo.iterdir()) == [".geojson", ".gz"]  # the plain tile file went
+    tiles = json.loads(gzip.decompress(next(geo.glob("*.geojson.gz")).read_bytes()))
+    assert len(tiles["features"]) == 2
+    assert json.loads(next(geo.glob("*.regions.geojson")).read_text())["features"] == []
 
 
 def test_cli_missing_run_is_exit_1(tmp_path, capsys):

@@ -381,7 +381,7 @@ class Flow:
         inp.attrs = attrs
         inp.patient = patient_of(inp.gid, attrs, self.mapping)
         self._submit("report", inp, report_task, self.run, inp.gid, inp.patient, self.threshold,
-                     self.report_cfg.thumb_px, priority=_REPORT)
+                     self.report_cfg, priority=_REPORT)
 
     def _on_report(self, inp: _Input, res, extra) -> None:
         from .report import _failed_input
@@ -500,16 +500,16 @@ class Flow:
             if input_state(g)[0] == REPORTED and not self.stopped_by_deadline:
                 draw.append((gid, patient, attrs))
             elif input_state(g)[0] == REPORTED:
-                self.rows[gid] = existing_row(self.run, gid, g, attrs, patient, self.threshold)
+                self.rows[gid] = existing_row(self.run, gid, g, attrs, patient, self.threshold, self.report_cfg)
             else:
                 row, failure = _one_input(self.run.report_dir, gid, g, attrs, patient, self.threshold,
-                                          self.report_cfg.thumb_px)
+                                          self.report_cfg)
                 self.rows[gid] = row
                 if failure is not None:
                     self._new_failures.append(failure)
         if draw:
             for (gid, _, attrs), (row, failure) in zip(draw, _report_on_cluster(
-                    self.client, self.run, draw, self.threshold, self.report_cfg.thumb_px, self._report_progress)):
+                    self.client, self.run, draw, self.threshold, self.report_cfg, self._report_progress)):
                 self.rows[gid] = row
                 self._retried.setdefault(attrs.source, "report")
                 if failure is not None:

@@ -7,7 +7,9 @@ Outputs (every file written atomically; re-running overwrites them and gives ide
     RUN/report/failures.csv           copy of RUN/failures.csv (this stage's failures merged in)
     RUN/report/index.html             static, offline page: the tables and every heatmap
     RUN/report/maps/<id>.png          heatmap of the IDC map over a thumbnail of the tissue
-    RUN/report/geojson/<id>.geojson   the IDC tiles for QuPath (File > Import objects)
+    RUN/report/geojson/<id>.geojson   the IDC tiles for QuPath (File > Import objects), as detections;
+                                      <id>.geojson.gz with ReportConfig.geojson_gzip (--geojson-gzip)
+    RUN/report/geojson/<id>.regions.geojson  the IDC regions (merged tiles) as QuPath annotations
     RUN/report/pyramids/<id>.ome.zarr the probability map as an NGFF image (IDC mask as its label image),
                                       slide-aligned, for napari / QuPath / ome-zarr (:mod:`..pyramid`)
     RUN/report/pyramids/<id>.ome.tif  the same as a pyramidal OME-TIFF (probability, mask channels)
@@ -32,8 +34,8 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from .. import PATCH_SIZE, store
-from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, input_figures,
-                        input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
+from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, find_input_regions,
+                        input_figures, input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
                         resolve_threshold, unmatched_keys, unscored_figures, write_idc_map)
 from ..atomic import write_csv
 from ..cluster import TILE, as_completed_windowed, work_split
@@ -41,7 +43,8 @@ from ..config import ReportConfig
 from ..errors import StorageError
 from ..failures import Failure
 from ..runfolder import Run
-from ..geojson import idc_features, write_geojson
+from ..geojson import iter_idc_features, write_geojson
+from ..regions import region_features, region_summary
 from ..heatmap import thumbnail_for, write_heatmap
 from ..pyramid import write_pyramids
 from ..report_view import write_view, write_viewer
@@ -63,6 +66,7 @@ class InputReport:
     geojson: str | None = None
     thumbnail: str = ""  # what the heatmap is drawn over
     view: str | None = None  # the zoomable map's data (maps/<id>.view.js), see report_view
+    regions: str | None = None  # the IDC regions' GeoJSON
 
 
 @dataclass
@@ -112,44 +116,57 @@ def _title(patient: str, gid: str) -> str:
     return f"patient {patient} · {gid}"
 
 
-def report_input(out: Path, gid: str, group, patient: str, threshold: float, thumb_px: int) -> InputReport:
-    """Write the map (zarr), heatmap (PNG) and GeoJSON of one fully scored input."""
+def geojson_names(gid: str, cfg: ReportConfig) -> tuple[str, str]:
+    """``(tiles, regions)``: an input's GeoJSON files, relative to ``RUN/report``."""
+    name = safe_name(gid)
+    return f"geojson/{name}.geojson" + (".gz" if cfg.geojson_gzip else ""), f"geojson/{name}.regions.geojson"
+
+
+def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig) -> InputReport:
+    """Write the map (zarr), heatmap (PNG), tile and region GeoJSON of one fully scored input."""
     scored = load_scored(gid, group, patient)
     idc_map = scored.idc_map()
     write_idc_map(group, idc_map, scored.model_id)
     tile_px = level0_tile_px(scored.attrs)
     mpp0 = PATCH_SIZE * scored.attrs.target_mpp / tile_px  # µm per level-0 pixel
     name = safe_name(gid)
-    thumb = thumbnail_for(group, scored.attrs, tile_px, thumb_px)
+    thumb = thumbnail_for(group, scored.attrs, tile_px, cfg.thumb_px)
     write_heatmap(out / "maps" / f"{name}.png", idc_map, thumb, tile_px=tile_px,
                   um_per_px=mpp0, threshold=threshold, title=_title(patient, gid))
-    write_geojson(out / "geojson" / f"{name}.geojson",
-                  idc_features(gid, scored.coords, scored.probs, threshold, tile_px))
+    tiles_geo, regions_geo = geojson_names(gid, cfg)
+    write_geojson(out / tiles_geo, iter_idc_features(gid, scored.coords, scored.probs, threshold, tile_px),
+                  gzip=cfg.geojson_gzip)
+    regions = find_input_regions(scored, threshold, cfg.min_region_mm2, cfg.region_smoothing)
+    write_geojson(out / regions_geo, region_features(gid, regions, tile_px))
     write_pyramids(out / "pyramids", name, idc_map, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=gid,
                    model_id=scored.model_id)
     view = write_view(out, name, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold)
-    return InputReport(input_figures(scored, threshold), f"maps/{name}.png", f"geojson/{name}.geojson", thumb.origin,
-                       view)
+    return InputReport(input_figures(scored, threshold, region_summary(regions)), f"maps/{name}.png", tiles_geo,
+                       thumb.origin, view, regions_geo)
 
 
-def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold) -> InputReport:
+def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold,
+                 cfg: ReportConfig = ReportConfig()) -> InputReport:
     """The row of a scored input from its stored probabilities, drawing nothing (its files as they are)."""
     scored = load_scored(gid, group, patient)
     name = safe_name(gid)
-    heatmap, geo, view = f"maps/{name}.png", f"geojson/{name}.geojson", f"maps/{name}.view.js"
-    return InputReport(input_figures(scored, thr.value), heatmap if run.report_file(heatmap).is_file() else None,
+    heatmap, view = f"maps/{name}.png", f"maps/{name}.view.js"
+    geo, regions = geojson_names(gid, cfg)
+    return InputReport(input_figures(scored, thr.value, min_region_mm2=cfg.min_region_mm2),
+                       heatmap if run.report_file(heatmap).is_file() else None,
                        geo if run.report_file(geo).is_file() else None,
-                       view=view if run.report_file(view).is_file() else None)
+                       view=view if run.report_file(view).is_file() else None,
+                       regions=regions if run.report_file(regions).is_file() else None)
 
 
-def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, thumb_px: int
+def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
                ) -> tuple[InputReport, Failure | None]:
     status, note = input_state(group)
     model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
     if status != REPORTED:
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
-        return report_input(out, gid, group, patient, thr.value, thumb_px), None
+        return report_input(out, gid, group, patient, thr.value, cfg), None
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
     except OSError as exc:
@@ -210,17 +227,17 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
             log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
 
 
-def report_task(run: Run, gid: str, patient: str, thr: Threshold, thumb_px: int
+def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig
                 ) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
     g = run.open_input(gid)  # not open_store: its clean-up would delete other workers' files in flight
-    return _one_input(run.report_dir, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, thumb_px)
+    return _one_input(run.report_dir, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)
 
 
-def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, thumb_px: int, *, split: bool = False,
-                  priority: int = 0):
+def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, *,
+                  split: bool = False, priority: int = 0):
     """Submit :func:`report_task` for one input; on the tiling workers when the work is split."""
-    return client.submit(report_task, run, gid, patient, thr, thumb_px, pure=False, priority=priority,
+    return client.submit(report_task, run, gid, patient, thr, cfg, pure=False, priority=priority,
                          resources={TILE: 1} if split else None, key=f"report-{gid}-{time.monotonic_ns()}")
 
 
@@ -235,14 +252,14 @@ def report_result(fut, gid: str, attrs: InputAttrs, patient: str, thr: Threshold
         return _failed_input(gid, attrs, patient, thr, "", exc)
 
 
-def _report_on_cluster(client, run: Run, work: list[tuple[str, str, InputAttrs]], thr: Threshold, thumb_px: int,
+def _report_on_cluster(client, run: Run, work: list[tuple[str, str, InputAttrs]], thr: Threshold, cfg: ReportConfig,
                        progress: Callable[[int], None] | None) -> list[tuple[InputReport, Failure | None]]:
     """``report_task`` for each ``(gid, patient, attrs)`` on the cluster, a bounded number in flight, in order."""
     split = work_split(client)
 
     def submit(i: int):
         gid, patient, _ = work[i]
-        return submit_report(client, run, gid, patient, thr, thumb_px, split=split)
+        return submit_report(client, run, gid, patient, thr, cfg, split=split)
 
     results: dict[int, tuple] = {}
     window = max(2, 2 * (sum(client.nthreads().values()) or 1))
@@ -274,7 +291,9 @@ def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: l
     _check_model(thr, rows)
     out = run.report_dir
     _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
-    _remove_stale(out / "geojson", ".geojson", {Path(r.geojson).name for r in rows if r.geojson})
+    geo = {Path(p).name for r in rows for p in (r.geojson, r.regions) if p}
+    _remove_stale(out / "geojson", ".geojson", geo)
+    _remove_stale(out / "geojson", ".geojson.gz", geo)
     stems = {Path(r.heatmap).stem for r in rows if r.heatmap}
     for folder, suffix in (("maps", ".thumb.jpg"), ("maps", ".view.js"), ("pyramids", ".ome.zarr"),
                            ("pyramids", ".ome.tif")):
@@ -307,11 +326,11 @@ def make_report(run_dir: "str | os.PathLike | Run", cfg: ReportConfig = ReportCo
         run.remove_stale_report_temps()  # left by a killed earlier report
         if client is not None and len(groups) > 1:
             done = _report_on_cluster(client, run, [(gid, patient_of(gid, attrs, mapping), attrs)
-                                                    for gid, _, attrs in groups], thr, cfg.thumb_px, progress)
+                                                    for gid, _, attrs in groups], thr, cfg, progress)
         else:
             done = []
             for gid, g, attrs in groups:
-                done.append(_one_input(run.report_dir, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg.thumb_px))
+                done.append(_one_input(run.report_dir, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg))
                 if progress is not None:
                     progress(1)
         rows = [row for row, _ in done]
