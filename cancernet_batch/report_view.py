@@ -8,7 +8,7 @@ Files (in ``RUN/report/``, each written atomically):
     maps/<id>.thumb.jpg      the thumbnail the map is drawn over (at most 1024 px)
     maps/<id>.view.js        ``cancernetView({...})``: grid, tile side in level-0 px, µm/px, threshold,
                              P(IDC) per tile (uint16 little-endian, base64; 65535 = not scored) and the
-                             IDC regions (connected IDC tiles, edge-sharing: size, tiles, max P, box)
+                             IDC regions of :mod:`cancernet_batch.regions` (size, tiles, P, box)
 
 The page loads a map's data only when its figure comes near the screen, so a report of thousands of
 inputs stays light. Everything that comes from data reaches the page as JSON inside a script file
@@ -50,24 +50,19 @@ def write_viewer(out: str | Path) -> Path:
     return path
 
 
-def regions(idc_map: np.ndarray, threshold: float, tile_mm: float) -> list[dict]:
-    """Connected IDC tiles (sharing an edge), largest first: area mm², tiles, mean and max P, tile box."""
-    from scipy import ndimage
-
-    p = np.where(np.isfinite(idc_map), idc_map, -1.0)
-    labels, n = ndimage.label(p >= threshold)  # 4-connectivity: diagonal contact does not merge
+def region_items(regions) -> list[dict]:
+    """The viewer's list of :class:`~cancernet_batch.regions.Region`: size, tiles, mean and max P, tile box."""
     out = []
-    for i, box in enumerate(ndimage.find_objects(labels), start=1):
-        vals = p[box][labels[box] == i]
-        out.append({"tiles": int(vals.size), "area_mm2": float(vals.size * tile_mm ** 2),
-                    "mean_p": float(vals.mean()), "max_p": float(vals.max()),
-                    "bbox": [box[0].start, box[1].start, box[0].stop, box[1].stop]})
-    out.sort(key=lambda r: (-r["tiles"], r["bbox"]))
+    for r in regions:
+        x, y = r.shell[:, 0], r.shell[:, 1]  # grid corners: x = col, y = row
+        out.append({"tiles": r.tiles, "area_mm2": r.area_mm2, "mean_p": r.mean_prob, "max_p": r.max_prob,
+                    "bbox": [int(np.floor(y.min())), int(np.floor(x.min())), int(np.ceil(y.max())),
+                             int(np.ceil(x.max()))]})
     return out
 
 
 def view_data(gid: str, idc_map: np.ndarray, *, thumb_rel: str, thumb_w: float, thumb_h: float, tile_px: float,
-              mpp0: float, threshold: float) -> dict:
+              mpp0: float, threshold: float, regions=()) -> dict:
     """What ``maps/<id>.view.js`` hands to the viewer."""
     m = np.asarray(idc_map, np.float32)
     q = np.where(np.isfinite(m), np.clip(np.rint(np.nan_to_num(m) * (NONE - 1)), 0, NONE - 1), NONE)
@@ -75,11 +70,11 @@ def view_data(gid: str, idc_map: np.ndarray, *, thumb_rel: str, thumb_w: float, 
     return {"id": gid, "rows": rows, "cols": cols, "tile": tile_px, "um": mpp0, "thr": threshold,
             "thumb": thumb_rel, "thumbW": thumb_w, "thumbH": thumb_h,
             "p": base64.b64encode(q.astype("<u2").tobytes()).decode("ascii"),
-            "regions": regions(m, threshold, tile_px * mpp0 / 1000.0)}
+            "regions": region_items(regions)}
 
 
 def write_view(out: str | Path, name: str, gid: str, idc_map: np.ndarray, thumb, *, tile_px: float, mpp0: float,
-               threshold: float) -> str:
+               threshold: float, regions=()) -> str:
     """Write ``maps/<name>.thumb.jpg`` and ``maps/<name>.view.js``; returns the latter relative to ``out``."""
     from PIL import Image
 
@@ -88,7 +83,7 @@ def write_view(out: str | Path, name: str, gid: str, idc_map: np.ndarray, thumb,
     with atomic_path(out / thumb_rel) as tmp:
         Image.fromarray(np.asarray(thumb.image, np.uint8)).save(tmp, format="JPEG", quality=85)
     data = view_data(gid, idc_map, thumb_rel=thumb_rel, thumb_w=thumb.width, thumb_h=thumb.height,
-                     tile_px=tile_px, mpp0=mpp0, threshold=threshold)
+                     tile_px=tile_px, mpp0=mpp0, threshold=threshold, regions=regions)
     rel = f"maps/{name}.view.js"
     write_text(out / rel, f"cancernetView({json.dumps(data, ensure_ascii=True, allow_nan=False)});\n")
     return rel

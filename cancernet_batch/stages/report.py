@@ -140,7 +140,8 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg
     write_geojson(out / regions_geo, region_features(gid, regions, tile_px))
     write_pyramids(out / "pyramids", name, idc_map, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=gid,
                    model_id=scored.model_id)
-    view = write_view(out, name, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold)
+    view = write_view(out, name, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold,
+                      regions=regions)
     return InputReport(input_figures(scored, threshold, region_summary(regions)), f"maps/{name}.png", tiles_geo,
                        thumb.origin, view, regions_geo)
 
