@@ -168,3 +168,20 @@ def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
                                                                 cluster=ClusterConfig(workers=2, dashboard=False)))
     assert _scores(tmp_path / "split") == _scores(tmp_path / "mixed")
     assert score.ENGINE_LOADS["count"] == 0  # the client never loaded a model
+
+
+def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, inputs, tiny_model_dir, tmp_path):
+    """The model loads in the background while the first inputs are tiled; when it cannot load, the run stops
+    with that one error (not a failure row per input)."""
+    import shutil
+
+    from cancernet_batch.errors import ModelError
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "model.onnx").write_bytes(os.urandom(4096))  # damaged after export: only the workers find out
+    run = Run.of(tmp_path / "run")
+    with pytest.raises(ModelError, match="model.onnx"):
+        run_pipeline(inputs[:2], run, TileConfig(target_mpp=4.0, chunk=16),
+                     PredictConfig(model_dir=str(bad), engine="onnx"), client=client)
+    assert not [f for f in run.failures() if f.stage == "predict"]  # no input blamed for the model

@@ -34,13 +34,14 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import store
 from ..cluster import SCORE, TILE, ClusterConfig, dask_client, work_split
-from ..errors import StorageError
+from ..errors import ModelError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
 from ..tiling import InputSpec, TileConfig, discover_some
@@ -117,6 +118,8 @@ class Flow:
         self._seq = 0
         self._last_flush = 0.0
         self._first_score_at: float | None = None
+        self._loader: threading.Thread | None = None  # the background model load (see _start_model_load)
+        self._load_error: BaseException | None = None
 
     # ---------------------------------------------------------------------------------------
     # what to do
@@ -185,14 +188,38 @@ class Flow:
             if self.report_cfg is not None:
                 self._setup_report()
             if self.scoring is not None and (self.queue or self.dicom):
-                from .score import load_engines
-
-                self.predict.load_seconds = load_engines(c, self.scoring.cfg)
-            self._preflight_dicom()
-            self._loop()
+                self._start_model_load(c)
+            try:
+                self._preflight_dicom()
+                self._loop()
+                self._model_loaded()
+            finally:
+                if self._loader is not None:
+                    self._loader.join(timeout=60)
             if self.report_cfg is not None:
                 self._report_leftovers()
         self.flush(final=True)
+
+    def _start_model_load(self, client) -> None:
+        """Load the model on the scoring workers in the background: preflight, plans and the first tiles go on
+        meanwhile (a score task that arrives first loads it itself: one load a process, under a lock)."""
+        from .score import load_engines
+
+        def load() -> None:
+            try:
+                self.predict.load_seconds = load_engines(client, self.scoring.cfg)
+            except BaseException as exc:  # noqa: BLE001 - raised in the flow's thread by _model_loaded
+                self._load_error = exc
+
+        self._loader = threading.Thread(target=load, name="cancernet model load", daemon=True)
+        self._loader.start()
+
+    def _model_loaded(self, wait: bool = True) -> None:
+        """Raise the model load's error (the whole run stops: no input could be scored); ``wait`` for it first."""
+        if self._loader is not None and wait:
+            self._loader.join()
+        if self._load_error is not None:
+            raise self._load_error
 
     def _loop(self) -> None:
         from distributed import as_completed
@@ -213,6 +240,7 @@ class Flow:
                     res = exc
             finally:
                 fut.release()
+            self._model_loaded(wait=False)
             getattr(self, f"_on_{kind}")(inp, res, extra)
             self._maybe_finish(inp)
             if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -354,6 +382,9 @@ class Flow:
                      extra=item[1])
 
     def _on_score(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, ModelError):  # the model does not load: say so once, for the run, not per input
+            self._model_loaded()
+            raise res
         if isinstance(res, BaseException):
             self._fail(inp, Failure.from_exception(inp.source, "predict", res))
             return
