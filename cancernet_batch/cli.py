@@ -379,6 +379,46 @@ def export(model_dir: str) -> None:
 # inspect / tile / predict / report / run
 # ----------------------------------------------------------------------------------------------
 
+def _parse_storage_options(ctx, param, value: str | None) -> dict | None:
+    """``--storage-options``: a JSON object, or ``@FILE`` holding one. Never echoed: it may hold secrets."""
+    import json
+
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {value[1:]!r}: {exc.strerror or exc}") from None
+    try:
+        out = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not a JSON object (JSON error at line {exc.lineno}, column {exc.colno}); "
+                                 "give '{\"key\": ...}' or @FILE") from None
+    if not isinstance(out, dict):
+        raise click.BadParameter("not a JSON object; give '{\"key\": ...}' or @FILE")
+    return out
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", "storage_options", default=None, metavar="JSON|@FILE", callback=_parse_storage_options,
+    help="For a run folder on object storage (s3://, gs://, az://): fsspec options as a JSON object or @FILE, "
+         "e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'. Default: the standard places "
+         "(AWS_* environment, ~/.aws profiles, AWS_ENDPOINT_URL). Never printed or recorded.")
+
+
+def _run_of(location: str, storage_options: dict | None):
+    """The :class:`Run` for a command's run folder (a path or an fsspec URL)."""
+    from .runfolder import Run, url_scheme
+
+    if storage_options is not None and url_scheme(location) in (None, "file"):
+        raise click.BadParameter("--storage-options is for run folders on object storage (s3://, gs://, az://)",
+                                 param_hint="'--storage-options'")
+    return Run.of(location, storage_options)
+
+
 def _tiling_options(f):
     """Options shared by ``inspect`` and ``tile``: resolution, tissue filter, preflight."""
     opts = [
@@ -420,9 +460,15 @@ def check_out_not_inside_inputs(out: str, inputs) -> None:
     import os
     from pathlib import Path
 
+    from .runfolder import url_scheme
+
     def real(p: str) -> Path:
         return Path(os.path.realpath(os.path.abspath(p)))
 
+    if url_scheme(out) not in (None, "file"):
+        return  # on object storage: never inside a local input
+    if url_scheme(out) == "file":
+        out = out[len("file://"):] or "/"
     o = real(out)
     for raw in inputs:
         i = real(raw)
@@ -608,8 +654,9 @@ def _predict_config(kw: dict):
 @_tiling_options
 @click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH),
               help="Tiles per store chunk, the unit of work of tile and predict (default 1024).")
+@STORAGE_OPTIONS
 @_cluster_options
-def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int:
+def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_options: dict | None, **kw) -> int:
     """Tile slides and patient folders into RUN/tiles.zarr (resumable).
 
     \b
@@ -622,11 +669,12 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
     from .stages.tile import tile_run
 
     check_out_not_inside_inputs(out, inputs)
+    run_folder = _run_of(out, storage_options)
     cfg = _tile_config(kw, chunk_size)
     cluster = _cluster_config(kw)
 
     with _bar(None, "tile", "tile") as bar:
-        s = tile_run(list(inputs), out, cfg, cluster=cluster, progress=_growing(bar),
+        s = tile_run(list(inputs), run_folder, cfg, cluster=cluster, progress=_growing(bar),
                      on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     for source in s.tiled:
         p = s.plans.get(source, {})
@@ -648,14 +696,16 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, **kw) -> int
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @_predict_options
+@STORAGE_OPTIONS
 @_cluster_options
-def predict(run_dir: str, **kw) -> int:
+def predict(run_dir: str, storage_options: dict | None, **kw) -> int:
     """Score the tiles of a run with Dask (local cluster or --scheduler); resumable."""
     from .stages.score import predict_run
 
     cfg = _predict_config(kw)
+    run_folder = _run_of(run_dir, storage_options)
     with _bar(None, "patch", "predict") as bar:
-        s = predict_run(run_dir, cfg, progress=bar.update,
+        s = predict_run(run_folder, cfg, progress=bar.update,
                         on_dashboard=lambda url: click.echo(f"dask dashboard: {url}", err=True))
     click.echo(f"predict: {s.inputs} inputs, {s.tiles_scored} patches scored in {s.seconds:.1f} s "
                f"({s.patches_per_second:.0f} patches/s); {s.chunks_skipped} chunks already done; "
@@ -672,15 +722,17 @@ def predict(run_dir: str, **kw) -> int:
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
               help="Model folder whose model.json gives the decision threshold.")
 @_region_options
+@STORAGE_OPTIONS
 def report(run_dir: str, threshold: float | None, patients_csv: str | None, model_dir: str | None,
-           **regions) -> int:
+           storage_options: dict | None, **regions) -> int:
     """Write IDC maps, heatmaps, GeoJSON (tiles and regions), CSV summaries and index.html into RUN/report."""
     from .stages.report import ReportConfig, make_report
 
     cfg = ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir,
                        **_region_config(**regions))
+    run_folder = _run_of(run_dir, storage_options)
     with _bar(None, "input", "report") as bar:
-        s = make_report(run_dir, cfg, progress=bar.update)
+        s = make_report(run_folder, cfg, progress=bar.update)
     click.echo(f"report: {s.index}")
     click.echo(f"{s.reported} inputs reported, {s.not_scored} not scored, {s.failed} failed; "
                f"{len(s.patients)} patients; threshold {s.threshold.value:g} from {s.threshold.source}")
@@ -715,10 +767,11 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @click.option("--report-every", default=5.0, show_default=True, type=Number(0, 3600, unit="SECONDS"),
               help="Seconds between rewrites of the report tables, index.html and progress.json while the run goes.")
 @_region_options
+@STORAGE_OPTIONS
 @_cluster_options
 def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: float | None, patients_csv: str | None,
         until: str | None, max_hours: float | None, max_inputs: int | None, report_every: float,
-        min_region_mm2: float, region_smoothing: int, geojson_gzip: bool, **kw) -> int:
+        min_region_mm2: float, region_smoothing: int, geojson_gzip: bool, storage_options: dict | None, **kw) -> int:
     """Tile, score and report in one resumable command, each input as a stream (tiles at the model's µm/px).
 
     \b
@@ -731,6 +784,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     from .stages.report import ReportConfig
 
     check_out_not_inside_inputs(out, inputs)
+    run_folder = _run_of(out, storage_options)
     deadline = _deadline(until, max_hours)
 
     model_dir = kw["model_dir"]
@@ -739,7 +793,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
         kw.pop(k)
     predict_cfg = _predict_config(kw)
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
-        s = run_pipeline(list(inputs), out, tile_cfg, predict_cfg,
+        s = run_pipeline(list(inputs), run_folder, tile_cfg, predict_cfg,
                          ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir,
                                       **_region_config(min_region_mm2, region_smoothing, geojson_gzip)),
                          tile_progress=_growing(tbar), predict_progress=pbar.update, deadline=deadline,
@@ -773,7 +827,8 @@ def _deadline(until: str | None, max_hours: float | None) -> float | None:
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the progress record as JSON.")
-def status(run_dir: str, as_json: bool) -> int:
+@STORAGE_OPTIONS
+def status(run_dir: str, as_json: bool, storage_options: dict | None) -> int:
     """How far a run is: inputs done / failed / remaining, patches scored, rate, finish time.
 
     Read from the run folder alone: works while the run is going (from another terminal) and
@@ -783,7 +838,7 @@ def status(run_dir: str, as_json: bool) -> int:
 
     from .status import run_status
 
-    st = run_status(run_dir)
+    st = run_status(_run_of(run_dir, storage_options))
     if as_json:
         click.echo(json.dumps(st, indent=2))
     else:

@@ -10,10 +10,14 @@ path. A run folder holds::
     RUN/report/           inputs.csv, patients.csv, failures.csv, index.html, maps/, geojson/
     RUN/.lock             held (an OS file lock) by the one process writing to the run
 
-Storage goes through a small filesystem seam, :class:`LocalFS` (local or shared disk, atomic by
-writing a temporary name and renaming it). To add a storage kind, write a class with the same
-methods (``write_bytes``, ``read_bytes``, ``exists``, ``makedirs``, ``remove_stale_temps``,
-``lock``, ``store_location``) and make :meth:`Run.of` choose it for its URLs; nothing else changes.
+Storage goes through a small filesystem seam: :class:`LocalFS` (local or shared disk, atomic by
+writing a temporary name and renaming it) or :class:`FsspecFS` (object storage through fsspec:
+``s3://``, ``gs://``, ``az://``...; an object PUT is atomic, so the final name is written directly,
+the tile store is zarr's ``FsspecStore`` and the lock is a conditional PUT). Both have the same
+methods (``write_bytes``, ``read_bytes``, ``exists``, ``isdir``, ``staged``, ``remove_unkept``,
+``makedirs``, ``remove_stale_temps``, ``lock``, ``is_locked``, ``store_location``);
+:meth:`Run.of` chooses by the location's URL scheme (``file://`` and plain paths are local).
+A remote run's paths are :class:`ObjectPath` values: they join like paths and print as URLs.
 """
 
 from __future__ import annotations
@@ -21,15 +25,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import StorageError
 from .failures import Failure, failures_from_csv, failures_to_csv
+
+log = logging.getLogger(__name__)
 
 STAGES = ("discover", "preflight", "plan", "tile", "predict", "report")
 """The stages an input goes through, in order; a failures row names one of them."""
@@ -61,6 +69,29 @@ class LocalFS:
 
     def exists(self, path: Path) -> bool:
         return Path(path).exists()
+
+    def isdir(self, path: Path) -> bool:
+        return Path(path).is_dir()
+
+    @contextlib.contextmanager
+    def staged(self, folder: Path) -> Iterator[Path]:
+        """A local folder for outputs that local file code writes (PNG, GeoJSON, OME-Zarr...): here the
+        run's own ``folder`` (those writers are atomic on disk)."""
+        yield Path(folder)
+
+    def remove_unkept(self, folder: Path, suffix: str, keep: set[str]) -> None:
+        """Remove the entries of ``folder`` named ``*suffix`` but not in ``keep`` (files, or folders: an OME-Zarr)."""
+        folder = Path(folder)
+        if folder.is_dir():
+            import shutil
+
+            for p in folder.glob(f"*{suffix}"):
+                if p.name in keep or p.name.startswith(".tmp-"):
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_file():
+                    p.unlink()
 
     def makedirs(self, path: Path) -> None:
         try:
@@ -139,6 +170,323 @@ def _holder_text(h: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# object storage (fsspec)
+# --------------------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+LOCK_HEARTBEAT_S = 60.0
+"""How often the holder of a lock on object storage rewrites it (its ``heartbeat`` time)."""
+LOCK_STALE_S = 600.0
+"""A lock on object storage whose heartbeat is older than this is stale: its holder is gone."""
+
+
+def url_scheme(location: str | os.PathLike) -> str | None:
+    """The scheme of a URL (``s3``, ``gs``, ``file``...), lower case; None for a plain path."""
+    m = _SCHEME.match(os.fspath(location)) if isinstance(location, (str, os.PathLike)) else None
+    return m.group(1).lower() if m else None
+
+
+class ObjectPath(PurePosixPath):
+    """A location on object storage that joins like a path and prints as its URL.
+
+    ``ObjectPath("s3://bucket/run") / "report" / "index.html"`` prints as
+    ``s3://bucket/run/report/index.html``; ``.name``, ``.suffix`` and ``.parent`` work as for paths.
+    It names an object for :class:`FsspecFS`; no local file function may be given one.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)", text)
+        return f"{m.group(1)}://{text[m.end():]}" if m else text
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+
+_CHECKED: set[tuple[str, str, str]] = set()
+"""Buckets found usable in this process, per (protocol, bucket, options digest): Dask tasks unpickle a
+new :class:`FsspecFS` each and need not ask again."""
+
+
+def _storage_defaults(protocol: str) -> dict:
+    """S3: bounded network waits, so an unreachable endpoint is an error within seconds, never a hang; no
+    listings cache (another process writes the same prefix); whole-object reads in one GET (without
+    ``max_concurrency=1`` s3fs sends a HEAD for the size before every read: twice the requests for
+    the store's small metadata objects)."""
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}},
+                "use_listings_cache": False, "max_concurrency": 1}
+    return {}
+
+
+def _merged(defaults: dict, given: Mapping) -> dict:
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class FsspecFS:
+    """Object storage through fsspec (``s3://``, ``gs://``, ``az://``, ...).
+
+    An object PUT is atomic: every file is written under its final name, never a temporary one,
+    so there is nothing to clean after a kill. The tile store is zarr's ``FsspecStore``. The
+    run-folder lock is an object created by a conditional PUT (``If-None-Match: *``) and rewritten
+    by its holder every :data:`LOCK_HEARTBEAT_S` seconds. ``storage_options`` (credentials,
+    endpoint) stay in memory: never in a message, a log record or a file of the run
+    (``repr`` shows the protocol only).
+    """
+
+    kind = "fsspec"
+
+    def __init__(self, protocol: str, storage_options: Mapping | None = None):
+        self.protocol = protocol
+        self.storage_options = _merged(_storage_defaults(protocol), storage_options or {})
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"FsspecFS({self.protocol!r})"  # never the options: they may hold secrets
+
+    def __getstate__(self) -> dict:
+        return {"protocol": self.protocol, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["protocol"])
+        self.storage_options = state["storage_options"]
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            try:
+                self._fs = fsspec.filesystem(self.protocol, **self.storage_options)
+            except ImportError as exc:
+                raise StorageError(f"no fsspec driver for {self.protocol}:// ({exc})", path=f"{self.protocol}://",
+                                   hint=f"install the package for {self.protocol}:// (s3fs, gcsfs or adlfs)") from None
+            except (TypeError, ValueError) as exc:
+                raise StorageError(f"bad storage options for {self.protocol}:// ({type(exc).__name__})",
+                                   path=f"{self.protocol}://",
+                                   hint="check --storage-options against the fsspec driver's arguments") from None
+        return self._fs
+
+    # errors ------------------------------------------------------------------------------------
+    def _endpoint(self) -> str:
+        ck = self.storage_options.get("client_kwargs") or {}
+        return str(self.storage_options.get("endpoint_url") or ck.get("endpoint_url")
+                   or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint")
+
+    def _error(self, exc: BaseException, path, doing: str) -> StorageError:
+        """One clear error for a failed storage call (never the options: they may hold secrets)."""
+        name = type(exc).__name__
+        text = " ".join(str(exc).split())[:200]
+        if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+            return StorageError(f"access denied while {doing} ({text})", path=path,
+                                hint="check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                                     "AWS_PROFILE, or --storage-options")
+        if isinstance(exc, FileNotFoundError):
+            return StorageError(f"not found while {doing} ({text})", path=path,
+                                hint="check the bucket name in the URL, or create the bucket")
+        if "connect" in name.lower() or "connect" in text.lower() or isinstance(exc, (TimeoutError, ConnectionError)):
+            return StorageError(f"cannot reach the storage endpoint {self._endpoint()} ({name})", path=path,
+                                hint="check AWS_ENDPOINT_URL or --storage-options endpoint_url, and the network")
+        return StorageError(f"storage error while {doing}: {name}: {text}", path=path,
+                            hint="check the URL, the credentials and the endpoint")
+
+    def _call(self, path, doing: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many kinds; each becomes one line
+            raise self._error(exc, path, doing) from None
+
+    def check(self, path) -> None:
+        """A clear error now when the bucket is missing, the credentials are refused or the endpoint is down."""
+        import hashlib
+
+        bucket = str(path).split("://", 1)[-1].split("/", 1)[0]
+        digest = hashlib.sha256(json.dumps(self.storage_options, sort_keys=True, default=str).encode()).hexdigest()
+        key = (self.protocol, bucket, digest)
+        if key in _CHECKED:
+            return
+        try:
+            self.fs.info(f"{self.protocol}://{bucket}")
+        except FileNotFoundError:
+            raise StorageError(f"the bucket {bucket!r} does not exist", path=path,
+                               hint="create the bucket, or fix the bucket name in the URL") from None
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, path, "opening the bucket") from None
+        _CHECKED.add(key)
+
+    # the seam ----------------------------------------------------------------------------------
+    def write_bytes(self, path, data: bytes):
+        self.check(path)
+        self._call(path, "writing", self.fs.pipe_file, str(path), bytes(data))
+        return path
+
+    def read_bytes(self, path) -> bytes | None:
+        self.check(path)
+        try:
+            return self.fs.cat_file(str(path))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, path, "reading") from None
+
+    def exists(self, path) -> bool:
+        self.check(path)
+        return bool(self._call(path, "looking up", self.fs.exists, str(path)))
+
+    def isdir(self, path) -> bool:
+        self.check(path)
+        return bool(self._call(path, "looking up", self.fs.isdir, str(path)))
+
+    @contextlib.contextmanager
+    def staged(self, folder) -> Iterator[Path]:
+        """A local temporary folder for outputs that local file code writes; when the block ends without
+        an error, each of its files is PUT under ``folder`` (same relative name), then it is removed."""
+        import tempfile
+
+        self.check(folder)
+        with tempfile.TemporaryDirectory(prefix="cancernet-stage-") as tmp:
+            local = Path(tmp)
+            yield local
+            files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+            if files:
+                self._call(folder, "writing", self.fs.put, [str(p) for p in files],
+                           [f"{folder}/{p.relative_to(local).as_posix()}" for p in files])
+
+    def remove_unkept(self, folder, suffix: str, keep: set[str]) -> None:
+        """Remove the objects under ``folder`` whose first name part ends in ``suffix`` and is not in ``keep``."""
+        self.check(folder)
+        try:
+            entries = self.fs.ls(str(folder), detail=False)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, folder, "listing") from None
+        for entry in entries:
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix) and name not in keep:
+                self._call(folder, "removing", self.fs.rm, f"{folder}/{name}", recursive=True)
+
+    def makedirs(self, path) -> None:
+        self.check(path)  # object stores have no folders: a prefix exists once an object lies under it
+
+    def remove_stale_temps(self, *folders) -> int:
+        return 0  # nothing is written under a temporary name
+
+    def store_location(self, path):
+        """zarr's ``FsspecStore`` for the tile store at ``path`` (its own asynchronous client)."""
+        from zarr.storage import FsspecStore
+
+        self.check(path)
+        return self._call(path, "opening the tile store", FsspecStore.from_url, str(path),
+                          storage_options=dict(self.storage_options))
+
+    # the lock ----------------------------------------------------------------------------------
+    def _read_lock(self, path) -> dict | None:
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            out = json.loads(data.decode("utf-8") or "{}")
+            return out if isinstance(out, dict) else {}
+        except ValueError:
+            return {}
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        beat = holder.get("heartbeat") or holder.get("started") or 0
+        return time.time() - float(beat) > LOCK_STALE_S
+
+    def _create(self, path, data: bytes) -> bool:
+        """Create ``path`` only if no object has that name (a conditional PUT); False when one has."""
+        try:
+            self.fs.pipe_file(str(path), data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, ValueError) as exc:
+            raise StorageError(f"this storage cannot create an object only if it is absent ({type(exc).__name__})",
+                               path=path, hint="update the fsspec driver (s3fs >= 2025.5), or use a local --out") from None
+        except Exception as exc:  # noqa: BLE001
+            if "NotImplemented" in str(exc) or "not implemented" in str(exc).lower():
+                raise StorageError("the storage server does not support conditional writes (If-None-Match), "
+                                   "so the run folder cannot be locked", path=path,
+                                   hint="use a server with conditional PUTs (AWS S3, MinIO, ...) or a local --out") from None
+            raise self._error(exc, path, "locking the run folder") from None
+        return True
+
+    @contextlib.contextmanager
+    def lock(self, path, holder: dict) -> Iterator[None]:
+        """Hold ``RUN/.lock``, created by a conditional PUT; released (deleted) on exit.
+
+        The holder rewrites it every :data:`LOCK_HEARTBEAT_S` seconds; a lock whose heartbeat is
+        older than :data:`LOCK_STALE_S` is stale (its holder was killed). A stale lock is never taken
+        over silently: the error says who held it and how to remove it.
+        """
+        import threading
+        import uuid
+
+        self.check(path)
+        token = uuid.uuid4().hex
+        record = {**holder, "token": token, "heartbeat": time.time()}
+        if not self._create(path, json.dumps(record).encode()):
+            other = self._read_lock(path) or {}
+            run = ObjectPath(str(path)).parent
+            if other and self._stale(other):
+                age = (time.time() - float(other.get("heartbeat") or other.get("started") or 0)) / 60
+                raise StorageError(f"this run folder is locked by {_holder_text(other)}, whose lock has not been "
+                                   f"renewed for {age:.0f} min (it was stopped or killed)", path=run,
+                                   hint=f"if that command is gone, delete {path} (e.g. `aws s3 rm {path}`) "
+                                        "and re-run") from None
+            raise StorageError(f"this run folder is in use by {_holder_text(other)}", path=run,
+                               hint="wait for that command to finish (or stop it), or use another --out; "
+                                    f"if it was killed, delete {path} once it is gone") from None
+        mine = self._read_lock(path) or {}
+        if mine.get("token") != token:  # a server that ignored the condition: someone else won
+            raise StorageError(f"this run folder is in use by {_holder_text(mine)}", path=ObjectPath(str(path)).parent,
+                               hint="wait for that command to finish (or stop it), or use another --out")
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(LOCK_HEARTBEAT_S):
+                try:
+                    current = self._read_lock(path) or {}
+                    if current.get("token") != token:
+                        return  # removed (or taken) by hand: do not write it back
+                    self.fs.pipe_file(str(path), json.dumps({**record, "heartbeat": time.time()}).encode())
+                except Exception:  # noqa: BLE001 - a missed beat; the next one tries again
+                    pass
+
+        thread = threading.Thread(target=beat, name="cancernet-lock-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            try:
+                if (self._read_lock(path) or {}).get("token") == token:
+                    self.fs.rm_file(str(path))
+            except Exception:  # noqa: BLE001 - a lock left behind is reported (stale) by the next command
+                log.warning("%s: could not remove the run folder's lock; delete it by hand", path)
+
+    def is_locked(self, path) -> dict | None:
+        """The holder's record when a command holds the lock on ``path`` (``stale: True`` when its
+        heartbeat stopped), else None."""
+        h = self._read_lock(path)
+        if h is None:
+            return None
+        h = {k: v for k, v in h.items() if k != "token"} or {"pid": "?"}
+        return {**h, "stale": True} if self._stale(h) else h
+
+
+# --------------------------------------------------------------------------------------------
 # the run folder
 # --------------------------------------------------------------------------------------------
 
@@ -150,14 +498,30 @@ class Run:
     """
 
     root: Path
-    fs: LocalFS = field(default_factory=LocalFS, compare=False)
+    fs: "LocalFS | FsspecFS" = field(default_factory=LocalFS, compare=False)
 
     @classmethod
-    def of(cls, location: "str | os.PathLike | Run") -> "Run":
-        """The ``Run`` for a user's ``--out`` (made absolute, symbolic links kept as given), or ``location`` itself."""
+    def of(cls, location: "str | os.PathLike | Run", storage_options: Mapping | None = None) -> "Run":
+        """The ``Run`` for a user's ``--out``, or ``location`` itself.
+
+        A local path is made absolute (symbolic links kept as given); ``file://PATH`` is the local
+        ``PATH``. Another URL (``s3://bucket/prefix/run``, ``gs://``, ``az://``...) is a run on
+        object storage, reached through fsspec with ``storage_options`` (credentials, endpoint),
+        else the standard places (``AWS_*`` environment, profiles, ``AWS_ENDPOINT_URL``).
+        """
         if isinstance(location, Run):
             return location
-        return cls(Path(os.path.abspath(os.fspath(location))))
+        text = os.fspath(location)
+        scheme = url_scheme(text)
+        if scheme == "file":
+            text = text[len("file://"):] or "/"
+        elif scheme is not None:
+            return cls(ObjectPath(text.rstrip("/")), FsspecFS(scheme, storage_options))
+        return cls(Path(os.path.abspath(text)))
+
+    @property
+    def remote(self) -> bool:
+        return self.fs.kind != "local"
 
     def __str__(self) -> str:
         return str(self.root)
@@ -199,6 +563,10 @@ class Run:
     def exists(self) -> bool:
         return self.fs.exists(self.store_path)
 
+    def is_folder(self) -> bool:
+        """Whether the run folder is there (on object storage: whether any object lies under it)."""
+        return self.fs.isdir(self.root)
+
     def open_store(self, mode: str = "a", *, clean: bool = True):
         """The tile store's root group (created with ``mode='a'``).
 
@@ -207,6 +575,9 @@ class Run:
         """
         from . import store
 
+        if self.remote and mode == "r" and not self.exists():
+            raise StorageError("no tiles.zarr in this run folder", path=self.root,
+                               hint="run `cancernet tile INPUT... --out RUN` first")
         location = self.fs.store_location(self.store_path)
         store.check_root(location)  # a damaged root is one clear error naming its file
         return store.open_root(location, mode=mode, run_dir=self.root, clean=clean)

@@ -25,14 +25,15 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def run_status(run_dir: str | os.PathLike) -> dict:
+def run_status(run_dir: "str | os.PathLike | Run") -> dict:
     """The run's progress record plus ``running`` (a live process holds the run) and ``lines`` to print."""
     run = Run.of(run_dir)
-    if not run.root.is_dir():
+    if not run.is_folder():
         raise StorageError("no such run folder", path=run.root, hint="give the --out folder of `cancernet run`")
     rec = run.progress() or {}
     holder = run.holder()
-    running = holder is not None
+    stale = bool(holder and holder.get("stale"))  # object storage: a lock whose holder stopped renewing it
+    running = holder is not None and not stale
     failed_inputs = len({f.input for f in run.failures()})
     lines = [f"run:       {run.root}"]
     if not rec:
@@ -42,6 +43,10 @@ def run_status(run_dir: str | os.PathLike) -> dict:
     state = rec.get("state", "unknown")
     if running:
         state = f"running (`cancernet {holder.get('command', '?')}`, pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
+    elif stale:
+        state = (f"stopped: `cancernet {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on "
+                 f"{holder.get('host', '?')}) stopped renewing its lock; if it is gone, delete {run.lock_path} "
+                 "and re-run the same command to continue")
     elif state == "running":
         state = "stopped: the process is gone (killed or cut short); re-run the same command to continue"
     elif state == "stopped at the deadline":

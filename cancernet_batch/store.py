@@ -116,7 +116,12 @@ def open_input(location: str | os.PathLike, gid: str, mode: str = "r+"):
     """
     import zarr
 
-    return zarr.open_group(str(location), mode=mode, zarr_format=3)[f"inputs/{gid}"]
+    return zarr.open_group(_zarr_location(location), mode=mode, zarr_format=3)[f"inputs/{gid}"]
+
+
+def _zarr_location(location):
+    """What ``zarr.open_group`` takes: a local path as a string, a store object (object storage) as it is."""
+    return str(location) if isinstance(location, (str, os.PathLike)) else location
 
 
 def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os.PathLike | None = None,
@@ -128,6 +133,15 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
     """
     import zarr
 
+    if not isinstance(location, (str, os.PathLike)):  # a zarr store object (object storage): no local files
+        root = zarr.open_group(location, mode=mode, zarr_format=3)
+        if mode != "r" and "schema_version" not in root.attrs:
+            root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
+        version = root.attrs.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
+                               path=run_dir, hint="re-tile into a new run folder")
+        return root
     path = Path(location)
     if mode == "r" and not path.exists():
         raise StorageError("no tiles.zarr in this run folder", path=run_dir or path.parent,
@@ -243,7 +257,10 @@ def check_root(location: str | os.PathLike) -> None:
     root or its ``inputs`` group) is damaged; nothing when there is no store yet or it is sound.
 
     Call before :func:`open_root`: zarr itself raises a bare JSON error with no file name.
+    (Local stores only: a store object on object storage is not checked here.)
     """
+    if not isinstance(location, (str, os.PathLike)):
+        return
     path = Path(location)
     for meta in (path / "zarr.json", path / "inputs" / "zarr.json"):
         if not meta.parent.is_dir() or (meta.parent != path and not meta.exists()):

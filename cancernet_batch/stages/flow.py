@@ -533,7 +533,7 @@ class Flow:
             elif input_state(g)[0] == REPORTED:
                 self.rows[gid] = existing_row(self.run, gid, g, attrs, patient, self.threshold, self.report_cfg)
             else:
-                row, failure = _one_input(self.run.report_dir, gid, g, attrs, patient, self.threshold,
+                row, failure = _one_input(self.run, gid, g, attrs, patient, self.threshold,
                                           self.report_cfg)
                 self.rows[gid] = row
                 if failure is not None:

@@ -27,7 +27,6 @@ import logging
 import errno
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
@@ -154,25 +153,26 @@ def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr
     heatmap, view = f"maps/{name}.png", f"maps/{name}.view.js"
     geo, regions = geojson_names(gid, cfg)
     return InputReport(input_figures(scored, thr.value, min_region_mm2=cfg.min_region_mm2),
-                       heatmap if run.report_file(heatmap).is_file() else None,
-                       geo if run.report_file(geo).is_file() else None,
-                       view=view if run.report_file(view).is_file() else None,
-                       regions=regions if run.report_file(regions).is_file() else None)
+                       heatmap if run.fs.exists(run.report_file(heatmap)) else None,
+                       geo if run.fs.exists(run.report_file(geo)) else None,
+                       view=view if run.fs.exists(run.report_file(view)) else None,
+                       regions=regions if run.fs.exists(run.report_file(regions)) else None)
 
 
-def _one_input(out: Path, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
+def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
                ) -> tuple[InputReport, Failure | None]:
     status, note = input_state(group)
     model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
     if status != REPORTED:
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
-        return report_input(out, gid, group, patient, thr.value, cfg), None
+        with run.fs.staged(run.report_dir) as out:  # on object storage: written here, then PUT
+            return report_input(out, gid, group, patient, thr.value, cfg), None
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
     except OSError as exc:
         if exc.errno in _STORAGE_ERRNOS:
-            raise StorageError(f"cannot write the report: {exc.strerror}", path=out,
+            raise StorageError(f"cannot write the report: {exc.strerror}", path=run.report_dir,
                                hint="check that the output folder is writable and has free space") from exc
         return _failed_input(gid, attrs, patient, thr, model_id, exc)
     except Exception as exc:  # noqa: BLE001 - one input never stops the report
@@ -209,16 +209,9 @@ INPUT_COLUMNS = tuple(f.name for f in fields(InputFigures))
 PATIENT_COLUMNS = tuple(f.name for f in fields(PatientFigures))
 
 
-def _remove_stale(folder: Path, suffix: str, keep: set[str]) -> None:
+def _remove_stale(run: Run, folder: Path, suffix: str, keep: set[str]) -> None:
     """Drop heatmaps / GeoJSON / pyramids of inputs that are no longer reported."""
-    if folder.is_dir():
-        for p in folder.glob(f"*{suffix}"):
-            if p.name in keep or p.name.startswith(".tmp-"):
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_file():
-                p.unlink()
+    run.fs.remove_unkept(folder, suffix, keep)
 
 
 def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
@@ -232,7 +225,7 @@ def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportCon
                 ) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
     g = run.open_input(gid)  # not open_store: its clean-up would delete other workers' files in flight
-    return _one_input(run.report_dir, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)
+    return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)
 
 
 def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, *,
@@ -274,16 +267,18 @@ def _report_on_cluster(client, run: Run, work: list[tuple[str, str, InputAttrs]]
 
 def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: list[Failure]) -> ReportSummary:
     """Write inputs.csv, patients.csv, the report's failures.csv and index.html for ``rows`` (atomically)."""
-    from ..report_html import write_index
+    from ..atomic import write_text
+    from ..report_html import render_index
 
     out = run.report_dir
     figures = [r.figures for r in rows]
     summary = ReportSummary(out, thr, rows, patient_figures(figures), failures)
-    write_table(out / "inputs.csv", figures, INPUT_COLUMNS)
-    write_table(out / "patients.csv", summary.patients, PATIENT_COLUMNS)
-    run.write_report_failures(failures)
-    write_viewer(out)
-    write_index(summary)
+    with run.fs.staged(out) as local:  # on object storage: written here, then PUT
+        write_table(local / "inputs.csv", figures, INPUT_COLUMNS)
+        write_table(local / "patients.csv", summary.patients, PATIENT_COLUMNS)
+        run.write_report_failures(failures)
+        write_viewer(local)
+        write_text(local / "index.html", render_index(summary))
     return summary
 
 
@@ -291,14 +286,14 @@ def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: l
     """The report's last step: drop files of inputs no longer reported, then write the tables."""
     _check_model(thr, rows)
     out = run.report_dir
-    _remove_stale(out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
+    _remove_stale(run, out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
     geo = {Path(p).name for r in rows for p in (r.geojson, r.regions) if p}
-    _remove_stale(out / "geojson", ".geojson", geo)
-    _remove_stale(out / "geojson", ".geojson.gz", geo)
+    _remove_stale(run, out / "geojson", ".geojson", geo)
+    _remove_stale(run, out / "geojson", ".geojson.gz", geo)
     stems = {Path(r.heatmap).stem for r in rows if r.heatmap}
     for folder, suffix in (("maps", ".thumb.jpg"), ("maps", ".view.js"), ("pyramids", ".ome.zarr"),
                            ("pyramids", ".ome.tif")):
-        _remove_stale(out / folder, suffix, {s + suffix for s in stems})
+        _remove_stale(run, out / folder, suffix, {s + suffix for s in stems})
     summary = write_tables(run, rows, thr, failures)
     log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
              summary.failed, summary.index)
@@ -331,7 +326,7 @@ def make_report(run_dir: "str | os.PathLike | Run", cfg: ReportConfig = ReportCo
         else:
             done = []
             for gid, g, attrs in groups:
-                done.append(_one_input(run.report_dir, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg))
+                done.append(_one_input(run, gid, g, attrs, patient_of(gid, attrs, mapping), thr, cfg))
                 if progress is not None:
                     progress(1)
         rows = [row for row, _ in done]
