@@ -120,6 +120,15 @@ def write_ome_zarr(path: str | Path, prob: np.ndarray, *, threshold: float, tile
     return Path(path)
 
 
+def _uuid(name: str, prob: np.ndarray) -> str:
+    """A UUID from the name and the map, so the same map gives the same file (tifffile's default is random)."""
+    import hashlib
+    import uuid
+
+    h = hashlib.sha256(name.encode("utf-8", "surrogateescape") + np.ascontiguousarray(prob).tobytes()).hexdigest()
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'cancernet-batch:' + h)}"
+
+
 def write_ome_tiff(path: str | Path, prob: np.ndarray, *, threshold: float, tile_px: float, mpp0: float,
                    name: str) -> Path:
     """Write the pyramidal OME-TIFF: channels (probability, IDC mask), level 0 plus sub-IFD levels."""
@@ -142,7 +151,7 @@ def write_ome_tiff(path: str | Path, prob: np.ndarray, *, threshold: float, tile
             first = plane(*lv[0])
             tw.write(first, subifds=len(lv) - 1, tile=tile_of(first), compression="zlib", photometric="minisblack",
                      resolution=(1e4 / um, 1e4 / um), resolutionunit="CENTIMETER",
-                     metadata={"axes": "CYX", "Name": f"{name} IDC probability",
+                     metadata={"axes": "CYX", "Name": f"{name} IDC probability", "UUID": _uuid(name, lv[0][0]),
                                "PhysicalSizeX": um, "PhysicalSizeXUnit": "µm",
                                "PhysicalSizeY": um, "PhysicalSizeYUnit": "µm",
                                "Channel": {"Name": ["IDC probability", "IDC mask"]}})

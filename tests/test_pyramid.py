@@ -103,7 +103,10 @@ def test_ome_tiff_is_pyramidal_with_physical_size(written):
 def test_pyramid_rewrite_replaces_whole_and_a_failed_write_keeps_the_old(tmp_path):
     write_pyramids(tmp_path, "x", _map((30, 20), 1), threshold=THR, tile_px=T, mpp0=MPP0, name="x")
     second = _map((30, 20), 2)
-    z, _ = write_pyramids(tmp_path, "x", second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    z, t = write_pyramids(tmp_path, "x", second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    once = t.read_bytes()
+    write_pyramids(tmp_path, "x", second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    assert t.read_bytes() == once  # the same map, the same file (the OME-XML UUID comes from the map)
     import zarr
 
     np.testing.assert_array_equal(np.asarray(zarr.open_group(str(z), mode="r")["0"][:]), second)
