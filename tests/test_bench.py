@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 def test_bench_json_holds_every_figure(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "bench", "--synthetic-slides", "2", "--size", "10000",
-                        "--batch-sizes", "256,1024", "--workers", "1", "--naive-count", "20", "--json", str(out),
-                        "--markdown", str(tmp_path / "bench.md")],
+    r = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "bench", "--synthetic-slides", "2", "--size", "6000",
+                        "--batch-sizes", "256,1024", "--workers", "1", "--naive-count", "20", "--variants", "tta",
+                        "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -53,6 +53,10 @@ def test_bench_json_holds_every_figure(tmp_path):
     assert 0 < run["settings"]["first_report_fraction"] < 1
     assert barrier["settings"]["first_report_seconds"] > sum(barrier["settings"]["stage_seconds"][k] for k in ("tile", "predict"))
     assert run["settings"]["seconds_per_input"] == pytest.approx(run["seconds"] / 2, rel=0.02)
+    # the scoring variant (8 flips and rotations in one graph) against the single model, on the same tiles
+    variants = {f["settings"]["variant"]: f for f in figures if f["stage"] == "variant"}
+    assert set(variants) == {"single", "tta"} and variants["tta"]["settings"]["members"] == 1
+    assert variants["tta"]["settings"]["tta"] and variants["tta"]["settings"]["x_single"] > 0
     machine = data["machine"]
     assert machine["cores"] >= 1 and "onnxruntime" in machine["versions"] and "gpus" in machine
     assert data["roof_patches_per_second"] == pytest.approx(max(f["patches_per_second"] for f in figures if f["stage"] == "roof"), abs=0.1)
