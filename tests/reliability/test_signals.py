@@ -27,8 +27,11 @@ def _args(inputs, run: Path, model: Path, *extra: str) -> list[str]:
 def test_signal_ends_cleanly_and_rerun_finishes(sig, code, word, synth_slide_dir, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     inputs = [synth_slide_dir]
+    # a shell that starts pytest in the background (`cmd &` without job control) leaves SIGINT ignored, and
+    # children inherit that; the operator's terminal does not: give the run the default disposition
     p = subprocess.Popen(_args(inputs, run, tiny_model_dir, "--batch-size", "1", "--report-every", "0"), env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not (run / "progress.json").exists():
         time.sleep(0.02)
