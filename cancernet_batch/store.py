@@ -134,14 +134,7 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
     import zarr
 
     if not isinstance(location, (str, os.PathLike)):  # a zarr store object (object storage): no local files
-        root = zarr.open_group(location, mode=mode, zarr_format=3)
-        if mode != "r" and "schema_version" not in root.attrs:
-            root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
-        version = root.attrs.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
-                               path=run_dir, hint="re-tile into a new run folder")
-        return root
+        return _schema_checked(zarr.open_group(location, mode=mode, zarr_format=3), mode, run_dir)
     path = Path(location)
     if mode == "r" and not path.exists():
         raise StorageError("no tiles.zarr in this run folder", path=run_dir or path.parent,
@@ -156,12 +149,17 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         inputs_dir = path / "inputs"
         groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
         remove_stale_temps(path, inputs_dir, *groups, *(d / name for d in groups for name in ("probs", "done", "tiled")))
+    return _schema_checked(root, mode, path)
+
+
+def _schema_checked(root, mode: str, where):
+    """``root``, stamped with this tool's schema version when new; a store of another version is refused."""
     if mode != "r" and "schema_version" not in root.attrs:
         root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
     version = root.attrs.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
-                           path=path, hint="re-tile into a new run folder")
+                           path=where, hint="re-tile into a new run folder")
     return root
 
 

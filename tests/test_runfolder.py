@@ -98,3 +98,15 @@ def test_lock_released_when_holder_is_killed(tmp_path):
             assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
     finally:
         p.kill()
+
+
+def test_a_tile_store_of_another_schema_version_is_refused(tmp_path):
+    from cancernet_batch import store
+
+    run = Run.of(tmp_path / "run").create()
+    root = run.open_store("a")
+    assert root.attrs["schema_version"] == store.SCHEMA_VERSION  # a new store is stamped
+    root.attrs["schema_version"] = store.SCHEMA_VERSION + 1
+    for mode in ("r", "r+"):
+        with pytest.raises(StorageError, match=f"schema version {store.SCHEMA_VERSION + 1}"):
+            run.open_store(mode)
