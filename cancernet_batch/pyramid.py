@@ -89,14 +89,13 @@ def _arrays(group, data: list[np.ndarray], fill) -> None:
                            fill_value=fill, chunk_key_encoding={"name": "v2", "separator": "/"})
 
 
-def write_ome_zarr(path: str | Path, prob: np.ndarray, *, threshold: float, tile_px: float, mpp0: float,
+def write_ome_zarr(path: str | Path, lv: list, *, threshold: float, tile_px: float, mpp0: float,
                    name: str, model_id: str = "") -> Path:
-    """Write the OME-Zarr of one input's probability map (atomically: a new folder renamed into place)."""
+    """Write the OME-Zarr of one input's pyramid ``lv`` (:func:`levels`; atomically: a new folder renamed in)."""
     import zarr
 
     from .atomic import atomic_dir
 
-    lv = levels(prob, threshold)
     with atomic_dir(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         root.attrs.update({
@@ -129,14 +128,12 @@ def _uuid(name: str, prob: np.ndarray) -> str:
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'cancernet-batch:' + h)}"
 
 
-def write_ome_tiff(path: str | Path, prob: np.ndarray, *, threshold: float, tile_px: float, mpp0: float,
-                   name: str) -> Path:
-    """Write the pyramidal OME-TIFF: channels (probability, IDC mask), level 0 plus sub-IFD levels."""
+def write_ome_tiff(path: str | Path, lv: list, *, tile_px: float, mpp0: float, name: str) -> Path:
+    """Write the pyramid ``lv`` (:func:`levels`) as an OME-TIFF: channels (probability, IDC mask), sub-IFD levels."""
     import tifffile
 
     from .atomic import atomic_path
 
-    lv = levels(prob, threshold)
     um = tile_px * mpp0
 
     def plane(p: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -169,7 +166,8 @@ def write_pyramids(folder: str | Path, stem: str, prob: np.ndarray, *, threshold
     if not (math.isfinite(tile_px) and tile_px > 0 and math.isfinite(mpp0) and mpp0 > 0):
         raise ValueError(f"tile size {tile_px} px and {mpp0} µm/px must be positive")
     folder = Path(folder)
-    z = write_ome_zarr(folder / f"{stem}.ome.zarr", prob, threshold=threshold, tile_px=tile_px, mpp0=mpp0,
+    lv = levels(prob, threshold)  # once, for both files
+    z = write_ome_zarr(folder / f"{stem}.ome.zarr", lv, threshold=threshold, tile_px=tile_px, mpp0=mpp0,
                        name=name, model_id=model_id)
-    t = write_ome_tiff(folder / f"{stem}.ome.tif", prob, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=name)
+    t = write_ome_tiff(folder / f"{stem}.ome.tif", lv, tile_px=tile_px, mpp0=mpp0, name=name)
     return z, t
