@@ -14,8 +14,8 @@ import sys
 import click
 
 from . import DEFAULT_MPP, __version__
-from .config import (BACKENDS, CALIBRATIONS, DEFAULT_BATCH, DEFAULT_READ_TIMEOUT, DEVICES, ENGINE_CHOICES, ENGINES,
-                     MAX_BATCH)
+from .config import (BACKENDS, CALIBRATIONS, DECODE_MODES, DEFAULT_BATCH, DEFAULT_READ_TIMEOUT, DEVICES,
+                     ENGINE_CHOICES, ENGINES, MAX_BATCH)
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
@@ -57,6 +57,11 @@ FRACTION = Number(0, 1)
 SECONDS = Number(1, 86400, unit="SECONDS")  # a day: anything longer is a typo, not a timeout
 READ_TIMEOUT_HELP = ("Seconds one step that reads a source may take (a slide's plan, one tile chunk, a patient folder); "
                      "past it the input is recorded as failed and the rest go on.")
+DECODE_OPTION = click.option(
+    "--decode", default="fast", show_default=True, type=click.Choice(DECODE_MODES),
+    help="How slide pixels are decoded: fast (tiled TIFF/SVS tiles read and decoded directly, JPEG scaled in the "
+         "DCT domain: about 1/255 from exact), exact (directly, full size: the exact area averages), reader "
+         "(through OpenSlide/tifffile).")
 MPP = Number(0, 1000, low_open=True, unit="µm/px")  # finite and positive; plausibility (0.05-20) is the library's check
 
 MAX_WORKERS = 1024
@@ -434,6 +439,7 @@ def _tiling_options(f):
                      help="Seconds a slide may take to open in the preflight child process."),
         click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True, type=SECONDS,
                      help=READ_TIMEOUT_HELP),
+        DECODE_OPTION,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -447,7 +453,8 @@ def _tile_config(kw: dict, chunk: int | None = None):
     extra = {"chunk": chunk} if chunk else {}
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
                       tissue_threshold=kw.pop("tissue_threshold"), tissue_filter=not kw.pop("no_tissue_filter"),
-                      preflight_timeout=kw.pop("preflight_timeout"), read_timeout=kw.pop("read_timeout"), **extra)
+                      preflight_timeout=kw.pop("preflight_timeout"), read_timeout=kw.pop("read_timeout"),
+                      decode=kw.pop("decode"), **extra)
 
 
 def check_out_not_inside_inputs(out: str, inputs) -> None:
@@ -754,6 +761,7 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @click.option("--preflight-timeout", default=60.0, show_default=True, type=SECONDS,
               help="Seconds a slide may take to open in the preflight child process.")
 @click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True, type=SECONDS, help=READ_TIMEOUT_HELP)
+@DECODE_OPTION
 @click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH), help="Tiles per store chunk (default 1024).")
 @click.option("--threshold", default=None, type=FRACTION, help="Decision threshold (default: the model's).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
@@ -789,7 +797,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
 
     model_dir = kw["model_dir"]
     tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
-    for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout"):
+    for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode"):
         kw.pop(k)
     predict_cfg = _predict_config(kw)
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:

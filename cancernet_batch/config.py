@@ -37,6 +37,11 @@ DEFAULT_TISSUE_THRESHOLD = 0.25
 """Keep a tile when at least a quarter of it is tissue: what the Kaggle IDC set counts as a tissue patch
 (see cancernet_batch/tissue.py and benchmarks/REAL_TISSUE.md)."""
 MAX_THUMB_PX = 1024
+DECODE_MODES = ("fast", "exact", "reader")
+"""How tiling decodes slide pixels (``slides/direct.py``): ``fast`` decodes a tiled TIFF's compressed tiles
+directly, JPEG tiles scaled in the DCT domain where the grid is 2x or more coarser; ``exact`` decodes them
+directly at full size (tiles identical to the reader's exact area averages); ``reader`` goes through the
+slide reader (OpenSlide or tifffile) for every pixel."""
 
 
 def check_mpp(mpp: float, what: str = "--mpp-override") -> float:
@@ -133,9 +138,11 @@ class TileConfig:
     block: int = 32
     max_grid_tiles: int = MAX_GRID_TILES  # a larger slide grid fails its plan (a damaged header, usually)
     max_plan_px: float = MAX_PLAN_PX  # most source pixels the plan's overview may decode
+    decode: str = "fast"  # one of DECODE_MODES
 
     def __post_init__(self) -> None:
         check_mpp(self.target_mpp, "--mpp")
+        _choice(self.decode, DECODE_MODES, "--decode")
         if self.mpp_override is not None:
             check_mpp(self.mpp_override)
         if not 0.0 <= self.tissue_threshold <= 1.0:

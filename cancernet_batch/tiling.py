@@ -180,6 +180,7 @@ class TilePlan:
     tissue_threshold: float | None = None
     objective: str | None = None
     series_files: list[str] = field(default_factory=list)
+    decode: str | None = None  # TileConfig.decode for slides (how their pixels are decoded)
 
     @property
     def view_px(self) -> int:
@@ -220,6 +221,8 @@ class TilePlan:
                  "edge_tiles": "dropped", "order": "blocks" if self.kind == "slide" else "files"}
         if self.series_files:
             extra["series_files"] = list(self.series_files)
+        if self.decode:
+            extra["decode"] = self.decode
         return InputAttrs(source=self.source, kind=self.kind, reader=self.reader, patient=self.patient,
                           source_size=self.source_size, source_mtime=self.source_mtime, target_mpp=self.target_mpp,
                           grid_shape=self.grid_shape, n_tiles=self.n_tiles, n_background=self.n_background,
@@ -316,7 +319,7 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                     levels=[(int(w), int(h), float(d)) for (w, h), d in zip(info.level_dimensions, info.level_downsamples)],
                     tissue=tissue.astype(np.float32), thumbnail=view,
                     tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
-                    objective=info.objective, series_files=list(series_files))
+                    objective=info.objective, series_files=list(series_files), decode=cfg.decode)
     log.info("%s: level %d (x%.3g, %.4g µm/px), scale %.4g, grid %dx%d, %d tissue tiles", path, level,
              plan.level_downsample, plan.level_mpp, plan.scale, rows, cols, plan.n_tiles)
     return plan
@@ -358,16 +361,26 @@ def source_stat(spec_source: str, kind: str, series_files: list[str] | None = No
 # --------------------------------------------------------------------------------------------
 
 def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarray, *,
-               max_read: int = MAX_READ_PX) -> np.ndarray:
+               max_read: int = MAX_READ_PX, decode: str = "fast") -> np.ndarray:
     """Tiles ``(N, 50, 50, 3) uint8`` at ``coords`` (row, col); ``tile_px`` = tile side in level pixels.
 
     Tiles are gathered in windows of at most ``max_read`` source pixels a side; each window reads the
-    bounding box of its tiles once and area-averages it to 50 px per tile.
+    bounding box of its tiles once and area-averages it to 50 px per tile. ``decode`` (one of
+    :data:`~cancernet_batch.config.DECODE_MODES`): ``fast`` and ``exact`` decode a tiled TIFF
+    level's compressed tiles directly (:mod:`cancernet_batch.slides.direct`; ``fast`` scales JPEG tiles
+    in the DCT domain), falling back to the reader for any other level; ``reader`` always uses it.
     """
     n = len(coords)
     out = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
     if n == 0:
         return out
+    direct = reader.direct_level(level) if decode != "reader" else None
+    if direct is not None:
+        def scaled(box, size):
+            return direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read)
+    else:
+        def scaled(box, size):
+            return read_scaled(reader, level, box, size, max_read=max_read)
     per = max(1, int(max_read // tile_px))
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
@@ -376,8 +389,8 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
         rc = coords[idx]
         r0, c0 = rc.min(axis=0)
         r1, c1 = rc.max(axis=0) + 1
-        img = read_scaled(reader, level, (c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px),
-                          (int(c1 - c0) * PATCH_SIZE, int(r1 - r0) * PATCH_SIZE), max_read=max_read)
+        img = scaled((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px),
+                     (int(c1 - c0) * PATCH_SIZE, int(r1 - r0) * PATCH_SIZE))
         for i, (r, c) in zip(idx, rc):
             y, x = (r - r0) * PATCH_SIZE, (c - c0) * PATCH_SIZE
             out[i] = img[y:y + PATCH_SIZE, x:x + PATCH_SIZE]

@@ -235,9 +235,12 @@ def test_rerun_skips_and_interrupted_run_finishes_missing_chunks(mpp_slides, tmp
     assert redo.tiled == [str(src)] and redo.chunks_written == nchunks and not redo.resumed
 
 
-def test_corrupt_region_fails_at_tile_stage_and_the_rest_goes_on(mpp_slides, tmp_path, client):
+@pytest.mark.parametrize("decode, says", [("fast", "tile (0, 0) of the 2048 x 2048 px level cannot be decoded "
+                                                  "(not a JPEG stream)"), ("reader", "Not a JPEG file")])
+def test_corrupt_region_fails_at_tile_stage_and_the_rest_goes_on(mpp_slides, tmp_path, client, decode, says):
     """A slide whose preflight and plan pass but one level-0 tile does not decode: that input fails at the
-    tile stage (not complete, not a crash), the other input of the run is tiled."""
+    tile stage (not complete, not a crash), the other input of the run is tiled; the same through the
+    direct decoder (``fast``) and through OpenSlide (``reader``)."""
     import tifffile
 
     bad = tmp_path / "bad.svs"
@@ -248,11 +251,11 @@ def test_corrupt_region_fails_at_tile_stage_and_the_rest_goes_on(mpp_slides, tmp
         fh.seek(offset)
         fh.write(b"\0" * 64)
     run = tmp_path / "run"
-    cfg = TileConfig(target_mpp=2.0, tissue_filter=False)  # 2.0 µm/px: tiles come from level 0
+    cfg = TileConfig(target_mpp=2.0, tissue_filter=False, decode=decode)  # 2.0 µm/px: tiles come from level 0
     s = tile_run([bad, mpp_slides[-1].path], run, cfg, client=client)
     assert s.tiled == [str(mpp_slides[-1].path)]
     assert [(f.input, f.stage, f.error_class) for f in s.failures] == [(str(bad), "tile", "SlideReadError")]
-    assert "bad.svs" in s.failures[0].message and "Not a JPEG file" in s.failures[0].message
+    assert "bad.svs" in s.failures[0].message and says in s.failures[0].message
     assert not _group(run, bad).attrs["complete"]
     assert _failures(run)["bad.svs"]["stage"] == "tile"
 

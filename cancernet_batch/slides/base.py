@@ -104,6 +104,7 @@ class SlideReader(abc.ABC):
         self.objective: str | None = None
         self.series_key: str | None = None
         self.properties: dict[str, str] = {}
+        self._direct = None  # slides.direct.DirectSource, made on first use; False: none for this file
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -151,8 +152,20 @@ class SlideReader(abc.ABC):
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB ``(h, w, 3) uint8`` of a region that lies inside the level."""
 
-    def close(self) -> None:  # noqa: B027 - optional for backends without handles
-        """Release file handles."""
+    def direct_level(self, level: int):
+        """The level as a :class:`~cancernet_batch.slides.direct.TiledLevel` (compressed tiles decoded
+        without this reader), or ``None`` when the file's pages do not allow it."""
+        if self._direct is None:
+            from .direct import direct_source
+
+            self._direct = direct_source(self) or False
+        return self._direct.level(level) if self._direct else None
+
+    def close(self) -> None:
+        """Release file handles (backends that hold more call this too)."""
+        if self._direct:
+            self._direct.close()
+        self._direct = False
 
     def __enter__(self) -> "SlideReader":
         return self

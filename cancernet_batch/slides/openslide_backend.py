@@ -75,4 +75,5 @@ class OpenSlideReader(SlideReader):
         return on_white(np.asarray(img))  # OpenSlide gives un-premultiplied RGBA; transparent = not scanned
 
     def close(self) -> None:
+        super().close()
         self._slide.close()

@@ -199,4 +199,5 @@ class TiffFileReader(SlideReader):
         return np.ascontiguousarray(a)
 
     def close(self) -> None:
+        super().close()
         self._tf.close()

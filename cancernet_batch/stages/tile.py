@@ -122,6 +122,7 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
             and a.get("target_mpp") == plan.target_mpp and a.get("level") == plan.level
             and a.get("tissue_threshold") == plan.tissue_threshold and a.get("n_tiles") == plan.n_tiles
             and a.get("chunk") == chunk and abs(float(a.get("level0_tile_px", 0)) - plan.level0_tile_px) < 1e-9
+            and (a.get("extra") or {}).get("decode") == plan.decode
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
 
 
@@ -169,7 +170,7 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
     g = run.open_input(gid)
     coords = np.asarray(g["coords"][start:stop])
     try:
-        tiles = _bounded_read(lambda: read_tiles(_reader(source), level, tile_px, coords), source,
+        tiles = _bounded_read(lambda: read_tiles(_reader(source), level, tile_px, coords, decode=cfg.decode), source,
                               f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
         _drop_reader(source)
@@ -224,6 +225,8 @@ def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig) -> bool:
         if attrs.get("tissue_threshold") != (cfg.tissue_threshold if cfg.tissue_filter else None):
             return False
         if extra.get("mpp_source") == "override" and attrs.get("source_mpp") != cfg.mpp_override:
+            return False
+        if extra.get("decode", "reader") != cfg.decode:
             return False
     return True
 
