@@ -215,15 +215,18 @@ class DirectSource:
         return self._levels[i]
 
     def _find(self, i: int) -> TiledLevel | None:
+        if not 0 <= i < len(self._dims):
+            return None
         want = self._dims[i]
         try:  # the main IFD chain (SVS, generic TIFF), then series levels (OME-TIFF sub-IFDs)
             found = {p.offset: p for p in self._tif.pages}
             for series in self._tif.series:
                 for lvl in series.levels:
                     found.setdefault(lvl.keyframe.offset, lvl.keyframe)
-            pages = [p for p in found.values() if (int(p.imagewidth), int(p.imagelength)) == want]
+            pages = [p for p in found.values() if (int(p.imagewidth), int(p.imagelength)) == want and p.is_tiled]
         except Exception:  # noqa: BLE001 - an IFD chain tifffile cannot walk: use the reader
             return None
+        # one tiled page of the level's size (a stripped thumbnail or label of the same size does not count)
         if len(pages) != 1 or not TiledLevel.usable(pages[0]):
             return None
         return TiledLevel(self.path, pages[0], self._fd)

@@ -1,0 +1,110 @@
+"""Tiles decoded straight from compressed TIFF tiles (``slides/direct.py``) against the readers' own pixels.
+
+On the real slides of ``../shared/data/slides`` (Aperio JPEG with shared tables and RGB photometric,
+Aperio JPEG 2000, deflate TIFF, a strip TIFF) and a synthetic YCbCr SVS: ``exact`` gives the reader's
+tiles bit for bit, ``fast`` stays within 2/255 of them, and whatever the direct path cannot read
+falls back to the reader.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cancernet_batch.config import TileConfig
+from cancernet_batch.errors import SlideReadError
+from cancernet_batch.slides import open_slide
+from cancernet_batch.slides.direct import dct_scale
+from cancernet_batch.tiling import plan_slide, read_tiles
+
+SLIDES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slides"
+
+
+def _tiles(path, decode: str, reader_cls=None, **cfg):
+    """All grid tiles of ``path`` (no tissue filter) decoded with ``decode``, the direct level and the plan."""
+    with (reader_cls or open_slide)(path) as reader:
+        plan = plan_slide(path, TileConfig(tissue_filter=False, **cfg), reader=reader)
+        tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode=decode)
+        return tiles, reader.direct_level(plan.level), plan
+
+
+@pytest.fixture(scope="module")
+def synth_svs(tmp_path_factory):
+    from cancernet_batch.synth import SlideSpec, write_slide
+
+    spec = SlideSpec(path=tmp_path_factory.mktemp("direct") / "s.svs", width=3000, height=2600, mpp=0.5, seed=41)
+    write_slide(spec)
+    return spec.path
+
+
+@pytest.mark.parametrize("name, reader, cfg", [
+    ("cmu-1-small-region.svs", None, {"target_mpp": 1.0}),  # JPEG, shared tables, photometric RGB; factor 2
+    ("cmu-1-small-region.svs", None, {"target_mpp": 4.0}),  # factor 8
+    ("tcga-cr-7395-01a-01-ts1.svs", None, {"target_mpp": 0.4, "mpp_override": 0.25}),  # Aperio JPEG 2000, level 0
+    # level 1 of that file is 2221 px for 4443 (downsample 2.0005): OpenSlide takes level-0 coordinates and
+    # lands up to a pixel off; tifffile reads the level's own pixel grid, as the direct path does
+    ("tcga-cr-7395-01a-01-ts1.svs", "tifffile", {"target_mpp": 2.0, "mpp_override": 0.25}),
+    ("boxes.tiff", None, {"target_mpp": 1.0, "mpp_override": 0.5}),  # deflate tiles, a 4-level pyramid
+])
+def test_exact_direct_tiles_are_the_readers_tiles(name, reader, cfg):
+    from cancernet_batch.slides.tifffile_backend import TiffFileReader
+
+    ref, _, _ = _tiles(SLIDES / name, "reader", TiffFileReader if reader else None, **cfg)
+    got, level, plan = _tiles(SLIDES / name, "exact", **cfg)
+    assert level is not None, "the level should be read directly"
+    assert len(ref) == plan.n_tiles > 0
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("target", [1.0, 2.0, 4.0])  # factors 2, 4 and 8 over CMU-1's level 0
+def test_fast_tiles_stay_within_2_of_255_of_exact_on_real_tissue(target):
+    exact, _, plan = _tiles(SLIDES / "cmu-1-small-region.svs", "exact", target_mpp=target)
+    fast, level, _ = _tiles(SLIDES / "cmu-1-small-region.svs", "fast", target_mpp=target)
+    assert dct_scale(plan.tile_px_level / 50) >= 2 and level.jpeg
+    diff = np.abs(fast.astype(np.int16) - exact)
+    assert 0 < diff.mean() <= 2.0  # not identical: the DCT did part of the scaling
+    assert np.corrcoef(fast.ravel(), exact.ravel())[0, 1] > 0.99
+
+
+def test_fast_on_a_synthetic_ycbcr_slide(synth_svs):
+    exact, _, plan = _tiles(synth_svs, "exact")  # 4.0 µm/px: level 1 (2 µm/px), factor 2
+    reader, _, _ = _tiles(synth_svs, "reader")
+    fast, level, _ = _tiles(synth_svs, "fast")
+    assert plan.level == 1 and int(level._page.photometric) == 6
+    np.testing.assert_array_equal(exact, reader)
+    assert 0 < np.abs(fast.astype(np.int16) - exact).mean() <= 2.0
+
+
+def test_dct_scale_takes_at_most_half_the_factor_beyond_2():
+    assert [dct_scale(f) for f in (1.0, 1.9, 2.0, 3.9, 4.0, 7.9, 8.0, 16.0, 40.0)] == [1, 1, 2, 2, 2, 2, 4, 8, 8]
+
+
+def test_a_strip_tiff_falls_back_to_the_reader():
+    path = SLIDES / "kidney-48-5.tif"  # strips, no tiles
+    ref, _, _ = _tiles(path, "reader", target_mpp=4.0, mpp_override=1.0)
+    got, level, _ = _tiles(path, "fast", target_mpp=4.0, mpp_override=1.0)
+    assert level is None
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_a_tile_cut_short_is_a_slide_read_error_naming_the_file(synth_svs, tmp_path):
+    """The file is cut inside a tile the plan needs after it was opened (a copy still arriving, a share
+    that dropped): one SlideReadError naming the file, not garbage tiles."""
+    import tifffile
+
+    cut = tmp_path / "cut.svs"
+    shutil.copy(synth_svs, cut)
+    with tifffile.TiffFile(cut) as tf:  # level 1 (the one tiled at 4.0 µm/px): cut inside its last tile
+        page = next(p for p in tf.pages if p.is_tiled and p.imagewidth == 750)
+        end = int(page.dataoffsets[-1] + page.databytecounts[-1] // 2)
+    with open_slide(cut) as reader:
+        plan = plan_slide(cut, TileConfig(tissue_filter=False), reader=reader)
+        reader.direct_level(plan.level)
+        with open(cut, "r+b") as fh:
+            fh.truncate(end)
+        with pytest.raises(SlideReadError) as err:
+            read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode="fast")
+    assert "cut.svs" in str(err.value) and "cut short" in str(err.value)
