@@ -50,16 +50,19 @@ CACHE_TILES = 256
 """Decoded tiles kept per level (at most 256 x 256 x 3 bytes each: at most 48 MiB, usually far less)."""
 
 
-def dct_scale(factor: float) -> int:
+def dct_scale(factor: float, *, rgb: bool = False) -> int:
     """The JPEG scaled-IDCT divisor (8, 4, 2 or 1) used when one output pixel spans ``factor`` level pixels.
 
-    At most half the factor (and 2 from a factor of 2): the rest is exact area averaging. Letting the
-    DCT do the whole factor is measurably worse: on CMU-1 (Aperio, chroma subsampled 2x2) tiles differ
-    from the exact ones by 4.7/255 on average at a factor of 8 decoded at 1/8, 3.5/255 at 4 decoded at
-    1/4, while 1/4 at 8, 1/2 at 4 and 1/2 at 2 give 1.6, 0.8 and 1.7 (``tests/test_direct.py`` holds
-    every case under 2/255 on the real slides).
+    The rest of the factor is exact area averaging. Measured on tissue tiles (mean absolute difference
+    from the exact tiles, /255; ``tests/test_direct.py`` holds the cases under 2):
+
+    - YCbCr JPEG (most scanners; real IDC tissue rebuilt as a slide, synthetic slides): 1/2 at a factor
+      of 2 gives 1.0. So: at most half the factor, and 1/2 from a factor of 2.
+    - JPEG whose components are RGB (``rgb``: TIFF photometric RGB, as Aperio writes CMU-1), two of
+      them subsampled 2x2: 1/2 at 2 gives 3.7, 1/4 at 4 gives 7.0, 1/4 at 8 gives 2.6, but 1/2 at 4 and
+      at 8 give 1.5 and 0.6. So: at most a quarter of the factor.
     """
-    limit = max(factor / 2, min(factor, 2.0))
+    limit = factor / 4 if rgb else max(factor / 2, min(factor, 2.0))
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
 
 
@@ -81,7 +84,8 @@ class TiledLevel:
         # TIFF photometric RGB: the JPEG data are RGB, not YCbCr (Aperio writes them so). libjpeg takes a
         # stream without markers for YCbCr; an Adobe APP14 marker with transform 0 says RGB (a marker of the
         # stream's own, read later, still wins).
-        self._head = b"\xff\xd8" + (_ADOBE_RGB if self.jpeg and int(page.photometric) == 2 else b"")
+        self.rgb = self.jpeg and int(page.photometric) == 2
+        self._head = b"\xff\xd8" + (_ADOBE_RGB if self.rgb else b"")
         self._page = page
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -175,7 +179,7 @@ class TiledLevel:
         out_w, out_h = size
         x0, y0, x1, y1 = box
         fx, fy = (x1 - x0) / out_w, (y1 - y0) / out_h
-        s = dct_scale(min(fx, fy)) if fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0 else 1
+        s = dct_scale(min(fx, fy), rgb=self.rgb) if fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0 else 1
         x0, y0, x1, y1, fx, fy = x0 / s, y0 / s, x1 / s, y1 / s, fx / s, fy / s
         m = max(1, max_read // s)
         bw = max(1, min(out_w, int(m // max(fx, 1e-9)) - 1))

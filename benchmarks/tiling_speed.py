@@ -1,0 +1,230 @@
+"""Benchmark (issue 17): the tile stage against the naive loop and the decode roof, in one run.
+
+    python benchmarks/tiling_speed.py [--slides 8] [--size 30000] [--workers 2] [--work DIR]
+                                      [--copies 20] [--model MODEL_DIR] [--json OUT.json]
+
+On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.0 µm/px: level 1 at
+2.0 µm/px, averaged 2x2) and on ``--copies`` copies of the real CMU-1-Small-Region
+(``../shared/data/slides``, 0.499 µm/px: level 0 averaged about 8x8), rows of the same run:
+
+* ``naive loop``: one process, OpenSlide ``read_region`` per tile at the level tiling uses, Pillow box
+  resize to 50 px (the ten-line loop a user writes); tiles held in memory, not written;
+* ``decode roof``: the compressed tiles the slide's tissue tiles need, each decoded once at full
+  size (libjpeg-turbo through Pillow), nothing else, in ``--workers`` processes: what any reader of
+  these files must at least spend;
+* ``cancernet tile --decode fast|exact|reader``: the whole command (cluster start, preflight, plan,
+  tiles written to the zarr store) as a user runs it, ``--workers`` worker processes.
+
+CPU seconds are user + system of the process and all its children (``RUSAGE_CHILDREN``), so the
+cluster's workers, nannies and preflight children count. ``first tile`` is the time from the
+command's start to the first chunk flag on disk (polled every 10 ms). Accuracy: mean absolute
+difference of the ``fast`` tiles from the ``exact`` ones (exact area averages), and with
+``--model``, the correlation of the model's probabilities on both. Prints a markdown table with the
+date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def plans(paths, cfg):
+    from cancernet_batch.tiling import plan_slide
+
+    return [plan_slide(p, cfg) for p in paths]
+
+
+def naive(paths, plans_) -> tuple[int, float, float]:
+    """The naive loop: ``(tiles, wall s, cpu s)``."""
+    import openslide
+    from PIL import Image
+
+    t0, c0, n = time.perf_counter(), _self_cpu(), 0
+    for path, plan in zip(paths, plans_):
+        slide = openslide.OpenSlide(str(path))
+        ds, s0 = slide.level_downsamples[plan.level], plan.level0_tile_px
+        side = int(round(plan.tile_px_level))
+        for r, c in plan.coords:
+            im = slide.read_region((int(c * s0), int(r * s0)), plan.level, (side, side)).convert("RGB")
+            np.asarray(im.resize((50, 50), Image.BOX))
+            n += 1
+        slide.close()
+    return n, time.perf_counter() - t0, _self_cpu() - c0
+
+
+def _needed(plan) -> list[int]:
+    """Indices of the compressed tiles of the plan's level that its tiles touch."""
+    import tifffile
+
+    with tifffile.TiffFile(plan.source) as tf:
+        w, h = plan.levels[plan.level][:2]
+        page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
+        tw, th, ntx = page.tilewidth, page.tilelength, -(-w // page.tilewidth)
+    t = plan.tile_px_level
+    need = set()
+    for r, c in plan.coords:
+        for ty in range(int(r * t) // th, int(min((r + 1) * t, h) - 1) // th + 1):
+            for tx in range(int(c * t) // tw, int(min((c + 1) * t, w) - 1) // tw + 1):
+                need.add(ty * ntx + tx)
+    return sorted(need)
+
+
+def _decode_all(args) -> int:
+    """Worker: decode compressed tiles ``idx`` of the level of size ``(w, h)`` at full size."""
+    path, wh, idx = args
+    import tifffile
+    from PIL import Image
+
+    with tifffile.TiffFile(path) as tf, open(path, "rb") as fh:
+        page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == tuple(wh))
+        tables = bytes(page.jpegtables[:-2]) if page.jpegtables else b""
+        adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" if int(page.photometric) == 2 else b""
+        for i in idx:
+            fh.seek(page.dataoffsets[i])
+            data = fh.read(page.databytecounts[i])
+            Image.open(io.BytesIO(b"\xff\xd8" + adobe + tables[2:] + data[2:])).load()
+    return len(idx)
+
+
+def decode_roof(plans_, workers: int) -> tuple[int, float, float]:
+    """``(compressed tiles decoded, wall s, cpu s)`` for every plan's needed tiles, in ``workers`` processes."""
+    jobs = []
+    for plan in plans_:
+        need = _needed(plan)
+        step = max(1, -(-len(need) // workers))
+        jobs += [(plan.source, plan.levels[plan.level][:2], need[i:i + step]) for i in range(0, len(need), step)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode_all, [(jobs[0][0], jobs[0][1], jobs[0][2][:1])] * workers))  # start the processes
+        c0, t0 = _children_cpu(), time.perf_counter()
+        n = sum(pool.map(_decode_all, jobs))
+        wall = time.perf_counter() - t0
+    return n, wall, _children_cpu() - c0  # children's CPU counts once the pool has ended
+
+
+def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
+    """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written."""
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(str, paths), "--out", str(run),
+           "--workers", str(workers), "--decode", decode]
+    c0, t0 = _children_cpu(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = None
+    while proc.poll() is None:
+        if first is None and any((run / "tiles.zarr" / "inputs").glob("*/tiled/c/*")):
+            first = time.perf_counter() - t0
+        time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"cancernet tile failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"wall": wall, "cpu": _children_cpu() - c0, "first_tile": first}
+
+
+def stored_tiles(run: Path) -> np.ndarray:
+    import zarr
+
+    root = zarr.open_group(str(run / "tiles.zarr"), mode="r")
+    groups = sorted(root["inputs"].groups(), key=lambda kv: kv[1].attrs["source"])
+    return np.concatenate([np.asarray(g["tiles"][:]) for _, g in groups])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slides", type=int, default=8)
+    ap.add_argument("--size", type=int, default=30000)
+    ap.add_argument("--copies", type=int, default=20, help="copies of CMU-1-Small-Region (0: leave that set out)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--model", default=None, help="model folder: also compare the model's probabilities")
+    ap.add_argument("--work", default=None, help="folder for the slides and runs (kept; default: temporary)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.machine import machine
+    from cancernet_batch.synth import SlideSpec, write_slide
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="tiling-speed-"))
+    sets = {}
+    synth = [work / "synth" / f"s{i:02d}.svs" for i in range(a.slides)]
+    for i, p in enumerate(synth):
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_slide(SlideSpec(path=p, width=a.size, height=a.size, mpp=0.5, seed=170 + i, detail_mpp=2.0))
+    sets[f"{a.slides} synthetic SVS, {a.size} px at 0.5 µm/px"] = synth
+    if a.copies:
+        real = [work / "real" / f"cmu1-{i:02d}.svs" for i in range(a.copies)]
+        for p in real:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists():
+                shutil.copy(REAL, p)
+        sets[f"{a.copies} copies of CMU-1-Small-Region (0.499 µm/px)"] = real
+
+    cfg = TileConfig()
+    rows = []
+    for name, paths in sets.items():
+        ps = plans(paths, cfg)
+        n = sum(p.n_tiles for p in ps)
+        row = {"set": name, "tiles": n}
+        _, row["naive_wall"], row["naive_cpu"] = naive(paths, ps)
+        row["compressed_tiles"], row["roof_wall"], row["roof_cpu"] = decode_roof(ps, a.workers)
+        for mode in ("fast", "exact", "reader"):
+            r = cancernet_tile(paths, work / f"run-{mode}", mode, a.workers)
+            row.update({f"{mode}_{k}": v for k, v in r.items()})
+        fast, exact = stored_tiles(work / "run-fast"), stored_tiles(work / "run-exact")
+        row["fast_mad"] = float(np.abs(fast.astype(np.int16) - exact).mean())
+        if a.model:
+            from cancernet_batch.engines import load_engine
+
+            eng = load_engine(a.model)
+            pf, pe = eng.predict(fast), eng.predict(exact)
+            row["prob_corr"] = float(np.corrcoef(pf, pe)[0, 1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    m = machine()
+    print(f"\n{when}, {m.get('cpu')}, {m.get('cores')} cores; tiles at 4.0 µm/px, `--workers {a.workers}`\n")
+    print("| set | tiles | naive loop tiles/s (1 core) | decode roof tiles/s | tile fast tiles/s | exact | reader | "
+          "fast vs naive | fast vs roof | CPU ms/tile: naive, fast, exact, reader | first tile s (fast) | "
+          "fast MAD vs exact |" + (" p corr |" if a.model else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if a.model else ""))
+    for r in rows:
+        n = r["tiles"]
+        rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "fast", "exact", "reader")}
+        ms = ", ".join(f"{1000 * r[f'{k}_cpu'] / n:.3f}" for k in ("naive", "fast", "exact", "reader"))
+        print(f"| {r['set']} | {n} | {rate['naive']:.0f} | {rate['roof']:.0f} | {rate['fast']:.0f} | "
+              f"{rate['exact']:.0f} | {rate['reader']:.0f} | {rate['fast'] / rate['naive']:.2f} | "
+              f"{rate['fast'] / rate['roof']:.2f} | {ms} | {r['fast_first_tile'] or float('nan'):.2f} | "
+              f"{r['fast_mad']:.2f} |" + (f" {r['prob_corr']:.5f} |" if a.model else ""))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
