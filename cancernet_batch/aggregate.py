@@ -261,7 +261,7 @@ def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
     arr = group.create_array("idc_map", shape=idc_map.shape, dtype="float32", fill_value=np.nan,
                              chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))), overwrite=True)
     arr[...] = idc_map
-    arr.attrs.update({"model_id": model_id, "description": "P(IDC) per model tile; NaN: background or unscored"})
+    arr.update_attributes({"model_id": model_id, "description": "P(IDC) per model tile; NaN: background or unscored"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,6 +74,64 @@ def probe_scheduler(address: str, sec, timeout: float) -> None:
                           hint=hint) from exc
 
 
+def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
+    """Environment the local cluster's worker processes must start with (read by libraries at start-up).
+
+    Dask's nannies pin OMP/MKL/OpenBLAS to 1 thread per worker; the model engines (oneDNN under
+    TensorFlow, MLAS under ONNX Runtime) should get this worker's share of the cores instead.
+    Dask's nannies also set MALLOC_TRIM_THRESHOLD_=65536, which makes glibc map and zero-fill every
+    large buffer afresh: reading slide regions (4 MB RGBA each) ran about 25 % slower. A 128 MiB trim
+    threshold with buffers up to 32 MiB served from the heap measured as fast as glibc's defaults.
+    """
+    workers, threads = cfg.local_shape()
+    per_task = str(max(1, usable_cores() // (workers * threads)))
+    return {"MALLOC_TRIM_THRESHOLD_": str(128 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+            "OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task, "OPENBLAS_NUM_THREADS": per_task}
+
+
+FORKSERVER_PRELOAD = ("distributed", "numpy", "zarr", "PIL.Image", "cancernet_batch.stages.tile",
+                      "cancernet_batch.slides.direct", "cancernet_batch.slides.openslide_backend",
+                      "cancernet_batch.slides.tifffile_backend")
+"""Modules imported once in the process local workers are forked from (each worker started with them)."""
+_FORKSERVER_ENV: dict[str, str] | None = None
+
+
+def start_forkserver(cfg: ClusterConfig) -> bool:
+    """Start (in the background) the process that local Dask workers are forked from; True when it is used.
+
+    A spawned worker starts a fresh interpreter and imports Dask, numpy, zarr and the readers itself:
+    about a second of CPU per worker, twice over on two cores, before the first tile. Forked from one
+    server that imported them once, a worker is ready in a few milliseconds. The server is started as
+    early as the command knows it will start a local cluster, so its imports overlap the client's
+    own. It keeps the environment it was started with (:func:`worker_environ`): a later cluster in the
+    same process whose workers would start with another environment (other cluster settings, a variable
+set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms
+    without ``fork`` (Windows): spawned there.
+    """
+    global _FORKSERVER_ENV
+    import multiprocessing
+
+    if cfg.scheduler or "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    env = worker_environ(cfg)
+    full = {**os.environ, **env}  # what a spawned worker would start with
+    if _FORKSERVER_ENV is not None:
+        return _FORKSERVER_ENV == full
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    _FORKSERVER_ENV = full
+    return True
+
+
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
     """A connected ``distributed.Client``; a local cluster is started and closed around it.
@@ -101,17 +159,10 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
             client.close()
         return
     workers, threads = cfg.local_shape()
-    per_task = str(max(1, usable_cores() // (workers * threads)))
-    # Dask's nannies pin OMP/MKL/OpenBLAS to 1 thread per worker; the model engines (oneDNN under
-    # TensorFlow, MLAS under ONNX Runtime) should get this worker's share of the cores instead.
-    # Dask's nannies also set MALLOC_TRIM_THRESHOLD_=65536, which makes glibc map and zero-fill every
-    # large buffer afresh: reading slide regions (4 MB RGBA each) ran about 25 % slower. A 128 MiB trim
-    # threshold with buffers up to 32 MiB served from the heap measured as fast as glibc's defaults.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 128 * 2**20,
-                          "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 * 2**20,
-                          "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": per_task,
-                          "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": per_task,
-                          "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": per_task,
+    spawn_env = worker_environ(cfg)
+    forkserver = start_forkserver(cfg)
+    with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in spawn_env.items()},
+                          "distributed.worker.multiprocessing-method": "forkserver" if forkserver else "spawn",
                           "distributed.worker.daemon": False,
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.admin.tick.limit": "60s",

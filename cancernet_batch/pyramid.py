@@ -98,7 +98,7 @@ def write_ome_zarr(path: str | Path, lv: list, *, threshold: float, tile_px: flo
 
     with atomic_dir(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        root.attrs.update({
+        root.update_attributes({
             "multiscales": _multiscales(f"{name} IDC probability", tile_px, mpp0, len(lv)),
             "omero": {"name": name, "version": NGFF_VERSION, "channels": [
                 {"label": "IDC probability", "color": "FF0000", "active": True, "coefficient": 1,
@@ -110,7 +110,7 @@ def write_ome_zarr(path: str | Path, lv: list, *, threshold: float, tile_px: flo
         labels = root.create_group("labels")
         labels.attrs["labels"] = ["IDC"]
         idc = labels.create_group("IDC")
-        idc.attrs.update({
+        idc.update_attributes({
             "multiscales": _multiscales(f"{name} IDC mask", tile_px, mpp0, len(lv)),
             "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
                             "colors": [{"label-value": 1, "rgba": [255, 0, 0, 160]}],

@@ -155,7 +155,7 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
 def _schema_checked(root, mode: str, where):
     """``root``, stamped with this tool's schema version when new; a store of another version is refused."""
     if mode != "r" and "schema_version" not in root.attrs:
-        root.attrs.update({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
+        root.update_attributes({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
     version = root.attrs.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
@@ -179,13 +179,13 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     if labels:
         g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
     g.create_array("tiled", shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
-    g.attrs.update({**attrs.to_json(), "complete": False, "chunk": c})
+    g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     return g
 
 
 def mark_complete(group, **updates) -> None:
     """Record that tiling of this input finished (set last, after every tile chunk is written)."""
-    group.attrs.update({**updates, "complete": True})
+    group.update_attributes({**updates, "complete": True})
 
 
 class DamagedInputError(CancerNetError):

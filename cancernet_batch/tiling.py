@@ -306,7 +306,8 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                          f"level is small enough for the overview (limit {cfg.max_plan_px:.3g} px)", path=path,
                          hint="re-export the slide with a pyramid (e.g. `vips tiffsave --pyramid --tile`), or leave "
                               "it out; a small file that declares a huge image is damaged")
-    view = read_scaled(reader, view_level, (0.0, 0.0, cols * s0 / dv, rows * s0 / dv), (cols * k, rows * k))
+    view = region_reader(reader, view_level, decode=cfg.decode)((0.0, 0.0, cols * s0 / dv, rows * s0 / dv),
+                                                                 (cols * k, rows * k))
     tissue = tile_fractions(tissue_mask(view, px_per_tile=k, um_per_px=tile_um / k), rows, cols, px_per_tile=k)
     keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
     coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
@@ -360,6 +361,16 @@ def source_stat(spec_source: str, kind: str, series_files: list[str] | None = No
 # pixels
 # --------------------------------------------------------------------------------------------
 
+def region_reader(reader: SlideReader, level: int, *, decode: str = "fast", max_read: int = MAX_READ_PX):
+    """``scaled(box, size)``: :func:`~cancernet_batch.slides.read_scaled` of ``level``, straight from the file's
+    compressed tiles (:mod:`cancernet_batch.slides.direct`) unless ``decode`` is ``reader`` or the level is not
+    a tiled TIFF page that module reads."""
+    direct = reader.direct_level(level) if decode != "reader" else None
+    if direct is not None:
+        return lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read)
+    return lambda box, size: read_scaled(reader, level, box, size, max_read=max_read)
+
+
 def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarray, *,
                max_read: int = MAX_READ_PX, decode: str = "fast") -> np.ndarray:
     """Tiles ``(N, 50, 50, 3) uint8`` at ``coords`` (row, col); ``tile_px`` = tile side in level pixels.
@@ -374,13 +385,7 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     out = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
     if n == 0:
         return out
-    direct = reader.direct_level(level) if decode != "reader" else None
-    if direct is not None:
-        def scaled(box, size):
-            return direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read)
-    else:
-        def scaled(box, size):
-            return read_scaled(reader, level, box, size, max_read=max_read)
+    scaled = region_reader(reader, level, decode=decode, max_read=max_read)
     per = max(1, int(max_read // tile_px))
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")

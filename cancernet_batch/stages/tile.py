@@ -146,7 +146,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     kept = 0
     if gid in inputs and _same_plan(inputs[gid], plan, c):
         g = inputs[gid]
-        g.attrs.update({**plan.attrs().to_json(), "complete": False})
+        g.update_attributes({**plan.attrs().to_json(), "complete": False})
         done = store.tiled_mask(g)
         todo = [(i, s, e) for i, (s, e) in enumerate(bounds) if not done[i]]
         kept = len(bounds) - len(todo)
@@ -198,7 +198,7 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
         g["coords"][s:e] = ps.coords[s:e]
         g["labels"][s:e] = ps.labels[s:e]
         g["tiled"][i] = True
-    g.attrs.update({"extra": {**g.attrs["extra"], "padded": ps.padded, "duplicates": len(ps.duplicates)}})
+    g.update_attributes({"extra": {**g.attrs["extra"], "padded": ps.padded, "duplicates": len(ps.duplicates)}})
     failures = [Failure(f.input, "tile", f.error_class, f.message) for f in ps.failures]
     return {"gid": store.input_id(source), "n": len(ps), "chunks": len(store.chunk_bounds(len(ps), c)),
             "failures": failures, "summary": plan.summary()}
