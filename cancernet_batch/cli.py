@@ -573,6 +573,13 @@ def _cluster_options(f):
     return f
 
 
+def _start_workers_early(cluster) -> None:
+    """Start the process local workers are forked from now, so its imports overlap the client's own."""
+    from .cluster import start_forkserver
+
+    start_forkserver(cluster)
+
+
 def _cluster_config(kw: dict, device: str | None = None):
     from .config import ClusterConfig
 
@@ -672,13 +679,13 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     that still has the detail of the target µm/px, and area-averaged to exactly that resolution.
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
-    from .runfolder import Run
-    from .stages.tile import tile_run
-
     check_out_not_inside_inputs(out, inputs)
     run_folder = _run_of(out, storage_options)
     cfg = _tile_config(kw, chunk_size)
     cluster = _cluster_config(kw)
+    _start_workers_early(cluster)
+    from .runfolder import Run
+    from .stages.tile import tile_run
 
     with _bar(None, "tile", "tile") as bar:
         s = tile_run(list(inputs), run_folder, cfg, cluster=cluster, progress=_growing(bar),
@@ -788,9 +795,6 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     terminal with `cancernet status RUN`. Running the same command again after a kill, or after
     --until/--max-hours stopped it, continues where it stopped.
     """
-    from .stages.run import run_pipeline
-    from .stages.report import ReportConfig
-
     check_out_not_inside_inputs(out, inputs)
     run_folder = _run_of(out, storage_options)
     deadline = _deadline(until, max_hours)
@@ -800,6 +804,10 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode"):
         kw.pop(k)
     predict_cfg = _predict_config(kw)
+    _start_workers_early(predict_cfg.cluster)
+    from .stages.report import ReportConfig
+    from .stages.run import run_pipeline
+
     with _bar(None, "tile", "tile") as tbar, _bar(None, "patch", "predict") as pbar:
         s = run_pipeline(list(inputs), run_folder, tile_cfg, predict_cfg,
                          ReportConfig(threshold=threshold, patients_csv=patients_csv, model_dir=model_dir,

@@ -106,12 +106,13 @@ def start_forkserver(cfg: ClusterConfig) -> bool:
     own. It keeps the environment it was started with (:func:`worker_environ`): a later cluster in the
     same process whose workers would start with another environment (other cluster settings, a variable
 set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms
-    without ``fork`` (Windows): spawned there.
+    without ``fork`` (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there.
     """
     global _FORKSERVER_ENV
     import multiprocessing
 
-    if cfg.scheduler or "forkserver" not in multiprocessing.get_all_start_methods():
+    if (cfg.scheduler or "forkserver" not in multiprocessing.get_all_start_methods()
+            or os.environ.get("CANCERNET_SPAWN_WORKERS", "") not in ("", "0")):
         return False
     env = worker_environ(cfg)
     full = {**os.environ, **env}  # what a spawned worker would start with
