@@ -9,14 +9,14 @@ On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.
 
 * ``naive loop``: one process, OpenSlide ``read_region`` per tile at the level tiling uses, Pillow box
   resize to 50 px (the ten-line loop a user writes); tiles held in memory, not written;
-* ``decode roof``: the compressed tiles the slide's tissue tiles need, each decoded once at full
-  size (libjpeg-turbo through Pillow), nothing else, in ``--workers`` processes: what any reader of
-  these files must at least spend;
+* ``decode roof`` (:func:`cancernet_batch.bench.decode_roof`, as in ``cancernet bench``): the compressed
+  tiles the slides' tissue tiles need, each decoded once at full size, nothing else, in ``--workers``
+  processes: what any reader of these files must at least spend;
 * ``cancernet tile --decode fast|exact|reader``: the whole command (cluster start, preflight, plan,
   tiles written to the zarr store) as a user runs it, ``--workers`` worker processes.
 
-CPU seconds are user + system of the process and all its children (``RUSAGE_CHILDREN``), so the
-cluster's workers, nannies and preflight children count. ``first tile`` is the time from the
+CPU seconds are user + system of the command's whole process tree (client, workers, forkserver,
+preflight children), sampled every 20 ms. ``first tile`` is the time from the
 command's start to the first chunk flag on disk (polled every 10 ms). Accuracy: mean absolute
 difference of the ``fast`` tiles from the ``exact`` ones (exact area averages), and with
 ``--model``, the correlation of the model's probabilities on both. Prints a markdown table with the
@@ -27,26 +27,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def _self_cpu() -> float:
@@ -68,7 +60,7 @@ def naive(paths, plans_) -> tuple[int, float, float]:
     t0, c0, n = time.perf_counter(), _self_cpu(), 0
     for path, plan in zip(paths, plans_):
         slide = openslide.OpenSlide(str(path))
-        ds, s0 = slide.level_downsamples[plan.level], plan.level0_tile_px
+        s0 = plan.level0_tile_px
         side = int(round(plan.tile_px_level))
         for r, c in plan.coords:
             im = slide.read_region((int(c * s0), int(r * s0)), plan.level, (side, side)).convert("RGB")
@@ -78,71 +70,38 @@ def naive(paths, plans_) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, _self_cpu() - c0
 
 
-def _needed(plan) -> list[int]:
-    """Indices of the compressed tiles of the plan's level that its tiles touch."""
-    import tifffile
-
-    with tifffile.TiffFile(plan.source) as tf:
-        w, h = plan.levels[plan.level][:2]
-        page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
-        tw, th, ntx = page.tilewidth, page.tilelength, -(-w // page.tilewidth)
-    t = plan.tile_px_level
-    need = set()
-    for r, c in plan.coords:
-        for ty in range(int(r * t) // th, int(min((r + 1) * t, h) - 1) // th + 1):
-            for tx in range(int(c * t) // tw, int(min((c + 1) * t, w) - 1) // tw + 1):
-                need.add(ty * ntx + tx)
-    return sorted(need)
-
-
-def _decode_all(args) -> int:
-    """Worker: decode compressed tiles ``idx`` of the level of size ``(w, h)`` at full size."""
-    path, wh, idx = args
-    import tifffile
-    from PIL import Image
-
-    with tifffile.TiffFile(path) as tf, open(path, "rb") as fh:
-        page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == tuple(wh))
-        tables = bytes(page.jpegtables[:-2]) if page.jpegtables else b""
-        adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" if int(page.photometric) == 2 else b""
-        for i in idx:
-            fh.seek(page.dataoffsets[i])
-            data = fh.read(page.databytecounts[i])
-            Image.open(io.BytesIO(b"\xff\xd8" + adobe + tables[2:] + data[2:])).load()
-    return len(idx)
-
-
-def decode_roof(plans_, workers: int) -> tuple[int, float, float]:
-    """``(compressed tiles decoded, wall s, cpu s)`` for every plan's needed tiles, in ``workers`` processes."""
-    jobs = []
-    for plan in plans_:
-        need = _needed(plan)
-        step = max(1, -(-len(need) // workers))
-        jobs += [(plan.source, plan.levels[plan.level][:2], need[i:i + step]) for i in range(0, len(need), step)]
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_decode_all, [(jobs[0][0], jobs[0][1], jobs[0][2][:1])] * workers))  # start the processes
-        c0, t0 = _children_cpu(), time.perf_counter()
-        n = sum(pool.map(_decode_all, jobs))
-        wall = time.perf_counter() - t0
-    return n, wall, _children_cpu() - c0  # children's CPU counts once the pool has ended
-
-
 def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
-    """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written."""
+    """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written.
+
+    CPU is sampled from the process tree every 20 ms (psutil): workers forked from a forkserver are
+    not this process's children, so ``RUSAGE_CHILDREN`` would miss them.
+    """
+    import psutil
+
     shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(str, paths), "--out", str(run),
            "--workers", str(workers), "--decode", decode]
-    c0, t0 = _children_cpu(), time.perf_counter()
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = None
+    root, cpu, first = psutil.Process(proc.pid), {}, None
     while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
         if first is None and any((run / "tiles.zarr" / "inputs").glob("*/tiled/c/*")):
             first = time.perf_counter() - t0
-        time.sleep(0.01)
+        time.sleep(0.02)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"cancernet tile failed: {proc.stderr.read().decode()[-2000:]}")
-    return {"wall": wall, "cpu": _children_cpu() - c0, "first_tile": first}
+    return {"wall": wall, "cpu": sum(cpu.values()), "first_tile": first}
 
 
 def stored_tiles(run: Path) -> np.ndarray:
@@ -164,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
+    from cancernet_batch.bench import decode_roof
     from cancernet_batch.config import TileConfig
     from cancernet_batch.machine import machine
     from cancernet_batch.synth import SlideSpec, write_slide
@@ -191,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(p.n_tiles for p in ps)
         row = {"set": name, "tiles": n}
         _, row["naive_wall"], row["naive_cpu"] = naive(paths, ps)
-        row["compressed_tiles"], row["roof_wall"], row["roof_cpu"] = decode_roof(ps, a.workers)
         for mode in ("fast", "exact", "reader"):
             r = cancernet_tile(paths, work / f"run-{mode}", mode, a.workers)
             row.update({f"{mode}_{k}": v for k, v in r.items()})
+        roof = decode_roof(work / "run-fast", a.workers)
+        row["compressed_tiles"], row["roof_wall"] = roof.settings["compressed_tiles"], roof.seconds
         fast, exact = stored_tiles(work / "run-fast"), stored_tiles(work / "run-exact")
         row["fast_mad"] = float(np.abs(fast.astype(np.int16) - exact).mean())
         if a.model:

@@ -163,6 +163,47 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
     return figs
 
 
+def _decode_job(job: tuple[str, int, list[int]]) -> int:
+    source, level, idx = job
+    from .slides import open_slide
+
+    with open_slide(source) as reader:
+        return reader.direct_level(level).decode_each(idx)
+
+
+def decode_roof(run: Path, workers: int) -> Figure | None:
+    """The decode roof of a tiled run: the compressed tiles its slides' stored tiles need, each decoded once
+    at full size (nothing resampled, nothing written), in ``workers`` processes. Model tiles per second of
+    that alone is the most any tiler of these files can reach on this machine; None when no stored slide
+    is a tiled TIFF the direct decoder reads."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from . import store
+    from .slides import open_slide
+
+    jobs, n = [], 0
+    for _, g in store.iter_inputs(Run.of(run).open_store("r")):
+        a = g.attrs
+        if a.get("kind") != "slide" or not a.get("n_tiles"):
+            continue
+        with open_slide(a["source"]) as reader:
+            level = reader.direct_level(int(a["level"]))
+            if level is None:
+                continue
+            idx = level.needed(np.asarray(g["coords"][:]), float(a["level0_tile_px"]) / float(a["level_downsample"]))
+        n += int(a["n_tiles"])
+        step = max(1, -(-len(idx) // workers))
+        jobs += [(a["source"], int(a["level"]), idx[i:i + step].tolist()) for i in range(0, len(idx), step)]
+    if not jobs:
+        return None
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode_job, [(jobs[0][0], jobs[0][1], [])] * workers))  # processes started and warm
+        t0 = time.perf_counter()
+        k = sum(pool.map(_decode_job, jobs))
+        dt = time.perf_counter() - t0
+    return Figure("decode-roof", "libjpeg-turbo" if jobs else "", n, dt, {"workers": workers, "compressed_tiles": k})
+
+
 def naive_loop(model_dir: str | os.PathLike, pngs: list[Path], *, limit: int = 100) -> Figure:
     """The seed-style loop: open one PNG, ``model.predict`` on one patch, repeat (Keras, this process)."""
     from PIL import Image
@@ -443,6 +484,8 @@ class BenchResult:
             out[f"{stage}_vs_roof"] = r / roof_rate if roof_rate else None
             out[f"{stage}_vs_naive"] = r / naive if naive else None
         out["predict_steady_vs_roof"] = self.steady_rate() / roof_rate if roof_rate else None
+        decode = self.rate("decode-roof")
+        out["tile_vs_decode_roof"] = self.rate("tile") / decode if decode else None
         barrier = self.rate("run-barrier")
         out["run_vs_barrier"] = self.rate("run") / barrier if barrier else None
         stream = self._one("run")
@@ -556,9 +599,12 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
             except CancerNetError as exc:
                 log.warning("variant roofs skipped: %s", exc)
 
-        step("tiling")
+        step("tiling, and the decode roof of the same tiles")
         run = work / "run-tile"
         figures.append(tile_stage(inputs, run, workers=max(cfg.workers)))
+        roof_fig = decode_roof(run, max(cfg.workers))
+        if roof_fig is not None:
+            figures.append(roof_fig)
 
         step("predict stage")
         for engine in cfg.engines:

@@ -958,6 +958,9 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
     click.echo(f"predict stage: {r.rate('predict'):.0f} patches/s = {ratios['predict_vs_roof']:.2f} x roof "
                f"(steady {r.steady_rate():.0f} = {ratios['predict_steady_vs_roof']:.2f} x roof), "
                f"{ratios['predict_vs_naive'] or 0:.0f} x naive")
+    if ratios.get("tile_vs_decode_roof"):
+        click.echo(f"tile stage: {r.rate('tile'):.0f} tiles/s = {ratios['tile_vs_decode_roof']:.2f} x the decode roof "
+                   f"({r.rate('decode-roof'):.0f} tiles/s: their compressed tiles decoded once each, nothing else)")
     click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive")
     if ratios.get("run_vs_barrier"):
         first = ratios.get("first_report_fraction")

@@ -45,6 +45,10 @@ def test_bench_json_holds_every_figure(tmp_path):
     assert onnx_load < keras_load  # ONNX workers import no TensorFlow
     tile = [f for f in figures if f["stage"] == "tile"][0]
     assert tile["settings"]["MB_read_per_s"] > 0 and tile["settings"]["KB_read_per_tile"] > 0 and tile["settings"]["inputs"] == 2 and tile["settings"]["peak_worker_rss_mib"] > 0
+    # the decode roof: the same tiles' compressed source tiles, each decoded once, nothing else
+    decode = [f for f in figures if f["stage"] == "decode-roof"][0]
+    assert decode["patches"] == tile["patches"] and decode["settings"]["compressed_tiles"] > 0
+    assert data["ratios"]["tile_vs_decode_roof"] == pytest.approx(tile["patches_per_second"] / decode["patches_per_second"], rel=0.01)
     run = [f for f in figures if f["stage"] == "run"][0]
     assert run["patches"] == tile["patches"]  # every tiled patch scored once, end to end
     barrier = [f for f in figures if f["stage"] == "run-barrier"][0]

@@ -143,6 +143,26 @@ class TiledLevel:
             a = np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).resize((w, h), Image.BOX))
         return a[..., :3]
 
+    def needed(self, coords: np.ndarray, tile_px: float) -> np.ndarray:
+        """Indices of the compressed tiles that model tiles at ``coords`` (row, col; ``tile_px`` level px a
+        side) touch: what any reader must decode to make them."""
+        c = np.asarray(coords, np.int64).reshape(-1, 2)
+        x0 = np.floor(c[:, 1] * tile_px).astype(np.int64) // self.tw
+        x1 = (np.minimum(np.ceil((c[:, 1] + 1) * tile_px), self.width).astype(np.int64) - 1) // self.tw
+        y0 = np.floor(c[:, 0] * tile_px).astype(np.int64) // self.th
+        y1 = (np.minimum(np.ceil((c[:, 0] + 1) * tile_px), self.height).astype(np.int64) - 1) // self.th
+        out = set()
+        for a, b, cc, d in zip(x0, x1, y0, y1):
+            for ty in range(cc, d + 1):
+                out.update(range(ty * self.ntx + a, ty * self.ntx + b + 1))
+        return np.array(sorted(out), np.int64)
+
+    def decode_each(self, idx) -> int:
+        """Decode compressed tiles ``idx`` once each at full size, keeping nothing (the decode roof)."""
+        for i in idx:
+            self._decode(int(i), 1)
+        return len(idx)
+
     def tile(self, tx: int, ty: int, s: int) -> np.ndarray:
         key = (ty * self.ntx + tx, s)
         with self._lock:
