@@ -517,6 +517,8 @@ def _echo_inspection(e: dict) -> None:
     click.echo(f"  resolution  {e['source_mpp']:.4g} µm/px ({'from the file' if e['mpp_source'] == 'file' else e['mpp_source']})")
     click.echo(f"  chosen      level {e['level']} (downsample {e['level_downsample']:.4g}, {e['level_mpp']:.4g} µm/px), "
                f"scale {e['scale']:.4g} -> {e['target_mpp']:g} µm/px")
+    if e.get("decode_path"):
+        click.echo(f"  decode      {e['decode_path']} (--decode {e['decode']})")
     rows, cols = e["grid_shape"]
     click.echo(f"  grid        {rows} x {cols} = {e['grid_tiles']} tiles of {50 * e['target_mpp']:g} µm "
                f"({e['level0_tile_px']:.4g} level-0 px; partial edge tiles dropped)")

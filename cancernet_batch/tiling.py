@@ -181,6 +181,7 @@ class TilePlan:
     objective: str | None = None
     series_files: list[str] = field(default_factory=list)
     decode: str | None = None  # TileConfig.decode for slides (how their pixels are decoded)
+    decode_path: str | None = None  # what that means for this slide's level ("direct jpeg, 1/2 in the DCT", "reader")
 
     @property
     def view_px(self) -> int:
@@ -223,6 +224,7 @@ class TilePlan:
             extra["series_files"] = list(self.series_files)
         if self.decode:
             extra["decode"] = self.decode
+            extra["decode_path"] = self.decode_path
         return InputAttrs(source=self.source, kind=self.kind, reader=self.reader, patient=self.patient,
                           source_size=self.source_size, source_mtime=self.source_mtime, target_mpp=self.target_mpp,
                           grid_shape=self.grid_shape, n_tiles=self.n_tiles, n_background=self.n_background,
@@ -242,7 +244,7 @@ class TilePlan:
                 "grid_shape": list(self.grid_shape), "grid_tiles": self.grid_shape[0] * self.grid_shape[1],
                 "tissue_tiles": self.n_tiles, "background_tiles": self.n_background,
                 "tissue_threshold": self.tissue_threshold, "tissue_fraction": self.tissue_fraction,
-                "series_files": self.series_files}
+                "series_files": self.series_files, "decode": self.decode, "decode_path": self.decode_path}
 
 
 def _stat(path: str | os.PathLike, series_files: list[str] | None = None) -> tuple[int, float]:
@@ -321,6 +323,9 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                     tissue=tissue.astype(np.float32), thumbnail=view,
                     tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
                     objective=info.objective, series_files=list(series_files), decode=cfg.decode)
+    direct = reader.direct_level(level) if cfg.decode != "reader" else None
+    plan.decode_path = "reader" if direct is None else direct.describe(plan.tile_px_level / PATCH_SIZE,
+                                                                         cfg.decode == "fast")
     log.info("%s: level %d (x%.3g, %.4g µm/px), scale %.4g, grid %dx%d, %d tissue tiles", path, level,
              plan.level_downsample, plan.level_mpp, plan.scale, rows, cols, plan.n_tiles)
     return plan

@@ -114,3 +114,15 @@ def test_a_tile_cut_short_is_a_slide_read_error_naming_the_file(synth_svs, tmp_p
         with pytest.raises(SlideReadError) as err:
             read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode="fast")
     assert "cut.svs" in str(err.value) and "cut short" in str(err.value)
+
+
+def test_inspect_says_how_each_slide_is_decoded():
+    from cancernet_batch.tiling import inspect_inputs
+
+    paths = [SLIDES / "cmu-1-small-region.svs", SLIDES / "kidney-48-5.tif", SLIDES / "tcga-cr-7395-01a-01-ts1.svs"]
+    got = {Path(e["source"]).name: e.get("decode_path") for e in inspect_inputs(paths, TileConfig(mpp_override=0.5))}
+    assert got == {"cmu-1-small-region.svs": "direct jpeg, 1/2 in the DCT",  # factor 8, RGB-coded: 1/2
+                   "kidney-48-5.tif": "reader",  # strips
+                   "tcga-cr-7395-01a-01-ts1.svs": "direct aperio_jp2000_rgb"}
+    exact = inspect_inputs(paths[:1], TileConfig(decode="exact"))[0]
+    assert exact["decode_path"] == "direct jpeg" and exact["decode"] == "exact"

@@ -79,6 +79,7 @@ class TiledLevel:
         self.offsets = np.asarray(page.dataoffsets, np.int64)
         self.counts = np.asarray(page.databytecounts, np.int64)
         self.jpeg = int(page.compression) == JPEG
+        self.codec = getattr(page.compression, "name", str(page.compression)).lower()
         tables = page.jpegtables if self.jpeg else None
         self._tables = bytes(tables[:-2]) if tables is not None and len(tables) > 4 else b""
         # TIFF photometric RGB: the JPEG data are RGB, not YCbCr (Aperio writes them so). libjpeg takes a
@@ -193,13 +194,22 @@ class TiledLevel:
                 out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = t[ay0 - ty * ths:ay1 - ty * ths, ax0 - tx * tws:ax1 - tx * tws]
         return out
 
+    def dct_scale(self, factor: float, fast: bool) -> int:
+        """The scaled-IDCT divisor :meth:`read_scaled` uses at ``factor`` level px per output px."""
+        return dct_scale(factor, rgb=self.rgb) if fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0 else 1
+
+    def describe(self, factor: float, fast: bool) -> str:
+        """How tiles at ``factor`` level px per output px are decoded, for ``inspect`` and the attrs."""
+        s = self.dct_scale(factor, fast)
+        return f"direct {self.codec}" + (f", 1/{s} in the DCT" if s > 1 else "")
+
     def read_scaled(self, box: tuple[float, float, float, float], size: tuple[int, int], *, fast: bool,
                     max_read: int = MAX_READ_PX) -> np.ndarray:
         """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly."""
         out_w, out_h = size
         x0, y0, x1, y1 = box
         fx, fy = (x1 - x0) / out_w, (y1 - y0) / out_h
-        s = dct_scale(min(fx, fy), rgb=self.rgb) if fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0 else 1
+        s = self.dct_scale(min(fx, fy), fast)
         x0, y0, x1, y1, fx, fy = x0 / s, y0 / s, x1 / s, y1 / s, fx / s, fy / s
         m = max(1, max_read // s)
         bw = max(1, min(out_w, int(m // max(fx, 1e-9)) - 1))
