@@ -12,6 +12,7 @@ On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.
 * ``decode roof`` (:func:`cancernet_batch.bench.decode_roof`, as in ``cancernet bench``): the compressed
   tiles the slides' tissue tiles need, each decoded once at full size, nothing else, in ``--workers``
   processes: what any reader of these files must at least spend;
+* ``stage``: the tile stage alone with ``--decode fast`` on a started local cluster (``cancernet bench``'s figure);
 * ``cancernet tile --decode fast|exact|reader``: the whole command (cluster start, preflight, plan,
   tiles written to the zarr store) as a user runs it, ``--workers`` worker processes.
 
@@ -70,6 +71,17 @@ def naive(paths, plans_) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, _self_cpu() - c0
 
 
+def tiatoolbox(python: str, plans_, jobs_file: Path, workers: int) -> dict:
+    """TIAToolbox's fastest mode on the same tiles (``tia_tiles.py`` in ``python``): tiles and wall seconds."""
+    jobs = [{"path": p.source, "mpp": p.target_mpp, "tile_px0": p.level0_tile_px, "coords": p.coords.tolist()}
+            for p in plans_]
+    jobs_file.write_text(json.dumps(jobs))
+    out = subprocess.run([python, str(Path(__file__).with_name("tia_tiles.py")), str(jobs_file),
+                          "--workers", str(workers)], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"tia_tiles": r["tiles"], "tia_wall": r["wall"], "tia_version": r["version"]}
+
+
 def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
     """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written.
 
@@ -119,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copies", type=int, default=20, help="copies of CMU-1-Small-Region (0: leave that set out)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default=None, help="model folder: also compare the model's probabilities")
+    ap.add_argument("--tia-python", default=None,
+                    help="a Python with TIAToolbox installed: add its fastest mode (benchmarks/tia_tiles.py)")
     ap.add_argument("--work", default=None, help="folder for the slides and runs (kept; default: temporary)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
-    from cancernet_batch.bench import decode_roof
+    from cancernet_batch.bench import decode_roof, tile_stage
     from cancernet_batch.config import TileConfig
     from cancernet_batch.machine import machine
     from cancernet_batch.synth import SlideSpec, write_slide
@@ -151,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(p.n_tiles for p in ps)
         row = {"set": name, "tiles": n}
         _, row["naive_wall"], row["naive_cpu"] = naive(paths, ps)
+        if a.tia_python:
+            row.update(tiatoolbox(a.tia_python, ps, work / "tia-jobs.json", a.workers))
         for mode in ("fast", "exact", "reader"):
             r = cancernet_tile(paths, work / f"run-{mode}", mode, a.workers)
             row.update({f"{mode}_{k}": v for k, v in r.items()})
+        stage = tile_stage([str(p) for p in paths], work / "run-stage", workers=a.workers,
+                           tile_cfg=TileConfig(decode="fast"))
+        row["stage_wall"] = stage.seconds  # the tile stage on a started cluster (bench's figure)
         roof = decode_roof(work / "run-fast", a.workers)
         row["compressed_tiles"], row["roof_wall"] = roof.settings["compressed_tiles"], roof.seconds
         fast, exact = stored_tiles(work / "run-fast"), stored_tiles(work / "run-exact")
@@ -170,17 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     m = machine()
     print(f"\n{when}, {m.get('cpu')}, {m.get('cores')} cores; tiles at 4.0 µm/px, `--workers {a.workers}`\n")
-    print("| set | tiles | naive loop tiles/s (1 core) | decode roof tiles/s | tile fast tiles/s | exact | reader | "
-          "fast vs naive | fast vs roof | CPU ms/tile: naive, fast, exact, reader | first tile s (fast) | "
-          "fast MAD vs exact |" + (" p corr |" if a.model else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if a.model else ""))
+    tia = bool(a.tia_python)
+    print("| set | tiles | naive loop tiles/s (1 core) | " + ("TIAToolbox tiles/s | " if tia else "")
+          + "decode roof tiles/s | stage (fast, cluster started) tiles/s | `cancernet tile` fast tiles/s | exact | reader | "
+          "stage vs naive | "
+          + ("stage vs TIAToolbox | " if tia else "") + "stage vs roof | CPU ms/tile: naive, fast, exact, reader | "
+          "first tile s (fast) | fast MAD vs exact |" + (" p corr |" if a.model else ""))
+    print("|---|---:|---:|" + ("---:|" if tia else "") + "---:|---:|---:|---:|---:|---:|" + ("---:|" if tia else "")
+          + "---:|---|---:|---:|" + ("---:|" if a.model else ""))
     for r in rows:
         n = r["tiles"]
-        rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "fast", "exact", "reader")}
+        rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "stage", "fast", "exact", "reader")
+                + (("tia",) if tia else ())}
         ms = ", ".join(f"{1000 * r[f'{k}_cpu'] / n:.3f}" for k in ("naive", "fast", "exact", "reader"))
-        print(f"| {r['set']} | {n} | {rate['naive']:.0f} | {rate['roof']:.0f} | {rate['fast']:.0f} | "
-              f"{rate['exact']:.0f} | {rate['reader']:.0f} | {rate['fast'] / rate['naive']:.2f} | "
-              f"{rate['fast'] / rate['roof']:.2f} | {ms} | {r['fast_first_tile'] or float('nan'):.2f} | "
+        print(f"| {r['set']} | {n} | {rate['naive']:.0f} | " + (f"{rate['tia']:.0f} | " if tia else "")
+              + f"{rate['roof']:.0f} | {rate['stage']:.0f} | {rate['fast']:.0f} | {rate['exact']:.0f} | "
+              f"{rate['reader']:.0f} | {rate['stage'] / rate['naive']:.2f} | "
+              + (f"{rate['stage'] / rate['tia']:.2f} | " if tia else "") + f"{rate['stage'] / rate['roof']:.2f} | {ms} | {r['fast_first_tile'] or float('nan'):.2f} | "
               f"{r['fast_mad']:.2f} |" + (f" {r['prob_corr']:.5f} |" if a.model else ""))
     if a.json:
         Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "rows": rows}, indent=1))

@@ -89,9 +89,10 @@ def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
             "OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task, "OPENBLAS_NUM_THREADS": per_task}
 
 
-FORKSERVER_PRELOAD = ("distributed", "numpy", "zarr", "PIL.Image", "cancernet_batch.stages.tile",
-                      "cancernet_batch.slides.direct", "cancernet_batch.slides.openslide_backend",
-                      "cancernet_batch.slides.tifffile_backend")
+FORKSERVER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "scipy.sparse", "zarr", "PIL.Image",
+                      "PIL.JpegImagePlugin", "openslide", "tifffile", "cancernet_batch.stages.tile",
+                      "cancernet_batch.tissue", "cancernet_batch.preflight", "cancernet_batch.slides.direct",
+                      "cancernet_batch.slides.openslide_backend", "cancernet_batch.slides.tifffile_backend")
 """Modules imported once in the process local workers are forked from (each worker started with them)."""
 _FORKSERVER_ENV: dict[str, str] | None = None
 
@@ -164,6 +165,8 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
     forkserver = start_forkserver(cfg)
     with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in spawn_env.items()},
                           "distributed.worker.multiprocessing-method": "forkserver" if forkserver else "spawn",
+                          # each worker starts its slide-preflight child as it starts (preflight.dask_setup)
+                          "distributed.worker.preload": ["cancernet_batch.preflight"],
                           "distributed.worker.daemon": False,
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.admin.tick.limit": "60s",

@@ -132,6 +132,38 @@ class _Server:
 
 
 _LOCAL = threading.local()
+_SPARE: list[_Server] = []
+_SPARE_LOCK = threading.Lock()
+
+
+def warm(python: str | None = None) -> None:
+    """Start a serving child now, in the background, for the next thread that needs one (a worker calls this
+    when it starts, so the child's imports overlap the client's set-up instead of delaying the first slide)."""
+    with _SPARE_LOCK:
+        if not _SPARE:
+            try:
+                _SPARE.append(_Server(python or sys.executable))
+            except OSError:
+                pass
+
+
+def dask_setup(worker) -> None:
+    """Dask worker preload (local clusters): start this worker's serving child as the worker starts.
+    A worker that only scores (Dask resource ``score`` alone) never preflights: none for it."""
+    resources = dict(getattr(getattr(worker, "state", None), "total_resources", None) or {})
+    if resources.get("score") and not resources.get("tile"):
+        return
+    warm()
+
+
+def _new_server(python: str) -> _Server:
+    with _SPARE_LOCK:
+        spare = _SPARE.pop() if _SPARE else None
+    if spare is not None and spare.python == python and spare.alive:
+        return spare
+    if spare is not None:
+        spare.close()
+    return _Server(python)
 
 
 def _ask_server(path: str, timeout: float, python: str) -> dict | None:
@@ -142,7 +174,7 @@ def _ask_server(path: str, timeout: float, python: str) -> dict | None:
         server = None
     if server is None:
         try:
-            server = _Server(python)
+            server = _new_server(python)
         except OSError:
             _LOCAL.server = None
             return None

@@ -110,3 +110,35 @@ def test_a_dead_serving_child_costs_nothing_but_a_retry(slides_dir):
     assert info.mpp is not None
     preflight(good)
     assert _server_pid() is not None  # and the next slide has a serving child again
+
+
+def test_a_worker_starts_its_serving_child_before_the_first_slide(slides_dir):
+    """``dask_setup`` (the local workers' preload) starts a child that the first preflight of a thread then
+    uses; a worker that only scores starts none."""
+    import threading
+    from types import SimpleNamespace
+
+    from cancernet_batch import preflight as pf
+
+    def worker(resources):
+        return SimpleNamespace(state=SimpleNamespace(total_resources=resources))
+
+    for spare in pf._SPARE:
+        spare.close()
+    pf._SPARE.clear()
+    pf.dask_setup(worker({"score": 1}))
+    assert pf._SPARE == []
+    pf.dask_setup(worker({"tile": 1}))
+    assert len(pf._SPARE) == 1
+    started = pf._SPARE[0].proc.pid
+    used = {}
+
+    def first_slide():  # a fresh thread: no serving child of its own yet
+        info = preflight(slides_dir / "cmu-1-small-region.svs", timeout=60)
+        used["pid"], used["levels"] = pf._LOCAL.server.proc.pid, info.level_count
+        pf._LOCAL.server.close()
+
+    t = threading.Thread(target=first_slide)
+    t.start()
+    t.join()
+    assert used == {"pid": started, "levels": 1} and pf._SPARE == []
