@@ -231,6 +231,12 @@ def read_scaled(reader: SlideReader, level: int, box: tuple[float, float, float,
     so non-integer scales are handled without drift. The output is made in blocks whose source read
     is at most ``max_read`` pixels a side, so memory stays bounded however large the box is.
     """
+    return resample_regions(lambda x, y, w, h: reader.read_region(level, x, y, w, h), box, size, max_read=max_read)
+
+
+def resample_regions(read, box: tuple[float, float, float, float], size: tuple[int, int], *,
+                     max_read: int = MAX_READ_PX) -> np.ndarray:
+    """:func:`read_scaled` over any source: ``read(x, y, w, h)`` gives RGB of that integer region."""
     out_w, out_h = size
     x0, y0, x1, y1 = box
     fx, fy = (x1 - x0) / out_w, (y1 - y0) / out_h
@@ -246,6 +252,6 @@ def read_scaled(reader: SlideReader, level: int, box: tuple[float, float, float,
             sx0, sx1 = x0 + ox * fx, x0 + (ox + ow) * fx
             ix0, ix1 = math.floor(sx0 + 1e-9), math.ceil(sx1 - 1e-9)
             deadline.check()
-            src = reader.read_region(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
+            src = read(ix0, iy0, ix1 - ix0, iy1 - iy0)
             out[oy:oy + oh, ox:ox + ow] = area_resize(src, (sx0 - ix0, sy0 - iy0, sx1 - ix0, sy1 - iy0), (ow, oh))
     return out

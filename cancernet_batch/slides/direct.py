@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-from .. import deadline
 from ..errors import SlideReadError
-from .base import BACKGROUND, MAX_READ_PX, area_resize
+from .base import BACKGROUND, MAX_READ_PX, resample_regions
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +204,10 @@ class TiledLevel:
     def read_scaled(self, box: tuple[float, float, float, float], size: tuple[int, int], *, fast: bool,
                     max_read: int = MAX_READ_PX) -> np.ndarray:
         """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly."""
-        out_w, out_h = size
         x0, y0, x1, y1 = box
-        fx, fy = (x1 - x0) / out_w, (y1 - y0) / out_h
-        s = self.dct_scale(min(fx, fy), fast)
-        x0, y0, x1, y1, fx, fy = x0 / s, y0 / s, x1 / s, y1 / s, fx / s, fy / s
-        m = max(1, max_read // s)
-        bw = max(1, min(out_w, int(m // max(fx, 1e-9)) - 1))
-        bh = max(1, min(out_h, int(m // max(fy, 1e-9)) - 1))
-        out = np.empty((out_h, out_w, 3), np.uint8)
-        for oy in range(0, out_h, bh):
-            oh = min(bh, out_h - oy)
-            sy0, sy1 = y0 + oy * fy, y0 + (oy + oh) * fy
-            iy0, iy1 = math.floor(sy0 + 1e-9), math.ceil(sy1 - 1e-9)
-            for ox in range(0, out_w, bw):
-                ow = min(bw, out_w - ox)
-                sx0, sx1 = x0 + ox * fx, x0 + (ox + ow) * fx
-                ix0, ix1 = math.floor(sx0 + 1e-9), math.ceil(sx1 - 1e-9)
-                deadline.check()
-                src = self.region(ix0, iy0, ix1 - ix0, iy1 - iy0, s)
-                out[oy:oy + oh, ox:ox + ow] = area_resize(src, (sx0 - ix0, sy0 - iy0, sx1 - ix0, sy1 - iy0), (ow, oh))
-        return out
+        s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast)
+        return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s), (x0 / s, y0 / s, x1 / s, y1 / s),
+                                size, max_read=max(1, max_read // s))
 
 
 class DirectSource:
