@@ -116,6 +116,14 @@ def test_calibration_fits_recover_known_scalings():
 TILES = np.random.default_rng(21).integers(0, 256, (24, 50, 50, 3), dtype=np.uint8)
 
 
+def _predict(model, tiles: np.ndarray) -> np.ndarray:
+    """``predict_tiles`` in one call of the tiles' own size (by default every call is padded to 256 tiles: with
+    TTA's 8 transforms of every member, ten times the work for the same 24 probabilities)."""
+    from cancernet_batch.model import predict_tiles
+
+    return predict_tiles(model, tiles, batch_size=len(tiles))
+
+
 @pytest.fixture(scope="module")
 def members():
     from cancernet_batch.model import BatchNormCalibrator, build_cancernet
@@ -130,18 +138,17 @@ def members():
 
 def test_scoring_model_is_the_mean_logit_over_members_and_flips_then_calibration(members):
     from cancernet_batch.layers import scoring_model
-    from cancernet_batch.model import predict_tiles
 
     c = {"a": 0.7, "b": -0.4}
     net = scoring_model(members, tta=True, calibration=c)
-    got = predict_tiles(net, TILES)
-    z = np.mean([cal.logit(predict_tiles(m, v), eps=1e-12) for m in members for v in _dihedral(TILES)], axis=0)
+    got = _predict(net, TILES)
+    z = np.mean([cal.logit(_predict(m, v), eps=1e-12) for m in members for v in _dihedral(TILES)], axis=0)
     np.testing.assert_allclose(got, cal.apply(z, c), atol=2e-5)
     assert np.max(np.abs(got - cal.sigmoid(z))) > 1e-3  # the calibration did change the probabilities
     for v in _dihedral(TILES)[1:]:  # TTA output is invariant to flipping / rotating the input
-        np.testing.assert_allclose(predict_tiles(net, v), got, atol=1e-6)
-    plain = predict_tiles(scoring_model(members[:1]), TILES)  # one member, no TTA, identity = the model itself
-    np.testing.assert_allclose(plain, predict_tiles(members[0], TILES), atol=1e-6)
+        np.testing.assert_allclose(_predict(net, v), got, atol=1e-6)
+    plain = _predict(scoring_model(members[:1]), TILES)  # one member, no TTA, identity = the model itself
+    np.testing.assert_allclose(plain, _predict(members[0], TILES), atol=1e-6)
 
 
 def test_bench_variant_roofs(members, tmp_path):
@@ -233,7 +240,7 @@ def test_exported_model_is_the_calibrated_fold_ensemble_in_every_engine(cv_run, 
     z = member_logits(folds, TILES, tta=True)
     want = cal.apply(z, c)
     onnx = OnnxEngine(out).predict(TILES)
-    keras_tf = KerasEngine(out).predict(TILES)
+    keras_tf = KerasEngine(out, batch_size=len(TILES)).predict(TILES)
     assert load_engine(out).name.startswith("onnx")
     np.testing.assert_allclose(onnx, want, atol=1e-5)  # ONNX: fold models averaged, x8 flips, Platt baked in
     np.testing.assert_allclose(keras_tf, onnx, atol=1e-5)
@@ -257,8 +264,9 @@ def test_exported_model_under_jax_and_torch_equals_onnx(cv_run, tmp_path, backen
 SCORE = textwrap.dedent("""
     import sys, numpy as np
     from cancernet_batch.engines import KerasEngine
-    e = KerasEngine(sys.argv[1], backend=sys.argv[3])
-    np.save(sys.argv[2] + ".out.npy", e.predict(np.load(sys.argv[2])))
+    tiles = np.load(sys.argv[2])
+    e = KerasEngine(sys.argv[1], backend=sys.argv[3], batch_size=len(tiles))
+    np.save(sys.argv[2] + ".out.npy", e.predict(tiles))
 """)
 
 
@@ -296,11 +304,10 @@ def test_old_model_folders_still_score(tiny_model_dir, tmp_path):
     (d / "model.json").write_text(json.dumps(raw))
     meta = read_meta(d)
     assert meta.scoring == {}
-    np.testing.assert_allclose(OnnxEngine(d).predict(TILES), KerasEngine(d).predict(TILES), atol=1e-5)
+    np.testing.assert_allclose(OnnxEngine(d).predict(TILES), KerasEngine(d, batch_size=len(TILES)).predict(TILES), atol=1e-5)
 
 
 def test_one_split_with_tta_and_calibration_wraps_the_model(members):
-    from cancernet_batch.model import predict_tiles
     from cancernet_batch.train import _wrap_single
 
     labels = np.array([0, 1] * 12)
@@ -309,4 +316,4 @@ def test_one_split_with_tta_and_calibration_wraps_the_model(members):
     from cancernet_batch.cv import member_logits
 
     z = member_logits([members[0]], TILES, tta=True)
-    np.testing.assert_allclose(predict_tiles(net, TILES), cal.apply(z, scoring["calibration"]), atol=2e-5)
+    np.testing.assert_allclose(_predict(net, TILES), cal.apply(z, scoring["calibration"]), atol=2e-5)
