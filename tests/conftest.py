@@ -75,6 +75,17 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
+def client():
+    """One local Dask cluster (2 worker processes, 1 thread each) shared by the tests that hand a client to the
+    library, instead of one cluster per module (each start costs seconds on a 2-core machine)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def idc_dir() -> Path:
     assert IDC.is_dir(), f"{IDC} is missing: the real IDC patches are expected beside the checkout"
     return IDC

@@ -27,15 +27,6 @@ ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 @pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def inputs(synth_slide_dir, synth_patch_dir) -> list[Path]:
     slides = sorted(synth_slide_dir.glob("*.svs"))
     patients = sorted(p for p in synth_patch_dir.iterdir() if p.is_dir())[:2]

@@ -37,15 +37,6 @@ EXPECTED_FAILURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as c:
-        yield c
-
-
 def _group(run: Path, source) -> zarr.Group:
     root = Run.of(run).open_store("r")
     return root["inputs"][store.input_id(source)]
