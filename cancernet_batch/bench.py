@@ -456,6 +456,7 @@ class BenchConfig:
     device: str = "cpu"
     naive_count: int = 100
     work_dir: str | None = None
+    roof_seconds: float = 2.0  # each roof runs whole batches for at least this long
     variants: tuple[str, ...] = ("tta", "ensemble5", "ensemble5-tta")
     """Scoring-model variants whose ONNX roof is measured against the single model (:func:`variant_roofs`)."""
 
@@ -581,13 +582,13 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
         try:
             onnx = OnnxEngine(model_dir, device=cfg.device)
             sample = random_tiles(max(cfg.batch_sizes) * 2)
-            figures += [roof(onnx, sample, bs) for bs in cfg.batch_sizes]
+            figures += [roof(onnx, sample, bs, min_seconds=cfg.roof_seconds) for bs in cfg.batch_sizes]
             del onnx
         except CancerNetError as exc:  # e.g. no CUDA provider for --device gpu
             log.warning("ONNX Runtime roof skipped: %s", exc)
         for b in backends:
             try:
-                figures += keras_roofs(model_dir, b, cfg.batch_sizes, device=cfg.device)
+                figures += keras_roofs(model_dir, b, cfg.batch_sizes, device=cfg.device, min_seconds=cfg.roof_seconds)
             except CancerNetError as exc:
                 log.warning("%s", exc)
 
@@ -595,6 +596,7 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
             step("variant roofs (ONNX Runtime): single, " + ", ".join(cfg.variants))
             try:
                 figures += variant_roofs(model_dir, cfg.variants, work, batch_size=min(cfg.batch_sizes),
+                                         min_seconds=cfg.roof_seconds,
                                          device=cfg.device)
             except CancerNetError as exc:
                 log.warning("variant roofs skipped: %s", exc)

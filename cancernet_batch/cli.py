@@ -928,10 +928,12 @@ def _variants(value: str) -> tuple[str, ...]:
               callback=lambda ctx, param, value: _variants(value),
               help="Model variants whose ONNX roof is measured against the single model (none: skip): "
                    "tta, ensembleN, ensembleN-tta.")
+@click.option("--roof-seconds", default=2.0, show_default=True, type=Number(0.1, 600, unit="SECONDS"),
+              help="Each model-only roof runs whole batches for at least this long.")
 @click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
               help="Save the best engine, workers, threads and batch size for `predict --autotune`.")
 def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threads, engines, backend, roof_backends,
-          device, naive_count, variants, json_out, md_out, save_autotune) -> int:
+          device, naive_count, variants, roof_seconds, json_out, md_out, save_autotune) -> int:
     """Measure patches/s per stage against the model-only roof and the naive loop, in one run.
 
     \b
@@ -951,7 +953,8 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
         os.environ["KERAS_BACKEND"] = backend
     cfg = BenchConfig(model_dir=model_dir, inputs=tuple(inputs), synthetic_slides=synthetic_slides, size=size,
                       batch_sizes=batch_sizes, workers=workers, threads=threads, engines=engines,
-                      backends=roof_backends, device=device, naive_count=naive_count, variants=variants)
+                      backends=roof_backends, device=device, naive_count=naive_count, variants=variants,
+                      roof_seconds=roof_seconds)
     r = run_bench(cfg, step=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo(r.markdown())
     ratios = r.ratios()
