@@ -55,6 +55,10 @@ def input_key(source: str | os.PathLike) -> str:
     Reports show the path the user gave (links kept); two paths with the same key (a link and its
     target) are the same input: one group, one row.
     """
+    from .remote import is_url
+
+    if is_url(source):
+        return os.fspath(source).rstrip("/")  # an object on object storage: its URL
     return os.path.realpath(source)  # Path.resolve() without its RuntimeError on a symlink loop
 
 
@@ -65,6 +69,13 @@ def input_id(source: str | os.PathLike) -> str:
     Separators, ``..`` and odd characters in names never reach the store's paths; names that are
     not UTF-8 (any POSIX bytes) are hashed as the bytes they are.
     """
+    from .remote import is_url
+
+    if is_url(source):
+        key = input_key(source)
+        name = key.rsplit("/", 1)[-1]
+        stem = _SAFE.sub("_", name.rsplit(".", 1)[0] if "." in name else name).strip("._-")[:60] or "input"
+        return f"{stem}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
     p = Path(input_key(source))
     stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
     return f"{stem}-{hashlib.sha256(os.fsencode(str(p))).hexdigest()[:8]}"  # any bytes a name may hold
