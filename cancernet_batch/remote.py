@@ -466,7 +466,12 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
     entry, lockfile = root / key, root / f"{key}.lock"
     fs = filesystem(url, options)
     while True:
-        fd = _lock(lockfile, fcntl.LOCK_EX)
+        fd = _lock(lockfile, fcntl.LOCK_SH)  # waits only while another task downloads it
+        if (entry / name).exists():
+            os.utime(entry)
+            return Staged(entry / name, fd, limit)
+        os.close(fd)
+        fd = _lock(lockfile, fcntl.LOCK_EX)  # nobody holds an entry that is not there: no long wait
         try:
             if not (entry / name).exists():
                 evict(limit, keep=key)  # room first, before this download
@@ -479,12 +484,12 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
-            os.utime(entry)
             fcntl.flock(fd, fcntl.LOCK_SH)  # held while in use: never evicted under a reader
         except BaseException:
             os.close(fd)
             raise
         if (entry / name).exists():  # an evictor may have slipped in while the lock was converted
+            os.utime(entry)
             return Staged(entry / name, fd, limit)
         os.close(fd)
 
