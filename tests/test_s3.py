@@ -368,7 +368,8 @@ def test_run_with_inputs_and_outputs_on_s3_resumes_by_etag_and_keeps_secrets(s3,
     rc, out2, err2 = _main(capsys, *args)
     assert rc == 3 and "tile:    0 tiled (0 tiles), 2 already complete" in out2, out2
     assert "predict: 0 patches scored" in out2
-    assert not [g for g in s3.server.gets("/mixed/") if g.range or g.sent > 1000]  # no slide read again
+    again = [g for g in s3.server.gets("/mixed/") if "broken" not in g.path and (g.range or g.sent > 1000)]
+    assert not again  # no good slide read again (the broken one is tried again, as failed inputs are)
 
     # an object replaced under the same name (another ETag): that input alone is tiled again
     other = sorted(synth_slide_dir.glob("*.svs"))[1]
