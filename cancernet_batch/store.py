@@ -465,8 +465,10 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
             del group["probs"]
             del group["done"]
     if "probs" not in group:
-        probs = group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan)
-        probs.attrs["model_id"] = model_id
+        # the model id goes in with the array's metadata (one write): a kill between two writes left
+        # an array of no model, and every later run was refused as "scored by model None"
+        group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
+                           attributes={"model_id": model_id})
         group.create_array("done", shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
     return group["probs"], group["done"]
 

@@ -417,7 +417,7 @@ def test_kill_and_resume_with_inputs_and_outputs_on_s3(s3, s3_inputs, tiny_model
     assert rc == 1 and f"delete {url}/.lock" in err
     fs.rm_file(f"{BUCKET}/nights/killed/.lock")
     rc, out, err = _main(capsys, *args)
-    assert rc == 0, err
+    assert rc == 0, out + err + s3.fs().cat_file(f"{BUCKET}/nights/killed/failures.csv").decode()
     assert "(resumed)" in out or "already complete" in out or "resumed" in out, out
     run = Run.of(url, s3.options())
     root = run.open_store("r")
