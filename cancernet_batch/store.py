@@ -463,12 +463,14 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
                 raise StorageError(f"this run was scored by model {old}, not {model_id}", path=group.attrs.get("source"),
                                    hint="score into a new run folder, or pass --rescore to replace the predictions")
             del group["probs"]
-            del group["done"]
+            if "done" in group:
+                del group["done"]
     if "probs" not in group:
         # the model id goes in with the array's metadata (one write): a kill between two writes left
         # an array of no model, and every later run was refused as "scored by model None"
         group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
                            attributes={"model_id": model_id})
+    if "done" not in group:  # a kill after probs and before done: no chunk is done yet
         group.create_array("done", shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
     return group["probs"], group["done"]
 
