@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 HEADER_BLOCK = 256 * 1024
 """Block size (bytes) of the cache that serves tifffile's small reads (header, IFDs, tag arrays)."""
-MAX_GAP = 16 * 1024
-"""Ranges closer than this are fetched in one request (the gap is read and dropped)."""
+MAX_GAP = 4 * 1024
+"""Ranges closer than this are always fetched in one request (the gap is read and dropped)."""
+MAX_WASTE = 0.1
+"""Wider gaps are bridged too, smallest first, while the bytes dropped stay within this fraction of the bytes asked for."""
 MAX_REQUEST = 64 * 1024 * 1024
 """Largest single coalesced request."""
 PREFETCH_KEEP = 64 * 1024 * 1024
@@ -214,16 +216,42 @@ def find(url: str, extensions: tuple[str, ...], options: Mapping | None = None) 
 # range reads
 # --------------------------------------------------------------------------------------------
 
-def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP) -> list[tuple[int, int]]:
-    """Sorted ``(start, end)`` spans covering ``ranges`` (``(offset, size)``), near ones merged."""
+def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
+              waste: float = MAX_WASTE) -> list[tuple[int, int]]:
+    """Sorted ``(start, end)`` spans covering ``ranges`` (``(offset, size)``), in few requests.
+
+    Touching and overlapping ranges are one span; then the gaps between spans are bridged smallest
+    first while the bytes read and dropped stay within ``waste`` x the bytes asked for (any gap up to
+    ``max_gap`` is bridged too), and no span exceeds :data:`MAX_REQUEST`. The tiles of one region lie
+    in a few runs (one per tile row, the other columns between them): most runs become one request.
+    """
     spans: list[list[int]] = []
     for off, size in sorted((int(o), int(s)) for o, s in ranges if s > 0):
         end = off + size
-        if spans and off - spans[-1][1] <= max_gap and end - spans[-1][0] <= MAX_REQUEST:
+        if spans and off <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], end)
         else:
             spans.append([off, end])
-    return [(a, b) for a, b in spans]
+    if len(spans) < 2:
+        return [(a, b) for a, b in spans]
+    asked = sum(b - a for a, b in spans)
+    budget = waste * asked
+    gaps = sorted(range(len(spans) - 1), key=lambda i: spans[i + 1][0] - spans[i][1])
+    bridge = set()
+    for i in gaps:
+        g = spans[i + 1][0] - spans[i][1]
+        if g <= max_gap or g <= budget:
+            bridge.add(i)
+            budget -= g
+        else:
+            break
+    out: list[list[int]] = [list(spans[0])]
+    for i in range(1, len(spans)):
+        if i - 1 in bridge and spans[i][1] - out[-1][0] <= MAX_REQUEST:
+            out[-1][1] = spans[i][1]
+        else:
+            out.append(list(spans[i]))
+    return [(a, b) for a, b in out]
 
 
 def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
@@ -347,7 +375,7 @@ class RangeFile(io.RawIOBase):
         first, last = start // self.block, (end - 1) // self.block
         missing = [k for k in range(first, last + 1) if k not in self._blocks]
         if missing:
-            spans = _coalesce([(k * self.block, min(self.block, self.size - k * self.block)) for k in missing], 0)
+            spans = _coalesce([(k * self.block, min(self.block, self.size - k * self.block)) for k in missing], 0, 0.0)
             for (a, b), d in zip(spans, self._get(spans)):
                 for k in range(a // self.block, (b - 1) // self.block + 1):
                     self._blocks[k] = d[k * self.block - a:(k + 1) * self.block - a]

@@ -426,7 +426,15 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    for idx in np.split(order, bounds):
+    groups = np.split(order, bounds)
+    prefetch = getattr(reader, "prefetch", None)  # a slide on object storage: all windows' bytes in few requests
+    if prefetch is not None:
+        boxes = []
+        for idx in groups:
+            (r0, c0), (r1, c1) = coords[idx].min(axis=0), coords[idx].max(axis=0) + 1
+            boxes.append((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px))
+        prefetch(level, boxes)
+    for idx in groups:
         rc = coords[idx]
         r0, c0 = rc.min(axis=0)
         r1, c1 = rc.max(axis=0) + 1

@@ -180,6 +180,32 @@ class TiffFileReader(SlideReader):
             self._arrays[level] = zarr.open(self._series.aszarr(level=level), mode="r")
         return self._arrays[level]
 
+    @property
+    def prefetch(self):
+        """Over a remote file: ``prefetch(level, boxes)`` fetches the compressed tiles of every box
+        ``(x0, y0, x1, y1)`` (level pixels, floats) in few concurrent range requests; None on local disk."""
+        if self._file is None or not hasattr(self._file, "prefetch"):
+            return None
+
+        def prefetch(level: int, boxes) -> None:
+            import math
+
+            lw, lh = self.level_dimensions[level]
+            ranges = []
+            try:
+                for x0, y0, x1, y1 in boxes:
+                    x, y = max(0, math.floor(x0)), max(0, math.floor(y0))
+                    w, h = min(lw, math.ceil(x1)) - x, min(lh, math.ceil(y1)) - y
+                    if w > 0 and h > 0:
+                        for page in self._series.levels[level].pages:
+                            ranges += chunk_ranges(page.keyframe, page, x, y, w, h)
+            except Exception:  # noqa: BLE001 - an unusual layout: each read fetches its own tiles
+                return
+            if ranges:
+                self._file.prefetch(sorted(set(ranges)))
+
+        return prefetch
+
     def _prefetch(self, level: int, x: int, y: int, w: int, h: int) -> None:
         """Over a remote file: fetch the compressed tiles (or strips) of the region beforehand, in few range
         requests, so tifffile's per-tile reads are served from memory."""
