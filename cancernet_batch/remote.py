@@ -65,6 +65,20 @@ def _count(requests: int, nbytes: int) -> None:
         COUNTS["bytes"] += nbytes
 
 
+class HiddenOptions(dict):
+    """Storage options whose ``repr``/``str`` show no value (Dask logs a failed task's arguments)."""
+
+    def __repr__(self) -> str:
+        return f"HiddenOptions({len(self)} keys)"
+
+    __str__ = __repr__
+
+
+def hidden(options: Mapping | None) -> HiddenOptions | None:
+    """``options`` as :class:`HiddenOptions` (None stays None)."""
+    return None if options is None else HiddenOptions(options)
+
+
 def is_url(source: object) -> bool:
     """True for an input on object storage (a URL whose scheme is not ``file``)."""
     from .runfolder import url_scheme

@@ -516,6 +516,9 @@ class Run:
         """
         if isinstance(location, Run):
             return location
+        from .remote import hidden
+
+        input_options = hidden(input_options)  # shown nowhere, not even in a failed Dask task's log line
         text = os.fspath(location)
         scheme = url_scheme(text)
         if scheme == "file":
