@@ -265,7 +265,7 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
 
     url, local = s3_inputs[name]
     key = url.split("://", 1)[1]
-    cfg = TileConfig(target_mpp=2.0)
+    cfg = TileConfig(target_mpp=2.0, decode="reader")  # the direct decoder reads local files only (so far)
     s3.server.reset()
     with open_slide(url, storage_options=s3.options()) as reader:
         opened = s3.server.gets(key)
