@@ -336,10 +336,6 @@ def _open_name(args) -> str:
         return r.name
 
 
-def _all_text(s3, prefix: str) -> dict[str, bytes]:
-    return s3.objects(prefix)
-
-
 def test_run_with_inputs_and_outputs_on_s3_resumes_by_etag_and_keeps_secrets(s3, s3_inputs, client, tiny_model_dir,
                                                                               synth_slide_dir, capsys, caplog):
     url = f"s3://{BUCKET}/nights/inputs"
@@ -379,7 +375,7 @@ def test_run_with_inputs_and_outputs_on_s3_resumes_by_etag_and_keeps_secrets(s3,
     s3.fs().put_file(str(s3_inputs["tiff"][1]), f"{BUCKET}/mixed/generic.tiff")  # as it was, for the others
 
     # a missing bucket: one line
-    rc, out4, err4 = _main(capsys, "run", f"s3://no-such-input-bucket/a.svs", "--out", f"{url}-x", "--model",
+    rc, out4, err4 = _main(capsys, "run", "s3://no-such-input-bucket/a.svs", "--out", f"{url}-x", "--model",
                            str(tiny_model_dir), "--storage-options", json.dumps(s3.options()))
     assert rc == 1 and err4.count("\n") == 1 and "the bucket 'no-such-input-bucket' does not exist" in err4, err4
 
