@@ -409,19 +409,31 @@ def _parse_storage_options(ctx, param, value: str | None) -> dict | None:
 
 STORAGE_OPTIONS = click.option(
     "--storage-options", "storage_options", default=None, metavar="JSON|@FILE", callback=_parse_storage_options,
-    help="For a run folder on object storage (s3://, gs://, az://): fsspec options as a JSON object or @FILE, "
-         "e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'. Default: the standard places "
-         "(AWS_* environment, ~/.aws profiles, AWS_ENDPOINT_URL). Never printed or recorded.")
+    help="For a run folder and inputs on object storage (s3://, gs://, az://): fsspec options as a JSON object "
+         "or @FILE, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'; one set serves both. "
+         "Default: the standard places (AWS_* environment, ~/.aws profiles, AWS_ENDPOINT_URL). Never printed or "
+         "recorded.")
 
 
-def _run_of(location: str, storage_options: dict | None):
-    """The :class:`Run` for a command's run folder (a path or an fsspec URL)."""
+def _run_of(location: str, storage_options: dict | None, inputs=()):
+    """The :class:`Run` for a command's run folder (a path or an fsspec URL); ``storage_options`` serve
+    both the run folder and the ``inputs`` given as URLs."""
+    from .remote import is_url
     from .runfolder import Run, url_scheme
 
-    if storage_options is not None and url_scheme(location) in (None, "file"):
-        raise click.BadParameter("--storage-options is for run folders on object storage (s3://, gs://, az://)",
-                                 param_hint="'--storage-options'")
-    return Run.of(location, storage_options)
+    remote_inputs = any(is_url(i) for i in inputs)
+    if storage_options is not None and url_scheme(location) in (None, "file") and not remote_inputs:
+        raise click.BadParameter("--storage-options is for run folders and inputs on object storage "
+                                 "(s3://, gs://, az://)", param_hint="'--storage-options'")
+    run = Run.of(location, storage_options if is_url(location) else None,
+                 input_options=storage_options if remote_inputs else None)
+    return run
+
+
+STAGE_CACHE = click.option(
+    "--stage-cache-gb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
+    help="Size limit of each machine's local copies of object-storage slides that only OpenSlide reads (DICOM, "
+         "MRXS...; TIFF/SVS are read in place by range requests); $CANCERNET_STAGE_DIR sets where.")
 
 
 def _tiling_options(f):
@@ -440,6 +452,7 @@ def _tiling_options(f):
         click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True, type=SECONDS,
                      help=READ_TIMEOUT_HELP),
         DECODE_OPTION,
+        STAGE_CACHE,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -454,7 +467,7 @@ def _tile_config(kw: dict, chunk: int | None = None):
     return TileConfig(target_mpp=target_mpp(kw.pop("model_dir"), kw.pop("mpp")), mpp_override=kw.pop("mpp_override"),
                       tissue_threshold=kw.pop("tissue_threshold"), tissue_filter=not kw.pop("no_tissue_filter"),
                       preflight_timeout=kw.pop("preflight_timeout"), read_timeout=kw.pop("read_timeout"),
-                      decode=kw.pop("decode"), **extra)
+                      decode=kw.pop("decode"), stage_cache_gb=kw.pop("stage_cache_gb", 20.0), **extra)
 
 
 def check_out_not_inside_inputs(out: str, inputs) -> None:
@@ -682,7 +695,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
     check_out_not_inside_inputs(out, inputs)
-    run_folder = _run_of(out, storage_options)
+    run_folder = _run_of(out, storage_options, inputs)
     cfg = _tile_config(kw, chunk_size)
     cluster = _cluster_config(kw)
     _start_workers_early(cluster)
@@ -771,6 +784,7 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
               help="Seconds a slide may take to open in the preflight child process.")
 @click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True, type=SECONDS, help=READ_TIMEOUT_HELP)
 @DECODE_OPTION
+@STAGE_CACHE
 @click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH), help="Tiles per store chunk (default 1024).")
 @click.option("--threshold", default=None, type=FRACTION, help="Decision threshold (default: the model's).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
@@ -798,12 +812,13 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     --until/--max-hours stopped it, continues where it stopped.
     """
     check_out_not_inside_inputs(out, inputs)
-    run_folder = _run_of(out, storage_options)
+    run_folder = _run_of(out, storage_options, inputs)
     deadline = _deadline(until, max_hours)
 
     model_dir = kw["model_dir"]
     tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
-    for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode"):
+    for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode",
+              "stage_cache_gb"):
         kw.pop(k)
     predict_cfg = _predict_config(kw)
     _start_workers_early(predict_cfg.cluster)

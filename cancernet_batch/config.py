@@ -139,6 +139,7 @@ class TileConfig:
     max_grid_tiles: int = MAX_GRID_TILES  # a larger slide grid fails its plan (a damaged header, usually)
     max_plan_px: float = MAX_PLAN_PX  # most source pixels the plan's overview may decode
     decode: str = "fast"  # one of DECODE_MODES
+    stage_cache_gb: float = 20.0  # size limit of the local copies of object-storage slides only OpenSlide reads
 
     def __post_init__(self) -> None:
         check_mpp(self.target_mpp, "--mpp")

@@ -43,12 +43,12 @@ SERVE_REQUESTS = 500
 """Slides one serving child checks before it is replaced (bounds whatever a reader leaks)."""
 
 
-def _check(path: str) -> dict:
+def _check(path: str, storage_options: dict | None = None, stage_limit_gb: float | None = None) -> dict:
     """Child side: open, read metadata, decode two small regions. Returns the JSON answer."""
     from .slides import open_slide
 
     try:
-        with open_slide(path) as reader:
+        with open_slide(path, storage_options=storage_options, stage_limit_gb=stage_limit_gb) as reader:
             info = reader.info()
             for level in sorted({reader.level_count - 1, 0}):
                 w, h = reader.level_dimensions[level]
@@ -85,9 +85,9 @@ class _Server:
         self.proc = subprocess.Popen([python, "-m", "cancernet_batch.preflight", "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
 
-    def ask(self, path: str, timeout: float) -> dict | None:
+    def ask(self, path: str, timeout: float, request: dict | None = None) -> dict | None:
         try:
-            self.proc.stdin.write((json.dumps({"path": path}) + "\n").encode())
+            self.proc.stdin.write((json.dumps({"path": path, **(request or {})}) + "\n").encode())
             self.proc.stdin.flush()
         except OSError:  # it died earlier
             self.close()
@@ -166,7 +166,7 @@ def _new_server(python: str) -> _Server:
     return _Server(python)
 
 
-def _ask_server(path: str, timeout: float, python: str) -> dict | None:
+def _ask_server(path: str, timeout: float, python: str, request: dict | None = None) -> dict | None:
     """The answer of this thread's serving child (started or replaced as needed); None when it failed."""
     server = getattr(_LOCAL, "server", None)
     if server is not None and (server.python != python or not server.alive):
@@ -179,38 +179,44 @@ def _ask_server(path: str, timeout: float, python: str) -> dict | None:
             _LOCAL.server = None
             return None
     _LOCAL.server = server
-    answer = server.ask(path, timeout)
+    answer = server.ask(path, timeout, request)
     if answer is None:
         _LOCAL.server = None
     return answer
 
 
-def preflight(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, python: str | None = None) -> SlideInfo:
+def preflight(path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT, python: str | None = None,
+              storage_options: dict | None = None, stage_limit_gb: float | None = None) -> SlideInfo:
     """Open ``path`` in a child process (``python``, default this interpreter) and return its metadata.
+
+    ``path`` may be a URL on object storage: the child gets ``storage_options`` on its standard input
+    (never on its command line, where other users could see them) and reads the object itself.
 
     Raises the reader's error, or :class:`SlideReadError` when the child crashes or exceeds ``timeout``
     (checked alone in a fresh child: a slide that fails in the shared one is tried once more by itself,
     so a hang costs up to twice ``timeout``).
     """
     path = str(path)
-    answer = _ask_server(path, timeout, python or sys.executable)
+    request = {"storage_options": storage_options, "stage_limit_gb": stage_limit_gb}
+    answer = _ask_server(path, timeout, python or sys.executable, request)
     if answer is None:
-        return _preflight_alone(path, timeout, python)
+        return _preflight_alone(path, timeout, python, request)
     if not answer.get("ok"):
         raise _error(answer, path)
     log.debug("%s: preflight ok", path)
     return SlideInfo.from_json(answer["info"])
 
 
-def _preflight_alone(path: str, timeout: float, python: str | None) -> SlideInfo:
+def _preflight_alone(path: str, timeout: float, python: str | None, request: dict | None = None) -> SlideInfo:
     """:func:`preflight` in a fresh child of its own: the verdict that counts when the shared child failed."""
     fd, result = tempfile.mkstemp(prefix="cancernet-preflight-", suffix=".json")
     os.close(fd)
     try:
-        cmd = [python or sys.executable, "-m", "cancernet_batch.preflight", path, "--result", result]
+        cmd = [python or sys.executable, "-m", "cancernet_batch.preflight", path, "--result", result, "--request-stdin"]
         env = _child_env()
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env,
+                                  input=json.dumps(request or {}).encode())
         except subprocess.TimeoutExpired as exc:
             raise SlideReadError(f"the slide reader hung: no answer within {timeout:g} s", path=path,
                                  hint="the file may be corrupt or on a stalled disk; raise --preflight-timeout "
@@ -241,7 +247,8 @@ def serve() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        answers.write(json.dumps(_check(json.loads(line)["path"])) + "\n")
+        req = json.loads(line)
+        answers.write(json.dumps(_check(req["path"], req.get("storage_options"), req.get("stage_limit_gb"))) + "\n")
         answers.flush()
     return 0
 
@@ -254,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cancernet_batch.preflight")
     ap.add_argument("path")
     ap.add_argument("--result", required=True)
+    ap.add_argument("--request-stdin", action="store_true",
+                    help="read {storage_options, stage_limit_gb} as JSON from standard input")
     args = ap.parse_args(argv)
-    answer = _check(args.path)
+    req = json.loads(sys.stdin.read() or "{}") if args.request_stdin else {}
+    answer = _check(args.path, req.get("storage_options"), req.get("stage_limit_gb"))
     Path(args.result).write_text(json.dumps(answer), encoding="utf-8")
     return 0
 

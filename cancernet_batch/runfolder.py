@@ -499,25 +499,33 @@ class Run:
 
     root: Path
     fs: "LocalFS | FsspecFS" = field(default_factory=LocalFS, compare=False)
+    input_options: Mapping | None = field(default=None, compare=False, repr=False)
+    """fsspec options for inputs given as URLs (``--storage-options``); None: the standard places.
+    Never shown (``repr``) or written: they may hold secrets."""
 
     @classmethod
-    def of(cls, location: "str | os.PathLike | Run", storage_options: Mapping | None = None) -> "Run":
+    def of(cls, location: "str | os.PathLike | Run", storage_options: Mapping | None = None, *,
+           input_options: Mapping | None = None) -> "Run":
         """The ``Run`` for a user's ``--out``, or ``location`` itself.
 
         A local path is made absolute (symbolic links kept as given); ``file://PATH`` is the local
         ``PATH``. Another URL (``s3://bucket/prefix/run``, ``gs://``, ``az://``...) is a run on
         object storage, reached through fsspec with ``storage_options`` (credentials, endpoint),
         else the standard places (``AWS_*`` environment, profiles, ``AWS_ENDPOINT_URL``).
+        ``input_options``: fsspec options for inputs given as URLs (kept as :attr:`input_options`).
         """
         if isinstance(location, Run):
             return location
+        from .remote import hidden
+
+        input_options = hidden(input_options)  # shown nowhere, not even in a failed Dask task's log line
         text = os.fspath(location)
         scheme = url_scheme(text)
         if scheme == "file":
             text = text[len("file://"):] or "/"
         elif scheme is not None:
-            return cls(ObjectPath(text.rstrip("/")), FsspecFS(scheme, storage_options))
-        return cls(Path(os.path.abspath(text)))
+            return cls(ObjectPath(text.rstrip("/")), FsspecFS(scheme, storage_options), input_options)
+        return cls(Path(os.path.abspath(text)), input_options=input_options)
 
     @property
     def remote(self) -> bool:

@@ -55,6 +55,10 @@ def input_key(source: str | os.PathLike) -> str:
     Reports show the path the user gave (links kept); two paths with the same key (a link and its
     target) are the same input: one group, one row.
     """
+    from .remote import is_url
+
+    if is_url(source):
+        return os.fspath(source).rstrip("/")  # an object on object storage: its URL
     return os.path.realpath(source)  # Path.resolve() without its RuntimeError on a symlink loop
 
 
@@ -65,6 +69,13 @@ def input_id(source: str | os.PathLike) -> str:
     Separators, ``..`` and odd characters in names never reach the store's paths; names that are
     not UTF-8 (any POSIX bytes) are hashed as the bytes they are.
     """
+    from .remote import is_url
+
+    if is_url(source):
+        key = input_key(source)
+        name = key.rsplit("/", 1)[-1]
+        stem = _SAFE.sub("_", name.rsplit(".", 1)[0] if "." in name else name).strip("._-")[:60] or "input"
+        return f"{stem}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
     p = Path(input_key(source))
     stem = _SAFE.sub("_", p.name if p.is_dir() else p.stem).strip("._-")[:60] or "input"
     return f"{stem}-{hashlib.sha256(os.fsencode(str(p))).hexdigest()[:8]}"  # any bytes a name may hold
@@ -452,10 +463,14 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
                 raise StorageError(f"this run was scored by model {old}, not {model_id}", path=group.attrs.get("source"),
                                    hint="score into a new run folder, or pass --rescore to replace the predictions")
             del group["probs"]
-            del group["done"]
+            if "done" in group:
+                del group["done"]
     if "probs" not in group:
-        probs = group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan)
-        probs.attrs["model_id"] = model_id
+        # the model id goes in with the array's metadata (one write): a kill between two writes left
+        # an array of no model, and every later run was refused as "scored by model None"
+        group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
+                           attributes={"model_id": model_id})
+    if "done" not in group:  # a kill after probs and before done: no chunk is done yet
         group.create_array("done", shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
     return group["probs"], group["done"]
 

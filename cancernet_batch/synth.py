@@ -460,7 +460,8 @@ def _write_pyramid(path: Path, fmt: str, width: int, height: int, mpp: float, le
                           description=f"{title} level {li}" if li else None)
             tw.write(level_tiles(w, h, mpp * f), shape=(h, w, 3), dtype=np.uint8,
                      tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
-                     photometric="rgb", subfiletype=0 if li == 0 else 1, **kw, **extra)
+                     # Aperio marks its pyramid levels as full images (NewSubfileType 0), as tifffile expects
+                     photometric="rgb", subfiletype=0 if li == 0 or fmt == "svs" else 1, **kw, **extra)
             if fmt == "svs" and li == 0:
                 # Aperio puts a stripped thumbnail second; OpenSlide shows it as an associated image.
                 tf = max(1, int(math.ceil(max(width, height) / 768)))

@@ -79,7 +79,8 @@ def as_given(path: str | os.PathLike) -> Path:
     return p.absolute()
 
 
-def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Failure]]:
+def discover(paths: list[str | os.PathLike], storage_options: dict | None = None
+             ) -> tuple[list[InputSpec], list[Failure]]:
     """Inputs named by ``paths``: files, folders searched recursively by extension, and patient folders.
 
     A folder that is a patient folder (Kaggle layout: ``0``/``1`` subfolders) is one input and is
@@ -87,8 +88,12 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
     folders with nothing to tile come back as failures (stage ``discover``). Paths stay as given
     (made absolute, links kept); one file reached twice (through a link and directly) is one input,
     under the path met first.
+
+    A URL (``s3://bucket/prefix/slide.svs``, or a prefix holding slides) names objects on object
+    storage, found through fsspec with ``storage_options`` (:mod:`cancernet_batch.remote`).
     """
     from .patches import is_patient_folder
+    from .remote import as_path, find, is_url
 
     specs: dict[Path, InputSpec] = {}
     failures: list[Failure] = []
@@ -104,6 +109,19 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
         specs.setdefault(real, InputSpec(as_given(p), kind))
 
     for raw in paths:
+        if is_url(raw):
+            try:
+                found = find(str(raw), SLIDE_EXTENSIONS, storage_options)
+            except InputError as exc:
+                failures.append(Failure.from_exception(str(as_path(raw)), "discover", exc))
+                continue
+            if found == []:
+                failures.append(Failure.from_exception(str(as_path(raw)), "discover", InputError(
+                    "no slides found under this prefix", path=as_path(raw),
+                    hint=f"slides end in {', '.join(SLIDE_EXTENSIONS)}")))
+            for url in found if found is not None else [str(raw)]:
+                specs.setdefault(as_path(url), InputSpec(as_path(url), "slide"))
+            continue
         p = Path(raw)
         if not p.exists():
             failures.append(Failure.from_exception(as_given(p), "discover", InputError(
@@ -133,9 +151,10 @@ def discover(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Fail
     return sorted(specs.values(), key=lambda s: s.source), failures
 
 
-def discover_some(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list[Failure]]:
+def discover_some(paths: list[str | os.PathLike], storage_options: dict | None = None
+                  ) -> tuple[list[InputSpec], list[Failure]]:
     """:func:`discover`, but :class:`InputError` when nothing at all is found (the command cannot do anything)."""
-    specs, failures = discover([str(p) for p in paths])
+    specs, failures = discover([str(p) for p in paths], storage_options)
     if not specs:
         if failures:
             raise InputError(f"nothing to tile: {failures[0].message}")
@@ -146,7 +165,10 @@ def discover_some(paths: list[str | os.PathLike]) -> tuple[list[InputSpec], list
 
 def patient_of(path: str | os.PathLike) -> str:
     """Patient id of a slide: the TCGA participant (``TCGA-XX-XXXX``) when the name has one, else the file stem."""
-    stem = Path(path).name.split(".")[0] if Path(path).is_file() else Path(path).name
+    from .remote import is_url
+
+    name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1] if is_url(path) else Path(path).name
+    stem = name.split(".")[0] if is_url(path) or Path(path).is_file() else name
     m = _TCGA.match(stem)
     return m.group(1).upper() if m else stem
 
@@ -182,6 +204,7 @@ class TilePlan:
     series_files: list[str] = field(default_factory=list)
     decode: str | None = None  # TileConfig.decode for slides (how their pixels are decoded)
     decode_path: str | None = None  # what that means for this slide's level ("direct jpeg, 1/2 in the DCT", "reader")
+    source_etag: str | None = None  # an object on object storage: its ETag (with its size, its identity)
 
     @property
     def view_px(self) -> int:
@@ -225,6 +248,8 @@ class TilePlan:
         if self.decode:
             extra["decode"] = self.decode
             extra["decode_path"] = self.decode_path
+        if self.source_etag is not None:
+            extra["source_etag"] = self.source_etag
         return InputAttrs(source=self.source, kind=self.kind, reader=self.reader, patient=self.patient,
                           source_size=self.source_size, source_mtime=self.source_mtime, target_mpp=self.target_mpp,
                           grid_shape=self.grid_shape, n_tiles=self.n_tiles, n_background=self.n_background,
@@ -314,7 +339,11 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
     keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
     coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
     coords = coords[block_order(coords, cfg.block)]
-    size, mtime = _stat(path, series_files)
+    identity = getattr(reader, "source_identity", None)  # (size, etag) of an object on object storage
+    if identity is not None and not series_files:
+        (size, etag), mtime = identity, 0.0
+    else:
+        (size, mtime), etag = _stat(path, series_files), None
     plan = TilePlan(source=str(path), kind="slide", reader=info.reader, vendor=info.vendor, patient=patient_of(path),
                     source_size=size, source_mtime=mtime, target_mpp=cfg.target_mpp, grid_shape=(rows, cols),
                     coords=coords, source_mpp=mpp0, mpp_source=mpp_source, level=level,
@@ -322,7 +351,8 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                     levels=[(int(w), int(h), float(d)) for (w, h), d in zip(info.level_dimensions, info.level_downsamples)],
                     tissue=tissue.astype(np.float32), thumbnail=view,
                     tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
-                    objective=info.objective, series_files=list(series_files), decode=cfg.decode)
+                    objective=info.objective, series_files=list(series_files), decode=cfg.decode,
+                    source_etag=etag)
     direct = reader.direct_level(level) if cfg.decode != "reader" else None
     plan.decode_path = "reader" if direct is None else direct.describe(plan.tile_px_level / PATCH_SIZE,
                                                                          cfg.decode == "fast")
@@ -358,7 +388,8 @@ def _folder_stat(folder: Path) -> tuple[int, float]:
 
 
 def source_stat(spec_source: str, kind: str, series_files: list[str] | None = None) -> tuple[int, float]:
-    """Size and mtime recorded for an input (compared on re-runs to decide whether it changed)."""
+    """Size and mtime recorded for an input (compared on re-runs to decide whether it changed); for an
+    object on object storage see :func:`cancernet_batch.remote.stat` (size and ETag)."""
     return _folder_stat(Path(spec_source)) if kind == "patches" else _stat(spec_source, series_files)
 
 
@@ -395,7 +426,15 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
-    for idx in np.split(order, bounds):
+    groups = np.split(order, bounds)
+    prefetch = getattr(reader, "prefetch", None)  # a slide on object storage: all windows' bytes in few requests
+    if prefetch is not None:
+        boxes = []
+        for idx in groups:
+            (r0, c0), (r1, c1) = coords[idx].min(axis=0), coords[idx].max(axis=0) + 1
+            boxes.append((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px))
+        prefetch(level, boxes)
+    for idx in groups:
         rc = coords[idx]
         r0, c0 = rc.min(axis=0)
         r1, c1 = rc.max(axis=0) + 1

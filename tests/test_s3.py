@@ -7,9 +7,14 @@ import csv
 import io
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 
 from cancernet_batch import cli, runfolder
@@ -38,20 +43,16 @@ class S3Server:
         return {name: fs.cat_file(name) for name in fs.find(f"{BUCKET}/{prefix}")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on a free port of 127.0.0.1, with one bucket; stopped at the end of the session."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on a free port of 127.0.0.1 (its request log: ``s3.server.gets()``), with one bucket."""
+    from s3server import CountingS3
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield S3Server(endpoint)
+    server = CountingS3().start()
+    server.create_bucket(BUCKET)
+    out = S3Server(server.endpoint)
+    out.server = server
+    yield out
     server.stop()
 
 
@@ -210,3 +211,216 @@ def test_locations_file_urls_are_local_and_object_paths_print_as_urls(tmp_path, 
     assert cli.main(["status", str(tmp_path), "--storage-options", "{}"]) == 2
     assert cli.main(["status", "s3://bucket/run", "--storage-options", "[1]"]) == 2
     assert "not a JSON object" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# inputs on object storage
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3, synth_slide_dir, tmp_path_factory, slides_dir):
+    """On the server: ``good/`` (a synthetic SVS and a generic tiled TIFF), ``mixed/`` (the same two and a
+    truncated SVS), ``dicom/boxes_0.dcm``. Returns {name: (url, local path)}."""
+    from cancernet_batch.synth import SlideSpec, write_slide
+
+    d = tmp_path_factory.mktemp("s3-inputs")
+    tiff = d / "generic.tiff"
+    write_slide(SlideSpec(path=tiff, width=2048, height=2048, mpp=1.0, seed=41, format="tiff"))
+    svs = sorted(synth_slide_dir.glob("*.svs"))[0]
+    broken = d / "broken.svs"
+    broken.write_bytes(svs.read_bytes()[:60_000])  # the header and the first tiles: cut short
+    fs = s3.fs()
+    out = {}
+    for prefix, files in (("good", [svs, tiff]), ("mixed", [svs, tiff, broken]),
+                          ("dicom", [slides_dir / "boxes_0.dcm"])):
+        for f in files:
+            fs.put_file(str(f), f"{BUCKET}/{prefix}/{f.name}")
+            out[f"{prefix}/{f.name}"] = (f"s3://{BUCKET}/{prefix}/{f.name}", f)
+    out["svs"], out["tiff"] = out[f"good/{svs.name}"], out["good/generic.tiff"]
+    return out
+
+
+def _needed(reader, level: int, tile_px: float, coords) -> int:
+    """Compressed bytes of the distinct TIFF tiles that the model tiles at ``coords`` touch."""
+    from cancernet_batch.slides.tifffile_backend import chunk_ranges
+
+    lvl = reader._series.levels[level]
+    lw, lh = reader.level_dimensions[level]
+    ranges = set()
+    for r, c in coords:
+        x0, y0 = int(c * tile_px), int(r * tile_px)
+        x1, y1 = min(lw, int(-(-(c + 1) * tile_px // 1))), min(lh, int(-(-(r + 1) * tile_px // 1)))
+        for page in lvl.pages:
+            ranges.update(chunk_ranges(page.keyframe, page, x0, y0, x1 - x0, y1 - y0))
+    return sum(n for _, n in ranges)
+
+
+@pytest.mark.parametrize("name", ["svs", "tiff"])
+def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name):
+    from cancernet_batch import remote
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.slides.tifffile_backend import TiffFileReader
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    url, local = s3_inputs[name]
+    key = url.split("://", 1)[1]
+    cfg = TileConfig(target_mpp=2.0, decode="reader")  # the direct decoder reads local files only (so far)
+    s3.server.reset()
+    with open_slide(url, storage_options=s3.options()) as reader:
+        opened = s3.server.gets(key)
+        assert reader.name == "tifffile" and str(reader.path) == url
+        assert reader.source_identity == remote.stat(url, s3.options())
+        plan = plan_slide(url, cfg, reader=reader)
+    with TiffFileReader(local) as ref:
+        want = plan_slide(local, cfg, reader=ref)
+        assert np.array_equal(plan.coords, want.coords) and plan.level == want.level and plan.n_tiles > 20
+        assert plan.source_etag == reader.source_identity[1] and plan.source_size == local.stat().st_size
+        expected = read_tiles(ref, plan.level, plan.tile_px_level, plan.coords, decode="reader")
+    # the header: a few block reads; never the whole object
+    assert 1 <= len(opened) <= 4 and all(g.range for g in opened)
+    # tiling with a fresh reader: whole compressed tiles by coalesced range requests
+    with open_slide(url, storage_options=s3.options()) as reader:
+        s3.server.reset()
+        tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords)
+        gets = s3.server.gets(key)
+        needed = _needed(reader, plan.level, plan.tile_px_level, plan.coords)
+    assert np.array_equal(tiles, expected)  # the same pixels as the local file
+    assert gets and all(g.range for g in gets)
+    assert len(gets) < plan.n_tiles / 4, (len(gets), plan.n_tiles)  # coalesced: far fewer requests than tiles
+    assert needed <= sum(g.sent for g in gets) <= 1.2 * needed, (sum(g.sent for g in gets), needed)
+
+
+def test_formats_only_openslide_reads_are_staged_once_shared_and_removed(s3, s3_inputs, tmp_path, monkeypatch):
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from cancernet_batch import remote
+    from cancernet_batch.slides import open_slide
+
+    monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
+    url, _ = s3_inputs["dicom/boxes_0.dcm"]
+    key = url.split("://", 1)[1]
+    s3.server.reset()
+
+    def opened(_):
+        r = open_slide(url, storage_options=s3.options())
+        return r, r.read_region(0, 0, 0, 8, 8)
+
+    with cf.ThreadPoolExecutor(4) as pool:  # four tasks of one worker at once
+        readers = [r for r, px in pool.map(opened, range(4))]
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:  # two more workers
+        names = list(pool.map(_open_name, [(url, s3.options(), str(tmp_path / "stage"))] * 2))
+    assert names == ["openslide"] * 2 and {r.name for r in readers} == {"openslide"}
+    assert {str(r.path) for r in readers} == {url} and readers[0].source_identity == remote.stat(url, s3.options())
+    whole = [g for g in s3.server.gets(key) if not g.range]
+    assert len(whole) == 1  # one download, shared by every thread and process
+    staged = [p for p in (tmp_path / "stage").iterdir() if p.is_dir()]
+    assert len(staged) == 1 and not any(p.name.startswith(".tmp-") for p in (tmp_path / "stage").iterdir())
+    assert remote.clear_stage_cache() == 0  # held by the open readers: never removed under them
+    for r in readers:
+        r.close()
+    assert remote.clear_stage_cache() == 1 and not any(p.is_dir() for p in (tmp_path / "stage").iterdir())
+    # a size limit below the slide: its copy goes as soon as its reader closes
+    with open_slide(url, storage_options=s3.options(), stage_limit_gb=1e-9) as r:
+        assert r.read_region(0, 0, 0, 4, 4).shape == (4, 4, 3)
+    assert not any(p.is_dir() for p in (tmp_path / "stage").iterdir())
+
+
+def _open_name(args) -> str:
+    url, options, stage = args
+    os.environ["CANCERNET_STAGE_DIR"] = stage
+    from cancernet_batch.slides import open_slide
+
+    with open_slide(url, storage_options=options) as r:
+        return r.name
+
+
+def test_run_with_inputs_and_outputs_on_s3_resumes_by_etag_and_keeps_secrets(s3, s3_inputs, client, tiny_model_dir,
+                                                                              synth_slide_dir, capsys, caplog):
+    url = f"s3://{BUCKET}/nights/inputs"
+    mixed = f"s3://{BUCKET}/mixed/"
+    absent = f"s3://{BUCKET}/mixed/absent.svs"
+    args = ["run", mixed, absent, "--out", url, "--model", str(tiny_model_dir), "--chunk-size", "16",
+            "--scheduler", client.scheduler.address, "--storage-options", json.dumps(s3.options())]
+    caplog.set_level(logging.DEBUG)
+    rc, out1, err1 = _main(capsys, *args)
+    assert rc == 3, err1  # two inputs failed, the rest went on
+    objs = s3.objects("nights/inputs")
+    rows = _csv(objs[f"{BUCKET}/nights/inputs/report/inputs.csv"])
+    good = sorted(u for u, _ in (s3_inputs[f"mixed/{n}"] for n in ("generic.tiff", sorted(
+        p.name for p in synth_slide_dir.glob("*.svs"))[0])))
+    assert sorted(r["source"] for r in rows if r["status"] == "reported") == good
+    assert all(int(r["tissue_tiles"]) > 0 for r in rows if r["status"] == "reported")
+    fails = {r["input"]: r for r in _csv(objs[f"{BUCKET}/nights/inputs/failures.csv"])}
+    broken = f"s3://{BUCKET}/mixed/broken.svs"
+    assert sorted(fails) == sorted([broken, absent])
+    assert fails[broken]["stage"] == "preflight" and fails[absent]["stage"] == "discover"
+    assert "no such object" in fails[absent]["message"]
+    assert "staging" not in fails[broken]["message"] and "\n" not in fails[broken]["message"]
+
+    # the same command again: nothing tiled or scored (size and ETag unchanged)
+    s3.server.reset()
+    rc, out2, err2 = _main(capsys, *args)
+    assert rc == 3 and "tile:    0 tiled (0 tiles), 2 already complete" in out2, out2
+    assert "predict: 0 patches scored" in out2
+    again = [g for g in s3.server.gets("/mixed/") if "broken" not in g.path and (g.range or g.sent > 1000)]
+    assert not again  # no good slide read again (the broken one is tried again, as failed inputs are)
+
+    # an object replaced under the same name (another ETag): that input alone is tiled again
+    other = sorted(synth_slide_dir.glob("*.svs"))[1]
+    s3.fs().put_file(str(other), f"{BUCKET}/mixed/generic.tiff")
+    rc, out3, err3 = _main(capsys, *args)
+    assert rc == 3 and "tile:    1 tiled" in out3 and "1 already complete" in out3, out3
+    s3.fs().put_file(str(s3_inputs["tiff"][1]), f"{BUCKET}/mixed/generic.tiff")  # as it was, for the others
+
+    # a missing bucket: one line
+    rc, out4, err4 = _main(capsys, "run", "s3://no-such-input-bucket/a.svs", "--out", f"{url}-x", "--model",
+                           str(tiny_model_dir), "--storage-options", json.dumps(s3.options()))
+    assert rc == 1 and err4.count("\n") == 1 and "the bucket 'no-such-input-bucket' does not exist" in err4, err4
+
+    # the secret is nowhere: not in an object of the run, the CLI's output or a log record
+    for name, data in s3.objects("nights").items():
+        assert SECRET.encode() not in data, name
+    for text in (out1, err1, out2, err2, out3, err3, out4, err4, caplog.text):
+        assert SECRET not in text
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_inputs_and_outputs_on_s3(s3, s3_inputs, tiny_model_dir, tmp_path, capsys):
+    from cancernet_batch import store
+
+    url = f"s3://{BUCKET}/nights/killed"
+    opts = tmp_path / "s3.json"
+    opts.write_text(json.dumps(s3.options()))
+    args = ["run", f"s3://{BUCKET}/good/", "--out", url, "--model", str(tiny_model_dir), "--workers", "1",
+            "--chunk-size", "8", "--storage-options", f"@{opts}"]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    p = subprocess.Popen([sys.executable, "-m", "cancernet_batch.cli", *args, "--batch-size", "1",
+                          "--max-inputs-in-flight", "1"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    fs = s3.fs()
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:  # kill point: the first chunk of tiles written
+        if [n for n in fs.find(f"{BUCKET}/nights/killed/tiles.zarr") if "/tiled/c/" in n]:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before the kill point"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    # the killed run's lock stays: the next run says so and how to clear it; then it finishes the rest
+    rc, out, err = _main(capsys, *args)
+    assert rc == 1 and f"delete {url}/.lock" in err
+    fs.rm_file(f"{BUCKET}/nights/killed/.lock")
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err + s3.fs().cat_file(f"{BUCKET}/nights/killed/failures.csv").decode()
+    assert "(resumed)" in out or "already complete" in out or "resumed" in out, out
+    run = Run.of(url, s3.options())
+    root = run.open_store("r")
+    groups = dict(store.iter_inputs(root))
+    assert len(groups) == 2
+    for gid, g in groups.items():
+        assert store.tiled_mask(g).all() and store.done_mask(g).all()
+    rows = _csv(s3.fs().cat_file(f"{BUCKET}/nights/killed/report/inputs.csv"))
+    assert sorted(r["source"] for r in rows) == sorted(s3_inputs[k][0] for k in ("svs", "tiff"))
+    assert {r["status"] for r in rows} == {"reported"}

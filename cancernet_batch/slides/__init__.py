@@ -37,13 +37,20 @@ def detect(path: str | os.PathLike) -> str | None:
     return next((r.name for r in readers() if r.detect(path)), None)
 
 
-def open_slide(path: str | os.PathLike) -> SlideReader:
+def open_slide(path: str | os.PathLike, *, storage_options: dict | None = None,
+               stage_limit_gb: float | None = None) -> SlideReader:
     """Open a slide with the first registered reader that detects it and opens it.
+
+    A URL (``s3://bucket/slide.svs``...) is an object on object storage (:func:`open_remote`).
 
     A reader that detects the file but cannot open it hands over to the next one that detects it
     (a TIFF OpenSlide recognises but refuses is tried with tifffile); when none can, the error
     names the file and every reader's reason. :class:`UnsupportedFormatError` when none detects it.
     """
+    from ..remote import is_url
+
+    if is_url(path):
+        return open_remote(str(path), storage_options, stage_limit_gb)
     p = Path(path)
     if not p.exists():
         raise InputError("no such file", path=p, hint="check the path")
@@ -70,3 +77,59 @@ def open_slide(path: str | os.PathLike) -> SlideReader:
 
 def _detecting(p: Path) -> list[type[SlideReader]]:
     return [r for r in readers() if r.detect(p)]
+
+
+def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: float | None = None) -> SlideReader:
+    """Open a slide on object storage.
+
+    A TIFF (Aperio SVS, generic and OME-TIFF, NDPI where tifffile reads it) is read in place by
+    tifffile over range requests (:class:`cancernet_batch.remote.RangeFile`); anything else, or a
+    TIFF tifffile refuses, is staged to this machine's bounded cache (:func:`cancernet_batch.remote.stage`)
+    and opened locally, the copy held until the reader is closed. Either way the reader's ``path``
+    is the URL, and ``source_identity`` is the object's ``(size, etag)``.
+    """
+    from .. import remote
+    from ..errors import CancerNetError
+    from .tifffile_backend import TIFF_MAGIC, TiffFileReader
+
+    size, etag = remote.stat(url, storage_options)
+    if size == 0:
+        raise UnsupportedFormatError("the object is empty", path=url, hint="upload the slide again")
+    f = remote.open_input(url, storage_options, size=size)
+    errors: list[str] = []
+    try:
+        if f.read(4) in TIFF_MAGIC:
+            f.seek(0)
+            try:
+                reader = TiffFileReader(url, file=f)
+            except UnsupportedFormatError as exc:
+                errors.append(f"tifffile: {exc.message}")
+            else:
+                reader.source_identity = (size, etag)
+                return reader
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    staged = remote.stage(url, storage_options, limit_gb=stage_limit_gb, etag=etag)
+    try:
+        reader = open_slide(staged.path)
+    except CancerNetError as exc:
+        staged.release()
+        msg = "; ".join(errors + [exc.message]) if errors else exc.message
+        raise type(exc)(msg.replace(str(staged.path), url), path=url, hint=exc.hint) from None
+    except BaseException:
+        staged.release()
+        raise
+    reader.path = remote.as_path(url)
+    reader.source_identity = (size, etag)
+    close = reader.close
+
+    def close_and_release() -> None:
+        try:
+            close()
+        finally:
+            staged.release()
+
+    reader.close = close_and_release
+    return reader

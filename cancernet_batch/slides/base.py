@@ -95,7 +95,9 @@ class SlideReader(abc.ABC):
         return False
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        from ..remote import as_path
+
+        self.path = as_path(path)  # a URL stays a URL (an ObjectPath) for an input on object storage
         self.vendor: str | None = None
         self.level_dimensions: tuple[tuple[int, int], ...] = ()
         self.level_downsamples: tuple[float, ...] = ()

@@ -110,12 +110,15 @@ class TiffFileReader(SlideReader):
     def detect(cls, path: str | os.PathLike) -> bool:
         return is_tiff(path)
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, file=None):
+        """Open ``path``; or, when ``file`` is given, read the TIFF from that seekable binary file object
+        (a :class:`cancernet_batch.remote.RangeFile` over an object on S3/GCS/Azure), ``path`` naming it."""
         super().__init__(path)
         import tifffile
 
+        self._file = file
         try:
-            self._tf = tifffile.TiffFile(str(self.path))
+            self._tf = tifffile.TiffFile(file if file is not None else str(self.path))
         except Exception as exc:  # noqa: BLE001 - TiffFileError, struct errors, truncation...
             raise UnsupportedFormatError(f"not a TIFF that tifffile can read ({exc.__class__.__name__}: {exc})",
                                          path=self.path, hint="check that the file is an image and not truncated") from exc
@@ -177,7 +180,47 @@ class TiffFileReader(SlideReader):
             self._arrays[level] = zarr.open(self._series.aszarr(level=level), mode="r")
         return self._arrays[level]
 
+    @property
+    def prefetch(self):
+        """Over a remote file: ``prefetch(level, boxes)`` fetches the compressed tiles of every box
+        ``(x0, y0, x1, y1)`` (level pixels, floats) in few concurrent range requests; None on local disk."""
+        if self._file is None or not hasattr(self._file, "prefetch"):
+            return None
+
+        def prefetch(level: int, boxes) -> None:
+            import math
+
+            lw, lh = self.level_dimensions[level]
+            ranges = []
+            try:
+                for x0, y0, x1, y1 in boxes:
+                    x, y = max(0, math.floor(x0)), max(0, math.floor(y0))
+                    w, h = min(lw, math.ceil(x1)) - x, min(lh, math.ceil(y1)) - y
+                    if w > 0 and h > 0:
+                        for page in self._series.levels[level].pages:
+                            ranges += chunk_ranges(page.keyframe, page, x, y, w, h)
+            except Exception:  # noqa: BLE001 - an unusual layout: each read fetches its own tiles
+                return
+            if ranges:
+                self._file.prefetch(sorted(set(ranges)))
+
+        return prefetch
+
+    def _prefetch(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        """Over a remote file: fetch the compressed tiles (or strips) of the region beforehand, in few range
+        requests, so tifffile's per-tile reads are served from memory."""
+        try:
+            ranges = []
+            for page in self._series.levels[level].pages:
+                ranges += chunk_ranges(page.keyframe, page, x, y, w, h)
+        except Exception:  # noqa: BLE001 - an unusual layout: tifffile reads each chunk itself
+            return
+        if ranges:
+            self._file.prefetch(ranges)
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if self._file is not None and hasattr(self._file, "prefetch"):
+            self._prefetch(level, x, y, w, h)
         try:
             if self._axes == "YX":
                 a = self._level(level)[y:y + h, x:x + w][..., None]
@@ -201,3 +244,25 @@ class TiffFileReader(SlideReader):
     def close(self) -> None:
         super().close()
         self._tf.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def chunk_ranges(keyframe, page, x: int, y: int, w: int, h: int) -> list[tuple[int, int]]:
+    """``(offset, bytecount)`` of the compressed tiles (or strips) of ``page`` that the region
+    ``(x, y, w, h)`` touches (geometry from ``keyframe``); contiguous 2-D planes only (else ``[]``)."""
+    offsets, counts = page.dataoffsets, page.databytecounts
+    if keyframe.is_tiled:
+        tw, th = keyframe.tilewidth, keyframe.tilelength
+        nx, ny = -(-keyframe.imagewidth // tw), -(-keyframe.imagelength // th)
+        if len(offsets) != nx * ny:
+            return []
+        idx = [r * nx + c for r in range(y // th, min(ny, -(-(y + h) // th)))
+               for c in range(x // tw, min(nx, -(-(x + w) // tw)))]
+    else:
+        rps = keyframe.rowsperstrip or keyframe.imagelength
+        ns = -(-keyframe.imagelength // rps)
+        if len(offsets) != ns:
+            return []
+        idx = list(range(y // rps, min(ns, -(-(y + h) // rps))))
+    return [(int(offsets[i]), int(counts[i])) for i in idx if counts[i] > 0]

@@ -44,6 +44,7 @@ from ..cluster import SCORE, TILE, ClusterConfig, dask_client, work_split
 from ..errors import ModelError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
+from ..remote import is_url
 from ..tiling import InputSpec, TileConfig, discover_some
 from .tile import (TileSummary, _worker_error, is_fresh, patches_task, preflight_task, prepare_slide_task,
                    tile_chunk_task)
@@ -116,6 +117,7 @@ class Flow:
         self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
         self._failed_sources: set[str] = set()
         self._seq = 0
+        self._sources: list[str] = []
         self._last_flush = 0.0
         self._first_score_at: float | None = None
         self._loader: threading.Thread | None = None  # the background model load (see _start_model_load)
@@ -126,7 +128,7 @@ class Flow:
     # ---------------------------------------------------------------------------------------
     def discover(self, paths) -> None:
         """Find the inputs named by ``paths``; those already tiled and unchanged go straight to scoring."""
-        specs, failures = discover_some(paths)
+        specs, failures = discover_some(paths, self.run.input_options)
         self._new_failures += failures
         self.tile.failures += failures
         root = self.run.create().open_store("a")
@@ -140,7 +142,7 @@ class Flow:
         fresh: list[tuple[InputSpec, str]] = []
         for spec in specs:
             gid = store.input_id(spec.source)
-            if gid in inputs and is_fresh(dict(inputs[gid].attrs), spec, self.tile_cfg):
+            if gid in inputs and is_fresh(dict(inputs[gid].attrs), spec, self.tile_cfg, self.run.input_options):
                 fresh.append((spec, gid))
                 done_members.update((inputs[gid].attrs.get("extra") or {}).get("series_files") or [])
             else:
@@ -148,7 +150,7 @@ class Flow:
         for spec in todo:
             if spec.source in done_members:
                 fresh.append((spec, ""))  # a member of a tiled DICOM series: nothing of its own to do
-            elif spec.kind == "slide" and spec.path.suffix.lower() == ".dcm":
+            elif spec.kind == "slide" and spec.path.suffix.lower() == ".dcm" and not is_url(spec.source):
                 self.dicom.append(spec)  # grouped into series after their preflight, before the stream
             else:
                 self._enqueue(spec.source, store.input_id(spec.source), "tile", spec=spec)
@@ -164,6 +166,7 @@ class Flow:
                 if gid not in named:
                     self._enqueue(str(g.attrs.get("source", gid)), gid, "score")
         self.inputs_total = len(self.queue) + len(self.dicom)
+        self._sources = [s.source for s in specs]
 
     def _enqueue(self, source: str, gid: str, entry: str, **kw) -> _Input:
         self._seq += 1
@@ -198,7 +201,24 @@ class Flow:
                     self._loader.join(timeout=60)
             if self.report_cfg is not None:
                 self._report_leftovers()
+            if self._staging:
+                self._clear_staged(c)
         self.flush(final=True)
+
+    @property
+    def _staging(self) -> bool:
+        """Whether an input of this flow is on object storage (its worker may have staged a local copy)."""
+        return any(is_url(s) for s in self._sources)
+
+    def _clear_staged(self, client) -> None:
+        """The run is done: remove the local copies of object-storage slides on every worker (and here)."""
+        from ..remote import clear_stage_cache
+
+        try:
+            client.run(clear_stage_cache)
+        except Exception as exc:  # noqa: BLE001 - a worker gone: its copies are evicted by the size limit later
+            log.info("could not clear the staging cache on every worker: %s", type(exc).__name__)
+        clear_stage_cache()
 
     def _start_model_load(self, client) -> None:
         """Load the model on the scoring workers in the background: preflight, plans and the first tiles go on
@@ -280,7 +300,8 @@ class Flow:
         elif inp.preflighted:
             self._submit_prepare(inp)
         else:
-            self._submit("preflight", inp, preflight_task, inp.source, self.tile_cfg.preflight_timeout, priority=_TILE)
+            self._submit("preflight", inp, preflight_task, inp.source, self.tile_cfg.preflight_timeout,
+                         self.run.input_options, self.tile_cfg.stage_cache_gb, priority=_TILE)
 
     def _submit_prepare(self, inp: _Input) -> None:
         self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
@@ -465,7 +486,8 @@ class Flow:
     def _preflight_dicom(self) -> None:
         if not self.dicom:
             return
-        futs = {s.source: self.client.submit(preflight_task, s.source, self.tile_cfg.preflight_timeout, pure=False)
+        futs = {s.source: self.client.submit(preflight_task, s.source, self.tile_cfg.preflight_timeout,
+                                             self.run.input_options, self.tile_cfg.stage_cache_gb, pure=False)
                 for s in self.dicom}
         series: dict[str, list[str]] = {}
         for source, fut in futs.items():

@@ -71,16 +71,24 @@ _READERS_LOCK = threading.Lock()
 _MAX_READERS = 4
 
 
-def _reader(source: str):
-    """An open reader for ``source``, kept per worker process (a few at a time) across tasks."""
+def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: float | None = None):
+    """An open reader for ``source``, kept per worker process (a few at a time) across tasks.
+
+    Keyed by the source's identity: size and mtime, or for an object on object storage size and ETag
+    (one HEAD request), so a changed source is opened again."""
+    from ..remote import is_url, stat
     from ..slides import open_slide
 
-    st = os.stat(source)
-    key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
+    if is_url(source):
+        size, etag = stat(source, storage_options)
+        key = f"{source}|{size}|{etag}"
+    else:
+        st = os.stat(source)
+        key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
     with _READERS_LOCK:
         r = _READERS.pop(key, None)
         if r is None:
-            r = open_slide(source)
+            r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb)
         _READERS[key] = r
         while len(_READERS) > _MAX_READERS:
             _, old = _READERS.popitem(last=False)
@@ -106,12 +114,14 @@ def _bounded_read(fn, source: str, what: str, cfg: TileConfig):
                             on_timeout=lambda: _drop_reader(source, close=False))
 
 
-def preflight_task(source: str, timeout: float) -> dict | Failure:
+def preflight_task(source: str, timeout: float, storage_options: dict | None = None,
+                   stage_limit_gb: float | None = None) -> dict | Failure:
     """Worker: the preflight of one slide (in a child process). Slide metadata as JSON, or a Failure."""
     from ..preflight import preflight
 
     try:
-        return preflight(source, timeout=timeout).to_json()
+        return preflight(source, timeout=timeout, storage_options=storage_options,
+                         stage_limit_gb=stage_limit_gb).to_json()
     except CancerNetError as exc:
         return Failure.from_exception(source, "preflight", exc)
 
@@ -121,6 +131,7 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
     return (a.get("source_size") == plan.source_size and a.get("source_mtime") == plan.source_mtime
             and a.get("target_mpp") == plan.target_mpp and a.get("level") == plan.level
             and a.get("tissue_threshold") == plan.tissue_threshold and a.get("n_tiles") == plan.n_tiles
+            and (a.get("extra") or {}).get("source_etag") == plan.source_etag
             and a.get("chunk") == chunk and abs(float(a.get("level0_tile_px", 0)) - plan.level0_tile_px) < 1e-9
             and (a.get("extra") or {}).get("decode") == plan.decode
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
@@ -133,7 +144,8 @@ def _store_chunk(n: int, chunk: int) -> int:
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str]) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure."""
     try:
-        plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source), series_files=series_files),
+        plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb),
+                                                series_files=series_files),
                              source, "planning the slide", cfg)
     except CancerNetError as exc:
         _drop_reader(source)
@@ -170,7 +182,8 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
     g = run.open_input(gid)
     coords = np.asarray(g["coords"][start:stop])
     try:
-        tiles = _bounded_read(lambda: read_tiles(_reader(source), level, tile_px, coords, decode=cfg.decode), source,
+        tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb), level, tile_px,
+                                                 coords, decode=cfg.decode), source,
                               f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
         _drop_reader(source)
@@ -208,17 +221,28 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
 # client side
 # --------------------------------------------------------------------------------------------
 
-def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig) -> bool:
-    """True when a stored input is complete and matches the source on disk and these settings."""
+def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig, storage_options: dict | None = None) -> bool:
+    """True when a stored input is complete and matches the source (on disk: size and mtime; on object
+    storage: size and ETag, one HEAD request) and these settings."""
+    from ..remote import is_url, stat
+
     if not attrs.get("complete"):
         return False
     extra = attrs.get("extra") or {}
-    try:
-        size, mtime = source_stat(spec.source, spec.kind, extra.get("series_files"))
-    except OSError:
-        return False
-    if size != attrs.get("source_size") or mtime != attrs.get("source_mtime"):
-        return False
+    if is_url(spec.source):
+        try:
+            size, etag = stat(spec.source, storage_options)
+        except CancerNetError:
+            return False
+        if size != attrs.get("source_size") or etag != extra.get("source_etag"):
+            return False
+    else:
+        try:
+            size, mtime = source_stat(spec.source, spec.kind, extra.get("series_files"))
+        except OSError:
+            return False
+        if size != attrs.get("source_size") or mtime != attrs.get("source_mtime"):
+            return False
     if attrs.get("target_mpp") != cfg.target_mpp or attrs.get("chunk") != _store_chunk(attrs.get("n_tiles", 0), cfg.chunk):
         return False
     if spec.kind == "slide":

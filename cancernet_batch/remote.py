@@ -1,0 +1,578 @@
+"""Inputs on object storage (``s3://bucket/prefix/slide.svs``, ``gs://``, ``az://``...), read through fsspec.
+
+* :func:`is_url` / :func:`as_path`: an input given as a URL (``file://`` and plain paths are local).
+* :func:`stat`: an object's identity for resume, ``(size, etag)`` (object stores have no useful mtime).
+* :func:`find`: the slides under a prefix, by extension (like a local folder).
+* :func:`open_input`: a seekable file object (:class:`RangeFile`) for tifffile: small reads (the TIFF
+  header, its IFDs and tag arrays) go through a block cache of :data:`HEADER_BLOCK` bytes; the
+  compressed tiles a region needs are fetched beforehand with :meth:`RangeFile.prefetch`, near
+  ranges coalesced into one request (:func:`read_ranges`), so reading a region costs one or a few
+  GETs of exactly its tiles, never a request per pixel or per tile.
+* :func:`read_ranges`: many ``(offset, size)`` byte ranges of one object in few requests.
+* :func:`stage`: a local copy of an object (for formats only OpenSlide reads) in a bounded cache on
+  this machine, shared by threads and processes: downloaded under a temporary name and renamed,
+  one lock file per entry (``flock``: exclusive while downloading or evicting, shared while in use);
+  entries nobody uses are evicted oldest first beyond the size limit, and :func:`clear_stage_cache`
+  removes them all when a run is done.
+
+``storage_options`` (credentials, endpoint) are never put in a message, a log record or a file;
+without them the standard places apply (``AWS_*`` environment, profiles, ``AWS_ENDPOINT_URL``).
+Errors are :class:`~cancernet_batch.errors.InputError` naming the URL: one input fails, the run goes on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import CancerNetError, InputError
+
+log = logging.getLogger(__name__)
+
+HEADER_BLOCK = 256 * 1024
+"""Block size (bytes) of the cache that serves tifffile's small reads (header, IFDs, tag arrays)."""
+MAX_GAP = 4 * 1024
+"""Ranges closer than this are always fetched in one request (the gap is read and dropped)."""
+MAX_WASTE = 0.1
+"""Wider gaps are bridged too, smallest first, while the bytes dropped stay within this fraction of the bytes asked for."""
+MAX_REQUEST = 64 * 1024 * 1024
+"""Largest single coalesced request."""
+PREFETCH_KEEP = 64 * 1024 * 1024
+"""Bytes of prefetched tiles a :class:`RangeFile` keeps (oldest dropped first)."""
+DEFAULT_STAGE_GB = 20.0
+"""Default size limit of the local staging cache (``--stage-cache-gb``)."""
+
+COUNTS = {"requests": 0, "bytes": 0}
+"""Requests and bytes this process fetched for inputs (every :class:`RangeFile` and :func:`read_ranges`)."""
+_COUNTS_LOCK = threading.Lock()
+
+
+def _count(requests: int, nbytes: int) -> None:
+    with _COUNTS_LOCK:
+        COUNTS["requests"] += requests
+        COUNTS["bytes"] += nbytes
+
+
+class HiddenOptions(dict):
+    """Storage options whose ``repr``/``str`` show no value (Dask logs a failed task's arguments)."""
+
+    def __repr__(self) -> str:
+        return f"HiddenOptions({len(self)} keys)"
+
+    __str__ = __repr__
+
+
+def hidden(options: Mapping | None) -> HiddenOptions | None:
+    """``options`` as :class:`HiddenOptions` (None stays None)."""
+    return None if options is None else HiddenOptions(options)
+
+
+def is_url(source: object) -> bool:
+    """True for an input on object storage (a URL whose scheme is not ``file``)."""
+    from .runfolder import url_scheme
+
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    return url_scheme(source) not in (None, "file")
+
+
+def as_path(source: str | os.PathLike):
+    """``source`` as a path: an :class:`~cancernet_batch.runfolder.ObjectPath` (prints as its URL) for a URL."""
+    from .runfolder import ObjectPath
+
+    return ObjectPath(os.fspath(source).rstrip("/")) if is_url(source) else Path(source)
+
+
+# --------------------------------------------------------------------------------------------
+# the filesystem and its errors
+# --------------------------------------------------------------------------------------------
+
+_FS: dict[tuple[str, str], object] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _defaults(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):  # bounded waits: an unreachable endpoint is an error within seconds
+        return {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}},
+                "use_listings_cache": False}
+    return {}
+
+
+def _seam(url: str, options: Mapping | None):
+    """The run folder's :class:`FsspecFS` for ``url`` (for its error messages and bucket check)."""
+    from .runfolder import FsspecFS, url_scheme
+
+    fs = FsspecFS(url_scheme(url) or "file", {})
+    fs.storage_options = _merge(_defaults(fs.protocol), options or {})
+    return fs
+
+
+def _merge(defaults: dict, given: Mapping) -> dict:
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def filesystem(url: str, options: Mapping | None = None):
+    """The fsspec filesystem for ``url`` (one per protocol and options in this process)."""
+    from .runfolder import url_scheme
+
+    protocol = url_scheme(url) or "file"
+    opts = _merge(_defaults(protocol), options or {})
+    key = (protocol, hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest())
+    with _FS_LOCK:
+        fs = _FS.get(key)
+        if fs is None:
+            seam = _seam(url, options)
+            try:
+                fs = seam.fs
+            except CancerNetError as exc:
+                raise InputError(exc.message, path=url, hint=exc.hint) from None
+            _FS[key] = fs
+    return fs
+
+
+def _input_error(exc: BaseException, url: str, doing: str, options: Mapping | None = None) -> InputError:
+    """One clear line for a failed storage call on an input (never the options: they may hold secrets)."""
+    if isinstance(exc, CancerNetError):
+        return InputError(exc.message, path=url, hint=exc.hint)
+    if isinstance(exc, FileNotFoundError):
+        proto, rest = url.split("://", 1)
+        bucket = rest.split("/", 1)[0]
+        try:
+            missing = not filesystem(url, options).exists(f"{proto}://{bucket}")
+        except Exception:  # noqa: BLE001 - the object is missing in any case
+            missing = False
+        if missing:
+            return InputError(f"the bucket {bucket!r} does not exist", path=url,
+                              hint="check the bucket name in the URL (and the endpoint)")
+        return InputError("no such object", path=url, hint="check the URL: bucket, prefix and file name")
+    e = _seam(url, {})._error(exc, url, doing)
+    return InputError(e.message, path=url, hint=e.hint)
+
+
+def _call(url: str, doing: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many kinds; each becomes one line
+        raise _input_error(exc, url, doing) from None
+
+
+def _strip(url: str) -> str:
+    return os.fspath(url).rstrip("/")
+
+
+# --------------------------------------------------------------------------------------------
+# identity and discovery
+# --------------------------------------------------------------------------------------------
+
+def _etag(info: Mapping) -> str:
+    for k in ("ETag", "etag", "md5Hash", "content_md5", "LastModified", "last_modified", "mtime", "updated"):
+        v = info.get(k)
+        if v:
+            return str(v).strip('"')
+    return ""
+
+
+def info(url: str, options: Mapping | None = None) -> dict:
+    """fsspec's info of ``url`` (``type``, ``size``, ``ETag``...); :class:`InputError` when it is not there."""
+    url = _strip(url)
+    fs = filesystem(url, options)
+    try:
+        return fs.info(url)
+    except Exception as exc:  # noqa: BLE001
+        raise _input_error(exc, url, "looking up the input", options) from None
+
+
+def stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
+    """``(size, etag)`` of an object: what identifies its content for resume (a changed object has another ETag)."""
+    i = info(url, options)
+    if i.get("type") == "directory":
+        raise InputError("is a prefix (folder), not a slide object", path=url, hint="give the slide's URL")
+    return int(i.get("size") or 0), _etag(i)
+
+
+def find(url: str, extensions: tuple[str, ...], options: Mapping | None = None) -> list[str] | None:
+    """The URLs of objects under the prefix ``url`` whose names end in ``extensions`` (hidden names and
+    ``*.zarr`` prefixes skipped), sorted; None when ``url`` is one object (not a prefix)."""
+    url = _strip(url)
+    i = info(url, options)
+    if i.get("type") != "directory":
+        return None
+    fs = filesystem(url, options)
+    proto = url.split("://", 1)[0]
+    names = _call(url, "listing the prefix", fs.find, url)
+    out = []
+    for name in names:
+        rel = str(name).split("://", 1)[-1]
+        parts = rel.split("/")
+        if any(p.startswith(".") or p.endswith(".zarr") for p in parts[1:]):
+            continue
+        if parts[-1].lower().endswith(extensions):
+            out.append(f"{proto}://{rel}")
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# range reads
+# --------------------------------------------------------------------------------------------
+
+def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
+              waste: float = MAX_WASTE) -> list[tuple[int, int]]:
+    """Sorted ``(start, end)`` spans covering ``ranges`` (``(offset, size)``), in few requests.
+
+    Touching and overlapping ranges are one span; then the gaps between spans are bridged smallest
+    first while the bytes read and dropped stay within ``waste`` x the bytes asked for (any gap up to
+    ``max_gap`` is bridged too), and no span exceeds :data:`MAX_REQUEST`. The tiles of one region lie
+    in a few runs (one per tile row, the other columns between them): most runs become one request.
+    """
+    spans: list[list[int]] = []
+    for off, size in sorted((int(o), int(s)) for o, s in ranges if s > 0):
+        end = off + size
+        if spans and off <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([off, end])
+    if len(spans) < 2:
+        return [(a, b) for a, b in spans]
+    asked = sum(b - a for a, b in spans)
+    budget = waste * asked
+    gaps = sorted(range(len(spans) - 1), key=lambda i: spans[i + 1][0] - spans[i][1])
+    bridge = set()
+    for i in gaps:
+        g = spans[i + 1][0] - spans[i][1]
+        if g <= max_gap or g <= budget:
+            bridge.add(i)
+            budget -= g
+        else:
+            break
+    out: list[list[int]] = [list(spans[0])]
+    for i in range(1, len(spans)):
+        if i - 1 in bridge and spans[i][1] - out[-1][0] <= MAX_REQUEST:
+            out[-1][1] = spans[i][1]
+        else:
+            out.append(list(spans[i]))
+    return [(a, b) for a, b in out]
+
+
+def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    if not spans:
+        return []
+    if len(spans) == 1:
+        data = [_call(url, "reading", fs.cat_file, url, start=spans[0][0], end=spans[0][1])]
+    else:  # concurrent requests (s3fs: asyncio)
+        data = _call(url, "reading", fs.cat_ranges, [url] * len(spans), [a for a, _ in spans], [b for _, b in spans],
+                     on_error="raise")
+    for d in data:
+        if isinstance(d, BaseException):
+            raise _input_error(d, url, "reading")
+    _count(len(spans), sum(len(d) for d in data))
+    return [bytes(d) for d in data]
+
+
+def read_ranges(url: str, ranges: list[tuple[int, int]], options: Mapping | None = None, *,
+                max_gap: int = MAX_GAP) -> list[bytes]:
+    """The bytes of each ``(offset, size)`` range of the object ``url``, in the order given.
+
+    Ranges closer than ``max_gap`` bytes are fetched in one request, separate spans concurrently
+    (``fs.cat_ranges``): a set of neighbouring TIFF tiles costs one GET.
+    """
+    url = _strip(url)
+    fs = filesystem(url, options)
+    spans = _coalesce(ranges, max_gap)
+    data = _fetch_spans(fs, url, spans)
+    starts = [a for a, _ in spans]
+    out = []
+    for off, size in ranges:
+        i = bisect.bisect_right(starts, off) - 1
+        a = starts[i]
+        out.append(data[i][off - a:off - a + size])
+    return out
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable file object over one object, for tifffile.
+
+    Small reads (headers, IFDs, tag arrays) are served from a block cache (:data:`HEADER_BLOCK`
+    bytes a block, fetched on demand); reads of prefetched ranges (:meth:`prefetch`: the compressed
+    tiles of a region) are served from memory; any other large read is one range request of
+    exactly its bytes. ``requests`` and ``bytes_read`` count what this file fetched.
+    """
+
+    def __init__(self, url: str, options: Mapping | None = None, *, size: int | None = None,
+                 block: int = HEADER_BLOCK):
+        super().__init__()
+        self.url = _strip(url)
+        self.name = self.url
+        self._fs = filesystem(self.url, options)
+        self.size = int(size if size is not None else stat(self.url, options)[0])
+        self.block = block
+        self._pos = 0
+        self._blocks: "OrderedDict[int, bytes]" = OrderedDict()
+        self._spans: "OrderedDict[int, bytes]" = OrderedDict()  # prefetched: start -> bytes
+        self._starts: list[int] = []
+        self._kept = 0
+        self._lock = threading.RLock()
+        self.requests = 0
+        self.bytes_read = 0
+
+    def __repr__(self) -> str:
+        return f"RangeFile({self.url!r})"
+
+    # io ----------------------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
+        self._pos = max(0, base + int(offset))
+        return self._pos
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        n = len(data)
+        memoryview(b).cast("B")[:n] = data
+        return n
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def read(self, n: int = -1) -> bytes:
+        with self._lock:
+            start = self._pos
+            end = self.size if n is None or n < 0 else min(self.size, start + n)
+            if end <= start:
+                return b""
+            data = self._from_spans(start, end)
+            if data is None:
+                data = self._from_blocks(start, end) if end - start < self.block else self._get([(start, end)])[0]
+            self._pos = end
+            return data
+
+    # fetching ----------------------------------------------------------------------------------
+    def _get(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        data = _fetch_spans(self._fs, self.url, spans)
+        self.requests += len(spans)
+        self.bytes_read += sum(len(d) for d in data)
+        return data
+
+    def _from_spans(self, start: int, end: int) -> bytes | None:
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0:
+            return None
+        a = self._starts[i]
+        d = self._spans[a]
+        if end <= a + len(d):
+            return d[start - a:end - a]
+        return None
+
+    def _from_blocks(self, start: int, end: int) -> bytes:
+        first, last = start // self.block, (end - 1) // self.block
+        missing = [k for k in range(first, last + 1) if k not in self._blocks]
+        if missing:
+            spans = _coalesce([(k * self.block, min(self.block, self.size - k * self.block)) for k in missing], 0, 0.0)
+            for (a, b), d in zip(spans, self._get(spans)):
+                for k in range(a // self.block, (b - 1) // self.block + 1):
+                    self._blocks[k] = d[k * self.block - a:(k + 1) * self.block - a]
+            while len(self._blocks) > 64:
+                self._blocks.popitem(last=False)
+        data = b"".join(self._blocks[k] for k in range(first, last + 1))
+        off = start - first * self.block
+        return data[off:off + end - start]
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """Fetch the ``(offset, size)`` ranges not already held, near ones in one request; later reads of
+        them are served from memory (the oldest prefetched bytes beyond :data:`PREFETCH_KEEP` are dropped)."""
+        with self._lock:
+            want = [(o, s) for o, s in ranges if s > 0 and self._from_spans(o, o + s) is None]
+            if not want:
+                return
+            spans = _coalesce(want)
+            for (a, _), d in zip(spans, self._get(spans)):
+                self._spans[a] = d
+                self._kept += len(d)
+            while self._kept > PREFETCH_KEEP and len(self._spans) > len(spans):
+                _, old = self._spans.popitem(last=False)
+                self._kept -= len(old)
+            self._starts = sorted(self._spans)
+
+
+def open_input(url: str, options: Mapping | None = None, *, size: int | None = None) -> RangeFile:
+    """A seekable file object over the object ``url`` (see :class:`RangeFile`)."""
+    return RangeFile(url, options, size=size)
+
+
+def read_head(url: str, n: int, options: Mapping | None = None) -> bytes:
+    """The first ``n`` bytes of the object (one request)."""
+    url = _strip(url)
+    fs = filesystem(url, options)
+    data = _call(url, "reading", fs.cat_file, url, start=0, end=n)
+    _count(1, len(data))
+    return bytes(data)
+
+
+# --------------------------------------------------------------------------------------------
+# staging (formats only OpenSlide reads)
+# --------------------------------------------------------------------------------------------
+
+def stage_dir() -> Path:
+    """The staging cache of this machine: ``$CANCERNET_STAGE_DIR``, else ``TMPDIR/cancernet-stage-UID``."""
+    env = os.environ.get("CANCERNET_STAGE_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"cancernet-stage-{os.getuid()}"
+
+
+def _tree_size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _lock(path: Path, mode: int, block: bool = True) -> int | None:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode | (0 if block else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        if block:
+            raise
+        return None
+    return fd
+
+
+class Staged:
+    """A local copy of an object in the staging cache, held (shared lock) until :meth:`release`."""
+
+    def __init__(self, path: Path, fd: int, limit: int):
+        self.path, self._fd, self._limit = path, fd, limit
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            evict(self._limit)
+
+    def __del__(self):  # noqa: D105
+        with contextlib.suppress(Exception):
+            if self._fd is not None:
+                os.close(self._fd)
+
+
+def _download(fs, url: str, dest: Path) -> None:
+    """``url`` into ``dest`` (a new folder); a MIRAX ``.mrxs`` brings its data folder (same stem) along."""
+    name = url.rsplit("/", 1)[-1]
+    fs.get_file(url, str(dest / name))
+    if name.lower().endswith(".mrxs"):
+        folder = url[: -len(".mrxs")]
+        if fs.isdir(folder):
+            fs.get(folder + "/", str(dest / name[: -len(".mrxs")]) + "/", recursive=True)
+
+
+def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = None, etag: str | None = None) -> Staged:
+    """A local copy of the object ``url`` in this machine's staging cache (see the module doc).
+
+    Entries are keyed by URL and ETag (a changed object is a new entry). The copy is held until
+    :meth:`Staged.release`; then, if the cache is over ``limit_gb``, entries nobody holds are removed,
+    oldest first. Threads and processes staging the same object wait for one download.
+    """
+    import fcntl
+
+    url = _strip(url)
+    limit = int((DEFAULT_STAGE_GB if limit_gb is None else limit_gb) * 1024 ** 3)
+    if etag is None:
+        etag = stat(url, options)[1]
+    root = stage_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = url.rsplit("/", 1)[-1]
+    key = hashlib.sha256(f"{url}\0{etag}".encode()).hexdigest()[:24]
+    entry, lockfile = root / key, root / f"{key}.lock"
+    fs = filesystem(url, options)
+    while True:
+        fd = _lock(lockfile, fcntl.LOCK_SH)  # waits only while another task downloads it
+        if (entry / name).exists():
+            os.utime(entry)
+            return Staged(entry / name, fd, limit)
+        os.close(fd)
+        fd = _lock(lockfile, fcntl.LOCK_EX)  # nobody holds an entry that is not there: no long wait
+        try:
+            if not (entry / name).exists():
+                evict(limit, keep=key)  # room first, before this download
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+                try:
+                    log.debug("%s: staging to the local cache", url)
+                    _call(url, "staging the input", _download, fs, url, tmp)
+                    shutil.rmtree(entry, ignore_errors=True)
+                    os.rename(tmp, entry)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while in use: never evicted under a reader
+        except BaseException:
+            os.close(fd)
+            raise
+        if (entry / name).exists():  # an evictor may have slipped in while the lock was converted
+            os.utime(entry)
+            return Staged(entry / name, fd, limit)
+        os.close(fd)
+
+
+def evict(limit: int, *, keep: str | None = None) -> int:
+    """Remove staged entries nobody holds, oldest first, until the cache holds at most ``limit`` bytes
+    (every unheld one for ``limit=0``). Returns how many were removed."""
+    import fcntl
+
+    root = stage_dir()
+    if not root.is_dir():
+        return 0
+    entries = []
+    for p in root.iterdir():
+        if p.is_dir() and not p.name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                entries.append((p.stat().st_mtime, p, _tree_size(p)))
+    total = sum(s for _, _, s in entries)
+    removed = 0
+    for _, p, size in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if p.name == keep:
+            continue
+        fd = _lock(root / f"{p.name}.lock", fcntl.LOCK_EX, block=False)
+        if fd is None:
+            continue  # in use
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+            total -= size
+            removed += 1
+        finally:
+            os.close(fd)
+    # temporary folders of killed downloads (older than an hour)
+    for p in root.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - p.stat().st_mtime > 3600:
+                shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def clear_stage_cache() -> int:
+    """Remove every staged copy nobody holds (the end of a run); returns how many."""
+    return evict(0)
