@@ -13,7 +13,6 @@ import abc
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
