@@ -13,6 +13,8 @@ On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.
   tiles the slides' tissue tiles need, each decoded once at full size, nothing else, in ``--workers``
   processes: what any reader of these files must at least spend;
 * ``stage``: the tile stage alone with ``--decode fast`` on a started local cluster (``cancernet bench``'s figure);
+* with ``--baseline DIR``: ``cancernet tile`` of an earlier version (run from its checkout, so its
+  package comes first), to compare the whole command before and after;
 * ``cancernet tile --decode fast|exact|reader``: the whole command (cluster start, preflight, plan,
   tiles written to the zarr store) as a user runs it, ``--workers`` worker processes.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -82,7 +85,7 @@ def tiatoolbox(python: str, plans_, jobs_file: Path, workers: int) -> dict:
     return {"tia_tiles": r["tiles"], "tia_wall": r["wall"], "tia_version": r["version"]}
 
 
-def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
+def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: str | None = None) -> dict:
     """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written.
 
     CPU is sampled from the process tree every 20 ms (psutil): workers forked from a forkserver are
@@ -92,9 +95,11 @@ def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
 
     shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(str, paths), "--out", str(run),
-           "--workers", str(workers), "--decode", decode]
+           "--workers", str(workers)] + (["--decode", decode] if decode else [])
+    # an earlier version: run from its checkout, which `python -m` puts first on sys.path (workers inherit it)
+    env = {**os.environ, "PYTHONPATH": package} if package else None
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=package)
     root, cpu, first = psutil.Process(proc.pid), {}, None
     while proc.poll() is None:
         try:
@@ -116,12 +121,28 @@ def cancernet_tile(paths, run: Path, decode: str, workers: int) -> dict:
     return {"wall": wall, "cpu": sum(cpu.values()), "first_tile": first}
 
 
-def stored_tiles(run: Path) -> np.ndarray:
+def stored_tiles(run: Path) -> dict:
+    """``{(source, row, col): index}`` and the tiles array of a run's store, inputs in source order."""
     import zarr
 
     root = zarr.open_group(str(run / "tiles.zarr"), mode="r")
     groups = sorted(root["inputs"].groups(), key=lambda kv: kv[1].attrs["source"])
-    return np.concatenate([np.asarray(g["tiles"][:]) for _, g in groups])
+    index, tiles = {}, []
+    for _, g in groups:
+        for r, c in np.asarray(g["coords"][:]):
+            index[(g.attrs["source"], int(r), int(c))] = len(index)
+        tiles.append(np.asarray(g["tiles"][:]))
+    return index, np.concatenate(tiles)
+
+
+def common_tiles(a: Path, b: Path) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The tiles both runs stored (same input, same grid position), side by side, and each run's count.
+
+    ``fast`` also decodes the plan's tissue view in the DCT domain, so a few tiles at the tissue's
+    edge can be kept by one run and not the other."""
+    (ia, ta), (ib, tb) = stored_tiles(a), stored_tiles(b)
+    both = sorted(set(ia) & set(ib))
+    return ta[[ia[k] for k in both]], tb[[ib[k] for k in both]], len(ia), len(ib)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copies", type=int, default=20, help="copies of CMU-1-Small-Region (0: leave that set out)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default=None, help="model folder: also compare the model's probabilities")
+    ap.add_argument("--baseline", default=None,
+                    help="a checkout of an earlier version (e.g. `git worktree add /tmp/base REV`): add its "
+                         "`cancernet tile` to each set, same slides, same run")
     ap.add_argument("--tia-python", default=None,
                     help="a Python with TIAToolbox installed: add its fastest mode (benchmarks/tia_tiles.py)")
     ap.add_argument("--work", default=None, help="folder for the slides and runs (kept; default: temporary)")
@@ -170,12 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("fast", "exact", "reader"):
             r = cancernet_tile(paths, work / f"run-{mode}", mode, a.workers)
             row.update({f"{mode}_{k}": v for k, v in r.items()})
+        shutil.rmtree(work / "run-stage", ignore_errors=True)
         stage = tile_stage([str(p) for p in paths], work / "run-stage", workers=a.workers,
                            tile_cfg=TileConfig(decode="fast"))
+        assert stage.patches == n, (stage.patches, n)  # every tile written by this stage run
         row["stage_wall"] = stage.seconds  # the tile stage on a started cluster (bench's figure)
+        if a.baseline:
+            r = cancernet_tile(paths, work / "run-baseline", None, a.workers, package=a.baseline)
+            row.update({f"baseline_{k}": v for k, v in r.items()})
         roof = decode_roof(work / "run-fast", a.workers)
         row["compressed_tiles"], row["roof_wall"] = roof.settings["compressed_tiles"], roof.seconds
-        fast, exact = stored_tiles(work / "run-fast"), stored_tiles(work / "run-exact")
+        fast, exact, row["fast_kept"], row["exact_kept"] = common_tiles(work / "run-fast", work / "run-exact")
         row["fast_mad"] = float(np.abs(fast.astype(np.int16) - exact).mean())
         if a.model:
             from cancernet_batch.engines import load_engine
@@ -194,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
           + "decode roof tiles/s | stage (fast, cluster started) tiles/s | `cancernet tile` fast tiles/s | exact | reader | "
           "stage vs naive | "
           + ("stage vs TIAToolbox | " if tia else "") + "stage vs roof | CPU ms/tile: naive, fast, exact, reader | "
-          "first tile s (fast) | fast MAD vs exact |" + (" p corr |" if a.model else ""))
+          "first tile s (fast) | tiles kept fast / exact | fast MAD vs exact |" + (" p corr |" if a.model else ""))
     print("|---|---:|---:|" + ("---:|" if tia else "") + "---:|---:|---:|---:|---:|---:|" + ("---:|" if tia else "")
-          + "---:|---|---:|---:|" + ("---:|" if a.model else ""))
+          + "---:|---|---:|---:|---:|" + ("---:|" if a.model else ""))
     for r in rows:
         n = r["tiles"]
         rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "stage", "fast", "exact", "reader")
@@ -206,7 +235,17 @@ def main(argv: list[str] | None = None) -> int:
               + f"{rate['roof']:.0f} | {rate['stage']:.0f} | {rate['fast']:.0f} | {rate['exact']:.0f} | "
               f"{rate['reader']:.0f} | {rate['stage'] / rate['naive']:.2f} | "
               + (f"{rate['stage'] / rate['tia']:.2f} | " if tia else "") + f"{rate['stage'] / rate['roof']:.2f} | {ms} | {r['fast_first_tile'] or float('nan'):.2f} | "
-              f"{r['fast_mad']:.2f} |" + (f" {r['prob_corr']:.5f} |" if a.model else ""))
+              f"{r['fast_kept']} / {r['exact_kept']} | {r['fast_mad']:.2f} |"
+              + (f" {r['prob_corr']:.5f} |" if a.model else ""))
+    if a.baseline:
+        print("\n| set | `cancernet tile` wall s: baseline, fast, exact, reader | CPU s: baseline, fast, exact, reader | "
+              "first tile s: baseline, fast |")
+        print("|---|---|---|---|")
+        for r in rows:
+            modes = ("baseline", "fast", "exact", "reader")
+            print(f"| {r['set']} | " + ", ".join(f"{r[f'{m}_wall']:.2f}" for m in modes) + " | "
+                  + ", ".join(f"{r[f'{m}_cpu']:.1f}" for m in modes) + " | "
+                  + f"{r['baseline_first_tile'] or float('nan'):.2f}, {r['fast_first_tile'] or float('nan'):.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "rows": rows}, indent=1))
     return 0
