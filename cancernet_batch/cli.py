@@ -431,7 +431,7 @@ def _run_of(location: str, storage_options: dict | None, inputs=()):
 
 
 STAGE_CACHE = click.option(
-    "--stage-cache-gb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
+    "--stage-cache-gb", default=20.0, show_default=True, type=Number(0, 1e6, low_open=True, unit="GB"),
     help="Size limit of each machine's local copies of object-storage slides that only OpenSlide reads (DICOM, "
          "MRXS...; TIFF/SVS are read in place by range requests); $CANCERNET_STAGE_DIR sets where.")
 
