@@ -423,6 +423,44 @@ def clear_unproven_done(group) -> int:
     return cleared
 
 
+class NodeCache:
+    """A zarr group whose member lookups (``group[name]``, ``name in group``) read each member's metadata once.
+
+    zarr reads a member's ``zarr.json`` on every lookup; checking one input (:func:`ensure_predictions`,
+    :func:`clear_unproven_done`, :func:`validate_input`, :func:`done_mask`) looks its arrays up some 30
+    times. Arrays created or deleted through this object keep it right; use it for one such sequence,
+    not as a long-lived handle (another process's changes are not seen).
+    """
+
+    def __init__(self, group):
+        self._group = group
+        self._nodes: dict[str, object] = {}
+
+    def __getitem__(self, name: str):
+        node = self._nodes.get(name)
+        if node is None:
+            node = self._nodes[name] = self._group[name]  # KeyError when absent: not cached
+        return node
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def __delitem__(self, name: str) -> None:
+        self._nodes.pop(name, None)
+        del self._group[name]
+
+    def create_array(self, name: str, **kwargs):
+        self._nodes[name] = node = self._group.create_array(name, **kwargs)
+        return node
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+
 def check_input(group, gid: str = "") -> None:
     """:class:`DamagedInputError` (naming the input and the reason) unless :func:`validate_input` passes."""
     why = validate_input(group)

@@ -110,3 +110,20 @@ def test_a_tile_store_of_another_schema_version_is_refused(tmp_path):
     for mode in ("r", "r+"):
         with pytest.raises(StorageError, match=f"schema version {store.SCHEMA_VERSION + 1}"):
             run.open_store(mode)
+
+
+def test_node_cache_reads_each_member_once_and_follows_its_own_changes(tmp_path):
+    import zarr
+
+    from cancernet_batch import store
+
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    g.create_array("tiles", shape=(4,), dtype="uint8")
+    c = store.NodeCache(g)
+    assert c["tiles"] is c["tiles"]  # one lookup, then the same array object
+    assert "probs" not in c and "tiles" in c
+    c.create_array("probs", shape=(4,), dtype="float32")
+    assert "probs" in c and "probs" in g
+    del c["probs"]
+    assert "probs" not in c and "probs" not in g
+    assert c.attrs is not None and c.path == g.path  # everything else is the group's own

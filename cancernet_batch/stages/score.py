@@ -192,6 +192,7 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring) -> tuple[list[tuple[str
     Raises (for the input's failure row) when it was tiled at another µm/px than the model's, or
     when its predictions cannot be set up.
     """
+    g = store.NodeCache(g)  # the checks below look the same arrays up many times: one metadata read each
     tiled_mpp = g.attrs.get("target_mpp")
     mpp = scoring.mpp
     if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
