@@ -106,8 +106,8 @@ def start_forkserver(cfg: ClusterConfig) -> bool:
     early as the command knows it will start a local cluster, so its imports overlap the client's
     own. It keeps the environment it was started with (:func:`worker_environ`): a later cluster in the
     same process whose workers would start with another environment (other cluster settings, a variable
-set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms
-    without ``fork`` (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there.
+    set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms without ``fork``
+    (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there.
     """
     global _FORKSERVER_ENV
     import multiprocessing
