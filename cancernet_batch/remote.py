@@ -371,8 +371,9 @@ class RangeFile(io.RawIOBase):
     # fetching ----------------------------------------------------------------------------------
     def _get(self, spans: list[tuple[int, int]]) -> list[bytes]:
         data = _fetch_spans(self._fs, self.url, spans)
-        self.requests += len(spans)
-        self.bytes_read += sum(len(d) for d in data)
+        with self._lock:
+            self.requests += len(spans)
+            self.bytes_read += sum(len(d) for d in data)
         return data
 
     def _from_spans(self, start: int, end: int) -> bytes | None:
@@ -399,10 +400,25 @@ class RangeFile(io.RawIOBase):
         off = start - first * self.block
         return data[off:off + end - start]
 
+    def pread(self, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` (fewer only past the end of the object), without moving the
+        file position (like ``os.pread``): from the prefetched ranges, else one range request of exactly
+        these bytes. Safe to call from several threads."""
+        start, end = int(offset), min(self.size, int(offset) + int(n))
+        if end <= start:
+            return b""
+        with self._lock:
+            data = self._from_spans(start, end)
+            if data is not None:
+                return data
+        return self._get([(start, end)])[0]
+
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
         """Fetch the ``(offset, size)`` ranges not already held, near ones in one request; later reads of
-        them are served from memory (the oldest prefetched bytes beyond :data:`PREFETCH_KEEP` are dropped)."""
+        them are served from memory (the oldest prefetched bytes beyond :data:`PREFETCH_KEEP` are dropped).
+        Ranges are cut at the end of the object (a truncated object: its readers find the bytes short)."""
         with self._lock:
+            ranges = [(o, min(s, self.size - o)) for o, s in ranges]
             want = [(o, s) for o, s in ranges if s > 0 and self._from_spans(o, o + s) is None]
             if not want:
                 return

@@ -422,18 +422,21 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     if n == 0:
         return out
     scaled = region_reader(reader, level, decode=decode, max_read=max_read)
+    direct = reader.direct_level(level) if decode != "reader" else None
     per = max(1, int(max_read // tile_px))
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
     bounds = np.flatnonzero(np.diff(keys[order])) + 1
     groups = np.split(order, bounds)
-    prefetch = getattr(reader, "prefetch", None)  # a slide on object storage: all windows' bytes in few requests
-    if prefetch is not None:
+    # a slide on object storage: every window's compressed tiles in one batch of coalesced requests
+    by_reader = getattr(reader, "prefetch", None)
+    prefetch = direct.prefetch if direct is not None else by_reader and (lambda boxes: by_reader(level, boxes))
+    if prefetch:
         boxes = []
         for idx in groups:
             (r0, c0), (r1, c1) = coords[idx].min(axis=0), coords[idx].max(axis=0) + 1
             boxes.append((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px))
-        prefetch(level, boxes)
+        prefetch(boxes)
     for idx in groups:
         rc = coords[idx]
         r0, c0 = rc.min(axis=0)

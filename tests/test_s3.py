@@ -220,7 +220,11 @@ def test_locations_file_urls_are_local_and_object_paths_print_as_urls(tmp_path, 
 @pytest.fixture(scope="module")
 def s3_inputs(s3, synth_slide_dir, tmp_path_factory, slides_dir):
     """On the server: ``good/`` (a synthetic SVS and a generic tiled TIFF), ``mixed/`` (the same two and a
-    truncated SVS), ``dicom/boxes_0.dcm``. Returns {name: (url, local path)}."""
+    truncated SVS), ``dicom/boxes_0.dcm``, ``more/`` (an OME-TIFF with a sub-IFD pyramid, the real Aperio
+    ``cmu-1-small-region.svs``, and ``cut.svs``: an SVS cut inside the last tile of its last level, every
+    IFD intact). Returns {name: (url, local path)}."""
+    import tifffile
+
     from cancernet_batch.synth import SlideSpec, write_slide
 
     d = tmp_path_factory.mktemp("s3-inputs")
@@ -229,10 +233,25 @@ def s3_inputs(s3, synth_slide_dir, tmp_path_factory, slides_dir):
     svs = sorted(synth_slide_dir.glob("*.svs"))[0]
     broken = d / "broken.svs"
     broken.write_bytes(svs.read_bytes()[:60_000])  # the header and the first tiles: cut short
+    ome = d / "pyramid.ome.tif"
+    with tifffile.TiffFile(tiff) as tf:
+        px = tf.pages[0].asarray()
+    md = {"axes": "YXS", "PhysicalSizeX": 1.0, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 1.0,
+          "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(ome, ome=True) as tw:
+        tw.write(px, tile=(256, 256), compression="jpeg", photometric="rgb", subifds=1, metadata=md)
+        tw.write(px[::2, ::2], tile=(256, 256), compression="jpeg", photometric="rgb", subfiletype=1)
+    cut = d / "cut.svs"
+    with tifffile.TiffFile(svs) as tf:
+        last = max((p for p in tf.pages if p.is_tiled), key=lambda p: p.offset)
+        assert max(p.offset for p in tf.pages) == last.offset  # no IFD after its tiles
+        end = int(last.dataoffsets[-1] + last.databytecounts[-1] // 2)
+    cut.write_bytes(svs.read_bytes()[:end])
     fs = s3.fs()
     out = {}
     for prefix, files in (("good", [svs, tiff]), ("mixed", [svs, tiff, broken]),
-                          ("dicom", [slides_dir / "boxes_0.dcm"])):
+                          ("dicom", [slides_dir / "boxes_0.dcm"]),
+                          ("more", [ome, slides_dir / "cmu-1-small-region.svs", cut])):
         for f in files:
             fs.put_file(str(f), f"{BUCKET}/{prefix}/{f.name}")
             out[f"{prefix}/{f.name}"] = (f"s3://{BUCKET}/{prefix}/{f.name}", f)
@@ -265,7 +284,7 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
 
     url, local = s3_inputs[name]
     key = url.split("://", 1)[1]
-    cfg = TileConfig(target_mpp=2.0, decode="reader")  # the direct decoder reads local files only (so far)
+    cfg = TileConfig(target_mpp=2.0, decode="reader")  # the reader path (tifffile over the range file)
     s3.server.reset()
     with open_slide(url, storage_options=s3.options()) as reader:
         opened = s3.server.gets(key)
@@ -282,13 +301,86 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
     # tiling with a fresh reader: whole compressed tiles by coalesced range requests
     with open_slide(url, storage_options=s3.options()) as reader:
         s3.server.reset()
-        tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords)
+        tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode="reader")
         gets = s3.server.gets(key)
         needed = _needed(reader, plan.level, plan.tile_px_level, plan.coords)
     assert np.array_equal(tiles, expected)  # the same pixels as the local file
     assert gets and all(g.range for g in gets)
     assert len(gets) < plan.n_tiles / 4, (len(gets), plan.n_tiles)  # coalesced: far fewer requests than tiles
     assert needed <= sum(g.sent for g in gets) <= 1.2 * needed, (sum(g.sent for g in gets), needed)
+
+
+def _local_reader(name: str, local):
+    """The same file on local disk, read as ``tile`` reads it (OpenSlide opens this OME-TIFF as a generic
+    TIFF without its sub-IFD levels and resolution: tifffile, as for the object)."""
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.slides.tifffile_backend import TiffFileReader
+
+    return TiffFileReader(local) if name == "more/pyramid.ome.tif" else open_slide(local)
+
+
+@pytest.mark.parametrize("name,mpp", [("svs", 2.0), ("tiff", 2.0), ("more/pyramid.ome.tif", 4.0),
+                                      ("more/cmu-1-small-region.svs", 4.0)])
+def test_direct_decoding_over_s3_gives_the_local_tiles_from_one_batch_of_range_requests(s3, s3_inputs, name, mpp):
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    url, local = s3_inputs[name]
+    key = url.split("://", 1)[1]
+    seen = set()
+    for decode in ("exact", "fast"):
+        cfg = TileConfig(target_mpp=mpp, decode=decode)
+        with _local_reader(name, local) as ref:
+            want = plan_slide(local, cfg, reader=ref)
+            expected = read_tiles(ref, want.level, want.tile_px_level, want.coords, decode=decode)
+        with open_slide(url, storage_options=s3.options()) as reader:
+            plan = plan_slide(url, cfg, reader=reader)
+        assert plan.decode_path == want.decode_path and plan.decode_path.startswith("direct jpeg")
+        assert np.array_equal(plan.coords, want.coords) and plan.level == want.level and plan.n_tiles >= 20
+        seen.add(plan.decode_path)
+        with open_slide(url, storage_options=s3.options()) as reader:  # a fresh reader: nothing held yet
+            level = reader.direct_level(plan.level)
+            s3.server.reset()
+            tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode=decode)
+            gets = s3.server.gets(key)
+            needed = sum(int(level.counts[i]) for i in level.needed(plan.coords, plan.tile_px_level))
+        assert np.array_equal(tiles, expected), decode  # exact: bit-identical; fast: the local fast tiles
+        # every compressed tile the call needs, in one batch of coalesced ranged GETs (no GET per tile)
+        assert gets and all(g.range for g in gets) and len(gets) <= 4, len(gets)
+        assert needed <= sum(g.sent for g in gets) <= 1.2 * needed, (sum(g.sent for g in gets), needed)
+    if name in ("svs", "tiff"):  # a model grid 2x coarser than level 0: fast scales in the DCT
+        assert seen == {"direct jpeg", "direct jpeg, 1/2 in the DCT"}
+
+
+def test_an_object_cut_inside_a_tile_is_one_slide_read_error_naming_the_url(s3, s3_inputs):
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.errors import SlideReadError
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    url, local = s3_inputs["more/cut.svs"]
+    cfg = TileConfig(target_mpp=4.0, tissue_filter=False)  # the last level, whose last tile is cut
+    with open_slide(url, storage_options=s3.options()) as reader:
+        with pytest.raises(SlideReadError) as err:
+            plan = plan_slide(url, cfg, reader=reader)
+            read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode="fast")
+    msg = str(err.value)
+    assert msg.startswith(url + ": ") and "cut short" in msg and "\n" not in msg, msg
+
+
+def test_inspect_shows_the_same_decode_line_for_an_object_as_for_the_local_file(s3, s3_inputs, capsys, monkeypatch):
+    url, local = s3_inputs["svs"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    lines = {}
+    for source in (url, str(local)):
+        rc, out, err = _main(capsys, "inspect", source, "--mpp", "2.0", "--decode", "fast")
+        assert rc == 0, err
+        lines[source] = [ln for ln in out.splitlines() if ln.lstrip().startswith("decode")]
+    assert lines[url] == lines[str(local)] == ["  decode      direct jpeg, 1/2 in the DCT (--decode fast)"]
 
 
 def test_formats_only_openslide_reads_are_staged_once_shared_and_removed(s3, s3_inputs, tmp_path, monkeypatch):

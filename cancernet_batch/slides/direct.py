@@ -7,7 +7,10 @@ area-averages it down to the model's resolution. This module skips all of that f
 whose layout it can read:
 
 - **byte ranges** of the tiles a region needs are read with ``os.pread`` (one per tile, from
-  the page's ``TileOffsets`` / ``TileByteCounts``); nothing else of the file is touched;
+  the page's ``TileOffsets`` / ``TileByteCounts``); nothing else of the file is touched. For a
+  slide on object storage the same ranges come from the reader's
+  :class:`~cancernet_batch.remote.RangeFile`: every tile a read needs is fetched first in one batch
+  of coalesced range requests (:meth:`TiledLevel.prefetch`), then decoded from memory;
 - **JPEG tiles** (compression 7, 8-bit, 3 samples) are decoded by libjpeg-turbo through Pillow,
   with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 2x coarser
   than the level, the decoder's *scaled* IDCT produces the tile at 1/2, 1/4 or 1/8 of its size
@@ -65,11 +68,20 @@ def dct_scale(factor: float, *, rgb: bool = False) -> int:
 
 
 class TiledLevel:
-    """One tiled TIFF page (a pyramid level) read tile by tile from its byte ranges."""
+    """One tiled TIFF page (a pyramid level) read tile by tile from its byte ranges.
 
-    def __init__(self, path: str, page, fd: int):
+    ``fd``: a file descriptor of the local file (read with ``os.pread``), or a file object with
+    ``pread(n, offset)`` and ``prefetch(ranges)`` (a :class:`~cancernet_batch.remote.RangeFile`).
+    """
+
+    def __init__(self, path: str, page, fd):
         self.path = path
         self.fd = fd
+        if isinstance(fd, int):
+            self._pread = lambda n, off: os.pread(fd, n, off)
+            self._fetch = None
+        else:
+            self._pread, self._fetch = fd.pread, getattr(fd, "prefetch", None)
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.tw, self.th = int(page.tilewidth), int(page.tilelength)
         self.ntx = (self.width + self.tw - 1) // self.tw
@@ -104,7 +116,7 @@ class TiledLevel:
         n = int(self.counts[idx])
         if n == 0:
             return b""
-        data = os.pread(self.fd, n, int(self.offsets[idx]))
+        data = self._pread(n, int(self.offsets[idx]))
         if len(data) != n:
             raise SlideReadError(f"tile {idx} is cut short ({len(data)} of {n} bytes): the file is truncated",
                                  path=self.path, hint="copy the slide again, or leave it out")
@@ -156,6 +168,22 @@ class TiledLevel:
                 out.update(range(ty * self.ntx + a, ty * self.ntx + b + 1))
         return np.array(sorted(out), np.int64)
 
+    def prefetch(self, boxes) -> None:
+        """Fetch the compressed tiles of every box ``(x0, y0, x1, y1)`` (level pixels, floats) in one batch
+        of coalesced range requests, when the file is remote (on local disk: nothing to do)."""
+        if self._fetch is None:
+            return
+        idx: set[int] = set()
+        for x0, y0, x1, y1 in boxes:
+            tx0, ty0 = max(0, int(np.floor(x0)) // self.tw), max(0, int(np.floor(y0)) // self.th)
+            tx1 = min(self.ntx - 1, (min(int(np.ceil(x1)), self.width) - 1) // self.tw)
+            ty1 = min(self.nty - 1, (min(int(np.ceil(y1)), self.height) - 1) // self.th)
+            for ty in range(ty0, ty1 + 1):
+                idx.update(range(ty * self.ntx + tx0, ty * self.ntx + tx1 + 1))
+        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in sorted(idx) if self.counts[i] > 0]
+        if ranges:
+            self._fetch(ranges)
+
     def decode_each(self, idx) -> int:
         """Decode compressed tiles ``idx`` once each at full size, keeping nothing (the decode roof)."""
         for i in idx:
@@ -206,6 +234,7 @@ class TiledLevel:
         """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly."""
         x0, y0, x1, y1 = box
         s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast)
+        self.prefetch([box])  # remote: the box's tiles in one batch (already held after read_tiles' prefetch)
         return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s), (x0 / s, y0 / s, x1 / s, y1 / s),
                                 size, max_read=max(1, max_read // s))
 
@@ -215,19 +244,25 @@ class DirectSource:
 
     Made with :func:`direct_source`; ``level(i)`` is a :class:`TiledLevel` or ``None`` when level ``i``
     is not a tiled page this module reads (the caller then uses the reader).
+
+    ``file``: the reader's own remote file (a :class:`~cancernet_batch.remote.RangeFile`) and ``tif`` its
+    parsed TIFF, both owned by the reader; without it the local file at ``path`` is opened here.
     """
 
-    def __init__(self, path: str, tif, level_dimensions):
+    def __init__(self, path: str, tif, level_dimensions, file=None):
         self.path = path
         self._tif = tif
-        self._fd = os.open(path, os.O_RDONLY)
+        self._own = file is None
+        self._fd = os.open(path, os.O_RDONLY) if file is None else file
         self._levels: dict[int, TiledLevel | None] = {}
         self._dims = [tuple(d) for d in level_dimensions]
+        self._lock = threading.Lock()
 
     def level(self, i: int) -> TiledLevel | None:
-        if i not in self._levels:
-            self._levels[i] = self._find(i)
-        return self._levels[i]
+        with self._lock, self._tif.filehandle.lock:  # tasks of one worker share a reader; IFDs and tags are read
+            if i not in self._levels:
+                self._levels[i] = self._find(i)
+            return self._levels[i]
 
     def _find(self, i: int) -> TiledLevel | None:
         if not 0 <= i < len(self._dims):
@@ -247,6 +282,8 @@ class DirectSource:
         return TiledLevel(self.path, pages[0], self._fd)
 
     def close(self) -> None:
+        if not self._own:  # the reader's file and TIFF: the reader closes them
+            return
         try:
             os.close(self._fd)
         except OSError:
@@ -258,11 +295,16 @@ def direct_source(reader) -> DirectSource | None:
     """A :class:`DirectSource` for ``reader``'s file when it is a TIFF tifffile parses, else ``None``.
 
     The pyramid is the reader's (levels are matched to TIFF pages by their size), so plans, grids and
-    levels are the same whichever path decodes the pixels.
+    levels are the same whichever path decodes the pixels. A tifffile reader over a remote file
+    (``reader.remote_tiff``: an s3:// slide read in place) lends its parsed TIFF and its range file.
     """
     from .tifffile_backend import is_tiff
 
     path = str(reader.path)
+    remote = getattr(reader, "remote_tiff", None)
+    if remote is not None:
+        tif, file = remote
+        return DirectSource(path, tif, reader.level_dimensions, file=file)
     if not is_tiff(path):
         return None
     try:

@@ -119,6 +119,8 @@ class TiffFileReader(SlideReader):
         self._file = file
         try:
             self._tf = tifffile.TiffFile(file if file is not None else str(self.path))
+            if file is not None:  # tasks of one worker share a reader: seek + read of the one file, locked
+                self._tf.filehandle.set_lock(True)
         except Exception as exc:  # noqa: BLE001 - TiffFileError, struct errors, truncation...
             raise UnsupportedFormatError(f"not a TIFF that tifffile can read ({exc.__class__.__name__}: {exc})",
                                          path=self.path, hint="check that the file is an image and not truncated") from exc
@@ -179,6 +181,14 @@ class TiffFileReader(SlideReader):
 
             self._arrays[level] = zarr.open(self._series.aszarr(level=level), mode="r")
         return self._arrays[level]
+
+    @property
+    def remote_tiff(self):
+        """``(TiffFile, RangeFile)`` when the TIFF is read over a remote file (for direct tile decoding,
+        :func:`cancernet_batch.slides.direct.direct_source`); None on local disk."""
+        if self._file is None or not hasattr(self._file, "pread"):
+            return None
+        return self._tf, self._file
 
     @property
     def prefetch(self):
