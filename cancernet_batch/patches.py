@@ -38,6 +38,7 @@ import numpy as np
 from . import PATCH_SIZE, deadline
 from .errors import InputError, printable
 from .failures import Failure
+from .runfolder import ObjectPath
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_NAME = re.compile(r"^(?P<patient>[^/\\]+?)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])$")
 POSITION_NAME = re.compile(r"_x(?P<x>\d+)_y(?P<y>\d+)")
 PAD_VALUE = 255
+FETCH_BATCH = 1024
+"""Patches of a folder on object storage fetched at once (their bytes held until decoded: a few MB)."""
 MAX_GRID_SIDE = 100_000
 """Largest grid position (rows or columns, 50 px tiles: 5,000,000 px) a patch name may claim."""
 MAX_GRID_CELLS = 50_000_000
@@ -130,12 +133,20 @@ def find_patient_folders(root: str | os.PathLike) -> list[Path]:
     return sorted((p for p in root.iterdir() if is_patient_folder(p)), key=lambda p: p.name)
 
 
-def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
+def scan(root: str | os.PathLike, storage_options: dict | None = None) -> tuple[list[PatchRecord], list[Failure]]:
     """Find patch files under ``root`` (Kaggle layout or plain folder) without reading pixels.
+
+    ``root`` may be a prefix on object storage (``s3://bucket/idc/8863``: a patient folder, or a prefix of
+    patient folders; Kaggle layout only), listed in one request with ``storage_options``; its records'
+    paths are then :class:`~cancernet_batch.runfolder.ObjectPath` URLs.
 
     Raises :class:`InputError` for a missing path, a file, or a folder without any image.
     Files whose name contradicts their label folder are returned as failures.
     """
+    from .remote import is_url
+
+    if is_url(root):
+        return _scan_remote(str(root).rstrip("/"), storage_options)
     root = Path(root)
     if not root.exists():
         raise InputError("no such folder", path=root, hint="check the path to the patch folder")
@@ -146,24 +157,8 @@ def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
     failures: list[Failure] = []
     patients = find_patient_folders(root)
     if patients:
-        for pdir in patients:
-            for d in ("0", "1"):
-                sub = pdir / d
-                if not sub.is_dir():
-                    continue
-                for f in sorted(sub.iterdir()):
-                    if not f.is_file():
-                        continue
-                    if not _is_image(f):
-                        failures.append(Failure(str(f), "read", "InputError",
-                                                f"{printable(f)}: not an image file (expected .png); remove it or move it out of the patch folder"))
-                        continue
-                    rec = _parse(f, pdir.name, int(d))
-                    if rec.label != int(d):
-                        failures.append(Failure(str(f), "read", "InputError",
-                                                f"{printable(f)}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
-                        continue
-                    records.append(rec)
+        _kaggle_records([(pdir.name, d, [f for f in sorted((pdir / d).iterdir()) if f.is_file()])
+                         for pdir in patients for d in ("0", "1") if (pdir / d).is_dir()], records, failures)
     else:
         files = sorted(f for f in root.rglob("*") if f.is_file())
         for f in files:
@@ -172,6 +167,49 @@ def scan(root: str | os.PathLike) -> tuple[list[PatchRecord], list[Failure]]:
         if not records and files:
             raise InputError(f"no image files here (found {len(files)} other files)", path=root,
                              hint=f"a patch folder holds {', '.join(IMAGE_EXTENSIONS)} images")
+    return _checked(root, records, failures)
+
+
+def _kaggle_records(folders, records: list[PatchRecord], failures: list[Failure]) -> None:
+    """Records of the files of label folders ``[(patient folder name, "0" or "1", its files sorted)]``."""
+    for patient, d, files in folders:
+        for f in files:
+            if not _is_image(f):
+                failures.append(Failure(str(f), "read", "InputError",
+                                        f"{printable(f)}: not an image file (expected .png); remove it or move it out of the patch folder"))
+                continue
+            rec = _parse(f, patient, int(d))
+            if rec.label != int(d):
+                failures.append(Failure(str(f), "read", "InputError",
+                                        f"{printable(f)}: name says class{rec.label} but the file is in folder {d}; move or rename it"))
+                continue
+            records.append(rec)
+
+
+def _scan_remote(url: str, storage_options: dict | None) -> tuple[list[PatchRecord], list[Failure]]:
+    """:func:`scan` of a prefix on object storage (one LIST): the patient folder ``url`` or those directly below it."""
+    from .remote import PATIENT_LABELS, as_path, info, listing
+
+    if info(url, storage_options).get("type") != "directory":
+        raise InputError("is an object, not a patch folder (prefix)", path=url,
+                         hint="give the prefix that holds PATIENT/0/ and PATIENT/1/")
+    folders: dict[tuple[str, str], list] = {}
+    objects = listing(url, storage_options)
+    root_is_patient = any(u[len(url) + 1:].split("/")[0] in PATIENT_LABELS and u.count("/") > url.count("/") + 1
+                          for u in objects)
+    for u in objects:
+        parts = u[len(url) + 1:].split("/")
+        if root_is_patient and len(parts) == 2 and parts[0] in PATIENT_LABELS:
+            folders.setdefault((url.rsplit("/", 1)[-1], parts[0]), []).append(as_path(u))
+        elif not root_is_patient and len(parts) == 3 and parts[1] in PATIENT_LABELS:
+            folders.setdefault((parts[0], parts[1]), []).append(as_path(u))
+    records: list[PatchRecord] = []
+    failures: list[Failure] = []
+    _kaggle_records([(p, d, files) for (p, d), files in sorted(folders.items())], records, failures)
+    return _checked(url, records, failures)
+
+
+def _checked(root, records: list[PatchRecord], failures: list[Failure]) -> tuple[list[PatchRecord], list[Failure]]:
     if not records:
         raise InputError("no patches found", path=root,
                          hint="expected PATIENT/0/*.png and PATIENT/1/*.png (Kaggle layout) or a folder of images")
@@ -273,15 +311,17 @@ def to_rgb8(im, path: object = None) -> np.ndarray:
         raise InputError(f"cannot convert a {mode} image to RGB ({exc})", path=path, hint=hint) from exc
 
 
-def _read_one(path: Path) -> tuple[np.ndarray, bool, bytes]:
-    """Pixels as (50, 50, 3) uint8, whether padding was needed, and the file's raw bytes.
+def _read_one(path: Path, data: bytes | None = None) -> tuple[np.ndarray, bool, bytes]:
+    """Pixels as (50, 50, 3) uint8, whether padding was needed, and the file's raw bytes (``data``: the bytes,
+    already fetched; else the file is read).
 
     The declared size is checked before any pixel is decoded: a small file that claims a huge image
     (a decompression bomb) costs a header read, and is this file's failure only.
     """
     from PIL import Image, UnidentifiedImageError
 
-    data = path.read_bytes()
+    if data is None:
+        data = path.read_bytes()
     try:
         import io
 
@@ -306,18 +346,21 @@ def _read_one(path: Path) -> tuple[np.ndarray, bool, bytes]:
     return out, True, data
 
 
-def load(roots: str | os.PathLike | Sequence[str | os.PathLike], *, progress=None) -> PatchSet:
+def load(roots: str | os.PathLike | Sequence[str | os.PathLike], *, progress=None,
+         storage_options: dict | None = None) -> PatchSet:
     """Read one or more patch folders into a :class:`PatchSet`.
 
     Tiles are written straight into one preallocated uint8 array (50x50x3 bytes per patch; the full
     Kaggle set of 277,524 patches is about 2.1 GB). ``progress(n)`` is called as files are read.
+    A root on object storage (a URL: see :func:`scan`) has its patches fetched :data:`FETCH_BATCH` at a
+    time, concurrently (:func:`cancernet_batch.remote.read_objects`).
     """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     records: list[PatchRecord] = []
     failures: list[Failure] = []
     for root in roots:
-        r, f = scan(root)
+        r, f = scan(root, storage_options)
         records.extend(r)
         failures.extend(f)
     # duplicates: same (patient, row, col) with a known position
@@ -338,10 +381,19 @@ def load(roots: str | os.PathLike | Sequence[str | os.PathLike], *, progress=Non
     ok = np.zeros(n, bool)
     padded = 0
     digests: Counter[str] = Counter()
+    fetched: dict = {}
     for i, rec in enumerate(keep):
         deadline.check()
+        if isinstance(rec.path, ObjectPath) and str(rec.path) not in fetched:
+            from .remote import read_objects
+
+            batch = [str(r.path) for r in keep[i:i + FETCH_BATCH] if isinstance(r.path, ObjectPath)]
+            fetched = read_objects(batch, storage_options)
         try:
-            tiles[i], was_padded, data = _read_one(rec.path)
+            data = fetched.get(str(rec.path)) if isinstance(rec.path, ObjectPath) else None
+            if isinstance(data, InputError):
+                raise data
+            tiles[i], was_padded, data = _read_one(rec.path, data)
         except InputError as exc:
             failures.append(Failure.from_exception(rec.path, "read", exc))
             log.warning("%s", exc)

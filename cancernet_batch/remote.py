@@ -2,7 +2,10 @@
 
 * :func:`is_url` / :func:`as_path`: an input given as a URL (``file://`` and plain paths are local).
 * :func:`stat`: an object's identity for resume, ``(size, etag)`` (object stores have no useful mtime).
-* :func:`find`: the slides under a prefix, by extension (like a local folder).
+* :func:`find`: the slides under a prefix, by extension (like a local folder); :func:`find_inputs`: slides
+  and Kaggle-layout patient folders (``PATIENT/0/``, ``PATIENT/1/``) under a prefix, from one listing;
+  :func:`folder_stat`: a patient folder's identity (total size, digest of names and ETags);
+  :func:`read_objects`: many small objects (patches) fetched concurrently.
 * :func:`open_input`: a seekable file object (:class:`RangeFile`) for tifffile: small reads (the TIFF
   header, its IFDs and tag arrays) go through a block cache of :data:`HEADER_BLOCK` bytes; the
   compressed tiles a region needs are fetched beforehand with :meth:`RangeFile.prefetch`, near
@@ -205,6 +208,49 @@ def stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
     return int(i.get("size") or 0), _etag(i)
 
 
+def listing(url: str, options: Mapping | None = None) -> dict[str, dict]:
+    """``{url: info}`` of every object under the prefix ``url`` (one paged LIST; hidden names and ``*.zarr``
+    prefixes skipped), sorted by URL. :class:`InputError` when the listing fails."""
+    url = _strip(url)
+    fs = filesystem(url, options)
+    proto = url.split("://", 1)[0]
+    found = _call(url, "listing the prefix", fs.find, url, detail=True)
+    out = {}
+    for name, i in sorted(found.items()):
+        rel = str(name).split("://", 1)[-1]
+        if i.get("type") == "directory" or any(p.startswith(".") or p.endswith(".zarr") for p in rel.split("/")[1:]):
+            continue
+        out[f"{proto}://{rel}"] = i
+    return out
+
+
+PATIENT_LABELS = ("0", "1")
+"""The label folders of a patient folder (Kaggle layout: ``PATIENT/0/*.png``, ``PATIENT/1/*.png``)."""
+
+
+def find_inputs(url: str, extensions: tuple[str, ...], options: Mapping | None = None
+                ) -> tuple[list[str], list[str]] | None:
+    """``(slides, patient folders)`` under the prefix ``url``, as local folders are searched (one LIST):
+    a prefix holding ``0/`` or ``1/`` is a patient folder (one input, not searched further; ``url`` itself
+    may be one); objects elsewhere whose names end in ``extensions`` are slides. None when ``url`` is
+    one object (not a prefix)."""
+    url = _strip(url)
+    i = info(url, options)
+    if i.get("type") != "directory":
+        return None
+    slides, patients = [], set()
+    for obj in listing(url, options):
+        parts = obj[len(url) + 1:].split("/")
+        cut = next((k for k in range(len(parts) - 1) if parts[k] in PATIENT_LABELS), None)
+        if cut == 0:
+            return [], [url]
+        if cut is not None:
+            patients.add("/".join([url, *parts[:cut]]))
+        elif parts[-1].lower().endswith(extensions):
+            slides.append(obj)
+    return sorted(slides), sorted(patients)
+
+
 def find(url: str, extensions: tuple[str, ...], options: Mapping | None = None) -> list[str] | None:
     """The URLs of objects under the prefix ``url`` whose names end in ``extensions`` (hidden names and
     ``*.zarr`` prefixes skipped), sorted; None when ``url`` is one object (not a prefix)."""
@@ -212,18 +258,38 @@ def find(url: str, extensions: tuple[str, ...], options: Mapping | None = None) 
     i = info(url, options)
     if i.get("type") != "directory":
         return None
-    fs = filesystem(url, options)
-    proto = url.split("://", 1)[0]
-    names = _call(url, "listing the prefix", fs.find, url)
-    out = []
-    for name in names:
-        rel = str(name).split("://", 1)[-1]
-        parts = rel.split("/")
-        if any(p.startswith(".") or p.endswith(".zarr") for p in parts[1:]):
-            continue
-        if parts[-1].lower().endswith(extensions):
-            out.append(f"{proto}://{rel}")
-    return sorted(out)
+    return [u for u in listing(url, options) if u.rsplit("/", 1)[-1].lower().endswith(extensions)]
+
+
+def identity(objects: Mapping[str, Mapping]) -> tuple[int, str]:
+    """``(total size, digest)`` of a set of objects (``{url: info}``, as :func:`listing` gives): a patient
+    folder's identity for resume. An object added, removed, renamed or replaced changes the digest."""
+    h = hashlib.sha256()
+    for u in sorted(objects):
+        h.update(f"{u}\0{_etag(objects[u])}\0{int(objects[u].get('size') or 0)}\n".encode())
+    return sum(int(i.get("size") or 0) for i in objects.values()), h.hexdigest()[:32]
+
+
+def folder_stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
+    """``(total size, digest)`` of every object under the prefix ``url`` (:func:`identity`; one LIST)."""
+    return identity(listing(url, options))
+
+
+def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, bytes | InputError]:
+    """The whole bytes of many small objects (patches): one GET each, up to the filesystem's batch size (128
+    for s3fs) in flight at once, so a patient folder of a thousand patches costs a few round trips. An
+    object that cannot be read maps to its :class:`InputError`."""
+    if not urls:
+        return {}
+    fs = filesystem(urls[0], options)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    kw = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}  # else s3fs asks each object's size first
+    got = _call(urls[0], "reading", fs.cat_ranges, list(urls), None, None, on_error="return", **kw)
+    out: dict[str, bytes | InputError] = {}
+    for u, d in zip(urls, got):
+        out[u] = _input_error(d, u, "reading") if isinstance(d, BaseException) else bytes(d)
+    _count(len(urls), sum(len(d) for d in out.values() if isinstance(d, bytes)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

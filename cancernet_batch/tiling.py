@@ -89,11 +89,12 @@ def discover(paths: list[str | os.PathLike], storage_options: dict | None = None
     (made absolute, links kept); one file reached twice (through a link and directly) is one input,
     under the path met first.
 
-    A URL (``s3://bucket/prefix/slide.svs``, or a prefix holding slides) names objects on object
-    storage, found through fsspec with ``storage_options`` (:mod:`cancernet_batch.remote`).
+    A URL (``s3://bucket/prefix/slide.svs``, or a prefix holding slides or patient folders) names objects
+    on object storage, found through fsspec with ``storage_options`` (:mod:`cancernet_batch.remote`),
+    searched like a local folder.
     """
     from .patches import is_patient_folder
-    from .remote import as_path, find, is_url
+    from .remote import as_path, find_inputs, is_url
 
     specs: dict[Path, InputSpec] = {}
     failures: list[Failure] = []
@@ -111,16 +112,19 @@ def discover(paths: list[str | os.PathLike], storage_options: dict | None = None
     for raw in paths:
         if is_url(raw):
             try:
-                found = find(str(raw), SLIDE_EXTENSIONS, storage_options)
+                found = find_inputs(str(raw), SLIDE_EXTENSIONS, storage_options)
             except InputError as exc:
                 failures.append(Failure.from_exception(str(as_path(raw)), "discover", exc))
                 continue
-            if found == []:
+            if found == ([], []):
                 failures.append(Failure.from_exception(str(as_path(raw)), "discover", InputError(
-                    "no slides found under this prefix", path=as_path(raw),
-                    hint=f"slides end in {', '.join(SLIDE_EXTENSIONS)}")))
-            for url in found if found is not None else [str(raw)]:
+                    "no slides or patient folders found under this prefix", path=as_path(raw),
+                    hint=f"slides end in {', '.join(SLIDE_EXTENSIONS)}; patient folders hold 0/ and 1/")))
+            slides, patients = found if found is not None else ([str(raw)], [])
+            for url in slides:
                 specs.setdefault(as_path(url), InputSpec(as_path(url), "slide"))
+            for url in patients:
+                specs.setdefault(as_path(url), InputSpec(as_path(url), "patches"))
             continue
         p = Path(raw)
         if not p.exists():
@@ -361,18 +365,25 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
     return plan
 
 
-def plan_patches(folder: str | os.PathLike, cfg: TileConfig) -> TilePlan:
-    """Plan one patient folder from its file names (no pixels read); every patch is kept."""
+def plan_patches(folder: str | os.PathLike, cfg: TileConfig, storage_options: dict | None = None) -> TilePlan:
+    """Plan one patient folder from its file names (no pixels read); every patch is kept. A prefix on
+    object storage is identified by its objects' total size and a digest of their names and ETags."""
     from .patches import grid_shape, scan
+    from .remote import as_path, folder_stat, is_url
 
-    folder = Path(folder)
-    records, _ = scan(folder)
+    remote = is_url(folder)
+    folder = as_path(folder)
+    records, _ = scan(folder, storage_options)
     coords = np.array([(r.row, r.col) for r in records], np.int32).reshape(-1, 2)
-    size, mtime = _folder_stat(folder)
+    if remote:
+        (size, etag), mtime = folder_stat(str(folder), storage_options), 0.0
+    else:
+        (size, mtime), etag = _folder_stat(folder), None
     return TilePlan(source=str(folder), kind="patches", reader="patches", vendor=None,
                     patient=records[0].patient if records else folder.name, source_size=size, source_mtime=mtime,
                     target_mpp=cfg.target_mpp, grid_shape=grid_shape(coords), coords=coords,
-                    source_mpp=cfg.target_mpp, mpp_source="assumed", level0_tile_px=float(PATCH_SIZE))
+                    source_mpp=cfg.target_mpp, mpp_source="assumed", level0_tile_px=float(PATCH_SIZE),
+                    source_etag=etag)
 
 
 def _folder_stat(folder: Path) -> tuple[int, float]:

@@ -516,3 +516,106 @@ def test_kill_and_resume_with_inputs_and_outputs_on_s3(s3, s3_inputs, tiny_model
     rows = _csv(s3.fs().cat_file(f"{BUCKET}/nights/killed/report/inputs.csv"))
     assert sorted(r["source"] for r in rows) == sorted(s3_inputs[k][0] for k in ("svs", "tiff"))
     assert {r["status"] for r in rows} == {"reported"}
+
+
+# --------------------------------------------------------------------------------------------
+# patient folders on object storage
+# --------------------------------------------------------------------------------------------
+
+PATIENTS = ("9175", "9259")  # the two smallest patients of ../shared/data/idc (34 and 4 patches)
+
+
+@pytest.fixture(scope="module")
+def s3_patients(s3):
+    """``s3://BUCKET/idc/{9175,9259}/{0,1}/*.png``: real patients uploaded as they are on disk. Returns the
+    local folder that holds them."""
+    from conftest import IDC as local
+
+    fs = s3.fs()
+    for p in PATIENTS:
+        for f in sorted((local / p).rglob("*.png")):
+            fs.put_file(str(f), f"{BUCKET}/idc/{f.relative_to(local).as_posix()}")
+    return local
+
+
+def _by_source(groups: dict) -> dict:
+    return {g.attrs["source"].rstrip("/").rsplit("/", 1)[-1]: g for g in groups.values()}
+
+
+def test_patient_folders_under_a_prefix_are_found_and_read_like_the_local_folders(s3, s3_patients):
+    from cancernet_batch import remote
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.patches import load
+    from cancernet_batch.tiling import discover, plan_patches
+
+    opts = s3.options()
+    root = f"s3://{BUCKET}/idc"
+    # a prefix of patient folders: one input each, like the local folder; a patient folder itself: one input
+    specs, failures = discover([root + "/"], opts)
+    assert not failures and [(str(s.path), s.kind) for s in specs] == [(f"{root}/{p}", "patches") for p in PATIENTS]
+    specs, _ = discover([f"{root}/9175/"], opts)
+    assert [(str(s.path), s.kind) for s in specs] == [(f"{root}/9175", "patches")]
+    for p in PATIENTS:
+        url = f"{root}/{p}"
+        s3.server.reset()
+        got = load(url, storage_options=opts)
+        reqs = [r for r in s3.server.requests if f"/idc/{p}/" in r.path and not r.path.endswith("/")]
+        want = load(s3_patients / p)
+        assert np.array_equal(got.tiles, want.tiles) and np.array_equal(got.coords, want.coords)
+        assert np.array_equal(got.labels, want.labels) and list(got.patients) == list(want.patients)
+        assert got.paths == [f"{root}/{x[len(str(s3_patients)) + 1:]}" for x in want.paths]
+        assert len(reqs) == len(want) and {r.method for r in reqs} == {"GET"}  # one GET per patch, no HEADs
+        plan = plan_patches(url, TileConfig(), opts)
+        local_plan = plan_patches(s3_patients / p, TileConfig())
+        assert np.array_equal(plan.coords, local_plan.coords) and plan.patient == local_plan.patient == p
+        assert plan.source_size == local_plan.source_size and plan.source_etag == remote.folder_stat(url, opts)[1]
+    # identity: a patch replaced under its own name changes the folder's digest, not a listing of another
+    before = remote.folder_stat(f"{root}/9259", opts)
+    other = remote.folder_stat(f"{root}/9175", opts)
+    name = f"{BUCKET}/idc/9259/0/" + sorted(os.listdir(s3_patients / "9259" / "0"))[0]
+    data = s3.fs().cat_file(name)
+    s3.fs().pipe_file(name, data + b"\0")
+    try:
+        assert remote.folder_stat(f"{root}/9259", opts)[1] != before[1]
+        assert remote.folder_stat(f"{root}/9175", opts) == other
+    finally:
+        s3.fs().pipe_file(name, data)
+
+
+def test_run_scores_patient_folders_on_s3_like_local_ones_and_resumes(s3, s3_patients, client, tiny_model_dir,
+                                                                     tmp_path, capsys):
+    from cancernet_batch import store
+
+    url = f"s3://{BUCKET}/nights/patients"
+    common = ["--model", str(tiny_model_dir), "--scheduler", client.scheduler.address, "--chunk-size", "16"]
+    s3_args = ["run", f"s3://{BUCKET}/idc/", "--out", url, *common, "--storage-options", json.dumps(s3.options())]
+    rc, out, err = _main(capsys, *s3_args)
+    assert rc == 0, out + err
+    rc, out_l, err_l = _main(capsys, "run", *(str(s3_patients / p) for p in PATIENTS), "--out",
+                             str(tmp_path / "local"), *common)
+    assert rc == 0, out_l + err_l
+    remote_groups = _by_source(dict(store.iter_inputs(Run.of(url, s3.options()).open_store("r"))))
+    local_groups = _by_source(dict(store.iter_inputs(Run.of(str(tmp_path / "local")).open_store("r"))))
+    assert sorted(remote_groups) == sorted(local_groups) == list(PATIENTS)
+    for p in PATIENTS:
+        a, b = remote_groups[p], local_groups[p]
+        assert a.attrs["source"] == f"s3://{BUCKET}/idc/{p}" and a.attrs["kind"] == "patches"
+        for name in ("tiles", "coords", "labels", "probs"):
+            np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=f"{p} {name}")
+        assert store.done_mask(a).all()
+    rows = _csv(s3.fs().cat_file(f"{BUCKET}/nights/patients/report/inputs.csv"))
+    assert sorted(r["source"] for r in rows) == [f"s3://{BUCKET}/idc/{p}" for p in PATIENTS]
+    # the same command again: size and digest unchanged, nothing fetched or scored
+    s3.server.reset()
+    rc, out2, err2 = _main(capsys, *s3_args)
+    assert rc == 0 and "tile:    0 tiled (0 tiles), 2 already complete" in out2, out2
+    assert "predict: 0 patches scored" in out2 and not s3.server.gets("/idc/")
+    # a patch added to one patient: that patient alone is tiled again
+    src = sorted((s3_patients / "9175" / "0").iterdir())[0]
+    extra = f"{BUCKET}/idc/9175/0/9175_idx5_x1_y1_class0.png"
+    s3.fs().put_file(str(src), extra)
+    try:
+        rc, out3, err3 = _main(capsys, *s3_args)
+        assert rc == 0 and "tile:    1 tiled" in out3 and "1 already complete" in out3, out3
+    finally:
+        s3.fs().rm_file(extra)

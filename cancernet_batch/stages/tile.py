@@ -198,8 +198,9 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
     from ..patches import grid_shape, load
 
     try:
-        ps = _bounded_read(lambda: load(source), source, "reading the patient's patches", cfg)
-        plan = plan_patches(source, cfg)
+        ps = _bounded_read(lambda: load(source, storage_options=run.input_options), source,
+                           "reading the patient's patches", cfg)
+        plan = plan_patches(source, cfg, run.input_options)
     except CancerNetError as exc:
         return Failure.from_exception(source, "tile", exc)
     plan = replace(plan, coords=ps.coords, grid_shape=grid_shape(ps.coords), patient=str(ps.patients[0]))
@@ -223,15 +224,16 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
 
 def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig, storage_options: dict | None = None) -> bool:
     """True when a stored input is complete and matches the source (on disk: size and mtime; on object
-    storage: size and ETag, one HEAD request) and these settings."""
-    from ..remote import is_url, stat
+    storage: size and ETag, one HEAD request; a patient folder there: total size and a digest of its
+    objects' names and ETags, one LIST) and these settings."""
+    from ..remote import folder_stat, is_url, stat
 
     if not attrs.get("complete"):
         return False
     extra = attrs.get("extra") or {}
     if is_url(spec.source):
         try:
-            size, etag = stat(spec.source, storage_options)
+            size, etag = (folder_stat if spec.kind == "patches" else stat)(spec.source, storage_options)
         except CancerNetError:
             return False
         if size != attrs.get("source_size") or etag != extra.get("source_etag"):
