@@ -212,6 +212,8 @@ class TiledLevel:
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return out
+        # remote: this window's tiles in one batch (none left to fetch after read_tiles' prefetch)
+        self.prefetch([(x0 * s, y0 * s, x1 * s, y1 * s)])
         for ty in range(y0 // ths, (y1 - 1) // ths + 1):
             for tx in range(x0 // tws, (x1 - 1) // tws + 1):
                 t = self.tile(tx, ty, s)
@@ -234,7 +236,6 @@ class TiledLevel:
         """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly."""
         x0, y0, x1, y1 = box
         s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast)
-        self.prefetch([box])  # remote: the box's tiles in one batch (already held after read_tiles' prefetch)
         return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s), (x0 / s, y0 / s, x1 / s, y1 / s),
                                 size, max_read=max(1, max_read // s))
 
