@@ -1,6 +1,7 @@
 """Benchmark: tiling slides read in place from a local S3 server against the same slides on local disk.
 
-    python benchmarks/s3_inputs.py [--count 2] [--size 8192] [--mpp 0.25] [--target 4.0] [--out DIR]
+    python benchmarks/s3_inputs.py [--count 2] [--size 8192] [--mpp 0.25] [--target 4.0] [--decode fast]
+                                   [--threads 4] [--run] [--patients 9175,9259] [--workers 2] [--out DIR]
 
 Writes ``--count`` synthetic Aperio SVS slides and as many generic tiled TIFFs (``cancernet_batch.synth``,
 ``--size`` px a side at ``--mpp``), uploads them to moto's S3 server on 127.0.0.1 (the app of
@@ -12,11 +13,28 @@ plans and reads every kept model tile at ``--target`` µm/px (:func:`cancernet_b
 * **local tifffile**: the file on disk with the tifffile reader (the reader used over S3);
 * **s3**: the object, ``open_slide("s3://...")``: tifffile over :class:`cancernet_batch.remote.RangeFile`.
 
+All three decode with ``--decode`` (default ``fast``: the direct decoder, ``slides/direct.py``, on local
+disk with ``os.pread``, on S3 from the range file's prefetched bytes; ``reader``: the readers' own path).
+
 Per slide and mode: tiles/s (open + plan + tiles, best of ``--repeat``), and for s3 the GET requests
 (open, plan, tiles) and bytes the server sent, against the compressed size of the TIFF tiles that tiling
 needs (the tiles the plan's overview and the kept model tiles touch). The issue's targets: tiles/s
 ratio s3/local >= 0.75, bytes read <= 1.2 x the compressed size of the tiles tiling needs.
-Prints a markdown table; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
+moto's own cost per request is measured beside it (``moto ms/GET``: the median of ranged 64 KiB GETs of
+each object, one at a time; moto copies the whole object per request, so it grows with the object).
+
+**Several slides in flight** (``--threads``): every slide tiled once by that many threads at once, as a
+Dask worker's threads take several inputs; tiles/s over all slides, local vs s3 (best of ``--repeat``).
+Here and below the S3 server runs in a child process (its request handling does not take this
+process's GIL, as a real endpoint's would not).
+
+**A whole run** (``--run``): ``cancernet run`` (:func:`cancernet_batch.stages.run.run_pipeline`: tile, score,
+report, streamed) on the same inputs, the slides plus the IDC patient folders ``--patients`` (from
+``../shared/data/idc``), on one local Dask cluster (``--workers`` processes), a width-32 CancerNet with
+random weights (ONNX); **local**: inputs on disk, ``--out`` a local folder; **s3**: inputs and ``--out`` on
+the S3 server. Runs alternate, the first pair is a warm-up (not counted), best of ``--run-repeat``.
+Patches/s = patches scored / the run's wall time (the issue's target: s3/local >= 0.7).
+Prints markdown tables; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -63,9 +81,195 @@ def _one(open_fn, source, cfg):
         t1 = time.perf_counter()
         plan = plan_slide(source, cfg, reader=reader)
         t2 = time.perf_counter()
-        read_tiles(reader, plan.level, plan.tile_px_level, plan.coords)
+        read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode=cfg.decode)
         t3 = time.perf_counter()
     return plan, {"open_s": t1 - t0, "plan_s": t2 - t1, "tiles_s": t3 - t2, "total_s": t3 - t0}
+
+
+def _moto_get_ms(fs, key: str, size: int, n: int = 9) -> float:
+    """Median wall time (ms) of one ranged 64 KiB GET of ``key``, one request at a time."""
+    import random
+    import statistics
+
+    rnd = random.Random(0)
+    times = []
+    for _ in range(n):
+        a = rnd.randrange(0, max(1, size - 65536))
+        t0 = time.perf_counter()
+        fs.cat_file(key, start=a, end=a + 65536)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _category(method: str, path: str) -> str:
+    part = ("input" if "/in/" in path else "tile store" if "/tiles.zarr" in path else "report" if "/report/" in path
+            else "other")
+    return f"{method} {part}"
+
+
+class _Tally(list):
+    """A request log that keeps only counts per method and kind of object."""
+
+    def __init__(self):
+        super().__init__()
+        from collections import Counter
+
+        self.counts = Counter()
+
+    def append(self, r) -> None:  # noqa: D102
+        self.counts[_category(r.method, r.path)] += 1
+
+    def clear(self) -> None:  # noqa: D102
+        self.counts.clear()
+
+
+def _serve(conn) -> None:
+    """Child process: moto's S3 server (``tests/s3server.py``); sends its endpoint, then answers ``tally``
+    (requests per kind and this process's CPU seconds since the last tally) until ``stop``."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from s3server import CountingS3
+
+    server = CountingS3().start()
+    server.requests = _Tally()
+    conn.send(server.endpoint)
+    cpu0 = sum(os.times()[:2])
+    while (cmd := conn.recv()) != "stop":
+        with server._lock:
+            counts = dict(server.requests.counts)
+            server.requests.clear()
+        cpu = sum(os.times()[:2])
+        conn.send((counts, cpu - cpu0))
+        cpu0 = cpu
+    server.stop()
+
+
+class ServerProcess:
+    """moto's S3 server in a child process (its CPU time off this process's GIL, as a real endpoint's).
+    ``tally()``: the requests it served by kind and the CPU seconds it used since the last tally."""
+
+    def __enter__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._p = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._p.start()
+        from s3server import CountingS3
+
+        self.server = CountingS3()
+        self.server.endpoint = self._conn.recv()
+        self.server.tally = self.tally
+        return self.server
+
+    def tally(self) -> tuple[dict, float]:
+        self._conn.send("tally")
+        return self._conn.recv()
+
+    def __exit__(self, *exc):
+        self._conn.send("stop")
+        self._p.join(30)
+
+
+def _concurrent(jobs, threads: int) -> float:
+    """Seconds to run every ``_one`` job with ``threads`` threads at once."""
+    import concurrent.futures as cf
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda j: _one(*j), jobs))
+    return time.perf_counter() - t0
+
+
+def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dict:
+    """``run_pipeline`` local vs s3 on one Dask cluster (see the module doc)."""
+    from cancernet_batch import bench
+    from cancernet_batch.cluster import ClusterConfig, dask_client
+    from cancernet_batch.config import PredictConfig, TileConfig
+    from cancernet_batch.runfolder import Run
+    from cancernet_batch.stages.report import ReportConfig
+    from cancernet_batch.stages.run import run_pipeline
+
+    model = work / "model"
+    if not (model / "model.onnx").exists():
+        bench._random_model(model)
+    cluster = ClusterConfig(workers=args.workers, threads_per_worker=args.worker_threads, dashboard=False)
+    pcfg = PredictConfig(model_dir=str(model), engine="onnx", batch_size=256, cluster=cluster)
+    tcfg = TileConfig(target_mpp=args.target, decode=args.decode)
+    modes = ("local", "s3", "s3 inputs only", "s3 out only")
+    out: dict = {m: [] for m in modes}
+    with ServerProcess() as server:
+        server.create_bucket("bench-runs")
+        opts = server.options()
+        fs = server.fs()
+        for p in files:
+            fs.put_file(str(p), f"bench-runs/in/{p.name}")
+        for pdir in patients:
+            for f in sorted(pdir.rglob("*.png")):
+                fs.put_file(str(f), f"bench-runs/in/{pdir.name}/{f.relative_to(pdir).as_posix()}")
+        local_inputs = [str(p) for p in files] + [str(p) for p in patients]
+        with dask_client(cluster) as client:
+            for rep in range(args.run_repeat + 1):
+                for mode in modes:
+                    s3_in, s3_out = mode in ("s3", "s3 inputs only"), mode in ("s3", "s3 out only")
+                    inputs = ["s3://bench-runs/in/"] if s3_in else local_inputs
+                    run = (Run.of(f"s3://bench-runs/out/{mode.replace(' ', '-')}-r{rep}", opts,
+                                  input_options=opts if s3_in else None) if s3_out
+                           else Run.of(work / "runs" / f"{mode.replace(' ', '-')}-r{rep}",
+                                       input_options=opts if s3_in else None))
+                    server.tally()
+                    t0 = time.perf_counter()
+                    s = run_pipeline(inputs, run, tcfg, pcfg, ReportConfig(model_dir=str(model)), client=client)
+                    wall = time.perf_counter() - t0
+                    requests, moto_cpu = server.tally()
+                    fig = {"rep": rep, "warmup": rep == 0, "wall_s": round(wall, 2), "patches": s.predict.tiles_scored,
+                           "inputs": len(s.tile.tiled), "failed": len(s.failed_inputs),
+                           "patches_per_s": round(s.predict.tiles_scored / wall, 1),
+                           "requests": requests, "moto_cpu_s": round(moto_cpu, 2),
+                           "load": os.getloadavg()}
+                    out[mode].append(fig)
+                    print(f"run {mode} rep {rep}: {fig}", flush=True)
+    counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
+    best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
+    pairs = [s["patches_per_s"] / max(l["patches_per_s"], 1e-9) for l, s in zip(counted["local"], counted["s3"])]
+    return {"figures": out, "best": best,
+            "ratio_best": {m: best[m]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9) for m in modes},
+            "ratio_per_pair": [round(r, 3) for r in pairs]}
+
+
+def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | None) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    machine = {"note": "shared VM: other engineers' jobs ran at the same time"}
+    lines = [f"S3 inputs vs local disk, {now:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({machine['note']}); "
+             f"{args.count} x (SVS, TIFF) of {args.size} px at {args.mpp} µm/px, tiled at {args.target} µm/px, "
+             f"--decode {args.decode}; load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}", "",
+             "| slide | tiles | local tiles/s | local tifffile tiles/s | s3 tiles/s | s3/local | s3/local tifffile "
+             "| GETs open/plan/tiles | tile bytes / needed | moto ms/GET | s3 - local s | GETs x moto s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tp = r["tiles_per_s"]
+        lines.append(f"| {r['slide']} | {r['tiles']} | {tp['local']:.0f} | {tp['local tifffile']:.0f} | {tp['s3']:.0f} "
+                     f"| {r['ratio_s3_vs_local']:.2f} | {r['ratio_s3_vs_local_tifffile']:.2f} "
+                     f"| {r['gets']['open']}/{r['gets']['plan']}/{r['gets']['tiles']} "
+                     f"| {r['tile_bytes_over_needed']:.3f} ({r['sent']['tiles']:,} / {r['needed_tile_bytes']:,}) "
+                     f"| {r['moto_ms_per_get']:.0f} | {r['s3_extra_s']:.3f} | {r['gets_x_moto_s']:.3f} |")
+    if concurrent:
+        c = concurrent
+        lines += ["", f"{c['slides']} slides ({c['tiles']} tiles) tiled by {c['threads']} threads at once (best of "
+                  f"{args.repeat}): local {c['tiles_per_s']['local']:.0f} tiles/s, s3 {c['tiles_per_s']['s3']:.0f} tiles/s, "
+                  f"s3/local {c['ratio']:.2f}; moto's server process used "
+                  f"{', '.join(f'{v:.2f}' for v in c['moto_cpu_s'])} CPU s in the s3 passes of "
+                  f"{', '.join(f'{v:.2f}' for v in c['seconds']['s3'])} s; load {', '.join(f'{v:.1f}' for v in c['load'])}"]
+    if whole:
+        lines += ["", "| whole run | patches | wall s (best) | patches/s (best) | / local | each counted run: patches/s "
+                  "| S3 requests (best run) | moto CPU s (best run) |", "|---|---:|---:|---:|---:|---|---|---:|"]
+        for m in whole["best"]:
+            b = whole["best"][m]
+            each = ", ".join(f"{f['patches_per_s']:.0f}" for f in whole["figures"][m] if not f["warmup"])
+            reqs = ", ".join(f"{k} {v}" for k, v in sorted(b["requests"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {m} | {b['patches']} | {b['wall_s']:.1f} | {b['patches_per_s']:.0f} "
+                         f"| {whole['ratio_best'][m]:.2f} | {each} | {reqs or '-'} | {b['moto_cpu_s']:.1f} |")
+        lines += ["", f"s3/local patches/s per pair of runs: {', '.join(f'{r:.2f}' for r in whole['ratio_per_pair'])}"]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -75,6 +279,13 @@ def main(argv=None) -> int:
     ap.add_argument("--mpp", type=float, default=0.25)
     ap.add_argument("--target", type=float, default=4.0)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--decode", default="fast", choices=("fast", "exact", "reader"))
+    ap.add_argument("--threads", type=int, default=4, help="slides in flight at once (0: skip)")
+    ap.add_argument("--run", action="store_true", help="also time a whole run, local vs s3")
+    ap.add_argument("--patients", default="9175,9259,8957,9022", help="IDC patient folders in the run")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--worker-threads", type=int, default=2)
+    ap.add_argument("--run-repeat", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -101,7 +312,7 @@ def main(argv=None) -> int:
     for p in files:
         fs.put_file(str(p), f"bench-slides/{p.name}")
     opts = server.options()
-    cfg = TileConfig(target_mpp=args.target)
+    cfg = TileConfig(target_mpp=args.target, decode=args.decode)
     rows = []
     try:
         for p in files:
@@ -146,31 +357,51 @@ def main(argv=None) -> int:
             row["ratio_s3_vs_local"] = row["tiles_per_s"]["s3"] / row["tiles_per_s"]["local"]
             row["ratio_s3_vs_local_tifffile"] = row["tiles_per_s"]["s3"] / row["tiles_per_s"]["local tifffile"]
             row["tile_bytes_over_needed"] = row["sent"]["tiles"] / max(1, need_tiles)
+            row["moto_ms_per_get"] = _moto_get_ms(fs, f"bench-slides/{p.name}", p.stat().st_size)
+            row["s3_extra_s"] = best["s3"][1]["total_s"] - best["local"][1]["total_s"]
+            row["gets_x_moto_s"] = len(best["s3"][2]) * row["moto_ms_per_get"] / 1000
             rows.append(row)
     finally:
         server.stop()
+    concurrent = None
+    if args.threads:
+        with ServerProcess() as srv:
+            srv.create_bucket("bench-slides")
+            sfs, sopts = srv.fs(), srv.options()
+            for p in files:
+                sfs.put_file(str(p), f"bench-slides/{p.name}")
+            n_tiles = sum(r["tiles"] for r in rows)
+            times = {"local": [], "s3": []}
+            moto_cpu = []
+            for _ in range(args.repeat):
+                times["local"].append(_concurrent([((lambda p=p: open_slide(p)), p, cfg) for p in files], args.threads))
+                srv.tally()
+                times["s3"].append(_concurrent([((lambda u=f"s3://bench-slides/{p.name}": open_slide(u, storage_options=sopts)),
+                                                 f"s3://bench-slides/{p.name}", cfg) for p in files], args.threads))
+                moto_cpu.append(srv.tally()[1])
+            concurrent = {"threads": args.threads, "slides": len(files), "tiles": n_tiles,
+                          "seconds": times, "tiles_per_s": {m: n_tiles / min(v) for m, v in times.items()},
+                          "moto_cpu_s": moto_cpu, "load": os.getloadavg()}
+            concurrent["ratio"] = concurrent["tiles_per_s"]["s3"] / concurrent["tiles_per_s"]["local"]
+    whole = None
+    print(_markdown(args, rows, concurrent, None), flush=True)  # the tiling figures, before the long part
+    if args.run:
+        idc = HERE.parent.parent / "shared" / "data" / "idc"
+        whole = _whole_run(args, work, files, [idc / p for p in args.patients.split(",") if p])
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "note": "shared VM: other engineers' jobs ran at the same time"}
-    lines = [f"S3 inputs vs local disk, {now:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({machine['note']}); "
-             f"{args.count} x (SVS, TIFF) of {args.size} px at {args.mpp} µm/px, tiled at {args.target} µm/px", "",
-             "| slide | tiles | local tiles/s | local tifffile tiles/s | s3 tiles/s | s3/local | s3/local tifffile "
-             "| GETs open/plan/tiles | tile bytes / needed |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        tp = r["tiles_per_s"]
-        lines.append(f"| {r['slide']} | {r['tiles']} | {tp['local']:.0f} | {tp['local tifffile']:.0f} | {tp['s3']:.0f} "
-                     f"| {r['ratio_s3_vs_local']:.2f} | {r['ratio_s3_vs_local_tifffile']:.2f} "
-                     f"| {r['gets']['open']}/{r['gets']['plan']}/{r['gets']['tiles']} "
-                     f"| {r['tile_bytes_over_needed']:.3f} ({r['sent']['tiles']:,} / {r['needed_tile_bytes']:,}) |")
-    text = "\n".join(lines)
+    text = _markdown(args, rows, concurrent, whole)
     print(text)
+    machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "load_at_end": os.getloadavg(),
+               "note": "shared VM: other engineers' jobs ran at the same time"}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"s3-inputs-{now:%Y%m%d-%H%M%S}"
         stem.with_suffix(".json").write_text(json.dumps({"date": now.isoformat(), "machine": machine, "args": vars(args),
-                                                         "rows": rows}, indent=2))
+                                                         "rows": rows, "concurrent": concurrent, "whole_run": whole},
+                                                        indent=2, default=str))
         stem.with_suffix(".md").write_text(text + "\n")
     return 0
 

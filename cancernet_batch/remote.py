@@ -276,9 +276,9 @@ def folder_stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
 
 
 def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, bytes | InputError]:
-    """The whole bytes of many small objects (patches): one GET each, up to the filesystem's batch size (128
-    for s3fs) in flight at once, so a patient folder of a thousand patches costs a few round trips. An
-    object that cannot be read maps to its :class:`InputError`."""
+    """The whole bytes of many small objects (patches): one GET each, all sent together (fsspec gathers them;
+    the HTTP connection pool bounds how many are in flight), so a patient folder costs few round trips
+    of latency, not one per patch. An object that cannot be read maps to its :class:`InputError`."""
     if not urls:
         return {}
     fs = filesystem(urls[0], options)
