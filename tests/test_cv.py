@@ -172,16 +172,71 @@ def test_bench_variant_roofs(members, tmp_path):
 # cancernet train --cv end to end (tiny)
 # ----------------------------------------------------------------------------------------------
 
+FIT_CALLS: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+"""(patients trained on, patients whose labels the fit saw as validation) of every ``_fit`` call of ``cv_run``."""
+
+
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
-    """3-fold CV on 6 synthetic patients, 1 epoch, width 4, TTA, Platt: the model folder and the result."""
+    """3-fold CV on 6 synthetic patients, 1 epoch, width 4, TTA, Platt: the model folder and the result.
+
+    Every call of the real ``train._fit`` is recorded (which patients it trained on and validated on) in
+    :data:`FIT_CALLS`; the fit itself runs unchanged."""
+    from cancernet_batch import train as train_mod
     from cancernet_batch.synth import synth_patches
     from cancernet_batch.train import train
 
     data = tmp_path_factory.mktemp("cv-data")
     synth_patches(data, patients=6, per_patient=30, idc_fraction=0.4, seed=3)
     out = tmp_path_factory.mktemp("cv") / "model"
-    return data, out, train([data], out, TrainConfig(**CV_TINY))
+    real_fit = train_mod._fit
+    FIT_CALLS.clear()
+
+    def recording_fit(model, patches, idx, *args, **kwargs):
+        side = {k: tuple(sorted(set(patches.patients[v].tolist()))) for k, v in idx.items() if len(v)}
+        FIT_CALLS.append((side.get("train", ()), side.get("val", ())))
+        return real_fit(model, patches, idx, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "_fit", recording_fit)
+        res = train([data], out, TrainConfig(**CV_TINY))
+    return data, out, res
+
+
+def test_cv_fold_training_never_sees_its_held_out_patients(cv_run):
+    """No leak through training: each fold model fits on the other folds' patients only, and no held-out
+    patient is passed as validation data (nothing, e.g. early stopping, can be chosen on them)."""
+    data, out, res = cv_run
+    assert len(FIT_CALLS) == len(res.folds) == 3  # one fit per fold (the exported model is their ensemble)
+    everyone = sorted(p.name for p in data.iterdir() if p.is_dir())
+    for (trained, validated), held in zip(FIT_CALLS, res.folds):
+        assert validated == ()
+        assert not set(trained) & set(held)
+        assert sorted(trained + tuple(held)) == everyone
+
+
+def test_cross_fitted_threshold_and_calibration_ignore_the_folds_own_labels():
+    """No leak through the decision threshold or the calibration: a fold's are fitted on the other folds'
+    out-of-fold predictions only, so changing its own labels and logits changes neither (but does change
+    the other folds')."""
+    from cancernet_batch.cv import cross_fit
+
+    rng = np.random.default_rng(5)
+    n, k = 600, 3
+    fold_of = np.repeat(np.arange(k), n // k)
+    y = (rng.random(n) < 0.5).astype(int)
+    z = rng.normal(0, 1, n) + 2.0 * (y - 0.5)
+    y2, z2 = y.copy(), z.copy()
+    own = fold_of == 0
+    y2[own] = 1 - y2[own]  # fold 0's labels flipped and its logits shifted
+    z2[own] = z2[own] * 3.0 + 1.0
+    for method in ("none", "temperature", "platt"):
+        p1, t1, f1 = cross_fit(z, y, fold_of, k, method)
+        p2, t2, f2 = cross_fit(z2, y2, fold_of, k, method)
+        assert f1[0] == f2[0]  # fold 0: same calibration and threshold
+        np.testing.assert_array_equal(t1[own], t2[own])
+        np.testing.assert_allclose(p2[own], cal.apply(z2[own], f1[0]))  # fold 0 scored with the others' fit
+        assert any(f1[f] != f2[f] for f in (1, 2))  # the others' fits did use fold 0
 
 
 def test_cv_folds_never_share_a_patient_between_train_and_held_out(cv_run):
