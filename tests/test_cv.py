@@ -372,3 +372,24 @@ def test_one_split_with_tta_and_calibration_wraps_the_model(members):
 
     z = member_logits([members[0]], TILES, tta=True)
     np.testing.assert_allclose(_predict(net, TILES), cal.apply(z, scoring["calibration"]), atol=2e-5)
+
+
+def test_cv_tables_script_reports_the_runs_own_figures(cv_run):
+    """``training/cv_tables.py`` (the source of the tables in training/RESULTS.md) prints the run's pooled
+    figures and one row per fold, with ECEs recomputed from ``cv/oof.npz``."""
+    import importlib.util
+
+    data, out, res = cv_run
+    spec = importlib.util.spec_from_file_location("cv_tables", Path(__file__).parents[1] / "training" / "cv_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.tables(out)
+    pooled = res.cv["pooled"]["patch"]
+    assert f"balanced accuracy **{pooled['balanced_accuracy']:.3f}**" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip().isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 3]
+    for r, held in zip(rows, res.folds):
+        assert r.split("|")[2].strip() == ", ".join(held)
+    pooled_row = next(ln for ln in text.splitlines() if ln.startswith("| pooled"))
+    # the pooled Platt ECE column equals the run's own (tta/platt) figure
+    assert pooled_row.rstrip(" |").split("|")[-1].strip() == f"{pooled['ece']:.3f}"
