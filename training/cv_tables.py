@@ -82,7 +82,9 @@ def tables(run: Path) -> str:
     rows = sorted(metrics["cv"]["pooled"]["per_patient"], key=lambda r: r["accuracy"])
     lines += ["", "Per patient (worst first): " + "; ".join(
         f"{r['patient']} ({r['role']}, {r['n']} patches, true IDC {_f(r['true_idc_fraction'], 2)}, called IDC "
-        f"{_f(r['pred_idc_fraction'], 2)}, accuracy {_f(r['accuracy'])})" for r in rows), ""]
+        f"{_f(r['pred_idc_fraction'], 2)}, accuracy {_f(r['accuracy'])}"
+        + (f", AUC within the patient {_f(r['roc_auc'])}" if r.get("roc_auc") is not None and np.isfinite(r["roc_auc"])
+           else "") + ")" for r in rows), ""]
     return "\n".join(lines)
 
 
