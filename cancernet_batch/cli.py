@@ -233,10 +233,11 @@ def _echo_assessment(title: str, a) -> None:
 @click.option("--split", "split_file", type=click.Path(), default=None,
               help="Published patient split: a folder with cases_{train,val,test}.txt, one such file, or a split.json.")
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=TrainConfig.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, MAX_BATCH))
 @click.option("--learning-rate", default=1e-3, show_default=True, type=Number(0, 10, low_open=True))
-@click.option("--width", default=32, show_default=True, type=click.IntRange(min=4), help="Filters in the first block.")
+@click.option("--width", default=TrainConfig.width, show_default=True, type=click.IntRange(min=4),
+              help="Filters in the first block (CancerNet's original: 32).")
 @click.option("--conv", default="separable", show_default=True, type=click.Choice(["separable", "plain"]),
               help="Depthwise-separable or plain convolutions.")
 @click.option("--mpp", default=DEFAULT_MPP, show_default=True, type=MPP, help="Resolution of the training patches, µm/px.")
