@@ -15,7 +15,7 @@ import click
 
 from . import DEFAULT_MPP, __version__
 from .config import (BACKENDS, CALIBRATIONS, DECODE_MODES, DEFAULT_BATCH, DEFAULT_READ_TIMEOUT, DEVICES,
-                     ENGINE_CHOICES, ENGINES, MAX_BATCH)
+                     ENGINE_CHOICES, ENGINES, MAX_BATCH, TrainConfig)
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
@@ -266,7 +266,6 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     Writes OUT/model.keras, model.json, model.onnx, split.json, curves.png, confusion.png,
     roc.png, patients.png, per_patient.csv, classification_report.txt and metrics.json.
     """
-    from .config import TrainConfig
 
     config = TrainConfig(val_fraction=val_fraction, test_fraction=test_fraction, split_file=split_file, seed=seed,
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
