@@ -109,6 +109,10 @@ class LocalFS:
         """What ``zarr.open_group`` takes for the tile store at ``path``."""
         return str(path)
 
+    def cache_key(self, path: Path) -> tuple:
+        """What names the store at ``path`` among those this process opened."""
+        return ("file", str(path))
+
     @contextlib.contextmanager
     def lock(self, path: Path, holder: dict) -> Iterator[None]:
         """Hold an exclusive OS lock on ``path`` (released by the kernel if the process dies)."""
@@ -380,6 +384,14 @@ class FsspecFS:
     def remove_stale_temps(self, *folders) -> int:
         return 0  # nothing is written under a temporary name
 
+    def cache_key(self, path) -> tuple:
+        """What names the store at ``path`` among those this process opened (endpoint and credentials
+        included: the same URL on another server is another store)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(self.storage_options, sort_keys=True, default=str).encode()).hexdigest()
+        return (self.protocol, str(path), digest)
+
     def store_location(self, path):
         """zarr's ``FsspecStore`` for the tile store at ``path`` (its own asynchronous client)."""
         from zarr.storage import FsspecStore
@@ -594,7 +606,8 @@ class Run:
         """One input's group, for tasks on workers (removes nothing: other workers write beside it)."""
         from . import store
 
-        return store.open_input(self.fs.store_location(self.store_path), gid, mode=mode)
+        return store.open_input(lambda: self.fs.store_location(self.store_path), gid, mode=mode,
+                                cache_key=self.fs.cache_key(self.store_path))
 
     def remove_stale_report_temps(self) -> int:
         r = self.report_dir

@@ -118,16 +118,166 @@ class InputAttrs:
         return cls(**known)
 
 
-def open_input(location: str | os.PathLike, gid: str, mode: str = "r+"):
+def open_input(location, gid: str, mode: str = "r+", *, cache_key=None):
     """The group of one input of the tile store at ``location``, for tasks on workers.
 
     Unlike :func:`open_root` it removes no temporary files: other workers are writing beside it,
     and their in-flight ``*.partial`` files are not stale. Use :meth:`Run.open_input
     <cancernet_batch.runfolder.Run.open_input>`.
+
+    ``location`` may be a callable that returns it (made only when needed). With ``cache_key`` (a
+    hashable name of the store: its URL and the options that reach it) the group comes from this
+    process's :class:`_OpenInputs` cache: one read of the group's ``zarr.json`` per call instead of
+    the root's, ``inputs``' and each array's (see there for why it is never stale).
     """
+    if cache_key is not None:
+        return _OPEN_INPUTS.get(location, (cache_key, gid, mode))
+    return _open_input_plain(location() if callable(location) else location, gid, mode)
+
+
+def _open_input_plain(location, gid: str, mode: str):
     import zarr
 
     return zarr.open_group(_zarr_location(location), mode=mode, zarr_format=3)[f"inputs/{gid}"]
+
+
+# arrays whose whole metadata (shape, chunks, dtype, fill value, attributes) follows from the input
+# group's own attrs (n_tiles, chunk, grid_shape, extra): a group document read again and found
+# byte-identical proves a cached handle of one of them still right. ``probs`` (its attrs name the
+# model) and the report's maps are not among them: they are looked up afresh every time.
+_STABLE_ARRAYS = frozenset({"tiles", "coords", "labels", "tiled", "done", "tissue", "thumbnail"})
+
+
+class _OpenInputs:
+    """Per-process cache of the input groups worker tasks open: metadata only, never chunk data.
+
+    Each task (a tile chunk, a score chunk, a report part) opened the store's root, its ``inputs``
+    group, its input's group and then each array it touched: on object storage one GET (and HEADs)
+    each, some 10 round trips per task before any tile moved. Here a task reads its group's
+    ``zarr.json`` once (one GET); when those bytes are the ones cached, the group is made from them
+    and the handles of its :data:`_STABLE_ARRAYS` are reused. Any change of the group's document
+    (re-tiled: other attrs; ``complete`` set; report attrs) makes new handles; an array that was
+    missing is never cached (a later lookup finds it once created); done flags, tiles and
+    probabilities are chunk data, always read from the store. Any problem reading the document falls
+    back to the plain open, which raises the usual clear errors.
+    """
+
+    MAX = 256
+
+    def __init__(self) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self._entries: OrderedDict = OrderedDict()  # key -> (store_path, raw, {name: array})
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, location, key):
+        _, gid, mode = key
+        with self._lock:
+            entry = self._entries.get(key)
+        try:
+            if entry is None:
+                store_path = _input_store_path(location() if callable(location) else location, gid, mode)
+                nodes: dict = {}
+            else:
+                store_path, old_raw, nodes = entry
+            raw = _read_group_doc(store_path)
+            if raw is None:
+                raise KeyError(gid)
+            if entry is not None and raw != old_raw:
+                nodes = {}
+            group = _group_from_doc(store_path, raw)
+        except Exception:  # noqa: BLE001 - the plain open says what is wrong, as it always did
+            with self._lock:
+                self._entries.pop(key, None)
+            return _open_input_plain(location() if callable(location) else location, gid, mode)
+        if "chunk" in group.attrs:  # a group whose arrays are all made (create_input sets attrs last)
+            with self._lock:
+                self._entries[key] = (store_path, raw, nodes)
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.MAX:
+                    self._entries.popitem(last=False)
+        return _TaskGroup(group, nodes)
+
+
+_OPEN_INPUTS = _OpenInputs()
+
+
+def _input_store_path(location, gid: str, mode: str):
+    from zarr.core.sync import sync
+    from zarr.storage._common import make_store_path
+
+    return sync(make_store_path(_zarr_location(location), mode=mode)) / f"inputs/{gid}"
+
+
+def _read_group_doc(store_path) -> bytes | None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync((store_path / "zarr.json").get(prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _group_from_doc(store_path, raw: bytes):
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import AsyncGroup
+
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        raise ValueError("not a zarr v3 group document")
+    return zarr.Group(AsyncGroup._from_bytes_v3(store_path, default_buffer_prototype().buffer.from_bytes(raw),
+                                                use_consolidated=False))
+
+
+class _TaskGroup:
+    """An input group for one task: lookups of :data:`_STABLE_ARRAYS` served from (and kept in) the
+    process cache's ``nodes``; anything else goes to the group itself."""
+
+    def __init__(self, group, nodes: dict):
+        self._group = group
+        self._nodes = nodes
+
+    def __getitem__(self, name: str):
+        node = self._nodes.get(name)
+        if node is None:
+            node = self._group[name]  # KeyError when absent: not cached
+            if name in _STABLE_ARRAYS and hasattr(node, "shape"):
+                self._nodes[name] = node
+        return node
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    def data(self, name: str):
+        """A handle of array ``name`` for its chunk data only (never its attributes): ``probs`` too,
+        whose shape, chunks, type and fill value follow from the group's attrs like the others'."""
+        key = ("data", name)
+        node = self._nodes.get(key) or self._nodes.get(name)
+        if node is None:
+            node = self._nodes[key] = self._group[name]
+        return node
+
+    def __delitem__(self, name: str) -> None:
+        self._nodes.pop(name, None)
+        self._nodes.pop(("data", name), None)
+        del self._group[name]
+
+    def create_array(self, name: str, **kwargs):
+        self._nodes.pop(name, None)
+        self._nodes.pop(("data", name), None)
+        return self._group.create_array(name, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
 
 
 def _zarr_location(location):
@@ -459,6 +609,12 @@ class NodeCache:
 
     def __getattr__(self, name: str):
         return getattr(self._group, name)
+
+
+def data_array(group, name: str):
+    """Array ``name`` of an input group, to read or write its chunks (not its attributes): from the
+    worker's cache when the group came from :func:`open_input` with a cache key."""
+    return group.data(name) if isinstance(group, _TaskGroup) else group[name]
 
 
 def check_input(group, gid: str = "") -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cancernet_batch.errors import StorageError
@@ -127,3 +128,40 @@ def test_node_cache_reads_each_member_once_and_follows_its_own_changes(tmp_path)
     del c["probs"]
     assert "probs" not in c and "probs" not in g
     assert c.attrs is not None and c.path == g.path  # everything else is the group's own
+
+
+def test_worker_input_cache_reuses_handles_but_never_serves_stale_metadata(tmp_path):
+    """``Run.open_input`` (worker tasks) keeps array handles per process while the input's group document
+    is unchanged; a re-tiled input, a model replaced with --rescore and an array created later are seen."""
+    from cancernet_batch import store
+    from cancernet_batch.store import InputAttrs
+
+    run = Run.of(tmp_path / "run")
+
+    def tile(n: int, **extra):
+        attrs = InputAttrs(source=str(tmp_path / "a.svs"), kind="slide", reader="test", patient="p",
+                           source_size=1, source_mtime=0.0, target_mpp=4.0, grid_shape=(8, 8), n_tiles=n, **extra)
+        return store.input_id(attrs.source), store.create_input(run.create().open_store("a"), attrs, n, chunk=4)
+
+    gid, _ = tile(10)
+    g = run.open_input(gid)
+    assert g["tiles"].shape[0] == 10 and run.open_input(gid)["tiles"] is g["tiles"]  # one handle reused
+    assert "labels" not in g
+    store.create_input(run.open_store("a"), InputAttrs.from_json(dict(g.attrs)), 10, chunk=4, labels=True)
+    assert "labels" in run.open_input(gid)  # an array missing before is found once it exists
+
+    gid, _ = tile(20, source_mpp=0.5)  # re-tiled: other attrs, arrays of another shape
+    g = run.open_input(gid)
+    assert g["tiles"].shape[0] == 20 and g["tiled"].shape == (5,)
+    g["tiles"][16:20] = 7  # written through the handle: lands in the new array
+    assert int(run.open_store("r")["inputs"][gid]["tiles"][19].max()) == 7
+
+    probs, _ = store.ensure_predictions(run.open_input(gid), "model-a")
+    store.data_array(run.open_input(gid), "probs")[0:4] = 0.5  # a score task's handle, cached
+    plain = run.open_store("r+")["inputs"][gid]
+    store.ensure_predictions(plain, "model-b", reset=True)  # another process replaces the model
+    g = run.open_input(gid)
+    assert g["probs"].attrs["model_id"] == "model-b"  # the model of the probabilities is read afresh
+    assert np.isnan(g["probs"][0:4]).all() and not store.done_mask(g).any()  # chunk data: never cached
+    store.data_array(g, "probs")[0:4] = 0.25
+    np.testing.assert_allclose(plain["probs"][0:4], 0.25)

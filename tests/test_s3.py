@@ -619,3 +619,40 @@ def test_run_scores_patient_folders_on_s3_like_local_ones_and_resumes(s3, s3_pat
         assert rc == 0 and "tile:    1 tiled" in out3 and "1 already complete" in out3, out3
     finally:
         s3.fs().rm_file(extra)
+
+
+def _metadata_gets(s3, prefix: str) -> dict[str, int]:
+    """GETs of zarr metadata documents under the run's tile store, per input group (root/inputs: '')."""
+    out: dict[str, int] = {}
+    for r in s3.server.gets(f"/{prefix}/tiles.zarr/"):
+        if r.path.endswith("/zarr.json"):
+            parts = r.path.split("/tiles.zarr/", 1)[1].split("/")
+            gid = parts[1] if len(parts) > 2 and parts[0] == "inputs" else ""
+            out[gid] = out.get(gid, 0) + 1
+    return out
+
+
+def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3_inputs, client, tiny_model_dir,
+                                                                         capsys):
+    """Tile, score and report tasks on a worker read their input group's ``zarr.json`` once each and reuse
+    the array handles: the metadata GETs per input grow by at most 3 per chunk, not 8 (here 4 tiles a
+    chunk: each slide has many chunk tasks)."""
+    from cancernet_batch import store
+
+    prefix = "nights/metadata"
+    args = ["run", f"s3://{BUCKET}/good/", "--out", f"s3://{BUCKET}/{prefix}", "--model", str(tiny_model_dir),
+            "--chunk-size", "4", "--scheduler", client.scheduler.address,
+            "--storage-options", json.dumps(s3.options())]
+    s3.server.reset()
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err
+    groups = dict(store.iter_inputs(Run.of(f"s3://{BUCKET}/{prefix}", s3.options()).open_store("r")))
+    assert len(groups) == 2
+    chunks = {gid: len(store.chunk_bounds(int(g["tiles"].shape[0]), int(g.attrs["chunk"]))) for gid, g in groups.items()}
+    assert min(chunks.values()) >= 5, chunks  # enough chunk tasks that per-task re-reads would show
+    gets = _metadata_gets(s3, prefix)
+    for gid, n in chunks.items():
+        # one group document per chunk task (tile, score) and the arrays once per worker; before the
+        # per-worker cache every chunk task read its arrays' documents again: 117 for 8 chunks, 93 for 5
+        assert gets[gid] <= 55 + 3 * n, (gid, n, gets)
+    assert gets.get("", 0) <= 70, gets  # the root and `inputs` (89 before): no longer read by every task
