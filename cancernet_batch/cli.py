@@ -546,7 +546,8 @@ def _echo_inspection(e: dict) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @_tiling_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect(inputs: tuple[str, ...], as_json: bool, **kw) -> int:
+@STORAGE_OPTIONS
+def inspect(inputs: tuple[str, ...], as_json: bool, storage_options: dict | None, **kw) -> int:
     """Show what tiling would do for each input, without doing it.
 
     \b
@@ -558,7 +559,12 @@ def inspect(inputs: tuple[str, ...], as_json: bool, **kw) -> int:
 
     from .tiling import inspect_inputs
 
-    entries = inspect_inputs(list(inputs), _tile_config(kw))
+    from .remote import is_url
+
+    if storage_options is not None and not any(is_url(i) for i in inputs):
+        raise click.BadParameter("--storage-options is for inputs on object storage (s3://, gs://, az://)",
+                                 param_hint="'--storage-options'")
+    entries = inspect_inputs(list(inputs), _tile_config(kw), storage_options)
     if as_json:
         click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
     else:

@@ -471,17 +471,18 @@ def _info_summary(info) -> dict:
                                                for (w, h), d in zip(info.level_dimensions, info.level_downsamples)]}
 
 
-def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig) -> list[dict]:
+def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig, storage_options: dict | None = None) -> list[dict]:
     """What ``tile`` would do for each input, without writing anything (one JSON-able dict per input).
 
     Slides go through the same preflight (child process, timeout) and plan as in ``tile``; an input
     that would fail carries ``error: {stage, error_class, message}``; a file of a DICOM series that
-    another file stands for carries ``series_of``.
+    another file stands for carries ``series_of``. ``storage_options`` reach inputs on object storage
+    (as ``tile``'s ``--storage-options``).
     """
     from .errors import CancerNetError
     from .preflight import preflight
 
-    specs, failures = discover_some(paths)
+    specs, failures = discover_some(paths, storage_options)
     out: dict[str, dict] = {}
 
     def error(entry: dict, stage: str, exc: BaseException) -> dict:
@@ -497,12 +498,13 @@ def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig) -> list[dict
     for spec in specs:
         if spec.kind == "patches":
             try:
-                out[spec.source] = plan_patches(spec.path, cfg).summary()
+                out[spec.source] = plan_patches(spec.path, cfg, storage_options).summary()
             except CancerNetError as exc:
                 out[spec.source] = error({"source": spec.source, "kind": "patches"}, "plan", exc)
             continue
         try:
-            infos[spec.source] = info = preflight(spec.path, timeout=cfg.preflight_timeout)
+            infos[spec.source] = info = preflight(spec.path, timeout=cfg.preflight_timeout,
+                                                  storage_options=storage_options, stage_limit_gb=cfg.stage_cache_gb)
         except CancerNetError as exc:
             out[spec.source] = error({"source": spec.source, "kind": "slide"}, "preflight", exc)
             continue
@@ -512,8 +514,21 @@ def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig) -> list[dict
             out[member] = {**_info_summary(infos[member]), "series_of": files[0]}
         try:
             out[files[0]] = deadline.bounded(
-                lambda files=files: plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary(),
+                lambda files=files: _inspect_plan(files, cfg, storage_options),
                 cfg.read_timeout, path=files[0], what="planning the slide")
         except CancerNetError as exc:
             out[files[0]] = error(_info_summary(infos[files[0]]), "plan", exc)
     return [out[k] for k in sorted(out)]
+
+
+def _inspect_plan(files: list[str], cfg: TileConfig, storage_options: dict | None) -> dict:
+    """The plan's summary of one slide (or DICOM series) for ``inspect``; an object read with ``storage_options``."""
+    from .remote import is_url
+
+    if storage_options is None or not is_url(files[0]):
+        return plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary()
+    reader = open_slide(files[0], storage_options=storage_options, stage_limit_gb=cfg.stage_cache_gb)
+    try:
+        return plan_slide(files[0], cfg, reader=reader).summary()
+    finally:
+        reader.close()

@@ -656,3 +656,28 @@ def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3
         # per-worker cache every chunk task read its arrays' documents again: 117 for 8 chunks, 93 for 5
         assert gets[gid] <= 55 + 3 * n, (gid, n, gets)
     assert gets.get("", 0) <= 70, gets  # the root and `inputs` (89 before): no longer read by every task
+
+
+def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3_patients, capsys, tmp_path):
+    """``inspect --storage-options`` reaches objects with the given credentials (none in the environment):
+    the same plan as the local file; an endpoint that does not answer is a clear error; local inputs refuse it."""
+    url, local = s3_inputs["svs"]
+    opts = json.dumps(s3.options())
+    rc, out, err = _main(capsys, "inspect", url, "--mpp", "2.0", "--json", "--storage-options", opts)
+    assert rc == 0, err
+    (remote,) = json.loads(out)
+    rc, out, err = _main(capsys, "inspect", str(local), "--mpp", "2.0", "--json")
+    (plain,) = json.loads(out)
+    for key in ("levels", "level", "grid", "tissue_tiles", "background_tiles"):
+        if key in plain:
+            assert remote[key] == plain[key], key
+    assert remote["source"] == url and "error" not in remote
+    rc, out, err = _main(capsys, "inspect", f"s3://{BUCKET}/idc/9175", "--storage-options", opts, "--json")
+    assert rc == 0 and json.loads(out)[0]["kind"] == "patches", out + err
+    with socket.socket() as sock:  # a port nobody listens on: the options given are the ones used
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    rc, out, err = _main(capsys, "inspect", url, "--storage-options", json.dumps(s3.options(endpoint=closed)))
+    assert rc == 1 and "cannot reach the storage endpoint" in err and SECRET not in out + err
+    rc, out, err = _main(capsys, "inspect", str(local), "--storage-options", opts)
+    assert rc == 2 and "--storage-options is for inputs on object storage" in err
