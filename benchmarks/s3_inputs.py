@@ -32,7 +32,8 @@ process's GIL, as a real endpoint's would not).
 report, streamed) on the same inputs, the slides plus the IDC patient folders ``--patients`` (from
 ``../shared/data/idc``), on one local Dask cluster (``--workers`` processes), a width-32 CancerNet with
 random weights (ONNX); **local**: inputs on disk, ``--out`` a local folder; **s3**: inputs and ``--out`` on
-the S3 server. Runs alternate, the first pair is a warm-up (not counted), best of ``--run-repeat``.
+the S3 server. ``--server s3rver`` times a second real S3 server instead of moto (s3rver, Node; see
+:class:`S3rverProcess`); request counts then come from the same passes on moto. Runs alternate, the first pair is a warm-up (not counted), best of ``--run-repeat``.
 Patches/s = patches scored / the run's wall time (the issue's target: s3/local >= 0.7).
 Prints markdown tables; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
 """
@@ -40,6 +41,7 @@ Prints markdown tables; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -170,6 +172,80 @@ class ServerProcess:
         self._p.join(30)
 
 
+S3RVER = HERE.parent / ".s3rver" / "node_modules" / ".bin" / "s3rver"
+
+
+class S3rverProcess:
+    """s3rver (npm ``s3rver`` 3.7.1, Node) on 127.0.0.1 in a child process: a second real S3 API server that
+    keeps objects as files on disk and streams only the range of a ranged GET (moto copies the whole
+    object per request). Install it with ``npm install --prefix .s3rver s3rver@3.7.1`` (git-ignored).
+    It keeps no request log here: ``tally()`` gives no counts, only the server's CPU seconds (the requests a
+    run sends are the client's and are counted on moto). Its credentials are its fixed ``S3RVER`` pair.
+    It ignores ``If-None-Match`` on PUT, so the run-folder lock's conditional create always succeeds there."""
+
+    KEY = "S3RVER"
+
+    def __enter__(self):
+        import re
+        import subprocess
+
+        if not S3RVER.exists():
+            raise SystemExit(f"{S3RVER} not found: run `npm install --prefix .s3rver s3rver@3.7.1` in the repository")
+        self._dir = tempfile.mkdtemp(prefix="s3rver-")
+        log = Path(self._dir + ".log")
+        with open(log, "wb") as out:  # it logs every request: to a file, never a pipe nobody reads
+            self._p = subprocess.Popen([str(S3RVER), "-d", self._dir, "-a", "127.0.0.1", "-p", "0"],
+                                       stdout=out, stderr=subprocess.STDOUT)
+        m = None
+        deadline = time.monotonic() + 30
+        while m is None and time.monotonic() < deadline and self._p.poll() is None:
+            time.sleep(0.1)
+            m = re.search(r"127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
+        if m is None:
+            self._p.kill()
+            raise SystemExit(f"s3rver did not start: {log.read_text(errors='replace')[-300:]}")
+        self.endpoint = f"http://127.0.0.1:{m.group(1)}"
+        self._cpu0 = self._cpu()
+        return self
+
+    def _cpu(self) -> float:
+        try:
+            fields = Path(f"/proc/{self._p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def options(self) -> dict:
+        return {"key": self.KEY, "secret": self.KEY,
+                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.options())
+
+    def create_bucket(self, bucket: str) -> None:
+        self.fs().mkdir(bucket)
+
+    def tally(self) -> tuple[dict, float]:
+        cpu = self._cpu()
+        out, self._cpu0 = cpu - self._cpu0, cpu
+        return {}, out
+
+    def __exit__(self, *exc):
+        import shutil
+
+        self._p.terminate()
+        self._p.wait(30)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        Path(self._dir + ".log").unlink(missing_ok=True)
+
+
+def _server(kind: str):
+    """The S3 server of ``--server`` in a child process (``moto`` or ``s3rver``)."""
+    return S3rverProcess() if kind == "s3rver" else ServerProcess()
+
+
 def _concurrent(jobs, threads: int) -> float:
     """Seconds to run every ``_one`` job with ``threads`` threads at once."""
     import concurrent.futures as cf
@@ -197,7 +273,7 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
     tcfg = TileConfig(target_mpp=args.target, decode=args.decode)
     modes = ("local", "s3", "s3 inputs only", "s3 out only")
     out: dict = {m: [] for m in modes}
-    with ServerProcess() as server:
+    with _server(args.server) as server:
         server.create_bucket("bench-runs")
         opts = server.options()
         fs = server.fs()
@@ -238,12 +314,13 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
 
 def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
+    srv = getattr(args, "server", "moto")
     machine = {"note": "shared VM: other engineers' jobs ran at the same time"}
     lines = [f"S3 inputs vs local disk, {now:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({machine['note']}); "
              f"{args.count} x (SVS, TIFF) of {args.size} px at {args.mpp} µm/px, tiled at {args.target} µm/px, "
-             f"--decode {args.decode}; load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}", "",
+             f"--decode {args.decode}; S3 server timed: {args.server}; load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}", "",
              "| slide | tiles | local tiles/s | local tifffile tiles/s | s3 tiles/s | s3/local | s3/local tifffile "
-             "| GETs open/plan/tiles | tile bytes / needed | moto ms/GET | s3 - local s | GETs x moto s |",
+             f"| GETs open/plan/tiles | tile bytes / needed | {srv} ms/GET | s3 - local s | GETs x {srv} s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tp = r["tiles_per_s"]
@@ -256,12 +333,12 @@ def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | Non
         c = concurrent
         lines += ["", f"{c['slides']} slides ({c['tiles']} tiles) tiled by {c['threads']} threads at once (best of "
                   f"{args.repeat}): local {c['tiles_per_s']['local']:.0f} tiles/s, s3 {c['tiles_per_s']['s3']:.0f} tiles/s, "
-                  f"s3/local {c['ratio']:.2f}; moto's server process used "
+                  f"s3/local {c['ratio']:.2f}; {srv}'s server process used "
                   f"{', '.join(f'{v:.2f}' for v in c['moto_cpu_s'])} CPU s in the s3 passes of "
                   f"{', '.join(f'{v:.2f}' for v in c['seconds']['s3'])} s; load {', '.join(f'{v:.1f}' for v in c['load'])}"]
     if whole:
         lines += ["", "| whole run | patches | wall s (best) | patches/s (best) | / local | each counted run: patches/s "
-                  "| S3 requests (best run) | moto CPU s (best run) |", "|---|---:|---:|---:|---:|---|---|---:|"]
+                  f"| S3 requests (best run) | {srv} CPU s (best run) |", "|---|---:|---:|---:|---:|---|---|---:|"]
         for m in whole["best"]:
             b = whole["best"][m]
             each = ", ".join(f"{f['patches_per_s']:.0f}" for f in whole["figures"][m] if not f["warmup"])
@@ -288,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-repeat", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--server", default="moto", choices=("moto", "s3rver"),
+                    help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)
 
     from s3server import CountingS3
@@ -314,17 +393,28 @@ def main(argv=None) -> int:
     opts = server.options()
     cfg = TileConfig(target_mpp=args.target, decode=args.decode)
     rows = []
+    timed = contextlib.nullcontext(None) if args.server == "moto" else _server(args.server)
     try:
+        other = timed.__enter__()
+        t_opts, t_fs = (opts, fs) if other is None else (other.options(), other.fs())
+        if other is not None:
+            other.create_bucket("bench-slides")
+            for p in files:
+                t_fs.put_file(str(p), f"bench-slides/{p.name}")
         for p in files:
             url = f"s3://bench-slides/{p.name}"
             best = {}
             for _ in range(args.repeat):
                 for mode, src, fn in (("local", p, lambda: open_slide(p)),
                                       ("local tifffile", p, lambda: TiffFileReader(p)),
-                                      ("s3", url, lambda: open_slide(url, storage_options=opts))):
+                                      ("s3", url, lambda: open_slide(url, storage_options=t_opts))):
                     server.reset()
                     plan, t = _one(fn, src, cfg)
                     gets = server.gets(p.name)
+                    if mode == "s3" and other is not None:  # timed on s3rver: count the same pass on moto
+                        server.reset()
+                        _one(lambda: open_slide(url, storage_options=opts), src, cfg)
+                        gets = server.gets(p.name)
                     if mode not in best or t["total_s"] < best[mode][1]["total_s"]:
                         best[mode] = (plan, t, gets)
             plan, t, _ = best["s3"]
@@ -357,15 +447,17 @@ def main(argv=None) -> int:
             row["ratio_s3_vs_local"] = row["tiles_per_s"]["s3"] / row["tiles_per_s"]["local"]
             row["ratio_s3_vs_local_tifffile"] = row["tiles_per_s"]["s3"] / row["tiles_per_s"]["local tifffile"]
             row["tile_bytes_over_needed"] = row["sent"]["tiles"] / max(1, need_tiles)
-            row["moto_ms_per_get"] = _moto_get_ms(fs, f"bench-slides/{p.name}", p.stat().st_size)
+            row["server"] = args.server
+            row["moto_ms_per_get"] = _moto_get_ms(t_fs, f"bench-slides/{p.name}", p.stat().st_size)
             row["s3_extra_s"] = best["s3"][1]["total_s"] - best["local"][1]["total_s"]
             row["gets_x_moto_s"] = len(best["s3"][2]) * row["moto_ms_per_get"] / 1000
             rows.append(row)
     finally:
+        timed.__exit__(None, None, None)
         server.stop()
     concurrent = None
     if args.threads:
-        with ServerProcess() as srv:
+        with _server(args.server) as srv:
             srv.create_bucket("bench-slides")
             sfs, sopts = srv.fs(), srv.options()
             for p in files:
