@@ -234,59 +234,6 @@ def _group_from_doc(store_path, raw: bytes):
                                                 use_consolidated=False))
 
 
-class _TaskGroup:
-    """An input group for one task: lookups of :data:`_STABLE_ARRAYS` served from (and kept in) the
-    process cache's ``nodes``; other members are looked up once per task (as :class:`NodeCache`)."""
-
-    def __init__(self, group, nodes: dict):
-        self._group = group
-        self._nodes = nodes
-        self._local: dict = {}  # this task's own lookups of the other members
-
-    def __getitem__(self, name: str):
-        node = self._nodes.get(name) or self._local.get(name)
-        if node is None:
-            node = self._group[name]  # KeyError when absent: not cached
-            if name in _STABLE_ARRAYS and hasattr(node, "shape"):
-                self._nodes[name] = node
-            else:
-                self._local[name] = node
-        return node
-
-    def __contains__(self, name: str) -> bool:
-        try:
-            self[name]
-        except KeyError:
-            return False
-        return True
-
-    def data(self, name: str):
-        """A handle of array ``name`` for its chunk data only (never its attributes): ``probs`` too,
-        whose shape, chunks, type and fill value follow from the group's attrs like the others'."""
-        key = ("data", name)
-        node = self._nodes.get(key) or self._nodes.get(name)
-        if node is None:
-            node = self._nodes[key] = self._group[name]
-        return node
-
-    def _forget(self, name: str) -> None:
-        self._nodes.pop(name, None)
-        self._nodes.pop(("data", name), None)
-        self._local.pop(name, None)
-
-    def __delitem__(self, name: str) -> None:
-        self._forget(name)
-        del self._group[name]
-
-    def create_array(self, name: str, **kwargs):
-        self._forget(name)
-        self._local[name] = node = self._group.create_array(name, **kwargs)
-        return node
-
-    def __getattr__(self, name: str):
-        return getattr(self._group, name)
-
-
 def _zarr_location(location):
     """What ``zarr.open_group`` takes: a local path as a string, a store object (object storage) as it is."""
     return str(location) if isinstance(location, (str, os.PathLike)) else location
@@ -616,6 +563,49 @@ class NodeCache:
 
     def __getattr__(self, name: str):
         return getattr(self._group, name)
+
+
+class _TaskGroup(NodeCache):
+    """An input group for one task: lookups of :data:`_STABLE_ARRAYS` served from (and kept in) the
+    process cache's ``nodes``; other members are looked up once per task (as :class:`NodeCache`)."""
+
+    def __init__(self, group, nodes: dict):
+        self._group = group
+        self._nodes = nodes
+        self._local: dict = {}  # this task's own lookups of the other members
+
+    def __getitem__(self, name: str):
+        node = self._nodes.get(name) or self._local.get(name)
+        if node is None:
+            node = self._group[name]  # KeyError when absent: not cached
+            if name in _STABLE_ARRAYS and hasattr(node, "shape"):
+                self._nodes[name] = node
+            else:
+                self._local[name] = node
+        return node
+
+    def data(self, name: str):
+        """A handle of array ``name`` for its chunk data only (never its attributes): ``probs`` too,
+        whose shape, chunks, type and fill value follow from the group's attrs like the others'."""
+        key = ("data", name)
+        node = self._nodes.get(key) or self._nodes.get(name)
+        if node is None:
+            node = self._nodes[key] = self._group[name]
+        return node
+
+    def _forget(self, name: str) -> None:
+        self._nodes.pop(name, None)
+        self._nodes.pop(("data", name), None)
+        self._local.pop(name, None)
+
+    def __delitem__(self, name: str) -> None:
+        self._forget(name)
+        del self._group[name]
+
+    def create_array(self, name: str, **kwargs):
+        self._forget(name)
+        self._local[name] = node = self._group.create_array(name, **kwargs)
+        return node
 
 
 def data_array(group, name: str):
