@@ -271,7 +271,12 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
     cluster = ClusterConfig(workers=args.workers, threads_per_worker=args.worker_threads, dashboard=False)
     pcfg = PredictConfig(model_dir=str(model), engine="onnx", batch_size=256, cluster=cluster)
     tcfg = TileConfig(target_mpp=args.target, decode=args.decode)
-    modes = ("local", "s3", "s3 inputs only", "s3 out only")
+    modes = tuple(m.strip() for m in args.run_modes.split(",") if m.strip())
+    if "local" not in modes:
+        modes = ("local", *modes)
+    import shutil
+
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a run folder left by an earlier call would only resume
     out: dict = {m: [] for m in modes}
     with _server(args.server) as server:
         server.create_bucket("bench-runs")
@@ -306,7 +311,8 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
                     print(f"run {mode} rep {rep}: {fig}", flush=True)
     counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
     best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
-    pairs = [s["patches_per_s"] / max(l["patches_per_s"], 1e-9) for l, s in zip(counted["local"], counted["s3"])]
+    pairs = [s["patches_per_s"] / max(l["patches_per_s"], 1e-9)
+             for l, s in zip(counted["local"], counted.get("s3", []))]
     return {"figures": out, "best": best,
             "ratio_best": {m: best[m]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9) for m in modes},
             "ratio_per_pair": [round(r, 3) for r in pairs]}
@@ -365,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-repeat", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--run-modes", default="s3,s3 inputs only,s3 out only",
+                    help="whole-run modes beside local (comma-separated: s3, s3 inputs only, s3 out only)")
     ap.add_argument("--server", default="moto", choices=("moto", "s3rver"),
                     help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)
