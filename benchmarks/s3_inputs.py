@@ -181,7 +181,8 @@ class S3rverProcess:
     object per request). Install it with ``npm install --prefix .s3rver s3rver@3.7.1`` (git-ignored).
     It keeps no request log here: ``tally()`` gives no counts, only the server's CPU seconds (the requests a
     run sends are the client's and are counted on moto). Its credentials are its fixed ``S3RVER`` pair.
-    It ignores ``If-None-Match`` on PUT, so the run-folder lock's conditional create always succeeds there."""
+    It ignores ``If-None-Match`` on PUT, so a run folder there cannot be locked: the tool refuses such a server
+    unless ``CANCERNET_UNLOCKED_OUT=1``, which this benchmark sets (one writer per run folder here)."""
 
     KEY = "S3RVER"
 
@@ -205,6 +206,9 @@ class S3rverProcess:
             self._p.kill()
             raise SystemExit(f"s3rver did not start: {log.read_text(errors='replace')[-300:]}")
         self.endpoint = f"http://127.0.0.1:{m.group(1)}"
+        from cancernet_batch.runfolder import UNLOCKED_ENV
+
+        os.environ[UNLOCKED_ENV] = "1"  # s3rver ignores conditional PUTs; each run folder here has one writer
         self._cpu0 = self._cpu()
         return self
 

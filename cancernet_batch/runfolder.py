@@ -183,6 +183,9 @@ LOCK_HEARTBEAT_S = 60.0
 """How often the holder of a lock on object storage rewrites it (its ``heartbeat`` time)."""
 LOCK_STALE_S = 600.0
 """A lock on object storage whose heartbeat is older than this is stale: its holder is gone."""
+UNLOCKED_ENV = "CANCERNET_UNLOCKED_OUT"
+"""Set to ``1`` to write a run folder on a storage server that ignores conditional PUTs (If-None-Match),
+which cannot hold the lock: the user then makes sure that one command at a time writes it."""
 
 
 def url_scheme(location: str | os.PathLike) -> str | None:
@@ -463,6 +466,22 @@ class FsspecFS:
         if mine.get("token") != token:  # a server that ignored the condition: someone else won
             raise StorageError(f"this run folder is in use by {_holder_text(mine)}", path=ObjectPath(str(path)).parent,
                                hint="wait for that command to finish (or stop it), or use another --out")
+        if self._create(path, json.dumps({**record, "token": token + "-probe"}).encode()):
+            # the same conditional PUT again succeeded over our own lock: the server ignores If-None-Match
+            # (s3rver 3.7 does), so a second writer would take the folder unnoticed
+            if os.environ.get(UNLOCKED_ENV) == "1":
+                self.fs.pipe_file(str(path), json.dumps(record).encode())
+                log.warning("%s: the storage server ignores conditional writes; %s=1: the run folder is not "
+                            "locked, make sure no other command writes it", path, UNLOCKED_ENV)
+            else:
+                try:
+                    self.fs.rm_file(str(path))
+                except Exception:  # noqa: BLE001 - the error below says what matters
+                    pass
+                raise StorageError("the storage server ignores conditional writes (If-None-Match), so the run "
+                                   "folder cannot be locked", path=ObjectPath(str(path)).parent,
+                                   hint=f"use a server that honours conditional PUTs (AWS S3, MinIO, ...) or a local "
+                                        f"--out; or set {UNLOCKED_ENV}=1 if you make sure only one command writes it")
         stop = threading.Event()
 
         def beat() -> None:

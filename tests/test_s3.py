@@ -170,6 +170,47 @@ def test_lock_on_s3_names_the_holder_and_a_stale_lock_says_how_to_clear_it(s3, t
     assert rc == 0 and "stopped renewing its lock" in out and f"delete {url}/.lock" in out
 
 
+def test_a_server_that_ignores_conditional_puts_is_one_clear_error_not_a_silent_lock(tiny_model_dir, capsys,
+                                                                                      monkeypatch, caplog):
+    """moto behind a layer that drops ``If-None-Match`` (s3rver 3.7 ignores it): the lock cannot hold, so a
+    writing command refuses with one line instead of sharing the run folder unnoticed; CANCERNET_UNLOCKED_OUT=1
+    writes it unlocked, with a warning."""
+    from s3server import CountingS3
+
+    class Ignoring(CountingS3):
+        def _app(self, app):
+            inner = super()._app(app)
+
+            def wrapped(environ, start_response):
+                environ.pop("HTTP_IF_NONE_MATCH", None)
+                return inner(environ, start_response)
+
+            return wrapped
+
+    server = Ignoring().start()
+    try:
+        server.create_bucket(BUCKET)
+        url = f"s3://{BUCKET}/nights/unlockable"
+        opts = S3Server(server.endpoint).options()
+        monkeypatch.delenv(runfolder.UNLOCKED_ENV, raising=False)
+        rc, out, err = _main(capsys, "run", "nowhere", "--out", url, "--model", str(tiny_model_dir),
+                             "--storage-options", json.dumps(opts))
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {url}: the storage server ignores conditional writes (If-None-Match)"), err
+        assert "local --out" in err and runfolder.UNLOCKED_ENV in err and SECRET not in err
+        fs = S3Server(server.endpoint).fs()
+        assert not fs.exists(f"{BUCKET}/nights/unlockable/.lock")  # nothing left behind
+
+        monkeypatch.setenv(runfolder.UNLOCKED_ENV, "1")
+        with caplog.at_level(logging.WARNING, logger="cancernet_batch.runfolder"), Run.of(url, opts).lock("tile"):
+            held = json.loads(fs.cat_file(f"{BUCKET}/nights/unlockable/.lock"))
+            assert held["command"] == "tile" and not held["token"].endswith("-probe")
+        assert "the run folder is not locked" in caplog.text
+        assert not fs.exists(f"{BUCKET}/nights/unlockable/.lock")  # released as usual
+    finally:
+        server.stop()
+
+
 def test_missing_bucket_wrong_credentials_and_no_endpoint_are_one_line_each(s3, tiny_model_dir, capsys, tmp_path):
     from moto import settings
 
