@@ -163,7 +163,7 @@ def _input_error(exc: BaseException, url: str, doing: str, options: Mapping | No
             return InputError(f"the bucket {bucket!r} does not exist", path=url,
                               hint="check the bucket name in the URL (and the endpoint)")
         return InputError("no such object", path=url, hint="check the URL: bucket, prefix and file name")
-    e = _seam(url, {})._error(exc, url, doing)
+    e = _seam(url, options if isinstance(options, Mapping) else {})._error(exc, url, doing)
     return InputError(e.message, path=url, hint=e.hint)
 
 
@@ -171,7 +171,9 @@ def _call(url: str, doing: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many kinds; each becomes one line
-        raise _input_error(exc, url, doing) from None
+        # the filesystem called (``fs.method``, or ``fn(fs, ...)``) knows its endpoint, which the error names
+        fs = getattr(fn, "__self__", None) or (args[0] if args else None)
+        raise _input_error(exc, url, doing, getattr(fs, "storage_options", None)) from None
 
 
 def _strip(url: str) -> str:

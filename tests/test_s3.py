@@ -719,6 +719,6 @@ def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     rc, out, err = _main(capsys, "inspect", url, "--storage-options", json.dumps(s3.options(endpoint=closed)))
-    assert rc == 1 and "cannot reach the storage endpoint" in err and SECRET not in out + err
+    assert rc == 1 and f"cannot reach the storage endpoint {closed}" in err and SECRET not in out + err
     rc, out, err = _main(capsys, "inspect", str(local), "--storage-options", opts)
     assert rc == 2 and "--storage-options is for inputs on object storage" in err
