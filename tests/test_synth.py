@@ -126,6 +126,26 @@ def test_truth_saved_and_loaded(synth_slide_dir):
     assert int(rows[0]["tissue_tiles"]) == int(t.tissue.sum())
 
 
+@pytest.mark.parametrize("vignette", [False, True])
+def test_specimen_edge_is_sharp(vignette):
+    """A specimen's stain goes from none to full within about EDGE_UM of its edge, everywhere (a cut
+    section), also where the vignette flattens the tissue field: no wide rim of faint stain that a
+    tissue detector would rightly count as tissue and the truth (weight > 0.5) would not."""
+    from cancernet_batch.synth import EDGE_UM
+
+    step = 2.0
+    m = TissueModel.random(33, 2000, 2000, vignette=vignette)
+    X, Y = np.meshgrid(np.arange(0, 2000, step), np.arange(0, 2000, step))
+    t = m.tissue_weight(X, Y)
+    inside = t > 0.5
+    assert 0.1 < inside.mean() < 0.9
+    edge_um = (np.count_nonzero(inside[1:] != inside[:-1]) + np.count_nonzero(inside[:, 1:] != inside[:, :-1])) * step
+    ramp_um2 = np.count_nonzero((t > 0.02) & (t < 0.98)) * step * step
+    # mean width of the ramp across the edge (crossings counted along rows and columns overstate the
+    # edge length by up to 4/pi, so this is a lower bound within that factor): about EDGE_UM
+    assert ramp_um2 / edge_um < 1.5 * EDGE_UM
+
+
 def test_render_is_resolution_consistent():
     """The same patch of tissue drawn at 1 µm/px and area-averaged to 4 µm/px matches a 4 µm/px render."""
     m = TissueModel.random(3, 4000, 4000)

@@ -67,13 +67,13 @@ def test_agrees_with_synthetic_truth(mpp_slides):
         truth = truth_fraction >= DEFAULT_THRESHOLD
         assert plan.grid_shape == truth.shape
         assert truth.any() and (~truth).any()
-        assert (kept == truth).mean() >= 0.9, spec.path.name
-        # fractions, not only the cut; the detector counts faint stain at the fading edge that the
-        # synthetic truth (tissue where the stain is at least half strength) does not: a small upward bias
-        assert np.abs(plan.tissue - truth_fraction).mean() < 0.07
+        assert (kept == truth).mean() >= 0.98, spec.path.name
+        # a tile the detector and the truth disagree on is one on the cut: a specimen edge crossing it
+        assert (np.abs(truth_fraction[kept != truth] - DEFAULT_THRESHOLD) < 0.1).all(), spec.path.name
+        assert np.abs(plan.tissue - truth_fraction).mean() < 0.03  # fractions, not only the cut
         agree += int((kept == truth).sum())
         total += truth.size
-    assert agree / total >= 0.95
+    assert agree / total >= 0.99
 
 
 def test_real_he_slides(slides_dir):
