@@ -56,11 +56,9 @@ def measure(work: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from cancernet_batch.machine import cpu_name
+
+    cpu = cpu_name()
     out = [f"# Tissue detection against the synthetic truth ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
            f"Machine: {platform.node()}, {cpu}, {os.cpu_count()} cores (shared with other jobs while measured), "
            f"Python {platform.python_version()}.", f"Command: `{command}`", "",
