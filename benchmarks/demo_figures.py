@@ -44,6 +44,33 @@ def one_seed(work: Path, seed: int, quick: bool, workers: int | None) -> dict:
             "slides": slides, "real": r.real}
 
 
+def truth_stats(seeds: range, settings: list[tuple[int, float, float]]) -> str:
+    """Model-free: for each (slide px, IDC feature µm, IDC share) the demo's synthetic slides' truth,
+    the IDC tiles per slide and the border tiles (IDC 20-80 %: ambiguous to a patch classifier) per
+    IDC tile, over ``seeds`` x 3 slides (the demo's slide seeds). How the demo's slide settings were chosen."""
+    import numpy as np
+
+    from cancernet_batch.synth import SlideSpec, slide_model
+
+    out = [f"# Truth of the demo's synthetic slides over seeds {seeds.start}-{seeds.stop - 1} x 3 slides "
+           f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
+           f"Command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`", "",
+           "| slide px | IDC feature µm | IDC share | IDC tiles min | median | border tiles per IDC tile: mean | max |",
+           "|---|---|---|---|---|---|---|"]
+    for px, scale, frac in settings:
+        n, ratio = [], []
+        for seed in seeds:
+            for k in range(3):
+                spec = SlideSpec(path=Path("unused.svs"), width=px, height=px, mpp=1.0, seed=(1 + seed) * 1000 + 500 + k,
+                                 idc_scale_um=scale, idc_fraction=frac)
+                _, tissue, idc = slide_model(spec)
+                t = tissue >= 0.25
+                n.append(int(((idc >= 0.5) & t).sum()))
+                ratio.append(int((t & (idc > 0.2) & (idc < 0.8)).sum()) / max(1, n[-1]))
+        out.append(f"| {px} | {scale:g} | {frac:g} | {min(n)} | {int(np.median(n))} | {np.mean(ratio):.2f} | {max(ratio):.2f} |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict], command: str, quick: bool) -> str:
     cpu = "unknown"
     try:
@@ -81,8 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--from-json", action="store_true",
                     help="Only re-render the table from WORK/demo_figures.json (the seeds finished so far).")
+    ap.add_argument("--truth-stats", action="store_true",
+                    help="Only the model-free truth statistics of the slides (seeds 0-14) for the old and the current settings.")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.truth_stats:
+        from cancernet_batch.demo import FULL
+
+        text = truth_stats(range(15), [(4000, 900.0, 0.3), (FULL.slide_px, FULL.idc_scale_um, FULL.idc_fraction)])
+        if a.results:
+            from cancernet_batch.atomic import write_text
+
+            write_text(a.results, text)
+        print(text)
+        return 0
     if a.from_json:
         rows = json.loads((a.work / "demo_figures.json").read_text())
     else:
