@@ -304,5 +304,5 @@ def write_heatmap(path: str | os.PathLike, idc_map: np.ndarray, thumb: Thumbnail
     img = render_heatmap(idc_map, thumb, tile_px=tile_px, um_per_px=um_per_px, threshold=threshold, title=title,
                          style=style)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=6)
+        img.save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, ~25 % larger: it is written per input during the run
     return Path(path)

@@ -66,6 +66,24 @@ def test_each_input_reported_before_the_next_is_tiled(client, inputs, tiny_model
     assert prog["patches"]["scored"] == s.predict.tiles_scored > 0
 
 
+def test_slow_start_one_input_per_thread_until_the_first_is_reported(client, inputs, tiny_model_dir, tmp_path):
+    """The default window (2 per thread) opens only once an input is done: until then each worker thread has
+    one input, so the first report does not wait behind the preflights and plans of the inputs after it."""
+    run = tmp_path / "run"
+    threads = sum(client.nthreads().values())
+    assert len(inputs) > threads
+    seen: list[int] = []
+
+    def on_tile(done: int, added: int) -> None:
+        if added:
+            seen.append(len([r for r in _rows(run) if r["status"] == "reported"]))
+
+    s = run_pipeline(inputs, run, TileConfig(target_mpp=4.0, chunk=16), PredictConfig(model_dir=str(tiny_model_dir)),
+                     flush_seconds=0, tile_progress=on_tile, client=client)
+    assert s.report.reported == len(inputs) and len(seen) == len(inputs)
+    assert seen[threads] >= 1, seen  # the input after the first window is planned only once one is reported
+
+
 def test_streamed_outputs_equal_the_stage_by_stage_commands(client, inputs, tiny_model_dir, tmp_path):
     """The stream writes exactly what tile, then predict, then report write one after another."""
     from cancernet_batch.stages.report import make_report

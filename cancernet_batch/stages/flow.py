@@ -112,6 +112,7 @@ class Flow:
         self.first_report_seconds: float | None = None
         self.inputs_total = 0
         self.inputs_done = 0
+        self._threads = 1  # worker threads of the cluster (set by execute)
         self.inputs_failed = 0
         self._new_failures: list[Failure] = []
         self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
@@ -188,6 +189,7 @@ class Flow:
             self.split = work_split(c)
             nthreads = sum(c.nthreads().values()) or 1
             self.window = self.max_inputs or max(4, 2 * nthreads)
+            self._threads = nthreads
             if self.report_cfg is not None:
                 self._setup_report()
             if self.scoring is not None and (self.queue or self.dicom):
@@ -267,7 +269,12 @@ class Flow:
                 self.flush()
 
     def _admit(self) -> None:
-        while self._inflight < self.window and self.queue:
+        """Start queued inputs while the window has room. Until the first input is done, the window is one
+        input per worker thread (a slow start): the first inputs' steps then do not queue behind the
+        preflights and plans of others, so the report has its first input early (the threads idle only for
+        the client's round trips meanwhile)."""
+        window = self.window if self.inputs_done else min(self.window, self._threads)
+        while self._inflight < window and self.queue:
             if self.deadline is not None and time.time() >= self.deadline:
                 self.stopped_by_deadline = True
                 self.remaining = len(self.queue)
@@ -279,8 +286,14 @@ class Flow:
             self._start(inp)
             self._maybe_finish(inp)
 
-    def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, extra=None) -> None:
-        resources = ({SCORE: 1} if scoring else {TILE: 1}) if self.split else None
+    def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, anywhere: bool = False,
+                extra=None) -> None:
+        """``scoring``: on a scoring worker when the work is split (else on a tiling worker). ``anywhere``: on
+        whichever worker is free when scoring is on the CPU (the report: CPU work that would otherwise queue
+        behind the tiling); a GPU's scoring worker is left to feed its GPU."""
+        gpu = self.scoring is not None and self.scoring.cfg.device != "cpu"
+        pinned = self.split and not (anywhere and not gpu)
+        resources = ({SCORE: 1} if scoring else {TILE: 1}) if pinned else None
         fut = self.client.submit(fn, *args, pure=False, priority=priority - inp.seq, resources=resources,
                                  key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
         self._meta[fut.key] = (kind, inp, extra)
@@ -433,7 +446,7 @@ class Flow:
         inp.attrs = attrs
         inp.patient = patient_of(inp.gid, attrs, self.mapping)
         self._submit("report", inp, report_task, self.run, inp.gid, inp.patient, self.threshold,
-                     self.report_cfg, priority=_REPORT)
+                     self.report_cfg, priority=_REPORT, anywhere=True)
 
     def _on_report(self, inp: _Input, res, extra) -> None:
         from .report import _failed_input
