@@ -676,13 +676,13 @@ def _metadata_gets(s3, prefix: str) -> dict[str, int]:
 def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3_inputs, client, tiny_model_dir,
                                                                          capsys):
     """Tile, score and report tasks on a worker read their input group's ``zarr.json`` once each and reuse
-    the array handles: the metadata GETs per input grow by at most 3 per chunk, not 8 (here 4 tiles a
+    the array handles: the metadata GETs per input grow by at most 3 per chunk, not 8 (here 3 tiles a
     chunk: each slide has many chunk tasks)."""
     from cancernet_batch import store
 
     prefix = "nights/metadata"
     args = ["run", f"s3://{BUCKET}/good/", "--out", f"s3://{BUCKET}/{prefix}", "--model", str(tiny_model_dir),
-            "--chunk-size", "4", "--scheduler", client.scheduler.address,
+            "--chunk-size", "3", "--scheduler", client.scheduler.address,
             "--storage-options", json.dumps(s3.options())]
     s3.server.reset()
     rc, out, err = _main(capsys, *args)
