@@ -597,7 +597,12 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
             os.utime(entry)
             return Staged(entry / name, fd, limit)
         os.close(fd)
-        fd = _lock(lockfile, fcntl.LOCK_EX)  # nobody holds an entry that is not there: no long wait
+        # exclusive to download it, without waiting: another task may have just staged it and hold it (shared,
+        # for as long as its reader is open), or be between the two locks above; then look again
+        fd = _lock(lockfile, fcntl.LOCK_EX, block=False)
+        if fd is None:
+            time.sleep(0.02)
+            continue
         try:
             if not (entry / name).exists():
                 evict(limit, keep=key)  # room first, before this download

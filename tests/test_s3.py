@@ -3,6 +3,7 @@ server on 127.0.0.1, reached over HTTP by s3fs/botocore exactly as AWS would be 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -458,6 +459,47 @@ def test_formats_only_openslide_reads_are_staged_once_shared_and_removed(s3, s3_
     with open_slide(url, storage_options=s3.options(), stage_limit_gb=1e-9) as r:
         assert r.read_region(0, 0, 0, 4, 4).shape == (4, 4, 3)
     assert not any(p.is_dir() for p in (tmp_path / "stage").iterdir())
+
+
+def test_two_tasks_staging_one_object_at_once_both_get_it_while_the_first_holds_it(s3, s3_inputs, tmp_path,
+                                                                                   monkeypatch):
+    """Both tasks find no copy, one downloads it and keeps it open (a shared hold, as a reader does): the other
+    must not wait for an exclusive lock it can never get, but find the copy and share it."""
+    import concurrent.futures as cf
+    import threading
+
+    from cancernet_batch import remote
+
+    monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
+    url, _ = s3_inputs["dicom/boxes_0.dcm"]
+    both_looked = threading.Barrier(2)
+    real_lock, downloads = remote._lock, []
+
+    def lock(path, mode, block=True):
+        import fcntl
+
+        if mode == fcntl.LOCK_EX:  # each task has seen no copy before either takes the exclusive lock
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_looked.wait(timeout=5)
+        return real_lock(path, mode, block)
+
+    def download(fs, u, dest):
+        downloads.append(u)
+        return real_download(fs, u, dest)
+
+    real_download = remote._download
+    monkeypatch.setattr(remote, "_lock", lock)
+    monkeypatch.setattr(remote, "_download", download)
+    pool = cf.ThreadPoolExecutor(2)
+    futs = [pool.submit(remote.stage, url, s3.options()) for _ in range(2)]
+    done, _ = cf.wait(futs, timeout=30)
+    held = [f.result() for f in done]
+    paths = {h.path for h in held}
+    for h in held:
+        h.release()  # (before the fix, this is what let the second task go on)
+    pool.shutdown(wait=True)
+    assert len(held) == 2, "the second task waited for a lock the first one holds"
+    assert len(downloads) == 1 and len(paths) == 1
 
 
 def _open_name(args) -> str:
