@@ -282,8 +282,12 @@ def _engine_label(engine: str, backend: str | None) -> str:
 
 
 def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, workers: int, threads: int,
-                  batch_size: int, engine: str = "onnx", backend: str | None = None, device: str = "cpu") -> Figure:
+                  batch_size: int, engine: str = "onnx", backend: str | None = None, device: str = "cpu",
+                  engine_threads: int | None = None) -> Figure:
     """The ``predict`` stage over a run's tiles.zarr on a fresh local cluster, scoring everything anew.
+
+    ``engine_threads``: the engine's intra-op threads per worker (default: the cores shared out between the
+    workers, so one worker alone uses every core).
 
     The figure's time is the whole stage (planning, loading the model on the workers, scoring);
     ``steady_patches_per_second`` leaves the model load out (the rate a long run approaches) and
@@ -299,6 +303,7 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
             if name in g:
                 del g[name]
     cfg = PredictConfig(model_dir=str(model_dir), engine=engine, backend=backend, device=device, batch_size=batch_size,
+                        engine_threads=engine_threads,
                         cluster=ClusterConfig(workers=workers, threads_per_worker=threads, dashboard=False))
     with dask_client(cfg.cluster) as client:  # started before the clock: the stage, not the cluster's start
         client.wait_for_workers(workers)
@@ -307,6 +312,7 @@ def predict_stage(run_dir: str | os.PathLike, model_dir: str | os.PathLike, *, w
         peaks = worker_peaks(client)
     return Figure("predict", _engine_label(engine, backend), s.tiles_scored, s.seconds,
                   {"workers": workers, "threads_per_worker": threads, "batch_size": batch_size, "device": device,
+                   **({"engine_threads": engine_threads} if engine_threads else {}),
                    "load_seconds": round(s.load_seconds, 2), "worker_seconds": round(s.worker_seconds, 2),
                    "steady_patches_per_second": round(s.steady_patches_per_second, 1), **_peaks(peaks)})
 
@@ -495,8 +501,10 @@ class BenchResult:
         out["first_report_fraction"] = stream.settings.get("first_report_fraction") if stream else None
         split = self._one("run-split")
         tile1 = [f for f in self.figures if f.stage == "tile" and f.settings.get("workers") == 1]
+        # the split run gives each kind of work one core: each stage alone on one core (one worker, one thread,
+        # the engine on one thread; a lone predict worker otherwise takes every core)
         pred1 = [f for f in self.figures if f.stage == "predict" and f.settings.get("workers") == 1
-                 and f.settings.get("threads_per_worker") == 1]
+                 and f.settings.get("threads_per_worker") == 1 and f.settings.get("engine_threads") == 1]
         if split and tile1 and pred1 and split.patches:
             # each stage alone on one worker, for the split run's work (seconds per patch x its patches). The
             # stage figures start their clocks once their cluster is up, so the split run's cluster start is
@@ -639,10 +647,11 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
         figures.append(end_to_end(inputs, work / "run-e2e", model_dir, **e2e))
         figures.append(end_to_end_barrier(inputs, work / "run-barrier", model_dir, **e2e))
         if max(cfg.workers) >= 2:
-            step("tiling and scoring on their own workers (tile alone on 1 worker for the overlap figure)")
-            if 1 not in cfg.workers:
-                log.info("the overlap figure needs the predict stage on 1 worker: add 1 to --workers")
+            step("tiling and scoring on their own workers (each stage alone on one core for the overlap figure)")
             figures.append(tile_stage(inputs, work / "run-tile-1", workers=1))
+            figures.append(predict_stage(run, model_dir, workers=1, threads=1, batch_size=choice["batch_size"],
+                                         engine=engine, backend=choice["backend"], device=cfg.device,
+                                         engine_threads=1))
             figures.append(end_to_end(inputs, work / "run-split", model_dir,
                                       **{**e2e, "workers": max(cfg.workers), "threads": 1}, score_workers=1))
 
