@@ -82,8 +82,9 @@ class _Server:
         self.served = 0
         self._buf = b""
         self._err = tempfile.TemporaryFile()  # the child's stderr, never a pipe that could fill and block it
+        self.env = _child_env()  # what it was started with: credentials and endpoints for objects come from it
         self.proc = subprocess.Popen([python, "-m", "cancernet_batch.preflight", "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, env=_child_env())
+                                     stdout=subprocess.PIPE, stderr=self._err, env=self.env)
 
     def ask(self, path: str, timeout: float, request: dict | None = None) -> dict | None:
         try:
@@ -119,6 +120,12 @@ class _Server:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None and self.served < SERVE_REQUESTS
+
+    def fits(self, python: str) -> bool:
+        """Whether this child can serve the next request: running, this interpreter, and this process's
+        environment as it is now (a child started before AWS_* or another variable changed would read
+        objects with the old ones)."""
+        return self.python == python and self.alive and self.env == _child_env()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -159,7 +166,7 @@ def dask_setup(worker) -> None:
 def _new_server(python: str) -> _Server:
     with _SPARE_LOCK:
         spare = _SPARE.pop() if _SPARE else None
-    if spare is not None and spare.python == python and spare.alive:
+    if spare is not None and spare.fits(python):
         return spare
     if spare is not None:
         spare.close()
@@ -169,7 +176,7 @@ def _new_server(python: str) -> _Server:
 def _ask_server(path: str, timeout: float, python: str, request: dict | None = None) -> dict | None:
     """The answer of this thread's serving child (started or replaced as needed); None when it failed."""
     server = getattr(_LOCAL, "server", None)
-    if server is not None and (server.python != python or not server.alive):
+    if server is not None and not server.fits(python):
         server.close()
         server = None
     if server is None:

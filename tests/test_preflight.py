@@ -99,6 +99,19 @@ def test_one_serving_child_per_thread_is_reused_and_replaced(slides_dir, monkeyp
     assert _server_pid() not in (None, first)
 
 
+def test_a_serving_child_started_before_the_environment_changed_is_not_reused(slides_dir, monkeypatch):
+    """Objects are read with the credentials and endpoint of the child's environment: after AWS_* (or any
+    variable) changes, the next preflight starts a child that has the new one."""
+    good = slides_dir / "cmu-1-small-region.svs"
+    preflight(good)
+    first = _server_pid()
+    preflight(good)
+    assert _server_pid() == first  # unchanged environment: the same child
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    preflight(good)
+    assert _server_pid() not in (None, first)
+
+
 def test_a_dead_serving_child_costs_nothing_but_a_retry(slides_dir):
     import signal as sig
 
