@@ -158,21 +158,11 @@ class TiledLevel:
         """Indices of the compressed tiles that model tiles at ``coords`` (row, col; ``tile_px`` level px a
         side) touch: what any reader must decode to make them."""
         c = np.asarray(coords, np.int64).reshape(-1, 2)
-        x0 = np.floor(c[:, 1] * tile_px).astype(np.int64) // self.tw
-        x1 = (np.minimum(np.ceil((c[:, 1] + 1) * tile_px), self.width).astype(np.int64) - 1) // self.tw
-        y0 = np.floor(c[:, 0] * tile_px).astype(np.int64) // self.th
-        y1 = (np.minimum(np.ceil((c[:, 0] + 1) * tile_px), self.height).astype(np.int64) - 1) // self.th
-        out = set()
-        for a, b, cc, d in zip(x0, x1, y0, y1):
-            for ty in range(cc, d + 1):
-                out.update(range(ty * self.ntx + a, ty * self.ntx + b + 1))
-        return np.array(sorted(out), np.int64)
+        x0, y0, x1, y1 = c[:, 1] * tile_px, c[:, 0] * tile_px, (c[:, 1] + 1) * tile_px, (c[:, 0] + 1) * tile_px
+        return self._tiles_in(zip(x0, y0, x1, y1))
 
-    def prefetch(self, boxes) -> None:
-        """Fetch the compressed tiles of every box ``(x0, y0, x1, y1)`` (level pixels, floats) in one batch
-        of coalesced range requests, when the file is remote (on local disk: nothing to do)."""
-        if self._fetch is None:
-            return
+    def _tiles_in(self, boxes) -> np.ndarray:
+        """Sorted indices of the compressed tiles that boxes ``(x0, y0, x1, y1)`` (level pixels, floats) touch."""
         idx: set[int] = set()
         for x0, y0, x1, y1 in boxes:
             tx0, ty0 = max(0, int(np.floor(x0)) // self.tw), max(0, int(np.floor(y0)) // self.th)
@@ -180,7 +170,14 @@ class TiledLevel:
             ty1 = min(self.nty - 1, (min(int(np.ceil(y1)), self.height) - 1) // self.th)
             for ty in range(ty0, ty1 + 1):
                 idx.update(range(ty * self.ntx + tx0, ty * self.ntx + tx1 + 1))
-        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in sorted(idx) if self.counts[i] > 0]
+        return np.array(sorted(idx), np.int64)
+
+    def prefetch(self, boxes) -> None:
+        """Fetch the compressed tiles of every box ``(x0, y0, x1, y1)`` (level pixels, floats) in one batch
+        of coalesced range requests, when the file is remote (on local disk: nothing to do)."""
+        if self._fetch is None:
+            return
+        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in self._tiles_in(boxes) if self.counts[i] > 0]
         if ranges:
             self._fetch(ranges)
 
