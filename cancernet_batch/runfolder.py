@@ -188,6 +188,14 @@ UNLOCKED_ENV = "CANCERNET_UNLOCKED_OUT"
 which cannot hold the lock: the user then makes sure that one command at a time writes it."""
 
 
+def options_digest(options: Mapping) -> str:
+    """A digest of storage options (endpoint, credentials, ...): what tells apart two filesystems or stores
+    of one protocol in a process's caches, without keeping the secrets themselves in a key."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def url_scheme(location: str | os.PathLike) -> str | None:
     """The scheme of a URL (``s3``, ``gs``, ``file``...), lower case; None for a plain path."""
     m = _SCHEME.match(os.fspath(location)) if isinstance(location, (str, os.PathLike)) else None
@@ -390,10 +398,7 @@ class FsspecFS:
     def cache_key(self, path) -> tuple:
         """What names the store at ``path`` among those this process opened (endpoint and credentials
         included: the same URL on another server is another store)."""
-        import hashlib
-
-        digest = hashlib.sha256(json.dumps(self.storage_options, sort_keys=True, default=str).encode()).hexdigest()
-        return (self.protocol, str(path), digest)
+        return (self.protocol, str(path), options_digest(self.storage_options))
 
     def store_location(self, path):
         """zarr's ``FsspecStore`` for the tile store at ``path`` (its own asynchronous client)."""
