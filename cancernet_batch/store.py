@@ -132,7 +132,7 @@ def open_input(location, gid: str, mode: str = "r+", *, cache_key=None):
     """
     if cache_key is not None:
         return _OPEN_INPUTS.get(location, (cache_key, gid, mode))
-    return _open_input_plain(location() if callable(location) else location, gid, mode)
+    return _open_input_plain(location, gid, mode)
 
 
 def _open_input_plain(location, gid: str, mode: str):
@@ -181,7 +181,7 @@ class _OpenInputs:
             entry = self._entries.get(key)
         try:
             if entry is None:
-                store_path = _input_store_path(location() if callable(location) else location, gid, mode)
+                store_path = _input_store_path(location, gid, mode)
                 nodes: dict = {}
             else:
                 store_path, old_raw, nodes = entry
@@ -194,7 +194,7 @@ class _OpenInputs:
         except Exception:  # noqa: BLE001 - the plain open says what is wrong, as it always did
             with self._lock:
                 self._entries.pop(key, None)
-            return _open_input_plain(location() if callable(location) else location, gid, mode)
+            return _open_input_plain(location, gid, mode)
         if "chunk" in group.attrs:  # a group whose arrays are all made (create_input sets attrs last)
             with self._lock:
                 self._entries[key] = (store_path, raw, nodes)
@@ -235,7 +235,9 @@ def _group_from_doc(store_path, raw: bytes):
 
 
 def _zarr_location(location):
-    """What ``zarr.open_group`` takes: a local path as a string, a store object (object storage) as it is."""
+    """What ``zarr.open_group`` takes: a local path as a string, a store object (object storage) as it is;
+    ``location`` may be a callable that makes it (called here, only when a store is opened)."""
+    location = location() if callable(location) else location
     return str(location) if isinstance(location, (str, os.PathLike)) else location
 
 
