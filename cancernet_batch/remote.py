@@ -29,7 +29,6 @@ import bisect
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -131,11 +130,10 @@ def _merge(defaults: dict, given: Mapping) -> dict:
 
 def filesystem(url: str, options: Mapping | None = None):
     """The fsspec filesystem for ``url`` (one per protocol and options in this process)."""
-    from .runfolder import url_scheme
+    from .runfolder import options_digest, url_scheme
 
     protocol = url_scheme(url) or "file"
-    opts = _merge(_defaults(protocol), options or {})
-    key = (protocol, hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest())
+    key = (protocol, options_digest(_merge(_defaults(protocol), options or {})))
     with _FS_LOCK:
         fs = _FS.get(key)
         if fs is None:
@@ -289,7 +287,7 @@ def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, b
     got = _call(urls[0], "reading", fs.cat_ranges, list(urls), None, None, on_error="return", **kw)
     out: dict[str, bytes | InputError] = {}
     for u, d in zip(urls, got):
-        out[u] = _input_error(d, u, "reading") if isinstance(d, BaseException) else bytes(d)
+        out[u] = _input_error(d, u, "reading", fs.storage_options) if isinstance(d, BaseException) else bytes(d)
     _count(len(urls), sum(len(d) for d in out.values() if isinstance(d, bytes)))
     return out
 
@@ -346,7 +344,7 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
                      on_error="raise")
     for d in data:
         if isinstance(d, BaseException):
-            raise _input_error(d, url, "reading")
+            raise _input_error(d, url, "reading", fs.storage_options)
     _count(len(spans), sum(len(d) for d in data))
     return [bytes(d) for d in data]
 
