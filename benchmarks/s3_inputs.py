@@ -265,12 +265,13 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
     from cancernet_batch import bench
     from cancernet_batch.cluster import ClusterConfig, dask_client
     from cancernet_batch.config import PredictConfig, TileConfig
+    from cancernet_batch.modelfolder import ModelFolder
     from cancernet_batch.runfolder import Run
     from cancernet_batch.stages.report import ReportConfig
     from cancernet_batch.stages.run import run_pipeline
 
     model = work / "model"
-    if not (model / "model.onnx").exists():
+    if not ModelFolder(model).onnx.exists():
         bench._random_model(model)
     cluster = ClusterConfig(workers=args.workers, threads_per_worker=args.worker_threads, dashboard=False)
     pcfg = PredictConfig(model_dir=str(model), engine="onnx", batch_size=256, cluster=cluster)

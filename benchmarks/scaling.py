@@ -110,12 +110,13 @@ def main() -> None:
 
     from cancernet_batch import bench
     from cancernet_batch.cluster import usable_cores
+    from cancernet_batch.modelfolder import ModelFolder
 
     args.workers = args.workers or usable_cores()
     work = Path(args.work or tempfile.mkdtemp(prefix="cancernet-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model) if args.model else work / "model"
-    if not (model_dir / "model.onnx").exists():
+    if not ModelFolder(model_dir).onnx.exists():
         bench._random_model(model_dir)
     rows = [point("slides", n, args.count_size, args, work, model_dir) for n in _ints(args.counts)]
     rows += [point("size", 1, s, args, work, model_dir) for s in _ints(args.sizes)]

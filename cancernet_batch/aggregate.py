@@ -37,6 +37,7 @@ import numpy as np
 
 from . import PATCH_SIZE, store
 from .errors import ConfigError, InputError, ModelError
+from .modelfolder import META_FILE, ModelFolder
 from .regions import find_regions, region_summary
 from .store import InputAttrs
 
@@ -85,9 +86,9 @@ def _checked_threshold(value: object, where: object) -> float:
 
 def model_threshold(model_dir: str | os.PathLike) -> tuple[float | None, str | None]:
     """``(threshold, model_id)`` from ``MODEL_DIR/model.json``; None for what it does not hold."""
-    path = Path(model_dir) / "model.json"
+    path = ModelFolder(model_dir).meta
     if not path.is_file():
-        raise ModelError("no model.json in the model folder", path=model_dir,
+        raise ModelError(f"no {META_FILE} in the model folder", path=model_dir,
                          hint="give the folder written by `cancernet train`, or --threshold")
     meta = _load_json(path, ModelError)
     value, model_id = meta.get("threshold"), meta.get("model_id")
@@ -108,14 +109,14 @@ def resolve_threshold(run, threshold: float | None = None,
     meta = run.predict_record() if model_dir is None else None
     if meta is not None:
         if meta.get("threshold") is not None:
-            return Threshold(_checked_threshold(meta["threshold"], run.predict_json), "predict.json",
+            return Threshold(_checked_threshold(meta["threshold"], run.predict_json), run.predict_json.name,
                              model_id=meta.get("model_id"))
-        if meta.get("model_dir") and (Path(meta["model_dir"]) / "model.json").is_file():
+        if meta.get("model_dir") and ModelFolder(meta["model_dir"]).meta.is_file():
             model_dir = meta["model_dir"]
     if model_dir is not None:
         t, model_id = model_threshold(model_dir)
         if t is not None:
-            return Threshold(t, f"model.json of {model_dir}", model_id=model_id)
+            return Threshold(t, f"{META_FILE} of {model_dir}", model_id=model_id)
     log.warning("no model threshold found; using the default %.2f (give --threshold or --model)", DEFAULT_THRESHOLD)
     return Threshold(DEFAULT_THRESHOLD, "default (no model threshold found)", True)
 

@@ -310,10 +310,18 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
     _echo_assessment("validation", res.val)
     if res.test is not None:
         _echo_assessment("test", res.test)
-    click.echo(f"wrote {res.out_dir} (model {res.meta.model_id}{', model.onnx' if res.onnx else ''})")
-    if res.failures:
-        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
+    _echo_written(res)
     return exit_for(len(res.failures))
+
+
+def _echo_written(res) -> None:
+    """The model folder a training wrote, and where its unreadable patch files are listed."""
+    from .modelfolder import ModelFolder
+
+    click.echo(f"wrote {res.out_dir} (model {res.meta.model_id}{f', {res.onnx.name}' if res.onnx else ''})")
+    if res.failures:
+        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {ModelFolder(res.out_dir).failures}",
+                   err=True)
 
 
 def _echo_cv(res) -> None:
@@ -337,9 +345,7 @@ def _echo_cv(res) -> None:
     c = s["calibration"]
     click.echo(f"exported: {s['member_kind']} (mean logit){', x8 flips/rotations' if s['tta'] else ''}, calibration "
                f"{c['method']} (a {c['a']:.4f}, b {c['b']:.4f}), threshold {meta.threshold:.4f}")
-    click.echo(f"wrote {res.out_dir} (model {meta.model_id}{', model.onnx' if res.onnx else ''})")
-    if res.failures:
-        click.echo(f"{len(res.failures)} patch file(s) could not be read; see {res.out_dir / 'failures.csv'}", err=True)
+    _echo_written(res)
 
 
 @cli.command()

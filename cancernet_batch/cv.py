@@ -50,8 +50,8 @@ from .evaluate import Assessment, assess, write_assessment
 from .failures import Failure, write_failures
 from .figures import plot_curves, plot_reliability
 from .metrics import choose_threshold, expected_calibration_error, reliability
-from .model import (CLASSES, META_FILE, ModelMeta, build_cancernet, jsonable, predict_tiles,
-                    save_model_dir)
+from .model import CLASSES, ModelMeta, build_cancernet, jsonable, predict_tiles, save_model_dir
+from .modelfolder import ModelFolder
 from .quiet import import_keras
 from .split import Split, class_counts, cv_folds
 
@@ -128,7 +128,8 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
 
     progress = progress or TrainProgress()
     out = Path(out_dir)
-    if (out / META_FILE).exists() and not overwrite:
+    mf = ModelFolder(out)
+    if mf.meta.exists() and not overwrite:
         raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
     patches = _load_labelled(data, load_progress)
     counts = class_counts(patches.patients, patches.labels)
@@ -166,15 +167,15 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
         z["single"][idx["val"]] = member_logits([model], held_tiles, tta=False)
         z["tta"][idx["val"]] = member_logits([model], held_tiles, tta=True)
         score_s = time.perf_counter() - t0
-        fold_dir = out / "folds" / f"fold{f + 1}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        split_f.save(fold_dir / "split.json")
-        plot_curves(history, fold_dir / "curves.png", best_epoch=len(history["loss"]))
+        fold_mf = mf.fold(f + 1)
+        fold_mf.root.mkdir(parents=True, exist_ok=True)
+        split_f.save(fold_mf.split)
+        plot_curves(history, fold_mf.curves, best_epoch=len(history["loss"]))
         info = {"fold": f + 1, "held_out": list(held), "train_patients": len(train_p),
                 "train_patches": int(len(idx["train"])), "held_out_patches": int(len(idx["val"])),
                 "epochs_run": len(history["loss"]), "class_weights": list(weights), "batches_per_epoch": steps,
                 "fit_seconds": fit_s, "oof_scoring_seconds": score_s, "history": history}
-        save_model_dir(model, fold_dir, ModelMeta(mpp=config.mpp, classes=CLASSES, width=config.width,
+        save_model_dir(model, fold_mf.root, ModelMeta(mpp=config.mpp, classes=CLASSES, width=config.width,
                                                   separable=config.separable, split=split_f.to_dict(),
                                                   training={"config": config.to_dict(), "cv_fold": info}))
         models.append(model)
@@ -221,28 +222,27 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
     split = Split(everyone, (), method=f"{k}-fold cross-validation over patients (stratified by IDC ratio, seed "
                                        f"{config.seed}); the exported model trained on every patient")
     split_dict = {**split.to_dict(), "folds": [list(h) for h in folds]}
-    write_text(out / "split.json", json.dumps(split_dict, indent=2) + "\n")
+    write_text(mf.split, json.dumps(split_dict, indent=2) + "\n")
 
     # ---- report: pooled and per-fold figures, reliability diagram, metrics.json
-    cv_dir = out / "cv"
-    cv_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cv_dir / "oof.npz") as tmp:  # out-of-fold logits: re-fit calibrations without re-training
+    mf.cv.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(mf.cv_oof) as tmp:  # out-of-fold logits: re-fit calibrations without re-training
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, patient=pids.astype(str), label=y, fold=fold_of + 1, logit_single=z["single"],
                                 logit_tta=z["tta"])
-    write_assessment(cv_dir, a_oof, title=f"out-of-fold ({chosen_v}, {config.calibrate})", threshold=thr_oof,
-                     json_name=None)
+    write_assessment(mf.cv, a_oof, title=f"out-of-fold ({chosen_v}, {config.calibrate})", threshold=thr_oof,
+                     report=False)
     for f, a in enumerate(per_fold):
-        write_assessment(out / "folds" / f"fold{f + 1}" / "held-out", a, title=f"fold {f + 1} held out",
-                         threshold=thr_oof[fold_of == f], json_name=None)
+        write_assessment(mf.fold(f + 1).held_out, a, title=f"fold {f + 1} held out",
+                         threshold=thr_oof[fold_of == f], report=False)
     curves = {"uncalibrated": cal.sigmoid(z[chosen_v])}
     for m in ("temperature", "platt"):
         curves[f"{m} (cross-fitted)"] = cross_fit(z[chosen_v], y, fold_of, k, m)[0]
     curves = {label: {**reliability(y, p), "ece": expected_calibration_error(y, p)} for label, p in curves.items()}
-    plot_reliability(curves, cv_dir / "reliability.png",
+    plot_reliability(curves, mf.cv_reliability,
                      title=f"out-of-fold reliability, {k} folds ({chosen_v})")
-    plot_curves(_mean_history(histories), out / "curves.png", best_epoch=config.epochs)
-    write_failures(out / "failures.csv", patches.failures)
+    plot_curves(_mean_history(histories), mf.curves, best_epoch=config.epochs)
+    write_failures(mf.failures, patches.failures)
 
     cv_summary = {
         "folds": k, "method": split.method, "held_out": [list(h) for h in folds],
@@ -266,7 +266,7 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
         **cv_summary, "pooled": a_oof.to_dict(), "per_fold": [{"fold": f + 1, **per_fold[f].to_dict()} for f in range(k)],
         "reliability": curves}, "scoring": scoring, "training": training,
         "histories": histories}
-    write_text(out / "metrics.json", json.dumps(jsonable(full), indent=2, allow_nan=False) + "\n")
+    write_text(mf.metrics, json.dumps(jsonable(full), indent=2, allow_nan=False) + "\n")
     data_summary = _data_summary(data, patches, counts, split)
     meta = ModelMeta(mpp=config.mpp, threshold=threshold, threshold_rule=CV_THRESHOLD_RULE.format(k=k), classes=CLASSES,
                      width=config.width, separable=config.separable, split=split_dict, data=data_summary,

@@ -23,8 +23,9 @@ import numpy as np
 
 from .errors import CancerNetError, ConfigError, ModelError
 from .identity import check_model_files, verify_onnx
-from .model import (MODEL_FILE, ONNX_FILE, PREDICT_BATCH, ModelMeta, check_tiles, export_onnx, load_keras_model,
-                    onnx_model_id, pad_batch, read_meta)
+from .model import (PREDICT_BATCH, ModelMeta, check_tiles, export_onnx, load_keras_model, onnx_model_id, pad_batch,
+                    read_meta)
+from .modelfolder import KERAS_FILE, ONNX_FILE, ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class OnnxEngine(Engine):
         d = Path(model_dir)
         meta = meta if meta is not None else read_meta(d)
         super().__init__(d, meta, batch_size)
-        path = d / ONNX_FILE
+        path = ModelFolder(d).onnx
         if not path.is_file():
             raise ModelError(f"no {ONNX_FILE} in the model folder", path=d,
                              hint="run `cancernet export MODEL_DIR` (needs TensorFlow) or use --engine keras")
@@ -163,7 +164,7 @@ def _keras_backend(wanted: str | None) -> str:
 class KerasEngine(Engine):
     """``model.keras`` under the process's Keras backend, in fixed-size sub-batches."""
 
-    kind, artefact = "keras", MODEL_FILE
+    kind, artefact = "keras", KERAS_FILE
 
     @classmethod
     def available(cls) -> bool:
@@ -264,7 +265,8 @@ def _load_engine(model_dir: str | os.PathLike, engine: str, backend: str | None,
         raise ConfigError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINE_CHOICES)}")
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}", hint="use cpu or gpu")
-    d = Path(model_dir)
+    mf = ModelFolder(model_dir)
+    d = mf.root
     meta = read_meta(d)
     check_model_files(d, meta)
     registry = engines()
@@ -274,16 +276,16 @@ def _load_engine(model_dir: str | os.PathLike, engine: str, backend: str | None,
             raise ConfigError(f"the {engine} engine's runtime is not installed here",
                               hint="install it (see the README), or choose another --engine")
         if not (d / cls.artefact).is_file() and cls.kind == "keras":
-            raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint="copy the whole model folder again")
+            raise ModelError(f"no {KERAS_FILE} in the model folder", path=d, hint="copy the whole model folder again")
         return cls.open(d, meta, backend=backend, device=device, threads=threads)
     # auto: ONNX Runtime on CPU where its graph is at hand and matches model.keras; Keras otherwise
-    if not (d / MODEL_FILE).is_file():
-        if (d / ONNX_FILE).is_file() and device == "cpu":
+    if not mf.keras.is_file():
+        if mf.onnx.is_file() and device == "cpu":
             return OnnxEngine(d, meta, device=device, threads=threads)
-        raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint="copy the whole model folder again")
+        raise ModelError(f"no {KERAS_FILE} in the model folder", path=d, hint="copy the whole model folder again")
     if device != "cpu" or backend not in (None, "tensorflow"):
         return KerasEngine(d, meta, backend=backend, device=device, threads=threads)
-    onnx = d / ONNX_FILE
+    onnx = mf.onnx
     fresh = onnx.is_file() and onnx_model_id(onnx) == meta.model_id
     if not fresh and _can_export():
         try:

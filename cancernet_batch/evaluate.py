@@ -24,6 +24,7 @@ from .errors import ConfigError, InputError
 from .failures import Failure, write_failures
 from .metrics import PatientRow, binary_metrics, bootstrap_ci, patient_rows, patient_summary
 from .model import CLASSES, jsonable, read_meta
+from .modelfolder import Assessed, ModelFolder
 from .split import Split
 
 log = logging.getLogger(__name__)
@@ -79,27 +80,25 @@ PER_PATIENT_COLUMNS = ("patient", "role", "n", "n_idc", "n_pred_idc", "true_idc_
                        "mean_probability", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "roc_auc")
 
 
-def write_assessment(out_dir: str | os.PathLike, a: Assessment, *, title: str, threshold: float,
-                     classes: Sequence[str] = CLASSES, json_name: str | None = "evaluation.json",
-                     extra: dict | None = None) -> list[Path]:
-    """Write ``confusion.png``, ``roc.png``, ``patients.png``, ``per_patient.csv``, ``classification_report.txt``
-    and (unless ``json_name`` is None) the JSON report into ``out_dir``."""
+def write_assessment(out: Assessed, a: Assessment, *, title: str, threshold: float,
+                     classes: Sequence[str] = CLASSES, report: bool = True, extra: dict | None = None) -> list[Path]:
+    """Write the confusion matrix, ROC and per-patient figures, the per-patient CSV, the classification
+    report and (with ``report``) the JSON report into the folder ``out`` (:class:`Assessed`)."""
     from .figures import plot_confusion, plot_patients, plot_roc
 
-    out = Path(out_dir)
     files = [
-        plot_confusion(a.patch["confusion"], classes, out / "confusion.png",
+        plot_confusion(a.patch["confusion"], classes, out.confusion,
                        title=f"{title}: threshold {_thr_text(threshold)}"),
-        plot_roc(a.y, a.prob, out / "roc.png", threshold=threshold, auc=a.patch["roc_auc"]),
-        plot_patients(a.rows, out / "patients.png"),
-        write_csv(out / "per_patient.csv", PER_PATIENT_COLUMNS,
+        plot_roc(a.y, a.prob, out.roc, threshold=threshold, auc=a.patch["roc_auc"]),
+        plot_patients(a.rows, out.patients),
+        write_csv(out.per_patient, PER_PATIENT_COLUMNS,
                   [[_fmt(getattr(r, c)) for c in PER_PATIENT_COLUMNS] for r in a.rows]),
-        write_text(out / "classification_report.txt",
+        write_text(out.classification_report,
                    f"{title} ({a.patch['n']} patches of {len(a.rows)} patients; IDC when p >= {_thr_text(threshold, 4)})\n\n"
                    + classification_report_text(a.y, a.prob, threshold, classes)),
     ]
-    if json_name:
-        files.append(write_text(out / json_name,
+    if report:
+        files.append(write_text(out.report,
                                 json.dumps(jsonable({**(extra or {}), **a.to_dict()}), indent=2, allow_nan=False) + "\n"))
     return files
 
@@ -175,7 +174,7 @@ def evaluate(model_dir: str | os.PathLike, data: Sequence[str | os.PathLike], *,
         if score_progress is not None:
             score_progress(min(step, len(sub) - start))
     a = assess(sub.patients, sub.labels, prob, meta.threshold, roles=roles, bootstrap=bootstrap, seed=seed)
-    out = Path(out_dir) if out_dir is not None else Path(model_dir) / "evaluation"
+    out = ModelFolder(model_dir).evaluation(out_dir)
     extra = {"model": {"model_dir": str(model_dir), "model_id": meta.model_id, "threshold": meta.threshold,
                        "threshold_rule": meta.threshold_rule, "engine": eng.name},
              "data": {"sources": [str(d) for d in data], "patients": len(roles), "patches": len(sub),
@@ -183,5 +182,5 @@ def evaluate(model_dir: str | os.PathLike, data: Sequence[str | os.PathLike], *,
     files = write_assessment(out, a, title=f"{role} patients", threshold=meta.threshold, classes=meta.classes,
                              extra=extra)
     if patches.failures:
-        files.append(write_failures(out / "failures.csv", patches.failures))
-    return EvaluateResult(a, out, files, eng.name, roles, trained, list(patches.failures))
+        files.append(write_failures(out.failures, patches.failures))
+    return EvaluateResult(a, out.root, files, eng.name, roles, trained, list(patches.failures))

@@ -35,8 +35,8 @@ def failures_to_csv(failures: list[Failure]) -> bytes:
     return csv_bytes(FAILURE_COLUMNS, [astuple(f) for f in failures])
 
 
-def failures_from_csv(data: bytes, path: str | os.PathLike = "failures.csv") -> list[Failure]:
-    """Parse a failures CSV (a spreadsheet's UTF-8 BOM is fine); a damaged one is a clear error."""
+def failures_from_csv(data: bytes, path: str | os.PathLike) -> list[Failure]:
+    """Parse a failures CSV read from ``path`` (a spreadsheet's UTF-8 BOM is fine); a damaged one is a clear error."""
     text = data.decode("utf-8-sig", errors="surrogateescape")
     rows = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in FAILURE_COLUMNS if c not in (rows.fieldnames or [])]

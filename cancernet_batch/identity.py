@@ -30,10 +30,10 @@ import numpy as np
 
 from . import PATCH_SIZE
 from .errors import ModelError
+from .modelfolder import KERAS_FILE, META_FILE, ModelFolder
 
 log = logging.getLogger(__name__)
 
-VERIFIED_FILE = "onnx-check.json"
 PROBE_TOLERANCE = 1e-5  # what export_onnx demands
 _EXPORT_HINT = "re-export with `cancernet export MODEL_DIR`"
 _COPY_HINT = "copy the whole model folder written by `cancernet train` again (model.keras, model.json and model.onnx together)"
@@ -60,28 +60,24 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def check_model_files(model_dir: str | os.PathLike, meta) -> None:
     """:class:`ModelError` unless ``model.json`` has a ``model_id`` and ``model.keras`` (when present) hashes to it."""
-    from .model import META_FILE, MODEL_FILE
-
-    d = Path(model_dir)
+    mf = ModelFolder(model_dir)
     if not meta.model_id:
         raise ModelError(f"{META_FILE} has no model_id: nothing ties it (and its threshold) to the weights beside it",
-                         path=d / META_FILE, hint=f"{_COPY_HINT}, or re-train")
-    keras = d / MODEL_FILE
+                         path=mf.meta, hint=f"{_COPY_HINT}, or re-train")
+    keras = mf.keras
     if keras.is_file() and sha256_file(keras)[:16] != meta.model_id:
-        raise ModelError(f"{MODEL_FILE} was replaced after export: its content hash {sha256_file(keras)[:16]} is not "
+        raise ModelError(f"{KERAS_FILE} was replaced after export: its content hash {sha256_file(keras)[:16]} is not "
                          f"the model_id {meta.model_id} that {META_FILE} (and its threshold) belong to",
                          path=keras, hint=_COPY_HINT)
 
 
 def _key(model_dir: Path, meta) -> str:
-    from .model import ONNX_FILE
-
-    return f"{meta.model_id}:{sha256_file(model_dir / ONNX_FILE)[:32]}"
+    return f"{meta.model_id}:{sha256_file(ModelFolder(model_dir).onnx)[:32]}"
 
 
 def _cache_files(model_dir: Path) -> list[Path]:
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cancernet-batch" / "verified"
-    return [model_dir / VERIFIED_FILE,
+    return [ModelFolder(model_dir).verified,
             user / (hashlib.sha256(os.fsencode(str(model_dir.resolve()))).hexdigest()[:16] + ".json")]
 
 
@@ -133,10 +129,10 @@ def verify_onnx(model_dir: str | os.PathLike, meta, session, *, tolerance: float
     (no ``model.keras`` here, or Keras cannot be imported: the metadata id is all there is).
     :class:`ModelError` when the two disagree on the probe batch.
     """
-    from .model import MODEL_FILE, load_keras_model
+    from .model import load_keras_model
 
     d = Path(model_dir)
-    if not (d / MODEL_FILE).is_file():
+    if not ModelFolder(d).keras.is_file():
         return "unchecked"
     if is_verified(d, meta):
         return "cached"
@@ -153,7 +149,7 @@ def verify_onnx(model_dir: str | os.PathLike, meta, session, *, tolerance: float
     if not diff <= tolerance:
         raise ModelError(f"model.onnx does not compute what model.keras computes (max difference {diff:.3g} on a "
                          f"probe batch of {len(probe)} tiles): it was not exported from this model",
-                         path=d / "model.onnx", hint=_EXPORT_HINT)
+                         path=ModelFolder(d).onnx, hint=_EXPORT_HINT)
     record_verified(d, meta, diff, "probe at load")
     log.info("%s: model.onnx checked against model.keras (max difference %.2e); recorded", d, diff)
     return "probed"

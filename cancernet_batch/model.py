@@ -38,6 +38,7 @@ import numpy as np
 from . import DEFAULT_MPP, PATCH_SIZE, __version__
 from .atomic import atomic_path, write_text
 from .errors import ConfigError, ModelError
+from .modelfolder import KERAS_FILE, META_FILE, ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,6 @@ CLASSES = ("non-IDC", "IDC")
 """Class names, indexed by label: 0 = no invasive ductal carcinoma, 1 = IDC."""
 META_FORMAT = 1
 """Version of the ``model.json`` layout; a newer file is refused with a hint to upgrade."""
-MODEL_FILE = "model.keras"
-META_FILE = "model.json"
-ONNX_FILE = "model.onnx"
 ONNX_ID_KEY = "cancernet_model_id"
 BN_MOMENTUM = 0.9
 """Batch-norm moving-average momentum. Keras' default (0.99) needs thousands of steps before the
@@ -272,8 +270,8 @@ def save_model_dir(model, out_dir: str | os.PathLike, meta: ModelMeta) -> ModelM
     so a folder whose ``model.json`` names the ``model.keras`` beside it is complete. A stale
     ``model.onnx`` from an earlier model is removed.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    mf = ModelFolder(out_dir)
+    mf.root.mkdir(parents=True, exist_ok=True)
     if getattr(model, "optimizer", None) is not None:  # save the network only: a third of the size
         from .quiet import import_keras
 
@@ -282,35 +280,35 @@ def save_model_dir(model, out_dir: str | os.PathLike, meta: ModelMeta) -> ModelM
         bare = keras.models.clone_model(model)
         bare.set_weights(model.get_weights())
         model = bare
-    with atomic_path(out / MODEL_FILE) as tmp:
+    with atomic_path(mf.keras) as tmp:
         tmp.unlink(missing_ok=True)  # keras refuses to overwrite without asking
         model.save(tmp)
         mid = file_id(tmp)
     meta = replace(meta, model_id=mid, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    versions=library_versions(), patch_size=PATCH_SIZE, format_version=META_FORMAT)
-    write_text(out / META_FILE, meta.to_json())
-    onnx = out / ONNX_FILE
-    if onnx.exists() and onnx_model_id(onnx) != mid:
-        onnx.unlink()
+    write_text(mf.meta, meta.to_json())
+    if mf.onnx.exists() and onnx_model_id(mf.onnx) != mid:
+        mf.onnx.unlink()
     return meta
 
 
 def _bad(model_dir: Path, what: str, hint: str = _FIX) -> ModelError:
-    return ModelError(what, path=model_dir / META_FILE, hint=hint)
+    return ModelError(what, path=ModelFolder(model_dir).meta, hint=hint)
 
 
 def read_meta(model_dir: str | os.PathLike) -> ModelMeta:
     """Read and check ``MODEL_DIR/model.json``; :class:`ModelError` on anything missing, corrupt or implausible."""
-    d = Path(model_dir)
+    mf = ModelFolder(model_dir)
+    d = mf.root
     if not d.is_dir():
-        if d.is_file() and d.suffix in (".keras", ".json", ".onnx"):
+        if d.is_file() and d.suffix in {p.suffix for p in (mf.keras, mf.meta, mf.onnx)}:
             raise ModelError("is a file; a model is a folder", path=d,
-                             hint=f"give the folder that holds {MODEL_FILE} and {META_FILE}")
+                             hint=f"give the folder that holds {KERAS_FILE} and {META_FILE}")
         raise ModelError("no such model folder", path=d, hint="give the folder written by `cancernet train --out`")
-    p = d / META_FILE
+    p = mf.meta
     if not p.is_file():
         raise ModelError(f"no {META_FILE} in the model folder", path=d,
-                         hint=f"a model folder holds {MODEL_FILE} and {META_FILE}, as written by `cancernet train`")
+                         hint=f"a model folder holds {KERAS_FILE} and {META_FILE}, as written by `cancernet train`")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -361,9 +359,9 @@ def load_keras_model(model_dir: str | os.PathLike, meta: ModelMeta | None = None
     """
     d = Path(model_dir)
     meta = meta if meta is not None else read_meta(d)
-    path = d / MODEL_FILE
+    path = ModelFolder(d).keras
     if not path.is_file():
-        raise ModelError(f"no {MODEL_FILE} in the model folder", path=d, hint=_FIX)
+        raise ModelError(f"no {KERAS_FILE} in the model folder", path=d, hint=_FIX)
     if not zipfile.is_zipfile(path):
         raise ModelError("is not a Keras model file (a .keras file is a zip archive); it is corrupt or something else",
                          path=path, hint=_FIX)
@@ -498,7 +496,8 @@ def export_onnx(model_dir: str | os.PathLike, *, tolerance: float = 1e-5, check_
     import onnx
     import onnxruntime as ort
 
-    final = d / ONNX_FILE
+    mf = ModelFolder(d)
+    final = mf.onnx
     with tempfile.TemporaryDirectory(prefix=".onnx-export-", dir=d) as work:
         raw = Path(work) / "raw.onnx"
         try:
@@ -507,7 +506,7 @@ def export_onnx(model_dir: str | os.PathLike, *, tolerance: float = 1e-5, check_
                 model.export(str(raw), format="onnx", verbose=False)
         except Exception as exc:  # converter errors come in many classes
             raise ModelError(f"ONNX export failed ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})",
-                             path=d / MODEL_FILE, hint="export with KERAS_BACKEND=tensorflow and tf2onnx installed") from exc
+                             path=mf.keras, hint="export with KERAS_BACKEND=tensorflow and tf2onnx installed") from exc
         proto = onnx.load(str(raw))
         fused = fuse_channel_affines(proto)
         for key, value in ((ONNX_ID_KEY, meta.model_id), ("cancernet_mpp", str(meta.mpp)),

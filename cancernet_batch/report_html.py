@@ -15,6 +15,7 @@ from . import __version__
 from .aggregate import REPORTED
 from .atomic import write_text
 from .errors import printable
+from .runfolder import FAILURES_CSV, INPUTS_CSV, PATIENTS_CSV
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
@@ -128,8 +129,8 @@ def render_index(summary) -> str:
 <p>{summary.reported} inputs reported, {summary.not_scored} not scored, {summary.failed} failed.
 Decision threshold {thr.value:.3f} from {source}: a tile is IDC when P(IDC) &ge; the threshold.
 Areas: tiles &times; (50 &times; target µm/px / 1000)² mm².
-Files: <a href="inputs.csv">inputs.csv</a>, <a href="patients.csv">patients.csv</a>,
-<a href="failures.csv">failures.csv</a>.</p>
+Files: <a href="{INPUTS_CSV}">{INPUTS_CSV}</a>, <a href="{PATIENTS_CSV}">{PATIENTS_CSV}</a>,
+<a href="{FAILURES_CSV}">{FAILURES_CSV}</a>.</p>
 <h2>Patients</h2>
 {_patients_table(summary)}
 <h2>Inputs</h2>

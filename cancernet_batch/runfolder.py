@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 STAGES = ("discover", "preflight", "plan", "tile", "predict", "report")
 """The stages an input goes through, in order; a failures row names one of them."""
 
+FAILURES_CSV = "failures.csv"
+"""The failures list's name, in the run folder and in its report."""
+INPUTS_CSV = "inputs.csv"
+PATIENTS_CSV = "patients.csv"
+INDEX_HTML = "index.html"
+"""The report's tables and page (``RUN/report/``): the report stage writes them, ``index.html`` links them."""
+
 
 # --------------------------------------------------------------------------------------------
 # the filesystem seam
@@ -577,7 +584,7 @@ class Run:
 
     @property
     def failures_csv(self) -> Path:
-        return self.root / "failures.csv"
+        return self.root / FAILURES_CSV
 
     @property
     def predict_json(self) -> Path:
@@ -685,7 +692,7 @@ class Run:
         return out
 
     def write_report_failures(self, failures: list[Failure]) -> Path:
-        return self.fs.write_bytes(self.report_file("failures.csv"), failures_to_csv(failures))
+        return self.fs.write_bytes(self.report_file(FAILURES_CSV), failures_to_csv(failures))
 
     # records -----------------------------------------------------------------------------------
     def _read_json(self, path: Path) -> dict | None:

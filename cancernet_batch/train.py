@@ -34,8 +34,9 @@ from .evaluate import Assessment, assess, write_assessment
 from .failures import Failure, write_failures
 from .figures import plot_curves
 from .metrics import THRESHOLD_RULE, choose_threshold
-from .model import (CLASSES, META_FILE, THRESHOLD_RULE_DEFAULT, BatchNormCalibrator, ModelMeta, build_cancernet,
-                    export_onnx, jsonable, predict_tiles, save_model_dir)
+from .model import (CLASSES, THRESHOLD_RULE_DEFAULT, BatchNormCalibrator, ModelMeta, build_cancernet, export_onnx,
+                    jsonable, predict_tiles, save_model_dir)
+from .modelfolder import ModelFolder
 from .quiet import import_keras
 from .split import Split, class_counts, make_split
 
@@ -326,7 +327,8 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
 
         return train_cv(data, out_dir, config, progress=progress, load_progress=load_progress, overwrite=overwrite)
     out = Path(out_dir)
-    if (out / META_FILE).exists() and not overwrite:
+    mf = ModelFolder(out)
+    if mf.meta.exists() and not overwrite:
         raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
     patches = _load_labelled(data, load_progress)
     counts = class_counts(patches.patients, patches.labels)
@@ -336,7 +338,7 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
         if getattr(split, role):
             log.info("%s: %d patients (%s)", role, len(getattr(split, role)), ", ".join(getattr(split, role)))
     out.mkdir(parents=True, exist_ok=True)
-    split.save(out / "split.json")
+    split.save(mf.split)
 
     keras.utils.set_random_seed(config.seed)
     idx = {role: np.flatnonzero(np.isin(patches.patients, getattr(split, role))) for role in ("train", "val", "test")}
@@ -359,11 +361,11 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
         test = assess(patches.patients[idx["test"]], labels[idx["test"]], _predict(model, patches.tiles, idx["test"]),
                       threshold, roles=roles, bootstrap=config.bootstrap, seed=config.seed)
 
-    plot_curves(history, out / "curves.png", best_epoch=best_epoch)
-    write_assessment(out, val, title="validation patients", threshold=threshold, json_name=None)
+    plot_curves(history, mf.curves, best_epoch=best_epoch)
+    write_assessment(mf.val, val, title="validation patients", threshold=threshold, report=False)
     if test is not None:
-        write_assessment(out / "test", test, title="test patients", threshold=threshold, json_name=None)
-    write_failures(out / "failures.csv", patches.failures)
+        write_assessment(mf.test, test, title="test patients", threshold=threshold, report=False)
+    write_failures(mf.failures, patches.failures)
     training = {"config": config.to_dict(), "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
                 "stopped_early": len(history["loss"]) < config.epochs, "class_weights": list(weights),
                 "seconds_per_epoch": float(np.mean(times)) if times else None, "epoch_seconds": times,
@@ -371,7 +373,7 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
                 "backend": keras.backend.backend(), "cpu_count": os.cpu_count()}
     full = {"threshold": threshold, "threshold_rule": rule, "history": history, "training": training,
             "val": val.to_dict(), **({"test": test.to_dict()} if test is not None else {})}
-    write_text(out / "metrics.json", json.dumps(jsonable(full), indent=2, allow_nan=False) + "\n")
+    write_text(mf.metrics, json.dumps(jsonable(full), indent=2, allow_nan=False) + "\n")
     meta = ModelMeta(mpp=config.mpp, threshold=threshold, threshold_rule=rule, classes=CLASSES, width=config.width,
                      separable=config.separable, split=split.to_dict(),
                      data=_data_summary(data, patches, counts, split),

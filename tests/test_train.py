@@ -11,6 +11,7 @@ import pytest
 from cancernet_batch.cli import main
 from cancernet_batch.config import TrainConfig
 from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, ConfigError, InputError
+from cancernet_batch.model import read_meta
 from cancernet_batch.train import PatchBatches, augment_batch, class_weights
 
 TINY = dict(epochs=3, width=8, batch_size=16, bootstrap=200, seed=7)
@@ -270,4 +271,4 @@ def test_cli_train_end_to_end(synth_patch_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == EXIT_OK, text
     assert "epoch 1:" in text and "threshold" in text and "balanced accuracy" in text and f"wrote {out}" in text
-    assert (out / "model.onnx").is_file()
+    assert (out / "model.onnx").is_file() and f"wrote {out} (model {read_meta(out).model_id}, model.onnx)" in text

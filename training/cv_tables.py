@@ -21,6 +21,7 @@ import numpy as np
 from cancernet_batch import calibration as cal
 from cancernet_batch.cv import cross_fit
 from cancernet_batch.metrics import expected_calibration_error
+from cancernet_batch.modelfolder import ModelFolder
 
 
 def _f(v, nd: int = 3) -> str:
@@ -32,13 +33,14 @@ def _ci(ci: dict | None) -> str:
 
 
 def tables(run: Path) -> str:
-    metrics = json.loads((run / "metrics.json").read_text())
-    meta = json.loads((run / "model.json").read_text())
+    mf = ModelFolder(run)
+    metrics = json.loads(mf.metrics.read_text())
+    meta = json.loads(mf.meta.read_text())
     cfg = meta["training"]["config"]
     cv = metrics["cv"]
     variant, method = cv["variant"], cv["calibration"]
     counts = meta["data"]["per_patient"]
-    oof = np.load(run / "cv" / "oof.npz")
+    oof = np.load(mf.cv_oof)
     y, fold = oof["label"].astype(int), oof["fold"] - 1
     k = int(cv["folds"])
     lines = [f"### `{run.name}`: width {cfg['width']}, {cfg['epochs']} epochs, stain jitter {cfg['stain_jitter']}, "

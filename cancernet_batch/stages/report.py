@@ -41,7 +41,7 @@ from ..cluster import TILE, as_completed_windowed, work_split
 from ..config import ReportConfig
 from ..errors import StorageError
 from ..failures import Failure
-from ..runfolder import Run
+from ..runfolder import INDEX_HTML, INPUTS_CSV, PATIENTS_CSV, Run
 from ..geojson import iter_idc_features, write_geojson
 from ..regions import region_features, region_summary
 from ..heatmap import thumbnail_for, write_heatmap
@@ -80,7 +80,7 @@ class ReportSummary:
 
     @property
     def index(self) -> Path:
-        return self.out / "index.html"
+        return self.out / INDEX_HTML
 
     def count(self, status: str) -> int:
         return sum(r.figures.status == status for r in self.inputs)
@@ -274,11 +274,11 @@ def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: li
     figures = [r.figures for r in rows]
     summary = ReportSummary(out, thr, rows, patient_figures(figures), failures)
     with run.fs.staged(out) as local:  # on object storage: written here, then PUT
-        write_table(local / "inputs.csv", figures, INPUT_COLUMNS)
-        write_table(local / "patients.csv", summary.patients, PATIENT_COLUMNS)
+        write_table(local / INPUTS_CSV, figures, INPUT_COLUMNS)
+        write_table(local / PATIENTS_CSV, summary.patients, PATIENT_COLUMNS)
         run.write_report_failures(failures)
         write_viewer(local)
-        write_text(local / "index.html", render_index(summary))
+        write_text(local / INDEX_HTML, render_index(summary))
     return summary
 
 

@@ -157,8 +157,10 @@ def prepare_scoring(run: Run, cfg: PredictConfig) -> Scoring:
     A run folder scored (in part) by another model is refused as a whole unless ``cfg.rescore``:
     one report must never mix one model's probabilities with another's threshold.
     """
-    if not (Path(cfg.model_dir) / "model.json").exists():
-        raise ModelError("no model.json in the model folder", path=cfg.model_dir,
+    from ..modelfolder import META_FILE, ModelFolder
+
+    if not ModelFolder(cfg.model_dir).meta.exists():
+        raise ModelError(f"no {META_FILE} in the model folder", path=cfg.model_dir,
                          hint="give the folder written by `cancernet train`")
     from ..model import read_meta
 

@@ -14,6 +14,7 @@ import pytest
 from cancernet_batch import identity
 from cancernet_batch.engines import load_engine
 from cancernet_batch.errors import ModelError
+from cancernet_batch.modelfolder import ModelFolder
 
 pytestmark = pytest.mark.slow  # two ONNX exports
 
@@ -35,7 +36,7 @@ def other_model(tmp_path_factory) -> Path:
 
 
 def _copy(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(identity.VERIFIED_FILE))
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(ModelFolder(src).verified.name))
     return dest
 
 
@@ -60,7 +61,7 @@ def test_exported_pair_is_trusted_without_a_probe(tiny_model_dir, tmp_path):
     eng = load_engine(d, engine="onnx")
     assert eng.verified == "probed"  # a copy without the record: compared once
     assert load_engine(d, engine="onnx").verified == "cached"  # and remembered
-    assert (d / identity.VERIFIED_FILE).is_file()
+    assert ModelFolder(d).verified.is_file()
     assert load_engine(tiny_model_dir, engine="onnx").verified == "cached"  # export wrote its own record
 
 
