@@ -188,21 +188,17 @@ def _kaggle_records(folders, records: list[PatchRecord], failures: list[Failure]
 
 def _scan_remote(url: str, storage_options: dict | None) -> tuple[list[PatchRecord], list[Failure]]:
     """:func:`scan` of a prefix on object storage (one LIST): the patient folder ``url`` or those directly below it."""
-    from .remote import PATIENT_LABELS, as_path, info, listing
+    from .remote import as_path, info, listing, patient_places
 
     if info(url, storage_options).get("type") != "directory":
         raise InputError("is an object, not a patch folder (prefix)", path=url,
                          hint="give the prefix that holds PATIENT/0/ and PATIENT/1/")
     folders: dict[tuple[str, str], list] = {}
-    objects = listing(url, storage_options)
-    root_is_patient = any(u[len(url) + 1:].split("/")[0] in PATIENT_LABELS and u.count("/") > url.count("/") + 1
-                          for u in objects)
-    for u in objects:
-        parts = u[len(url) + 1:].split("/")
-        if root_is_patient and len(parts) == 2 and parts[0] in PATIENT_LABELS:
-            folders.setdefault((url.rsplit("/", 1)[-1], parts[0]), []).append(as_path(u))
-        elif not root_is_patient and len(parts) == 3 and parts[1] in PATIENT_LABELS:
-            folders.setdefault((parts[0], parts[1]), []).append(as_path(u))
+    places = [(u, place) for u, _, place in patient_places(url, listing(url, storage_options)) if place is not None]
+    depth = 0 if any(place.depth == 0 for _, place in places) else 1  # the prefix is one patient, or holds them
+    for u, place in places:
+        if place.depth == depth and place.is_patch:
+            folders.setdefault((place.patient.rsplit("/", 1)[-1], place.label), []).append(as_path(u))
     records: list[PatchRecord] = []
     failures: list[Failure] = []
     _kaggle_records([(p, d, files) for (p, d), files in sorted(folders.items())], records, failures)

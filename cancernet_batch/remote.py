@@ -2,8 +2,9 @@
 
 * :func:`is_url` / :func:`as_path`: an input given as a URL (``file://`` and plain paths are local).
 * :func:`stat`: an object's identity for resume, ``(size, etag)`` (object stores have no useful mtime).
-* :func:`find`: the slides under a prefix, by extension (like a local folder); :func:`find_inputs`: slides
-  and Kaggle-layout patient folders (``PATIENT/0/``, ``PATIENT/1/``) under a prefix, from one listing;
+* :func:`find`: the slides under a prefix, by extension (like a local folder); :func:`patient_places`: the
+  one walker over a listing that places each object in the Kaggle layout (``PATIENT/0/``, ``PATIENT/1/``);
+  :func:`find_inputs`: slides and patient folders under a prefix, from one listing and that walk;
   :func:`folder_stat`: a patient folder's identity (total size, digest of names and ETags);
   :func:`read_objects`: many small objects (patches) fetched concurrently.
 * :func:`open_input`: a seekable file object (:class:`RangeFile`) for tifffile: small reads (the TIFF
@@ -36,7 +37,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CancerNetError, InputError
@@ -228,6 +230,42 @@ PATIENT_LABELS = ("0", "1")
 """The label folders of a patient folder (Kaggle layout: ``PATIENT/0/*.png``, ``PATIENT/1/*.png``)."""
 
 
+@dataclass(frozen=True)
+class PatientPlace:
+    """Where one object of a listing lies in the Kaggle layout: ``PATIENT/LABEL/REST``."""
+
+    patient: str
+    """The patient folder's URL."""
+    depth: int
+    """How many folders below the listed prefix the patient folder is (0: the prefix itself)."""
+    label: str
+    """Its label folder, one of :data:`PATIENT_LABELS`."""
+    rest: tuple[str, ...]
+    """Its path below the label folder: one name for a patch."""
+
+    @property
+    def is_patch(self) -> bool:
+        """Directly in its label folder (``PATIENT/0/NAME``), where a patch file lies."""
+        return len(self.rest) == 1
+
+
+def patient_places(url: str, objects: Mapping[str, Mapping]) -> Iterator[tuple[str, Mapping, PatientPlace | None]]:
+    """``(object URL, its info (size, ETag...), its place)`` for each object of ``objects``, a :func:`listing`
+    of the prefix ``url``, in its order: the one walker over a listing that decides the Kaggle layout.
+
+    An object lies in a patient folder when a folder on its path below ``url`` is a label folder
+    (``0`` or ``1``): the patient folder is the prefix before the first one (``url`` itself when it is
+    the first folder). Other objects (slides, stray files) have no place (None).
+    """
+    url = _strip(url)
+    for obj, meta in objects.items():
+        parts = obj[len(url) + 1:].split("/")
+        cut = next((k for k in range(len(parts) - 1) if parts[k] in PATIENT_LABELS), None)
+        place = None if cut is None else PatientPlace("/".join([url, *parts[:cut]]), cut, parts[cut],
+                                                      tuple(parts[cut + 1:]))
+        yield obj, meta, place
+
+
 def find_inputs(url: str, extensions: tuple[str, ...], options: Mapping | None = None
                 ) -> tuple[list[str], list[str]] | None:
     """``(slides, patient folders)`` under the prefix ``url``, as local folders are searched (one LIST):
@@ -239,14 +277,12 @@ def find_inputs(url: str, extensions: tuple[str, ...], options: Mapping | None =
     if i.get("type") != "directory":
         return None
     slides, patients = [], set()
-    for obj in listing(url, options):
-        parts = obj[len(url) + 1:].split("/")
-        cut = next((k for k in range(len(parts) - 1) if parts[k] in PATIENT_LABELS), None)
-        if cut == 0:
+    for obj, _, place in patient_places(url, listing(url, options)):
+        if place is not None and place.depth == 0:
             return [], [url]
-        if cut is not None:
-            patients.add("/".join([url, *parts[:cut]]))
-        elif parts[-1].lower().endswith(extensions):
+        if place is not None:
+            patients.add(place.patient)
+        elif obj.rsplit("/", 1)[-1].lower().endswith(extensions):
             slides.append(obj)
     return sorted(slides), sorted(patients)
 

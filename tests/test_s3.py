@@ -665,6 +665,46 @@ def test_patient_folders_under_a_prefix_are_found_and_read_like_the_local_folder
         s3.fs().pipe_file(name, data)
 
 
+def test_one_walker_places_each_object_for_discovery_and_for_patch_scanning(s3):
+    from cancernet_batch import remote
+    from cancernet_batch.patches import scan
+    from cancernet_batch.remote import PatientPlace
+
+    opts = s3.options()
+    root = f"s3://{BUCKET}/walk"
+    a0, a1, b0 = "A/0/A_idx5_x1_y1_class0.png", "A/1/A_idx5_x51_y1_class1.png", "B/0/B_idx5_x1_y1_class0.png"
+    deeper, nested = "A/1/deeper/A_idx5_x101_y1_class1.png", "site/C/1/C_idx5_x1_y1_class1.png"
+    names = [a0, a1, b0, deeper, nested, "A/notes.txt", "slide.svs", "site/other.tif"]
+    fs = s3.fs()
+    for i, n in enumerate(names):
+        fs.pipe_file(f"{BUCKET}/walk/{n}", b"x" * (i + 1))
+    try:
+        walked = list(remote.patient_places(root, remote.listing(root, opts)))
+        places = {u[len(root) + 1:]: p for u, _, p in walked}
+        assert sorted(places) == sorted(names)
+        assert places["A/notes.txt"] is places["slide.svs"] is places["site/other.tif"] is None
+        assert places[a1] == PatientPlace(f"{root}/A", 1, "1", ("A_idx5_x51_y1_class1.png",)) and places[a1].is_patch
+        assert places[deeper] == PatientPlace(f"{root}/A", 1, "1", ("deeper", "A_idx5_x101_y1_class1.png"))
+        assert not places[deeper].is_patch
+        assert places[nested] == PatientPlace(f"{root}/site/C", 2, "1", (nested.rsplit("/", 1)[-1],))
+        # each place comes with the listing's size and ETag: a patient folder's identity is folder_stat's
+        b = {u: i for u, i, p in walked if p is not None and p.patient == f"{root}/B"}
+        assert [i["size"] for i in b.values()] == [3] and remote.identity(b) == remote.folder_stat(f"{root}/B", opts)
+        # discovery: patient folders at any depth (one input each), slides outside them
+        assert remote.find_inputs(root, (".svs", ".tif"), opts) == (
+            [f"{root}/site/other.tif", f"{root}/slide.svs"], [f"{root}/A", f"{root}/B", f"{root}/site/C"])
+        assert remote.find_inputs(f"{root}/A", (".svs",), opts) == ([], [f"{root}/A"])
+        # patch scanning: the files directly in the label folders of the patients directly below the prefix,
+        # or of the prefix itself when it is a patient folder
+        records, failures = scan(root, opts)
+        assert not failures and sorted(str(r.path) for r in records) == [f"{root}/{n}" for n in (a0, a1, b0)]
+        assert sorted((r.patient, r.label) for r in records) == [("A", 0), ("A", 1), ("B", 0)]
+        records, _ = scan(f"{root}/A", opts)
+        assert sorted(str(r.path) for r in records) == [f"{root}/{n}" for n in (a0, a1)]
+    finally:
+        fs.rm(f"{BUCKET}/walk", recursive=True)
+
+
 def test_run_scores_patient_folders_on_s3_like_local_ones_and_resumes(s3, s3_patients, client, tiny_model_dir,
                                                                      tmp_path, capsys):
     from cancernet_batch import store
