@@ -797,7 +797,8 @@ def report(run_dir: str, threshold: float | None, patients_csv: str | None, mode
 @click.option("--read-timeout", default=DEFAULT_READ_TIMEOUT, show_default=True, type=SECONDS, help=READ_TIMEOUT_HELP)
 @DECODE_OPTION
 @STAGE_CACHE
-@click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH), help="Tiles per store chunk (default 1024).")
+@click.option("--chunk-size", default=None, type=click.IntRange(1, MAX_BATCH),
+              help="Tiles per store chunk (default 1024; the first and last inputs: an eighth, at least 8).")
 @click.option("--threshold", default=None, type=FRACTION, help="Decision threshold (default: the model's).")
 @click.option("--patients", "patients_csv", default=None, type=click.Path(dir_okay=False),
               help="CSV input,patient mapping slides to patients.")

@@ -194,3 +194,39 @@ def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, in
         run_pipeline(inputs[:2], run, TileConfig(target_mpp=4.0, chunk=16),
                      PredictConfig(model_dir=str(bad), engine="onnx"), client=client)
     assert not [f for f in run.failures() if f.stage == "predict"]  # no input blamed for the model
+
+
+def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_model_dir, tmp_path):
+    """The pipeline's fill and drain: the first and last inputs of a scored stream get chunks of an eighth (at least
+    8 tiles), so scoring starts after the first small chunk and the run ends soon after the last tile; the
+    scores are those of whole chunks, a re-run finds every input fresh, and a resume keeps an input's chunks."""
+    from cancernet_batch.stages.score import predict_run
+    from cancernet_batch.stages.tile import edge_chunk, prepare_slide_task, tile_run
+
+    slides = ordered = sorted(p for p in inputs if p.suffix == ".svs")  # inputs go in path order: one at each end
+    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    assert edge_chunk(16) == 8 and edge_chunk(1024) == 128 and edge_chunk(4) == 4
+    pcfg = PredictConfig(model_dir=str(tiny_model_dir))
+    run = Run.of(tmp_path / "stream")
+    s = run_pipeline(ordered, run, cfg, pcfg, client=client)
+    assert s.report.reported == len(ordered)
+    groups = {g.attrs["source"]: g for _, g in store.iter_inputs(run.open_store("r"))}
+    for p in (slides[0], slides[1]):
+        g = groups[str(p)]
+        assert g.attrs["n_tiles"] > 8 and g.attrs["chunk"] == 8 and g["tiled"].shape[0] >= 2
+    # the same work in whole chunks, stage by stage: the same scores
+    tile_run(ordered, tmp_path / "stages", cfg, client=client)
+    predict_run(tmp_path / "stages", pcfg, client=client)
+    whole = {g.attrs["source"]: g for _, g in store.iter_inputs(Run.of(tmp_path / "stages").open_store("r"))}
+    assert whole[str(slides[0])].attrs["chunk"] == min(16, whole[str(slides[0])].attrs["n_tiles"])
+    assert _scores(run.root) == _scores(tmp_path / "stages")
+    # fresh for a re-run and for `tile` (whole-chunk settings), whichever end each input was at
+    again = run_pipeline(ordered, run, cfg, pcfg, client=client)
+    assert sorted(again.tile.skipped) == sorted(map(str, ordered)) and again.predict.tiles_scored == 0
+    assert sorted(tile_run(ordered, run, cfg, client=client).skipped) == sorted(map(str, ordered))
+    # a resume that finds an edge input half tiled keeps its chunks and writes only the missing one
+    g = run.open_input(store.input_id(str(slides[0])))
+    g.update_attributes({"complete": False})
+    g["tiled"][1] = False
+    res = prepare_slide_task(run, str(slides[0]), cfg, [], False)
+    assert res["todo"] == [(1, 8, min(16, res["n"]))] and res["kept"] == g["tiled"].shape[0] - 1

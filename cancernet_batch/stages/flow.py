@@ -66,6 +66,7 @@ class _Input:
     spec: InputSpec | None = None
     series_files: list[str] = field(default_factory=list)
     preflighted: bool = False
+    edge: bool = False  # first or last input of a scored flow: tiled in smaller chunks (stages.tile.edge_chunk)
     outstanding: int = 0  # its tasks submitted and not yet back
     to_tile: int = 0
     to_score: int = 0
@@ -118,6 +119,7 @@ class Flow:
         self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
         self._failed_sources: set[str] = set()
         self._seq = 0
+        self._admitted = 0
         self._sources: list[str] = []
         self._last_flush = 0.0
         self._first_score_at: float | None = None
@@ -282,6 +284,10 @@ class Flow:
                          self.remaining)
                 return
             inp = self.queue.popleft()
+            # the pipeline's fill and drain: the first input's first chunk is what scoring waits for at the
+            # start, the last input's last chunk what the run waits for at the end
+            inp.edge = self.scoring is not None and (self._admitted == 0 or not self.queue)
+            self._admitted += 1
             self._inflight += 1
             self._start(inp)
             self._maybe_finish(inp)
@@ -318,7 +324,7 @@ class Flow:
 
     def _submit_prepare(self, inp: _Input) -> None:
         self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                     priority=_TILE)
+                     inp.edge, priority=_TILE)
 
     def _on_preflight(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):

@@ -132,7 +132,7 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
             and a.get("target_mpp") == plan.target_mpp and a.get("level") == plan.level
             and a.get("tissue_threshold") == plan.tissue_threshold and a.get("n_tiles") == plan.n_tiles
             and (a.get("extra") or {}).get("source_etag") == plan.source_etag
-            and a.get("chunk") == chunk and abs(float(a.get("level0_tile_px", 0)) - plan.level0_tile_px) < 1e-9
+            and _chunk_ok(a.get("chunk"), plan.n_tiles, chunk) and abs(float(a.get("level0_tile_px", 0)) - plan.level0_tile_px) < 1e-9
             and (a.get("extra") or {}).get("decode") == plan.decode
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
 
@@ -141,8 +141,29 @@ def _store_chunk(n: int, chunk: int) -> int:
     return max(1, min(chunk, n)) if n else chunk
 
 
-def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str]) -> dict | Failure:
-    """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure."""
+def edge_chunk(chunk: int) -> int:
+    """The smaller chunk (an eighth, at least 8 tiles) of the first and last inputs of a streamed run.
+
+    Scoring can start only once a chunk is tiled, and the run ends only once the last chunk is scored:
+    with whole-size chunks the scoring workers wait for the first input's first 1,024 tiles and the
+    tiling workers for the last input's last scoring (the pipeline's fill and drain). Smaller chunks at
+    both ends shorten both; in between, whole chunks keep the per-task cost low.
+    """
+    return min(chunk, max(8, chunk // 8))
+
+
+def _chunk_ok(stored, n: int, chunk: int) -> bool:
+    """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk`` (either size: a resumed
+    run keeps the layout an input has, whichever end of an earlier run it was at)."""
+    return stored in (_store_chunk(n, chunk), _store_chunk(n, edge_chunk(chunk)))
+
+
+def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False
+                       ) -> dict | Failure:
+    """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure.
+
+    ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run);
+    a group already there with the same plan keeps its chunks."""
     try:
         plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb),
                                                 series_files=series_files),
@@ -152,18 +173,19 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         return Failure.from_exception(source, "plan", exc)
     root = run.open_store("r+", clean=False)
     gid = store.input_id(source)
-    c = _store_chunk(plan.n_tiles, cfg.chunk)
-    bounds = store.chunk_bounds(plan.n_tiles, c)
     inputs = root["inputs"]
     kept = 0
-    if gid in inputs and _same_plan(inputs[gid], plan, c):
+    if gid in inputs and _same_plan(inputs[gid], plan, cfg.chunk):
         g = inputs[gid]
+        bounds = store.chunk_bounds(plan.n_tiles, int(g.attrs["chunk"]))
         g.update_attributes({**plan.attrs().to_json(), "complete": False})
         done = store.tiled_mask(g)
         todo = [(i, s, e) for i, (s, e) in enumerate(bounds) if not done[i]]
         kept = len(bounds) - len(todo)
     else:
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=cfg.chunk)
+        c = _store_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
+        bounds = store.chunk_bounds(plan.n_tiles, c)
+        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c)
         if plan.n_tiles:
             g["coords"][:] = plan.coords
         rows, cols = plan.grid_shape
@@ -245,7 +267,7 @@ def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig, storage_options: dic
             return False
         if size != attrs.get("source_size") or mtime != attrs.get("source_mtime"):
             return False
-    if attrs.get("target_mpp") != cfg.target_mpp or attrs.get("chunk") != _store_chunk(attrs.get("n_tiles", 0), cfg.chunk):
+    if attrs.get("target_mpp") != cfg.target_mpp or not _chunk_ok(attrs.get("chunk"), attrs.get("n_tiles", 0), cfg.chunk):
         return False
     if spec.kind == "slide":
         if attrs.get("tissue_threshold") != (cfg.tissue_threshold if cfg.tissue_filter else None):
