@@ -15,7 +15,7 @@ import click
 
 from . import DEFAULT_MPP, __version__
 from .config import (BACKENDS, CALIBRATIONS, DECODE_MODES, DEFAULT_BATCH, DEFAULT_READ_TIMEOUT, DEVICES,
-                     ENGINE_CHOICES, ENGINES, MAX_BATCH, TrainConfig)
+                     ENGINE_CHOICES, ENGINES, MAX_BATCH, STAIN_NORMS, TrainConfig)
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
 
 log = logging.getLogger("cancernet_batch")
@@ -256,11 +256,14 @@ def _echo_assessment(title: str, a) -> None:
 @click.option("--calibrate", default=None, type=click.Choice(CALIBRATIONS),
               help="Calibration fitted on out-of-fold (with --cv) or validation logits, baked into the model "
                    "[default: none; cross-validation found neither helping on unseen patients: training/RESULTS.md].")
+@click.option("--stain-norm", default="none", show_default=True, type=click.Choice(STAIN_NORMS),
+              help="Per-patient stain normalisation from each patient's own pixels (no labels); for "
+                   "cross-validation experiments: scoring does not normalise yet (training/RESULTS.md).")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in --out.")
 def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: float, split_file: str | None, seed: int,
           epochs: int, batch_size: int, learning_rate: float, width: int, conv: str, mpp: float, patience: int,
           stain_jitter: float | None, bootstrap: int, cv: int, tta: bool, ensemble: bool, calibrate: str | None,
-          overwrite: bool) -> int:
+          stain_norm: str, overwrite: bool) -> int:
     """Train CancerNet on Kaggle-layout patch folders with a patient-level split.
 
     Writes OUT/model.keras, model.json, model.onnx, split.json, curves.png, confusion.png,
@@ -271,7 +274,7 @@ def train(data: tuple[str, ...], out: str, val_fraction: float, test_fraction: f
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, width=width,
                          separable=conv == "separable", mpp=mpp, patience=patience, bootstrap=bootstrap,
                          cv=cv, tta=tta, ensemble=ensemble,
-                         calibrate=calibrate or "none",
+                         calibrate=calibrate or "none", stain_norm=stain_norm,
                          **({} if stain_jitter is None else {"stain_jitter": stain_jitter}))
     _quiet_backends()
     from .train import TrainProgress, train as run_training

@@ -214,6 +214,8 @@ class ReportConfig:
 
 CALIBRATIONS = ("none", "temperature", "platt")
 """``cancernet train --calibrate`` choices (see :mod:`cancernet_batch.calibration`)."""
+STAIN_NORMS = ("none", "macenko", "reinhard")
+"""``cancernet train --stain-norm`` choices (see :mod:`cancernet_batch.stain`; the same as ``stain.METHODS``)."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,11 @@ class TrainConfig:
     calibrate: str = "none"
     """``none``, ``temperature`` or ``platt``: fitted on the pooled out-of-fold logits (with ``cv``) or on the
     validation patients' logits, stored in ``model.json`` and baked into the exported model."""
+    stain_norm: str = "none"
+    """Per-patient stain normalisation of the training data (``none``, ``macenko``, ``reinhard``): every patch
+    of a patient mapped to a fixed reference with statistics of that patient's own pixels, never labels
+    (:mod:`cancernet_batch.stain`). Scoring does not normalise yet, so such a model is for cross-validation
+    experiments only: ``cancernet run`` and ``evaluate`` refuse it (training/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -285,6 +292,7 @@ class TrainConfig:
                               hint="drop --split / --test-fraction, or leave out --cv for one split")
         if self.calibrate not in CALIBRATIONS:
             raise ConfigError(f"unknown calibration {self.calibrate!r}", hint=f"use one of {', '.join(CALIBRATIONS)}")
+        _choice(self.stain_norm, STAIN_NORMS, "--stain-norm")
         if self.bootstrap < 0:
             raise ConfigError("--bootstrap must be 0 (off) or more")
         if self.split_file is not None and not Path(self.split_file).exists():

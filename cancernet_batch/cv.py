@@ -124,7 +124,7 @@ def _variant_summary(a: Assessment, ece_before: float) -> dict:
 def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig, *, progress=None,
              load_progress=None, overwrite: bool = False) -> CVResult:
     """K-fold cross-validation over patients, then the calibrated (ensemble / TTA) model; see the module doc."""
-    from .train import TrainProgress, _data_summary, _fit, _load_labelled, _save_and_export
+    from .train import TrainProgress, _data_summary, _fit, _input_field, _load_labelled, _save_and_export, _stain_normalise
 
     progress = progress or TrainProgress()
     out = Path(out_dir)
@@ -132,6 +132,8 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
     if mf.meta.exists() and not overwrite:
         raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
     patches = _load_labelled(data, load_progress)
+    # per patient, from its own pixels only: a held-out patient is normalised exactly as it would be alone
+    stain_record = _stain_normalise(patches, config)
     counts = class_counts(patches.patients, patches.labels)
     k = config.cv
     folds = cv_folds(counts, k, config.seed)
@@ -177,7 +179,7 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
                 "fit_seconds": fit_s, "oof_scoring_seconds": score_s, "history": history}
         save_model_dir(model, fold_mf.root, ModelMeta(mpp=config.mpp, classes=CLASSES, width=config.width,
                                                   separable=config.separable, split=split_f.to_dict(),
-                                                  training={"config": config.to_dict(), "cv_fold": info}))
+                                                  **_input_field(config), training={"config": config.to_dict(), "cv_fold": info}))
         models.append(model)
         histories.append(history)
         fold_info.append(info)
@@ -261,7 +263,8 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
     training = {"config": config.to_dict(), "epochs_run": config.epochs, "best_epoch": config.epochs,
                 "stopped_early": False, "folds": [{kk: v for kk, v in fi.items() if kk != "history"} for fi in fold_info],
                 "seconds_per_epoch": float(np.mean(times_all)) if times_all else None, "epoch_seconds": times_all,
-                "backend": keras.backend.backend(), "cpu_count": os.cpu_count()}
+                "backend": keras.backend.backend(), "cpu_count": os.cpu_count(),
+                **({"stain_norm": stain_record} if stain_record else {})}
     full = {"threshold": threshold, "threshold_rule": CV_THRESHOLD_RULE.format(k=k), "cv": {
         **cv_summary, "pooled": a_oof.to_dict(), "per_fold": [{"fold": f + 1, **per_fold[f].to_dict()} for f in range(k)],
         "reliability": curves}, "scoring": scoring, "training": training,
@@ -270,6 +273,7 @@ def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, conf
     data_summary = _data_summary(data, patches, counts, split)
     meta = ModelMeta(mpp=config.mpp, threshold=threshold, threshold_rule=CV_THRESHOLD_RULE.format(k=k), classes=CLASSES,
                      width=config.width, separable=config.separable, split=split_dict, data=data_summary,
+                     **_input_field(config),
                      metrics={"cv": cv_summary}, training=training, scoring=scoring)
     meta, onnx = _save_and_export(final, out, meta, config.export_onnx)
     return CVResult(meta, out, split, folds, _mean_history(histories), a_oof, None, per_fold, cv_summary, times_all,

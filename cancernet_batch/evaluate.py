@@ -23,7 +23,7 @@ from .atomic import write_csv, write_text
 from .errors import ConfigError, InputError
 from .failures import Failure, write_failures
 from .metrics import PatientRow, binary_metrics, bootstrap_ci, patient_rows, patient_summary
-from .model import CLASSES, jsonable, read_meta
+from .model import CLASSES, jsonable, read_meta, require_raw_input
 from .modelfolder import Assessed, ModelFolder
 from .split import Split
 
@@ -155,6 +155,7 @@ def evaluate(model_dir: str | os.PathLike, data: Sequence[str | os.PathLike], *,
     from .patches import load
 
     meta = read_meta(model_dir)
+    require_raw_input(meta, model_dir)
     eng = load_engine(model_dir, engine)  # a broken model fails before any patch is read
     split = Split.from_dict(meta.split) if meta.split else Split((), ())
     if not meta.split:

@@ -346,6 +346,16 @@ def read_meta(model_dir: str | os.PathLike) -> ModelMeta:
     return ModelMeta(**kwargs)
 
 
+def require_raw_input(meta: ModelMeta, model_dir: str | os.PathLike) -> None:
+    """:class:`ModelError` when the model was trained on per-patient stain-normalised patches
+    (``cancernet train --stain-norm``): scoring feeds raw tiles, so its probabilities would be wrong."""
+    method = (meta.training.get("config") or {}).get("stain_norm", "none")
+    if method != "none":
+        raise ModelError(f"was trained on per-patient stain-normalised patches (--stain-norm {method}), which scoring "
+                         "does not apply", path=Path(model_dir) / META_FILE,
+                         hint="use a model trained with --stain-norm none (the default)")
+
+
 # ----------------------------------------------------------------------------------------------
 # loading the Keras model
 # ----------------------------------------------------------------------------------------------

@@ -244,6 +244,27 @@ def _load_labelled(data: Sequence[str | os.PathLike], load_progress=None):
     return patches
 
 
+def _stain_normalise(patches, config: TrainConfig) -> dict:
+    """Replace ``patches.tiles`` by their per-patient stain-normalised copy (``config.stain_norm``); returns the record.
+
+    Each patient's statistics come from its own pixels only (no labels, no other patient), so a held-out
+    patient of a fold is normalised exactly as it would be alone (:mod:`cancernet_batch.stain`).
+    """
+    if config.stain_norm == "none":
+        return {}
+    from .stain import normalise_by_patient
+
+    t0 = time.perf_counter()
+    patches.tiles, per_patient = normalise_by_patient(patches.tiles, patches.patients, config.stain_norm)
+    skipped = sorted(p for p, v in per_patient.items() if v is None)
+    if skipped:
+        log.warning("stain normalisation: too little tissue to estimate from in %s; left as they are", ", ".join(skipped))
+    log.info("stain-normalised (%s) %d patients in %.1f s", config.stain_norm, len(per_patient),
+             time.perf_counter() - t0)
+    return {"method": config.stain_norm, "statistics_from": "each patient's own pixels (a fixed-seed sample), no labels",
+            "not_normalised": skipped, "per_patient": per_patient}
+
+
 def _fit(model, patches, idx: dict[str, np.ndarray], config: TrainConfig, progress: TrainProgress, *,
          early_stopping: bool = True):
     """Compile and fit; returns (history, epoch seconds, class weights, batches per epoch).
@@ -305,6 +326,14 @@ def _wrap_single(model, val_tiles: np.ndarray, val_labels: np.ndarray, config: T
     return scoring_model([model], tta=config.tta, calibration=c), scoring
 
 
+def _input_field(config: TrainConfig) -> dict:
+    """``ModelMeta.input`` for a model trained on stain-normalised patches (empty: the default raw input)."""
+    if config.stain_norm == "none":
+        return {}
+    return {"input": f"RGB uint8 (N, 50, 50, 3), each patient's patches stain-normalised ({config.stain_norm}, "
+                     "cancernet_batch.stain) with that patient's own statistics; scaling is inside the model"}
+
+
 def _save_and_export(model, out: Path, meta: ModelMeta, export: bool) -> tuple[ModelMeta, Path | None]:
     """Write the model folder (model.json last but the ONNX: it marks a finished model), then the ONNX
     graph when asked; a failed export is a warning, since the Keras model is complete without it."""
@@ -331,6 +360,7 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
     if mf.meta.exists() and not overwrite:
         raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
     patches = _load_labelled(data, load_progress)
+    stain_record = _stain_normalise(patches, config)
     counts = class_counts(patches.patients, patches.labels)
     split = make_split(counts, split_file=config.split_file, val_fraction=config.val_fraction,
                        test_fraction=config.test_fraction, seed=config.seed)
@@ -370,12 +400,13 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
                 "stopped_early": len(history["loss"]) < config.epochs, "class_weights": list(weights),
                 "seconds_per_epoch": float(np.mean(times)) if times else None, "epoch_seconds": times,
                 "train_patches": int(len(idx["train"])), "batches_per_epoch": steps,
-                "backend": keras.backend.backend(), "cpu_count": os.cpu_count()}
+                "backend": keras.backend.backend(), "cpu_count": os.cpu_count(),
+                **({"stain_norm": stain_record} if stain_record else {})}
     full = {"threshold": threshold, "threshold_rule": rule, "history": history, "training": training,
             "val": val.to_dict(), **({"test": test.to_dict()} if test is not None else {})}
     write_text(mf.metrics, json.dumps(jsonable(full), indent=2, allow_nan=False) + "\n")
     meta = ModelMeta(mpp=config.mpp, threshold=threshold, threshold_rule=rule, classes=CLASSES, width=config.width,
-                     separable=config.separable, split=split.to_dict(),
+                     separable=config.separable, split=split.to_dict(), **_input_field(config),
                      data=_data_summary(data, patches, counts, split),
                      metrics={"val": val.summary(), **({"test": test.summary()} if test is not None else {})},
                      training=training, scoring=scoring)

@@ -44,7 +44,8 @@ def tables(run: Path) -> str:
     y, fold = oof["label"].astype(int), oof["fold"] - 1
     k = int(cv["folds"])
     lines = [f"### `{run.name}`: width {cfg['width']}, {cfg['epochs']} epochs, stain jitter {cfg['stain_jitter']}, "
-             f"seed {cfg['seed']}, variant {variant}, calibration {method}", ""]
+             f"stain normalisation {cfg.get('stain_norm', 'none')}, seed {cfg['seed']}, variant {variant}, "
+             f"calibration {method}", ""]
     pooled = cv["pooled"]
     p, ci = pooled["patch"], pooled["ci"]
     lines += [f"Pooled out-of-fold ({p['n']} patches): balanced accuracy **{_f(p['balanced_accuracy'])}** "

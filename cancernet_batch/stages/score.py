@@ -162,9 +162,10 @@ def prepare_scoring(run: Run, cfg: PredictConfig) -> Scoring:
     if not ModelFolder(cfg.model_dir).meta.exists():
         raise ModelError(f"no {META_FILE} in the model folder", path=cfg.model_dir,
                          hint="give the folder written by `cancernet train`")
-    from ..model import read_meta
+    from ..model import read_meta, require_raw_input
 
     meta = read_meta(cfg.model_dir)
+    require_raw_input(meta, cfg.model_dir)
     cfg = replace(cfg, model_dir=str(Path(cfg.model_dir).resolve()))
     if not cfg.rescore and run.exists():
         others = sorted({str(m) for m in _scored_by(run) if m != meta.model_id})
