@@ -214,7 +214,7 @@ class ReportConfig:
 
 CALIBRATIONS = ("none", "temperature", "platt")
 """``cancernet train --calibrate`` choices (see :mod:`cancernet_batch.calibration`)."""
-STAIN_NORMS = ("none", "macenko", "reinhard")
+STAIN_NORMS = ("none", "macenko", "macenko-hue", "reinhard")
 """``cancernet train --stain-norm`` choices (see :mod:`cancernet_batch.stain`; the same as ``stain.METHODS``)."""
 
 
@@ -263,7 +263,7 @@ class TrainConfig:
     """``none``, ``temperature`` or ``platt``: fitted on the pooled out-of-fold logits (with ``cv``) or on the
     validation patients' logits, stored in ``model.json`` and baked into the exported model."""
     stain_norm: str = "none"
-    """Per-patient stain normalisation of the training data (``none``, ``macenko``, ``reinhard``): every patch
+    """Per-patient stain normalisation of the training data (one of :data:`STAIN_NORMS`): every patch
     of a patient mapped to a fixed reference with statistics of that patient's own pixels, never labels
     (:mod:`cancernet_batch.stain`). Scoring does not normalise yet, so such a model is for cross-validation
     experiments only: ``cancernet run`` and ``evaluate`` refuse it (training/RESULTS.md)."""

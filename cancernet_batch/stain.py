@@ -14,6 +14,9 @@ Statistics come from a deterministic sample of at most :data:`SAMPLE_PIXELS` pix
   implementation). Stain directions and high percentiles depend on the class mix less than means
   do (an IDC patch has more nuclei, not other dyes), but the 99th-percentile concentration still
   rises with the share of dense tissue (measured: ``training/stain_by_patient.py --by-mix``).
+* ``macenko-hue``: Macenko's stain vectors only: each pixel re-stained with the reference dyes, its
+  amounts of each dye kept (no per-patient scale). Only the stain *directions* are estimated, which do
+  not move with the class mix (measured within a few degrees); a patient's stain density is left as it is.
 * ``reinhard`` (Reinhard et al. 2001, as HistomicsTK applies it to H&E): in Ruderman's lαβ space
   (natural log of LMS of 0-255 RGB), each channel's mean and standard deviation over the tissue pixels
   are mapped to :data:`REINHARD_MEAN` / :data:`REINHARD_STD` (HistomicsTK's documented default
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("none", "macenko", "reinhard")
+METHODS = ("none", "macenko", "macenko-hue", "reinhard")
 """``cancernet train --stain-norm`` choices."""
 
 SAMPLE_PIXELS = 200_000
@@ -104,10 +107,11 @@ def macenko_stats(tiles: np.ndarray) -> dict:
     return {"stains": stains, "max": np.percentile(conc, CONC_PERCENTILE, axis=1)}
 
 
-def macenko_apply(tiles: np.ndarray, stats: dict) -> np.ndarray:
-    """``tiles`` re-stained with the reference: concentrations in ``stats['stains']``, scaled to :data:`MACENKO_MAX`."""
+def macenko_apply(tiles: np.ndarray, stats: dict, *, rescale: bool = True) -> np.ndarray:
+    """``tiles`` re-stained with the reference: concentrations in ``stats['stains']``, scaled to :data:`MACENKO_MAX`
+    (unless not ``rescale``: then only the dyes change, each pixel's amounts stay)."""
     unmix = np.linalg.pinv(stats["stains"])  # (2, 3)
-    scale = MACENKO_MAX / np.maximum(stats["max"], 1e-6)
+    scale = MACENKO_MAX / np.maximum(stats["max"], 1e-6) if rescale else np.ones(2)
     out = np.empty_like(tiles)
     for s in range(0, len(tiles), _CHUNK):
         od = _od(tiles[s:s + _CHUNK])
@@ -136,8 +140,9 @@ def reinhard_apply(tiles: np.ndarray, stats: dict) -> np.ndarray:
     return out
 
 
-_STATS = {"macenko": macenko_stats, "reinhard": reinhard_stats}
-_APPLY = {"macenko": macenko_apply, "reinhard": reinhard_apply}
+_STATS = {"macenko": macenko_stats, "macenko-hue": macenko_stats, "reinhard": reinhard_stats}
+_APPLY = {"macenko": macenko_apply, "macenko-hue": lambda t, s: macenko_apply(t, s, rescale=False),
+          "reinhard": reinhard_apply}
 
 
 def estimate(tiles: np.ndarray, method: str) -> dict:

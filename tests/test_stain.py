@@ -51,6 +51,10 @@ def test_macenko_recovers_a_known_stain_and_maps_it_to_the_reference():
     assert diff.mean() < 3.0 and np.percentile(diff, 95) < 8
     raw = np.abs(dense.astype(int) - want.astype(int)).mean()
     assert raw > 5 * diff.mean()  # it did move the colours a long way
+    # macenko-hue: the reference dyes, the patient's own amounts (the 40 % extra density stays)
+    hue = stain.apply(dense, stain.estimate(dense, "macenko-hue"), "macenko-hue")
+    diff = np.abs(hue.astype(int) - _render(conc * 1.4, stain.MACENKO_STAINS).astype(int))
+    assert diff.mean() < 3.0 and np.percentile(diff, 95) < 8
 
 
 def test_reinhard_maps_the_tissue_colour_statistics_to_the_reference():
@@ -86,7 +90,7 @@ def test_what_the_statistics_depend_on_when_the_tissue_mix_changes():
     assert rm["mean"][0] - rd["mean"][0] > 0.05  # paler on average (l is log-brightness)
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+@pytest.mark.parametrize("method", ["macenko", "macenko-hue", "reinhard"])
 def test_each_patient_is_normalised_from_its_own_pixels_only_and_deterministically(method):
     tiles = np.concatenate([_render(_concentrations(12, seed=10 + i) * (0.6 + 0.3 * i), SOURCE) for i in range(3)])
     blank = np.full((4, 50, 50, 3), 250, np.uint8)  # glass only: nothing to estimate from
