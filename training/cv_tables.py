@@ -8,6 +8,11 @@ The per-fold ECEs are recomputed from the stored out-of-fold logits with the sam
 the run (:func:`cancernet_batch.cv.cross_fit`), so nothing here is typed in by hand.
 
     python training/cv_tables.py RUN_DIR [RUN_DIR ...]
+    python training/cv_tables.py --row 8863 RUN_DIR [RUN_DIR ...]   # one summary row per run
+
+With ``--row PATIENT``: the figures of the runs table (pooled balanced accuracy, AUC, ECE with intervals,
+the cross-fitted temperature / Platt ECE) and those of the fold that holds out PATIENT, and the share of
+PATIENT's patches called IDC against the truth.
 """
 
 from __future__ import annotations
@@ -91,11 +96,27 @@ def tables(run: Path) -> str:
     return "\n".join(lines)
 
 
+def summary_row(run: Path, patient: str) -> str:
+    """``| BA (CI) | AUC (CI) | ECE (CI) | ECE temp. / Platt | fold holding patient: BA / AUC; called IDC |``."""
+    cv = json.loads((run / "metrics.json").read_text())["cv"]
+    p, ci = cv["pooled"]["patch"], cv["pooled"]["ci"]
+    v = cv["variant"]
+    fold = next(f for i, f in enumerate(cv["per_fold"]) if patient in f.get("held_out", cv["held_out"][i]))
+    row = next(r for r in cv["pooled"]["per_patient"] if r["patient"] == patient)
+    return (f"| {_f(p['balanced_accuracy'])} {_ci(ci.get('balanced_accuracy'))} | {_f(p['roc_auc'])} "
+            f"{_ci(ci.get('roc_auc'))} | {_f(p['ece'])} {_ci(ci.get('ece'))} | {_f(cv['variants'][v + '/temperature']['ece'])}"
+            f" / {_f(cv['variants'][v + '/platt']['ece'])} | fold {fold['fold']}: {_f(fold['patch']['balanced_accuracy'])}"
+            f" / {_f(fold['patch']['roc_auc'])}; {patient} called IDC {_f(row['pred_idc_fraction'], 2)} (true "
+            f"{_f(row['true_idc_fraction'], 2)}) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    for run in ap.parse_args().runs:
-        print(tables(run))
+    ap.add_argument("--row", metavar="PATIENT", help="one summary row per run, with the fold that holds out PATIENT")
+    args = ap.parse_args()
+    for run in args.runs:
+        print(f"{run.name} " + summary_row(run, args.row) if args.row else tables(run))
 
 
 if __name__ == "__main__":
