@@ -352,7 +352,7 @@ def require_raw_input(meta: ModelMeta, model_dir: str | os.PathLike) -> None:
     method = (meta.training.get("config") or {}).get("stain_norm", "none")
     if method != "none":
         raise ModelError(f"was trained on per-patient stain-normalised patches (--stain-norm {method}), which scoring "
-                         "does not apply", path=Path(model_dir) / META_FILE,
+                         "does not apply", path=ModelFolder(model_dir).meta,
                          hint="use a model trained with --stain-norm none (the default)")
 
 

@@ -98,7 +98,7 @@ def tables(run: Path) -> str:
 
 def summary_row(run: Path, patient: str) -> str:
     """``| BA (CI) | AUC (CI) | ECE (CI) | ECE temp. / Platt | fold holding patient: BA / AUC; called IDC |``."""
-    cv = json.loads((run / "metrics.json").read_text())["cv"]
+    cv = json.loads(ModelFolder(run).metrics.read_text())["cv"]
     p, ci = cv["pooled"]["patch"], cv["pooled"]["ci"]
     v = cv["variant"]
     fold = next(f for i, f in enumerate(cv["per_fold"]) if patient in f.get("held_out", cv["held_out"][i]))
