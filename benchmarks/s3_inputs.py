@@ -182,7 +182,13 @@ class S3rverProcess:
     It keeps no request log here: ``tally()`` gives no counts, only the server's CPU seconds (the requests a
     run sends are the client's and are counted on moto). Its credentials are its fixed ``S3RVER`` pair.
     It ignores ``If-None-Match`` on PUT, so a run folder there cannot be locked: the tool refuses such a server
-    unless ``CANCERNET_UNLOCKED_OUT=1``, which this benchmark sets (one writer per run folder here)."""
+    unless ``CANCERNET_UNLOCKED_OUT=1``, which this benchmark sets (one writer per run folder here).
+
+    It is started with Node's ``--openssl-legacy-provider``: s3rver 3.7.1 makes the ``NextContinuationToken``
+    of a truncated ``ListObjectsV2`` page with the DES cipher, which OpenSSL 3 (Node >= 17) no longer offers
+    by default, so without it every listing of more than ``max-keys`` (1,000) objects is a 500
+    ``InternalError`` (``ERR_OSSL_EVP_UNSUPPORTED`` in its log): the benchmark's input prefix holds 2,000+
+    patches. A server bug, not the request: the same paged ``ListObjectsV2`` works on moto and AWS S3."""
 
     KEY = "S3RVER"
 
@@ -195,8 +201,10 @@ class S3rverProcess:
         self._dir = tempfile.mkdtemp(prefix="s3rver-")
         log = Path(self._dir + ".log")
         with open(log, "wb") as out:  # it logs every request: to a file, never a pipe nobody reads
+            env = {**os.environ, "NODE_OPTIONS": " ".join(filter(None, (os.environ.get("NODE_OPTIONS"),
+                                                                          "--openssl-legacy-provider")))}
             self._p = subprocess.Popen([str(S3RVER), "-d", self._dir, "-a", "127.0.0.1", "-p", "0"],
-                                       stdout=out, stderr=subprocess.STDOUT)
+                                       stdout=out, stderr=subprocess.STDOUT, env=env)
         m = None
         deadline = time.monotonic() + 30
         while m is None and time.monotonic() < deadline and self._p.poll() is None:
