@@ -258,11 +258,20 @@ def load_scored(gid: str, group, patient: str) -> ScoredInput:
 
 def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
     """Save the map as array ``idc_map`` in the input's group (replacing an older one)."""
+    from zarr.errors import ContainsArrayError
+
     rows, cols = idc_map.shape
-    arr = group.create_array("idc_map", shape=idc_map.shape, dtype="float32", fill_value=np.nan,
-                             chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))), overwrite=True)
+    # its attributes go in with its metadata (one write), made by store.create_arrays (no parent HEADs);
+    # an older map (a report made again) is replaced, which on object storage costs a listing: only then
+    spec = {"idc_map": dict(shape=idc_map.shape, dtype="float32", fill_value=np.nan,
+                            chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))),
+                            attributes={"model_id": model_id,
+                                        "description": "P(IDC) per model tile; NaN: background or unscored"})}
+    try:
+        (arr,) = store.create_arrays(group, spec).values()
+    except ContainsArrayError:
+        (arr,) = store.create_arrays(group, spec, overwrite=True).values()
     arr[...] = idc_map
-    arr.update_attributes({"model_id": model_id, "description": "P(IDC) per model tile; NaN: background or unscored"})
 
 
 # --------------------------------------------------------------------------------------------

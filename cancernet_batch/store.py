@@ -280,8 +280,50 @@ def _schema_checked(root, mode: str, where):
     return root
 
 
-def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False):
-    """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False."""
+def _array_metadata(**kwargs):
+    """The metadata document that ``group.create_array(**kwargs)`` would write: made by zarr itself, on an
+    in-memory store (no request), so that :func:`create_arrays` writes exactly what ``create_array`` does."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    return zarr.create_array(MemoryStore(), **kwargs).metadata
+
+
+def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (), overwrite: bool = False) -> dict:
+    """Create the arrays ``{name: create_array keyword arguments}`` (and the empty ``groups``) under ``group``
+    at once, with zarr's ``create_hierarchy``; returns ``{name: node}``.
+
+    ``group.create_array`` checks, for every array, that no node is there and that each parent group's
+    ``zarr.json`` exists (on object storage: a GET of the node and of each parent, a HEAD of each parent,
+    then the PUT, one array after the other: 8 requests and three round trips an array). Here one batch
+    of concurrent GETs checks all the new nodes and their parents, then one batch of concurrent PUTs
+    writes their documents (two round trips in all, no HEAD). An existing node is an error as with
+    ``create_array``, unless ``overwrite`` (then it is removed first, as ``create_array(overwrite=True)``
+    does). Metadata only: no chunk is written. ``group`` may be a :class:`NodeCache`, which learns the new
+    nodes.
+    """
+    from zarr.core.group import GroupMetadata
+
+    nodes = {name: GroupMetadata() for name in groups}
+    nodes.update({name: _array_metadata(**kw) for name, kw in arrays.items()})
+    target = group._group if isinstance(group, NodeCache) else group
+    made = dict(target.create_hierarchy(nodes, overwrite=overwrite))
+    if isinstance(group, NodeCache):
+        for name, node in made.items():
+            group._remember(name, node)
+    return made
+
+
+def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
+                 arrays: dict[str, dict] | None = None):
+    """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
+
+    ``arrays``: more arrays to create with it (``{name: create_array keyword arguments}``, e.g. a slide's
+    ``tissue`` and ``thumbnail``). The group and every array are made in one :func:`create_arrays` (their
+    documents written concurrently); the group's attrs go last, in their own write, so a group with a
+    ``chunk`` attribute has all its arrays. Returns a :class:`NodeCache` of the new group that knows its
+    arrays (no lookup reads their metadata again).
+    """
     gid = input_id(attrs.source)
     inputs = root.require_group("inputs")
     base = _group_dir(inputs)
@@ -289,13 +331,17 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         shutil.rmtree(base / gid)  # a damaged old group: zarr cannot even look at it
     if gid in inputs:
         del inputs[gid]
-    g = inputs.create_group(gid)
     c = max(1, min(chunk, n)) if n else chunk
-    g.create_array("tiles", shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8")
-    g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32")
+    specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8"),
+             "coords": dict(shape=(n, 2), chunks=(c, 2), dtype="int32")}
     if labels:
-        g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
-    g.create_array("tiled", shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
+        specs["labels"] = dict(shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
+    specs["tiled"] = dict(shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
+    specs.update(arrays or {})
+    made = create_arrays(inputs, {f"{gid}/{name}": kw for name, kw in specs.items()}, groups=(gid,))
+    g = NodeCache(made[gid])
+    for name in specs:
+        g._remember(name, made[f"{gid}/{name}"])
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     return g
 
@@ -563,6 +609,10 @@ class NodeCache:
         self._nodes[name] = node = self._group.create_array(name, **kwargs)
         return node
 
+    def _remember(self, name: str, node) -> None:
+        """A node just created under this group (by :func:`create_arrays`)."""
+        self._nodes[name] = node
+
     def __getattr__(self, name: str):
         return getattr(self._group, name)
 
@@ -608,6 +658,10 @@ class _TaskGroup(NodeCache):
         self._forget(name)
         self._local[name] = node = self._group.create_array(name, **kwargs)
         return node
+
+    def _remember(self, name: str, node) -> None:
+        self._forget(name)
+        self._local[name] = node
 
 
 def data_array(group, name: str):
@@ -658,13 +712,20 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
             del group["probs"]
             if "done" in group:
                 del group["done"]
+    missing = {}
     if "probs" not in group:
         # the model id goes in with the array's metadata (one write): a kill between two writes left
         # an array of no model, and every later run was refused as "scored by model None"
-        group.create_array("probs", shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
-                           attributes={"model_id": model_id})
+        missing["probs"] = dict(shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
+                                attributes={"model_id": model_id})
     if "done" not in group:  # a kill after probs and before done: no chunk is done yet
-        group.create_array("done", shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
+        missing["done"] = dict(shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
+    if missing:
+        # both documents in one batch of writes (a kill between them leaves one array without the
+        # other: either way no chunk is flagged done, and the next call makes the missing one)
+        made = create_arrays(group, missing)
+        if not isinstance(group, NodeCache):
+            return tuple(made[k] if k in made else group[k] for k in ("probs", "done"))
     return group["probs"], group["done"]
 
 

@@ -779,6 +779,88 @@ def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3
         # per-worker cache every chunk task read its arrays' documents again: 117 for 8 chunks, 93 for 5
         assert gets[gid] <= 55 + 3 * n, (gid, n, gets)
     assert gets.get("", 0) <= 70, gets  # the root and `inputs` (89 before): no longer read by every task
+    # arrays are made without zarr's HEAD of each parent group (3 per array before); what is left: the store's
+    # existence checks and the root's document when `inputs` is made
+    heads = [r.path for r in s3.server.requests if r.method == "HEAD" and f"/{prefix}/tiles.zarr" in r.path]
+    assert len(heads) <= 3, heads
+
+
+def _store_requests(s3, prefix: str) -> list:
+    """The requests sent to the tile store under ``prefix`` since the last call (the log is cleared)."""
+    with s3.server._lock:
+        out = [r for r in s3.server.requests if f"/{prefix}/tiles.zarr" in r.path]
+        s3.server.requests.clear()
+    return out
+
+
+def _puts(requests) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(r.path.split("/tiles.zarr/", 1)[1] for r in requests if r.method == "PUT"))
+
+
+def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s3):
+    """create_input, ensure_predictions and the report's map make their arrays through zarr's create_hierarchy:
+    no HEAD (zarr's create_array sends one per parent group of every array: 3 per array here), one PUT per
+    metadata document (the group's attrs: a second one, last), and documents exactly as create_array
+    writes them."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from cancernet_batch import aggregate, store
+    from cancernet_batch.store import InputAttrs
+
+    prefix = "nights/created"
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    root.require_group("inputs")  # as a run does first
+    attrs = InputAttrs(source=f"s3://{BUCKET}/x/a.svs", kind="slide", reader="test", patient="p", source_size=1,
+                       source_mtime=0.0, target_mpp=4.0, grid_shape=(4, 5), n_tiles=10)
+    gid = store.input_id(attrs.source)
+    tissue = dict(shape=(4, 5), chunks=(4, 5), dtype="float32")
+    _store_requests(s3, prefix)
+    g = store.create_input(root, attrs, 10, chunk=4, labels=True, arrays={"tissue": tissue})
+    made = _store_requests(s3, prefix)
+    assert not [r for r in made if r.method == "HEAD"], made
+    assert _puts(made) == {f"inputs/{gid}/zarr.json": 2,  # the empty group, then its attrs (last)
+                           **{f"inputs/{gid}/{a}/zarr.json": 1 for a in ("tiles", "coords", "labels", "tiled", "tissue")}}
+    gets = [r for r in made if r.method == "GET"]
+    assert len(gets) <= 12, [r.path for r in gets]  # each new node and the parents: one concurrent batch
+    g["coords"][:] = np.arange(20).reshape(10, 2)  # the handles create_input returns: no lookup
+    assert not [r for r in _store_requests(s3, prefix) if r.path.endswith("zarr.json")]
+
+    probs, done = store.ensure_predictions(run.open_input(gid), "model-a")
+    made = _store_requests(s3, prefix)
+    assert not [r for r in made if r.method == "HEAD"], made
+    assert _puts(made) == {f"inputs/{gid}/probs/zarr.json": 1, f"inputs/{gid}/done/zarr.json": 1}
+    assert probs.attrs["model_id"] == "model-a" and probs.shape == (10,) and done.shape == (3,)
+    assert store.ensure_predictions(run.open_input(gid), "model-a")[0].attrs["model_id"] == "model-a"
+    assert not _puts(_store_requests(s3, prefix))  # there already: nothing written
+
+    for k, value in enumerate((0.25, 0.75)):  # the first map, then a report made again replaces it
+        aggregate.write_idc_map(run.open_input(gid), np.full((4, 5), value, np.float32), "model-a")
+        made = _store_requests(s3, prefix)
+        assert _puts(made) == {f"inputs/{gid}/idc_map/zarr.json": 1, f"inputs/{gid}/idc_map/c/0/0": 1}
+        if k == 0:
+            assert not [r for r in made if r.method == "HEAD"], made
+        m = zarr.open_group(run.fs.store_location(run.store_path), mode="r")[f"inputs/{gid}/idc_map"]
+        assert m.attrs["model_id"] == "model-a" and np.all(m[:] == value)
+
+    # every document is the one group.create_array writes
+    fs = s3.fs()
+    ref = zarr.group(MemoryStore())
+    specs = {"tiles": dict(shape=(10, 50, 50, 3), chunks=(4, 50, 50, 3), dtype="uint8"),
+             "coords": dict(shape=(10, 2), chunks=(4, 2), dtype="int32"),
+             "labels": dict(shape=(10,), chunks=(4,), dtype="int8", fill_value=-1),
+             "tiled": dict(shape=(3,), chunks=(1,), dtype="bool", fill_value=False), "tissue": tissue,
+             "probs": dict(shape=(10,), chunks=(4,), dtype="float32", fill_value=np.nan,
+                           attributes={"model_id": "model-a"}),
+             "done": dict(shape=(3,), chunks=(1,), dtype="bool", fill_value=False)}
+    for name, kw in specs.items():
+        want = ref.create_array(name, **kw).metadata.to_dict()
+        got = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/{name}/zarr.json"))
+        assert json.loads(json.dumps(want, default=str)) == got or zarr.core.metadata.ArrayV3Metadata.from_dict(
+            got).to_dict() == want, name
 
 
 def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3_patients, capsys, tmp_path):

@@ -185,14 +185,15 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     else:
         c = _store_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
         bounds = store.chunk_bounds(plan.n_tiles, c)
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c)
+        rows, cols = plan.grid_shape
+        th = plan.thumbnail
+        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays={
+            "tissue": dict(shape=(rows, cols), chunks=(rows, cols), dtype="float32"),
+            "thumbnail": dict(shape=th.shape, chunks=(min(th.shape[0], 1024), min(th.shape[1], 1024), 3), dtype="uint8")})
         if plan.n_tiles:
             g["coords"][:] = plan.coords
-        rows, cols = plan.grid_shape
-        g.create_array("tissue", shape=(rows, cols), chunks=(rows, cols), dtype="float32")[:] = plan.tissue
-        th = plan.thumbnail
-        g.create_array("thumbnail", shape=th.shape, chunks=(min(th.shape[0], 1024), min(th.shape[1], 1024), 3),
-                       dtype="uint8")[:] = th
+        g["tissue"][:] = plan.tissue
+        g["thumbnail"][:] = th
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     return {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
             "tile_px": plan.tile_px_level, "summary": plan.summary()}
