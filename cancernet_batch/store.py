@@ -494,8 +494,10 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
         yield gid, g
 
 
-def validate_input(group) -> str | None:
+def validate_input(group, *, done: np.ndarray | None = None) -> str | None:
     """Why an input's stored data cannot be trusted, or None when it is consistent.
+
+    ``done``: its done flags when the caller has just read them (:func:`done_mask`), not read again.
 
     Checked: the attrs parse; ``tiles`` is ``(N, 50, 50, 3) uint8`` and ``coords`` ``(N, 2)`` integers with
     ``N == n_tiles``; every position lies on the grid (patient folders may hold ``(-1, -1)``: no
@@ -539,7 +541,7 @@ def validate_input(group) -> str | None:
             return f"its probs are {probs.dtype} {tuple(probs.shape)}, expected float32 ({n},)"
         if tuple(done_arr.shape) != (len(bounds),) or str(done_arr.dtype) != "bool":
             return f"its done flags are {done_arr.dtype} {tuple(done_arr.shape)}, expected bool ({len(bounds)},)"
-        done = np.asarray(done_arr[:], bool)
+        done = np.asarray(done_arr[:], bool) if done is None or len(done) != len(bounds) else np.asarray(done, bool)
         if done.any():
             p = np.asarray(probs[:], np.float32)
             for i in np.flatnonzero(done):
@@ -584,13 +586,33 @@ class NodeCache:
     not as a long-lived handle (another process's changes are not seen).
     """
 
+    _listed = False  # True once every member was looked up at once (load_members): the absent are known
+
     def __init__(self, group):
         self._group = group
         self._nodes: dict[str, object] = {}
 
+    def load_members(self) -> "NodeCache":
+        """Look every member up at once: one listing and the members' documents read concurrently (on object
+        storage two round trips, instead of one per name looked up, absent names included). Any problem
+        (a damaged document) leaves the lookups one by one, which say what is wrong."""
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # objects that are no zarr node (a stale temporary file)
+                members = dict(self._group.members())
+        except Exception:  # noqa: BLE001 - the lookups one by one raise the usual clear errors
+            return self
+        self._nodes.update(members)
+        self._listed = True
+        return self
+
     def __getitem__(self, name: str):
         node = self._nodes.get(name)
         if node is None:
+            if self._listed:
+                raise KeyError(name)  # not among the members listed (nor made since)
             node = self._nodes[name] = self._group[name]  # KeyError when absent: not cached
         return node
 
@@ -670,9 +692,9 @@ def data_array(group, name: str):
     return group.data(name) if isinstance(group, _TaskGroup) else group[name]
 
 
-def check_input(group, gid: str = "") -> None:
+def check_input(group, gid: str = "", *, done: np.ndarray | None = None) -> None:
     """:class:`DamagedInputError` (naming the input and the reason) unless :func:`validate_input` passes."""
-    why = validate_input(group)
+    why = validate_input(group, done=done)
     if why is not None:
         where = group.attrs.get("source") or gid
         raise DamagedInputError(f"stored data of this input are inconsistent: {why}", path=where,

@@ -786,9 +786,10 @@ def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3
 
 
 def _store_requests(s3, prefix: str) -> list:
-    """The requests sent to the tile store under ``prefix`` since the last call (the log is cleared)."""
+    """The requests sent to the tile store under ``prefix`` (and the bucket's listings) since the last call (the
+    log is cleared)."""
     with s3.server._lock:
-        out = [r for r in s3.server.requests if f"/{prefix}/tiles.zarr" in r.path]
+        out = [r for r in s3.server.requests if f"/{prefix}/tiles.zarr" in r.path or r.path == f"/{BUCKET}"]
         s3.server.requests.clear()
     return out
 
@@ -861,6 +862,44 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
         got = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/{name}/zarr.json"))
         assert json.loads(json.dumps(want, default=str)) == got or zarr.core.metadata.ArrayV3Metadata.from_dict(
             got).to_dict() == want, name
+
+
+def test_setting_up_an_inputs_scoring_on_the_client_costs_few_requests(s3):
+    """input_chunks_to_score (on the client, one input after the other) looks the group's members up at once
+    and reads no done flag of predictions it has just made: 18 requests (one listing, then concurrent reads)
+    where it sent 34 (6 HEADs; the done flags read three times). Its checks still hold: the chunks of an
+    input scored before are read back, and a done flag without probabilities is cleared."""
+    from cancernet_batch import store
+    from cancernet_batch.config import PredictConfig
+    from cancernet_batch.stages.score import Scoring, input_chunks_to_score
+    from cancernet_batch.store import InputAttrs
+
+    prefix = "nights/scoring"
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    root.require_group("inputs")
+    attrs = InputAttrs(source=f"s3://{BUCKET}/x/b.svs", kind="slide", reader="test", patient="p", source_size=1,
+                       source_mtime=0.0, target_mpp=4.0, grid_shape=(4, 5), n_tiles=10)
+    gid = store.input_id(attrs.source)
+    g = store.create_input(root, attrs, 10, chunk=4)
+    g["coords"][:] = np.stack(np.divmod(np.arange(10), 5), axis=1)
+    scoring = Scoring(PredictConfig(model_dir="unused"), "model-a", 0.5, 4.0)
+    _store_requests(s3, prefix)
+    chunks, n = input_chunks_to_score(run.open_input(gid), gid, scoring)
+    made = _store_requests(s3, prefix)
+    assert (chunks, n) == ([(gid, 0, 0, 4), (gid, 1, 4, 8), (gid, 2, 8, 10)], 3)
+    assert not [r for r in made if "/done/c/" in r.path], [r.path for r in made]  # just made: nothing to read
+    assert len([r for r in made if r.path == f"/{BUCKET}"]) == 1  # the one listing of the group's members
+    assert len(made) <= 18 and not [r for r in made if r.method == "HEAD"], [(r.method, r.path) for r in made]
+
+    # scored before: chunk 1 done with its probabilities, chunk 2 flagged done without them
+    g = run.open_store("r+")["inputs"][gid]
+    g["probs"][4:8] = 0.5
+    g["done"][1] = True
+    g["done"][2] = True
+    chunks, n = input_chunks_to_score(run.open_input(gid), gid, scoring)
+    assert (chunks, n) == ([(gid, 0, 0, 4), (gid, 2, 8, 10)], 3)
+    assert list(store.done_mask(run.open_store("r")["inputs"][gid])) == [False, True, False]
 
 
 def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3_patients, capsys, tmp_path):

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .. import store
 from ..cluster import SCORE, as_completed_windowed, dask_client, usable_cores, work_split
 from ..config import PredictConfig
@@ -195,17 +197,23 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring) -> tuple[list[tuple[str
     Raises (for the input's failure row) when it was tiled at another µm/px than the model's, or
     when its predictions cannot be set up.
     """
-    g = store.NodeCache(g)  # the checks below look the same arrays up many times: one metadata read each
     tiled_mpp = g.attrs.get("target_mpp")
     mpp = scoring.mpp
     if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
         raise ResolutionError(f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
                               path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")
+    # the checks below look the same arrays up many times: all of them at once (one listing and concurrent
+    # reads of their documents; on object storage this runs on the client, one input after the other)
+    g = store.NodeCache(g).load_members()
+    new = "probs" not in g and "done" not in g
     store.ensure_predictions(g, scoring.model_id, reset=scoring.cfg.rescore)
-    store.clear_unproven_done(g)  # a done flag without probabilities is scored again, never reported as 0 %
-    store.check_input(g, gid)
-    done = store.done_mask(g)
     n = int(g["tiles"].shape[0])
+    if new:  # just made: no chunk is done, nothing to read back
+        done = np.zeros(int(g["done"].shape[0]), bool)
+    else:
+        store.clear_unproven_done(g)  # a done flag without probabilities is scored again, never reported as 0 %
+        done = store.done_mask(g)
+    store.check_input(g, gid, done=done)
     chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
     return [(gid, i, s, e) for i, (s, e) in enumerate(store.chunk_bounds(n, chunk)) if not done[i]], len(done)
 
