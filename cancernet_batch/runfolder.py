@@ -679,7 +679,8 @@ class Run:
                     return False
                 path = parent
 
-        old = self.failures()
+        data = self.fs.read_bytes(self.failures_csv)  # one read: the rows, and whether the file is there
+        old = failures_from_csv(data, self.failures_csv) if data is not None else []
         merged: dict[tuple[str, str], Failure] = {}
         for f in old:
             if not (stages and f.stage in STAGES and cleared(f)):
@@ -687,11 +688,17 @@ class Run:
         for f in new:
             merged[(f.input, f.stage)] = f
         out = list(merged.values())
-        if out != old or not self.fs.exists(self.failures_csv):
+        if out != old or data is None:
             self.fs.write_bytes(self.failures_csv, failures_to_csv(out))
         return out
 
-    def write_report_failures(self, failures: list[Failure]) -> Path:
+    def write_report_failures(self, failures: list[Failure], staged: Path | None = None) -> Path:
+        """The report's ``failures.csv``; into ``staged`` (the local folder of ``fs.staged(report_dir)``: PUT
+        with the report's other tables, in one batch, when that block ends) when given."""
+        if staged is not None:
+            from .atomic import write_bytes
+
+            return write_bytes(Path(staged) / FAILURES_CSV, failures_to_csv(failures))
         return self.fs.write_bytes(self.report_file(FAILURES_CSV), failures_to_csv(failures))
 
     # records -----------------------------------------------------------------------------------

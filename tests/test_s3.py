@@ -902,6 +902,36 @@ def test_setting_up_an_inputs_scoring_on_the_client_costs_few_requests(s3):
     assert list(store.done_mask(run.open_store("r")["inputs"][gid])) == [False, True, False]
 
 
+def test_a_flush_reads_the_failures_list_once_and_puts_the_report_tables_in_one_batch(s3):
+    """Each flush of a run (every --report-every seconds, and at the end) merges the failures list and rewrites
+    the report's tables: the list is read once (no HEAD to ask whether it is there), written only when it
+    changed, and the report's failures.csv goes up with the other tables (one batch of concurrent PUTs, not a
+    PUT of its own first)."""
+    from cancernet_batch.aggregate import Threshold
+    from cancernet_batch.failures import Failure
+    from cancernet_batch.stages.report import write_tables
+
+    prefix = "nights/flush"
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    row = Failure(f"s3://{BUCKET}/x/c.svs", "tile", "SlideReadError", "cannot read")
+
+    def sent() -> list:
+        with s3.server._lock:
+            out = [(r.method, r.path.split(f"/{prefix}/", 1)[1]) for r in s3.server.requests if f"/{prefix}/" in r.path]
+            s3.server.requests.clear()
+        return out
+
+    run.record_failures([row])  # the first row: the file is made
+    assert ("PUT", "failures.csv") in sent()
+    assert run.record_failures([row]) == [row]  # unchanged: one GET, nothing written, no HEAD
+    assert sent() == [("GET", "failures.csv")]
+    write_tables(run, [], Threshold(0.5, "--threshold"), [row])
+    puts = [p for m, p in sent() if m == "PUT"]
+    assert sorted(puts) == sorted(f"report/{n}" for n in ("inputs.csv", "patients.csv", "failures.csv",
+                                                           "viewer.js", "index.html"))
+    assert _csv(s3.fs().cat_file(f"{BUCKET}/{prefix}/report/failures.csv"))[0]["input"] == row.input
+
+
 def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3_patients, capsys, tmp_path):
     """``inspect --storage-options`` reaches objects with the given credentials (none in the environment):
     the same plan as the local file; an endpoint that does not answer is a clear error; local inputs refuse it."""

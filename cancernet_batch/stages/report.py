@@ -276,7 +276,7 @@ def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: li
     with run.fs.staged(out) as local:  # on object storage: written here, then PUT
         write_table(local / INPUTS_CSV, figures, INPUT_COLUMNS)
         write_table(local / PATIENTS_CSV, summary.patients, PATIENT_COLUMNS)
-        run.write_report_failures(failures)
+        run.write_report_failures(failures, local)  # with the other tables (on object storage: one batch of PUTs)
         write_viewer(local)
         write_text(local / INDEX_HTML, render_index(summary))
     return summary
