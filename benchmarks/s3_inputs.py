@@ -186,9 +186,10 @@ class S3rverProcess:
 
     It is started with Node's ``--openssl-legacy-provider``: s3rver 3.7.1 makes the ``NextContinuationToken``
     of a truncated ``ListObjectsV2`` page with the DES cipher, which OpenSSL 3 (Node >= 17) no longer offers
-    by default, so without it every listing of more than ``max-keys`` (1,000) objects is a 500
-    ``InternalError`` (``ERR_OSSL_EVP_UNSUPPORTED`` in its log): the benchmark's input prefix holds 2,000+
-    patches. A server bug, not the request: the same paged ``ListObjectsV2`` works on moto and AWS S3."""
+    by default, so without it every truncated page is a 500 ``InternalError`` (``ERR_OSSL_EVP_UNSUPPORTED``
+    in its log): s3fs's look-up of the input prefix (``delimiter=/&max-keys=1``) as soon as the prefix
+    holds two entries, and any listing of more than 1,000 objects. A server bug, not the request: the same
+    ``ListObjectsV2`` works on moto and AWS S3."""
 
     KEY = "S3RVER"
 
