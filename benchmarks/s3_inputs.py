@@ -269,6 +269,15 @@ def _concurrent(jobs, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def upload_run_inputs(fs, files: list[Path], patients: list[Path]) -> None:
+    """The whole run's inputs onto the server: ``s3://bench-runs/in/`` holds the slides and the patient folders."""
+    for p in files:
+        fs.put_file(str(p), f"bench-runs/in/{p.name}")
+    for pdir in patients:
+        for f in sorted(pdir.rglob("*.png")):
+            fs.put_file(str(f), f"bench-runs/in/{pdir.name}/{f.relative_to(pdir).as_posix()}")
+
+
 def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dict:
     """``run_pipeline`` local vs s3 on one Dask cluster (see the module doc)."""
     from cancernet_batch import bench
@@ -295,12 +304,7 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
     with _server(args.server) as server:
         server.create_bucket("bench-runs")
         opts = server.options()
-        fs = server.fs()
-        for p in files:
-            fs.put_file(str(p), f"bench-runs/in/{p.name}")
-        for pdir in patients:
-            for f in sorted(pdir.rglob("*.png")):
-                fs.put_file(str(f), f"bench-runs/in/{pdir.name}/{f.relative_to(pdir).as_posix()}")
+        upload_run_inputs(server.fs(), files, patients)
         local_inputs = [str(p) for p in files] + [str(p) for p in patients]
         with dask_client(cluster) as client:
             for rep in range(args.run_repeat + 1):

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     import cProfile
     import pstats
 
-    from s3_inputs import S3rverProcess
+    from s3_inputs import S3rverProcess, upload_run_inputs
 
     from cancernet_batch.cluster import ClusterConfig, dask_client
     from cancernet_batch.config import PredictConfig, TileConfig
@@ -51,12 +51,7 @@ def main(argv=None) -> int:
     with S3rverProcess() as a, S3rverProcess() as b, dask_client(cluster) as client:
         for srv in (a, b):
             srv.create_bucket("bench-runs")
-        fs = a.fs()
-        for p in files:
-            fs.put_file(str(p), f"bench-runs/in/{p.name}")
-        for pdir in patients:
-            for f in sorted(pdir.rglob("*.png")):
-                fs.put_file(str(f), f"bench-runs/in/{pdir.name}/{f.relative_to(pdir).as_posix()}")
+        upload_run_inputs(a.fs(), files, patients)
         for rep in range(args.repeat):
             for mode, out in (("one server", a), ("two servers", b)):
                 run = Run.of(f"s3://bench-runs/out/{mode.replace(' ', '-')}-{rep}", out.options(),
