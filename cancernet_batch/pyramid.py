@@ -1,6 +1,6 @@
 """Probability pyramids that viewers open: OME-Zarr (NGFF 0.4) and pyramidal OME-TIFF, aligned to the slide.
 
-Per reported input, two files in ``RUN/report/pyramids/``:
+Per reported input, two files in ``RUN/report/pyramids/`` (named by ``runfolder.InputFiles``):
 
 * ``<id>.ome.zarr`` — an NGFF 0.4 image (zarr format 2, which napari-ome-zarr, QuPath, Bio-Formats and
   ``ome-zarr`` read): the multiscale **IDC probability** map (float32, axes ``y, x`` in micrometres,
@@ -160,14 +160,13 @@ def write_ome_tiff(path: str | Path, lv: list, *, tile_px: float, mpp0: float, n
     return Path(path)
 
 
-def write_pyramids(folder: str | Path, stem: str, prob: np.ndarray, *, threshold: float, tile_px: float,
-                   mpp0: float, name: str, model_id: str = "") -> tuple[Path, Path]:
-    """Both files of one input: ``folder/stem.ome.zarr`` and ``folder/stem.ome.tif``."""
+def write_pyramids(zarr_path: str | Path, tiff_path: str | Path, prob: np.ndarray, *, threshold: float,
+                   tile_px: float, mpp0: float, name: str, model_id: str = "") -> tuple[Path, Path]:
+    """Both files of one input: the OME-Zarr at ``zarr_path`` and the OME-TIFF at ``tiff_path``."""
     if not (math.isfinite(tile_px) and tile_px > 0 and math.isfinite(mpp0) and mpp0 > 0):
         raise ValueError(f"tile size {tile_px} px and {mpp0} µm/px must be positive")
-    folder = Path(folder)
     lv = levels(prob, threshold)  # once, for both files
-    z = write_ome_zarr(folder / f"{stem}.ome.zarr", lv, threshold=threshold, tile_px=tile_px, mpp0=mpp0,
-                       name=name, model_id=model_id)
-    t = write_ome_tiff(folder / f"{stem}.ome.tif", lv, tile_px=tile_px, mpp0=mpp0, name=name)
+    z = write_ome_zarr(Path(zarr_path), lv, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=name,
+                       model_id=model_id)
+    t = write_ome_tiff(Path(tiff_path), lv, tile_px=tile_px, mpp0=mpp0, name=name)
     return z, t

@@ -15,7 +15,7 @@ from . import __version__
 from .aggregate import REPORTED
 from .atomic import write_text
 from .errors import printable
-from .runfolder import FAILURES_CSV, INPUTS_CSV, PATIENTS_CSV
+from .runfolder import FAILURES_CSV, INPUTS_CSV, PATIENTS_CSV, VIEWER_JS
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:1.5em;color:#222}
@@ -140,7 +140,7 @@ Files: <a href="{INPUTS_CSV}">{INPUTS_CSV}</a>, <a href="{PATIENTS_CSV}">{PATIEN
 <h2>Maps</h2>
 {_maps(summary)}
 <p style="color:#888;font-size:.8em">cancernet-batch {_e(__version__)}</p>
-<script src="viewer.js"></script>
+<script src="{VIEWER_JS}"></script>
 </body></html>
 """
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, write_text
+from .runfolder import VIEWER_JS, InputFiles
 
 NONE = 65535
-VIEWER = "viewer.js"
 
 
 @functools.lru_cache(maxsize=4)
@@ -37,13 +37,13 @@ def viewer_script(cmap: str = "inferno") -> str:
     from .heatmap import colour_table
 
     lut = colour_table(cmap)
-    text = resources.files("cancernet_batch").joinpath("assets", VIEWER).read_text(encoding="utf-8")
+    text = resources.files("cancernet_batch").joinpath("assets", VIEWER_JS).read_text(encoding="utf-8")
     return text.replace("__INFERNO__", lut.tobytes().hex())
 
 
 def write_viewer(out: str | Path) -> Path:
     """``out/viewer.js``, rewritten only when its content changes."""
-    path = Path(out) / VIEWER
+    path = Path(out) / VIEWER_JS
     text = viewer_script()
     if not (path.is_file() and path.read_text(encoding="utf-8") == text):
         write_text(path, text)
@@ -73,17 +73,16 @@ def view_data(gid: str, idc_map: np.ndarray, *, thumb_rel: str, thumb_w: float, 
             "regions": region_items(regions)}
 
 
-def write_view(out: str | Path, name: str, gid: str, idc_map: np.ndarray, thumb, *, tile_px: float, mpp0: float,
-               threshold: float, regions=()) -> str:
-    """Write ``maps/<name>.thumb.jpg`` and ``maps/<name>.view.js``; returns the latter relative to ``out``."""
+def write_view(out: str | Path, files: InputFiles, gid: str, idc_map: np.ndarray, thumb, *, tile_px: float,
+               mpp0: float, threshold: float, regions=()) -> str:
+    """Write the input's ``files.thumb`` and ``files.view`` (``maps/<name>.thumb.jpg``, ``maps/<name>.view.js``)
+    under ``out``; returns the latter relative to ``out``."""
     from PIL import Image
 
     out = Path(out)
-    thumb_rel = f"maps/{name}.thumb.jpg"
-    with atomic_path(out / thumb_rel) as tmp:
+    with atomic_path(out / files.thumb) as tmp:
         Image.fromarray(np.asarray(thumb.image, np.uint8)).save(tmp, format="JPEG", quality=85)
-    data = view_data(gid, idc_map, thumb_rel=thumb_rel, thumb_w=thumb.width, thumb_h=thumb.height,
+    data = view_data(gid, idc_map, thumb_rel=files.thumb, thumb_w=thumb.width, thumb_h=thumb.height,
                      tile_px=tile_px, mpp0=mpp0, threshold=threshold, regions=regions)
-    rel = f"maps/{name}.view.js"
-    write_text(out / rel, f"cancernetView({json.dumps(data, ensure_ascii=True, allow_nan=False)});\n")
-    return rel
+    write_text(out / files.view, f"cancernetView({json.dumps(data, ensure_ascii=True, allow_nan=False)});\n")
+    return files.view

@@ -7,7 +7,8 @@ path. A run folder holds::
     RUN/failures.csv      one row per (input, stage) that failed; one merge rule (:meth:`Run.record_failures`)
     RUN/predict.json      the model, threshold and engine settings the scores were made with
     RUN/progress.json     what a running (or stopped) ``run`` has done so far, for ``cancernet status``
-    RUN/report/           inputs.csv, patients.csv, failures.csv, index.html, maps/, geojson/
+    RUN/report/           inputs.csv, patients.csv, failures.csv, index.html, viewer.js, and per reported
+                          input the files of :class:`InputFiles` in maps/, geojson/ and pyramids/
     RUN/.lock             held (an OS file lock) by the one process writing to the run
 
 Storage goes through a small filesystem seam: :class:`LocalFS` (local or shared disk, atomic by
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 from .errors import StorageError
 from .failures import Failure, failures_from_csv, failures_to_csv
@@ -48,6 +50,51 @@ INPUTS_CSV = "inputs.csv"
 PATIENTS_CSV = "patients.csv"
 INDEX_HTML = "index.html"
 """The report's tables and page (``RUN/report/``): the report stage writes them, ``index.html`` links them."""
+VIEWER_JS = "viewer.js"
+"""The report's map viewer (``RUN/report/``, from the package's asset of the same name): ``index.html`` loads it."""
+
+
+def _input_file(folder: str, suffix: str, doc: str) -> property:
+    """A property of :class:`InputFiles`: the file ``folder/<name><suffix>``."""
+    return property(lambda self: f"{folder}/{self.name}{suffix}", doc=doc)
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """One reported input's files in ``RUN/report/``, as paths relative to it (as ``inputs.csv``'s rows and
+    ``index.html`` link them).
+
+    ``name``: the input's file name, made from its id by the report (``stages.report.safe_name``);
+    ``gzip``: the tiles' GeoJSON is gzipped (``--geojson-gzip``).
+    """
+
+    name: str
+    gzip: bool = False
+
+    MAPS: ClassVar[str] = "maps"
+    GEOJSON: ClassVar[str] = "geojson"
+    PYRAMIDS: ClassVar[str] = "pyramids"
+    CLEANED: ClassVar[tuple[tuple[str, str], ...]] = (
+        (MAPS, ".png"), (MAPS, ".thumb.jpg"), (MAPS, ".view.js"), (GEOJSON, ".geojson"), (GEOJSON, ".geojson.gz"),
+        (PYRAMIDS, ".ome.zarr"), (PYRAMIDS, ".ome.tif"))
+    """``(folder, suffix)`` of the files that :meth:`Run.remove_unreported` removes when no longer reported
+    (``*.geojson`` takes in ``*.regions.geojson``)."""
+
+    def __post_init__(self):
+        if not self.name or self.name.startswith(".") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"not a plain file name: {self.name!r}")
+
+    heatmap = _input_file(MAPS, ".png", "The heatmap (PNG) of the IDC map over a thumbnail of the tissue.")
+    thumb = _input_file(MAPS, ".thumb.jpg", "The thumbnail the zoomable map is drawn over (JPEG).")
+    view = _input_file(MAPS, ".view.js", "The zoomable map's data (``cancernetView({...})``), for :data:`VIEWER_JS`.")
+    regions = _input_file(GEOJSON, ".regions.geojson", "The IDC regions (merged tiles) for QuPath, as annotations.")
+    ome_zarr = _input_file(PYRAMIDS, ".ome.zarr", "The probability map as an NGFF image (IDC mask as label image).")
+    ome_tiff = _input_file(PYRAMIDS, ".ome.tif", "The same as a pyramidal OME-TIFF (probability, mask channels).")
+
+    @property
+    def geojson(self) -> str:
+        """The IDC tiles for QuPath, as detections (gzipped with ``gzip``)."""
+        return f"{self.GEOJSON}/{self.name}.geojson" + (".gz" if self.gzip else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +689,18 @@ class Run:
 
     def remove_stale_report_temps(self) -> int:
         r = self.report_dir
-        return self.fs.remove_stale_temps(self.root, r, r / "maps", r / "geojson", r / "pyramids")
+        return self.fs.remove_stale_temps(self.root, r, r / InputFiles.MAPS, r / InputFiles.GEOJSON,
+                                          r / InputFiles.PYRAMIDS)
+
+    def remove_unreported(self, kept: Iterable[str]) -> None:
+        """Remove the report's per-input files (:attr:`InputFiles.CLEANED`) but those in ``kept`` (paths
+        relative to the report, as :class:`InputFiles` gives them): the files of inputs no longer reported."""
+        keep: dict[str, set[str]] = {}
+        for rel in kept:
+            folder, _, name = rel.partition("/")
+            keep.setdefault(folder, set()).add(name)
+        for folder, suffix in InputFiles.CLEANED:
+            self.fs.remove_unkept(self.report_dir / folder, suffix, keep.get(folder, set()))
 
     # failures --------------------------------------------------------------------------------
     def failures(self) -> list[Failure]:

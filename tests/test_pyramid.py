@@ -23,6 +23,10 @@ def _map(shape=(600, 270), seed=0) -> np.ndarray:
     return m
 
 
+def _files(folder):
+    return folder / "x.ome.zarr", folder / "x.ome.tif"
+
+
 def _down_by_hand(p: np.ndarray, mask: np.ndarray):
     h, w = -(-p.shape[0] // 2), -(-p.shape[1] // 2)
     pp, mm = np.full((h, w), np.nan, np.float32), np.zeros((h, w), np.uint8)
@@ -40,7 +44,8 @@ def _down_by_hand(p: np.ndarray, mask: np.ndarray):
 def written(tmp_path_factory):
     prob = _map()
     folder = tmp_path_factory.mktemp("pyr")
-    z, t = write_pyramids(folder, "slide-a", prob, threshold=THR, tile_px=T, mpp0=MPP0, name="slide a", model_id="m1")
+    z, t = write_pyramids(folder / "slide-a.ome.zarr", folder / "slide-a.ome.tif", prob, threshold=THR, tile_px=T,
+                          mpp0=MPP0, name="slide a", model_id="m1")
     return prob, z, t
 
 
@@ -101,11 +106,11 @@ def test_ome_tiff_is_pyramidal_with_physical_size(written):
 
 
 def test_pyramid_rewrite_replaces_whole_and_a_failed_write_keeps_the_old(tmp_path):
-    write_pyramids(tmp_path, "x", _map((30, 20), 1), threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    write_pyramids(*_files(tmp_path), _map((30, 20), 1), threshold=THR, tile_px=T, mpp0=MPP0, name="x")
     second = _map((30, 20), 2)
-    z, t = write_pyramids(tmp_path, "x", second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    z, t = write_pyramids(*_files(tmp_path), second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
     once = t.read_bytes()
-    write_pyramids(tmp_path, "x", second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
+    write_pyramids(*_files(tmp_path), second, threshold=THR, tile_px=T, mpp0=MPP0, name="x")
     assert t.read_bytes() == once  # the same map, the same file (the OME-XML UUID comes from the map)
     import zarr
 
@@ -122,4 +127,4 @@ def test_pyramid_rewrite_replaces_whole_and_a_failed_write_keeps_the_old(tmp_pat
 
 def test_bad_geometry_is_refused(tmp_path):
     with pytest.raises(ValueError):
-        write_pyramids(tmp_path, "x", _map((4, 4)), threshold=THR, tile_px=float("nan"), mpp0=MPP0, name="x")
+        write_pyramids(*_files(tmp_path), _map((4, 4)), threshold=THR, tile_px=float("nan"), mpp0=MPP0, name="x")

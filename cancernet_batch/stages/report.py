@@ -41,7 +41,7 @@ from ..cluster import TILE, as_completed_windowed, work_split
 from ..config import ReportConfig
 from ..errors import StorageError
 from ..failures import Failure
-from ..runfolder import INDEX_HTML, INPUTS_CSV, PATIENTS_CSV, Run
+from ..runfolder import INDEX_HTML, INPUTS_CSV, PATIENTS_CSV, InputFiles, Run
 from ..geojson import iter_idc_features, write_geojson
 from ..regions import region_features, region_summary
 from ..heatmap import thumbnail_for, write_heatmap
@@ -64,7 +64,7 @@ class InputReport:
     heatmap: str | None = None
     geojson: str | None = None
     thumbnail: str = ""  # what the heatmap is drawn over
-    view: str | None = None  # the zoomable map's data (maps/<id>.view.js), see report_view
+    view: str | None = None  # the zoomable map's data (InputFiles.view), see report_view
     regions: str | None = None  # the IDC regions' GeoJSON
 
 
@@ -115,10 +115,9 @@ def _title(patient: str, gid: str) -> str:
     return f"patient {patient} · {gid}"
 
 
-def geojson_names(gid: str, cfg: ReportConfig) -> tuple[str, str]:
-    """``(tiles, regions)``: an input's GeoJSON files, relative to ``RUN/report``."""
-    name = safe_name(gid)
-    return f"geojson/{name}.geojson" + (".gz" if cfg.geojson_gzip else ""), f"geojson/{name}.regions.geojson"
+def input_files(gid: str, cfg: ReportConfig) -> InputFiles:
+    """An input's report files (relative to ``RUN/report``), named from its id made safe."""
+    return InputFiles(safe_name(gid), gzip=cfg.geojson_gzip)
 
 
 def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig) -> InputReport:
@@ -128,35 +127,33 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg
     write_idc_map(group, idc_map, scored.model_id)
     tile_px = level0_tile_px(scored.attrs)
     mpp0 = PATCH_SIZE * scored.attrs.target_mpp / tile_px  # µm per level-0 pixel
-    name = safe_name(gid)
+    files = input_files(gid, cfg)
     thumb = thumbnail_for(group, scored.attrs, tile_px, cfg.thumb_px)
-    write_heatmap(out / "maps" / f"{name}.png", idc_map, thumb, tile_px=tile_px,
+    write_heatmap(out / files.heatmap, idc_map, thumb, tile_px=tile_px,
                   um_per_px=mpp0, threshold=threshold, title=_title(patient, gid))
-    tiles_geo, regions_geo = geojson_names(gid, cfg)
-    write_geojson(out / tiles_geo, iter_idc_features(gid, scored.coords, scored.probs, threshold, tile_px),
+    write_geojson(out / files.geojson, iter_idc_features(gid, scored.coords, scored.probs, threshold, tile_px),
                   gzip=cfg.geojson_gzip)
     regions = find_input_regions(scored, threshold, cfg.min_region_mm2, cfg.region_smoothing)
-    write_geojson(out / regions_geo, region_features(gid, regions, tile_px))
-    write_pyramids(out / "pyramids", name, idc_map, threshold=threshold, tile_px=tile_px, mpp0=mpp0, name=gid,
-                   model_id=scored.model_id)
-    view = write_view(out, name, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold,
+    write_geojson(out / files.regions, region_features(gid, regions, tile_px))
+    write_pyramids(out / files.ome_zarr, out / files.ome_tiff, idc_map, threshold=threshold, tile_px=tile_px,
+                   mpp0=mpp0, name=gid, model_id=scored.model_id)
+    view = write_view(out, files, gid, idc_map, thumb, tile_px=tile_px, mpp0=mpp0, threshold=threshold,
                       regions=regions)
-    return InputReport(input_figures(scored, threshold, region_summary(regions)), f"maps/{name}.png", tiles_geo,
-                       thumb.origin, view, regions_geo)
+    return InputReport(input_figures(scored, threshold, region_summary(regions)), files.heatmap, files.geojson,
+                       thumb.origin, view, files.regions)
 
 
 def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold,
                  cfg: ReportConfig = ReportConfig()) -> InputReport:
     """The row of a scored input from its stored probabilities, drawing nothing (its files as they are)."""
     scored = load_scored(gid, group, patient)
-    name = safe_name(gid)
-    heatmap, view = f"maps/{name}.png", f"maps/{name}.view.js"
-    geo, regions = geojson_names(gid, cfg)
+    files = input_files(gid, cfg)
+
+    def there(rel: str) -> str | None:
+        return rel if run.fs.exists(run.report_file(rel)) else None
+
     return InputReport(input_figures(scored, thr.value, min_region_mm2=cfg.min_region_mm2),
-                       heatmap if run.fs.exists(run.report_file(heatmap)) else None,
-                       geo if run.fs.exists(run.report_file(geo)) else None,
-                       view=view if run.fs.exists(run.report_file(view)) else None,
-                       regions=regions if run.fs.exists(run.report_file(regions)) else None)
+                       there(files.heatmap), there(files.geojson), view=there(files.view), regions=there(files.regions))
 
 
 def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
@@ -207,11 +204,6 @@ def write_table(path: Path, rows: list, columns: tuple[str, ...]) -> Path:
 
 INPUT_COLUMNS = tuple(f.name for f in fields(InputFigures))
 PATIENT_COLUMNS = tuple(f.name for f in fields(PatientFigures))
-
-
-def _remove_stale(run: Run, folder: Path, suffix: str, keep: set[str]) -> None:
-    """Drop heatmaps / GeoJSON / pyramids of inputs that are no longer reported."""
-    run.fs.remove_unkept(folder, suffix, keep)
 
 
 def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
@@ -285,15 +277,10 @@ def write_tables(run: Run, rows: list[InputReport], thr: Threshold, failures: li
 def finish_report(run: Run, rows: list[InputReport], thr: Threshold, failures: list[Failure]) -> ReportSummary:
     """The report's last step: drop files of inputs no longer reported, then write the tables."""
     _check_model(thr, rows)
-    out = run.report_dir
-    _remove_stale(run, out / "maps", ".png", {Path(r.heatmap).name for r in rows if r.heatmap})
-    geo = {Path(p).name for r in rows for p in (r.geojson, r.regions) if p}
-    _remove_stale(run, out / "geojson", ".geojson", geo)
-    _remove_stale(run, out / "geojson", ".geojson.gz", geo)
-    stems = {Path(r.heatmap).stem for r in rows if r.heatmap}
-    for folder, suffix in (("maps", ".thumb.jpg"), ("maps", ".view.js"), ("pyramids", ".ome.zarr"),
-                           ("pyramids", ".ome.tif")):
-        _remove_stale(run, out / folder, suffix, {s + suffix for s in stems})
+    # an input with a heatmap keeps its other drawn files; its GeoJSON files as its row names them
+    drawn = [InputFiles(Path(r.heatmap).stem) for r in rows if r.heatmap]
+    run.remove_unreported([*(p for f in drawn for p in (f.heatmap, f.thumb, f.view, f.ome_zarr, f.ome_tiff)),
+                           *(p for r in rows for p in (r.geojson, r.regions) if p)])
     summary = write_tables(run, rows, thr, failures)
     log.info("report: %d inputs reported, %d not scored, %d failed -> %s", summary.reported, summary.not_scored,
              summary.failed, summary.index)
