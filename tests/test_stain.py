@@ -155,3 +155,20 @@ def test_cv_held_out_patients_are_scored_normalised_with_their_own_statistics(sy
     rc = main(["evaluate", str(out), str(synth_patch_dir)])
     err = capsys.readouterr().err
     assert rc == EXIT_ERROR and err.count("\n") == 1 and "--stain-norm macenko" in err
+
+
+def test_run_refuses_a_stain_normalised_model_before_writing_anything(synth_patch_dir, tmp_path, capsys):
+    """``cancernet run`` with a model trained with ``--stain-norm reinhard``: one line naming the model and the
+    fix, and nothing tiled or scored (scoring feeds raw tiles)."""
+    model = tmp_path / "m"
+    rc = main(["train", str(synth_patch_dir), "--out", str(model), "--epochs", "1", "--width", "4",
+               "--bootstrap", "10", "--seed", "1", "--stain-norm", "reinhard"])
+    assert rc == EXIT_OK, capsys.readouterr().err
+    assert json.loads((model / "model.json").read_text())["training"]["config"]["stain_norm"] == "reinhard"
+    capsys.readouterr()
+    out = tmp_path / "run"
+    rc = main(["run", str(synth_patch_dir), "--out", str(out), "--model", str(model), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR and err.count("\n") == 1, err
+    assert str(model / "model.json") in err and "--stain-norm reinhard" in err and "--stain-norm none" in err
+    assert not (out / "predict.json").exists() and not (out / "tiles.zarr").exists()
