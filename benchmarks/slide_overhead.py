@@ -1,0 +1,196 @@
+"""Per-slide overhead of ``tile``: CPU time of each fixed part of one slide, in one process, warm.
+
+    python benchmarks/slide_overhead.py SLIDE... [--rounds 4] [--decode fast]
+
+Runs the worker side of the tile stage for every slide, round after round, in this one process (no
+cluster): the preflight task (this process's part, and the serving child's CPU read from /proc),
+opening the reader, the plan (overview read, tissue mask, tile fractions, the rest of the plan) and
+the store group (opening the store, ``store.create_input``, then ``coords``, ``tissue`` and
+``thumbnail``), each as :func:`time.process_time` (all threads of this process: zarr's I/O thread
+counts) around the calls the worker makes. The chunk tasks (the tiles themselves) are timed too,
+for scale; they are not overhead. Each round tiles into a fresh run folder, so every group is
+created; round 0 is a warm-up and is left out. Prints the median CPU ms per slide of each part
+(and wall ms; the preflight child's CPU is a mean, read in 10 ms clock ticks), with the date, the machine
+and its load: figures for ``RESULTS.md`` section 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+PARTS = ["preflight (worker)", "preflight (child)", "open", "plan: overview read", "plan: tissue mask",
+         "plan: tile fractions", "plan: rest", "group: open store", "group: create_input",
+         "group: coords, tissue, thumbnail"]
+
+
+class _Clock:
+    """Adds up CPU and wall time per part."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.wall: dict[str, float] = defaultdict(float)
+        self.active: set[str] = set()
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        c, w = time.process_time(), time.perf_counter()
+        self.active.add(name)
+        try:
+            yield
+        finally:
+            self.active.discard(name)
+            self.cpu[name] += time.process_time() - c
+            self.wall[name] += time.perf_counter() - w
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self.part(name):
+                return fn(*args, **kwargs)
+        return timed
+
+
+def _child_cpu() -> float:
+    """CPU seconds so far of this thread's serving preflight child (0 when there is none)."""
+    import psutil
+
+    from cancernet_batch import preflight
+
+    server = getattr(preflight._LOCAL, "server", None)
+    if server is None or server.proc.poll() is not None:
+        return 0.0
+    t = psutil.Process(server.proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def one_slide(run, source: str, cfg, clock: _Clock) -> int:
+    """The worker's tasks for one slide, as the tile stage runs them; returns the tiles written."""
+    from cancernet_batch import store, tiling
+    from cancernet_batch.stages import tile
+
+    before = _child_cpu()
+    with clock.part("preflight (worker)"):
+        res = tile.preflight_task(source, cfg.preflight_timeout)
+    after = _child_cpu()
+    clock.cpu["preflight (child)"] += after - before if after >= before else after
+    if not isinstance(res, dict):
+        raise SystemExit(f"{source}: preflight failed: {res}")
+    tile._drop_reader(source)  # as a worker meeting this slide for the first time
+    with clock.part("prepare (all)"):
+        res = tile.prepare_slide_task(run, source, cfg, [])
+    if not isinstance(res, dict):
+        raise SystemExit(f"{source}: plan failed: {res}")
+    n = 0
+    with clock.part("chunks (the tiles)"):
+        for i, s, e in res["todo"]:
+            n += tile.tile_chunk_task(run, res["gid"], source, i, s, e, res["level"], res["tile_px"], cfg)
+    return n
+
+
+def instrument(clock: _Clock) -> None:
+    """Time the parts of ``prepare_slide_task`` by wrapping the functions it calls (this process only)."""
+    from cancernet_batch import runfolder, slides, store, tiling
+    from cancernet_batch.stages import tile
+
+    tile_open = slides.open_slide
+    slides.open_slide = clock.wrap("open", tile_open)
+    region_reader = tiling.region_reader
+
+    def timed_region_reader(*args, **kwargs):  # the plan's overview (read_tiles uses it too: not counted)
+        scaled = region_reader(*args, **kwargs)
+        return clock.wrap("plan: overview read", scaled) if "plan (all)" in clock.active else scaled
+
+    tiling.region_reader = timed_region_reader
+    tiling.tissue_mask = clock.wrap("plan: tissue mask", tiling.tissue_mask)
+    tiling.tile_fractions = clock.wrap("plan: tile fractions", tiling.tile_fractions)
+    tile.plan_slide = clock.wrap("plan (all)", tile.plan_slide)
+    runfolder.Run.open_store = clock.wrap("group: open store", runfolder.Run.open_store)
+    store.create_input = clock.wrap("group: create_input", store.create_input)
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("slides", nargs="+")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds over all slides; the first is a warm-up")
+    ap.add_argument("--decode", default="fast")
+    a = ap.parse_args(argv)
+
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.machine import cpu_name
+    from cancernet_batch.runfolder import Run
+    from cancernet_batch.stages import tile
+
+    cfg = TileConfig(decode=a.decode)
+    per: dict[str, list[float]] = defaultdict(list)
+    wall: dict[str, list[float]] = defaultdict(list)
+    tiles = []
+    start_load = _load()
+    clock = _Clock()
+    instrument(clock)
+    tmp = tempfile.mkdtemp(prefix="slide-overhead-")
+    try:
+        for r in range(a.rounds):
+            run = Run.of(os.path.join(tmp, f"run{r}")).create()
+            run.open_store("a").require_group("inputs")  # as the client does before any task
+            for source in a.slides:
+                clock.cpu.clear()
+                clock.wall.clear()
+                n = one_slide(run, os.path.abspath(source), cfg, clock)
+                if r == 0:
+                    continue
+                c = dict(clock.cpu)
+                c["plan: rest"] = c["plan (all)"] - c["plan: overview read"] - c["plan: tissue mask"] \
+                    - c["plan: tile fractions"]
+                # what prepare does besides: the coords, tissue and thumbnail arrays (and its return value)
+                c["group: coords, tissue, thumbnail"] = c["prepare (all)"] - c["open"] - c["plan (all)"] \
+                    - c["group: open store"] - c["group: create_input"]
+                for k, v in c.items():
+                    per[k].append(v)
+                for k, v in clock.wall.items():
+                    wall[k].append(v)
+                tiles.append(n)
+            shutil.rmtree(run.root, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tile._READERS.clear()
+
+    def med(xs: list[float]) -> float:
+        return 1000 * statistics.median(xs) if xs else 0.0
+
+    # the child's CPU comes from /proc in clock ticks (10 ms): its mean over all slides, not a median of ticks
+    per["preflight (child)"] = [statistics.mean(per["preflight (child)"])] * len(per["preflight (child)"])
+    per["group (all)"] = [sum(v) for v in zip(*(per[p] for p in PARTS if p.startswith("group")))]
+
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
+          f"{start_load} at the start, {_load()} at the end")
+    print(f"{len(a.slides)} slides x {a.rounds - 1} rounds (after a warm-up round), decode {a.decode}, "
+          f"median tiles per slide {statistics.median(tiles):g}")
+    print(f"{'part':<36} {'CPU ms':>8} {'wall ms':>8}")
+    overhead = 0.0
+    for name in PARTS:
+        m = med(per[name])
+        overhead += m
+        print(f"{name:<36} {m:8.1f} {med(wall[name]) if name in wall else float('nan'):8.1f}")
+    total = [sum(per[p][i] for p in PARTS) for i in range(len(tiles))]
+    print(f"{'  of which group (all)':<36} {med(per['group (all)']):8.1f}")
+    print(f"{'per-slide overhead (sum per slide)':<36} {med(total):8.1f}   (sum of the medians {overhead:.1f})")
+    print(f"{'chunks (the tiles themselves)':<36} {med(per['chunks (the tiles)']):8.1f} "
+          f"{med(wall['chunks (the tiles)']):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
