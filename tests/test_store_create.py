@@ -1,0 +1,84 @@
+"""store.create_input makes a group and its arrays in one create_hierarchy batch: the same documents and data
+as Group.create_group and one Group.create_array each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cancernet_batch import PATCH_SIZE, store
+from cancernet_batch.store import InputAttrs
+
+
+def _attrs(source: str, n: int) -> InputAttrs:
+    return InputAttrs(source=source, kind="slide", reader="openslide", patient="p", source_size=10, source_mtime=1.0,
+                      target_mpp=4.0, grid_shape=(7, 5), n_tiles=n, extra={"levels": [[10, 20, 1.0]]})
+
+
+def _one_call_each(root, attrs: InputAttrs, n: int, chunk: int, coords, tissue, thumb, labels: bool):
+    """The group as create_input made it before: Group.create_group, one Group.create_array per array, the
+    attributes, then coords, tissue and thumbnail written after (the reference for the batch version)."""
+    g = root.require_group("inputs").create_group(store.input_id(attrs.source))
+    c = max(1, min(chunk, n)) if n else chunk
+    g.create_array("tiles", shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8")
+    g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32")
+    if labels:
+        g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
+    g.create_array("tiled", shape=(len(store.chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
+    g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
+    if n:
+        g["coords"][:] = coords
+    if tissue is not None:
+        g.create_array("tissue", shape=tissue.shape, chunks=tissue.shape, dtype="float32")[:] = tissue
+        g.create_array("thumbnail", shape=thumb.shape, chunks=(min(thumb.shape[0], 1024), min(thumb.shape[1], 1024), 3),
+                       dtype="uint8")[:] = thumb
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("n,chunk,labels,images", [(21, 64, False, True), (130, 64, False, True), (0, 64, False, True),
+                                                   (9, 4, True, False)])
+def test_batch_creation_writes_what_one_create_array_each_wrote(tmp_path, n, chunk, labels, images):
+    rng = np.random.default_rng(n)
+    coords = rng.integers(0, 7, (n, 2)).astype(np.int32)
+    tissue = rng.random((7, 5)).astype(np.float32) if images else None
+    thumb = rng.integers(0, 256, (56, 40, 3), dtype=np.uint8) if images else None
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="a", zarr_format=3)
+    new = zarr.open_group(str(tmp_path / "new.zarr"), mode="a", zarr_format=3)
+    attrs = _attrs(str(tmp_path / "slide.svs"), n)
+    _one_call_each(old, attrs, n, chunk, coords, tissue, thumb, labels)
+    extra = {"arrays": {"tissue": dict(shape=tissue.shape, chunks=tissue.shape, dtype="float32"),
+                        "thumbnail": dict(shape=thumb.shape, chunks=(56, 40, 3), dtype="uint8")}} if images else {}
+    g = store.create_input(new, attrs, n, chunk=chunk, labels=labels, **extra)
+    if n:  # as prepare_slide_task writes them
+        g["coords"][:] = coords
+    if images:
+        g["tissue"][:] = tissue
+        g["thumbnail"][:] = thumb
+    a, b = _files(tmp_path / "old.zarr"), _files(tmp_path / "new.zarr")
+    assert sorted(a) == sorted(b)
+    for name in a:  # metadata documents equal as JSON (key order aside), chunks byte for byte
+        if name.endswith("zarr.json"):
+            assert json.loads(a[name]) == json.loads(b[name]), name
+        else:
+            assert a[name] == b[name], name
+    assert g.attrs["chunk"] == max(1, min(chunk, n)) if n else chunk
+    if images:
+        assert np.array_equal(g["tissue"][:], tissue) and np.array_equal(g["thumbnail"][:], thumb)
+    assert np.array_equal(g["coords"][:], coords)
+
+
+def test_batch_creation_replaces_an_old_group(tmp_path):
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    attrs = _attrs(str(tmp_path / "slide.svs"), 5)
+    g = store.create_input(root, attrs, 5, chunk=4, arrays={"tissue": dict(shape=(7, 5), chunks=(7, 5), dtype="float32")})
+    g["coords"][:] = np.ones((5, 2), np.int32)
+    g = store.create_input(root, _attrs(str(tmp_path / "slide.svs"), 3), 3, chunk=4)
+    assert "tissue" not in g and g["coords"].shape == (3, 2) and not g["coords"][:].any()
+    assert g.attrs["n_tiles"] == 3 and g.attrs["complete"] is False
