@@ -131,12 +131,29 @@ def hue(rgb: np.ndarray) -> np.ndarray:
 
 def glass_colour(rgb: np.ndarray) -> np.ndarray:
     """The slide's glass colour (per channel), estimated from a view: see the module doc."""
-    flat = rgb.reshape(-1, 3).astype(np.float32)
+    raw = rgb.reshape(-1, 3)
+    flat = raw.astype(np.float32)
     if len(flat) == 0:
         return np.full(3, 255.0)
     b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)  # the channels' mean, element-wise (fast)
-    glass = flat[b >= np.percentile(b, 99) - GLASS_BAND]
-    return np.maximum(np.median(glass, axis=0), GLASS_MIN)
+    sel = b >= np.percentile(b, 99) - GLASS_BAND
+    if raw.dtype == np.uint8:  # the median of 8-bit values from their histogram: the same value, 3x faster
+        return np.maximum(_median_u8(raw[sel]), GLASS_MIN)
+    return np.maximum(np.median(flat[sel], axis=0), GLASS_MIN)
+
+
+def _median_u8(values: np.ndarray) -> np.ndarray:
+    """``np.median(values.astype(np.float32), axis=0)`` of ``(n, 3) uint8`` values (n >= 1), bit for bit: the
+    middle value of each channel from its 256-bin histogram (the mean of the two middle ones when n is even,
+    exact in float32 as numpy computes it)."""
+    n = len(values)
+    out = np.empty(3, np.float32)
+    for c in range(3):
+        cum = np.cumsum(np.bincount(values[:, c], minlength=256))
+        hi = np.float32(np.searchsorted(cum, n // 2, side="right"))
+        lo = hi if n % 2 else np.float32(np.searchsorted(cum, n // 2 - 1, side="right"))
+        out[c] = (lo + hi) / np.float32(2)
+    return out
 
 
 def optical_density(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndarray:
@@ -149,9 +166,16 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndar
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """Ink: green/cyan/blue by hue and saturation, black by darkness (see the module doc)."""
-    sat, val = saturation(rgb)
-    h = hue(rgb)
-    coloured = (sat >= PEN_SATURATION) & (h >= PEN_HUE[0]) & (h < PEN_HUE[1])
+    return _pen_mask(rgb, *saturation(rgb))
+
+
+def _pen_mask(rgb: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """:func:`pen_mask` given the view's saturation and value. The hue, element-wise, is computed only for
+    the pixels saturated enough to be ink (the others are not coloured ink whatever their hue)."""
+    coloured = sat >= PEN_SATURATION
+    if coloured.any():
+        h = hue(rgb[coloured])
+        coloured[coloured] = (h >= PEN_HUE[0]) & (h < PEN_HUE[1])
     return coloured | (val < MIN_VALUE)
 
 
@@ -179,7 +203,8 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
     um = float(um_per_px) if um_per_px else TILE_UM / max(1, px_per_tile)
     px_area = um * um
     od = optical_density(rgb)
-    pen = pen_mask(rgb)
+    sat, val = saturation(rgb)
+    pen = _pen_mask(rgb, sat, val)
     fg = (od > FOREGROUND_OD) & ~pen
     fold = fold_mask(od, fg)
     fg &= ~fold
@@ -205,7 +230,6 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
     objects, nobj = ndimage.label(mask)
     if nobj:
         sizes = np.bincount(objects.ravel(), minlength=nobj + 1)
-        sat, _ = saturation(rgb)
         stained = np.bincount(objects.ravel(), weights=(fg & (sat >= STAIN_SATURATION)).ravel(), minlength=nobj + 1)
         keep = (sizes * px_area >= MIN_OBJECT_UM2) & (stained * px_area >= MIN_STAINED_UM2)
         keep[0] = False

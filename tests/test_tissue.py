@@ -158,3 +158,82 @@ def test_dust_pen_and_fold():
     assert not m[60:66, 40:].any() and not m[90:96, 40:].any() and not m[125:130, 40:].any()  # ink on tissue
     assert not m[110:120].any()  # the fold is not tissue
     assert m[20:58, 22:98].all() and m[70:88, 22:98].all() and m[60:66, 22:38].all()  # the tissue around is
+
+
+# --- the rule's reference implementation, as first written (numpy median, hue over every pixel) ------------
+
+def _reference_mask(rgb: np.ndarray, um: float) -> np.ndarray:
+    """tissue_mask as it was before the faster glass median and pen hue: the result must stay bit for bit."""
+    from scipy import ndimage
+
+    from cancernet_batch import tissue as t
+
+    flat = rgb.reshape(-1, 3).astype(np.float32)
+    b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)
+    w = np.maximum(np.median(flat[b >= np.percentile(b, 99) - t.GLASS_BAND], axis=0), t.GLASS_MIN)
+    od = t.optical_density(rgb, w)
+    sat, val = t.saturation(rgb)
+    h = t.hue(rgb)
+    pen = ((sat >= t.PEN_SATURATION) & (h >= t.PEN_HUE[0]) & (h < t.PEN_HUE[1])) | (val < t.MIN_VALUE)
+    fg = (od > t.FOREGROUND_OD) & ~pen
+    fold = t.fold_mask(od, fg)
+    fg &= ~fold
+    if not fg.any():
+        return fg
+    r = int(round(t.CLOSE_UM / um))
+    mask = ndimage.binary_closing(np.pad(fg, r, mode="edge"), structure=t._disk(r))[r:-r, r:-r] | fg if r >= 1 else fg
+    holes, nholes = ndimage.label(~mask)
+    if nholes:
+        small = np.bincount(holes.ravel()) * um * um < t.MAX_HOLE_UM2
+        small[0] = False
+        small[np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))] = False
+        mask |= small[holes]
+    objects, nobj = ndimage.label(mask)
+    if nobj:
+        sizes = np.bincount(objects.ravel(), minlength=nobj + 1)
+        stained = np.bincount(objects.ravel(), weights=(fg & (sat >= t.STAIN_SATURATION)).ravel(), minlength=nobj + 1)
+        keep = (sizes * um * um >= t.MIN_OBJECT_UM2) & (stained * um * um >= t.MIN_STAINED_UM2)
+        keep[0] = False
+        mask = keep[objects]
+    return mask & ~pen & ~fold
+
+
+def _views(mpp_slides, slides_dir):
+    """Low-resolution views as tiling makes them (synthetic and real slides), and odd random images."""
+    import cancernet_batch.tiling as tiling
+
+    seen = []
+    real = tiling.tissue_mask
+    tiling.tissue_mask = lambda rgb, **kw: seen.append((rgb, kw["um_per_px"])) or real(rgb, **kw)
+    try:
+        for path in [s.path for s in mpp_slides] + [slides_dir / "cmu-1-small-region.svs",
+                                                    slides_dir / "tcga-cr-7395-01a-01-ts1.svs"]:
+            plan_slide(path, TileConfig(mpp_override=0.25 if "tcga" in path.name else None))
+    finally:
+        tiling.tissue_mask = real
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (2, 3), (31, 17), (120, 90)]:  # odd and even pixel counts for the glass median
+        seen.append((rng.integers(0, 256, (*shape, 3), dtype=np.uint8), 25.0))
+        seen.append((np.clip(rng.normal(200, 40, (*shape, 3)), 0, 255).astype(np.uint8), 12.5))
+    return seen
+
+
+def test_faster_glass_median_and_pen_hue_are_bit_identical(mpp_slides, slides_dir):
+    from cancernet_batch import tissue as t
+
+    views = _views(mpp_slides, slides_dir)
+    assert len(views) >= 13
+    for rgb, um in views:
+        flat = rgb.reshape(-1, 3).astype(np.float32)
+        glass = t.glass_colour(rgb)
+        b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)
+        ref = np.maximum(np.median(flat[b >= np.percentile(b, 99) - t.GLASS_BAND], axis=0), t.GLASS_MIN)
+        assert glass.dtype == ref.dtype and np.array_equal(glass, ref)
+        sat, val = t.saturation(rgb)
+        h = t.hue(rgb)
+        ref_pen = ((sat >= t.PEN_SATURATION) & (h >= t.PEN_HUE[0]) & (h < t.PEN_HUE[1])) | (val < t.MIN_VALUE)
+        assert np.array_equal(t.pen_mask(rgb), ref_pen)
+        assert np.array_equal(tissue_mask(rgb, um_per_px=um), _reference_mask(rgb, um))
+    # the median of an even count is the mean of the two middle values, as numpy's
+    two = np.array([[[10, 20, 30], [11, 25, 30]]], np.uint8)
+    assert np.array_equal(t._median_u8(two.reshape(-1, 3)), np.median(two.reshape(-1, 3).astype(np.float32), axis=0))
