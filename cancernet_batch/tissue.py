@@ -159,9 +159,17 @@ def _median_u8(values: np.ndarray) -> np.ndarray:
 def optical_density(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndarray:
     """Optical density relative to the glass, summed over RGB (0 on glass, ~0.5-1 on H&E tissue)."""
     w = glass_colour(rgb) if glass is None else np.asarray(glass, np.float32)
-    od = -np.log10((rgb.astype(np.float32) + 1.0) / (w.astype(np.float32) + 1.0))
-    od = np.clip(od, 0.0, None)
+    if rgb.dtype == np.uint8 and rgb.size > 3 * 256:
+        # the same element-wise float32 formula, evaluated once per 8-bit level and channel, then looked up
+        lut = _clipped_od(np.arange(256, dtype=np.float32)[:, None], w)
+        return lut[rgb[..., 0], 0] + lut[rgb[..., 1], 1] + lut[rgb[..., 2], 2]
+    od = _clipped_od(rgb.astype(np.float32), w)
     return od[..., 0] + od[..., 1] + od[..., 2]  # summed over RGB, element-wise (fast)
+
+
+def _clipped_od(values: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per-channel optical density of float32 ``values`` (last axis: RGB) relative to the glass ``w``, at least 0."""
+    return np.clip(-np.log10((values + 1.0) / (w.astype(np.float32) + 1.0)), 0.0, None)
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:

@@ -162,8 +162,14 @@ def test_dust_pen_and_fold():
 
 # --- the rule's reference implementation, as first written (numpy median, hue over every pixel) ------------
 
+def _reference_od(rgb: np.ndarray, w: np.ndarray) -> np.ndarray:
+    od = np.clip(-np.log10((rgb.astype(np.float32) + 1.0) / (w.astype(np.float32) + 1.0)), 0.0, None)
+    return od[..., 0] + od[..., 1] + od[..., 2]
+
+
 def _reference_mask(rgb: np.ndarray, um: float) -> np.ndarray:
-    """tissue_mask as it was before the faster glass median and pen hue: the result must stay bit for bit."""
+    """tissue_mask as it was before the faster glass median, optical density and pen hue: the result must stay
+    bit for bit."""
     from scipy import ndimage
 
     from cancernet_batch import tissue as t
@@ -171,7 +177,7 @@ def _reference_mask(rgb: np.ndarray, um: float) -> np.ndarray:
     flat = rgb.reshape(-1, 3).astype(np.float32)
     b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)
     w = np.maximum(np.median(flat[b >= np.percentile(b, 99) - t.GLASS_BAND], axis=0), t.GLASS_MIN)
-    od = t.optical_density(rgb, w)
+    od = _reference_od(rgb, w)
     sat, val = t.saturation(rgb)
     h = t.hue(rgb)
     pen = ((sat >= t.PEN_SATURATION) & (h >= t.PEN_HUE[0]) & (h < t.PEN_HUE[1])) | (val < t.MIN_VALUE)
@@ -218,7 +224,7 @@ def _views(mpp_slides, slides_dir):
     return seen
 
 
-def test_faster_glass_median_and_pen_hue_are_bit_identical(mpp_slides, slides_dir):
+def test_faster_glass_median_od_and_pen_hue_are_bit_identical(mpp_slides, slides_dir):
     from cancernet_batch import tissue as t
 
     views = _views(mpp_slides, slides_dir)
@@ -229,6 +235,8 @@ def test_faster_glass_median_and_pen_hue_are_bit_identical(mpp_slides, slides_di
         b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)
         ref = np.maximum(np.median(flat[b >= np.percentile(b, 99) - t.GLASS_BAND], axis=0), t.GLASS_MIN)
         assert glass.dtype == ref.dtype and np.array_equal(glass, ref)
+        od = t.optical_density(rgb, glass)
+        assert od.dtype == np.float32 and np.array_equal(od, _reference_od(rgb, glass))
         sat, val = t.saturation(rgb)
         h = t.hue(rgb)
         ref_pen = ((sat >= t.PEN_SATURATION) & (h >= t.PEN_HUE[0]) & (h < t.PEN_HUE[1])) | (val < t.MIN_VALUE)
