@@ -245,3 +245,16 @@ def test_faster_glass_median_od_and_pen_hue_are_bit_identical(mpp_slides, slides
     # the median of an even count is the mean of the two middle values, as numpy's
     two = np.array([[[10, 20, 30], [11, 25, 30]]], np.uint8)
     assert np.array_equal(t._median_u8(two.reshape(-1, 3)), np.median(two.reshape(-1, 3).astype(np.float32), axis=0))
+
+
+def test_closing_by_rows_is_scipys_binary_closing():
+    from scipy import ndimage
+
+    from cancernet_batch.tissue import _closing, _disk
+
+    rng = np.random.default_rng(11)
+    for r in range(1, 9):
+        for _ in range(40):
+            h, w = (int(x) for x in rng.integers(1, 60, 2))
+            m = rng.random((h, w)) < rng.choice([0.05, 0.3, 0.7, 0.95, 0.99])  # dense masks exercise the erosion
+            assert np.array_equal(_closing(m, r), ndimage.binary_closing(m, structure=_disk(r))), (r, h, w)
