@@ -89,3 +89,36 @@ def test_open_slide_tries_readers_in_order(pyramid, slides_dir):
     assert [r.name for r in readers()] == ["openslide", "tifffile"]
     assert open_slide(pyramid).name == "openslide"
     assert open_slide(slides_dir / "kidney-48-5.tif").name == "tifffile"  # a strip TIFF OpenSlide refuses
+
+
+def test_area_weights_are_the_matrix_scipy_builds_from_triplets():
+    """area_weights builds its CSR matrix directly: the same rows, columns, weights and index types as scipy's
+    csr_matrix of the (row, column, weight) triplets (its former construction), so resampling is bit for bit."""
+    import scipy.sparse as sp
+
+    from cancernet_batch.slides.base import area_resize, area_weights
+
+    def triplets(a0, a1, n, length):
+        edges = np.clip(a0 + (a1 - a0) * np.arange(n + 1) / n, 0.0, float(length))
+        lo = np.floor(edges[:-1]).astype(np.int64)
+        i = lo[:, None] + np.arange(max(int((np.ceil(edges[1:]).astype(np.int64) - lo).max()), 1))[None, :]
+        w = (np.clip(np.minimum(i + 1, edges[1:, None]) - np.maximum(i, edges[:-1, None]), 0.0, None)
+             / np.maximum(edges[1:] - edges[:-1], 1e-12)[:, None])
+        keep = (w > 0) & (i < length)
+        j = np.broadcast_to(np.arange(n)[:, None], i.shape)
+        return sp.csr_matrix((w[keep].astype(np.float32), (j[keep], i[keep])), shape=(n, length))
+
+    rng = np.random.default_rng(2)
+    for _ in range(2000):
+        length, n = int(rng.integers(1, 3000)), int(rng.integers(1, 400))
+        a0 = float(rng.uniform(-5, length))
+        a1 = float(rng.uniform(a0 + 1e-3, length + 5))
+        got, ref = area_weights(a0, a1, n, length), triplets(a0, a1, n, length)
+        assert got.shape == ref.shape and got.indptr.dtype == ref.indptr.dtype and got.indices.dtype == ref.indices.dtype
+        assert np.array_equal(got.indptr, ref.indptr) and np.array_equal(got.indices, ref.indices)
+        assert got.data.dtype == ref.data.dtype and np.array_equal(got.data, ref.data)
+    src = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    out = area_resize(src, (3.3, 1.7, 120.9, 95.2), (17, 13))
+    wy, wx = triplets(1.7, 95.2, 13, 97), triplets(3.3, 120.9, 17, 131)
+    ref = np.stack([np.clip(np.rint((wx @ (wy @ src[..., c].astype(np.float32)).T).T), 0, 255) for c in range(3)], -1)
+    assert np.array_equal(out, ref.astype(np.uint8))

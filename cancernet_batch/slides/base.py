@@ -194,8 +194,11 @@ def area_weights(a0: float, a1: float, n: int, length: int):
     right = np.minimum(i + 1, edges[1:, None])
     w = np.clip(right - left, 0.0, None) / np.maximum(edges[1:] - edges[:-1], 1e-12)[:, None]
     keep = (w > 0) & (i < length)
-    j = np.broadcast_to(np.arange(n)[:, None], i.shape)
-    return sp.csr_matrix((w[keep].astype(np.float32), (j[keep], i[keep])), shape=(n, length))
+    # CSR straight from the rows (each row's columns already ascending, none twice): the matrix scipy builds
+    # from the same (row, column, weight) triplets, without its sort and duplicate pass
+    indptr = np.zeros(n + 1, np.int32)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    return sp.csr_matrix((w[keep].astype(np.float32), i[keep].astype(np.int32), indptr), shape=(n, length))
 
 
 def area_resize(src: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
