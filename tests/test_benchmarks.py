@@ -62,3 +62,18 @@ def test_geojson_stream_benchmark_rows(tmp_path):
     trace = [r for r in rows if r["case"] == "regions: trace"]
     assert trace[0]["regions"] == 1 and trace[0]["idc_tiles"] == 300 and trace[1]["regions"] >= 1
     assert "| half IDC | regions: trace |" in table(rows)
+
+
+def test_slide_overhead_breakdown(tmp_path, slides_dir):
+    """benchmarks/slide_overhead.py prints every part of the per-slide overhead for real slides (two copies)."""
+    import shutil
+
+    copies = [shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / f"c{i}.svs") for i in range(2)]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "slide_overhead.py"), *map(str, copies),
+                        "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line[:36].strip(): line[36:].split() for line in r.stdout.splitlines()[3:]}
+    for part in ("open", "plan: overview read", "plan: tissue mask", "group: create_input"):
+        assert float(rows[part][0]) > 0, (part, r.stdout)
+    assert float(rows["preflight (child)"][0]) >= 0  # read in 10 ms clock ticks: two slides may show none
+    assert "median tiles per slide 21" in r.stdout  # CMU-1-Small-Region: 21 tissue tiles at 4 µm/px
