@@ -73,7 +73,6 @@ def _child_cpu() -> float:
 
 def one_slide(run, source: str, cfg, clock: _Clock) -> int:
     """The worker's tasks for one slide, as the tile stage runs them; returns the tiles written."""
-    from cancernet_batch import store, tiling
     from cancernet_batch.stages import tile
 
     before = _child_cpu()
@@ -100,8 +99,7 @@ def instrument(clock: _Clock) -> None:
     from cancernet_batch import runfolder, slides, store, tiling
     from cancernet_batch.stages import tile
 
-    tile_open = slides.open_slide
-    slides.open_slide = clock.wrap("open", tile_open)
+    slides.open_slide = clock.wrap("open", slides.open_slide)  # what tile._reader imports when it opens
     region_reader = tiling.region_reader
 
     def timed_region_reader(*args, **kwargs):  # the plan's overview (read_tiles uses it too: not counted)
