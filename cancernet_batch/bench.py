@@ -507,11 +507,13 @@ class BenchResult:
                  and f.settings.get("threads_per_worker") == 1 and f.settings.get("engine_threads") == 1]
         if split and tile1 and pred1 and split.patches:
             # each stage alone on one worker, for the split run's work (seconds per patch x its patches). The
-            # stage figures start their clocks once their cluster is up, so the split run's cluster start is
-            # left out of it too (it is in the wall time and the first-report fraction).
+            # stage figures time the stage on a cluster already up and stop before it closes, so the split run
+            # is the run's own time too (its cluster's start and close are in the wall time and the
+            # first-report fraction, not here)
             slower = max(min(f.seconds / f.patches for f in tile1 if f.patches),
                          min(f.seconds / f.patches for f in pred1 if f.patches)) * split.patches
-            split_seconds = split.seconds - split.settings.get("cluster_start_seconds", 0.0)
+            split_seconds = (split.settings.get("stage_seconds") or {}).get("total") or (
+                split.seconds - split.settings.get("cluster_start_seconds", 0.0))
             out["split_vs_slower_stage_alone"] = split_seconds / slower if slower else None
         return out
 

@@ -112,3 +112,19 @@ def test_predict_autotune_uses_the_saved_engine_and_batch(tmp_path, synth_patch_
     assert r.returncode == 0, r.stderr[-2000:]
     used = json.loads((run / "predict.json").read_text())
     assert (used["engine"], used["batch_size"]) == ("onnx", 64)
+
+
+def test_split_ratio_compares_the_runs_own_time_with_each_stage_alone():
+    """The split figure sets the run's own time (no cluster start, no cluster close: the stage figures leave
+    both out) against the slower of tiling and scoring alone on one core, for the split run's patches."""
+    from cancernet_batch.bench import BenchResult, Figure
+
+    figures = [Figure("tile", "dask", 1000, 4.0, {"workers": 1}),
+               Figure("predict", "onnx", 1000, 6.0, {"workers": 1, "threads_per_worker": 1, "engine_threads": 1}),
+               Figure("predict", "onnx", 1000, 3.5, {"workers": 2, "threads_per_worker": 1}),  # not on one core
+               Figure("run-split", "onnx", 2000, 15.0, {"cluster_start_seconds": 1.0,
+                                                       "stage_seconds": {"total": 13.2}})]
+    ratios = BenchResult({}, {}, figures, {}).ratios()
+    assert ratios["split_vs_slower_stage_alone"] == pytest.approx(13.2 / 12.0)
+    figures[-1].settings.pop("stage_seconds")  # an older record: wall less the cluster's start
+    assert BenchResult({}, {}, figures, {}).ratios()["split_vs_slower_stage_alone"] == pytest.approx(14.0 / 12.0)

@@ -1,0 +1,101 @@
+"""Where the time of a split run goes (issue 13): each worker's tasks, the scoring worker's model time, the client's CPU.
+
+    python benchmarks/split_timeline.py SLIDE... --model MODEL_DIR [--workers 2] [--score-workers 1] [--repeat 2] [-v]
+
+Runs ``cancernet run``'s stream (``run_pipeline``) on a local cluster already started (one thread a worker,
+the engine on one thread, like ``cancernet bench``'s split figure) under Dask's task stream, and prints per
+worker: when its first task started, its busy seconds by kind of task (preflight, prepare, chunk, score,
+report), the idle gaps between its tasks and when its last task ended; the sums of the scoring tasks' own
+read / model / write seconds; and the CPU seconds the client process (with the Dask scheduler in it) spent
+during the run. ``--score-workers 0 --workers 1``: the same work on one worker that does everything, for
+the model time without a second busy worker. ``-v`` lists every task. Used for RESULTS.md section 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+
+def one_run(slides: list[str], model: str, workers: int, score_workers: int, verbose: bool) -> None:
+    from distributed import get_task_stream
+
+    from cancernet_batch.cluster import ClusterConfig, dask_client
+    from cancernet_batch.stages import flow as flow_module
+    from cancernet_batch.stages.report import ReportConfig
+    from cancernet_batch.stages.run import run_pipeline
+    from cancernet_batch.stages.score import PredictConfig
+    from cancernet_batch.tiling import TileConfig
+
+    parts = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    on_score = flow_module.Flow._on_score
+
+    def counting(self, inp, res, extra):
+        if isinstance(res, dict):
+            for k in parts:
+                parts[k] += res[k]
+        return on_score(self, inp, res, extra)
+
+    flow_module.Flow._on_score = counting
+    cluster = ClusterConfig(workers=workers, threads_per_worker=1, dashboard=False, score_workers=score_workers or None)
+    pcfg = PredictConfig(model_dir=model, engine="onnx", batch_size=256, engine_threads=1, cluster=cluster)
+    run = tempfile.mkdtemp(prefix="split-timeline-")
+    try:
+        with dask_client(cluster) as client:
+            client.wait_for_workers(workers)
+            with get_task_stream(client) as ts:
+                t0, c0 = time.time(), time.process_time()
+                s = run_pipeline(slides, run + "/run", TileConfig(), pcfg, ReportConfig(model_dir=model), client=client)
+                wall, client_cpu = time.time() - t0, time.process_time() - c0
+    finally:
+        flow_module.Flow._on_score = on_score
+        shutil.rmtree(run, ignore_errors=True)
+    rows = []
+    for d in ts.data:
+        key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
+        for ss in d["startstops"]:
+            if ss["action"] == "compute":
+                rows.append((ss["start"] - t0, ss["stop"] - t0, str(key).split("-")[0], d["worker"]))
+    print(f"run: {s.predict.tiles_scored} patches, {wall:.2f} s (run_pipeline {s.seconds['total']:.2f} s), first input "
+          f"reported after {s.first_report_seconds:.2f} s; client process CPU {client_cpu:.2f} s; scoring tasks: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    for w in sorted({r[3] for r in rows}):
+        mine = sorted(r for r in rows if r[3] == w)
+        kinds: dict[str, float] = {}
+        for a, b, k, _ in mine:
+            kinds[k] = kinds.get(k, 0.0) + b - a
+        gaps = sum(max(0.0, mine[i][0] - mine[i - 1][1]) for i in range(1, len(mine)))
+        print(f"  worker {w}: first task at {mine[0][0]:.2f} s, last ends {mine[-1][1]:.2f} s, busy "
+              f"{sum(kinds.values()):.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
+              + f"), idle between tasks {gaps:.2f} s")
+        if verbose:
+            for a, b, k, _ in mine:
+                print(f"      {a:6.2f} {b:6.2f} {b - a:5.2f} {k}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("slides", nargs="+")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--score-workers", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {len(a.slides)} slides, "
+          f"{a.workers} workers, {a.score_workers} scoring")
+    for _ in range(a.repeat):
+        one_run(a.slides, a.model, a.workers, a.score_workers, a.verbose)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
