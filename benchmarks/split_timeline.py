@@ -8,7 +8,9 @@ worker: when its first task started, its busy seconds by kind of task (preflight
 report), the idle gaps between its tasks and when its last task ended; the sums of the scoring tasks' own
 read / model / write seconds; and the CPU seconds the client process (with the Dask scheduler in it) spent
 during the run. ``--score-workers 0 --workers 1``: the same work on one worker that does everything, for
-the model time without a second busy worker. ``-v`` lists every task. Used for RESULTS.md section 6.
+the model time without a second busy worker. ``-v`` lists every task. ``--model-beside-tiling``: the model's own rate on one thread, alone and
+with tiling running in another process (is the scorer slowed by the work beside it?). Used for RESULTS.md
+section 6.
 """
 
 from __future__ import annotations
@@ -79,6 +81,55 @@ def one_run(slides: list[str], model: str, workers: int, score_workers: int, ver
                 print(f"      {a:6.2f} {b:6.2f} {b - a:5.2f} {k}")
 
 
+_TILING_LOOP = """
+import sys
+from cancernet_batch.config import TileConfig
+from cancernet_batch.slides import open_slide
+from cancernet_batch.tiling import plan_slide, read_tiles
+readers = [open_slide(p) for p in sys.argv[1:]]
+plans = [plan_slide(p, TileConfig(), reader=r) for p, r in zip(sys.argv[1:], readers)]
+while True:
+    for r, p in zip(readers, plans):
+        read_tiles(r, p.level, p.tile_px_level, p.coords)
+"""
+
+
+def model_beside_tiling(slides: list[str], model: str, rounds: int = 3) -> None:
+    """ONNX Runtime on one thread, 256-tile batches: patches/s alone, then with tiling running in another process."""
+    import subprocess
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from cancernet_batch.modelfolder import ModelFolder
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(ModelFolder(model).onnx), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).integers(0, 256, (256, 50, 50, 3), dtype=np.uint8)
+    x = x.astype(np.float32) if "float" in inp.type else x
+
+    def rate(n: int = 20) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            sess.run(None, {inp.name: x})
+        return n * 256 / (time.perf_counter() - t)
+
+    rate(3)
+    alone = [rate() for _ in range(rounds)]
+    tiling = subprocess.Popen([sys.executable, "-c", _TILING_LOOP, *slides[:4]])
+    try:
+        time.sleep(3)  # the loop's slides opened and planned: it is tiling now
+        beside = [rate() for _ in range(rounds)]
+    finally:
+        tiling.kill()
+        tiling.wait()
+    print("model on one thread, patches/s: alone " + ", ".join(f"{r:.0f}" for r in alone)
+          + "; with tiling in another process " + ", ".join(f"{r:.0f}" for r in beside)
+          + f" (median ratio {np.median(beside) / np.median(alone):.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("slides", nargs="+")
@@ -87,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-workers", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--model-beside-tiling", action="store_true",
+                    help="also: the model's rate on one thread alone and with tiling on the other core")
     a = ap.parse_args(argv)
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {len(a.slides)} slides, "
           f"{a.workers} workers, {a.score_workers} scoring")
     for _ in range(a.repeat):
         one_run(a.slides, a.model, a.workers, a.score_workers, a.verbose)
+    if a.model_beside_tiling:
+        model_beside_tiling(a.slides, a.model)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 

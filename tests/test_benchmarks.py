@@ -77,3 +77,20 @@ def test_slide_overhead_breakdown(tmp_path, slides_dir):
         assert float(rows[part][0]) > 0, (part, r.stdout)
     assert float(rows["preflight (child)"][0]) >= 0  # read in 10 ms clock ticks: two slides may show none
     assert "median tiles per slide 21" in r.stdout  # CMU-1-Small-Region: 21 tissue tiles at 4 µm/px
+
+
+def test_split_timeline_reports_each_workers_tasks_and_the_model_beside_tiling(synth_slide_dir, tiny_model_dir):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "split_timeline.py"), *slides, "--model",
+                        str(tiny_model_dir), "--model-beside-tiling"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    [run] = [ln for ln in lines if ln.startswith("run: ")]
+    assert "client process CPU" in run and "model_s" in run
+    workers = [ln for ln in lines if ln.startswith("  worker ")]
+    assert len(workers) == 2
+    assert sum("score" in w for w in workers) == 1  # one worker scores, the other tiles
+    assert any("chunk" in w and "prepare" in w for w in workers)
+    assert any(ln.startswith("model on one thread, patches/s: alone ") for ln in lines)
