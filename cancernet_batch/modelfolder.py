@@ -26,11 +26,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .runfolder import FAILURES_CSV  # one failures list's name, in a run folder and in a model folder alike
+
 KERAS_FILE = "model.keras"
 META_FILE = "model.json"
 ONNX_FILE = "model.onnx"
 VERIFIED_FILE = "onnx-check.json"
-FAILURES_FILE = "failures.csv"
 
 
 class _Name:
@@ -60,7 +61,7 @@ class Assessed:
     classification_report = _Name("classification_report.txt")
     report = _Name("evaluation.json",
                    "The JSON report ``cancernet evaluate`` writes (training keeps its figures in ``metrics.json``).")
-    failures = _Name(FAILURES_FILE, "Patch files of the evaluated data that could not be read.")
+    failures = _Name(FAILURES_CSV, "Patch files of the evaluated data that could not be read.")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ModelFolder:
     split = _Name("split.json")
     curves = _Name("curves.png")
     metrics = _Name("metrics.json")
-    failures = _Name(FAILURES_FILE, "Patch files of the training data that could not be read.")
+    failures = _Name(FAILURES_CSV, "Patch files of the training data that could not be read.")
 
     @property
     def val(self) -> Assessed:
