@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,24 +38,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", suffix=final.suffix, dir=final.parent)
     except OSError as exc:
         raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
                            hint="check that the output folder exists, is writable and has free space") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        while tmp is None:
+            # the temporary name is known before the file exists (unlike mkstemp's, returned after it made the
+            # file), so a signal anywhere from here on still removes it
+            name = final.parent / f".tmp-{final.name}.{secrets.token_hex(4)}{final.suffix}"
+            try:
+                tmp = name
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                tmp = None  # another writer's name: draw again
+            except OSError as exc:
+                tmp = None  # nothing was made
+                raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
+                                   hint="check that the output folder exists, is writable and has free space") from exc
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, _file_mode())  # readable by workers running as other users, like any output file
         os.replace(tmp, final)
+    except StorageError:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"writing failed: {exc.strerror or exc}", path=final,
                            hint="check that the output folder is writable and has free space") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -64,3 +64,29 @@ def test_failures_roundtrip(tmp_path):
     assert read_failures(p) == rows
     f = Failure.from_exception("x", "read", ValueError("multi\nline  message"))
     assert f.message == "multi line message" and f.error_class == "ValueError"
+
+
+def test_a_signal_as_the_temporary_file_is_made_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Ctrl-C can land between the temporary file's creation and the write (the report tables are rewritten
+    all through a run): the temporary name is known before the file exists, so it is removed whatever the moment."""
+    import os
+
+    from cancernet_batch import atomic
+
+    real_close = os.close
+    calls = {"n": 0}
+
+    def interrupted_close(fd):
+        real_close(fd)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the signal, just after the temporary file was made
+
+    target = tmp_path / "inputs.csv"
+    target.write_text("old\n")
+    monkeypatch.setattr(atomic.os, "close", interrupted_close)
+    with pytest.raises(KeyboardInterrupt):
+        write_text(target, "new\n")
+    monkeypatch.undo()
+    assert calls["n"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.csv"] and target.read_text() == "old\n"
