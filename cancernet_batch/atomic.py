@@ -81,31 +81,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     For outputs that are folders (an OME-Zarr). The new folder is renamed into place; an earlier
     one is first renamed aside and removed after, so ``path`` is always absent, the old folder
-    whole, or the new folder whole, never half-written. On an exception the temporary folder goes.
+    whole, or the new folder whole, never half-written. On an exception (a signal included, at any
+    moment) the temporary folder goes and an earlier folder moved aside is put back.
     """
     final = Path(path)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     except OSError as exc:
         raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
                            hint="check that the output folder exists, is writable and has free space") from exc
+    tmp = old = None
     try:
+        while tmp is None:
+            # as in atomic_path: the name is known before the folder exists, so a signal anywhere removes it
+            tmp = final.parent / f".tmp-{final.name}.{secrets.token_hex(4)}"
+            try:
+                os.mkdir(tmp, 0o700)
+            except FileExistsError:
+                tmp = None  # another writer's name: draw again
+            except OSError as exc:
+                tmp = None
+                raise StorageError(f"cannot write here: {exc.strerror or exc}", path=final.parent,
+                                   hint="check that the output folder exists, is writable and has free space") from exc
         yield tmp
         os.chmod(tmp, _file_mode() | (_file_mode() & 0o444) >> 2)  # rwx where a file would be rw: like mkdir
-        old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.old.", dir=final.parent))
-            os.replace(final, old / "x")
+            old = final.parent / f".tmp-{final.name}.old.{secrets.token_hex(4)}"
+            os.replace(final, old)
         os.replace(tmp, final)
+        tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError(f"writing failed: {exc.strerror or exc}", path=final,
-                           hint="check that the output folder is writable and has free space") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.exists() and not final.exists():
+                os.replace(old, final)  # the earlier folder, whole, back under its name
+        if isinstance(exc, OSError):
+            raise StorageError(f"writing failed: {exc.strerror or exc}", path=final,
+                               hint="check that the output folder is writable and has free space") from exc
         raise
 
 

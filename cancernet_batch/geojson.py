@@ -21,6 +21,7 @@ memory; optionally gzipped. The merged IDC regions (annotations) are in :mod:`ca
 from __future__ import annotations
 
 import gzip as _gzip
+import hashlib
 import json
 import os
 import uuid
@@ -48,26 +49,41 @@ def tile_polygon(row: int, col: int, tile_px: float) -> list[list[list[float | i
     return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
 
 
-def iter_idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float
-                      ) -> Iterator[dict]:
-    """One QuPath detection feature per IDC tile with a grid position, in (row, col) order, one at a time."""
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+# one feature's compact JSON (json.dumps with separators=(",", ":")), its numbers filled in with repr as json does
+_FEATURE = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[[%r,%r],[%r,%r],[%r,%r],[%r,%r],'
+            '[%r,%r]]]},"properties":{"objectType":' + json.dumps(OBJECT_TYPE) + ',"classification":'
+            + json.dumps(IDC_CLASS, separators=(",", ":")) + ',"measurements":{"IDC probability":%r,"Tile row":%d,'
+            '"Tile col":%d}}}')
+
+
+def _feature_id(input_id: str, row: int, col: int) -> str:
+    """``str(uuid5(NAMESPACE_URL, "cancernet-batch:ID/ROW/COL"))``, hashed directly (no UUID object per tile)."""
+    d = bytearray(hashlib.sha1(_URL_NAMESPACE + f"cancernet-batch:{input_id}/{row}/{col}".encode("utf-8")).digest()[:16])
+    d[6] = (d[6] & 0x0F) | 0x50  # version 5
+    d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def idc_feature_lines(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float
+                      ) -> Iterator[str]:
+    """One QuPath detection feature per IDC tile with a grid position, in (row, col) order, one at a time, each
+    as its compact JSON text (what the report writes: made directly, about 5x faster than a dict through json)."""
     probs = np.asarray(probs, np.float32)
     coords = np.asarray(coords).reshape(-1, 2)
     keep = np.isfinite(probs) & (probs >= threshold) & (coords[:, 0] >= 0) & (coords[:, 1] >= 0)
     idx = np.flatnonzero(keep)
     idx = idx[np.lexsort((coords[idx, 1], coords[idx, 0]))]
-    for i in idx:
-        row, col = int(coords[i, 0]), int(coords[i, 1])
-        yield {
-            "type": "Feature",
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cancernet-batch:{input_id}/{row}/{col}")),
-            "geometry": {"type": "Polygon", "coordinates": tile_polygon(row, col, tile_px)},
-            "properties": {
-                "objectType": OBJECT_TYPE,
-                "classification": dict(IDC_CLASS),
-                "measurements": {"IDC probability": round(float(probs[i]), 6), "Tile row": row, "Tile col": col},
-            },
-        }
+    for (row, col), p in zip(coords[idx].tolist(), probs[idx].tolist()):
+        x0, y0, x1, y1 = (_num(v) for v in (col * tile_px, row * tile_px, (col + 1) * tile_px, (row + 1) * tile_px))
+        yield _FEATURE % (_feature_id(input_id, row, col), x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, round(p, 6), row, col)
+
+
+def iter_idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float
+                      ) -> Iterator[dict]:
+    """:func:`idc_feature_lines` as GeoJSON feature objects."""
+    return (json.loads(line) for line in idc_feature_lines(input_id, coords, probs, threshold, tile_px))
 
 
 def idc_features(input_id: str, coords: np.ndarray, probs: np.ndarray, threshold: float, tile_px: float) -> list[dict]:
@@ -79,9 +95,10 @@ _HEAD = b'{"type":"FeatureCollection","features":[\n'
 _TAIL = b"\n]}\n"
 
 
-def write_geojson(path: str | os.PathLike, features: Iterable[dict], *, gzip: bool = False,
+def write_geojson(path: str | os.PathLike, features: Iterable[dict | str], *, gzip: bool = False,
                   batch: int = STREAM_BATCH) -> Path:
-    """Atomically write a FeatureCollection, streamed: ``features`` is consumed ``batch`` features at a time.
+    """Atomically write a FeatureCollection, streamed: ``features`` (objects, or their compact JSON text as
+    :func:`idc_feature_lines` makes it) is consumed ``batch`` features at a time.
 
     One feature per line (diffs and greps stay readable); the whole collection is never built in
     memory, so a slide with 100,000 IDC tiles costs a batch of lines, not a 50 MB string. With
@@ -95,7 +112,7 @@ def write_geojson(path: str | os.PathLike, features: Iterable[dict], *, gzip: bo
             lines: list[str] = []
             first = True
             for f in features:
-                lines.append(json.dumps(f, separators=(",", ":"), allow_nan=False))
+                lines.append(f if isinstance(f, str) else json.dumps(f, separators=(",", ":"), allow_nan=False))
                 if len(lines) >= batch:
                     fh.write((("" if first else ",\n") + ",\n".join(lines)).encode("ascii"))
                     first, lines = False, []

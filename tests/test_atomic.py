@@ -90,3 +90,52 @@ def test_a_signal_as_the_temporary_file_is_made_leaves_nothing_behind(tmp_path, 
     monkeypatch.undo()
     assert calls["n"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.csv"] and target.read_text() == "old\n"
+
+
+@pytest.mark.parametrize("where", ["mkdir", "replace-aside", "replace-in"])
+def test_a_signal_at_any_step_of_a_folder_write_leaves_the_old_folder_or_the_new_one(tmp_path, monkeypatch, where):
+    """A folder output (an OME-Zarr) interrupted as its temporary folder is made, as the old folder is moved
+    aside, or as the new one is renamed in: no ``.tmp-*`` folder is left and the old folder is whole under its name."""
+    import os
+
+    from cancernet_batch import atomic
+    from cancernet_batch.atomic import atomic_dir
+
+    final = tmp_path / "a.ome.zarr"
+    final.mkdir()
+    (final / "old").write_text("old")
+    real_mkdir, real_replace = os.mkdir, os.replace
+    replaces = {"n": 0}
+
+    def mkdir(p, *a, **kw):
+        real_mkdir(p, *a, **kw)
+        if where == "mkdir":
+            raise KeyboardInterrupt
+
+    def replace(src, dst):
+        replaces["n"] += 1
+        if where == "replace-in" and replaces["n"] == 2:
+            raise KeyboardInterrupt  # the old folder is aside, the new one not yet in
+        real_replace(src, dst)
+        if where == "replace-aside" and replaces["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "mkdir", mkdir)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final) as tmp:
+            (tmp / "new").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ome.zarr"]
+    assert sorted(p.name for p in final.iterdir()) == ["old"]
+
+
+def test_a_folder_write_replaces_the_old_folder_whole(tmp_path):
+    from cancernet_batch.atomic import atomic_dir
+
+    final = tmp_path / "a.ome.zarr"
+    for text in ("first", "second"):
+        with atomic_dir(final) as tmp:
+            (tmp / text).write_text(text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ome.zarr"]
+    assert sorted(p.name for p in final.iterdir()) == ["second"]

@@ -94,3 +94,25 @@ def test_split_timeline_reports_each_workers_tasks_and_the_model_beside_tiling(s
     assert sum("score" in w for w in workers) == 1  # one worker scores, the other tiles
     assert any("chunk" in w and "prepare" in w for w in workers)
     assert any(ln.startswith("model on one thread, patches/s: alone ") for ln in lines)
+
+
+def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slide_dir, tiny_model_dir, client):
+    """benchmarks/report_parts.py: CPU ms per input of each piece of the report part, on a scored run."""
+    from cancernet_batch.stages.report import ReportConfig
+    from cancernet_batch.stages.run import run_pipeline
+    from cancernet_batch.stages.score import PredictConfig
+    from cancernet_batch.tiling import TileConfig
+
+    slides = sorted(synth_slide_dir.glob("*.svs"))[:2]
+    run_pipeline(slides, tmp_path / "run", TileConfig(), PredictConfig(model_dir=str(tiny_model_dir)),
+                 ReportConfig(model_dir=str(tiny_model_dir)), client=client)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report_parts.py"), str(tmp_path / "run"),
+                        "--model", str(tiny_model_dir), "--rounds", "2"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 inputs, tiles / IDC tiles per input" in r.stdout
+    rows = {line[:22].strip(): float(line[22:]) for line in r.stdout.splitlines()[2:]}
+    for piece in ("load_scored", "write_heatmap", "write_geojson", "write_pyramids", "total"):
+        assert rows[piece] > 0, (piece, r.stdout)
+    assert rows["total"] >= rows["write_heatmap"] + rows["write_pyramids"]
+    assert len(list((tmp_path / "run" / "report").rglob("*.png"))) == 2  # the last round's heatmaps

@@ -128,3 +128,23 @@ def test_pyramid_rewrite_replaces_whole_and_a_failed_write_keeps_the_old(tmp_pat
 def test_bad_geometry_is_refused(tmp_path):
     with pytest.raises(ValueError):
         write_pyramids(*_files(tmp_path), _map((4, 4)), threshold=THR, tile_px=float("nan"), mpp0=MPP0, name="x")
+
+
+def test_ome_zarr_made_in_memory_has_the_files_zarrs_local_store_writes(tmp_path):
+    """The OME-Zarr is built in a zarr MemoryStore and its files written at once: the same file tree, byte for
+    byte, as the same group written through zarr's own local store."""
+    import zarr
+
+    from cancernet_batch.pyramid import fill_ome_zarr, levels, write_ome_zarr
+
+    lv = levels(_map(), THR)
+    assert len(lv) > 1  # levels, chunks of several arrays and the label image all in the comparison
+    kw = dict(threshold=THR, tile_px=T, mpp0=MPP0, name="x", model_id="m")
+    write_ome_zarr(tmp_path / "memory.ome.zarr", lv, **kw)
+    fill_ome_zarr(zarr.open_group(str(tmp_path / "local.ome.zarr"), mode="w", zarr_format=2), lv, **kw)
+
+    def tree(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    memory, local = tree(tmp_path / "memory.ome.zarr"), tree(tmp_path / "local.ome.zarr")
+    assert len(local) > 10 and memory == local

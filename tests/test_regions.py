@@ -170,3 +170,37 @@ def test_a_failing_feature_stream_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError):
         write_geojson(tmp_path / "x.geojson", feats(), batch=1)
     assert (tmp_path / "x.geojson").read_text() == "old" and not list(tmp_path.glob(".tmp-*"))
+
+
+def _reference_feature(input_id: str, row: int, col: int, p: float, tile_px: float) -> dict:
+    """A tile's feature as the format says, built independently: uuid5 id, ring of level-0 corners, measurements."""
+    import uuid
+
+    def num(v):
+        r = round(float(v), 3)
+        return int(r) if r.is_integer() else r
+
+    x0, y0, x1, y1 = (num(v) for v in (col * tile_px, row * tile_px, (col + 1) * tile_px, (row + 1) * tile_px))
+    return {"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cancernet-batch:{input_id}/{row}/{col}")),
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {"objectType": "detection", "classification": {"name": "IDC", "color": [220, 20, 60]},
+                           "measurements": {"IDC probability": round(float(p), 6), "Tile row": row, "Tile col": col}}}
+
+
+@pytest.mark.parametrize("tile_px", [50.0, 403.2, 199.6, 1 / 3, 1e6 + 0.25])
+def test_feature_lines_are_json_dumps_of_the_reference_features(tile_px):
+    """The report's tile GeoJSON lines are made as text directly: each is exactly json.dumps (compact) of the feature
+    built the plain way, for odd tile sizes, tiny and huge probabilities and ids with any characters."""
+    from cancernet_batch.geojson import idc_feature_lines
+
+    rng = np.random.default_rng(int(tile_px * 7) % 1000)
+    coords = rng.integers(-1, 3000, (400, 2))
+    probs = rng.random(400).astype(np.float32)
+    probs[:5] = [1.0, 0.5, np.float32(1e-7), np.nan, np.float32(0.9999999)]
+    for input_id in ("x", "slide é/ü 名前", "a" * 300):
+        lines = list(idc_feature_lines(input_id, coords, probs, 0.0, tile_px))
+        keep = [i for i in np.lexsort((coords[:, 1], coords[:, 0]))
+                if np.isfinite(probs[i]) and coords[i, 0] >= 0 and coords[i, 1] >= 0]
+        want = [json.dumps(_reference_feature(input_id, int(coords[i, 0]), int(coords[i, 1]), probs[i], tile_px),
+                           separators=(",", ":"), allow_nan=False) for i in keep]
+        assert len(lines) == len(want) > 300 and lines == want

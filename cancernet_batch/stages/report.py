@@ -42,7 +42,7 @@ from ..config import ReportConfig
 from ..errors import StorageError
 from ..failures import Failure
 from ..runfolder import INDEX_HTML, INPUTS_CSV, PATIENTS_CSV, InputFiles, Run
-from ..geojson import iter_idc_features, write_geojson
+from ..geojson import idc_feature_lines, write_geojson
 from ..regions import region_features, region_summary
 from ..heatmap import thumbnail_for, write_heatmap
 from ..pyramid import write_pyramids
@@ -131,7 +131,7 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg
     thumb = thumbnail_for(group, scored.attrs, tile_px, cfg.thumb_px)
     write_heatmap(out / files.heatmap, idc_map, thumb, tile_px=tile_px,
                   um_per_px=mpp0, threshold=threshold, title=_title(patient, gid))
-    write_geojson(out / files.geojson, iter_idc_features(gid, scored.coords, scored.probs, threshold, tile_px),
+    write_geojson(out / files.geojson, idc_feature_lines(gid, scored.coords, scored.probs, threshold, tile_px),
                   gzip=cfg.geojson_gzip)
     regions = find_input_regions(scored, threshold, cfg.min_region_mm2, cfg.region_smoothing)
     write_geojson(out / files.regions, region_features(gid, regions, tile_px))
