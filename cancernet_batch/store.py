@@ -716,6 +716,16 @@ def tiled_mask(group) -> np.ndarray:
     return np.asarray(group["tiled"][:], bool)
 
 
+def prediction_specs(n: int, chunk: int, model_id: str) -> dict[str, dict]:
+    """The ``probs`` and ``done`` arrays of an input of ``n`` tiles in chunks of ``chunk``, for predictions by
+    ``model_id`` (``{name: create_array keyword arguments}``, for :func:`create_arrays` or :func:`create_input`)."""
+    # the model id goes in with the array's metadata (one write): a kill between two writes left
+    # an array of no model, and every later run was refused as "scored by model None"
+    return {"probs": dict(shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan,
+                          attributes={"model_id": model_id}),
+            "done": dict(shape=(len(chunk_bounds(n, chunk)),), chunks=(1,), dtype="bool", fill_value=False)}
+
+
 def ensure_predictions(group, model_id: str, *, reset: bool = False):
     """Create (or check) the ``probs``/``done`` arrays of an input for predictions by ``model_id``.
 
@@ -724,7 +734,6 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
     """
     n = int(group["tiles"].shape[0])
     c = int(group.attrs.get("chunk", group["tiles"].chunks[0]))
-    nchunks = len(chunk_bounds(n, c))
     if "probs" in group:
         old = group["probs"].attrs.get("model_id")
         if old != model_id:
@@ -734,14 +743,9 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
             del group["probs"]
             if "done" in group:
                 del group["done"]
-    missing = {}
-    if "probs" not in group:
-        # the model id goes in with the array's metadata (one write): a kill between two writes left
-        # an array of no model, and every later run was refused as "scored by model None"
-        missing["probs"] = dict(shape=(n,), chunks=(c,), dtype="float32", fill_value=np.nan,
-                                attributes={"model_id": model_id})
-    if "done" not in group:  # a kill after probs and before done: no chunk is done yet
-        missing["done"] = dict(shape=(nchunks,), chunks=(1,), dtype="bool", fill_value=False)
+    specs = prediction_specs(n, c, model_id)
+    # a kill after probs and before done: no chunk is done yet, done is made now
+    missing = {name: kw for name, kw in specs.items() if name not in group}
     if missing:
         # both documents in one batch of writes (a kill between them leaves one array without the
         # other: either way no chunk is flagged done, and the next call makes the missing one)

@@ -230,3 +230,45 @@ def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_
     g["tiled"][1] = False
     res = prepare_slide_task(run, str(slides[0]), cfg, [], False)
     assert res["todo"] == [(1, 8, min(16, res["n"]))] and res["kept"] == g["tiled"].shape[0] - 1
+
+
+def test_one_prepare_task_preflights_plans_and_sets_up_the_predictions(tiny_model_dir, synth_slide_dir, slides_dir,
+                                                                         tmp_path):
+    """A slide's preflight, plan, group and predictions' arrays are one worker task: a broken slide fails at its
+    preflight (nothing stored), a new group gets its probs/done with its other arrays and every chunk to score, an
+    interrupted one is checked as before (its done chunks not scored again), and a model of another µm/px is one
+    failure of that input."""
+    from dataclasses import replace
+
+    from cancernet_batch.failures import Failure
+    from cancernet_batch.stages.score import input_chunks_to_score
+    from cancernet_batch.stages.tile import prepare_slide_task
+
+    run = Run.of(tmp_path / "run")
+    run.create().open_store("a").require_group("inputs")
+    cfg = TileConfig(target_mpp=4.0, chunk=4)
+    scoring = prepare_scoring(run, PredictConfig(model_dir=str(tiny_model_dir)))
+    scoring = replace(scoring, mpp=4.0)
+    bad = prepare_slide_task(run, str(slides_dir / "unreadable.svs"), cfg, [], False, True, scoring)
+    assert isinstance(bad, Failure) and bad.stage == "preflight" and "unreadable.svs" in bad.input
+    assert list(run.open_store("r")["inputs"]) == []
+    slide = str(sorted(synth_slide_dir.glob("*.svs"))[0])
+    res = prepare_slide_task(run, slide, cfg, [], False, True, scoring)
+    gid = res["gid"]
+    chunks, nchunks = res["score"]
+    assert nchunks == len(res["todo"]) >= 2 and [c[1:] for c in chunks] == res["todo"]
+    g = run.open_store("r")["inputs"][gid]
+    assert g["probs"].attrs["model_id"] == scoring.model_id and not np.asarray(g["done"][:]).any()
+    assert g["probs"].shape == (res["n"],) and g["done"].shape == (nchunks,)
+    # what the client's set-up of the same group says (it reads the group back): the same chunks
+    assert input_chunks_to_score(run.open_input(gid), gid, scoring) == (chunks, nchunks)
+    # interrupted after its first chunk was tiled and scored: the re-run's prepare keeps both
+    g = run.open_input(gid)
+    g["tiled"][0] = True
+    g["probs"][0:4] = 0.5
+    g["done"][0] = True
+    again = prepare_slide_task(run, slide, cfg, [], False, True, scoring)
+    assert again["kept"] == 1 and again["score"] == (chunks[1:], nchunks)
+    other = prepare_slide_task(run, slide, cfg, [], False, True, replace(scoring, mpp=0.5))
+    assert isinstance(other["score_error"], Failure) and other["score_error"].stage == "predict"
+    assert "µm/px" in other["score_error"].message

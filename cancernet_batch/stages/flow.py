@@ -3,7 +3,7 @@
 One :class:`Flow` drives one Dask client. Inputs are admitted a window at a time; each goes on as
 soon as its previous step is done:
 
-    slide:          preflight -> prepare (plan, group) -> tile chunk ... -> score chunk ... -> report
+    slide:          prepare (preflight, plan, group, predictions) -> tile chunk ... -> score chunk ... -> report
     patient folder: load and write all chunks ------------------------------> score chunk ... -> report
     already tiled:                                                           score chunk ... -> report
 
@@ -316,23 +316,9 @@ class Flow:
             self._start_scoring(inp, tiled_now=set())
         elif inp.spec is not None and inp.spec.kind == "patches":
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
-        elif inp.preflighted:
-            self._submit_prepare(inp)
-        else:
-            self._submit("preflight", inp, preflight_task, inp.source, self.tile_cfg.preflight_timeout,
-                         self.run.input_options, self.tile_cfg.stage_cache_gb, priority=_TILE)
-
-    def _submit_prepare(self, inp: _Input) -> None:
-        self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                     inp.edge, priority=_TILE)
-
-    def _on_preflight(self, inp: _Input, res, extra) -> None:
-        if isinstance(res, BaseException):
-            res = Failure.from_exception(inp.source, "preflight", res)
-        if isinstance(res, Failure):
-            self._fail(inp, res, drop_group=True)
-        else:
-            self._submit_prepare(inp)
+        else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
+            self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
+                         inp.edge, not inp.preflighted, self.scoring, priority=_TILE)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):
@@ -352,8 +338,10 @@ class Flow:
                          res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))
         if not inp.to_tile:
             self._tiled(inp)
-        if self.scoring is not None:
-            self._start_scoring(inp, tiled_now={i for i, _, _ in res["todo"]})
+        if "score_error" in res:
+            self._fail(inp, res["score_error"])
+        elif self.scoring is not None:
+            self._start_scoring(inp, tiled_now={i for i, _, _ in res["todo"]}, chunks=res["score"])
 
     def _on_chunk(self, inp: _Input, res, extra) -> None:
         index, start, stop = extra
@@ -396,12 +384,14 @@ class Flow:
             self.tile.tiled.append(inp.source)
             log.info("%s: tiled", inp.source)
 
-    def _start_scoring(self, inp: _Input, tiled_now: set[int]) -> None:
-        """Set up the input's predictions; score its tiled chunks now and the others as their tiles land."""
+    def _start_scoring(self, inp: _Input, tiled_now: set[int], chunks: tuple | None = None) -> None:
+        """Set up the input's predictions (unless the worker that prepared it did: ``chunks``, as
+        :func:`~cancernet_batch.stages.score.input_chunks_to_score` returns them); score its tiled chunks now and
+        the others as their tiles land."""
         from .score import input_chunks_to_score
 
         try:
-            chunks, nchunks = input_chunks_to_score(self.run.open_input(inp.gid), inp.gid, self.scoring)
+            chunks, nchunks = chunks or input_chunks_to_score(self.run.open_input(inp.gid), inp.gid, self.scoring)
         except Exception as exc:  # noqa: BLE001 - e.g. another µm/px, or damaged arrays of this input only
             self._fail(inp, Failure.from_exception(inp.source, "predict", exc))
             return

@@ -190,18 +190,25 @@ def _scored_by(run: Run) -> set:
     return {g["probs"].attrs.get("model_id") for _, g in store.iter_inputs(root, complete_only=False) if "probs" in g}
 
 
-def input_chunks_to_score(g, gid: str, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int]:
+def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
+                          ) -> tuple[list[tuple[str, int, int, int]], int]:
     """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input (its predictions set up)
     and how many chunks it has.
 
-    Raises (for the input's failure row) when it was tiled at another µm/px than the model's, or
-    when its predictions cannot be set up.
+    ``made``: ``g`` is a group just made with its ``probs``/``done`` (:func:`store.prediction_specs` given to
+    :func:`store.create_input`, as the stream's prepare task does): every chunk is to score, nothing to look
+    up or read back. Raises (for the input's failure row) when it was tiled at another µm/px than the
+    model's, or when its predictions cannot be set up.
     """
-    tiled_mpp = g.attrs.get("target_mpp")
+    attrs = g.attrs
+    tiled_mpp = attrs.get("target_mpp")
     mpp = scoring.mpp
     if mpp is not None and tiled_mpp is not None and abs(float(tiled_mpp) - mpp) > 1e-3 * mpp:
         raise ResolutionError(f"tiled at {float(tiled_mpp):g} µm/px but the model expects {mpp:g} µm/px",
-                              path=g.attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")
+                              path=attrs.get("source", gid), hint="re-tile into a new run folder with --model MODEL_DIR")
+    if made:
+        bounds = store.chunk_bounds(int(g["tiles"].shape[0]), int(attrs["chunk"]))
+        return [(gid, i, s, e) for i, (s, e) in enumerate(bounds)], len(bounds)
     # the checks below look the same arrays up many times: all of them at once (one listing and concurrent
     # reads of their documents; on object storage this runs on the client, one input after the other)
     g = store.NodeCache(g).load_members()

@@ -2,16 +2,17 @@
 
 The work, all on Dask workers (the client sends paths and receives counts; no pixels pass it):
 
-1. **preflight** per slide: open it and decode a few pixels in a child process with a timeout
-   (:mod:`cancernet_batch.preflight`). Files of one DICOM series are one slide: the first file (by
-   name) stands for the series, the others are listed in its ``series_files``.
-2. **prepare** per slide: plan it (:func:`cancernet_batch.tiling.plan_slide`: resolution, level,
-   grid, tissue), then create its group in the store with its ``coords``, ``tissue`` map and
-   ``thumbnail``; or, for an interrupted input with the same plan, keep it and list the chunks
-   still missing.
-3. **chunk** tasks: each reads the pixels of one store chunk of tiles (``chunk`` tiles; the last one
+1. **prepare** per slide, one task: its **preflight** (open it and decode a few pixels in a child
+   process with a timeout, :mod:`cancernet_batch.preflight`), then its plan
+   (:func:`cancernet_batch.tiling.plan_slide`: resolution, level, grid, tissue), then its group in the
+   store with its ``coords``, ``tissue`` map and ``thumbnail`` (and, in a run that scores, its
+   ``probs``/``done`` arrays); or, for an interrupted input with the same plan, keep it and list the
+   chunks still missing. Files of one DICOM series are one slide: they are preflighted first, each in
+   its own task, then the first file (by name) stands for the series, the others listed in its
+   ``series_files``.
+2. **chunk** tasks: each reads the pixels of one store chunk of tiles (``chunk`` tiles; the last one
    shorter), writes the tiles, then the chunk's ``tiled`` flag.
-4. The client marks an input ``complete`` (store attrs) once all its chunks are written.
+3. The client marks an input ``complete`` (store attrs) once all its chunks are written.
 
 Patient folders are one task each (load the patches, write all chunks).
 
@@ -158,12 +159,21 @@ def _chunk_ok(stored, n: int, chunk: int) -> bool:
     return stored in (_store_chunk(n, chunk), _store_chunk(n, edge_chunk(chunk)))
 
 
-def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False
-                       ) -> dict | Failure:
+def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False,
+                       preflight: bool = False, scoring=None) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure.
 
     ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run);
-    a group already there with the same plan keeps its chunks."""
+    a group already there with the same plan keeps its chunks. ``preflight``: the slide's preflight first
+    (:func:`preflight_task`): one task a slide instead of two. ``scoring`` (a
+    :class:`~cancernet_batch.stages.score.Scoring`, when the run scores): the input's predictions are set up
+    here as well, a new group's ``probs`` and ``done`` made with its other arrays; the result's ``score``
+    holds ``(chunks to score, number of chunks)``, or ``score_error`` the Failure of an input that cannot be
+    scored."""
+    if preflight:
+        checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
+        if isinstance(checked, Failure):
+            return checked
     try:
         plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb),
                                                 series_files=series_files),
@@ -175,6 +185,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     gid = store.input_id(source)
     inputs = root["inputs"]
     kept = 0
+    made = False  # the group made here, with its predictions' arrays
     if gid in inputs and _same_plan(inputs[gid], plan, cfg.chunk):
         g = inputs[gid]
         bounds = store.chunk_bounds(plan.n_tiles, int(g.attrs["chunk"]))
@@ -187,16 +198,28 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         bounds = store.chunk_bounds(plan.n_tiles, c)
         rows, cols = plan.grid_shape
         th = plan.thumbnail
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays={
-            "tissue": dict(shape=(rows, cols), chunks=(rows, cols), dtype="float32"),
-            "thumbnail": dict(shape=th.shape, chunks=(min(th.shape[0], 1024), min(th.shape[1], 1024), 3), dtype="uint8")})
+        arrays = {"tissue": dict(shape=(rows, cols), chunks=(rows, cols), dtype="float32"),
+                  "thumbnail": dict(shape=th.shape, chunks=(min(th.shape[0], 1024), min(th.shape[1], 1024), 3),
+                                    dtype="uint8")}
+        if scoring is not None:
+            arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
+            made = True
+        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays)
         if plan.n_tiles:
             g["coords"][:] = plan.coords
         g["tissue"][:] = plan.tissue
         g["thumbnail"][:] = th
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
-    return {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
-            "tile_px": plan.tile_px_level, "summary": plan.summary()}
+    out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
+           "tile_px": plan.tile_px_level, "summary": plan.summary()}
+    if scoring is not None:
+        from .score import input_chunks_to_score
+
+        try:
+            out["score"] = input_chunks_to_score(g, gid, scoring, made=made)
+        except Exception as exc:  # noqa: BLE001 - e.g. another µm/px: this input is not scored, the others go on
+            out["score_error"] = Failure.from_exception(source, "predict", exc)
+    return out
 
 
 def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, stop: int, level: int,
