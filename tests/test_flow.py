@@ -272,3 +272,36 @@ def test_one_prepare_task_preflights_plans_and_sets_up_the_predictions(tiny_mode
     other = prepare_slide_task(run, slide, cfg, [], False, True, replace(scoring, mpp=0.5))
     assert isinstance(other["score_error"], Failure) and other["score_error"].stage == "predict"
     assert "µm/px" in other["score_error"].message
+
+
+def test_the_prepare_task_of_the_stream_tiles_the_first_chunk_itself(synth_slide_dir, tmp_path, monkeypatch):
+    """``tile_first`` (what the stream asks): the first chunk is written in the prepare task, flagged as a chunk
+    task flags it, with the same tiles; the others are left to chunk tasks; a slide whose first chunk cannot be
+    read comes back with the error for its tile stage."""
+    from cancernet_batch.stages.tile import prepare_slide_task, tile_chunk_task
+
+    cfg = TileConfig(target_mpp=4.0, chunk=4)
+    slide = str(sorted(synth_slide_dir.glob("*.svs"))[0])
+    a, b = Run.of(tmp_path / "a"), Run.of(tmp_path / "b")
+    for run in (a, b):
+        run.create().open_store("a").require_group("inputs")
+    res = prepare_slide_task(a, slide, cfg, [], False, True, None, True)
+    plain = prepare_slide_task(b, slide, cfg, [], False, True, None, False)
+    assert res["tiled"] == plain["todo"][:1] and res["todo"] == plain["todo"][1:] and "chunk_error" not in res
+    ga, gb = a.open_input(res["gid"]), b.open_input(plain["gid"])
+    assert np.asarray(ga["tiled"][:]).tolist() == [True] + [False] * len(res["todo"])
+    tile_chunk_task(b, plain["gid"], slide, *plain["todo"][0], plain["level"], plain["tile_px"], cfg)
+    assert np.array_equal(ga["tiles"][0:4], gb["tiles"][0:4]) and np.asarray(ga["tiles"][0:4]).any()
+    # the first chunk's tiles cannot be read (after a plan that could: a corrupt region the plan's coarse view does
+    # not decode; injected here at the tile reader): the error comes back for the input's tile stage
+    from cancernet_batch.errors import SlideReadError
+    from cancernet_batch.stages import tile as tile_module
+
+    def unreadable(reader, level, tile_px, coords, decode):
+        raise SlideReadError("corrupt JPEG data in a tile", path=slide, hint="re-export the slide")
+
+    monkeypatch.setattr(tile_module, "read_tiles", unreadable)
+    broken = Run.of(tmp_path / "c")
+    broken.create().open_store("a").require_group("inputs")
+    res = prepare_slide_task(broken, slide, cfg, [], False, False, None, True)
+    assert isinstance(res["chunk_error"], SlideReadError) and res["tiled"] == [] and slide in str(res["chunk_error"])

@@ -318,7 +318,7 @@ class Flow:
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                         inp.edge, not inp.preflighted, self.scoring, priority=_TILE)
+                         inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):
@@ -327,12 +327,20 @@ class Flow:
         if isinstance(res, Failure):
             self._fail(inp, res, drop_group=True)
             return
+        if "chunk_error" in res:  # its first chunk, tiled in the same task
+            self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res["chunk_error"])))
+            return
         self.tile.plans[inp.source] = res["summary"]
         self.tile.chunks_kept += res["kept"]
         if res["kept"]:
             self.tile.resumed.append(inp.source)
         inp.to_tile = len(res["todo"])
-        self._tile_progress(0, sum(e - s for _, s, e in res["todo"]))
+        written = sum(e - s for _, s, e in res["tiled"])
+        self._tile_progress(0, sum(e - s for _, s, e in res["todo"]) + written)
+        if res["tiled"]:
+            self.tile.tiles_written += written
+            self.tile.chunks_written += len(res["tiled"])
+            self._tile_progress(written, 0)
         for index, start, stop in res["todo"]:
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
                          res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))

@@ -160,7 +160,7 @@ def _chunk_ok(stored, n: int, chunk: int) -> bool:
 
 
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False,
-                       preflight: bool = False, scoring=None) -> dict | Failure:
+                       preflight: bool = False, scoring=None, tile_first: bool = False) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure.
 
     ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run);
@@ -169,7 +169,9 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     :class:`~cancernet_batch.stages.score.Scoring`, when the run scores): the input's predictions are set up
     here as well, a new group's ``probs`` and ``done`` made with its other arrays; the result's ``score``
     holds ``(chunks to score, number of chunks)``, or ``score_error`` the Failure of an input that cannot be
-    scored."""
+    scored. ``tile_first``: the first chunk still to write is tiled here too (:func:`tile_chunk_task`), listed in
+    ``tiled`` instead of ``todo`` (an input of one chunk needs no other task, and the worker does not wait for
+    the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``."""
     if preflight:
         checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
         if isinstance(checked, Failure):
@@ -211,7 +213,14 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         g["thumbnail"][:] = th
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
-           "tile_px": plan.tile_px_level, "summary": plan.summary()}
+           "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
+    if tile_first and todo:
+        try:
+            tile_chunk_task(run, gid, source, *todo[0], plan.level, plan.tile_px_level, cfg)
+        except Exception as exc:  # noqa: BLE001 - the input fails at its tiles, as a chunk task would
+            out["chunk_error"] = exc
+            return out
+        out["tiled"], out["todo"] = todo[:1], todo[1:]
     if scoring is not None:
         from .score import input_chunks_to_score
 
