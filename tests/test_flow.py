@@ -290,8 +290,15 @@ def test_the_prepare_task_of_the_stream_tiles_the_first_chunk_itself(synth_slide
     assert res["tiled"] == plain["todo"][:1] and res["todo"] == plain["todo"][1:] and "chunk_error" not in res
     ga, gb = a.open_input(res["gid"]), b.open_input(plain["gid"])
     assert np.asarray(ga["tiled"][:]).tolist() == [True] + [False] * len(res["todo"])
+    assert not ga.attrs["complete"] and "complete" not in res  # chunks are left: the client marks it later
     tile_chunk_task(b, plain["gid"], slide, *plain["todo"][0], plain["level"], plain["tile_px"], cfg)
     assert np.array_equal(ga["tiles"][0:4], gb["tiles"][0:4]) and np.asarray(ga["tiles"][0:4]).any()
+    # an input of one chunk: tiled and marked complete by its prepare task alone
+    whole = Run.of(tmp_path / "whole")
+    whole.create().open_store("a").require_group("inputs")
+    one = prepare_slide_task(whole, slide, TileConfig(target_mpp=4.0, chunk=4096), [], False, True, None, True)
+    assert one["todo"] == [] and len(one["tiled"]) == 1 and one["complete"]
+    assert whole.open_input(one["gid"]).attrs["complete"] is True
     # the first chunk's tiles cannot be read (after a plan that could: a corrupt region the plan's coarse view does
     # not decode; injected here at the tile reader): the error comes back for the input's tile stage
     from cancernet_batch.errors import SlideReadError

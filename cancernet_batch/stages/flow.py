@@ -345,7 +345,7 @@ class Flow:
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
                          res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))
         if not inp.to_tile:
-            self._tiled(inp)
+            self._tiled(inp, marked=res.get("complete", False))
         if "score_error" in res:
             self._fail(inp, res["score_error"])
         elif self.scoring is not None:
@@ -383,10 +383,12 @@ class Flow:
         if self.scoring is not None:
             self._start_scoring(inp, tiled_now=set())
 
-    def _tiled(self, inp: _Input) -> None:
+    def _tiled(self, inp: _Input, marked: bool = False) -> None:
+        """Every chunk of the input is written: mark it complete (unless its worker did: ``marked``)."""
         if inp.failed or inp.tiling_done:
             return
-        store.mark_complete(self.run.open_input(inp.gid))
+        if not marked:
+            store.mark_complete(self.run.open_input(inp.gid))
         inp.tiling_done = True
         if inp.entry == "tile":
             self.tile.tiled.append(inp.source)

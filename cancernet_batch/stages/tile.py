@@ -12,7 +12,8 @@ The work, all on Dask workers (the client sends paths and receives counts; no pi
    ``series_files``.
 2. **chunk** tasks: each reads the pixels of one store chunk of tiles (``chunk`` tiles; the last one
    shorter), writes the tiles, then the chunk's ``tiled`` flag.
-3. The client marks an input ``complete`` (store attrs) once all its chunks are written.
+3. The client marks an input ``complete`` (store attrs) once all its chunks are written (the prepare
+   task does, when it wrote the only chunk itself).
 
 Patient folders are one task each (load the patches, write all chunks).
 
@@ -171,7 +172,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     holds ``(chunks to score, number of chunks)``, or ``score_error`` the Failure of an input that cannot be
     scored. ``tile_first``: the first chunk still to write is tiled here too (:func:`tile_chunk_task`), listed in
     ``tiled`` instead of ``todo`` (an input of one chunk needs no other task, and the worker does not wait for
-    the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``."""
+    the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``. An
+    input left with no chunk to write is marked complete here (``complete`` in the result)."""
     if preflight:
         checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
         if isinstance(checked, Failure):
@@ -221,6 +223,9 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
             out["chunk_error"] = exc
             return out
         out["tiled"], out["todo"] = todo[:1], todo[1:]
+    if not out["todo"]:  # every chunk written (here, or before a resume): complete, without the client's write
+        store.mark_complete(g)
+        out["complete"] = True
     if scoring is not None:
         from .score import input_chunks_to_score
 
