@@ -327,13 +327,13 @@ class Flow:
         if isinstance(res, Failure):
             self._fail(inp, res, drop_group=True)
             return
-        if "chunk_error" in res:  # its first chunk, tiled in the same task
-            self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res["chunk_error"])))
-            return
         self.tile.plans[inp.source] = res["summary"]
         self.tile.chunks_kept += res["kept"]
         if res["kept"]:
             self.tile.resumed.append(inp.source)
+        if "chunk_error" in res:  # its first chunk, tiled in the same task
+            self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res["chunk_error"])))
+            return
         inp.to_tile = len(res["todo"])
         written = sum(e - s for _, s, e in res["tiled"])
         self._tile_progress(0, sum(e - s for _, s, e in res["todo"]) + written)
