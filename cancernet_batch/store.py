@@ -280,13 +280,39 @@ def _schema_checked(root, mode: str, where):
     return root
 
 
+_METADATA_TEMPLATES: dict = {}
+_TEMPLATED = frozenset({"shape", "chunks", "dtype", "fill_value", "attributes"})
+
+
 def _array_metadata(**kwargs):
     """The metadata document that ``group.create_array(**kwargs)`` would write: made by zarr itself, on an
-    in-memory store (no request), so that :func:`create_arrays` writes exactly what ``create_array`` does."""
+    in-memory store (no request), so that :func:`create_arrays` writes exactly what ``create_array`` does.
+
+    zarr's own call (about 0.5 ms, five times per slide) is made once per kind of array (dtype, fill value,
+    number of dimensions); each array of that kind is that template with its own shape, chunk shape and
+    attributes (a frozen dataclass replaced field by field, about 0.05 ms). ``tests/test_store_create.py``
+    checks the documents against zarr's for each kind and several shapes. Any other argument: zarr's call.
+    """
+    import dataclasses
+
     import zarr
     from zarr.storage import MemoryStore
 
-    return zarr.create_array(MemoryStore(), **kwargs).metadata
+    shape, chunks = kwargs.get("shape"), kwargs.get("chunks")
+    if not (set(kwargs) <= _TEMPLATED and isinstance(shape, tuple) and isinstance(chunks, tuple)
+            and len(shape) == len(chunks)):
+        return zarr.create_array(MemoryStore(), **kwargs).metadata
+    fill = kwargs.get("fill_value")
+    key = (str(np.dtype(kwargs["dtype"])), repr(fill), type(fill).__name__, len(shape))
+    template = _METADATA_TEMPLATES.get(key)
+    if template is None:
+        kind = {k: v for k, v in kwargs.items() if k != "attributes"}
+        template = _METADATA_TEMPLATES[key] = zarr.create_array(MemoryStore(), **kind).metadata
+    from zarr.core.chunk_grids import RegularChunkGrid
+
+    return dataclasses.replace(template, shape=tuple(int(v) for v in shape),
+                               chunk_grid=RegularChunkGrid(chunk_shape=tuple(int(v) for v in chunks)),
+                               attributes=dict(kwargs.get("attributes") or {}))
 
 
 def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (), overwrite: bool = False) -> dict:

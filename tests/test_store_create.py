@@ -82,3 +82,39 @@ def test_batch_creation_replaces_an_old_group(tmp_path):
     g = store.create_input(root, _attrs(str(tmp_path / "slide.svs"), 3), 3, chunk=4)
     assert "tissue" not in g and g["coords"].shape == (3, 2) and not g["coords"][:].any()
     assert g.attrs["n_tiles"] == 3 and g.attrs["complete"] is False
+
+
+@pytest.mark.parametrize("kw", [
+    dict(shape=(846, PATCH_SIZE, PATCH_SIZE, 3), chunks=(846, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8"),
+    dict(shape=(0, PATCH_SIZE, PATCH_SIZE, 3), chunks=(1024, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8"),
+    dict(shape=(5000, 2), chunks=(1024, 2), dtype="int32"),
+    dict(shape=(9,), chunks=(4,), dtype="int8", fill_value=-1),
+    dict(shape=(3,), chunks=(1,), dtype="bool", fill_value=False),
+    dict(shape=(50, 40), chunks=(50, 40), dtype="float32"),
+    dict(shape=(400, 320, 3), chunks=(400, 320, 3), dtype="uint8"),
+    dict(shape=(10,), chunks=(4,), dtype="float32", fill_value=np.nan, attributes={"model_id": "abc"}),
+    dict(shape=(7, 5), chunks=(7, 5), dtype="float32", fill_value=np.nan, attributes={"model_id": "m", "description": "d"}),
+])
+def test_array_metadata_from_a_template_is_zarrs_own(kw):
+    """_array_metadata reuses one zarr-made document per kind of array: for every kind this project makes, and
+    shapes, chunks and attributes that differ from the template's, it is equal to zarr's own, byte for byte."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    def doc(meta) -> bytes:
+        return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+    store._METADATA_TEMPLATES.clear()
+    other = {**kw, "shape": tuple(s + 3 for s in kw["shape"]), "chunks": tuple(c + 1 for c in kw["chunks"]),
+             "attributes": {"other": 1}}
+    store._array_metadata(**other)  # the template of this kind is made from other values
+    assert len(store._METADATA_TEMPLATES) == 1
+    for args in (kw, other):
+        mine = store._array_metadata(**args)
+        assert doc(mine) == doc(zarr.create_array(MemoryStore(), **args).metadata)
+    assert len(store._METADATA_TEMPLATES) == 1  # the same kind: no second zarr call
+    # another kind (dtype or fill value) never reuses it
+    for i, change in enumerate(({"dtype": "float64"}, {"dtype": "float64", "fill_value": 7})):
+        another = {**{k: v for k, v in kw.items() if k != "fill_value"}, **change}
+        assert doc(store._array_metadata(**another)) == doc(zarr.create_array(MemoryStore(), **another).metadata)
+        assert len(store._METADATA_TEMPLATES) == 2 + i
