@@ -389,3 +389,42 @@ if __name__ == "__main__":
     tiles, growth_mb = int(out[-2]), int(out[-1])
     assert tiles == 122 * 122  # every tile: 6144 µm / 50 µm
     assert growth_mb < 432 / 2, growth_mb
+
+
+def test_prepare_writes_coords_last_so_a_kept_group_has_its_tissue_and_thumbnail(synth_slide_dir, tmp_path, monkeypatch):
+    """A prepare killed while writing its arrays never leaves a group that a resume keeps without its tissue map
+    and thumbnail: coords (what _same_plan compares) are written after both, and a group without its coords is
+    made again, whole and right."""
+    from cancernet_batch.stages.tile import _drop_reader, prepare_slide_task
+
+    slide = str(sorted(synth_slide_dir.glob("*.svs"))[0])
+    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    run = Run.of(tmp_path / "run").create()
+    run.open_store("a").require_group("inputs")
+
+    class Killed(BaseException):
+        pass
+
+    real = zarr.Array.__setitem__
+
+    def killed_at_coords(self, selection, value):
+        if self.basename == "coords":
+            raise Killed
+        return real(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed_at_coords)
+    with pytest.raises(Killed):
+        prepare_slide_task(run, slide, cfg, [])
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    g = run.open_input(store.input_id(slide))
+    assert g["thumbnail"][:].any() and g["tissue"][:].any()  # already on disk when coords are written
+    assert not g["coords"][:].any()
+    res = prepare_slide_task(run, slide, cfg, [])  # the resume: the group is made again
+    assert res["kept"] == 0 and len(res["todo"]) == len(store.chunk_bounds(res["n"], 16))
+    _drop_reader(slide)
+    from cancernet_batch.tiling import plan_slide
+
+    plan = plan_slide(slide, cfg)
+    g = run.open_input(store.input_id(slide))
+    assert np.array_equal(g["coords"][:], plan.coords) and np.array_equal(g["tissue"][:], plan.tissue)
+    assert np.array_equal(g["thumbnail"][:], plan.thumbnail)

@@ -209,10 +209,9 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
             arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
             made = True
         g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays)
-        if plan.n_tiles:
+        store.write_whole(g, {"tissue": plan.tissue, "thumbnail": th})
+        if plan.n_tiles:  # last: coords on disk prove the tissue map and thumbnail are (_same_plan keeps the group)
             g["coords"][:] = plan.coords
-        g["tissue"][:] = plan.tissue
-        g["thumbnail"][:] = th
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
