@@ -89,10 +89,14 @@ def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
             "OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task, "OPENBLAS_NUM_THREADS": per_task}
 
 
+PIL_PLUGINS = ("PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.ImageChops",
+               "PIL.ImagePalette", "PIL.GimpGradientFile", "PIL.GimpPaletteFile", "PIL.PaletteFile", "PIL.ImageSequence")
+"""What Pillow imports on a process's first ``Image.open`` (``Image.preinit``): each worker's first slide paid for it."""
 FORKSERVER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "scipy.sparse", "zarr", "PIL.Image",
                       "PIL.JpegImagePlugin", "openslide", "tifffile", "cancernet_batch.stages.tile",
                       "cancernet_batch.tissue", "cancernet_batch.preflight", "cancernet_batch.slides.direct",
-                      "cancernet_batch.slides.openslide_backend", "cancernet_batch.slides.tifffile_backend")
+                      "cancernet_batch.slides.openslide_backend", "cancernet_batch.slides.tifffile_backend",
+                      "cancernet_batch.remote", *PIL_PLUGINS)
 """Modules imported once in the process local workers are forked from (each worker started with them)."""
 _FORKSERVER_ENV: dict[str, str] | None = None
 
