@@ -1,15 +1,23 @@
 """Where the tile stage's time goes: every Dask task of ``tile`` on a started local cluster, in order.
 
-    python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast]
+    python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu]
 
 Prints, per task (preflight, prepare = plan + store group, chunk = read, resample and write its
 tiles), when it started after the stage's start, how long it ran and on which worker; then the
 stage's wall time. Used for the per-task figures in ``RESULTS.md`` section 9.
+
+``--cpu`` adds, per task, the CPU its worker process spent while it ran (:func:`time.process_time`
+around the task inside the worker: every thread of that process, so the plan's and the chunk's reads in
+their deadline guard thread and zarr's I/O threads count), and then the CPU seconds each process of the
+cluster spent during the stage: the client with the scheduler, each worker, each worker's preflight
+child (with what it had spent before the stage: its start-up). A task whose wall time is far above its
+CPU waited: for a core (the processes' CPU add up to the machine's cores), a lock, or the disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -21,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("slides", nargs="+")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--decode", default="fast")
+    ap.add_argument("--cpu", action="store_true", help="also the CPU of each task and of each process")
     a = ap.parse_args(argv)
 
     from distributed import get_task_stream
@@ -33,20 +42,89 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with dask_client(ClusterConfig(workers=a.workers, dashboard=False)) as client:
             client.wait_for_workers(a.workers)
+            if a.cpu:
+                client.run(_time_tasks)
+            before = _process_cpu()
             with get_task_stream(client) as ts:
                 t0 = time.time()
                 s = tile_run(a.slides, run, TileConfig(decode=a.decode), client=client)
                 wall = time.time() - t0
-        print(f"{'task':<44} {'start s':>8} {'ran s':>7}  worker")
+            after = _process_cpu()
+            cpu = {k: c for v in client.run(_task_cpu).values() for k, c in v} if a.cpu else {}
+        print(f"{'task':<44} {'start s':>8} {'ran s':>7} {'CPU s':>6}  worker")
         for d in sorted(ts.data, key=lambda d: d["startstops"][0]["start"]):
             key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
             for ss in d["startstops"]:
                 if ss["action"] == "compute":
-                    print(f"{key[:44]:<44} {ss['start'] - t0:8.2f} {ss['stop'] - ss['start']:7.2f}  {d['worker']}")
-        print(f"stage: {s.tiles_written} tiles of {len(s.tiled)} inputs in {wall:.2f} s")
+                    c = cpu.get(str(d["key"]))
+                    c = f"{c:6.2f}" if c is not None else f"{'':6}"
+                    print(f"{key[:44]:<44} {ss['start'] - t0:8.2f} {ss['stop'] - ss['start']:7.2f} {c}  {d['worker']}")
+        print(f"stage: {s.tiles_written} tiles of {len(s.tiled)} inputs in {wall:.2f} s, "
+              f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+        if a.cpu:
+            print("CPU s during the stage, per process (before the stage):")
+            for pid, (name, c) in sorted(after.items(), key=lambda kv: kv[1][0]):
+                c0 = before.get(pid, (name, 0.0))[1]
+                if c - c0 >= 0.005:
+                    print(f"  {name:<24} {c - c0:6.2f} ({c0:.2f})")
+            print(f"  {'all':<24} {sum(c - before.get(p, ('', 0.0))[1] for p, (_, c) in after.items()):6.2f} "
+                  f"in {wall:.2f} s of wall time")
     finally:
         shutil.rmtree(run, ignore_errors=True)
     return 0
+
+
+def _time_tasks() -> None:
+    """On a worker: time the tile stage's task functions (process CPU, by task key) as the worker runs them.
+
+    The client submits them by name; a worker resolves the name in its module, so the wrappers are used."""
+    import builtins
+    import time
+
+    from cancernet_batch.stages import tile
+
+    log = builtins.__dict__.setdefault("_tile_tasks_cpu", [])
+
+    def timed(fn):
+        def task(*args, **kwargs):
+            from distributed.worker import thread_state
+
+            cpu = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                log.append((str(thread_state.key), time.process_time() - cpu))
+        task.__wrapped__ = fn
+        return task
+
+    for name in ("preflight_task", "prepare_slide_task", "tile_chunk_task"):
+        fn = getattr(tile, name)
+        setattr(tile, name, timed(getattr(fn, "__wrapped__", fn)))
+
+
+def _task_cpu() -> list:
+    """On a worker: ``[(task key, CPU s)]`` of the tasks timed by :func:`_time_tasks`."""
+    import builtins
+
+    return list(builtins.__dict__.get("_tile_tasks_cpu", []))
+
+
+def _process_cpu() -> dict:
+    """``{pid: (role, CPU s)}`` of this process (client and scheduler) and every process below it."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = ("client + scheduler" if p.pid == me.pid else "preflight child" if "preflight --serve" in cmd
+                else "other" if p.ppid() == me.pid else "worker")  # workers: forked from the forkserver (or spawned)
+        out[p.pid] = (f"{role} {p.pid}", t.user + t.system)
+    return out
 
 
 if __name__ == "__main__":

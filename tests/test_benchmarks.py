@@ -116,3 +116,21 @@ def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slid
         assert rows[piece] > 0, (piece, r.stdout)
     assert rows["total"] >= rows["write_heatmap"] + rows["write_pyramids"]
     assert len(list((tmp_path / "run" / "report").rglob("*.png"))) == 2  # the last round's heatmaps
+
+
+def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
+    """benchmarks/tile_tasks.py --cpu: every task of the stage with its worker's CPU, and the CPU of the client,
+    each worker and each preflight child during the stage (a slide's preflight runs inside its prepare task)."""
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_tasks.py"), *slides, "--cpu"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tasks = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("preflight-", "prepare-", "chunk-"))]
+    assert {t[0].split("-")[0] for t in tasks} >= {"prepare", "chunk"}
+    assert len([t for t in tasks if t[0].startswith("prepare-")]) == len(slides)
+    for t in tasks:  # start, wall and CPU of each task
+        start, ran, cpu = (float(v) for v in t[-4:-1])
+        assert start >= 0 and ran >= 0 and cpu >= 0, t
+    assert sum(float(t[-2]) for t in tasks if t[0].startswith("prepare-")) > 0
+    roles = [ln.split()[0] for ln in r.stdout.split("per process")[1].splitlines()[1:]]
+    assert roles.count("worker") == 2 and "client" in roles and "all" in roles, r.stdout
