@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.time() - t0
             after = _process_cpu()
             cpu = {k: c for v in client.run(_task_cpu).values() for k, c in v} if a.cpu else {}
-        print(f"{'task':<44} {'start s':>8} {'ran s':>7} {'CPU s':>6}  worker")
+        print(f"{'task':<44} {'start s':>8} {'ran s':>7} {'CPU s':>7}  worker")
         for d in sorted(ts.data, key=lambda d: d["startstops"][0]["start"]):
             key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
             for ss in d["startstops"]:
                 if ss["action"] == "compute":
                     c = cpu.get(str(d["key"]))
-                    c = f"{c:6.2f}" if c is not None else f"{'':6}"
-                    print(f"{key[:44]:<44} {ss['start'] - t0:8.2f} {ss['stop'] - ss['start']:7.2f} {c}  {d['worker']}")
+                    c = f"{c:7.3f}" if c is not None else f"{'':7}"
+                    print(f"{key[:44]:<44} {ss['start'] - t0:8.3f} {ss['stop'] - ss['start']:7.3f} {c}  {d['worker']}")
         print(f"stage: {s.tiles_written} tiles of {len(s.tiled)} inputs in {wall:.2f} s, "
               f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
         if a.cpu:
