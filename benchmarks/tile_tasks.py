@@ -1,6 +1,6 @@
 """Where the tile stage's time goes: every Dask task of ``tile`` on a started local cluster, in order.
 
-    python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu]
+    python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu] [--parts]
 
 Prints, per task (preflight, prepare = plan + store group, chunk = read, resample and write its
 tiles), when it started after the stage's start, how long it ran and on which worker; then the
@@ -12,6 +12,12 @@ their deadline guard thread and zarr's I/O threads count), and then the CPU seco
 cluster spent during the stage: the client with the scheduler, each worker, each worker's preflight
 child (with what it had spent before the stage: its start-up). A task whose wall time is far above its
 CPU waited: for a core (the processes' CPU add up to the machine's cores), a lock, or the disk.
+
+``--parts`` (with ``--cpu``) splits the prepare tasks as ``slide_overhead.py`` does, inside the workers:
+for each part the median wall time per slide, CPU of its own thread (:func:`time.thread_time`: a part
+that waits for a core or a lock has wall above it) and CPU of its worker process (zarr's I/O threads too).
+What ``prepare (all)`` has beyond its parts is the thread that bounds the read in time
+(:func:`cancernet_batch.deadline.bounded`) and the rest of the task.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--decode", default="fast")
     ap.add_argument("--cpu", action="store_true", help="also the CPU of each task and of each process")
+    ap.add_argument("--parts", action="store_true", help="also the parts of the prepare tasks (implies --cpu)")
     a = ap.parse_args(argv)
+    a.cpu = a.cpu or a.parts
 
     from distributed import get_task_stream
 
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         with dask_client(ClusterConfig(workers=a.workers, dashboard=False)) as client:
             client.wait_for_workers(a.workers)
             if a.cpu:
-                client.run(_time_tasks)
+                client.run(_time_tasks, a.parts)
             before = _process_cpu()
             with get_task_stream(client) as ts:
                 t0 = time.time()
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.time() - t0
             after = _process_cpu()
             cpu = {k: c for v in client.run(_task_cpu).values() for k, c in v} if a.cpu else {}
+            parts = [x for v in client.run(_part_times).values() for x in v] if a.parts else []
         print(f"{'task':<44} {'start s':>8} {'ran s':>7} {'CPU s':>7}  worker")
         for d in sorted(ts.data, key=lambda d: d["startstops"][0]["start"]):
             key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
@@ -69,21 +78,79 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {name:<24} {c - c0:6.2f} ({c0:.2f})")
             print(f"  {'all':<24} {sum(c - before.get(p, ('', 0.0))[1] for p, (_, c) in after.items()):6.2f} "
                   f"in {wall:.2f} s of wall time")
+        if parts:
+            import statistics
+
+            print(f"{'prepare, part by part: ms per slide, medians':<52} {'wall':>8} {'thread CPU':>11} {'process CPU':>12}")
+            per: dict = {}  # (prepare task, part) -> summed [wall, thread CPU, process CPU]
+            for task, name, *times in parts:
+                acc = per.setdefault((task, name), [0.0, 0.0, 0.0])
+                for i, v in enumerate(times):
+                    acc[i] += v
+            for name in PARTS:
+                xs = [v for (_, n), v in per.items() if n == name]
+                if xs:
+                    w, t, p = (1000 * statistics.median(col) for col in zip(*xs))
+                    print(f"  {name:<50} {w:8.1f} {t:11.1f} {p:12.1f}")
     finally:
         shutil.rmtree(run, ignore_errors=True)
     return 0
 
 
-def _time_tasks() -> None:
-    """On a worker: time the tile stage's task functions (process CPU, by task key) as the worker runs them.
+PARTS = ["prepare (all)", "open (reader, cached per worker)", "plan (all)", "plan: overview read", "plan: tissue mask", "group: open store",
+         "group: create_input", "group: array writes"]
+
+
+def _time_tasks(parts: bool = False) -> None:
+    """On a worker: time the tile stage's task functions (process CPU, by task key) as the worker runs them,
+    and with ``parts`` the parts of the prepare tasks (wall, thread CPU, process CPU).
 
     The client submits them by name; a worker resolves the name in its module, so the wrappers are used."""
     import builtins
+    import itertools
+    import os
     import time
 
+    import zarr
+
+    from cancernet_batch import runfolder, store, tiling
     from cancernet_batch.stages import tile
 
     log = builtins.__dict__.setdefault("_tile_tasks_cpu", [])
+    part_log = builtins.__dict__.setdefault("_tile_tasks_parts", [])
+    inside = {"prepare": None}  # the prepare task running in this worker (one task at a time: --workers only)
+
+    def part(name, fn, *, only_in_prepare=False):
+        def timed(*args, **kwargs):
+            task = inside["prepare"]
+            if only_in_prepare and task is None:
+                return fn(*args, **kwargs)
+            w, t, p = time.perf_counter(), time.thread_time(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                part_log.append((task, name, time.perf_counter() - w, time.thread_time() - t, time.process_time() - p))
+        timed.__wrapped__ = fn
+        return timed
+
+    def unwrapped(fn):
+        return getattr(fn, "__wrapped__", fn)
+
+    if parts:
+        region_reader = unwrapped(tiling.region_reader)
+
+        def timed_region_reader(*args, **kwargs):  # the plan's overview only (read_tiles uses it too)
+            return part("plan: overview read", region_reader(*args, **kwargs), only_in_prepare=True)
+        timed_region_reader.__wrapped__ = region_reader
+        tiling.region_reader = timed_region_reader
+        tiling.tissue_mask = part("plan: tissue mask", unwrapped(tiling.tissue_mask))
+        tile.plan_slide = part("plan (all)", unwrapped(tile.plan_slide))
+        tile._reader = part("open (reader, cached per worker)", unwrapped(tile._reader), only_in_prepare=True)
+        runfolder.Run.open_store = part("group: open store", unwrapped(runfolder.Run.open_store), only_in_prepare=True)
+        store.create_input = part("group: create_input", unwrapped(store.create_input))
+        zarr.Array.__setitem__ = part("group: array writes", unwrapped(zarr.Array.__setitem__), only_in_prepare=True)
+        if hasattr(store, "write_whole"):
+            store.write_whole = part("group: array writes", unwrapped(store.write_whole), only_in_prepare=True)
 
     def timed(fn):
         def task(*args, **kwargs):
@@ -98,8 +165,18 @@ def _time_tasks() -> None:
         return task
 
     for name in ("preflight_task", "prepare_slide_task", "tile_chunk_task"):
-        fn = getattr(tile, name)
-        setattr(tile, name, timed(getattr(fn, "__wrapped__", fn)))
+        setattr(tile, name, timed(unwrapped(getattr(tile, name))))
+    if parts:
+        prepare, count = tile.prepare_slide_task, itertools.count()
+
+        def prepare_task(*args, **kwargs):
+            inside["prepare"] = (os.getpid(), next(count))
+            try:
+                return part("prepare (all)", prepare)(*args, **kwargs)
+            finally:
+                inside["prepare"] = None
+        prepare_task.__wrapped__ = unwrapped(prepare)
+        tile.prepare_slide_task = prepare_task
 
 
 def _task_cpu() -> list:
@@ -107,6 +184,13 @@ def _task_cpu() -> list:
     import builtins
 
     return list(builtins.__dict__.get("_tile_tasks_cpu", []))
+
+
+def _part_times() -> list:
+    """On a worker: ``[(prepare task, part, wall s, thread CPU s, process CPU s)]`` recorded by :func:`_time_tasks`."""
+    import builtins
+
+    return list(builtins.__dict__.get("_tile_tasks_parts", []))
 
 
 def _process_cpu() -> dict:
