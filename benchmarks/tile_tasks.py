@@ -2,8 +2,8 @@
 
     python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu] [--parts]
 
-Prints, per task (preflight, prepare = plan + store group, chunk = read, resample and write its
-tiles), when it started after the stage's start, how long it ran and on which worker; then the
+Prints, per task (prepare = the slide's preflight, its plan and its store group; chunk = read, resample
+and write its tiles; a preflight task only for DICOM series), when it started after the stage's start, how long it ran and on which worker; then the
 stage's wall time. Used for the per-task figures in ``RESULTS.md`` section 9.
 
 ``--cpu`` adds, per task, the CPU its worker process spent while it ran (:func:`time.process_time`
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-PARTS = ["prepare (all)", "open (reader, cached per worker)", "plan (all)", "plan: overview read", "plan: tissue mask", "group: open store",
-         "group: create_input", "group: array writes"]
+PARTS = ["prepare (all)", "preflight (its child's CPU not counted)", "open (reader, cached per worker)", "plan (all)",
+         "plan: overview read", "plan: tissue mask", "group: open store", "group: create_input", "group: array writes"]
 
 
 def _time_tasks(parts: bool = False) -> None:
@@ -177,6 +177,9 @@ def _time_tasks(parts: bool = False) -> None:
                 inside["prepare"] = None
         prepare_task.__wrapped__ = unwrapped(prepare)
         tile.prepare_slide_task = prepare_task
+        # a slide's preflight runs inside its prepare task (the stream's one task a slide)
+        tile.preflight_task = part("preflight (its child's CPU not counted)", tile.preflight_task,
+                                   only_in_prepare=True)
 
 
 def _task_cpu() -> list:
