@@ -281,7 +281,7 @@ def _schema_checked(root, mode: str, where):
 
 
 _METADATA_TEMPLATES: dict = {}
-_TEMPLATED = frozenset({"shape", "chunks", "dtype", "fill_value", "attributes"})
+_TEMPLATED = frozenset({"shape", "chunks", "dtype", "fill_value", "attributes", "compressors"})
 
 
 def _array_metadata(**kwargs):
@@ -289,7 +289,7 @@ def _array_metadata(**kwargs):
     in-memory store (no request), so that :func:`create_arrays` writes exactly what ``create_array`` does.
 
     zarr's own call (about 0.5 ms, five times per slide) is made once per kind of array (dtype, fill value,
-    number of dimensions); each array of that kind is that template with its own shape, chunk shape and
+    number of dimensions, compressors); each array of that kind is that template with its own shape, chunk shape and
     attributes (a frozen dataclass replaced field by field, about 0.05 ms). ``tests/test_store_create.py``
     checks the documents against zarr's for each kind and several shapes. Any other argument: zarr's call.
     """
@@ -303,7 +303,7 @@ def _array_metadata(**kwargs):
             and len(shape) == len(chunks)):
         return zarr.create_array(MemoryStore(), **kwargs).metadata
     fill = kwargs.get("fill_value")
-    key = (str(np.dtype(kwargs["dtype"])), repr(fill), type(fill).__name__, len(shape))
+    key = (str(np.dtype(kwargs["dtype"])), repr(fill), type(fill).__name__, len(shape), repr(kwargs.get("compressors")))
     template = _METADATA_TEMPLATES.get(key)
     if template is None:
         kind = {k: v for k, v in kwargs.items() if k != "attributes"}
@@ -340,6 +340,20 @@ def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (
     return made
 
 
+TILES_ZSTD_LEVEL = 1
+
+
+def tiles_compressor():
+    """The codec of the ``tiles`` array: zstd at level 1 instead of zarr's default (level 0: zstd's 3).
+
+    Tiles are JPEG-decoded pixels, which zstd hardly compresses (a ratio of about 1.2 at either level);
+    level 1 encodes a chunk about 3 times faster for about 1 % more bytes (``benchmarks/tile_codecs.py``,
+    RESULTS section 9). The tiles read back are the same; zarr reads either level."""
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=TILES_ZSTD_LEVEL)
+
+
 def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
                  arrays: dict[str, dict] | None = None):
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
@@ -358,7 +372,8 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     if gid in inputs:
         del inputs[gid]
     c = max(1, min(chunk, n)) if n else chunk
-    specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8"),
+    specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
+                           compressors=tiles_compressor()),
              "coords": dict(shape=(n, 2), chunks=(c, 2), dtype="int32")}
     if labels:
         specs["labels"] = dict(shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)

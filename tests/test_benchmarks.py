@@ -134,3 +134,16 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
     assert sum(float(t[-2]) for t in tasks if t[0].startswith("prepare-")) > 0
     roles = [ln.split()[0] for ln in r.stdout.split("per process")[1].splitlines()[1:]]
     assert roles.count("worker") == 2 and "client" in roles and "all" in roles, r.stdout
+
+
+def test_tile_codecs_measures_each_codec_on_real_chunks(synth_slide_dir):
+    """benchmarks/tile_codecs.py: encode and decode CPU and ratio of each codec on the slides' first tile chunks."""
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_codecs.py"), *slides, "--repeat", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line[:42].strip(): line[42:].split() for line in r.stdout.splitlines()[3:]}
+    assert set(rows) == {"zstd level 0 (zstd's 3; zarr's default)", "zstd level 1 (the tiles array)", "zstd level -1",
+                         "lz4", "none"}
+    assert float(rows["none"][2]) == 1.0 and float(rows["zstd level 1 (the tiles array)"][2]) > 1.0
+    assert float(rows["zstd level 0 (zstd's 3; zarr's default)"][0]) > 0
