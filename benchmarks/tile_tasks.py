@@ -3,8 +3,8 @@
     python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu] [--parts]
 
 Prints, per task (prepare = the slide's preflight, its plan and its store group; chunk = read, resample
-and write its tiles; a preflight task only for DICOM series), when it started after the stage's start, how long it ran and on which worker; then the
-stage's wall time. Used for the per-task figures in ``RESULTS.md`` section 9.
+and write its tiles; a preflight task only for DICOM series), when it started after the stage's start,
+how long it ran and on which worker; then the stage's wall time. Used for the per-task figures in ``RESULTS.md`` section 9.
 
 ``--cpu`` adds, per task, the CPU its worker process spent while it ran (:func:`time.process_time`
 around the task inside the worker: every thread of that process, so the plan's and the chunk's reads in
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if parts:
             import statistics
 
-            print(f"{'prepare, part by part: ms per slide, medians':<52} {'wall':>8} {'thread CPU':>11} {'process CPU':>12}")
+            print(f"{'prepare, part by part: ms per slide, medians':<52} {'wall':>8} {'thread CPU':>11} "
+                  f"{'process CPU':>12}")
             per: dict = {}  # (prepare task, part) -> summed [wall, thread CPU, process CPU]
             for task, name, *times in parts:
                 acc = per.setdefault((task, name), [0.0, 0.0, 0.0])
