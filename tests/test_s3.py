@@ -850,7 +850,8 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
     # every document is the one group.create_array writes
     fs = s3.fs()
     ref = zarr.group(MemoryStore())
-    specs = {"tiles": dict(shape=(10, 50, 50, 3), chunks=(4, 50, 50, 3), dtype="uint8"),
+    specs = {"tiles": dict(shape=(10, 50, 50, 3), chunks=(4, 50, 50, 3), dtype="uint8",
+                           compressors=store.tiles_compressor()),  # zstd level 1 (benchmarks/tile_codecs.py)
              "coords": dict(shape=(10, 2), chunks=(4, 2), dtype="int32"),
              "labels": dict(shape=(10,), chunks=(4,), dtype="int8", fill_value=-1),
              "tiled": dict(shape=(3,), chunks=(1,), dtype="bool", fill_value=False), "tissue": tissue,
