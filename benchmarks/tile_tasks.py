@@ -2,8 +2,9 @@
 
     python benchmarks/tile_tasks.py SLIDE... [--workers 2] [--decode fast] [--cpu] [--parts]
 
-Prints, per task (prepare = the slide's preflight, its plan and its store group; chunk = read, resample
-and write its tiles; a preflight task only for DICOM series), when it started after the stage's start,
+Prints, per task (prepare = the slide's preflight, its plan, its store group and in a streamed run its
+first chunk of tiles; chunk = read, resample and write a chunk's tiles; a preflight task only for DICOM
+series), when it started after the stage's start,
 how long it ran and on which worker; then the stage's wall time. Used for the per-task figures in ``RESULTS.md`` section 9.
 
 ``--cpu`` adds, per task, the CPU its worker process spent while it ran (:func:`time.process_time`
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PARTS = ["prepare (all)", "preflight (its child's CPU not counted)", "open (reader, cached per worker)", "plan (all)",
-         "plan: overview read", "plan: tissue mask", "group: open store", "group: create_input", "group: array writes"]
+         "plan: overview read", "plan: tissue mask", "group: open store", "group: create_input", "group: array writes",
+         "first chunk's tiles (tile_first)"]
 
 
 def _time_tasks(parts: bool = False) -> None:
@@ -181,6 +183,23 @@ def _time_tasks(parts: bool = False) -> None:
         # a slide's preflight runs inside its prepare task (the stream's one task a slide)
         tile.preflight_task = part("preflight (its child's CPU not counted)", tile.preflight_task,
                                    only_in_prepare=True)
+        # and so may its first chunk (tile_first): its own part, its reads and writes not counted in the others
+        chunk_task = tile.tile_chunk_task
+
+        def first_chunk(*args, **kwargs):
+            task = inside["prepare"]
+            if task is None:
+                return chunk_task(*args, **kwargs)
+            inside["prepare"] = None
+            w, t, p = time.perf_counter(), time.thread_time(), time.process_time()
+            try:
+                return chunk_task(*args, **kwargs)
+            finally:
+                inside["prepare"] = task
+                part_log.append((task, "first chunk's tiles (tile_first)", time.perf_counter() - w,
+                                 time.thread_time() - t, time.process_time() - p))
+        first_chunk.__wrapped__ = unwrapped(chunk_task)
+        tile.tile_chunk_task = first_chunk
 
 
 def _task_cpu() -> list:

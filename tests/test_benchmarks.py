@@ -126,7 +126,7 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     tasks = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("preflight-", "prepare-", "chunk-"))]
-    assert {t[0].split("-")[0] for t in tasks} >= {"prepare", "chunk"}
+    assert "prepare" in {t[0].split("-")[0] for t in tasks}  # chunk tasks too when an input has more than one chunk
     assert len([t for t in tasks if t[0].startswith("prepare-")]) == len(slides)
     for t in tasks:  # start, wall and CPU of each task
         start, ran, cpu = (float(v) for v in t[-4:-1])
