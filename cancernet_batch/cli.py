@@ -710,10 +710,10 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
     check_out_not_inside_inputs(out, inputs)
+    cluster = _cluster_config(kw)
+    _start_workers_early(cluster)  # first: the workers' imports are the longest step before the first tile
     run_folder = _run_of(out, storage_options, inputs)
     cfg = _tile_config(kw, chunk_size)
-    cluster = _cluster_config(kw)
-    _start_workers_early(cluster)
     from .runfolder import Run
     from .stages.tile import tile_run
 
@@ -828,16 +828,17 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     --until/--max-hours stopped it, continues where it stopped.
     """
     check_out_not_inside_inputs(out, inputs)
-    run_folder = _run_of(out, storage_options, inputs)
     deadline = _deadline(until, max_hours)
 
     model_dir = kw["model_dir"]
-    tile_cfg = _tile_config({**kw, "mpp": None}, chunk_size)
+    tile_kw = {**kw, "mpp": None}
     for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode",
               "stage_cache_gb"):
         kw.pop(k)
-    predict_cfg = _predict_config(kw)
-    _start_workers_early(predict_cfg.cluster)
+    predict_cfg = _predict_config(kw)  # before the workers start: it may set KERAS_BACKEND for them
+    _start_workers_early(predict_cfg.cluster)  # first: the workers' imports are the longest step before the first tile
+    run_folder = _run_of(out, storage_options, inputs)
+    tile_cfg = _tile_config(tile_kw, chunk_size)
     from .stages.report import ReportConfig
     from .stages.run import run_pipeline
 
