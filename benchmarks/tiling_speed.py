@@ -2,6 +2,7 @@
 
     python benchmarks/tiling_speed.py [--slides 8] [--size 30000] [--workers 2] [--work DIR]
                                       [--copies 20] [--model MODEL_DIR] [--json OUT.json]
+    python benchmarks/tiling_speed.py --startup N --baseline DIR [--model MODEL_DIR] ...   # start-up only
 
 On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.0 µm/px: level 1 at
 2.0 µm/px, averaged 2x2) and on ``--copies`` copies of the real CMU-1-Small-Region
@@ -19,7 +20,7 @@ On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.
   tiles written to the zarr store) as a user runs it, ``--workers`` worker processes.
 
 CPU seconds are user + system of the command's whole process tree (client, workers, forkserver,
-preflight children), sampled every 20 ms. ``first tile`` is the time from the
+preflight children), sampled every 20 ms. ``first tile`` (``first tile written``) is the time from the
 command's start to the first chunk flag on disk (polled every 10 ms). Accuracy: mean absolute
 difference of the ``fast`` tiles from the ``exact`` ones (exact area averages), and with
 ``--model``, the correlation of the model's probabilities on both. Prints a markdown table with the
@@ -85,8 +86,10 @@ def tiatoolbox(python: str, plans_, jobs_file: Path, workers: int) -> dict:
     return {"tia_tiles": r["tiles"], "tia_wall": r["wall"], "tia_version": r["version"]}
 
 
-def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: str | None = None) -> dict:
-    """Run ``cancernet tile`` as a user does; wall, CPU of the whole process tree, first tile written.
+def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: str | None = None,
+                   model: str | None = None) -> dict:
+    """Run ``cancernet tile`` (with ``model``: ``cancernet run``) as a user does; wall, CPU of the whole
+    process tree, first tile written.
 
     CPU is sampled from the process tree every 20 ms (psutil): workers forked from a forkserver are
     not this process's children, so ``RUSAGE_CHILDREN`` would miss them.
@@ -94,8 +97,8 @@ def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: 
     import psutil
 
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(str, paths), "--out", str(run),
-           "--workers", str(workers)] + (["--decode", decode] if decode else [])
+    cmd = [sys.executable, "-m", "cancernet_batch.cli", "run" if model else "tile", *map(str, paths), "--out", str(run),
+           "--workers", str(workers)] + (["--decode", decode] if decode else []) + (["--model", model] if model else [])
     # an earlier version: run from its checkout, which `python -m` puts first on sys.path (workers inherit it)
     env = {**os.environ, "PYTHONPATH": package} if package else None
     t0 = time.perf_counter()
@@ -117,8 +120,43 @@ def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: 
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"cancernet tile failed: {proc.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"cancernet {cmd[3]} failed: {proc.stderr.read().decode()[-2000:]}")
     return {"wall": wall, "cpu": sum(cpu.values()), "first_tile": first}
+
+
+def startup(sets: dict, work: Path, a) -> list[dict]:
+    """``--startup N``: only the whole command, ``N`` passes per set (``cancernet tile``, and with ``--model``
+    ``cancernet run``), this checkout and ``--baseline`` alternating (which goes first alternates too).
+    One row per pass and version: first tile written and wall seconds, with the 1-minute load average."""
+    versions = [("this", None)] + ([("baseline", a.baseline)] if a.baseline else [])
+    commands = [("tile", None)] + ([("run", a.model)] if a.model else [])
+    rows = []
+    for name, paths in sets.items():
+        for i in range(a.startup):
+            for command, model in commands:
+                for who, package in (versions if i % 2 == 0 else versions[::-1]):
+                    load = os.getloadavg()[0]
+                    r = cancernet_tile(paths, work / f"run-startup-{who}", None, a.workers, package=package, model=model)
+                    rows.append({"set": name, "command": command, "version": who, "pass": i, "load": load, **r})
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _range(values) -> str:
+    v = sorted(values)
+    return f"{float(np.median(v)):.2f} ({v[0]:.2f}-{v[-1]:.2f})"
+
+
+def print_startup(rows: list[dict]) -> None:
+    print("| set | command | version | passes | first tile written, s: median (range) | wall s: median (range) | "
+          "load average (1 min) |")
+    print("|---|---|---|---:|---:|---:|---|")
+    keys = sorted({(r["set"], r["command"], r["version"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "baseline"))
+    for key in keys:
+        rs = [r for r in rows if (r["set"], r["command"], r["version"]) == key]
+        loads = [r["load"] for r in rs]
+        print(f"| {key[0]} | `cancernet {key[1]}` | {key[2]} | {len(rs)} | {_range([r['first_tile'] for r in rs])} | "
+              f"{_range([r['wall'] for r in rs])} | {min(loads):.1f}-{max(loads):.1f} |")
 
 
 def stored_tiles(run: Path) -> dict:
@@ -158,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tia-python", default=None,
                     help="a Python with TIAToolbox installed: add its fastest mode (benchmarks/tia_tiles.py)")
     ap.add_argument("--work", default=None, help="folder for the slides and runs (kept; default: temporary)")
+    ap.add_argument("--startup", type=int, default=0, metavar="N",
+                    help="only the start-up: N passes of the whole command per set (first tile written, wall), "
+                         "alternating with --baseline; with --model also `cancernet run`")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -181,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
             if not p.exists():
                 shutil.copy(REAL, p)
         sets[f"{a.copies} copies of CMU-1-Small-Region (0.499 µm/px)"] = real
+
+    if a.startup:
+        rows = startup(sets, work, a)
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        m = machine()
+        print(f"\n{when}, {m.get('cpu')}, {m.get('cores')} cores; `--workers {a.workers}`, tiles at 4.0 µm/px\n")
+        print_startup(rows)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "rows": rows}, indent=1))
+        return 0
 
     cfg = TileConfig()
     rows = []
