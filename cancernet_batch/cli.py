@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from . import DEFAULT_MPP, __version__
+from . import DEFAULT_MPP
 from .config import (BACKENDS, CALIBRATIONS, DECODE_MODES, DEFAULT_BATCH, DEFAULT_READ_TIMEOUT, DEVICES,
                      ENGINE_CHOICES, ENGINES, MAX_BATCH, STAIN_NORMS, TrainConfig)
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, CancerNetError, ConfigError, as_one_line_error
@@ -92,8 +92,19 @@ def _bar(total: int | None, unit: str, desc: str):
                 disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
 
 
+def _print_version(ctx: click.Context, param, value: bool) -> None:
+    """``--version``: looked up only when asked (``importlib.metadata`` is slow to import)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import __version__
+
+    click.echo(f"cancernet, version {__version__}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "--version", prog_name="cancernet")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import DEFAULT_MPP, PATCH_SIZE, __version__
+from . import DEFAULT_MPP, PATCH_SIZE
 from .atomic import atomic_path, write_text
 from .errors import ConfigError, ModelError
 from .modelfolder import KERAS_FILE, META_FILE, ModelFolder
@@ -243,6 +243,8 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries a model depends on (those already imported; nothing is imported here)."""
     import platform
     import sys
+
+    from . import __version__
 
     out = {"cancernet_batch": __version__, "python": platform.python_version(), "numpy": np.__version__}
     for name in ("keras", "tensorflow", "jax", "torch", "onnx", "onnxruntime"):

@@ -148,3 +148,16 @@ def test_wrapped_full_disk_escaping_a_command_is_one_line(capsys):
             main(["--debug", "raise-wrapped-efbig"])
         finally:
             cli.commands.pop("raise-wrapped-efbig")
+
+
+def test_tile_imports_no_model_or_plotting_library(slides_dir, tmp_path):
+    """`cancernet tile` is all start-up for a small batch: its process imports none of the model and plotting
+    libraries (each costs seconds on a 2-core machine), nor importlib.metadata for the version nobody asked."""
+    heavy = ("tensorflow", "keras", "jax", "torch", "onnxruntime", "matplotlib", "importlib.metadata")
+    slide, run = str(slides_dir / "cmu-1-small-region.svs"), str(tmp_path / "run")
+    code = ("import sys; from cancernet_batch.cli import main; before = [m for m in %r if m in sys.modules]; "
+            "rc = main(['tile', %r, '--out', %r, '--workers', '1']); "
+            "print('HEAVY', before, [m for m in %r[:-1] if m in sys.modules], rc)" % (heavy, slide, run, heavy))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).stdout
+    assert f"HEAVY [] [] {EXIT_OK}" in out, out
+    assert "tiled    " in out  # it did tile
