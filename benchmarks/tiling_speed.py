@@ -148,15 +148,20 @@ def _range(values) -> str:
 
 
 def print_startup(rows: list[dict]) -> None:
+    """Per set, command and version: first tile written and wall, median (range); with a baseline, the ratio
+    this / baseline of the two runs of each pass (back to back, so under about the same load), median (range)."""
     print("| set | command | version | passes | first tile written, s: median (range) | wall s: median (range) | "
-          "load average (1 min) |")
-    print("|---|---|---|---:|---:|---:|---|")
+          "load average (1 min) | first tile, this / baseline of each pass |")
+    print("|---|---|---|---:|---:|---:|---|---:|")
     keys = sorted({(r["set"], r["command"], r["version"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "baseline"))
     for key in keys:
         rs = [r for r in rows if (r["set"], r["command"], r["version"]) == key]
         loads = [r["load"] for r in rs]
+        base = {r["pass"]: r["first_tile"] for r in rows if (r["set"], r["command"], r["version"]) == (*key[:2], "baseline")}
+        ratios = [r["first_tile"] / base[r["pass"]] for r in rs if key[2] != "baseline" and base.get(r["pass"])]
         print(f"| {key[0]} | `cancernet {key[1]}` | {key[2]} | {len(rs)} | {_range([r['first_tile'] for r in rs])} | "
-              f"{_range([r['wall'] for r in rs])} | {min(loads):.1f}-{max(loads):.1f} |")
+              f"{_range([r['wall'] for r in rs])} | {min(loads):.1f}-{max(loads):.1f} | "
+              f"{_range(ratios) if ratios else ''} |")
 
 
 def stored_tiles(run: Path) -> dict:
