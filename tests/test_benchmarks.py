@@ -147,3 +147,31 @@ def test_tile_codecs_measures_each_codec_on_real_chunks(synth_slide_dir):
                          "lz4", "none"}
     assert float(rows["none"][2]) == 1.0 and float(rows["zstd level 1 (the tiles array)"][2]) > 1.0
     assert float(rows["zstd level 0 (zstd's 3; zarr's default)"][0]) > 0
+
+
+def test_startup_timeline_orders_the_steps_to_the_first_tile(tmp_path, slides_dir):
+    """benchmarks/startup_timeline.py: every process of one `cancernet tile` logs its steps; the summary's steps
+    come in the order they must (forkserver, worker, loop, prepare, chunk, first tile written)."""
+    import re
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "startup_timeline.py"), "--", "tile",
+                        str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path / "run"), "--workers", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [summary] = [ln for ln in r.stdout.splitlines() if ln.startswith("summary: ")]
+    steps = ("forkserver started", "first worker forked", "loop", "first prepare", "first chunk", "first tile written")
+    at = [float(re.search(rf"{s} ([0-9.]+) s", summary).group(1)) for s in steps]
+    assert at == sorted(at) and at[0] > 0, summary
+    assert "call prepare_slide_task" in r.stdout and "client:" in r.stdout and "worker:" in r.stdout
+
+
+def test_tiling_speed_startup_rows(tmp_path):
+    """benchmarks/tiling_speed.py --startup: one row per pass with the first tile written, and the table."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tiling_speed.py"), "--slides", "1", "--size", "3000",
+                        "--copies", "0", "--startup", "2", "--work", str(tmp_path), "--json", str(tmp_path / "s.json")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(x["command"], x["version"], x["pass"]) for x in rows] == [("tile", "this", 0), ("tile", "this", 1)]
+    assert all(0 < x["first_tile"] <= x["wall"] for x in rows)
+    assert "| `cancernet tile` | this | 2 |" in r.stdout
