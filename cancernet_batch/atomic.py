@@ -12,7 +12,6 @@ import io
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
