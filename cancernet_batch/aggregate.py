@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 REPORTED = "reported"
 NOT_SCORED = "not scored"
-FAILED = "failed"  # scored, but writing its report failed (listed in failures.csv)
+FAILED = "failed"  # scored, but writing its report failed (listed in the run's failures list)
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -58,9 +58,9 @@ class Threshold:
     """The decision threshold of a report and where it came from."""
 
     value: float
-    source: str  # "--threshold", "model.json of <dir>", "predict.json", or the default's note
+    source: str  # "--threshold", the model folder's metadata file, the run's predict record file, or the default's note
     is_default: bool = False
-    model_id: str | None = None  # the id in the model.json the threshold came from, when known
+    model_id: str | None = None  # the model id beside the threshold it came from, when known
 
 
 def _load_json(path: Path, error: type[Exception]) -> dict:
@@ -85,7 +85,7 @@ def _checked_threshold(value: object, where: object) -> float:
 
 
 def model_threshold(model_dir: str | os.PathLike) -> tuple[float | None, str | None]:
-    """``(threshold, model_id)`` from ``MODEL_DIR/model.json``; None for what it does not hold."""
+    """``(threshold, model_id)`` from the model folder's metadata (:class:`ModelFolder`); None for what it does not hold."""
     path = ModelFolder(model_dir).meta
     if not path.is_file():
         raise ModelError(f"no {META_FILE} in the model folder", path=model_dir,
@@ -97,7 +97,7 @@ def model_threshold(model_dir: str | os.PathLike) -> tuple[float | None, str | N
 
 def resolve_threshold(run, threshold: float | None = None,
                       model_dir: str | os.PathLike | None = None) -> Threshold:
-    """``threshold`` if given; else the model's (``--model``, then the run's ``predict.json``); else 0.5.
+    """``threshold`` if given; else the model's (``--model``, then the run's predict record); else 0.5.
 
     ``run``: the :class:`~cancernet_batch.runfolder.Run` (or its folder).
     """
