@@ -335,12 +335,9 @@ class Flow:
             self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res["chunk_error"])))
             return
         inp.to_tile = len(res["todo"])
-        written = sum(e - s for _, s, e in res["tiled"])
-        self._tile_progress(0, sum(e - s for _, s, e in res["todo"]) + written)
-        if res["tiled"]:
-            self.tile.tiles_written += written
-            self.tile.chunks_written += len(res["tiled"])
-            self._tile_progress(written, 0)
+        self._tile_progress(0, sum(e - s for _, s, e in res["todo"] + res["tiled"]))
+        for _, start, stop in res["tiled"]:
+            self._chunk_tiled(stop - start)
         for index, start, stop in res["todo"]:
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
                          res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))
@@ -358,14 +355,18 @@ class Flow:
             return
         if inp.failed:
             return
-        self.tile.tiles_written += res
-        self.tile.chunks_written += 1
-        self._tile_progress(res, 0)
+        self._chunk_tiled(res)
         inp.to_tile -= 1
         if self.scoring is not None and index in inp.score_after_tile:
             self._submit_score(inp, (inp.gid, index, start, stop))
         if inp.to_tile == 0:
             self._tiled(inp)
+
+    def _chunk_tiled(self, n: int) -> None:
+        """A chunk of ``n`` tiles is written (by a chunk task, or by its input's prepare task)."""
+        self.tile.tiles_written += n
+        self.tile.chunks_written += 1
+        self._tile_progress(n, 0)
 
     def _on_patches(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):
