@@ -43,9 +43,14 @@ def _num(v: float) -> float | int:
     return int(r) if r.is_integer() else r
 
 
+def _corners(row: int, col: int, tile_px: float) -> tuple:
+    """``(x0, y0, x1, y1)`` of one tile in level-0 pixels, as the GeoJSON writes them (:func:`_num`)."""
+    return tuple(_num(v) for v in (col * tile_px, row * tile_px, (col + 1) * tile_px, (row + 1) * tile_px))
+
+
 def tile_polygon(row: int, col: int, tile_px: float) -> list[list[list[float | int]]]:
     """The closed ring of one tile: top-left, top-right, bottom-right, bottom-left, top-left."""
-    x0, y0, x1, y1 = (_num(v) for v in (col * tile_px, row * tile_px, (col + 1) * tile_px, (row + 1) * tile_px))
+    x0, y0, x1, y1 = _corners(row, col, tile_px)
     return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
 
 
@@ -76,7 +81,7 @@ def idc_feature_lines(input_id: str, coords: np.ndarray, probs: np.ndarray, thre
     idx = np.flatnonzero(keep)
     idx = idx[np.lexsort((coords[idx, 1], coords[idx, 0]))]
     for (row, col), p in zip(coords[idx].tolist(), probs[idx].tolist()):
-        x0, y0, x1, y1 = (_num(v) for v in (col * tile_px, row * tile_px, (col + 1) * tile_px, (row + 1) * tile_px))
+        x0, y0, x1, y1 = _corners(row, col, tile_px)
         yield _FEATURE % (_feature_id(input_id, row, col), x0, y0, x1, y0, x1, y1, x0, y1, x0, y0, round(p, 6), row, col)
 
 
