@@ -355,14 +355,16 @@ def tiles_compressor():
 
 
 def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
-                 arrays: dict[str, dict] | None = None):
+                 arrays: dict[str, dict] | None = None, data: dict[str, np.ndarray] | None = None):
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
 
     ``arrays``: more arrays to create with it (``{name: create_array keyword arguments}``, e.g. a slide's
     ``tissue`` and ``thumbnail``). The group and every array are made in one :func:`create_arrays` (their
-    documents written concurrently); the group's attrs go last, in their own write, so a group with a
-    ``chunk`` attribute has all its arrays. Returns a :class:`NodeCache` of the new group that knows its
-    arrays (no lookup reads their metadata again).
+    documents written concurrently). ``data``: arrays written whole (:func:`write_whole`, at once) before the
+    attrs, e.g. a slide's coords, tissue map and thumbnail. The group's attrs go last, in their own write,
+    so a group with a ``chunk`` attribute has all its arrays and all of ``data``: a group killed before its
+    attrs matches no plan (a resume makes it again). Returns a :class:`NodeCache` of the new group that
+    knows its arrays (no lookup reads their metadata again).
     """
     gid = input_id(attrs.source)
     inputs = root.require_group("inputs")
@@ -383,6 +385,8 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     g = NodeCache(made[gid])
     for name in specs:
         g._remember(name, made[f"{gid}/{name}"])
+    if data:
+        write_whole(g, {name: v for name, v in data.items() if np.size(v)})
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     return g
 

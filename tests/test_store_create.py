@@ -56,11 +56,8 @@ def test_batch_creation_writes_what_one_create_array_each_wrote(tmp_path, n, chu
     _one_call_each(old, attrs, n, chunk, coords, tissue, thumb, labels)
     extra = {"arrays": {"tissue": dict(shape=tissue.shape, chunks=tissue.shape, dtype="float32"),
                         "thumbnail": dict(shape=thumb.shape, chunks=(56, 40, 3), dtype="uint8")}} if images else {}
-    g = store.create_input(new, attrs, n, chunk=chunk, labels=labels, **extra)
-    if images:  # as prepare_slide_task writes them: tissue and thumbnail at once, then coords
-        store.write_whole(g, {"tissue": tissue, "thumbnail": thumb})
-    if n:
-        g["coords"][:] = coords
+    data = {"coords": coords, **({"tissue": tissue, "thumbnail": thumb} if images else {})}
+    g = store.create_input(new, attrs, n, chunk=chunk, labels=labels, data=data, **extra)  # as prepare_slide_task
     a, b = _files(tmp_path / "old.zarr"), _files(tmp_path / "new.zarr")
     assert sorted(a) == sorted(b)
     for name in a:  # metadata documents equal as JSON (key order aside), chunks byte for byte

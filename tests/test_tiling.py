@@ -391,40 +391,52 @@ if __name__ == "__main__":
     assert growth_mb < 432 / 2, growth_mb
 
 
-def test_prepare_writes_coords_last_so_a_kept_group_has_its_tissue_and_thumbnail(synth_slide_dir, tmp_path, monkeypatch):
-    """A prepare killed while writing its arrays never leaves a group that a resume keeps without its tissue map
-    and thumbnail: coords (what _same_plan compares) are written after both, and a group without its coords is
-    made again, whole and right."""
-    from cancernet_batch.stages.tile import _drop_reader, prepare_slide_task
+def _one_colour_tiff(path: Path, size: int, rgb: tuple[int, int, int], mpp: float = 0.5) -> str:
+    import tifffile
 
-    slide = str(sorted(synth_slide_dir.glob("*.svs"))[0])
-    cfg = TileConfig(target_mpp=4.0, chunk=16)
+    tifffile.imwrite(path, np.full((size, size, 3), rgb, np.uint8), photometric="rgb", tile=(128, 128),
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["synthetic", "no tiles", "one tile at (0, 0)"])
+def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_slide_dir, tmp_path, monkeypatch):
+    """A prepare killed while writing its coords, tissue map and thumbnail never leaves a group that a resume
+    keeps without them: they are written before the group's attrs, which _same_plan compares. Coords alone
+    cannot prove it: an input with no tiles has none, and one tile at (0, 0) equals their fill value (both
+    were kept, with a zero tissue map and thumbnail, when coords were written last)."""
+    from cancernet_batch.stages.tile import _drop_reader, prepare_slide_task
+    from cancernet_batch.tiling import plan_slide
+
+    if case == "synthetic":
+        slide, cfg = str(sorted(synth_slide_dir.glob("*.svs"))[0]), TileConfig(target_mpp=4.0, chunk=16)
+    elif case == "no tiles":  # glass only: the tissue filter keeps nothing
+        slide, cfg = _one_colour_tiff(tmp_path / "glass.tif", 1024, (242, 242, 240)), TileConfig(target_mpp=4.0)
+    else:  # 400 px at 0.5 µm/px = one 50 px tile at 4 µm/px, every tile kept
+        slide = _one_colour_tiff(tmp_path / "one.tif", 400, (200, 120, 160))
+        cfg = TileConfig(target_mpp=4.0, tissue_filter=False)
+    plan = plan_slide(slide, cfg)
+    _drop_reader(slide)
+    assert plan.n_tiles == {"no tiles": 0, "one tile at (0, 0)": 1}.get(case, plan.n_tiles)
+    if case == "one tile at (0, 0)":
+        assert plan.coords.tolist() == [[0, 0]]
     run = Run.of(tmp_path / "run").create()
     run.open_store("a").require_group("inputs")
 
     class Killed(BaseException):
         pass
 
-    real = zarr.Array.__setitem__
+    def killed(group, values):
+        raise Killed
 
-    def killed_at_coords(self, selection, value):
-        if self.basename == "coords":
-            raise Killed
-        return real(self, selection, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", killed_at_coords)
+    monkeypatch.setattr(store, "write_whole", killed)
     with pytest.raises(Killed):
         prepare_slide_task(run, slide, cfg, [])
-    monkeypatch.setattr(zarr.Array, "__setitem__", real)
-    g = run.open_input(store.input_id(slide))
-    assert g["thumbnail"][:].any() and g["tissue"][:].any()  # already on disk when coords are written
-    assert not g["coords"][:].any()
-    res = prepare_slide_task(run, slide, cfg, [])  # the resume: the group is made again
-    assert res["kept"] == 0 and len(res["todo"]) == len(store.chunk_bounds(res["n"], 16))
+    monkeypatch.undo()
     _drop_reader(slide)
-    from cancernet_batch.tiling import plan_slide
-
-    plan = plan_slide(slide, cfg)
+    res = prepare_slide_task(run, slide, cfg, [])  # the resume: the group is made again
+    assert res["kept"] == 0 and len(res["todo"]) == len(store.chunk_bounds(res["n"], int(run.open_input(res["gid"]).attrs["chunk"])))
+    _drop_reader(slide)
     g = run.open_input(store.input_id(slide))
     assert np.array_equal(g["coords"][:], plan.coords) and np.array_equal(g["tissue"][:], plan.tissue)
-    assert np.array_equal(g["thumbnail"][:], plan.thumbnail)
+    assert np.array_equal(g["thumbnail"][:], plan.thumbnail) and plan.thumbnail.any()

@@ -208,10 +208,9 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         if scoring is not None:
             arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
             made = True
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays)
-        store.write_whole(g, {"tissue": plan.tissue, "thumbnail": th})
-        if plan.n_tiles:  # last: coords on disk prove the tissue map and thumbnail are (_same_plan keeps the group)
-            g["coords"][:] = plan.coords
+        # coords, tissue map and thumbnail are on disk before the group's attrs (the plan _same_plan keeps)
+        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays,
+                               data={"coords": plan.coords, "tissue": plan.tissue, "thumbnail": th})
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
