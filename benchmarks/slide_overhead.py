@@ -5,8 +5,8 @@
 Runs the worker side of the tile stage for every slide, round after round, in this one process (no
 cluster): the preflight task (this process's part, and the serving child's CPU read from /proc),
 opening the reader, the plan (overview read, tissue mask, tile fractions, the rest of the plan) and
-the store group (opening the store, ``store.create_input``, then ``coords``, ``tissue`` and
-``thumbnail``), each as :func:`time.process_time` (all threads of this process: zarr's I/O thread
+the store group (opening the store, ``store.create_input``'s documents, and the ``coords``, ``tissue`` and
+``thumbnail`` it writes before the group's attrs) and the rest of the prepare task, each as :func:`time.process_time` (all threads of this process: zarr's I/O thread
 counts) around the calls the worker makes. The chunk tasks (the tiles themselves) are timed too,
 for scale; they are not overhead. Each round tiles into a fresh run folder, so every group is
 created; round 0 is a warm-up and is left out. Prints the median CPU ms per slide of each part
@@ -29,7 +29,7 @@ from collections import defaultdict
 
 PARTS = ["preflight (worker)", "preflight (child)", "open", "plan: overview read", "plan: tissue mask",
          "plan: tile fractions", "plan: rest", "group: open store", "group: create_input",
-         "group: coords, tissue, thumbnail"]
+         "group: coords, tissue, thumbnail", "prepare: rest"]
 
 
 class _Clock:
@@ -112,6 +112,7 @@ def instrument(clock: _Clock) -> None:
     tile.plan_slide = clock.wrap("plan (all)", tile.plan_slide)
     runfolder.Run.open_store = clock.wrap("group: open store", runfolder.Run.open_store)
     store.create_input = clock.wrap("group: create_input", store.create_input)
+    store.write_whole = clock.wrap("group: coords, tissue, thumbnail", store.write_whole)  # inside create_input
 
 
 def _load() -> str:
@@ -152,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
                 c = dict(clock.cpu)
                 c["plan: rest"] = c["plan (all)"] - c["plan: overview read"] - c["plan: tissue mask"] \
                     - c["plan: tile fractions"]
-                # what prepare does besides: the coords, tissue and thumbnail arrays (and its return value)
-                c["group: coords, tissue, thumbnail"] = c["prepare (all)"] - c["open"] - c["plan (all)"] \
-                    - c["group: open store"] - c["group: create_input"]
+                # what prepare does besides (e.g. its return value), then create_input without its data writes
+                c["prepare: rest"] = c["prepare (all)"] - c["open"] - c["plan (all)"] - c["group: open store"] \
+                    - c["group: create_input"]
+                c["group: create_input"] -= c["group: coords, tissue, thumbnail"]
                 for k, v in c.items():
                     per[k].append(v)
-                for k, v in clock.wall.items():
+                w = dict(clock.wall)
+                w["group: create_input"] -= w.get("group: coords, tissue, thumbnail", 0.0)
+                for k, v in w.items():
                     wall[k].append(v)
                 tiles.append(n)
             shutil.rmtree(run.root, ignore_errors=True)

@@ -37,7 +37,7 @@ if _F:
     IMPORTS = {"numpy", "scipy.ndimage", "zarr", "distributed", "dask", "openslide", "tifffile", "PIL.Image",
                "tensorflow", "keras", "matplotlib", "onnxruntime", "importlib.metadata"}
     STEPS = {"cancernet_batch.cluster": ["start_forkserver", "work_split"],
-             "cancernet_batch.stages.tile": ["preflight_task", "prepare_slide_task", "tile_chunk_task"],
+             "cancernet_batch.stages.tile": ["preflight_task", "prepare_slide_task", "tile_chunk_task", "_write_chunk"],
              "cancernet_batch.preflight": ["dask_setup"]}
     METHODS = {"cancernet_batch.stages.flow": ("Flow", ["discover", "execute", "_loop"]),
                "distributed.deploy.local": ("LocalCluster", ["__init__"])}
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
              "first worker forked": _at(events, "worker", "fork"),
              "loop": _at(events, "client", "call Flow._loop"),
              "first prepare": _at(events, "worker", "call prepare_slide_task"),
-             "first chunk": _at(events, "worker", "call tile_chunk_task")}
+             "first chunk": _at(events, "worker", "call _write_chunk")}
     print("summary: " + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items() if v is not None)
           + f", first tile written {first or float('nan'):.2f} s, wall {wall:.2f} s")
     return 0

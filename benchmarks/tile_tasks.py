@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PARTS = ["prepare (all)", "preflight (its child's CPU not counted)", "open (reader, cached per worker)", "plan (all)",
-         "plan: overview read", "plan: tissue mask", "group: open store", "group: create_input", "group: array writes",
-         "first chunk's tiles (tile_first)"]
+         "plan: overview read", "plan: tissue mask", "group: open store", "group: create_input (with its data)",
+         "group: data writes (coords, tissue, thumbnail)", "first chunk's tiles (tile_first)"]
 
 
 def _time_tasks(parts: bool = False) -> None:
@@ -150,10 +150,11 @@ def _time_tasks(parts: bool = False) -> None:
         tile.plan_slide = part("plan (all)", unwrapped(tile.plan_slide))
         tile._reader = part("open (reader, cached per worker)", unwrapped(tile._reader), only_in_prepare=True)
         runfolder.Run.open_store = part("group: open store", unwrapped(runfolder.Run.open_store), only_in_prepare=True)
-        store.create_input = part("group: create_input", unwrapped(store.create_input))
-        zarr.Array.__setitem__ = part("group: array writes", unwrapped(zarr.Array.__setitem__), only_in_prepare=True)
+        store.create_input = part("group: create_input (with its data)", unwrapped(store.create_input))
+        writes = "group: data writes (coords, tissue, thumbnail)"  # inside create_input (older versions: after it)
+        zarr.Array.__setitem__ = part(writes, unwrapped(zarr.Array.__setitem__), only_in_prepare=True)
         if hasattr(store, "write_whole"):
-            store.write_whole = part("group: array writes", unwrapped(store.write_whole), only_in_prepare=True)
+            store.write_whole = part(writes, unwrapped(store.write_whole), only_in_prepare=True)
 
     def timed(fn):
         def task(*args, **kwargs):
@@ -184,7 +185,8 @@ def _time_tasks(parts: bool = False) -> None:
         tile.preflight_task = part("preflight (its child's CPU not counted)", tile.preflight_task,
                                    only_in_prepare=True)
         # and so may its first chunk (tile_first): its own part, its reads and writes not counted in the others
-        chunk_task = tile.tile_chunk_task
+        # (the write that chunk tasks share: the prepare task calls it with the group and coords in hand)
+        chunk_task = tile._write_chunk
 
         def first_chunk(*args, **kwargs):
             task = inside["prepare"]
@@ -199,7 +201,7 @@ def _time_tasks(parts: bool = False) -> None:
                 part_log.append((task, "first chunk's tiles (tile_first)", time.perf_counter() - w,
                                  time.thread_time() - t, time.process_time() - p))
         first_chunk.__wrapped__ = unwrapped(chunk_task)
-        tile.tile_chunk_task = first_chunk
+        tile._write_chunk = first_chunk
 
 
 def _task_cpu() -> list:

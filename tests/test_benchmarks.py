@@ -119,10 +119,12 @@ def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slid
 
 
 def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
-    """benchmarks/tile_tasks.py --cpu: every task of the stage with its worker's CPU, and the CPU of the client,
-    each worker and each preflight child during the stage (a slide's preflight runs inside its prepare task)."""
+    """benchmarks/tile_tasks.py --cpu --parts: every task of the stage with its worker's CPU, the CPU of the
+    client, each worker and each preflight child during the stage (a slide's preflight runs inside its prepare
+    task), and every part of the prepare tasks (its first chunk's tiles included: found by the write it shares
+    with the chunk tasks, not by their task function)."""
     slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_tasks.py"), *slides, "--cpu"],
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_tasks.py"), *slides, "--cpu", "--parts"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     tasks = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("preflight-", "prepare-", "chunk-"))]
@@ -132,8 +134,17 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
         start, ran, cpu = (float(v) for v in t[-4:-1])
         assert start >= 0 and ran >= 0 and cpu >= 0, t
     assert sum(float(t[-2]) for t in tasks if t[0].startswith("prepare-")) > 0
-    roles = [ln.split()[0] for ln in r.stdout.split("per process")[1].splitlines()[1:]]
+    per_process, per_part = r.stdout.split("per process")[1].split("part by part")
+    roles = [ln.split()[0] for ln in per_process.splitlines()[1:-1]]
     assert roles.count("worker") == 2 and "client" in roles and "all" in roles, r.stdout
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from tile_tasks import PARTS
+    finally:
+        sys.path.pop(0)
+    parts = {ln[:52].strip(): [float(v) for v in ln[52:].split()] for ln in per_part.splitlines()[1:]}
+    assert set(parts) == set(PARTS), r.stdout  # each part met in every prepare (tile_first: each one tiles)
+    assert all(wall > 0 and cpu > 0 for wall, _, cpu in parts.values()), r.stdout
 
 
 def test_tile_codecs_measures_each_codec_on_real_chunks(synth_slide_dir):

@@ -170,7 +170,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     :class:`~cancernet_batch.stages.score.Scoring`, when the run scores): the input's predictions are set up
     here as well, a new group's ``probs`` and ``done`` made with its other arrays; the result's ``score``
     holds ``(chunks to score, number of chunks)``, or ``score_error`` the Failure of an input that cannot be
-    scored. ``tile_first``: the first chunk still to write is tiled here too (:func:`tile_chunk_task`), listed in
+    scored. ``tile_first``: the first chunk still to write is tiled here too (as :func:`tile_chunk_task` does), listed in
     ``tiled`` instead of ``todo`` (an input of one chunk needs no other task, and the worker does not wait for
     the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``. An
     input left with no chunk to write is marked complete here (``complete`` in the result)."""
@@ -216,7 +216,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
     if tile_first and todo:
         try:
-            tile_chunk_task(run, gid, source, *todo[0], plan.level, plan.tile_px_level, cfg)
+            index, start, stop = todo[0]  # the group and its coords are in hand: no reading them back
+            _write_chunk(run, g, source, index, start, stop, plan.coords[start:stop], plan.level, plan.tile_px_level, cfg)
         except Exception as exc:  # noqa: BLE001 - the input fails at its tiles, as a chunk task would
             out["chunk_error"] = exc
             return out
@@ -238,7 +239,12 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
                     tile_px: float, cfg: TileConfig) -> int:
     """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag."""
     g = run.open_input(gid)
-    coords = np.asarray(g["coords"][start:stop])
+    return _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg)
+
+
+def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
+                 tile_px: float, cfg: TileConfig) -> int:
+    """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's flag."""
     try:
         tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb), level, tile_px,
                                                  coords, decode=cfg.decode), source,
