@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,17 @@ VIEWER_JS = "viewer.js"
 """The report's map viewer (``RUN/report/``, from the package's asset of the same name): ``index.html`` loads it."""
 
 
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """A file name made of ``[A-Za-z0-9._-]`` only, never hidden or ``..``; distinct texts stay distinct."""
+    name = _SAFE.sub("_", text).strip("._-")[:80]
+    if name != text or not name:
+        name = f"{name or 'input'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return name
+
+
 def _input_file(folder: str, suffix: str, doc: str) -> property:
     """A property of :class:`InputFiles`: the file ``folder/<name><suffix>``."""
     return property(lambda self: f"{folder}/{self.name}{suffix}", doc=doc)
@@ -64,7 +76,7 @@ class InputFiles:
     """One reported input's files in ``RUN/report/``, as paths relative to it (as ``inputs.csv``'s rows and
     ``index.html`` link them).
 
-    ``name``: the input's file name, made from its id by the report (``stages.report.safe_name``);
+    ``name``: the input's file name (:meth:`of` makes it from the input's id);
     ``gzip``: the tiles' GeoJSON is gzipped (``--geojson-gzip``).
     """
 
@@ -83,6 +95,11 @@ class InputFiles:
     def __post_init__(self):
         if not self.name or self.name.startswith(".") or "/" in self.name or "\\" in self.name:
             raise ValueError(f"not a plain file name: {self.name!r}")
+
+    @classmethod
+    def of(cls, gid: str, *, gzip: bool = False) -> "InputFiles":
+        """The files of the input with id ``gid``, named from the id made safe (:func:`safe_name`)."""
+        return cls(safe_name(gid), gzip=gzip)
 
     heatmap = _input_file(MAPS, ".png", "The heatmap (PNG) of the IDC map over a thumbnail of the tissue.")
     thumb = _input_file(MAPS, ".thumb.jpg", "The thumbnail the zoomable map is drawn over (JPEG).")

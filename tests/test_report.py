@@ -21,9 +21,9 @@ from cancernet_batch import store
 from cancernet_batch.cli import main
 from cancernet_batch.errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from cancernet_batch.failures import Failure, read_failures, write_failures
-from cancernet_batch.stages.report import ReportConfig, make_report, safe_name
+from cancernet_batch.stages.report import ReportConfig, make_report
 from cancernet_batch.synth import SlideSpec, write_slide
-from cancernet_batch.runfolder import Run
+from cancernet_batch.runfolder import Run, safe_name
 
 COORDS = [(0, 0), (0, 1), (1, 1), (2, 3), (3, 4)]
 PROBS = [0.9, 0.2, 0.6, 0.49, 0.5]  # at 0.5: IDC tiles (0,0) (1,1) (3,4)

@@ -22,11 +22,9 @@ so no name or patient id can reach outside ``RUN/report/``; CSV cells cannot sta
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import errno
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
@@ -53,7 +51,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "report"
 _STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -99,14 +96,6 @@ class ReportSummary:
         return len({f.input for f in self.failures})
 
 
-def safe_name(text: str) -> str:
-    """A file name made of ``[A-Za-z0-9._-]`` only, never hidden or ``..``; distinct texts stay distinct."""
-    name = _SAFE.sub("_", text).strip("._-")[:80]
-    if name != text or not name:
-        name = f"{name or 'input'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-    return name
-
-
 # --------------------------------------------------------------------------------------------
 # one input
 # --------------------------------------------------------------------------------------------
@@ -117,7 +106,7 @@ def _title(patient: str, gid: str) -> str:
 
 def input_files(gid: str, cfg: ReportConfig) -> InputFiles:
     """An input's report files (relative to ``RUN/report``), named from its id made safe."""
-    return InputFiles(safe_name(gid), gzip=cfg.geojson_gzip)
+    return InputFiles.of(gid, gzip=cfg.geojson_gzip)
 
 
 def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig) -> InputReport:
