@@ -218,14 +218,27 @@ def _split_workers(cluster, workers: int, score_workers: int, threads: int) -> N
     cluster.sync(cluster._correct_state)
 
 
-def work_split(client) -> bool:
-    """True when the cluster's workers are split into scoring and tiling workers (by resources)."""
+def _workers(client) -> list[dict]:
+    """The scheduler's record of every worker (``resources``, ``nthreads``...)."""
     try:
         info = client.scheduler_info(n_workers=-1)  # newer distributed lists only a few workers by default
     except TypeError:
         info = client.scheduler_info()
-    kinds = [set((w.get("resources") or {})) for w in info.get("workers", {}).values()]
+    return list(info.get("workers", {}).values())
+
+
+def work_split(client) -> bool:
+    """True when the cluster's workers are split into scoring and tiling workers (by resources)."""
+    kinds = [set((w.get("resources") or {})) for w in _workers(client)]
     return any(SCORE in k for k in kinds) and any(TILE in k for k in kinds)
+
+
+def tiling_threads(client) -> int:
+    """Worker threads that can run tiling tasks: those of the tiling workers when the work is split, else all."""
+    workers = _workers(client)
+    split = any(SCORE in (w.get("resources") or {}) for w in workers)
+    return max(1, sum(int(w.get("nthreads") or 1) for w in workers
+                      if not split or TILE in (w.get("resources") or {})))
 
 
 def as_completed_windowed(items: Iterable, submit: Callable[[object], object], window: int) -> Iterator[tuple]:

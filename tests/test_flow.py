@@ -160,7 +160,11 @@ def test_second_writer_is_refused(inputs, tiny_model_dir, tmp_path):
 
 def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
     """--score-workers 1 of 2: the model is loaded on the scoring worker only, every chunk is scored there,
-    and the scores equal those of workers that do both kinds of work."""
+    and the scores equal those of workers that do both kinds of work. On the one tiling worker, the first
+    slide's chunk tasks all run before the second slide's prepare task (the report's first input waits for
+    them; the second slide is admitted only once the first's prepare has come back with its chunks)."""
+    from distributed import get_task_stream
+
     from cancernet_batch.stages import score
 
     cluster = ClusterConfig(workers=2, score_workers=1, dashboard=False)
@@ -172,7 +176,15 @@ def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
         run_pipeline(inputs, tmp_path / "split", cfg, pcfg, client=c)
         loads = c.run(lambda: __import__("cancernet_batch.stages.score", fromlist=["x"]).ENGINE_LOADS["count"])
         by_name = {w["name"]: loads[addr] for addr, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+        slides = sorted(p for p in inputs if p.suffix == ".svs")
+        with get_task_stream(client=c) as ts:
+            run_pipeline(slides, tmp_path / "two", cfg, pcfg, client=c)
     assert by_name == {"score-0": 1, "tile-1": 0}
+    first, second = (store.input_id(str(p)) for p in slides)
+    started = {t["key"]: min(s["start"] for s in t["startstops"] if s["action"] == "compute") for t in ts.data}
+    chunks = [at for key, at in started.items() if key.startswith(f"chunk-{first}-")]
+    [prepare2] = [at for key, at in started.items() if key.startswith(f"prepare-{second}-")]
+    assert chunks and max(chunks) < prepare2, sorted(started.items(), key=lambda kv: kv[1])
     run_pipeline(inputs, tmp_path / "mixed", cfg, PredictConfig(model_dir=str(tiny_model_dir),
                                                                 cluster=ClusterConfig(workers=2, dashboard=False)))
     assert _scores(tmp_path / "split") == _scores(tmp_path / "mixed")

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import store
-from ..cluster import SCORE, TILE, ClusterConfig, dask_client, work_split
+from ..cluster import SCORE, TILE, ClusterConfig, dask_client, tiling_threads, work_split
 from ..errors import ModelError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
@@ -114,6 +114,8 @@ class Flow:
         self.inputs_total = 0
         self.inputs_done = 0
         self._threads = 1  # worker threads of the cluster (set by execute)
+        self._tile_threads = 1  # of which can tile (set by execute)
+        self._preparing = 0  # slides whose prepare task has not come back
         self.inputs_failed = 0
         self._new_failures: list[Failure] = []
         self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
@@ -189,6 +191,7 @@ class Flow:
                 cluster or ClusterConfig(), on_dashboard=on_dashboard) as c:
             self.client = c
             self.split = work_split(c)
+            self._tile_threads = tiling_threads(c)
             nthreads = sum(c.nthreads().values()) or 1
             self.window = self.max_inputs or max(4, 2 * nthreads)
             self._threads = nthreads
@@ -272,11 +275,16 @@ class Flow:
 
     def _admit(self) -> None:
         """Start queued inputs while the window has room. Until the first input is done, the window is one
-        input per worker thread (a slow start): the first inputs' steps then do not queue behind the
-        preflights and plans of others, so the report has its first input early (the threads idle only for
-        the client's round trips meanwhile)."""
+        input per worker thread (a slow start), and a slide is started only when a tiling thread has no
+        other slide's prepare task to run (with the work split, the prepares of the first inputs come one
+        after another): the first inputs' steps then do not queue behind the preflights and plans of others
+        (a later slide's prepare is submitted after an earlier slide's chunk tasks, which go first by
+        priority), so the report has its first input early; the threads idle only for the client's round
+        trips meanwhile."""
         window = self.window if self.inputs_done else min(self.window, self._threads)
         while self._inflight < window and self.queue:
+            if not self.inputs_done and self._preparing >= self._tile_threads:
+                return
             if self.deadline is not None and time.time() >= self.deadline:
                 self.stopped_by_deadline = True
                 self.remaining = len(self.queue)
@@ -317,10 +325,18 @@ class Flow:
         elif inp.spec is not None and inp.spec.kind == "patches":
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
+            self._preparing += 1
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
                          inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
+        self._preparing -= 1
+        try:
+            self._prepared(inp, res)
+        finally:  # after this slide's chunk tasks: the next slide's prepare goes behind them (see _admit)
+            self._admit()
+
+    def _prepared(self, inp: _Input, res) -> None:
         if isinstance(res, BaseException):
             self._fail(inp, Failure.from_exception(inp.source, "plan", _worker_error(inp.source, res)))
             return
