@@ -324,3 +324,28 @@ def test_the_prepare_task_of_the_stream_tiles_the_first_chunk_itself(synth_slide
     broken.create().open_store("a").require_group("inputs")
     res = prepare_slide_task(broken, slide, cfg, [], False, False, None, True)
     assert isinstance(res["chunk_error"], SlideReadError) and res["tiled"] == [] and slide in str(res["chunk_error"])
+
+
+def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tiny_model_dir, tmp_path, monkeypatch):
+    """Every task of the flow's first input (its chunks too) outranks every task of the others (their scoring and
+    reports too): with scoring before tiling by kind, the second input's scoring would otherwise run between the
+    first's chunks and the report's first input would wait for it. The others keep kind, then input order."""
+    submitted: list[tuple[str, int]] = []
+    real = type(client).submit
+
+    def spy(self, fn, *args, **kwargs):  # the real submit, with each task's key and priority noted
+        submitted.append((kwargs["key"], kwargs.get("priority", 0)))
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(type(client), "submit", spy)
+    slides = sorted(p for p in inputs if p.suffix == ".svs")
+    s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=16),
+                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert s.report.reported == 2
+    first, second = (store.input_id(str(p)) for p in slides)
+    mine = [p for k, p in submitted if first in k]
+    others = [p for k, p in submitted if second in k]
+    assert {k.split("-")[0] for k, _ in submitted if first in k} >= {"prepare", "chunk", "score", "report"}
+    assert mine and others and min(mine) > max(others), submitted
+    by_kind = {k.split("-")[0]: p for k, p in submitted if second in k}
+    assert by_kind["report"] > by_kind["score"] > by_kind["prepare"]

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 # Dask priorities (higher first): finish what is started before starting more
 _REPORT, _SCORE, _TILE = 3_000_000, 2_000_000, 1_000_000
+_FIRST = 3_000_000  # added to the first input's tasks: each of them goes before every other input's
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Input:
     series_files: list[str] = field(default_factory=list)
     preflighted: bool = False
     edge: bool = False  # first or last input of a scored flow: tiled in smaller chunks (stages.tile.edge_chunk)
+    first: bool = False  # the flow's first input: its tasks go first (_FIRST), the report's first input comes early
     outstanding: int = 0  # its tasks submitted and not yet back
     to_tile: int = 0
     to_score: int = 0
@@ -295,6 +297,7 @@ class Flow:
             # the pipeline's fill and drain: the first input's first chunk is what scoring waits for at the
             # start, the last input's last chunk what the run waits for at the end
             inp.edge = self.scoring is not None and (self._admitted == 0 or not self.queue)
+            inp.first = self._admitted == 0
             self._admitted += 1
             self._inflight += 1
             self._start(inp)
@@ -308,7 +311,10 @@ class Flow:
         gpu = self.scoring is not None and self.scoring.cfg.device != "cpu"
         pinned = self.split and not (anywhere and not gpu)
         resources = ({SCORE: 1} if scoring else {TILE: 1}) if pinned else None
-        fut = self.client.submit(fn, *args, pure=False, priority=priority - inp.seq, resources=resources,
+        # by kind of work (report, score, tile), then by input; the first input's tasks before all others (with
+        # scoring before tiling, the second input's scoring would otherwise come between the first's chunks)
+        priority += (_FIRST if inp.first else 0) - inp.seq
+        fut = self.client.submit(fn, *args, pure=False, priority=priority, resources=resources,
                                  key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
         self._meta[fut.key] = (kind, inp, extra)
         inp.outstanding += 1
