@@ -109,12 +109,16 @@ class EnginePlugin(_WorkerPlugin):
     def __init__(self, cfg: PredictConfig):
         self.cfg = cfg
 
-    def setup(self, worker) -> None:  # noqa: D401 - distributed's hook
+    async def setup(self, worker) -> None:  # noqa: D401 - distributed's hook
+        """Load the model in a thread: the worker's event loop stays free meanwhile, so the worker takes and
+        runs its first tasks (a slide's preflight and plan) while its model loads, not after."""
+        import asyncio
+
         resources = getattr(worker.state, "total_resources", None) if hasattr(worker, "state") else None
         resources = resources if resources is not None else getattr(worker, "total_resources", {}) or {}
         if resources and SCORE not in resources:
             return  # a tiling-only worker never scores: no model in its memory (or on its GPU)
-        get_engine(self.cfg)
+        await asyncio.to_thread(get_engine, self.cfg)
 
     def teardown(self, worker) -> None:
         pass
