@@ -49,6 +49,22 @@ def _hash01(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     return h.astype(np.float64) / 4294967296.0
 
 
+def _corner_values(ix: np.ndarray, iy: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """``_hash01`` at the four lattice corners (ix, iy), (ix + 1, iy), (ix, iy + 1), (ix + 1, iy + 1) of each point.
+
+    The points of a region share few lattice points (a feature is many pixels wide): each lattice point's value
+    is computed once, on the lattice that spans them, and looked up per point; the same values bit for bit as
+    hashing every point's corners. Points spread wider than their count are hashed one by one."""
+    if ix.size and iy.size:
+        x0, y0 = float(ix.min()), float(iy.min())
+        nx, ny = int(ix.max() - x0) + 2, int(iy.max() - y0) + 2
+        if nx * ny <= np.broadcast(ix, iy).size:
+            lattice = _hash01((x0 + np.arange(nx))[None, :], (y0 + np.arange(ny))[:, None], seed)
+            xi, yi = (ix - x0).astype(np.intp), (iy - y0).astype(np.intp)
+            return lattice[yi, xi], lattice[yi, xi + 1], lattice[yi + 1, xi], lattice[yi + 1, xi + 1]
+    return _hash01(ix, iy, seed), _hash01(ix + 1, iy, seed), _hash01(ix, iy + 1, seed), _hash01(ix + 1, iy + 1, seed)
+
+
 def _value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.ndarray:
     """Smooth value noise in [0, 1) with features about ``scale`` microns wide."""
     fx, fy = x / scale, y / scale
@@ -56,10 +72,20 @@ def _value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.nd
     tx, ty = fx - ix, fy - iy
     tx = tx * tx * (3 - 2 * tx)
     ty = ty * ty * (3 - 2 * ty)
-    a = _hash01(ix, iy, seed)
-    b = _hash01(ix + 1, iy, seed)
-    c = _hash01(ix, iy + 1, seed)
-    d = _hash01(ix + 1, iy + 1, seed)
+    ix, iy = np.asarray(ix), np.asarray(iy)
+    if ix.ndim == 2 and iy.ndim == 2 and ix.shape[0] == 1 and iy.shape[1] == 1 and ix.size and iy.size:
+        # a row of x by a column of y (an image's pixels): interpolated along x once per lattice row, then
+        # between the two lattice rows of each pixel row; the same operations on the same values, bit for bit
+        x0, y0 = float(ix.min()), float(iy.min())
+        nx, ny = int(ix.max() - x0) + 2, int(iy.max() - y0) + 2
+        if nx * ny <= ix.size * iy.size:
+            lattice = _hash01((x0 + np.arange(nx))[None, :], (y0 + np.arange(ny))[:, None], seed)
+            xi, yi = (ix[0] - x0).astype(np.intp), (iy[:, 0] - y0).astype(np.intp)
+            left, right = lattice[:, xi], lattice[:, xi + 1]
+            along_x = left + (right - left) * tx
+            top, bottom = along_x[yi], along_x[yi + 1]
+            return top + (bottom - top) * ty
+    a, b, c, d = _corner_values(ix, iy, seed)
     return (a + (b - a) * tx) + ((c + (d - c) * tx) - (a + (b - a) * tx)) * ty
 
 
@@ -193,8 +219,7 @@ class TissueModel:
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
             ys = (np.arange(r0, r1)[:, None] * tile_um + off[None, :]).reshape(-1)
-            X, Y = np.meshgrid(xs, ys)
-            t, i, _ = self.fields(X, Y)
+            t, i, _ = self.fields(xs[None, :], ys[:, None])  # a row by a column: separable noise (_value_noise)
             tis[r0:r1] = (t > 0.5).reshape(r1 - r0, samples, cols, samples).mean(axis=(1, 3))
             idc[r0:r1] = (i > 0.5).reshape(r1 - r0, samples, cols, samples).mean(axis=(1, 3))
         return tis, idc
@@ -226,8 +251,7 @@ class TissueModel:
         gh, gw = height // step + 2, width // step + 2
         gy = (y0 + np.arange(gh) * step + 0.5) * mpp
         gx = (x0 + np.arange(gw) * step + 0.5) * mpp
-        GX, GY = np.meshgrid(gx, gy)
-        t, i, dense = self.fields(GX, GY)
+        t, i, dense = self.fields(gx[None, :], gy[:, None])  # a row by a column: separable noise (_value_noise)
         rng = np.random.default_rng([self.seed, x0, y0, int(mpp * 1e4)])
         noise = rng.normal(0.0, 3.0, (height, width, 1))
         if t.max() < 1e-3:  # background only: skip the tissue texture

@@ -244,3 +244,28 @@ def test_cli_synth_slides_from_patches(idc_dir, tmp_path, capsys):
         [row] = list(csv.DictReader(fh))
     assert row["patient"] == "9259" and row["patches"] == "4"
     assert main(["synth", "slides", str(out), "--from-patches", str(tmp_path)]) != 0  # no patient folder there
+
+
+@pytest.mark.parametrize("scale", [3.2, 14.0, 900.0])
+def test_value_noise_is_the_corner_hash_interpolation_bit_for_bit(scale):
+    """The lattice shortcuts of synth._value_noise (a row by a column: interpolated along x once per lattice row;
+    scattered points: each lattice point hashed once) give the very values of hashing every point's four corners."""
+    from cancernet_batch.synth import _hash01, _value_noise
+
+    def reference(x, y):  # every point's four corners hashed, then the bilinear smoothstep interpolation
+        fx, fy = x / scale, y / scale
+        ix, iy = np.floor(fx), np.floor(fy)
+        tx, ty = fx - ix, fy - iy
+        tx, ty = tx * tx * (3 - 2 * tx), ty * ty * (3 - 2 * ty)
+        a, b = _hash01(ix, iy, 7), _hash01(ix + 1, iy, 7)
+        c, d = _hash01(ix, iy + 1, 7), _hash01(ix + 1, iy + 1, 7)
+        return (a + (b - a) * tx) + ((c + (d - c) * tx) - (a + (b - a) * tx)) * ty
+
+    rng = np.random.default_rng(3)
+    px = ((-37 + np.arange(301) + 0.5) * 0.7)[None, :]
+    py = ((1000 + np.arange(203) + 0.5) * 0.7)[:, None]
+    X, Y = np.broadcast_arrays(px, py)
+    scattered = rng.uniform(-500, 5000, (2, 999))
+    for x, y in ((px, py), (X, Y), (scattered[0], scattered[1]), (scattered[0][:1], scattered[1][:1])):
+        got, want = _value_noise(x, y, scale, 7), reference(x, y)
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()
