@@ -209,8 +209,8 @@ def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, in
 
 
 def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_model_dir, tmp_path):
-    """The pipeline's fill and drain: the first and last inputs of a scored stream (and those started before the
-    first is done) get chunks of an eighth (at least 8 tiles), so scoring starts after the first small chunk
+    """The pipeline's fill and drain: the first and last inputs of a scored stream (and the second, when started
+    before the first is done) get chunks of an eighth (at least 8 tiles), so scoring starts after the first small chunk
     and the run ends soon after the last tile; the scores are those of whole chunks, a re-run finds every input
     fresh, and a resume keeps an input's chunks."""
     from cancernet_batch.stages.score import predict_run
