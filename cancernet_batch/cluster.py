@@ -227,16 +227,20 @@ def _workers(client) -> list[dict]:
     return list(info.get("workers", {}).values())
 
 
+def _split(workers: list[dict]) -> bool:
+    kinds = [set((w.get("resources") or {})) for w in workers]
+    return any(SCORE in k for k in kinds) and any(TILE in k for k in kinds)
+
+
 def work_split(client) -> bool:
     """True when the cluster's workers are split into scoring and tiling workers (by resources)."""
-    kinds = [set((w.get("resources") or {})) for w in _workers(client)]
-    return any(SCORE in k for k in kinds) and any(TILE in k for k in kinds)
+    return _split(_workers(client))
 
 
 def tiling_threads(client) -> int:
     """Worker threads that can run tiling tasks: those of the tiling workers when the work is split, else all."""
     workers = _workers(client)
-    split = any(SCORE in (w.get("resources") or {}) for w in workers)
+    split = _split(workers)
     return max(1, sum(int(w.get("nthreads") or 1) for w in workers
                       if not split or TILE in (w.get("resources") or {})))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cancernet_batch import store
-from cancernet_batch.cluster import ClusterConfig, dask_client
+from cancernet_batch.cluster import ClusterConfig, dask_client, tiling_threads, work_split
 from cancernet_batch.runfolder import Run
 from cancernet_batch.stages.flow import Flow
 from cancernet_batch.stages.report import ReportConfig
@@ -173,6 +173,7 @@ def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
     with dask_client(cluster) as c:
         names = {w["name"]: w.get("resources") for w in c.scheduler_info(n_workers=-1)["workers"].values()}
         assert names == {"score-0": {"score": 1}, "tile-1": {"tile": 1}}
+        assert work_split(c) and tiling_threads(c) == 1  # what the slow start admits slides by
         run_pipeline(inputs, tmp_path / "split", cfg, pcfg, client=c)
         loads = c.run(lambda: __import__("cancernet_batch.stages.score", fromlist=["x"]).ENGINE_LOADS["count"])
         by_name = {w["name"]: loads[addr] for addr, w in c.scheduler_info(n_workers=-1)["workers"].items()}
@@ -338,6 +339,7 @@ def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tin
         submitted.append((kwargs["key"], kwargs.get("priority", 0)))
         return real(self, fn, *args, **kwargs)
 
+    assert not work_split(client) and tiling_threads(client) == 2  # every worker thread tiles
     monkeypatch.setattr(type(client), "submit", spy)
     slides = sorted(p for p in inputs if p.suffix == ".svs")
     s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=16),
