@@ -355,7 +355,8 @@ def tiles_compressor():
 
 
 def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
-                 arrays: dict[str, dict] | None = None, data: dict[str, np.ndarray] | None = None):
+                 arrays: dict[str, dict] | None = None, data: dict[str, np.ndarray] | None = None,
+                 present: bool | None = None):
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
 
     ``arrays``: more arrays to create with it (``{name: create_array keyword arguments}``, e.g. a slide's
@@ -364,14 +365,16 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     attrs, e.g. a slide's coords, tissue map and thumbnail. The group's attrs go last, in their own write,
     so a group with a ``chunk`` attribute has all its arrays and all of ``data``: a group killed before its
     attrs matches no plan (a resume makes it again). Returns a :class:`NodeCache` of the new group that
-    knows its arrays (no lookup reads their metadata again).
+    knows its arrays (no lookup reads their metadata again). ``present``: whether the input's group is there,
+    when the caller has just looked (one lookup less; on object storage, a request); by default it is looked up.
     """
     gid = input_id(attrs.source)
     inputs = root.require_group("inputs")
     base = _group_dir(inputs)
     if base is not None and (base / gid).is_dir() and _metadata_problem(base / gid / "zarr.json") is not None:
         shutil.rmtree(base / gid)  # a damaged old group: zarr cannot even look at it
-    if gid in inputs:
+        present = False
+    if (gid in inputs) if present is None else present:
         del inputs[gid]
     c = max(1, min(chunk, n)) if n else chunk
     specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",

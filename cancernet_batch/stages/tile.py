@@ -190,7 +190,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     inputs = root["inputs"]
     kept = 0
     made = False  # the group made here, with its predictions' arrays
-    if gid in inputs and _same_plan(inputs[gid], plan, cfg.chunk):
+    present = gid in inputs
+    if present and _same_plan(inputs[gid], plan, cfg.chunk):
         g = inputs[gid]
         bounds = store.chunk_bounds(plan.n_tiles, int(g.attrs["chunk"]))
         g.update_attributes({**plan.attrs().to_json(), "complete": False})
@@ -209,7 +210,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
             arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
             made = True
         # coords, tissue map and thumbnail are on disk before the group's attrs (the plan _same_plan keeps)
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays,
+        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays, present=present,
                                data={"coords": plan.coords, "tissue": plan.tissue, "thumbnail": th})
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
