@@ -49,19 +49,27 @@ def _hash01(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     return h.astype(np.float64) / 4294967296.0
 
 
+def _lattice(ix: np.ndarray, iy: np.ndarray, seed: int, points: int):
+    """``(values, xi, yi)``: ``_hash01`` on the lattice spanning the points (ix, iy) and their +1 neighbours, and
+    each point's index into it; None when that lattice has more nodes than the ``points`` it serves."""
+    x0, y0 = float(ix.min()), float(iy.min())
+    nx, ny = int(ix.max() - x0) + 2, int(iy.max() - y0) + 2
+    if nx * ny > points:
+        return None
+    values = _hash01((x0 + np.arange(nx))[None, :], (y0 + np.arange(ny))[:, None], seed)
+    return values, (ix - x0).astype(np.intp), (iy - y0).astype(np.intp)
+
+
 def _corner_values(ix: np.ndarray, iy: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
     """``_hash01`` at the four lattice corners (ix, iy), (ix + 1, iy), (ix, iy + 1), (ix + 1, iy + 1) of each point.
 
     The points of a region share few lattice points (a feature is many pixels wide): each lattice point's value
     is computed once, on the lattice that spans them, and looked up per point; the same values bit for bit as
     hashing every point's corners. Points spread wider than their count are hashed one by one."""
-    if ix.size and iy.size:
-        x0, y0 = float(ix.min()), float(iy.min())
-        nx, ny = int(ix.max() - x0) + 2, int(iy.max() - y0) + 2
-        if nx * ny <= np.broadcast(ix, iy).size:
-            lattice = _hash01((x0 + np.arange(nx))[None, :], (y0 + np.arange(ny))[:, None], seed)
-            xi, yi = (ix - x0).astype(np.intp), (iy - y0).astype(np.intp)
-            return lattice[yi, xi], lattice[yi, xi + 1], lattice[yi + 1, xi], lattice[yi + 1, xi + 1]
+    found = _lattice(ix, iy, seed, np.broadcast(ix, iy).size) if ix.size and iy.size else None
+    if found is not None:
+        lattice, xi, yi = found
+        return lattice[yi, xi], lattice[yi, xi + 1], lattice[yi + 1, xi], lattice[yi + 1, xi + 1]
     return _hash01(ix, iy, seed), _hash01(ix + 1, iy, seed), _hash01(ix, iy + 1, seed), _hash01(ix + 1, iy + 1, seed)
 
 
@@ -76,11 +84,9 @@ def _value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.nd
     if ix.ndim == 2 and iy.ndim == 2 and ix.shape[0] == 1 and iy.shape[1] == 1 and ix.size and iy.size:
         # a row of x by a column of y (an image's pixels): interpolated along x once per lattice row, then
         # between the two lattice rows of each pixel row; the same operations on the same values, bit for bit
-        x0, y0 = float(ix.min()), float(iy.min())
-        nx, ny = int(ix.max() - x0) + 2, int(iy.max() - y0) + 2
-        if nx * ny <= ix.size * iy.size:
-            lattice = _hash01((x0 + np.arange(nx))[None, :], (y0 + np.arange(ny))[:, None], seed)
-            xi, yi = (ix[0] - x0).astype(np.intp), (iy[:, 0] - y0).astype(np.intp)
+        found = _lattice(ix[0], iy[:, 0], seed, ix.size * iy.size)
+        if found is not None:
+            lattice, xi, yi = found
             left, right = lattice[:, xi], lattice[:, xi + 1]
             along_x = left + (right - left) * tx
             top, bottom = along_x[yi], along_x[yi + 1]
