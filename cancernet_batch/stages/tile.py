@@ -191,8 +191,9 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     kept = 0
     made = False  # the group made here, with its predictions' arrays
     present = gid in inputs
-    if present and _same_plan(inputs[gid], plan, cfg.chunk):
-        g = inputs[gid]
+    stored = inputs[gid] if present else None
+    if stored is not None and _same_plan(stored, plan, cfg.chunk):
+        g = stored
         bounds = store.chunk_bounds(plan.n_tiles, int(g.attrs["chunk"]))
         g.update_attributes({**plan.attrs().to_json(), "complete": False})
         done = store.tiled_mask(g)
