@@ -18,7 +18,9 @@ def _formula(base: np.ndarray, colour: np.ndarray, on: np.ndarray, alpha: float)
 def test_blend_table_is_the_per_pixel_formula_for_every_pair_of_bytes(alpha):
     b, c = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
     expected = _formula(b[..., None], c[..., None], np.ones(b.shape, bool), alpha)[..., 0]
-    assert np.array_equal(_blend_table(alpha), expected)
+    table = _blend_table(alpha)  # [colour, base]; the row after the last colour: no tile, the base itself
+    assert table.shape == (257, 256) and np.array_equal(table[:256].T, expected)
+    assert np.array_equal(table[256], np.arange(256))
 
 
 def test_rendered_map_area_is_the_thumbnail_blended_with_the_colour_map():
@@ -42,3 +44,42 @@ def test_rendered_map_area_is_the_thumbnail_blended_with_the_colour_map():
     inner = np.ones(on.shape, bool)
     inner[-30:, :180] = False  # the scale bar's box, lower left
     assert np.array_equal(area[inner], expected[inner])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (67, 91), (300, 257)])
+def test_png_bytes_decode_to_the_same_pixels(shape, tmp_path):
+    """The heatmap's own PNG encoder: a PNG that Pillow reads back (and verifies: chunk CRCs, zlib stream) as the
+    very pixels given, for sizes with one row, one column and odd widths, and noise that exercises the Up filter's
+    wrap-around."""
+    from PIL import Image
+
+    from cancernet_batch.heatmap import png_bytes
+
+    rng = np.random.default_rng(sum(shape))
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    rgb[: shape[0] // 2] = 255  # flat rows as well as noise
+    for level in (1, 6):
+        path = tmp_path / f"p{level}.png"
+        path.write_bytes(png_bytes(rgb, level))
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (shape[1], shape[0])
+            assert np.array_equal(np.asarray(im), rgb)
+
+
+def test_written_heatmap_is_the_rendered_picture(tmp_path):
+    """write_heatmap's file holds exactly the pixels render_heatmap draws."""
+    from PIL import Image
+
+    from cancernet_batch.heatmap import write_heatmap
+
+    rng = np.random.default_rng(5)
+    idc_map = rng.random((9, 13)).astype(np.float32)
+    idc_map[rng.random((9, 13)) < 0.2] = np.nan
+    thumb = Thumbnail(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8), 13 * 40.0, 9 * 40.0, "test")
+    kw = dict(tile_px=40.0, um_per_px=0.5, threshold=0.5, title="patient 7 · slide 3")
+    out = write_heatmap(tmp_path / "maps" / "h.png", idc_map, thumb, **kw)
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(render_heatmap(idc_map, thumb, **kw)))
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == ["h.png"]  # no temporary left
