@@ -158,11 +158,12 @@ def test_second_writer_is_refused(inputs, tiny_model_dir, tmp_path):
     assert not (run.root / "predict.json").exists()  # nothing was written
 
 
-def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
+def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path, monkeypatch):
     """--score-workers 1 of 2: the model is loaded on the scoring worker only, every chunk is scored there,
     and the scores equal those of workers that do both kinds of work. On the one tiling worker, the first
     slide's chunk tasks all run before the second slide's prepare task (the report's first input waits for
-    them; the second slide is admitted only once the first's prepare has come back with its chunks)."""
+    them; the second slide is admitted only once the first's prepare has come back with its chunks). A report
+    part sent to one kind of worker (Flow._side_for) runs on that kind."""
     from distributed import get_task_stream
 
     from cancernet_batch.stages import score
@@ -178,9 +179,25 @@ def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
         loads = c.run(lambda: __import__("cancernet_batch.stages.score", fromlist=["x"]).ENGINE_LOADS["count"])
         by_name = {w["name"]: loads[addr] for addr, w in c.scheduler_info(n_workers=-1)["workers"].items()}
         slides = sorted(p for p in inputs if p.suffix == ".svs")
+        sides: dict[str, str | None] = {}
+        submit = Flow._submit
+
+        def recording(self, kind, *args, **kwargs):
+            submit(self, kind, *args, **kwargs)
+            key = next(reversed(self._meta))  # the task just submitted
+            if kind == "report":
+                sides[key] = self._meta[key][3]
+
+        monkeypatch.setattr(Flow, "_submit", recording)
         with get_task_stream(client=c) as ts:
             run_pipeline(slides, tmp_path / "two", cfg, pcfg, client=c)
+        monkeypatch.undo()
+        name_of = {addr: w["name"] for addr, w in c.scheduler_info(n_workers=-1)["workers"].items()}
     assert by_name == {"score-0": 1, "tile-1": 0}
+    ran_on = {t["key"]: name_of[t["worker"]] for t in ts.data}
+    assert len(sides) == len(slides)
+    for key, side in sides.items():
+        assert side is None or ran_on[key].startswith(side + "-"), (key, side, ran_on[key])
     first, second = (store.input_id(str(p)) for p in slides)
     started = {t["key"]: min(s["start"] for s in t["startstops"] if s["action"] == "compute") for t in ts.data}
     chunks = [at for key, at in started.items() if key.startswith(f"chunk-{first}-")]
@@ -190,6 +207,24 @@ def test_scoring_on_its_own_worker(inputs, tiny_model_dir, tmp_path):
                                                                 cluster=ClusterConfig(workers=2, dashboard=False)))
     assert _scores(tmp_path / "split") == _scores(tmp_path / "mixed")
     assert score.ENGINE_LOADS["count"] == 0  # the client never loaded a model
+
+
+def test_a_task_for_either_kind_of_worker_goes_to_the_kind_with_less_waiting(tmp_path):
+    """With the work split and scoring on the CPU, a report part goes to the kind of worker that has fewer of the
+    flow's tasks waiting per thread (the faster stage has room; the slower keeps its threads), to Dask's choice
+    when they are even; counts are per thread of each kind."""
+    from cancernet_batch.cluster import SCORE, TILE
+
+    flow = Flow(Run.of(tmp_path / "run"), tile_cfg=TileConfig())
+    flow._tile_threads, flow._score_threads = 1, 1
+    for tile, score, want in [(0, 3, TILE), (1, 2, TILE), (3, 1, SCORE), (1, 0, SCORE), (0, 0, None), (2, 2, None)]:
+        flow._queued = {TILE: tile, SCORE: score}
+        assert flow._side_for() == want, (tile, score)
+    flow._tile_threads = 3  # three tiling threads with three tasks: less waiting than one scorer with two
+    flow._queued = {TILE: 3, SCORE: 2}
+    assert flow._side_for() == TILE
+    flow._queued = {TILE: 6, SCORE: 2}
+    assert flow._side_for() is None
 
 
 def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, inputs, tiny_model_dir, tmp_path):

@@ -117,6 +117,8 @@ class Flow:
         self.inputs_done = 0
         self._threads = 1  # worker threads of the cluster (set by execute)
         self._tile_threads = 1  # of which can tile (set by execute)
+        self._score_threads = 1  # of which can score (set by execute)
+        self._queued = {TILE: 0, SCORE: 0}  # with the work split: tasks submitted to each kind of worker, not back
         self._preparing = 0  # slides whose prepare task has not come back
         self.inputs_failed = 0
         self._new_failures: list[Failure] = []
@@ -195,6 +197,7 @@ class Flow:
             self.split = work_split(c)
             self._tile_threads = tiling_threads(c)
             nthreads = sum(c.nthreads().values()) or 1
+            self._score_threads = max(1, nthreads - self._tile_threads) if self.split else nthreads
             self.window = self.max_inputs or max(4, 2 * nthreads)
             self._threads = nthreads
             if self.report_cfg is not None:
@@ -258,8 +261,10 @@ class Flow:
         self._inflight = 0
         self._admit()
         for fut in self._ac:
-            kind, inp, extra = self._meta.pop(fut.key)
+            kind, inp, extra, side = self._meta.pop(fut.key)
             inp.outstanding -= 1
+            if side is not None:
+                self._queued[side] -= 1
             try:
                 try:
                     res = fut.result()
@@ -308,20 +313,32 @@ class Flow:
 
     def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, anywhere: bool = False,
                 extra=None) -> None:
-        """``scoring``: on a scoring worker when the work is split (else on a tiling worker). ``anywhere``: on
-        whichever worker is free when scoring is on the CPU (the report: CPU work that would otherwise queue
-        behind the tiling); a GPU's scoring worker is left to feed its GPU."""
+        """``scoring``: on a scoring worker when the work is split (else on a tiling worker). ``anywhere``: CPU work
+        that either kind of worker can do (the report), when scoring is on the CPU: see :meth:`_side_for`; a GPU's
+        scoring worker is left to feed its GPU."""
         gpu = self.scoring is not None and self.scoring.cfg.device != "cpu"
-        pinned = self.split and not (anywhere and not gpu)
-        resources = ({SCORE: 1} if scoring else {TILE: 1}) if pinned else None
+        side = None
+        if self.split:
+            side = self._side_for() if anywhere and not gpu else SCORE if scoring else TILE
         # by kind of work (report, score, tile), then by input; the first input's tasks before all others (with
         # scoring before tiling, the second input's scoring would otherwise come between the first's chunks)
         priority += (_FIRST if inp.first else 0) - inp.seq
-        fut = self.client.submit(fn, *args, pure=False, priority=priority, resources=resources,
+        fut = self.client.submit(fn, *args, pure=False, priority=priority, resources=side and {side: 1},
                                  key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
-        self._meta[fut.key] = (kind, inp, extra)
+        self._meta[fut.key] = (kind, inp, extra, side)
         inp.outstanding += 1
+        if side is not None:
+            self._queued[side] += 1
         self._ac.add(fut)
+
+    def _side_for(self) -> str | None:
+        """Where a task either kind of worker can run goes, with the work split: to the kind whose workers have
+        fewer of this flow's tasks waiting per thread (the slower stage keeps its threads; the faster one has
+        room: with scoring on one core the slower stage, the tiling worker otherwise idles between its chunks
+        while the scorer draws the maps); None (Dask's choice by occupancy) when they are even."""
+        tile = self._queued[TILE] / max(1, self._tile_threads)
+        score = self._queued[SCORE] / max(1, self._score_threads)
+        return None if tile == score else TILE if tile < score else SCORE
 
     # ---------------------------------------------------------------------------------------
     # steps
