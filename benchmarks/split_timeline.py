@@ -63,22 +63,22 @@ def one_run(slides: list[str], model: str, workers: int, score_workers: int, ver
         key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
         for ss in d["startstops"]:
             if ss["action"] == "compute":
-                rows.append((ss["start"] - t0, ss["stop"] - t0, str(key).split("-")[0], d["worker"]))
+                rows.append((ss["start"] - t0, ss["stop"] - t0, str(key).split("-")[0], d["worker"], str(key)))
     print(f"run: {s.predict.tiles_scored} patches, {wall:.2f} s (run_pipeline {s.seconds['total']:.2f} s), first input "
           f"reported after {s.first_report_seconds:.2f} s; client process CPU {client_cpu:.2f} s; scoring tasks: "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     for w in sorted({r[3] for r in rows}):
         mine = sorted(r for r in rows if r[3] == w)
         kinds: dict[str, float] = {}
-        for a, b, k, _ in mine:
+        for a, b, k, *_ in mine:
             kinds[k] = kinds.get(k, 0.0) + b - a
         gaps = sum(max(0.0, mine[i][0] - mine[i - 1][1]) for i in range(1, len(mine)))
         print(f"  worker {w}: first task at {mine[0][0]:.2f} s, last ends {mine[-1][1]:.2f} s, busy "
               f"{sum(kinds.values()):.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
               + f"), idle between tasks {gaps:.2f} s")
         if verbose:
-            for a, b, k, _ in mine:
-                print(f"      {a:6.2f} {b:6.2f} {b - a:5.2f} {k}")
+            for a, b, k, _, key in mine:  # the task's kind and its input (the key: kind-input-...)
+                print(f"      {a:6.2f} {b:6.2f} {b - a:5.2f} {k:8s} {key[len(k) + 1:].rsplit('-', 2)[0]}")
 
 
 _TILING_LOOP = """

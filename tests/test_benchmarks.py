@@ -96,6 +96,23 @@ def test_split_timeline_reports_each_workers_tasks_and_the_model_beside_tiling(s
     assert any(ln.startswith("model on one thread, patches/s: alone ") for ln in lines)
 
 
+def test_stream_vs_barrier_times_both_versions_and_each_kind_of_task(synth_slide_dir, tiny_model_dir):
+    """benchmarks/stream_vs_barrier.py: the stream and the stage-by-stage version, alternating, each run's seconds
+    and the workers' busy seconds by kind of task, and the ratio per pass."""
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))[:2]]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stream_vs_barrier.py"), *slides, "--model",
+                        str(tiny_model_dir), "--passes", "2", "--warm"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [ln for ln in r.stdout.splitlines() if ln.startswith("pass ")]
+    assert [ln.split()[2] for ln in runs] == ["stream", "barrier", "barrier", "stream"]  # the order alternates
+    for ln in runs:
+        assert all(f"{kind} " in ln for kind in ("prepare", "score", "report")), ln
+    [ratio] = [ln for ln in r.stdout.splitlines() if ln.startswith("stream / stage by stage")]
+    per_pass = [float(x) for x in ratio.split(": ")[1].split(";")[0].split(", ")]
+    assert len(per_pass) == 2 and all(x > 0 for x in per_pass)
+
+
 def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slide_dir, tiny_model_dir, client):
     """benchmarks/report_parts.py: CPU ms per input of each piece of the report part, on a scored run."""
     from cancernet_batch.stages.report import ReportConfig
