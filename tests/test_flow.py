@@ -245,14 +245,19 @@ def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, in
 
 
 def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_model_dir, tmp_path):
-    """The pipeline's fill and drain: the first and last inputs of a scored stream (and the second, when started
-    before the first is done) get chunks of an eighth (at least 8 tiles), so scoring starts after the first small chunk
-    and the run ends soon after the last tile; the scores are those of whole chunks, a re-run finds every input
-    fresh, and a resume keeps an input's chunks."""
+    """The pipeline's fill and drain: the first and last inputs of a scored stream get chunks of an eighth (at
+    least 8 tiles), so scoring starts after the first small chunk and the run ends soon after the last tile; an
+    input between them gets whole chunks (small chunks are more tasks); the scores are those of whole chunks,
+    a re-run finds every input fresh, and a resume keeps an input's chunks."""
+    import shutil
+
     from cancernet_batch.stages.score import predict_run
     from cancernet_batch.stages.tile import edge_chunk, prepare_slide_task, tile_run
 
-    slides = ordered = sorted(p for p in inputs if p.suffix == ".svs")  # inputs go in path order: one at each end
+    two = sorted(p for p in inputs if p.suffix == ".svs")
+    (tmp_path / "in").mkdir()
+    slides = ordered = [Path(shutil.copy(src, tmp_path / "in" / name)) for src, name in
+                        zip([two[0], two[1], two[0]], ["a.svs", "b.svs", "c.svs"])]  # inputs go in path order
     cfg = TileConfig(target_mpp=4.0, chunk=16)
     assert edge_chunk(16) == 8 and edge_chunk(1024) == 128 and edge_chunk(4) == 4
     pcfg = PredictConfig(model_dir=str(tiny_model_dir))
@@ -260,9 +265,10 @@ def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_
     s = run_pipeline(ordered, run, cfg, pcfg, client=client)
     assert s.report.reported == len(ordered)
     groups = {g.attrs["source"]: g for _, g in store.iter_inputs(run.open_store("r"))}
-    for p in (slides[0], slides[1]):
+    for p in (slides[0], slides[2]):
         g = groups[str(p)]
         assert g.attrs["n_tiles"] > 8 and g.attrs["chunk"] == 8 and g["tiled"].shape[0] >= 2
+    assert groups[str(slides[1])].attrs["chunk"] == min(16, groups[str(slides[1])].attrs["n_tiles"])
     # the same work in whole chunks, stage by stage: the same scores
     tile_run(ordered, tmp_path / "stages", cfg, client=client)
     predict_run(tmp_path / "stages", pcfg, client=client)

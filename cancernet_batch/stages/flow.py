@@ -300,11 +300,10 @@ class Flow:
                 return
             inp = self.queue.popleft()
             # the pipeline's fill and drain: the first input's first chunk is what scoring waits for at the
-            # start, the last input's last chunk what the run waits for at the end. The second input, when started
-            # before the first is done, gets small chunks too: a worker that takes one of its chunks is free
-            # again soon for the first input's next task (its report, once its last chunk is scored). Only the
-            # second: on a large cluster the slow start admits many inputs, and small chunks are more tasks
-            inp.edge = self.scoring is not None and ((self._admitted < 2 and not self.inputs_done) or not self.queue)
+            # start, the last input's last chunk what the run waits for at the end. Only these two: small chunks
+            # are more tasks (each a round trip through the client and the scheduler, its input opened again), and
+            # small chunks for the second input too cost more than they gained (RESULTS.md section 6)
+            inp.edge = self.scoring is not None and (self._admitted == 0 or not self.queue)
             inp.first = self._admitted == 0
             self._admitted += 1
             self._inflight += 1
