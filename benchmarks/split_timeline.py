@@ -25,6 +25,18 @@ import tempfile
 import time
 
 
+def compute_spans(stream, t0: float = 0.0) -> list[tuple[float, float, str, str, str]]:
+    """Every compute span of a Dask task stream (``get_task_stream(...).data``) as ``(start, stop, kind, worker,
+    key)``, times from ``t0``; ``kind`` is the key's first word (prepare, chunk, score, report...)."""
+    spans = []
+    for d in stream:
+        key = str(d["key"][0] if isinstance(d["key"], tuple) else d["key"])
+        for ss in d["startstops"]:
+            if ss["action"] == "compute":
+                spans.append((ss["start"] - t0, ss["stop"] - t0, key.split("-")[0], d["worker"], key))
+    return spans
+
+
 def one_run(slides: list[str], model: str, workers: int, score_workers: int, verbose: bool) -> None:
     from distributed import get_task_stream
 
@@ -58,12 +70,7 @@ def one_run(slides: list[str], model: str, workers: int, score_workers: int, ver
     finally:
         flow_module.Flow._on_score = on_score
         shutil.rmtree(run, ignore_errors=True)
-    rows = []
-    for d in ts.data:
-        key = d["key"][0] if isinstance(d["key"], tuple) else d["key"]
-        for ss in d["startstops"]:
-            if ss["action"] == "compute":
-                rows.append((ss["start"] - t0, ss["stop"] - t0, str(key).split("-")[0], d["worker"], str(key)))
+    rows = compute_spans(ts.data, t0)
     print(f"run: {s.predict.tiles_scored} patches, {wall:.2f} s (run_pipeline {s.seconds['total']:.2f} s), first input "
           f"reported after {s.first_report_seconds:.2f} s; client process CPU {client_cpu:.2f} s; scoring tasks: "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))

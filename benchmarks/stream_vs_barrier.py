@@ -25,18 +25,20 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from split_timeline import compute_spans  # noqa: E402 - a sibling script
 
 
 def busy_by_kind(stream) -> dict[str, tuple[float, int]]:
     """Seconds of compute and number of tasks of each kind (the key's first word) in a Dask task stream."""
     busy: dict[str, float] = collections.defaultdict(float)
     count: collections.Counter = collections.Counter()
-    for t in stream:
-        kind = str(t["key"][0] if isinstance(t["key"], tuple) else t["key"]).split("-")[0]
-        for ss in t["startstops"]:
-            if ss["action"] == "compute":
-                busy[kind] += ss["stop"] - ss["start"]
-                count[kind] += 1
+    for start, stop, kind, _, _ in compute_spans(stream):
+        busy[kind] += stop - start
+        count[kind] += 1
     return {k: (busy[k], count[k]) for k in sorted(busy)}
 
 
