@@ -42,7 +42,9 @@ def busy_by_kind(stream) -> dict[str, tuple[float, int]]:
     return {k: (busy[k], count[k]) for k in sorted(busy)}
 
 
-def one_run(kind: str, slides: list[str], model: str, pcfg, client) -> tuple[float, dict]:
+def one_run(kind: str, slides: list[str], model: str, pcfg, client) -> tuple[float, dict, float | None]:
+    """``(seconds, busy_by_kind, first input reported after s)``; the stage-by-stage version reports nothing
+    before its end (None)."""
     from distributed import get_task_stream
 
     from cancernet_batch.stages.report import ReportConfig, make_report
@@ -56,14 +58,16 @@ def one_run(kind: str, slides: list[str], model: str, pcfg, client) -> tuple[flo
     try:
         with get_task_stream(client) as ts:
             t0 = time.perf_counter()
+            first = None
             if kind == "stream":
-                run_pipeline(slides, run, TileConfig(), pcfg, ReportConfig(model_dir=model), client=client)
+                first = run_pipeline(slides, run, TileConfig(), pcfg, ReportConfig(model_dir=model),
+                                     client=client).first_report_seconds
             else:
                 tile_run(slides, run, TileConfig(), client=client)
                 predict_run(run, pcfg, client=client)
                 make_report(run, ReportConfig(model_dir=model), client=client)
             seconds = time.perf_counter() - t0
-        return seconds, busy_by_kind(ts.data)
+        return seconds, busy_by_kind(ts.data), first
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -94,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.nullcontext(warm_client) if a.warm else dask_client(pcfg.cluster) as client:
                     client.wait_for_workers(a.workers)
                     start = time.perf_counter() - t0
-                    s, busy = one_run(kind, a.slides, a.model, pcfg, client)
+                    s, busy, first = one_run(kind, a.slides, a.model, pcfg, client)
                 seconds[kind].append(s)
-                print(f"pass {p + 1} {kind:8s} run {s:6.2f} s (cluster start {start:4.2f} s); busy "
+                firsts = f"; first input reported after {first:.2f} s" if first is not None else ""
+                print(f"pass {p + 1} {kind:8s} run {s:6.2f} s (cluster start {start:4.2f} s{firsts}); busy "
                       f"{sum(b for b, _ in busy.values()):6.2f} s: "
                       + ", ".join(f"{k} {b:.2f} s / {n}" for k, (b, n) in busy.items())
                       + f"; load {os.getloadavg()[0]:.2f}", flush=True)

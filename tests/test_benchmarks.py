@@ -108,6 +108,9 @@ def test_stream_vs_barrier_times_both_versions_and_each_kind_of_task(synth_slide
     assert [ln.split()[2] for ln in runs] == ["stream", "barrier", "barrier", "stream"]  # the order alternates
     for ln in runs:
         assert all(f"{kind} " in ln for kind in ("prepare", "score", "report")), ln
+        first = ln.split("first input reported after ")[1].split(" s")[0] if "first input" in ln else None
+        assert (first is not None) == (ln.split()[2] == "stream")  # the stream's runs only: the barrier's is its end
+        assert first is None or 0 < float(first) < float(ln.split()[4]), ln
     [ratio] = [ln for ln in r.stdout.splitlines() if ln.startswith("stream / stage by stage")]
     per_pass = [float(x) for x in ratio.split(": ")[1].split(";")[0].split(", ")]
     assert len(per_pass) == 2 and all(x > 0 for x in per_pass)
