@@ -218,13 +218,17 @@ def _split_workers(cluster, workers: int, score_workers: int, threads: int) -> N
     cluster.sync(cluster._correct_state)
 
 
-def _workers(client) -> list[dict]:
-    """The scheduler's record of every worker (``resources``, ``nthreads``...)."""
+def _worker_records(client) -> dict[str, dict]:
+    """The scheduler's record of every worker (``resources``, ``nthreads``...), by address."""
     try:
         info = client.scheduler_info(n_workers=-1)  # newer distributed lists only a few workers by default
     except TypeError:
         info = client.scheduler_info()
-    return list(info.get("workers", {}).values())
+    return dict(info.get("workers", {}))
+
+
+def _workers(client) -> list[dict]:
+    return list(_worker_records(client).values())
 
 
 def _split(workers: list[dict]) -> bool:
@@ -235,6 +239,14 @@ def _split(workers: list[dict]) -> bool:
 def work_split(client) -> bool:
     """True when the cluster's workers are split into scoring and tiling workers (by resources)."""
     return _split(_workers(client))
+
+
+def tiling_workers(client) -> list[str]:
+    """The addresses of the workers that can run tiling tasks (those with the ``tile`` resource when the work
+    is split, else all), in a stable order."""
+    records = _worker_records(client)
+    split = _split(list(records.values()))
+    return sorted(a for a, w in records.items() if not split or TILE in (w.get("resources") or {}))
 
 
 def tiling_threads(client) -> int:

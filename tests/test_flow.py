@@ -3,6 +3,7 @@ a deadline that leaves the rest resumable, `cancernet status`, and scoring on it
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -393,3 +394,56 @@ def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tin
     assert mine and others and min(mine) > max(others), submitted
     by_kind = {k.split("-")[0]: p for k, p in submitted if second in k}
     assert by_kind["report"] > by_kind["score"] > by_kind["prepare"]
+
+
+def test_the_first_reported_input_is_in_the_report_tables_at_once(client, inputs, tiny_model_dir, tmp_path):
+    """The tables are rewritten every few seconds, but the first input's row goes in as soon as it is reported:
+    with a flush interval longer than the run, the second input (one in flight at a time) starts tiling with the
+    first already in ``inputs.csv``; ``first_report_seconds`` is taken after that write."""
+    run = tmp_path / "run"
+    seen: list[int] = []
+
+    def on_tile(done: int, added: int) -> None:
+        if added:
+            seen.append(len([r for r in _rows(run) if r["status"] == "reported"]))
+
+    s = run_pipeline(inputs[:3], run, TileConfig(target_mpp=4.0, chunk=16), PredictConfig(model_dir=str(tiny_model_dir)),
+                     max_inputs=1, flush_seconds=3600, tile_progress=on_tile, client=client)
+    assert s.report.reported == 3
+    assert seen == [0, 1, 1]  # the first row at once; the others wait for the interval (here: the end)
+    assert 0 < s.first_report_seconds < s.seconds["total"]
+
+
+def test_chunks_are_scored_in_their_tiling_task_and_the_first_inputs_go_to_every_worker(
+        client, inputs, tiny_model_dir, tmp_path, monkeypatch):
+    """When the workers that tile also score, a chunk tiled in the run is scored in its tiling task (no round trip
+    through the client between the two, in which the worker would start another input's task): no score task for
+    it. Dask queues a task on the worker that looks least busy when it is submitted, so the first slide's chunks
+    would often all wait for one worker while the other runs the second slide's tasks: they are queued on the
+    workers in turn (another worker may still take them); no other input's tasks are placed."""
+    submitted: list[tuple[str, list | None, bool, tuple]] = []
+    real = type(client).submit
+
+    def spy(self, fn, *args, **kwargs):
+        submitted.append((kwargs["key"], kwargs.get("workers"), kwargs.get("allow_other_workers", False), args))
+        return real(self, fn, *args, **kwargs)
+
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    assert len(workers) == 2 and not work_split(client)
+    monkeypatch.setattr(type(client), "submit", spy)
+    slides = sorted(p for p in inputs if p.suffix == ".svs")
+    s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=4),
+                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert s.report.reported == 2 and not s.failed_inputs
+    assert s.predict.chunks_scored == s.predict.chunks_total == s.tile.chunks_written
+    first = store.input_id(str(slides[0]))
+    chunks = [(k, w, args) for k, w, _, args in submitted if k.startswith("chunk-")]
+    assert chunks and all(args[-1] is not None for _, _, args in chunks)  # each with the scoring settings
+    for gid in (store.input_id(str(p)) for p in slides):
+        tiled = {args[3] for k, _, args in chunks if gid in k}
+        scored = {args[2] for k, _, _, args in submitted if k.startswith(f"score-{gid}-")}
+        assert tiled and scored and not tiled & scored  # scored apart: only the chunk its prepare task tiled
+    mine = [w for k, w, _ in chunks if first in k]
+    assert len(mine) >= 2 and mine == [[workers[i % 2]] for i in range(len(mine))]
+    assert all(loose for _, w, loose, _ in submitted if w is not None)
+    assert all(first in k for k, w, _, _ in submitted if w is not None)  # no other input's tasks

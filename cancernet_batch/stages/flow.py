@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import store
-from ..cluster import SCORE, TILE, ClusterConfig, dask_client, tiling_threads, work_split
+from ..cluster import SCORE, TILE, ClusterConfig, dask_client, tiling_threads, tiling_workers, work_split
 from ..errors import ModelError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
@@ -117,6 +117,7 @@ class Flow:
         self.inputs_done = 0
         self._threads = 1  # worker threads of the cluster (set by execute)
         self._tile_threads = 1  # of which can tile (set by execute)
+        self._tilers: list[str] = []  # the addresses of the workers that can tile (set by execute)
         self._score_threads = 1  # of which can score (set by execute)
         self._queued = {TILE: 0, SCORE: 0}  # with the work split: tasks submitted to each kind of worker, not back
         self._preparing = 0  # slides whose prepare task has not come back
@@ -196,6 +197,7 @@ class Flow:
             self.client = c
             self.split = work_split(c)
             self._tile_threads = tiling_threads(c)
+            self._tilers = tiling_workers(c)
             nthreads = sum(c.nthreads().values()) or 1
             self._score_threads = max(1, nthreads - self._tile_threads) if self.split else nthreads
             self.window = self.max_inputs or max(4, 2 * nthreads)
@@ -275,10 +277,13 @@ class Flow:
             finally:
                 fut.release()
             self._model_loaded(wait=False)
+            first_report = kind == "report" and not self.rows
             getattr(self, f"_on_{kind}")(inp, res, extra)
             self._maybe_finish(inp)
-            if time.monotonic() - self._last_flush >= self.flush_seconds:
+            if (first_report and self.rows) or time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.flush()
+                if first_report and self.first_report_seconds is None:  # in the report folder's tables from now on
+                    self.first_report_seconds = time.time() - self.started
 
     def _admit(self) -> None:
         """Start queued inputs while the window has room. Until the first input is done, the window is one
@@ -311,10 +316,10 @@ class Flow:
             self._maybe_finish(inp)
 
     def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, anywhere: bool = False,
-                extra=None) -> None:
+                extra=None, worker: str | None = None) -> None:
         """``scoring``: on a scoring worker when the work is split (else on a tiling worker). ``anywhere``: CPU work
         that either kind of worker can do (the report), when scoring is on the CPU: see :meth:`_side_for`; a GPU's
-        scoring worker is left to feed its GPU."""
+        scoring worker is left to feed its GPU. ``worker``: the worker to queue it on (another may still take it)."""
         gpu = self.scoring is not None and self.scoring.cfg.device != "cpu"
         side = None
         if self.split:
@@ -323,6 +328,7 @@ class Flow:
         # scoring before tiling, the second input's scoring would otherwise come between the first's chunks)
         priority += (_FIRST if inp.first else 0) - inp.seq
         fut = self.client.submit(fn, *args, pure=False, priority=priority, resources=side and {side: 1},
+                                 workers=worker and [worker], allow_other_workers=worker is not None,
                                  key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
         self._meta[fut.key] = (kind, inp, extra, side)
         inp.outstanding += 1
@@ -379,25 +385,42 @@ class Flow:
         self._tile_progress(0, sum(e - s for _, s, e in res["todo"] + res["tiled"]))
         for _, start, stop in res["tiled"]:
             self._chunk_tiled(stop - start)
-        for index, start, stop in res["todo"]:
-            self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
-                         res["level"], res["tile_px"], self.tile_cfg, priority=_TILE, extra=(index, start, stop))
-        if not inp.to_tile:
-            self._tiled(inp, marked=res.get("complete", False))
         if "score_error" in res:
             self._fail(inp, res["score_error"])
-        elif self.scoring is not None:
+        elif self.scoring is not None:  # before the chunks: which of them to score (as their tiles land)
             self._start_scoring(inp, tiled_now={i for i, _, _ in res["todo"]}, chunks=res["score"])
+        # the first input's chunks are queued on every tiling worker in turn: Dask would queue them on whichever
+        # worker looks least busy when they are submitted, often all on one, while the others run other slides'
+        # long tasks (their prepare, then their scoring) before they could help; queued on each, they go first
+        # there (priority) and the first report comes earlier
+        spread = self._tilers if inp.first and len(self._tilers) > 1 else []
+        for n, (index, start, stop) in enumerate(res["todo"]):
+            # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
+            # the client between the two (the worker would start another input's task meanwhile), no reading back
+            scoring = None
+            if self.scoring is not None and not self.split and index in inp.score_after_tile and not inp.failed:
+                inp.score_after_tile.discard(index)
+                scoring = self.scoring.cfg
+            self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
+                         res["level"], res["tile_px"], self.tile_cfg, scoring, priority=_TILE,
+                         extra=(index, start, stop), worker=spread[n % len(spread)] if spread else None)
+        if not inp.to_tile:
+            self._tiled(inp, marked=res.get("complete", False))
 
     def _on_chunk(self, inp: _Input, res, extra) -> None:
         index, start, stop = extra
         if isinstance(res, BaseException):
             self._fail(inp, Failure.from_exception(inp.source, "tile", _worker_error(inp.source, res)))
             return
+        scored = None
+        if isinstance(res, dict):  # tiled and scored in one task
+            res, scored = res["n"], res["score"]
         if inp.failed:
             return
         self._chunk_tiled(res)
         inp.to_tile -= 1
+        if scored is not None:
+            self._on_score(inp, scored, index)
         if self.scoring is not None and index in inp.score_after_tile:
             self._submit_score(inp, (inp.gid, index, start, stop))
         if inp.to_tile == 0:
@@ -506,8 +529,6 @@ class Flow:
         if failure is not None:
             self._new_failures.append(failure)
             self._failed_sources.add(inp.source)
-        if self.first_report_seconds is None:
-            self.first_report_seconds = time.time() - self.started
         self._report_progress(1)
         inp.reported = True
 

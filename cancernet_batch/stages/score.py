@@ -124,15 +124,17 @@ class EnginePlugin(_WorkerPlugin):
         pass
 
 
-def score_chunk(run: Run, gid: str, index: int, start: int, stop: int, cfg: PredictConfig) -> dict:
+def score_chunk(run: Run, gid: str, index: int, start: int, stop: int, cfg: PredictConfig, *,
+                tiles: np.ndarray | None = None, group=None) -> dict:
     """Score tiles ``[start, stop)`` of input ``gid`` and write probs, then the chunk's done flag.
 
-    Runs on a worker. Returns only counts and timings.
+    Runs on a worker. Returns only counts and timings. ``tiles`` and ``group``: that chunk's tiles and the
+    input's group, when the caller has just written them (not read back).
     """
     t0 = time.perf_counter()
     engine = get_engine(cfg)
-    g = run.open_input(gid)
-    tiles = g["tiles"][start:stop]
+    g = group if group is not None else run.open_input(gid)
+    tiles = g["tiles"][start:stop] if tiles is None else tiles
     t1 = time.perf_counter()
     out = engine.predict(tiles)  # in calls of cfg.batch_size tiles
     t2 = time.perf_counter()

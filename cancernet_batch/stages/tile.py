@@ -238,15 +238,28 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
 
 
 def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, stop: int, level: int,
-                    tile_px: float, cfg: TileConfig) -> int:
-    """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag."""
+                    tile_px: float, cfg: TileConfig, scoring=None) -> int | dict:
+    """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag; the number
+    of tiles. With ``scoring`` (a :class:`~cancernet_batch.stages.score.PredictConfig`; the workers that tile
+    also score), the chunk is scored here too, from the tiles in hand: ``{"n": tiles, "score": score_chunk's
+    result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks)."""
     g = run.open_input(gid)
-    return _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg)
+    tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg)
+    if scoring is None:
+        return len(tiles)
+    from .score import score_chunk
+
+    try:
+        scored = score_chunk(run, gid, index, start, stop, scoring, tiles=tiles, group=g)
+    except Exception as exc:  # noqa: BLE001 - the tiles are written; the client fails the input at its scoring
+        scored = exc
+    return {"n": len(tiles), "score": scored}
 
 
 def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
-                 tile_px: float, cfg: TileConfig) -> int:
-    """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's flag."""
+                 tile_px: float, cfg: TileConfig) -> np.ndarray:
+    """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's
+    flag; the tiles."""
     try:
         tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb), level, tile_px,
                                                  coords, decode=cfg.decode), source,
@@ -256,7 +269,7 @@ def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, co
         raise
     g["tiles"][start:stop] = tiles
     g["tiled"][index] = True
-    return stop - start
+    return tiles
 
 
 def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
