@@ -138,3 +138,19 @@ def test_local_workers_get_fast_malloc_settings_and_a_core_share():
         assert env["MALLOC_TRIM_THRESHOLD_"] == str(128 * 2**20) and env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2**20)
         assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2))
     assert _worker_env() == before  # this process keeps its own environment
+
+
+def test_the_clients_run_modules_are_imported_while_a_local_cluster_starts():
+    """A run's client needs zarr (0.25 s of import) as soon as its cluster is up: a local cluster's start, which
+    leaves the process waiting for its workers, imports it meanwhile (cluster.CLIENT_PRELOAD, in a thread)."""
+    code = ("import sys, time\n"
+            "from cancernet_batch.cluster import CLIENT_PRELOAD, ClusterConfig, dask_client\n"
+            "assert not [m for m in CLIENT_PRELOAD if m in sys.modules], 'imported before the cluster'\n"
+            "with dask_client(ClusterConfig(workers=1, dashboard=False)) as c:\n"
+            "    t = time.monotonic()\n"
+            "    while [m for m in CLIENT_PRELOAD if m not in sys.modules] and time.monotonic() - t < 30:\n"
+            "        time.sleep(0.05)\n"
+            "    print(sorted(m for m in CLIENT_PRELOAD if m in sys.modules) == sorted(CLIENT_PRELOAD))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "True", r.stdout
