@@ -447,3 +447,33 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_inputs_go_to_every
     assert len(mine) >= 2 and mine == [[workers[i % 2]] for i in range(len(mine))]
     assert all(loose for _, w, loose, _ in submitted if w is not None)
     assert all(first in k for k, w, _, _ in submitted if w is not None)  # no other input's tasks
+
+
+def test_while_the_first_slides_prepare_runs_one_tiling_thread_is_left_for_its_chunks(client, inputs, tiny_model_dir,
+                                                                                       tmp_path, monkeypatch):
+    """On two tiling threads, the second slide's prepare task is submitted only when the first's has come back (then
+    at once): the first's plan comes back sooner, and both threads are free to take its chunks."""
+    events: list[tuple[str, str]] = []
+    real_submit, real_prepared = type(client).submit, Flow._on_prepare
+
+    def spy(self, fn, *args, **kwargs):
+        events.append(("submit", kwargs["key"]))
+        return real_submit(self, fn, *args, **kwargs)
+
+    def back(self, inp, res, extra):
+        events.append(("back", f"prepare-{inp.gid}"))
+        return real_prepared(self, inp, res, extra)
+
+    assert tiling_threads(client) == 2
+    monkeypatch.setattr(type(client), "submit", spy)
+    monkeypatch.setattr(Flow, "_on_prepare", back)
+    slides = sorted(p for p in inputs if p.suffix == ".svs")
+    s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=16),
+                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert s.report.reported == 2
+    first, second = (store.input_id(str(p)) for p in slides)
+    at = {f"{e}-{k if e == 'back' else k.split('-')[0] + '-' + (first if first in k else second)}": i
+          for i, (e, k) in enumerate(events) if k.startswith("prepare-")}
+    assert at[f"back-prepare-{first}"] < at[f"submit-prepare-{second}"], events
+    # admitted in the same turn of the loop: nothing of the first's came back in between
+    assert not [e for e in events[at[f"back-prepare-{first}"] + 1:at[f"submit-prepare-{second}"]] if e[0] == "back"]

@@ -121,6 +121,7 @@ class Flow:
         self._score_threads = 1  # of which can score (set by execute)
         self._queued = {TILE: 0, SCORE: 0}  # with the work split: tasks submitted to each kind of worker, not back
         self._preparing = 0  # slides whose prepare task has not come back
+        self._first_preparing = False  # the first input is a slide whose prepare task has not come back
         self.inputs_failed = 0
         self._new_failures: list[Failure] = []
         self._retried: dict[str, str] = {}  # input -> the stage it was tried again from (its older rows go)
@@ -289,13 +290,16 @@ class Flow:
         """Start queued inputs while the window has room. Until the first input is done, the window is one
         input per worker thread (a slow start), and a slide is started only when a tiling thread has no
         other slide's prepare task to run (with the work split, the prepares of the first inputs come one
-        after another): the first inputs' steps then do not queue behind the preflights and plans of others
-        (a later slide's prepare is submitted after an earlier slide's chunk tasks, which go first by
-        priority), so the report has its first input early; the threads idle only for the client's round
-        trips meanwhile."""
+        after another), one thread less while the first slide's prepare runs: the first inputs' steps then do
+        not queue behind the preflights and plans of others (a later slide's prepare is submitted after an
+        earlier slide's chunk tasks, which go first by priority), so the report has its first input early; the
+        threads idle only for the client's round trips meanwhile (and one for the first slide's prepare)."""
         window = self.window if self.inputs_done else min(self.window, self._threads)
         while self._inflight < window and self.queue:
-            if not self.inputs_done and self._preparing >= self._tile_threads:
+            # while the first slide's prepare runs, one tiling thread is left free for its chunks (with 2, no other
+            # slide's prepare shares the cores with it: its plan comes back sooner, and both threads take its chunks)
+            room = self._tile_threads - (1 if self._first_preparing else 0)
+            if not self.inputs_done and self._preparing >= max(1, room):
                 return
             if self.deadline is not None and time.time() >= self.deadline:
                 self.stopped_by_deadline = True
@@ -357,11 +361,14 @@ class Flow:
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._preparing += 1
+            self._first_preparing = self._first_preparing or inp.first
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
                          inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         self._preparing -= 1
+        if inp.first:
+            self._first_preparing = False
         try:
             self._prepared(inp, res)
         finally:  # after this slide's chunk tasks: the next slide's prepare goes behind them (see _admit)
