@@ -7,8 +7,8 @@ soon as its previous step is done:
     patient folder: load and write all chunks ------------------------------> score chunk ... -> report
     already tiled:                                                           score chunk ... -> report
 
-A tile chunk is scored as soon as it is written; an input's report part (maps, heatmap, GeoJSON,
-its CSV row) is made as soon as its last chunk is scored. Every few seconds (and at the end) the
+A tile chunk is scored as soon as it is written (in the same task, when the workers that tile also score);
+an input's report part (maps, heatmap, GeoJSON, its CSV row) is made as soon as its last chunk is scored. Every few seconds (and at the end) the
 run's failures list, ``inputs.csv``, ``patients.csv``, ``index.html`` and ``progress.json`` are
 rewritten atomically, so at every moment the report folder is a valid report of every finished
 input. Bounded whatever the archive: at most ``max_inputs`` inputs in flight (their task
