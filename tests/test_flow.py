@@ -414,32 +414,41 @@ def test_the_first_reported_input_is_in_the_report_tables_at_once(client, inputs
     assert 0 < s.first_report_seconds < s.seconds["total"]
 
 
-def test_chunks_are_scored_in_their_tiling_task_and_the_first_inputs_go_to_every_worker(
+def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_worker(
         client, inputs, tiny_model_dir, tmp_path, monkeypatch):
     """When the workers that tile also score, a chunk tiled in the run is scored in its tiling task (no round trip
     through the client between the two, in which the worker would start another input's task): no score task for
     it. Dask queues a task on the worker that looks least busy when it is submitted, so the first slide's chunks
     would often all wait for one worker while the other runs the second slide's tasks: they are queued on the
-    workers in turn (another worker may still take them); no other input's tasks are placed."""
+    workers in turn (another worker may still take them); no other input's tasks are placed. On two tiling
+    threads the second slide's prepare is submitted only when the first's has come back (then at once): the
+    first's plan comes back sooner, and both threads are free to take its chunks."""
     submitted: list[tuple[str, list | None, bool, tuple]] = []
-    real = type(client).submit
+    events: list[tuple[str, str]] = []
+    real, real_prepared = type(client).submit, Flow._on_prepare
 
     def spy(self, fn, *args, **kwargs):
         submitted.append((kwargs["key"], kwargs.get("workers"), kwargs.get("allow_other_workers", False), args))
+        events.append(("submit", kwargs["key"]))
         return real(self, fn, *args, **kwargs)
 
+    def back(self, inp, res, extra):
+        events.append(("back", f"prepare-{inp.gid}-"))
+        return real_prepared(self, inp, res, extra)
+
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    assert len(workers) == 2 and not work_split(client)
+    assert len(workers) == 2 and not work_split(client) and tiling_threads(client) == 2
     monkeypatch.setattr(type(client), "submit", spy)
+    monkeypatch.setattr(Flow, "_on_prepare", back)
     slides = sorted(p for p in inputs if p.suffix == ".svs")
     s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=4),
                      PredictConfig(model_dir=str(tiny_model_dir)), client=client)
     assert s.report.reported == 2 and not s.failed_inputs
     assert s.predict.chunks_scored == s.predict.chunks_total == s.tile.chunks_written
-    first = store.input_id(str(slides[0]))
+    first, second = (store.input_id(str(p)) for p in slides)
     chunks = [(k, w, args) for k, w, _, args in submitted if k.startswith("chunk-")]
     assert chunks and all(args[-1] is not None for _, _, args in chunks)  # each with the scoring settings
-    for gid in (store.input_id(str(p)) for p in slides):
+    for gid in (first, second):
         tiled = {args[3] for k, _, args in chunks if gid in k}
         scored = {args[2] for k, _, _, args in submitted if k.startswith(f"score-{gid}-")}
         assert tiled and scored and not tiled & scored  # scored apart: only the chunk its prepare task tiled
@@ -447,33 +456,7 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_inputs_go_to_every
     assert len(mine) >= 2 and mine == [[workers[i % 2]] for i in range(len(mine))]
     assert all(loose for _, w, loose, _ in submitted if w is not None)
     assert all(first in k for k, w, _, _ in submitted if w is not None)  # no other input's tasks
-
-
-def test_while_the_first_slides_prepare_runs_one_tiling_thread_is_left_for_its_chunks(client, inputs, tiny_model_dir,
-                                                                                       tmp_path, monkeypatch):
-    """On two tiling threads, the second slide's prepare task is submitted only when the first's has come back (then
-    at once): the first's plan comes back sooner, and both threads are free to take its chunks."""
-    events: list[tuple[str, str]] = []
-    real_submit, real_prepared = type(client).submit, Flow._on_prepare
-
-    def spy(self, fn, *args, **kwargs):
-        events.append(("submit", kwargs["key"]))
-        return real_submit(self, fn, *args, **kwargs)
-
-    def back(self, inp, res, extra):
-        events.append(("back", f"prepare-{inp.gid}"))
-        return real_prepared(self, inp, res, extra)
-
-    assert tiling_threads(client) == 2
-    monkeypatch.setattr(type(client), "submit", spy)
-    monkeypatch.setattr(Flow, "_on_prepare", back)
-    slides = sorted(p for p in inputs if p.suffix == ".svs")
-    s = run_pipeline(slides, tmp_path / "run", TileConfig(target_mpp=4.0, chunk=16),
-                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
-    assert s.report.reported == 2
-    first, second = (store.input_id(str(p)) for p in slides)
-    at = {f"{e}-{k if e == 'back' else k.split('-')[0] + '-' + (first if first in k else second)}": i
-          for i, (e, k) in enumerate(events) if k.startswith("prepare-")}
-    assert at[f"back-prepare-{first}"] < at[f"submit-prepare-{second}"], events
-    # admitted in the same turn of the loop: nothing of the first's came back in between
-    assert not [e for e in events[at[f"back-prepare-{first}"] + 1:at[f"submit-prepare-{second}"]] if e[0] == "back"]
+    [came_back] = [i for i, (e, k) in enumerate(events) if e == "back" and first in k]
+    [submitted_2] = [i for i, (e, k) in enumerate(events) if e == "submit" and k.startswith(f"prepare-{second}-")]
+    assert came_back < submitted_2, events
+    assert not [e for e in events[came_back + 1:submitted_2] if e[0] == "back"]  # admitted in the same turn
