@@ -261,20 +261,21 @@ def work_split(client) -> bool:
     return _split(_workers(client))
 
 
-def tiling_workers(client) -> list[str]:
-    """The addresses of the workers that can run tiling tasks (those with the ``tile`` resource when the work
-    is split, else all), in a stable order."""
-    records = _worker_records(client)
+def _tiling(records: dict[str, dict]) -> dict[str, dict]:
+    """The records of the workers that can run tiling tasks: those with the ``tile`` resource when the work is
+    split, else all."""
     split = _split(list(records.values()))
-    return sorted(a for a, w in records.items() if not split or TILE in (w.get("resources") or {}))
+    return {a: w for a, w in records.items() if not split or TILE in (w.get("resources") or {})}
+
+
+def tiling_workers(client) -> list[str]:
+    """The addresses of the workers that can run tiling tasks, in a stable order."""
+    return sorted(_tiling(_worker_records(client)))
 
 
 def tiling_threads(client) -> int:
     """Worker threads that can run tiling tasks: those of the tiling workers when the work is split, else all."""
-    workers = _workers(client)
-    split = _split(workers)
-    return max(1, sum(int(w.get("nthreads") or 1) for w in workers
-                      if not split or TILE in (w.get("resources") or {})))
+    return max(1, sum(int(w.get("nthreads") or 1) for w in _tiling(_worker_records(client)).values()))
 
 
 def as_completed_windowed(items: Iterable, submit: Callable[[object], object], window: int) -> Iterator[tuple]:

@@ -278,12 +278,12 @@ class Flow:
             finally:
                 fut.release()
             self._model_loaded(wait=False)
-            first_report = kind == "report" and not self.rows
+            first_report = kind == "report" and not self.rows  # _on_report always adds the input's row
             getattr(self, f"_on_{kind}")(inp, res, extra)
             self._maybe_finish(inp)
-            if (first_report and self.rows) or time.monotonic() - self._last_flush >= self.flush_seconds:
+            if first_report or time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.flush()
-                if first_report and self.first_report_seconds is None:  # in the report folder's tables from now on
+                if first_report:  # in the report folder's tables from now on
                     self.first_report_seconds = time.time() - self.started
 
     def _admit(self) -> None:
