@@ -96,8 +96,9 @@ FORKSERVER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "scipy.sparse", "
                       "PIL.JpegImagePlugin", "openslide", "tifffile", "cancernet_batch.stages.tile",
                       "cancernet_batch.tissue", "cancernet_batch.preflight", "cancernet_batch.slides.direct",
                       "cancernet_batch.slides.openslide_backend", "cancernet_batch.slides.tifffile_backend",
-                      "cancernet_batch.remote", *PIL_PLUGINS)
-"""Modules imported once in the process local workers are forked from (each worker started with them)."""
+                      "cancernet_batch.remote", *PIL_PLUGINS, "cancernet_batch.prefork")
+"""Modules imported once in the process local workers are forked from (each worker started with them; the last
+makes each worker fork its slide-preflight child as it starts: :func:`cancernet_batch.preflight.arm_prefork`)."""
 _FORKSERVER_ENV: dict[str, str] | None = None
 CLIENT_PRELOAD = ("zarr", "cancernet_batch.store", "cancernet_batch.runfolder")
 """Modules the client of a run needs as soon as its cluster is up: imported while the local workers start."""

@@ -74,13 +74,22 @@ def _child_env() -> dict:
                                                                     os.environ.get("PYTHONPATH")]))}
 
 
+def _same_env(a: dict, b: dict) -> bool:
+    """Whether two environments read slides alike: equal but for ``PYTHONHASHSEED``, which only a new
+    interpreter's start reads (a Dask nanny sets it in its worker after the worker's child was forked)."""
+    return {k: v for k, v in a.items() if k != "PYTHONHASHSEED"} == {k: v for k, v in b.items() if k != "PYTHONHASHSEED"}
+
+
 class _Server:
     """One serving child: ``ask(path)`` returns its JSON answer, or None when it died or hung (then it is gone)."""
 
-    def __init__(self, python: str):
+    def __init__(self, python: str, forked: "_Forked | None" = None, env: dict | None = None):
         self.python = python
         self.served = 0
         self._buf = b""
+        if forked is not None:  # a child forked ready to serve (see prefork): nothing to start
+            self._err, self.env, self.proc = forked.err, env, forked
+            return
         self._err = tempfile.TemporaryFile()  # the child's stderr, never a pipe that could fill and block it
         self.env = _child_env()  # what it was started with: credentials and endpoints for objects come from it
         self.proc = subprocess.Popen([python, "-m", "cancernet_batch.preflight", "--serve"], stdin=subprocess.PIPE,
@@ -125,7 +134,7 @@ class _Server:
         """Whether this child can serve the next request: running, this interpreter, and this process's
         environment as it is now (a child started before AWS_* or another variable changed would read
         objects with the old ones)."""
-        return self.python == python and self.alive and self.env == _child_env()
+        return self.python == python and self.alive and _same_env(self.env, _child_env())
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -145,11 +154,20 @@ _SPARE_LOCK = threading.Lock()
 
 def warm(python: str | None = None) -> None:
     """Start a serving child now, in the background, for the next thread that needs one (a worker calls this
-    when it starts, so the child's imports overlap the client's set-up instead of delaying the first slide)."""
+    when it starts, so the child's imports overlap the client's set-up instead of delaying the first slide).
+    A worker forked from the local cluster's forkserver already has one, forked with it (:func:`arm_prefork`):
+    that one is used while this process's environment is still the one it was forked with."""
+    global _PREFORKED
+    python = python or sys.executable
     with _SPARE_LOCK:
+        forked, _PREFORKED = _PREFORKED, None
+        if forked is not None and forked.fits(python) and not _SPARE:
+            _SPARE.append(forked)
+        elif forked is not None:
+            forked.close()
         if not _SPARE:
             try:
-                _SPARE.append(_Server(python or sys.executable))
+                _SPARE.append(_Server(python))
             except OSError:
                 pass
 
@@ -157,10 +175,104 @@ def warm(python: str | None = None) -> None:
 def dask_setup(worker) -> None:
     """Dask worker preload (local clusters): start this worker's serving child as the worker starts.
     A worker that only scores (Dask resource ``score`` alone) never preflights: none for it."""
+    global _PREFORKED
     resources = dict(getattr(getattr(worker, "state", None), "total_resources", None) or {})
     if resources.get("score") and not resources.get("tile"):
+        with _SPARE_LOCK:
+            forked, _PREFORKED = _PREFORKED, None
+        if forked is not None:
+            forked.close()
         return
     warm()
+
+
+class _Forked:
+    """A serving child made by ``os.fork`` (the few calls of :class:`subprocess.Popen` that :class:`_Server` uses)."""
+
+    def __init__(self, pid: int, stdin, stdout, err):
+        self.pid, self.stdin, self.stdout, self.err = pid, stdin, stdout, err
+        self.returncode: int | None = None
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped elsewhere: it is gone
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int | None:
+        return self._reap(0)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+_PREFORKED: _Server | None = None
+_ARMED = False
+
+
+def arm_prefork() -> None:
+    """In the local cluster's forkserver (``cancernet_batch.prefork``, one of its preloaded modules): every
+    process forked from it then forks its own serving child first, before it runs anything else.
+
+    A serving child started with ``python -m`` imports numpy and the readers anew: about 0.3 s of CPU, and on
+    a machine whose cores are busy starting the cluster, a first slide's preflight waited 0.2-0.3 s for it.
+    Forked, it has every module the forkserver imported and serves at once. The fork happens in
+    multiprocessing's after-fork hook of the new process, while it has one thread (a fork never copies a
+    lock another thread holds); the worker adopts the child in :func:`warm`."""
+    global _ARMED
+    import multiprocessing.util
+
+    _ARMED = True
+    multiprocessing.util.register_after_fork(_HOOK, _fork_server)
+
+
+class _Hook:  # register_after_fork keeps a weak reference to an object
+    pass
+
+
+_HOOK = _Hook()
+
+
+def _fork_server(_hook=None) -> None:
+    """After-fork hook (see :func:`arm_prefork`): fork this process's serving child, once."""
+    global _ARMED, _PREFORKED
+    if not _ARMED:
+        return
+    _ARMED = False  # this process's own children (forked later, with threads) make none
+    if threading.active_count() != 1:
+        return
+    env = _child_env()
+    try:
+        err = tempfile.TemporaryFile()
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:  # the serving child: requests on fd 0, answers on fd 1, its stderr in the file
+        code = 1
+        try:
+            os.dup2(req_r, 0)
+            os.dup2(ans_w, 1)
+            os.dup2(err.fileno(), 2)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
+            code = serve(os.fdopen(0, "r", encoding="utf-8"))
+        finally:
+            os._exit(code)
+    os.close(req_r)
+    os.close(ans_w)
+    forked = _Forked(pid, os.fdopen(req_w, "wb"), os.fdopen(ans_r, "rb"), err)
+    _PREFORKED = _Server(sys.executable, forked, env)
 
 
 def _new_server(python: str) -> _Server:
@@ -247,11 +359,12 @@ def _preflight_alone(path: str, timeout: float, python: str | None, request: dic
         Path(result).unlink(missing_ok=True)
 
 
-def serve() -> int:
-    """Serving child: a JSON request ``{"path": ...}`` per stdin line, a JSON answer per stdout line."""
+def serve(requests=None) -> int:
+    """Serving child: a JSON request ``{"path": ...}`` per line of ``requests`` (stdin), a JSON answer per
+    stdout line."""
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # anything a native library prints goes to stderr, never into the answers
-    for line in sys.stdin:
+    for line in requests or sys.stdin:
         if not line.strip():
             continue
         req = json.loads(line)
