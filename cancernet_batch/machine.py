@@ -40,6 +40,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def code() -> dict:
+    """Which code measured: the package's folder and, in a git checkout, its commit (``+`` after it when tracked
+    files differ from it). Figures of two checkouts compared side by side say which was which (``python -m``
+    puts the current folder ahead of ``PYTHONPATH``: a run meant for another checkout can import this one)."""
+    import subprocess
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent
+    out: dict = {"package": str(pkg)}
+    if not (pkg.parent / ".git").exists():  # installed, not a checkout (a venv inside a checkout is not its code)
+        return out
+    try:
+        head = subprocess.run(["git", "-C", str(pkg.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        changed = subprocess.run(["git", "-C", str(pkg.parent), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return out
+    if head.returncode == 0:
+        out["commit"] = head.stdout.strip() + ("+" if changed.returncode == 0 and changed.stdout.strip() else "")
+    return out
+
+
 def machine() -> dict:
     """What the figures were measured on: CPU, usable cores, memory, GPUs and library versions."""
     from .cluster import usable_cores
@@ -67,4 +90,10 @@ def machine() -> dict:
     except ImportError:
         pass
     return {"cpu": cpu, "cores": cores, "memory_gib": memory, "gpus": gpus(), "onnxruntime_providers": providers,
-            "platform": platform.platform(), "versions": versions}
+            "platform": platform.platform(), "versions": versions, "code": code()}
+
+
+if __name__ == "__main__":  # ``python -m cancernet_batch.machine``: what ``bench`` would record, as JSON
+    import json
+
+    print(json.dumps(machine(), indent=2))

@@ -65,6 +65,9 @@ def test_bench_json_holds_every_figure(tmp_path):
     assert variants["tta"]["settings"]["tta"] and variants["tta"]["settings"]["x_single"] > 0
     machine = data["machine"]
     assert machine["cores"] >= 1 and "onnxruntime" in machine["versions"] and "gpus" in machine
+    from cancernet_batch.machine import code
+
+    assert machine["code"] == code()  # which checkout measured (the one this test imports: same interpreter, cwd)
     assert data["roof_patches_per_second"] == pytest.approx(max(f["patches_per_second"] for f in figures if f["stage"] == "roof"), abs=0.1)
     ratios = data["ratios"]
     assert ratios["predict_vs_roof"] > 0 and ratios["predict_vs_naive"] > 0 and ratios["run_vs_naive"] > 0
@@ -128,3 +131,28 @@ def test_split_ratio_compares_the_runs_own_time_with_each_stage_alone():
     assert ratios["split_vs_slower_stage_alone"] == pytest.approx(13.2 / 12.0)
     figures[-1].settings.pop("stage_seconds")  # an older record: wall less the cluster's start
     assert BenchResult({}, {}, figures, {}).ratios()["split_vs_slower_stage_alone"] == pytest.approx(14.0 / 12.0)
+
+
+def test_the_figures_say_which_code_measured_them(tmp_path):
+    """``machine()["code"]``: the package's folder and, in a git checkout, its commit (``+``: tracked files
+    changed). A copy outside any checkout has no commit; imported with ``python -m`` from the folder that holds
+    it, the copy is what runs, whatever ``PYTHONPATH`` says (the trap this record exposes)."""
+    import shutil
+    from pathlib import Path
+
+    import cancernet_batch
+    from cancernet_batch.machine import code
+
+    here = Path(cancernet_batch.__file__).resolve().parent
+    mine = code()
+    assert mine["package"] == str(here)
+    if (here.parent / ".git").exists():
+        head = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+        changed = subprocess.run(["git", "-C", str(here.parent), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True).stdout.strip()
+        assert mine["commit"] == head.stdout.strip() + ("+" if changed else "")
+    shutil.copytree(here, tmp_path / "cancernet_batch", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "cancernet_batch.machine"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(here.parent)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["code"] == {"package": str((tmp_path / "cancernet_batch").resolve())}
