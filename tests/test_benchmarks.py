@@ -96,6 +96,27 @@ def test_split_timeline_reports_each_workers_tasks_and_the_model_beside_tiling(s
     assert any(ln.startswith("model on one thread, patches/s: alone ") for ln in lines)
 
 
+def test_first_report_prints_each_runs_first_report_and_the_first_slides_tasks(synth_slide_dir, tiny_model_dir):
+    """benchmarks/first_report.py: per run, the cluster's start, the first report and the wall time from the
+    cluster's start, their ratio (the bench's fraction); which code ran; ``-v``: the first slide's tasks."""
+    import cancernet_batch
+
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))[:2]]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "first_report.py"), *slides, "--model",
+                        str(tiny_model_dir), "--repeat", "1", "-v"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# ") and f"code {os.path.dirname(cancernet_batch.__file__)}," in lines[0]
+    runs = [ln for ln in lines if "start " in ln and " frac " in ln]
+    assert [ln.startswith("cold ") for ln in runs] == [True]  # the process's first run
+    for ln in runs:
+        v = dict(zip(ln.split()[-8::2], map(float, ln.split()[-7::2])))
+        assert 0 < v["start"] < v["first"] < v["wall"] and v["frac"] == pytest.approx(v["first"] / v["wall"], abs=0.01)  # of unrounded times
+    tasks = " ".join(ln for ln in lines if ln.startswith("  tcp://"))
+    assert "prepare* " in tasks and "report* " in tasks  # the first slide's, before its report
+
+
 def test_stream_vs_barrier_times_both_versions_and_each_kind_of_task(synth_slide_dir, tiny_model_dir):
     """benchmarks/stream_vs_barrier.py: the stream and the stage-by-stage version, alternating, each run's seconds
     and the workers' busy seconds by kind of task, and the ratio per pass."""
