@@ -224,14 +224,31 @@ def _process_cpu() -> dict:
 
     me = psutil.Process()
     out = {}
-    for p in [me, *me.children(recursive=True)]:
+    procs = [me, *me.children(recursive=True)]
+    parent = {}
+    for p in procs:
+        try:
+            parent[p.pid] = p.ppid()
+        except psutil.Error:
+            pass
+
+    def depth(pid: int) -> int:  # 0: this process, 1: its children (the forkserver)...
+        n = 0
+        while pid != me.pid and pid in parent and n < 8:
+            pid, n = parent[pid], n + 1
+        return n
+
+    for p in procs:
         try:
             cmd = " ".join(p.cmdline())
             t = p.cpu_times()
         except psutil.Error:
             continue
-        role = ("client + scheduler" if p.pid == me.pid else "preflight child" if "preflight --serve" in cmd
-                else "other" if p.ppid() == me.pid else "worker")  # workers: forked from the forkserver (or spawned)
+        # workers are forked from the forkserver (this process's child); a worker's preflight child is forked from
+        # the worker (cluster.FORKSERVER_PRELOAD's prefork) or started as `python -m cancernet_batch.preflight --serve`
+        d = depth(p.pid)
+        role = ("client + scheduler" if d == 0 else "preflight child" if "preflight --serve" in cmd or d >= 3
+                else "other" if d == 1 else "worker")
         out[p.pid] = (f"{role} {p.pid}", t.user + t.system)
     return out
 

@@ -178,6 +178,7 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
     per_process, per_part = r.stdout.split("per process")[1].split("part by part")
     roles = [ln.split()[0] for ln in per_process.splitlines()[1:-1]]
     assert roles.count("worker") == 2 and "client" in roles and "all" in roles, r.stdout
+    assert roles.count("preflight") == 2, r.stdout  # each worker's own child (forked from it), not a third worker
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from tile_tasks import PARTS

@@ -157,52 +157,64 @@ def test_a_worker_starts_its_serving_child_before_the_first_slide(slides_dir):
     assert used == {"pid": started, "levels": 1} and pf._SPARE == []
 
 
-def _serving_children() -> dict:
-    """On a worker: its spare serving child (kind and pid), and the pids of its own child processes."""
+
+_FORKED_CHILD_CHECK = """
+import json, os, signal, sys
+from cancernet_batch import preflight as pf
+from cancernet_batch.cluster import TILE, ClusterConfig, dask_client
+
+
+def serving_children():  # on a worker: its spare serving child (kind, pid) and its own child processes
     import psutil
-
-    from cancernet_batch import preflight as pf
-
     return {"spare": [(type(s.proc).__name__, s.proc.pid) for s in pf._SPARE],
             "children": sorted(p.pid for p in psutil.Process().children())}
 
 
-def _preflight_here(path: str) -> dict:
-    """On a worker: one preflight, then the serving child that answered it killed, and two more preflights."""
-    import signal as sig
-
-    from cancernet_batch import preflight as pf
-
-    first = preflight(path, timeout=60)
+def preflight_here(path):  # on a worker: a preflight, the child that answered it killed, two more preflights
+    first = pf.preflight(path, timeout=60)
     server = pf._LOCAL.server
     kind, pid = type(server.proc).__name__, server.proc.pid
-    os.kill(pid, sig.SIGKILL)  # as a reader's crash would: the slide is checked again alone, no false failure
-    second = preflight(path, timeout=60)  # alone, in a fresh child
+    os.kill(pid, signal.SIGKILL)  # as a reader's crash would: the slide is checked again alone, no false failure
+    second = pf.preflight(path, timeout=60)  # alone, in a fresh child
     reaped = server.proc.poll() is not None
-    third = preflight(path, timeout=60)  # the thread's next serving child: started as before
-    return {"kind": kind, "pid": pid, "levels": (first.level_count, second.level_count, third.level_count),
+    third = pf.preflight(path, timeout=60)  # the thread's next serving child: started as before
+    return {"kind": kind, "pid": pid, "levels": [first.level_count, second.level_count, third.level_count],
             "reaped": reaped, "next": type(pf._LOCAL.server.proc).__name__}
 
 
-def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir):
+if __name__ == "__main__":
+    with dask_client(ClusterConfig(workers=2, score_workers=1, dashboard=False)) as client:
+        records = client.scheduler_info()["workers"]
+        kinds = {a: "tile" if TILE in (w.get("resources") or {}) else "score" for a, w in records.items()}
+        found = client.run(serving_children)
+        tiler = next(a for a, k in kinds.items() if k == "tile")
+        used = client.submit(preflight_here, sys.argv[1], workers=[tiler], pure=False).result(timeout=120)
+    print(json.dumps({"kinds": kinds, "found": found, "tiler": tiler, "used": used}))
+"""
+
+
+def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir, tmp_path):
     """Each local tiling worker is forked with a serving child of its own, forked from it before it ran anything
     else (``cancernet_batch.prefork`` in the forkserver's preload): no interpreter to start and import for the
     first slide. The worker's first preflight uses it; it dies like any other child (the slide is then checked
-    alone, the next child started); a worker that only scores keeps none."""
-    from cancernet_batch.cluster import TILE, ClusterConfig, dask_client
+    alone, the next child started); a worker that only scores keeps none. In a fresh interpreter: a process
+    whose forkserver was started for other settings spawns its workers instead (``cluster.start_forkserver``)."""
+    import json
+    import subprocess
+    import sys
 
-    with dask_client(ClusterConfig(workers=2, score_workers=1, dashboard=False)) as client:
-        records = client.scheduler_info()["workers"]
-        kinds = {addr: "tile" if TILE in (w.get("resources") or {}) else "score" for addr, w in records.items()}
-        found = client.run(_serving_children)
-        tiler = next(a for a, k in kinds.items() if k == "tile")
-        used = client.submit(_preflight_here, str(slides_dir / "cmu-1-small-region.svs"), workers=[tiler],
-                             pure=False).result(timeout=120)
-    for addr, kind in kinds.items():
+    script = tmp_path / "forked_child_check.py"
+    script.write_text(_FORKED_CHILD_CHECK)
+    r = subprocess.run([sys.executable, str(script), str(slides_dir / "cmu-1-small-region.svs")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    found, tiler = out["found"], out["tiler"]
+    for addr, kind in out["kinds"].items():
         if kind == "score":
             assert found[addr] == {"spare": [], "children": []}
         else:
             [(proc_kind, pid)] = found[addr]["spare"]
             assert proc_kind == "_Forked" and found[addr]["children"] == [pid]  # the worker's own child
-    assert used == {"kind": "_Forked", "pid": found[tiler]["spare"][0][1], "levels": (1, 1, 1), "reaped": True,
-                    "next": "Popen"}
+    assert out["used"] == {"kind": "_Forked", "pid": found[tiler]["spare"][0][1], "levels": [1, 1, 1],
+                           "reaped": True, "next": "Popen"}
