@@ -251,6 +251,11 @@ def _fork_server(_hook=None) -> None:
     _ARMED = False  # this process's own children (forked later, with threads) make none
     if threading.active_count() != 1:
         return
+    import multiprocessing
+
+    target = getattr(multiprocessing.current_process(), "_target", None)
+    if target is not None and not str(getattr(target, "__module__", "")).startswith("distributed"):
+        return  # not a Dask worker (from Python 3.14 a process pool's processes come from the forkserver too)
     env = _child_env()
     try:
         err = tempfile.TemporaryFile()

@@ -182,14 +182,27 @@ def preflight_here(path):  # on a worker: a preflight, the child that answered i
             "reaped": reaped, "next": type(pf._LOCAL.server.proc).__name__}
 
 
+def plain(q):  # a process the forkserver forks that is not a Dask worker
+    import psutil
+    q.put({"preforked": pf._PREFORKED is not None, "children": len(psutil.Process().children())})
+
+
 if __name__ == "__main__":
+    import multiprocessing
+
     with dask_client(ClusterConfig(workers=2, score_workers=1, dashboard=False)) as client:
         records = client.scheduler_info()["workers"]
         kinds = {a: "tile" if TILE in (w.get("resources") or {}) else "score" for a, w in records.items()}
         found = client.run(serving_children)
         tiler = next(a for a, k in kinds.items() if k == "tile")
         used = client.submit(preflight_here, sys.argv[1], workers=[tiler], pure=False).result(timeout=120)
-    print(json.dumps({"kinds": kinds, "found": found, "tiler": tiler, "used": used}))
+    ctx = multiprocessing.get_context("forkserver")  # the same forkserver, that the cluster started
+    q = ctx.Queue()
+    proc = ctx.Process(target=plain, args=(q,))
+    proc.start()
+    other = q.get(timeout=120)
+    proc.join()
+    print(json.dumps({"kinds": kinds, "found": found, "tiler": tiler, "used": used, "other": other}))
 """
 
 
@@ -197,7 +210,8 @@ def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir, t
     """Each local tiling worker is forked with a serving child of its own, forked from it before it ran anything
     else (``cancernet_batch.prefork`` in the forkserver's preload): no interpreter to start and import for the
     first slide. The worker's first preflight uses it; it dies like any other child (the slide is then checked
-    alone, the next child started); a worker that only scores keeps none. In a fresh interpreter: a process
+    alone, the next child started); a worker that only scores keeps none, nor does a process of the same
+    forkserver that is not a Dask worker (a process pool's, from Python 3.14). In a fresh interpreter: a process
     whose forkserver was started for other settings spawns its workers instead (``cluster.start_forkserver``)."""
     import json
     import subprocess
@@ -218,3 +232,4 @@ def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir, t
             assert proc_kind == "_Forked" and found[addr]["children"] == [pid]  # the worker's own child
     assert out["used"] == {"kind": "_Forked", "pid": found[tiler]["spare"][0][1], "levels": [1, 1, 1],
                            "reaped": True, "next": "Popen"}
+    assert out["other"] == {"preforked": False, "children": 0}
