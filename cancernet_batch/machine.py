@@ -91,9 +91,3 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": cores, "memory_gib": memory, "gpus": gpus(), "onnxruntime_providers": providers,
             "platform": platform.platform(), "versions": versions, "code": code()}
-
-
-if __name__ == "__main__":  # ``python -m cancernet_batch.machine``: what ``bench`` would record, as JSON
-    import json
-
-    print(json.dumps(machine(), indent=2))

@@ -135,8 +135,8 @@ def test_split_ratio_compares_the_runs_own_time_with_each_stage_alone():
 
 def test_the_figures_say_which_code_measured_them(tmp_path):
     """``machine()["code"]``: the package's folder and, in a git checkout, its commit (``+``: tracked files
-    changed). A copy outside any checkout has no commit; imported with ``python -m`` from the folder that holds
-    it, the copy is what runs, whatever ``PYTHONPATH`` says (the trap this record exposes)."""
+    changed). A copy outside any checkout has no commit; imported by ``python -c`` (or ``-m``) run in the folder
+    that holds it, the copy is what runs, whatever ``PYTHONPATH`` says (the trap this record exposes)."""
     import shutil
     from pathlib import Path
 
@@ -152,7 +152,8 @@ def test_the_figures_say_which_code_measured_them(tmp_path):
                                  capture_output=True, text=True).stdout.strip()
         assert mine["commit"] == head.stdout.strip() + ("+" if changed else "")
     shutil.copytree(here, tmp_path / "cancernet_batch", ignore=shutil.ignore_patterns("__pycache__"))
-    r = subprocess.run([sys.executable, "-m", "cancernet_batch.machine"], cwd=tmp_path, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", "import json; from cancernet_batch.machine import machine; "
+                        "print(json.dumps(machine()))"], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(here.parent)}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["code"] == {"package": str((tmp_path / "cancernet_batch").resolve())}
