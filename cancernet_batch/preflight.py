@@ -77,7 +77,7 @@ def _child_env() -> dict:
 def _same_env(a: dict, b: dict) -> bool:
     """Whether two environments read slides alike: equal but for ``PYTHONHASHSEED``, which only a new
     interpreter's start reads (a Dask nanny sets it in its worker after the worker's child was forked)."""
-    return {k: v for k, v in a.items() if k != "PYTHONHASHSEED"} == {k: v for k, v in b.items() if k != "PYTHONHASHSEED"}
+    return {**a, "PYTHONHASHSEED": None} == {**b, "PYTHONHASHSEED": None}
 
 
 class _Server:
@@ -157,10 +157,9 @@ def warm(python: str | None = None) -> None:
     when it starts, so the child's imports overlap the client's set-up instead of delaying the first slide).
     A worker forked from the local cluster's forkserver already has one, forked with it (:func:`arm_prefork`):
     that one is used while this process's environment is still the one it was forked with."""
-    global _PREFORKED
     python = python or sys.executable
+    forked = _take_preforked()
     with _SPARE_LOCK:
-        forked, _PREFORKED = _PREFORKED, None
         if forked is not None and forked.fits(python) and not _SPARE:
             _SPARE.append(forked)
         elif forked is not None:
@@ -175,15 +174,21 @@ def warm(python: str | None = None) -> None:
 def dask_setup(worker) -> None:
     """Dask worker preload (local clusters): start this worker's serving child as the worker starts.
     A worker that only scores (Dask resource ``score`` alone) never preflights: none for it."""
-    global _PREFORKED
     resources = dict(getattr(getattr(worker, "state", None), "total_resources", None) or {})
     if resources.get("score") and not resources.get("tile"):
-        with _SPARE_LOCK:
-            forked, _PREFORKED = _PREFORKED, None
+        forked = _take_preforked()
         if forked is not None:
             forked.close()
         return
     warm()
+
+
+def _take_preforked() -> "_Server | None":
+    """The serving child forked with this process (:func:`arm_prefork`), once: later calls get None."""
+    global _PREFORKED
+    with _SPARE_LOCK:
+        forked, _PREFORKED = _PREFORKED, None
+    return forked
 
 
 class _Forked:

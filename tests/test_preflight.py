@@ -157,7 +157,6 @@ def test_a_worker_starts_its_serving_child_before_the_first_slide(slides_dir):
     assert used == {"pid": started, "levels": 1} and pf._SPARE == []
 
 
-
 _FORKED_CHILD_CHECK = """
 import json, os, signal, sys
 from cancernet_batch import preflight as pf
