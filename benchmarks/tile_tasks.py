@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             print("CPU s during the stage, per process (before the stage):")
             for pid, (name, c) in sorted(after.items(), key=lambda kv: kv[1][0]):
                 c0 = before.get(pid, (name, 0.0))[1]
-                if c - c0 >= 0.005:
+                # every client, worker and preflight child, idle or not (a worker that ran no slide has an idle
+                # child); other processes (the forkserver, resource trackers) only when they worked
+                if not name.startswith("other") or c - c0 >= 0.005:
                     print(f"  {name:<24} {c - c0:6.2f} ({c0:.2f})")
             print(f"  {'all':<24} {sum(c - before.get(p, ('', 0.0))[1] for p, (_, c) in after.items()):6.2f} "
                   f"in {wall:.2f} s of wall time")

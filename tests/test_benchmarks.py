@@ -179,6 +179,8 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
     roles = [ln.split()[0] for ln in per_process.splitlines()[1:-1]]
     assert roles.count("worker") == 2 and "client" in roles and "all" in roles, r.stdout
     assert roles.count("preflight") == 2, r.stdout  # each worker's own child (forked from it), not a third worker
+    # listed even when idle (both slides may go to one worker); the slides' preflights ran in them
+    assert sum(float(ln.split()[3]) for ln in per_process.splitlines() if ln.split()[:1] == ["preflight"]) > 0
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from tile_tasks import PARTS
