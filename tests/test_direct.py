@@ -116,6 +116,54 @@ def test_a_tile_cut_short_is_a_slide_read_error_naming_the_file(synth_svs, tmp_p
     assert "cut.svs" in str(err.value) and "cut short" in str(err.value)
 
 
+@pytest.mark.parametrize("path", [SLIDES / "cmu-1-small-region.svs", "synth"])  # RGB-coded, YCbCr JPEG
+def test_each_scale_is_libjpeg_turbos_scaled_idct_bit_for_bit(path, synth_svs):
+    """Tiles decoded at 1, 1/2, 1/4 and 1/8 of their size are the pixels Pillow's ``draft`` gives from the same
+    stream (the same ISLOW scaled IDCT and fancy upsampling of libjpeg-turbo), tables and colour transform
+    spliced in as the file declares them."""
+    import io
+
+    from PIL import Image
+
+    path = synth_svs if path == "synth" else path
+    with open_slide(path) as reader:
+        level = reader.direct_level(0)
+        idx = [i for i in range(0, len(level.counts), max(1, len(level.counts) // 12)) if level.counts[i]][:12]
+        assert level.jpeg and len(idx) >= 6
+        for s in (1, 2, 4, 8):
+            h, w = -(-level.th // s), -(-level.tw // s)
+            for i in idx:
+                im = Image.open(io.BytesIO(level._head + level._tables[2:] + level._raw(i)[2:]))
+                im.draft("RGB", (w, h))
+                want = np.asarray(im.convert("RGB"))
+                got = level._decode(i, s)
+                assert got.shape == want.shape == (h, w, 3)
+                np.testing.assert_array_equal(got, want)
+
+
+def test_a_tile_with_damaged_entropy_data_is_an_error_not_a_tile(tmp_path):
+    """A JPEG tile whose coded data are damaged in the middle (a bad sector, a bit flip in a copy) still
+    parses and a lenient decoder makes a tile of it; here, as in OpenSlide, libjpeg's "Corrupt JPEG data"
+    is a SlideReadError naming the file and the tile."""
+    import tifffile
+
+    bad = tmp_path / "flip.svs"
+    shutil.copy(SLIDES / "cmu-1-small-region.svs", bad)
+    with tifffile.TiffFile(bad) as tf:
+        off, n = int(tf.pages[0].dataoffsets[0]), int(tf.pages[0].databytecounts[0])
+    with open(bad, "r+b") as fh:
+        fh.seek(off + n // 2)
+        damaged = bytes(b ^ 0x55 for b in fh.read(100))
+        fh.seek(off + n // 2)
+        fh.write(damaged)
+    with pytest.raises(SlideReadError) as err:
+        _tiles(bad, "fast", target_mpp=1.0)
+    assert "flip.svs" in str(err.value) and "tile (0, 0) of the 2220 x 2967 px level" in str(err.value)
+    assert "Corrupt JPEG data" in str(err.value)
+    ok, _, _ = _tiles(SLIDES / "cmu-1-small-region.svs", "fast", target_mpp=1.0)  # the file it was copied from
+    assert len(ok) > 0
+
+
 def test_inspect_says_how_each_slide_is_decoded():
     from cancernet_batch.tiling import inspect_inputs
 

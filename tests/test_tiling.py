@@ -227,7 +227,7 @@ def test_rerun_skips_and_interrupted_run_finishes_missing_chunks(mpp_slides, tmp
 
 
 @pytest.mark.parametrize("decode, says", [("fast", "tile (0, 0) of the 2048 x 2048 px level cannot be decoded "
-                                                  "(not a JPEG stream)"), ("reader", "Not a JPEG file")])
+                                                  "(Corrupt JPEG data: "), ("reader", "Not a JPEG file")])
 def test_corrupt_region_fails_at_tile_stage_and_the_rest_goes_on(mpp_slides, tmp_path, client, decode, says):
     """A slide whose preflight and plan pass but one level-0 tile does not decode: that input fails at the
     tile stage (not complete, not a crash), the other input of the run is tiled; the same through the
