@@ -749,6 +749,17 @@ def write_whole(group, values: dict[str, np.ndarray]) -> None:
     sync(write_all())
 
 
+def write_tiles(group, start: int, stop: int, tiles: np.ndarray) -> None:
+    """Tiles ``[start, stop)`` into the input's ``tiles`` array, every chunk stored as it is.
+
+    zarr by default first compares each chunk it writes with the fill value, to leave out chunks that hold
+    nothing else; for a chunk of tiles (7.7 MB at 1,024 tiles) that comparison cost more CPU than
+    compressing it (profiled on 20,000-30,000 px synthetic slides: about a quarter of a chunk task's
+    CPU besides decoding). Tiles are never all zero in practice, and an all-zero chunk, written or
+    left out, reads back the same."""
+    group["tiles"].with_config({"write_empty_chunks": True})[start:stop] = tiles
+
+
 def data_array(group, name: str):
     """Array ``name`` of an input group, to read or write its chunks (not its attributes): from the
     worker's cache when the group came from :func:`open_input` with a cache key."""

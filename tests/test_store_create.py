@@ -135,3 +135,21 @@ def test_tiles_are_zstd_level_1_and_read_back_as_written(tmp_path):
     coords_doc = json.loads((tmp_path / "s.zarr" / "inputs" / store.input_id(str(tmp_path / "slide.svs")) / "coords"
                              / "zarr.json").read_text())
     assert [c for c in coords_doc["codecs"] if c["name"] == "zstd"][0]["configuration"]["level"] == 0
+
+
+def test_write_tiles_stores_every_chunk_as_written(tmp_path):
+    """store.write_tiles skips zarr's comparison of each chunk with the fill value: a chunk of all-zero tiles is
+    stored like any other (zarr's default leaves it out), and every chunk reads back as written."""
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    src = str(tmp_path / "slide.svs")
+    g = store.create_input(root, _attrs(src, 40), 40, chunk=16)
+    tiles = np.random.default_rng(4).integers(0, 256, (40, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    tiles[16:32] = 0  # chunk 1: nothing but zeros (the fill value)
+    for s, e in store.chunk_bounds(40, 16):
+        store.write_tiles(g, s, e, tiles[s:e])
+    chunks = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiles" / "c"
+    assert sorted(p.parent.parent.parent.name for p in chunks.glob("*/0/0/0")) == ["0", "1", "2"]
+    assert np.array_equal(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[f"inputs/{store.input_id(src)}/tiles"][:],
+                          tiles)
+    g["tiles"][16:32] = tiles[16:32]  # for contrast: zarr's own default removes the all-zero chunk
+    assert sorted(p.parent.parent.parent.name for p in chunks.glob("*/0/0/0")) == ["0", "2"]

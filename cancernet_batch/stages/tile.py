@@ -267,7 +267,7 @@ def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, co
     except CancerNetError:
         _drop_reader(source)
         raise
-    g["tiles"][start:stop] = tiles
+    store.write_tiles(g, start, stop, tiles)
     g["tiled"][index] = True
     return tiles
 
@@ -287,7 +287,7 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
     g = store.create_input(root, plan.attrs(), len(ps), chunk=cfg.chunk, labels=True)
     c = int(g.attrs["chunk"])
     for i, (s, e) in enumerate(store.chunk_bounds(len(ps), c)):
-        g["tiles"][s:e] = ps.tiles[s:e]
+        store.write_tiles(g, s, e, ps.tiles[s:e])
         g["coords"][s:e] = ps.coords[s:e]
         g["labels"][s:e] = ps.labels[s:e]
         g["tiled"][i] = True
