@@ -432,8 +432,16 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     out = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
     if n == 0:
         return out
-    scaled = region_reader(reader, level, decode=decode, max_read=max_read)
     direct = reader.direct_level(level) if decode != "reader" else None
+    if direct is not None:
+        # each window reads the bounding box of its tiles; of the compressed tiles in it, only those the tiles
+        # touch are fetched and decoded (the rest, glass between tissue, is left white: no output pixel of
+        # these tiles averages any of it)
+        only = set(direct.needed(coords, tile_px).tolist())
+        scaled = lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read,  # noqa: E731
+                                                      only=only)
+    else:
+        scaled = region_reader(reader, level, decode=decode, max_read=max_read)
     per = max(1, int(max_read // tile_px))
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
@@ -441,7 +449,8 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     groups = np.split(order, bounds)
     # a slide on object storage: every window's compressed tiles in one batch of coalesced requests
     by_reader = getattr(reader, "prefetch", None)
-    prefetch = direct.prefetch if direct is not None else by_reader and (lambda boxes: by_reader(level, boxes))
+    prefetch = ((lambda boxes: direct.prefetch(boxes, only)) if direct is not None
+                else by_reader and (lambda boxes: by_reader(level, boxes)))
     if prefetch:
         boxes = []
         for idx in groups:

@@ -164,6 +164,54 @@ def test_a_tile_with_damaged_entropy_data_is_an_error_not_a_tile(tmp_path):
     assert len(ok) > 0
 
 
+@pytest.mark.parametrize("decode", ["fast", "exact"])
+def test_read_tiles_decodes_only_the_compressed_tiles_its_tiles_touch(decode, synth_svs, monkeypatch):
+    """A window of tiles reads their bounding box, but of the compressed tiles in it only those some tile touches
+    are decoded (``needed``), each once; the tiles are the same as with every tile of the box decoded."""
+    from cancernet_batch.slides import direct
+
+    with open_slide(synth_svs) as reader:
+        plan = plan_slide(synth_svs, TileConfig(tissue_filter=True), reader=reader)
+        level = reader.direct_level(plan.level)
+        coords = plan.coords[::3]  # gaps between the tiles: bounding boxes hold tiles no tile touches
+        boxes = [(c * plan.tile_px_level, r * plan.tile_px_level, (c + 1) * plan.tile_px_level,
+                  (r + 1) * plan.tile_px_level) for r, c in coords]
+        (r0, c0), (r1, c1) = coords.min(axis=0), coords.max(axis=0) + 1
+        in_box = level._tiles_in([(c0 * plan.tile_px_level, r0 * plan.tile_px_level, c1 * plan.tile_px_level,
+                                   r1 * plan.tile_px_level)])
+        needed = level.needed(coords, plan.tile_px_level)
+        assert np.array_equal(needed, level._tiles_in(boxes)) and len(needed) < len(in_box)
+        decoded = []
+        real = direct.TiledLevel._decode
+        monkeypatch.setattr(direct.TiledLevel, "_decode", lambda self, i, s: decoded.append(i) or real(self, i, s))
+        level._cache.clear()
+        got = read_tiles(reader, plan.level, plan.tile_px_level, coords, decode=decode)
+        assert sorted(decoded) == needed.tolist()
+        level._cache.clear()
+        every = np.stack([level.read_scaled(b, (50, 50), fast=decode == "fast") for b in boxes])
+        np.testing.assert_array_equal(got, every)
+
+
+def test_tiles_in_is_the_union_of_each_boxs_tile_range(synth_svs):
+    """``_tiles_in`` (vectorised) against the plain loop over each box's rows and columns of compressed tiles,
+    boxes inside, across and outside the level's edges included."""
+    with open_slide(synth_svs) as reader:
+        level = reader.direct_level(0)
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        m = int(rng.integers(0, 25))
+        x0, y0 = rng.uniform(-600, level.width + 300, m), rng.uniform(-600, level.height + 300, m)
+        boxes = list(zip(x0, y0, x0 + rng.uniform(0, 900, m), y0 + rng.uniform(0, 900, m)))
+        want = set()
+        for bx0, by0, bx1, by1 in boxes:
+            tx0, ty0 = max(0, int(np.floor(bx0)) // level.tw), max(0, int(np.floor(by0)) // level.th)
+            tx1 = min(level.ntx - 1, (min(int(np.ceil(bx1)), level.width) - 1) // level.tw)
+            ty1 = min(level.nty - 1, (min(int(np.ceil(by1)), level.height) - 1) // level.th)
+            want.update(ty * level.ntx + tx for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1))
+        got = level._tiles_in(boxes)
+        assert got.dtype == np.int64 and got.tolist() == sorted(want)
+
+
 def test_inspect_says_how_each_slide_is_decoded():
     from cancernet_batch.tiling import inspect_inputs
 

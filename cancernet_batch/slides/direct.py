@@ -164,21 +164,30 @@ class TiledLevel:
 
     def _tiles_in(self, boxes) -> np.ndarray:
         """Sorted indices of the compressed tiles that boxes ``(x0, y0, x1, y1)`` (level pixels, floats) touch."""
-        idx: set[int] = set()
-        for x0, y0, x1, y1 in boxes:
-            tx0, ty0 = max(0, int(np.floor(x0)) // self.tw), max(0, int(np.floor(y0)) // self.th)
-            tx1 = min(self.ntx - 1, (min(int(np.ceil(x1)), self.width) - 1) // self.tw)
-            ty1 = min(self.nty - 1, (min(int(np.ceil(y1)), self.height) - 1) // self.th)
-            for ty in range(ty0, ty1 + 1):
-                idx.update(range(ty * self.ntx + tx0, ty * self.ntx + tx1 + 1))
-        return np.array(sorted(idx), np.int64)
+        b = np.asarray(boxes if isinstance(boxes, np.ndarray) else list(boxes), np.float64).reshape(-1, 4)
+        tx0 = np.maximum(0, np.floor(b[:, 0]).astype(np.int64) // self.tw)
+        ty0 = np.maximum(0, np.floor(b[:, 1]).astype(np.int64) // self.th)
+        tx1 = np.minimum(self.ntx - 1, (np.minimum(np.ceil(b[:, 2]).astype(np.int64), self.width) - 1) // self.tw)
+        ty1 = np.minimum(self.nty - 1, (np.minimum(np.ceil(b[:, 3]).astype(np.int64), self.height) - 1) // self.th)
+        keep = (tx1 >= tx0) & (ty1 >= ty0)
+        tx0, ty0, tx1, ty1 = tx0[keep], ty0[keep], tx1[keep], ty1[keep]
+        if not len(tx0):
+            return np.empty(0, np.int64)
+        found = []  # one pass per offset within the widest box (a model tile touches 1-4 compressed tiles)
+        for dy in range(int((ty1 - ty0).max()) + 1):
+            for dx in range(int((tx1 - tx0).max()) + 1):
+                ok = (ty0 + dy <= ty1) & (tx0 + dx <= tx1)
+                found.append((ty0[ok] + dy) * self.ntx + tx0[ok] + dx)
+        return np.unique(np.concatenate(found))
 
-    def prefetch(self, boxes) -> None:
+    def prefetch(self, boxes, only=None) -> None:
         """Fetch the compressed tiles of every box ``(x0, y0, x1, y1)`` (level pixels, floats) in one batch
-        of coalesced range requests, when the file is remote (on local disk: nothing to do)."""
+        of coalesced range requests, when the file is remote (on local disk: nothing to do); with ``only``
+        (a set of tile indices), just those of them."""
         if self._fetch is None:
             return
-        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in self._tiles_in(boxes) if self.counts[i] > 0]
+        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in self._tiles_in(boxes)
+                  if self.counts[i] > 0 and (only is None or int(i) in only)]
         if ranges:
             self._fetch(ranges)
 
@@ -202,8 +211,11 @@ class TiledLevel:
                 self._cache.popitem(last=False)
         return a
 
-    def region(self, x: int, y: int, w: int, h: int, s: int) -> np.ndarray:
-        """RGB of ``[x, x + w) x [y, y + h)`` in pixels of this level *divided by* ``s`` (white outside)."""
+    def region(self, x: int, y: int, w: int, h: int, s: int, only=None) -> np.ndarray:
+        """RGB of ``[x, x + w) x [y, y + h)`` in pixels of this level *divided by* ``s`` (white outside).
+
+        ``only``: a set of compressed tile indices; the others are left white, not read or decoded (the
+        tiles a caller's output pixels do not touch: see :func:`cancernet_batch.tiling.read_tiles`)."""
         out = np.full((h, w, 3), BACKGROUND, np.uint8)
         tws, ths = self.tw // s, self.th // s
         lw, lh = -(-self.width // s), -(-self.height // s)
@@ -211,9 +223,11 @@ class TiledLevel:
         if x1 <= x0 or y1 <= y0:
             return out
         # remote: this window's tiles in one batch (none left to fetch after read_tiles' prefetch)
-        self.prefetch([(x0 * s, y0 * s, x1 * s, y1 * s)])
+        self.prefetch([(x0 * s, y0 * s, x1 * s, y1 * s)], only)
         for ty in range(y0 // ths, (y1 - 1) // ths + 1):
             for tx in range(x0 // tws, (x1 - 1) // tws + 1):
+                if only is not None and ty * self.ntx + tx not in only:
+                    continue
                 t = self.tile(tx, ty, s)
                 ax0, ay0 = max(x0, tx * tws), max(y0, ty * ths)
                 ax1, ay1 = min(x1, (tx + 1) * tws), min(y1, (ty + 1) * ths)
@@ -230,11 +244,12 @@ class TiledLevel:
         return f"direct {self.codec}" + (f", 1/{s} in the DCT" if s > 1 else "")
 
     def read_scaled(self, box: tuple[float, float, float, float], size: tuple[int, int], *, fast: bool,
-                    max_read: int = MAX_READ_PX) -> np.ndarray:
-        """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly."""
+                    max_read: int = MAX_READ_PX, only=None) -> np.ndarray:
+        """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly
+        (``only``: as in :meth:`region`)."""
         x0, y0, x1, y1 = box
         s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast)
-        return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s), (x0 / s, y0 / s, x1 / s, y1 / s),
+        return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s, only), (x0 / s, y0 / s, x1 / s, y1 / s),
                                 size, max_read=max(1, max_read // s))
 
 
