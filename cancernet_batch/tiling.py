@@ -408,13 +408,15 @@ def source_stat(spec_source: str, kind: str, series_files: list[str] | None = No
 # pixels
 # --------------------------------------------------------------------------------------------
 
-def region_reader(reader: SlideReader, level: int, *, decode: str = "fast", max_read: int = MAX_READ_PX):
+def region_reader(reader: SlideReader, level: int, *, decode: str = "fast", max_read: int = MAX_READ_PX,
+                  only: set[int] | None = None):
     """``scaled(box, size)``: :func:`~cancernet_batch.slides.read_scaled` of ``level``, straight from the file's
     compressed tiles (:mod:`cancernet_batch.slides.direct`) unless ``decode`` is ``reader`` or the level is not
-    a tiled TIFF page that module reads."""
+    a tiled TIFF page that module reads. ``only``: on that direct path, the compressed tiles to decode (the
+    others are left white: :meth:`~cancernet_batch.slides.direct.TiledLevel.region`)."""
     direct = reader.direct_level(level) if decode != "reader" else None
     if direct is not None:
-        return lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read)
+        return lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read, only=only)
     return lambda box, size: read_scaled(reader, level, box, size, max_read=max_read)
 
 
@@ -433,15 +435,10 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
     if n == 0:
         return out
     direct = reader.direct_level(level) if decode != "reader" else None
-    if direct is not None:
-        # each window reads the bounding box of its tiles; of the compressed tiles in it, only those the tiles
-        # touch are fetched and decoded (the rest, glass between tissue, is left white: no output pixel of
-        # these tiles averages any of it)
-        only = set(direct.needed(coords, tile_px).tolist())
-        scaled = lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read,  # noqa: E731
-                                                      only=only)
-    else:
-        scaled = region_reader(reader, level, decode=decode, max_read=max_read)
+    # each window reads the bounding box of its tiles; of the compressed tiles in it, only those the tiles touch
+    # are fetched and decoded (the rest, glass between tissue, is left white: no output pixel averages any of it)
+    only = set(direct.needed(coords, tile_px).tolist()) if direct is not None else None
+    scaled = region_reader(reader, level, decode=decode, max_read=max_read, only=only)
     per = max(1, int(max_read // tile_px))
     keys = (coords[:, 0] // per).astype(np.int64) * (1 << 32) + coords[:, 1] // per
     order = np.argsort(keys, kind="stable")
