@@ -179,13 +179,16 @@ def unmatched_keys(mapping: dict[str, str], inputs: list[tuple[str, InputAttrs]]
 # inputs and maps
 # --------------------------------------------------------------------------------------------
 
-def input_state(group) -> tuple[str, str]:
-    """``(REPORTED, "")`` when tiling is complete and every chunk is scored, else ``(NOT_SCORED, why)``."""
+def input_state(group, read: dict | None = None) -> tuple[str, str]:
+    """``(REPORTED, "")`` when tiling is complete and every chunk is scored, else ``(NOT_SCORED, why)``.
+    ``read``: a dict that receives the done flags read here (``done``), for :func:`load_scored` next."""
     if not group.attrs.get("complete", False):
         return NOT_SCORED, "tiling incomplete"
     if "probs" not in group:
         return NOT_SCORED, "no predictions"
     done = store.done_mask(group)
+    if read is not None:
+        read["done"] = done
     if not done.all():
         return NOT_SCORED, f"{int(done.sum())} of {done.size} chunks scored"
     return REPORTED, ""
@@ -239,17 +242,19 @@ def find_input_regions(s: ScoredInput, threshold: float, min_region_mm2: float =
                         tile_area_mm2=tile_area_mm2(s.attrs.target_mpp), min_area_mm2=min_region_mm2, smooth=smooth)
 
 
-def load_scored(gid: str, group, patient: str) -> ScoredInput:
+def load_scored(gid: str, group, patient: str, *, read: dict | None = None) -> ScoredInput:
     """Read the coords and probabilities of a reported input (small: 12 bytes a tile).
 
     :class:`~cancernet_batch.store.DamagedInputError` when its stored data are inconsistent (done
     flags without probabilities, positions off the grid, arrays of the wrong type or shape): such an
-    input fails, it is never reported as 0 % IDC or drawn.
+    input fails, it is never reported as 0 % IDC or drawn. Each array is read once: the check's reads
+    are the figures' (``read``: the done flags :func:`input_state` has just read, if any).
     """
-    store.check_input(group, gid)
+    read = dict(read or {})
+    store.check_input(group, gid, done=read.get("done"), read=read)
     attrs = InputAttrs.from_json(dict(group.attrs))
-    coords = np.asarray(group["coords"][:], np.int32).reshape(-1, 2)
-    probs = np.asarray(group["probs"][:], np.float32)
+    coords = np.asarray(read["coords"] if "coords" in read else group["coords"][:], np.int32).reshape(-1, 2)
+    probs = np.asarray(read["probs"] if "probs" in read else group["probs"][:], np.float32)
     if probs.size and not np.isfinite(probs).all():
         log.warning("%s: %d scored tiles have no finite probability; they count as not IDC",
                     gid, int((~np.isfinite(probs)).sum()))

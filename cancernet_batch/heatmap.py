@@ -117,15 +117,19 @@ def slide_thumbnail(source: str | os.PathLike, max_px: int = MAX_THUMB_PX) -> Th
     raise InputError(f"no reader makes a thumbnail: {'; '.join(errors)}", path=path)
 
 
-def mosaic_thumbnail(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_THUMB_PX) -> Thumbnail:
-    """The stored tiles laid out at their grid positions on white, at most ``max_px`` on a side."""
+def mosaic_thumbnail(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_THUMB_PX, *,
+                     coords: np.ndarray | None = None) -> Thumbnail:
+    """The stored tiles laid out at their grid positions on white, at most ``max_px`` on a side (``coords``:
+    the input's tile positions when the caller has them, not read again)."""
     from PIL import Image
 
     rows, cols = attrs.grid_shape
     s = max(1, min(PATCH_SIZE, max_px // max(rows, cols, 1)))
     pick = (np.arange(s) * PATCH_SIZE) // s + PATCH_SIZE // (2 * s)  # nearest-neighbour sample points
     canvas = np.full((max(rows, 1) * s, max(cols, 1) * s, 3), 255, np.uint8)
-    tiles, coords = group["tiles"], group["coords"]
+    tiles = group["tiles"]
+    if coords is None:
+        coords = group["coords"]
     step = int(tiles.chunks[0])
     for start in range(0, int(tiles.shape[0]), step):
         t = np.asarray(tiles[start:start + step])[:, pick][:, :, pick]
@@ -152,10 +156,12 @@ def stored_thumbnail(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX
     return Thumbnail(image, cols * tile_px, rows * tile_px, "stored thumbnail")
 
 
-def thumbnail_for(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_THUMB_PX) -> Thumbnail:
+def thumbnail_for(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_THUMB_PX, *,
+                  coords: np.ndarray | None = None) -> Thumbnail:
     """What a map is drawn over: for a slide, the view tiling stored (no slide access: the report works
     on a run whose slides are offline, and costs no decoding); else the slide's own thumbnail when
-    it can still be read unchanged; else (and always for patient folders) a mosaic of the stored tiles."""
+    it can still be read unchanged; else (and always for patient folders) a mosaic of the stored tiles
+    (``coords``: as :func:`mosaic_thumbnail`'s)."""
     if attrs.kind == "slide":
         stored = stored_thumbnail(group, attrs, tile_px, max_px)
         if stored is not None:
@@ -166,7 +172,7 @@ def thumbnail_for(group, attrs: InputAttrs, tile_px: float, max_px: int = MAX_TH
             return slide_thumbnail(attrs.source, max_px)
         except Exception as exc:  # noqa: BLE001 - the stored tiles always work
             log.warning("%s; the map is drawn over the stored tiles", exc)
-    return mosaic_thumbnail(group, attrs, tile_px, max_px)
+    return mosaic_thumbnail(group, attrs, tile_px, max_px, coords=coords)
 
 
 def _nice_length(span_um: float) -> float:

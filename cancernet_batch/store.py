@@ -542,10 +542,13 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
         yield gid, g
 
 
-def validate_input(group, *, done: np.ndarray | None = None) -> str | None:
+def validate_input(group, *, done: np.ndarray | None = None, read: dict | None = None) -> str | None:
     """Why an input's stored data cannot be trusted, or None when it is consistent.
 
     ``done``: its done flags when the caller has just read them (:func:`done_mask`), not read again.
+    ``read``: a dict that receives the arrays read here (``coords``, ``done``, ``probs``, as stored), so
+    a caller that needs them next (the report: :func:`~cancernet_batch.aggregate.load_scored`) does not
+    read them again (on object storage: one GET per chunk of each).
 
     Checked: the attrs parse; ``tiles`` is ``(N, 50, 50, 3) uint8`` and ``coords`` ``(N, 2)`` integers with
     ``N == n_tiles``; every position lies on the grid (patient folders may hold ``(-1, -1)``: no
@@ -570,7 +573,10 @@ def validate_input(group, *, done: np.ndarray | None = None) -> str | None:
         return f"it records {attrs.n_tiles} tiles but holds {n}"
     if rows < 0 or cols < 0:
         return f"its grid {rows} x {cols} is negative"
-    c = np.asarray(coords[:], np.int64).reshape(-1, 2)
+    raw = np.asarray(coords[:])
+    if read is not None:
+        read["coords"] = raw
+    c = raw.astype(np.int64, copy=False).reshape(-1, 2)
     placed = (c >= 0).all(axis=1) if attrs.kind == "patches" else np.ones(len(c), bool)
     unplaced = (c == -1).all(axis=1)
     off = placed & ((c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= rows) | (c[:, 1] >= cols))
@@ -590,8 +596,12 @@ def validate_input(group, *, done: np.ndarray | None = None) -> str | None:
         if tuple(done_arr.shape) != (len(bounds),) or str(done_arr.dtype) != "bool":
             return f"its done flags are {done_arr.dtype} {tuple(done_arr.shape)}, expected bool ({len(bounds)},)"
         done = np.asarray(done_arr[:], bool) if done is None or len(done) != len(bounds) else np.asarray(done, bool)
+        if read is not None:
+            read["done"] = done
         if done.any():
             p = np.asarray(probs[:], np.float32)
+            if read is not None:
+                read["probs"] = p
             for i in np.flatnonzero(done):
                 a, b = bounds[i]
                 v = p[a:b]
@@ -766,9 +776,10 @@ def data_array(group, name: str):
     return group.data(name) if isinstance(group, _TaskGroup) else group[name]
 
 
-def check_input(group, gid: str = "", *, done: np.ndarray | None = None) -> None:
-    """:class:`DamagedInputError` (naming the input and the reason) unless :func:`validate_input` passes."""
-    why = validate_input(group, done=done)
+def check_input(group, gid: str = "", *, done: np.ndarray | None = None, read: dict | None = None) -> None:
+    """:class:`DamagedInputError` (naming the input and the reason) unless :func:`validate_input` passes
+    (``done``, ``read``: as there)."""
+    why = validate_input(group, done=done, read=read)
     if why is not None:
         where = group.attrs.get("source") or gid
         raise DamagedInputError(f"stored data of this input are inconsistent: {why}", path=where,

@@ -956,3 +956,42 @@ def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3
     assert rc == 1 and f"cannot reach the storage endpoint {closed}" in err and SECRET not in out + err
     rc, out, err = _main(capsys, "inspect", str(local), "--storage-options", opts)
     assert rc == 2 and "--storage-options is for inputs on object storage" in err
+
+
+def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_once(s3):
+    """The report of one input (state, consistency check, figures, map, mosaic thumbnail) reads each chunk of
+    its ``coords``, ``probs`` and ``done`` arrays once: the check's reads are the figures' (before: coords three
+    times, probabilities and done flags twice, one GET per chunk each time). The report is the same."""
+    from collections import Counter
+
+    from cancernet_batch import store
+    from cancernet_batch.aggregate import REPORTED, Threshold
+    from cancernet_batch.config import ReportConfig
+    from cancernet_batch.stages.report import _one_input
+    from cancernet_batch.store import InputAttrs
+
+    prefix = "nights/reportreads"
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    root.require_group("inputs")
+    attrs = InputAttrs(source=f"s3://{BUCKET}/x/P7", kind="patches", reader="png", patient="P7", source_size=1,
+                       source_mtime=0.0, target_mpp=2.0, grid_shape=(3, 4), n_tiles=10)
+    gid = store.input_id(attrs.source)
+    g = store.create_input(root, attrs, 10, chunk=4, labels=True)
+    g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
+    g["tiles"][:] = np.random.default_rng(0).integers(0, 255, (10, 50, 50, 3), dtype=np.uint8)
+    probs, done = store.ensure_predictions(g, "model-a")
+    p = np.linspace(0.05, 0.95, 10, dtype=np.float32)
+    probs[:] = p
+    done[:] = True
+    store.mark_complete(g)
+    _store_requests(s3, prefix)
+    row, failure = _one_input(run, gid, run.open_input(gid), attrs, "P7", Threshold(0.5, "--threshold"), ReportConfig())
+    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
+                    if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
+                    in ("coords", "probs", "done"))
+    assert failure is None and row.figures.status == REPORTED and row.heatmap and row.view
+    assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
+    want = {**{f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)},
+            **{f"done/c/{i}": 1 for i in range(3)}}
+    assert dict(reads) == want

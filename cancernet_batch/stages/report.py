@@ -109,15 +109,17 @@ def input_files(gid: str, cfg: ReportConfig) -> InputFiles:
     return InputFiles.of(gid, gzip=cfg.geojson_gzip)
 
 
-def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig) -> InputReport:
-    """Write the map (zarr), heatmap (PNG), tile and region GeoJSON of one fully scored input."""
-    scored = load_scored(gid, group, patient)
+def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig, *,
+                 read: dict | None = None) -> InputReport:
+    """Write the map (zarr), heatmap (PNG), tile and region GeoJSON of one fully scored input (``read``: as
+    :func:`~cancernet_batch.aggregate.load_scored`'s)."""
+    scored = load_scored(gid, group, patient, read=read)
     idc_map = scored.idc_map()
     write_idc_map(group, idc_map, scored.model_id)
     tile_px = level0_tile_px(scored.attrs)
     mpp0 = PATCH_SIZE * scored.attrs.target_mpp / tile_px  # µm per level-0 pixel
     files = input_files(gid, cfg)
-    thumb = thumbnail_for(group, scored.attrs, tile_px, cfg.thumb_px)
+    thumb = thumbnail_for(group, scored.attrs, tile_px, cfg.thumb_px, coords=scored.coords)
     write_heatmap(out / files.heatmap, idc_map, thumb, tile_px=tile_px,
                   um_per_px=mpp0, threshold=threshold, title=_title(patient, gid))
     write_geojson(out / files.geojson, idc_feature_lines(gid, scored.coords, scored.probs, threshold, tile_px),
@@ -147,13 +149,14 @@ def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr
 
 def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
                ) -> tuple[InputReport, Failure | None]:
-    status, note = input_state(group)
+    read: dict = {}  # the done flags input_state reads, not read again by the report
+    status, note = input_state(group, read)
     model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
     if status != REPORTED:
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
         with run.fs.staged(run.report_dir) as out:  # on object storage: written here, then PUT
-            return report_input(out, gid, group, patient, thr.value, cfg), None
+            return report_input(out, gid, group, patient, thr.value, cfg, read=read), None
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
     except OSError as exc:
