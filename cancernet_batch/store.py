@@ -521,10 +521,13 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
     inputs = root["inputs"]
     bad = {d.gid: d for d in damaged_inputs(root)}
     base = _group_dir(inputs)
+    found: dict = {}
     if base is not None:
         names = sorted(d.name for d in base.iterdir() if d.is_dir() and (d / "zarr.json").exists() or d.name in bad)
-    else:
-        names = sorted(inputs.group_keys())
+    else:  # object storage: one listing, each group's document read once (not again by inputs[gid])
+        found = _member_groups(inputs)
+        names = sorted(found) if found is not None else sorted(inputs.group_keys())
+        found = found or {}
     for gid in names:
         if gid in bad:
             log.warning("%s: %s; input skipped", printable(bad[gid].path), bad[gid].message)
@@ -532,7 +535,7 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
                 damaged.append(bad[gid])
             continue
         try:
-            g = inputs[gid]
+            g = found[gid] if gid in found else inputs[gid]
         except KeyError:  # an array, or removed meanwhile
             continue
         if not hasattr(g, "group_keys"):
@@ -540,6 +543,19 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
         if complete_only and not g.attrs.get("complete", False):
             continue
         yield gid, g
+
+
+def _member_groups(group) -> dict | None:
+    """``{name: group}`` of the member groups of ``group``, each document read once (None when a member cannot
+    be read: the lookups one by one then say what is wrong)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # objects that are no zarr node
+            return dict(group.groups())
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def validate_input(group, *, done: np.ndarray | None = None, read: dict | None = None) -> str | None:

@@ -995,3 +995,34 @@ def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_on
     want = {**{f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)},
             **{f"done/c/{i}": 1 for i in range(3)}}
     assert dict(reads) == want
+
+
+def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
+    """``store.iter_inputs`` on object storage (the end of every run lists the store's inputs for the rows it did
+    not report) reads each input group's ``zarr.json`` once: one listing, the documents read together, the
+    groups handed out from those reads (before: each read twice, by the listing and by ``inputs[gid]``)."""
+    from collections import Counter
+
+    from cancernet_batch import store
+    from cancernet_batch.store import InputAttrs
+
+    prefix = "nights/listing"
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    root.require_group("inputs")
+    gids = []
+    for k, complete in enumerate((True, False, True)):
+        attrs = InputAttrs(source=f"s3://{BUCKET}/x/s{k}.svs", kind="slide", reader="test", patient="p", source_size=1,
+                           source_mtime=0.0, target_mpp=4.0, grid_shape=(2, 2), n_tiles=4)
+        g = store.create_input(root, attrs, 4, chunk=4)
+        if complete:
+            store.mark_complete(g)
+        gids.append(store.input_id(attrs.source))
+    _store_requests(s3, prefix)
+    listed = list(store.iter_inputs(run.open_store("r"), complete_only=False))
+    docs = Counter(r.path.split("/tiles.zarr/", 1)[1] for r in _store_requests(s3, prefix)
+                   if r.method == "GET" and r.path.endswith("/zarr.json") and "/inputs/" in r.path)
+    assert [gid for gid, _ in listed] == sorted(gids)
+    assert [bool(g.attrs["complete"]) for _, g in listed] == [True, False, True]
+    assert {k: v for k, v in docs.items() if k != "inputs/zarr.json"} == {f"inputs/{gid}/zarr.json": 1 for gid in gids}
+    assert [gid for gid, _ in store.iter_inputs(run.open_store("r"))] == sorted(gids[::2])  # complete only
