@@ -263,8 +263,6 @@ def load_scored(gid: str, group, patient: str, *, read: dict | None = None) -> S
 
 def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
     """Save the map as array ``idc_map`` in the input's group (replacing an older one)."""
-    from zarr.errors import ContainsArrayError
-
     rows, cols = idc_map.shape
     # its attributes go in with its metadata (one write), made by store.create_arrays (no parent HEADs);
     # an older map (a report made again) is replaced, which on object storage costs a listing: only then
@@ -272,9 +270,9 @@ def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
                             chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))),
                             attributes={"model_id": model_id,
                                         "description": "P(IDC) per model tile; NaN: background or unscored"})}
-    try:
-        (arr,) = store.create_arrays(group, spec).values()
-    except ContainsArrayError:
+    if "idc_map" not in group:  # one lookup; then its document alone is written (no parent read)
+        (arr,) = store.create_arrays(group, spec, absent=True).values()
+    else:  # a report made again: the old map goes first (its chunks too)
         (arr,) = store.create_arrays(group, spec, overwrite=True).values()
     arr[...] = idc_map
 

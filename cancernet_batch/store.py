@@ -315,7 +315,8 @@ def _array_metadata(**kwargs):
                                attributes=dict(kwargs.get("attributes") or {}))
 
 
-def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (), overwrite: bool = False) -> dict:
+def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (), overwrite: bool = False,
+                  absent: bool = False) -> dict:
     """Create the arrays ``{name: create_array keyword arguments}`` (and the empty ``groups``) under ``group``
     at once, with zarr's ``create_hierarchy``; returns ``{name: node}``.
 
@@ -327,17 +328,45 @@ def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (
     ``create_array``, unless ``overwrite`` (then it is removed first, as ``create_array(overwrite=True)``
     does). Metadata only: no chunk is written. ``group`` may be a :class:`NodeCache`, which learns the new
     nodes.
+
+    ``absent``: the caller has just seen ``group`` (it exists) and that none of the nodes is there (looked
+    up, or its place emptied): the checks are skipped and the documents are written at once (zarr's
+    ``create_nodes``, as ``create_hierarchy`` ends): one batch of PUTs, no GET. Each node's parent must be
+    ``group`` or one of ``groups``.
     """
     from zarr.core.group import GroupMetadata
 
     nodes = {name: GroupMetadata() for name in groups}
     nodes.update({name: _array_metadata(**kw) for name, kw in arrays.items()})
     target = group._group if isinstance(group, NodeCache) else group
-    made = dict(target.create_hierarchy(nodes, overwrite=overwrite))
+    if absent and not overwrite:
+        made = _create_nodes(target, nodes)
+    else:
+        made = dict(target.create_hierarchy(nodes, overwrite=overwrite))
     if isinstance(group, NodeCache):
         for name, node in made.items():
             group._remember(name, node)
     return made
+
+
+def _create_nodes(group, nodes: dict) -> dict:
+    """Write the metadata documents ``{name: metadata}`` under ``group`` with no lookup (see :func:`create_arrays`);
+    ``{name: node}``."""
+    from zarr.core.group import _parse_async_node, create_nodes
+    from zarr.core.sync import sync
+
+    for name in nodes:
+        parent = name.rpartition("/")[0]
+        if parent and parent not in nodes:
+            raise ValueError(f"{name}: its parent {parent!r} is neither the group nor a node made with it")
+    prefix = group.path
+
+    async def write() -> dict:
+        full = {f"{prefix}/{name}" if prefix else name: meta for name, meta in nodes.items()}
+        return {key[len(prefix) + 1:] if prefix else key: node
+                async for key, node in create_nodes(store=group.store, nodes=full)}
+
+    return {name: _parse_async_node(node) for name, node in sync(write()).items()}
 
 
 TILES_ZSTD_LEVEL = 1
@@ -376,6 +405,8 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         present = False
     if (gid in inputs) if present is None else present:
         del inputs[gid]
+    else:  # no group there: remove whatever a killed creation or removal left under its name (a listing)
+        _delete_dir(inputs, gid)
     c = max(1, min(chunk, n)) if n else chunk
     specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
                            compressors=tiles_compressor()),
@@ -384,7 +415,7 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         specs["labels"] = dict(shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
     specs["tiled"] = dict(shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
     specs.update(arrays or {})
-    made = create_arrays(inputs, {f"{gid}/{name}": kw for name, kw in specs.items()}, groups=(gid,))
+    made = create_arrays(inputs, {f"{gid}/{name}": kw for name, kw in specs.items()}, groups=(gid,), absent=True)
     g = NodeCache(made[gid])
     for name in specs:
         g._remember(name, made[f"{gid}/{name}"])
@@ -392,6 +423,24 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         write_whole(g, {name: v for name, v in data.items() if np.size(v)})
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     return g
+
+
+def _delete_dir(group, name: str) -> None:
+    """Remove everything under member ``name`` of ``group`` (nothing there: nothing done)."""
+    from zarr.core.sync import sync
+
+    where = group.store_path / name
+    fs = getattr(where.store, "fs", None)
+    if fs is not None:  # object storage (zarr's FsspecStore): one listing of the prefix (list_prefix adds a HEAD)
+        there = sync(fs._find(f"{where.store.path}/{group.path}".rstrip("/"), prefix=f"{name}/"))
+    else:
+        there = sync(_collect(where.store.list_prefix(where.path + "/")))
+    if there:
+        sync(where.delete_dir())
+
+
+async def _collect(items) -> list:
+    return [x async for x in items]
 
 
 def mark_complete(group, **updates) -> None:
@@ -850,7 +899,7 @@ def ensure_predictions(group, model_id: str, *, reset: bool = False):
     if missing:
         # both documents in one batch of writes (a kill between them leaves one array without the
         # other: either way no chunk is flagged done, and the next call makes the missing one)
-        made = create_arrays(group, missing)
+        made = create_arrays(group, missing, absent=True)  # just looked up: not there
         if not isinstance(group, NodeCache):
             return tuple(made[k] if k in made else group[k] for k in ("probs", "done"))
     return group["probs"], group["done"]
