@@ -330,6 +330,63 @@ def test_one_prepare_task_preflights_plans_and_sets_up_the_predictions(tiny_mode
     assert "µm/px" in other["score_error"].message
 
 
+def test_a_patient_folders_task_marks_it_complete_and_sets_up_its_predictions(tiny_model_dir, synth_patch_dir,
+                                                                             tmp_path):
+    """The patches task of the stream writes a patient folder's chunks, marks it complete in the write of its
+    other attrs and makes its probs/done with its group: every chunk comes back to score, as the client's
+    set-up of the same group says (which the client no longer does: on object storage a listing and some ten
+    requests an input, one after the other). A model of another µm/px is one failure of that input."""
+    from dataclasses import replace
+
+    from cancernet_batch.failures import Failure
+    from cancernet_batch.stages.score import input_chunks_to_score
+    from cancernet_batch.stages.tile import patches_task
+
+    folder = str(sorted(p for p in synth_patch_dir.iterdir() if p.is_dir())[0])
+    run = Run.of(tmp_path / "run")
+    run.create().open_store("a").require_group("inputs")
+    scoring = prepare_scoring(run, PredictConfig(model_dir=str(tiny_model_dir)))
+    cfg = TileConfig(target_mpp=scoring.mpp, chunk=4)
+    res = patches_task(run, folder, cfg, scoring)
+    gid = res["gid"]
+    chunks, nchunks = res["score"]
+    assert res["complete"] and nchunks == res["chunks"] >= 2 and len(chunks) == nchunks
+    g = run.open_store("r")["inputs"][gid]
+    assert g.attrs["complete"] is True and "padded" in g.attrs["extra"]
+    assert g["probs"].attrs["model_id"] == scoring.model_id and g["done"].shape == (nchunks,)
+    assert not np.asarray(g["done"][:]).any()
+    assert input_chunks_to_score(run.open_input(gid), gid, scoring) == (chunks, nchunks)
+    bare = Run.of(tmp_path / "plain")
+    bare.create().open_store("a").require_group("inputs")
+    plain = patches_task(bare, folder, cfg)  # the tile command: no predictions
+    assert plain["complete"] and "score" not in plain
+    assert "probs" not in Run.of(tmp_path / "plain").open_store("r")["inputs"][gid]
+    other = patches_task(run, folder, cfg, replace(scoring, mpp=scoring.mpp * 2))
+    assert isinstance(other["score_error"], Failure) and other["score_error"].stage == "predict"
+
+
+def test_the_stream_leaves_a_patient_folders_set_up_to_its_task(client, inputs, tiny_model_dir, tmp_path, monkeypatch):
+    """In a run, the client marks no patient folder complete and sets up no predictions for one: its task did."""
+    from cancernet_batch.stages import flow as flow_module
+
+    marked, set_up = [], []
+    monkeypatch.setattr(flow_module.store, "mark_complete", lambda g, **kw: marked.append(g.path))
+    start = Flow._start_scoring
+
+    def spy(self, inp, tiled_now, chunks=None):
+        set_up.append((inp.spec.kind if inp.spec is not None else None, chunks is None))
+        return start(self, inp, tiled_now, chunks)
+
+    monkeypatch.setattr(Flow, "_start_scoring", spy)
+    patients = [p for p in inputs if p.is_dir()]
+    run = Run.of(tmp_path / "run")
+    s = run_pipeline([str(p) for p in patients], run, TileConfig(target_mpp=4.0, chunk=16),
+                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert not s.failed_inputs and len(_rows(tmp_path / "run")) == len(patients)
+    assert marked == [] and set_up == [("patches", False)] * len(patients)
+    assert all(r["status"] == "reported" for r in _rows(tmp_path / "run"))
+
+
 def test_the_prepare_task_of_the_stream_tiles_the_first_chunk_itself(synth_slide_dir, tmp_path, monkeypatch):
     """``tile_first`` (what the stream asks): the first chunk is written in the prepare task, flagged as a chunk
     task flags it, with the same tiles; the others are left to chunk tasks; a slide whose first chunk cannot be

@@ -358,7 +358,8 @@ class Flow:
             inp.tiling_done = True
             self._start_scoring(inp, tiled_now=set())
         elif inp.spec is not None and inp.spec.kind == "patches":
-            self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, priority=_TILE)
+            self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, self.scoring,
+                         priority=_TILE)
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._preparing += 1
             self._first_preparing = self._first_preparing or inp.first
@@ -451,9 +452,11 @@ class Flow:
         self.tile.tiles_written += res["n"]
         self.tile.chunks_written += res["chunks"]
         self._tile_progress(res["n"], res["n"])
-        self._tiled(inp)
-        if self.scoring is not None:
-            self._start_scoring(inp, tiled_now=set())
+        self._tiled(inp, marked=res.get("complete", False))
+        if "score_error" in res:
+            self._fail(inp, res["score_error"])
+        elif self.scoring is not None:  # set up by the task (its group made with its predictions' arrays)
+            self._start_scoring(inp, tiled_now=set(), chunks=res.get("score"))
 
     def _tiled(self, inp: _Input, marked: bool = False) -> None:
         """Every chunk of the input is written: mark it complete (unless its worker did: ``marked``)."""

@@ -272,8 +272,12 @@ def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, co
     return tiles
 
 
-def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
-    """Worker: load one patient folder and write all its chunks. Bad patch files come back as failures."""
+def patches_task(run: Run, source: str, cfg: TileConfig, scoring=None) -> dict | Failure:
+    """Worker: load one patient folder and write all its chunks, then mark it complete (with its other attrs:
+    one write). Bad patch files come back as failures. With ``scoring`` (a
+    :class:`~cancernet_batch.stages.score.Scoring`), its predictions' arrays are made with its group and its
+    chunks to score come back as ``"score"`` (as :func:`prepare_slide_task`'s): the client sets nothing up
+    (on object storage: a listing and some ten requests an input, one input after the other)."""
     from ..patches import grid_shape, load
 
     try:
@@ -284,17 +288,28 @@ def patches_task(run: Run, source: str, cfg: TileConfig) -> dict | Failure:
         return Failure.from_exception(source, "tile", exc)
     plan = replace(plan, coords=ps.coords, grid_shape=grid_shape(ps.coords), patient=str(ps.patients[0]))
     root = run.open_store("r+", clean=False)
-    g = store.create_input(root, plan.attrs(), len(ps), chunk=cfg.chunk, labels=True)
-    c = int(g.attrs["chunk"])
-    for i, (s, e) in enumerate(store.chunk_bounds(len(ps), c)):
+    n = len(ps)
+    c = max(1, min(cfg.chunk, n)) if n else cfg.chunk  # as create_input makes it
+    arrays = store.prediction_specs(n, c, scoring.model_id) if scoring is not None else None
+    g = store.create_input(root, plan.attrs(), n, chunk=c, labels=True, arrays=arrays)
+    for i, (s, e) in enumerate(store.chunk_bounds(n, c)):
         store.write_tiles(g, s, e, ps.tiles[s:e])
         g["coords"][s:e] = ps.coords[s:e]
         g["labels"][s:e] = ps.labels[s:e]
         g["tiled"][i] = True
-    g.update_attributes({"extra": {**g.attrs["extra"], "padded": ps.padded, "duplicates": len(ps.duplicates)}})
+    store.mark_complete(g, extra={**g.attrs["extra"], "padded": ps.padded, "duplicates": len(ps.duplicates)})
     failures = [Failure(f.input, "tile", f.error_class, f.message) for f in ps.failures]
-    return {"gid": store.input_id(source), "n": len(ps), "chunks": len(store.chunk_bounds(len(ps), c)),
-            "failures": failures, "summary": plan.summary()}
+    gid = store.input_id(source)
+    out = {"gid": gid, "n": n, "chunks": len(store.chunk_bounds(n, c)), "failures": failures,
+           "summary": plan.summary(), "complete": True}
+    if scoring is not None:
+        from .score import input_chunks_to_score
+
+        try:
+            out["score"] = input_chunks_to_score(g, gid, scoring, made=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. another µm/px: this input is not scored, the others go on
+            out["score_error"] = Failure.from_exception(source, "predict", exc)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
