@@ -269,6 +269,18 @@ def _concurrent(jobs, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def _process_cpu() -> float:
+    """CPU seconds of this process and its children (a Dask worker and its preflight child), for ``client.run``."""
+    import psutil
+
+    p = psutil.Process()
+    total = sum(p.cpu_times()[:2])
+    for c in p.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(c.cpu_times()[:2])
+    return total
+
+
 def upload_run_inputs(fs, files: list[Path], patients: list[Path]) -> None:
     """The whole run's inputs onto the server: ``s3://bench-runs/in/`` holds the slides and the patient folders."""
     for p in files:
@@ -316,14 +328,20 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
                            else Run.of(work / "runs" / f"{mode.replace(' ', '-')}-r{rep}",
                                        input_options=opts if s3_in else None))
                     server.tally()
+                    w0, c0 = client.run(_process_cpu), sum(os.times()[:2])
                     t0 = time.perf_counter()
                     s = run_pipeline(inputs, run, tcfg, pcfg, ReportConfig(model_dir=str(model)), client=client)
                     wall = time.perf_counter() - t0
                     requests, moto_cpu = server.tally()
+                    client_cpu, w1 = sum(os.times()[:2]) - c0, client.run(_process_cpu)
                     fig = {"rep": rep, "warmup": rep == 0, "wall_s": round(wall, 2), "patches": s.predict.tiles_scored,
                            "inputs": len(s.tile.tiled), "failed": len(s.failed_inputs),
                            "patches_per_s": round(s.predict.tiles_scored / wall, 1),
                            "requests": requests, "moto_cpu_s": round(moto_cpu, 2),
+                           # where the CPU went: this process (client and scheduler), the workers (with their
+                           # children), the S3 server (moto_cpu_s, whichever server was timed)
+                           "client_cpu_s": round(client_cpu, 2),
+                           "workers_cpu_s": round(sum(w1[k] - w0.get(k, 0.0) for k in w1), 2),
                            "load": os.getloadavg()}
                     out[mode].append(fig)
                     print(f"run {mode} rep {rep}: {fig}", flush=True)
@@ -510,8 +528,10 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     text = _markdown(args, rows, concurrent, whole)
     print(text)
+    from cancernet_batch.machine import code
+
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-               "load_at_end": os.getloadavg(),
+               "load_at_end": os.getloadavg(), "code": code(),  # which checkout ran (old/new comparisons)
                "note": "shared VM: other engineers' jobs ran at the same time"}
     if args.out:
         out = Path(args.out)
