@@ -800,6 +800,22 @@ def _puts(requests) -> dict[str, int]:
     return dict(Counter(r.path.split("/tiles.zarr/", 1)[1] for r in requests if r.method == "PUT"))
 
 
+def _new_run(s3, prefix: str):
+    """A run folder on S3 with its tile store and ``inputs`` group made (as a run does first): ``(run, root)``."""
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    root.require_group("inputs")
+    return run, root
+
+
+def _object_attrs(name: str, n: int, grid=(4, 5), kind: str = "slide"):
+    """The attrs of an input ``s3://BUCKET/x/NAME`` of ``n`` tiles (an InputAttrs; nothing is read)."""
+    from cancernet_batch.store import InputAttrs
+
+    return InputAttrs(source=f"s3://{BUCKET}/x/{name}", kind=kind, reader="test", patient="p", source_size=1,
+                      source_mtime=0.0, target_mpp=4.0, grid_shape=grid, n_tiles=n)
+
+
 def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s3):
     """create_input, ensure_predictions and the report's map make their arrays through zarr's create_hierarchy:
     no HEAD (zarr's create_array sends one per parent group of every array: 3 per array here), one PUT per
@@ -809,14 +825,10 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
     from zarr.storage import MemoryStore
 
     from cancernet_batch import aggregate, store
-    from cancernet_batch.store import InputAttrs
 
     prefix = "nights/created"
-    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
-    root = run.create().open_store("a")
-    root.require_group("inputs")  # as a run does first
-    attrs = InputAttrs(source=f"s3://{BUCKET}/x/a.svs", kind="slide", reader="test", patient="p", source_size=1,
-                       source_mtime=0.0, target_mpp=4.0, grid_shape=(4, 5), n_tiles=10)
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("a.svs", 10)
     gid = store.input_id(attrs.source)
     tissue = dict(shape=(4, 5), chunks=(4, 5), dtype="float32")
     _store_requests(s3, prefix)
@@ -880,14 +892,10 @@ def test_setting_up_an_inputs_scoring_on_the_client_costs_few_requests(s3):
     from cancernet_batch import store
     from cancernet_batch.config import PredictConfig
     from cancernet_batch.stages.score import Scoring, input_chunks_to_score
-    from cancernet_batch.store import InputAttrs
 
     prefix = "nights/scoring"
-    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
-    root = run.create().open_store("a")
-    root.require_group("inputs")
-    attrs = InputAttrs(source=f"s3://{BUCKET}/x/b.svs", kind="slide", reader="test", patient="p", source_size=1,
-                       source_mtime=0.0, target_mpp=4.0, grid_shape=(4, 5), n_tiles=10)
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("b.svs", 10)
     gid = store.input_id(attrs.source)
     g = store.create_input(root, attrs, 10, chunk=4)
     g["coords"][:] = np.stack(np.divmod(np.arange(10), 5), axis=1)
@@ -975,14 +983,10 @@ def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_on
     from cancernet_batch.aggregate import REPORTED, Threshold
     from cancernet_batch.config import ReportConfig
     from cancernet_batch.stages.report import _one_input
-    from cancernet_batch.store import InputAttrs
 
     prefix = "nights/reportreads"
-    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
-    root = run.create().open_store("a")
-    root.require_group("inputs")
-    attrs = InputAttrs(source=f"s3://{BUCKET}/x/P7", kind="patches", reader="png", patient="P7", source_size=1,
-                       source_mtime=0.0, target_mpp=2.0, grid_shape=(3, 4), n_tiles=10)
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("P7", 10, grid=(3, 4), kind="patches")
     gid = store.input_id(attrs.source)
     g = store.create_input(root, attrs, 10, chunk=4, labels=True)
     g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
@@ -1011,16 +1015,12 @@ def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
     from collections import Counter
 
     from cancernet_batch import store
-    from cancernet_batch.store import InputAttrs
 
     prefix = "nights/listing"
-    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
-    root = run.create().open_store("a")
-    root.require_group("inputs")
+    run, root = _new_run(s3, prefix)
     gids = []
     for k, complete in enumerate((True, False, True)):
-        attrs = InputAttrs(source=f"s3://{BUCKET}/x/s{k}.svs", kind="slide", reader="test", patient="p", source_size=1,
-                           source_mtime=0.0, target_mpp=4.0, grid_shape=(2, 2), n_tiles=4)
+        attrs = _object_attrs(f"s{k}.svs", 4, grid=(2, 2))
         g = store.create_input(root, attrs, 4, chunk=4)
         if complete:
             store.mark_complete(g)
@@ -1042,15 +1042,12 @@ def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_it
     ``probs`` array of another size and a chunk flagged tiled. Before, on object storage, the left arrays
     made every later creation fail (``ContainsArrayError``)."""
     from cancernet_batch import store
-    from cancernet_batch.store import InputAttrs
 
     prefix = "nights/leftovers"
-    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
-    root = run.create().open_store("a")
+    run, root = _new_run(s3, prefix)
 
-    def attrs(n: int) -> InputAttrs:
-        return InputAttrs(source=f"s3://{BUCKET}/x/left.svs", kind="slide", reader="test", patient="p",
-                          source_size=1, source_mtime=0.0, target_mpp=4.0, grid_shape=(3, 3), n_tiles=n)
+    def attrs(n: int):
+        return _object_attrs("left.svs", n, grid=(3, 3))
 
     gid = store.input_id(attrs(9).source)
     old = store.create_input(root, attrs(9), 9, chunk=4, arrays=store.prediction_specs(9, 4, "m"))

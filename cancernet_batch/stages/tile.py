@@ -227,6 +227,14 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     if not out["todo"]:  # every chunk written (here, or before a resume): complete, without the client's write
         store.mark_complete(g)
         out["complete"] = True
+    return _with_scoring(out, g, gid, source, scoring, made)
+
+
+def _with_scoring(out: dict, g, gid: str, source: str, scoring, made: bool) -> dict:
+    """``out`` with the input's chunks to score (``"score"``, as
+    :func:`~cancernet_batch.stages.score.input_chunks_to_score` returns them) or why it cannot be scored
+    (``"score_error"``: a failure of this input only, e.g. tiled at another µm/px); ``out`` alone without
+    ``scoring``."""
     if scoring is not None:
         from .score import input_chunks_to_score
 
@@ -302,14 +310,7 @@ def patches_task(run: Run, source: str, cfg: TileConfig, scoring=None) -> dict |
     gid = store.input_id(source)
     out = {"gid": gid, "n": n, "chunks": len(store.chunk_bounds(n, c)), "failures": failures,
            "summary": plan.summary(), "complete": True}
-    if scoring is not None:
-        from .score import input_chunks_to_score
-
-        try:
-            out["score"] = input_chunks_to_score(g, gid, scoring, made=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. another µm/px: this input is not scored, the others go on
-            out["score_error"] = Failure.from_exception(source, "predict", exc)
-    return out
+    return _with_scoring(out, g, gid, source, scoring, made=True)
 
 
 # --------------------------------------------------------------------------------------------
