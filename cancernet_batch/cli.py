@@ -614,11 +614,12 @@ def _cluster_options(f):
     return f
 
 
-def _start_workers_early(cluster) -> None:
-    """Start the process local workers are forked from now, so its imports overlap the client's own."""
-    from .cluster import start_forkserver
+def _start_workers_early(cluster, locations=()) -> None:
+    """Start the process local workers are forked from now, so its imports overlap the client's own (with the
+    storage driver that ``locations``, the inputs and run folder, need on object storage)."""
+    from .cluster import start_forkserver, storage_drivers
 
-    start_forkserver(cluster)
+    start_forkserver(cluster, also=storage_drivers(locations))
 
 
 def _cluster_config(kw: dict, device: str | None = None):
@@ -722,7 +723,7 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     """
     check_out_not_inside_inputs(out, inputs)
     cluster = _cluster_config(kw)
-    _start_workers_early(cluster)  # first: the workers' imports are the longest step before the first tile
+    _start_workers_early(cluster, (*inputs, out))  # first: the workers' imports are the longest step before the first tile
     run_folder = _run_of(out, storage_options, inputs)
     cfg = _tile_config(kw, chunk_size)
     from .runfolder import Run
@@ -847,7 +848,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
               "stage_cache_gb"):
         kw.pop(k)
     predict_cfg = _predict_config(kw)  # before the workers start: it may set KERAS_BACKEND for them
-    _start_workers_early(predict_cfg.cluster)  # first: the workers' imports are the longest step before the first tile
+    _start_workers_early(predict_cfg.cluster, (*inputs, out))  # first: the workers' imports are the longest step
     run_folder = _run_of(out, storage_options, inputs)
     tile_cfg = _tile_config(tile_kw, chunk_size)
     from .stages.report import ReportConfig

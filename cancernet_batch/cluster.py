@@ -121,7 +121,19 @@ def import_in_background(modules: Iterable[str]) -> None:
     threading.Thread(target=run, name="cancernet imports", daemon=True).start()
 
 
-def start_forkserver(cfg: ClusterConfig) -> bool:
+def storage_drivers(locations: Iterable[object]) -> tuple[str, ...]:
+    """The fsspec driver modules (``s3fs``, ``gcsfs``, ``adlfs``...) that ``locations`` (inputs, ``--out``) on
+    object storage need: each costs a worker about 0.3 s of CPU to import (s3fs with botocore and aiohttp)."""
+    schemes = {str(x).split("://", 1)[0].lower() for x in locations if "://" in str(x)} - {"file", "local"}
+    if not schemes:
+        return ()
+    from fsspec.registry import known_implementations
+
+    return tuple(sorted({known_implementations[s]["class"].split(".", 1)[0]
+                         for s in schemes if s in known_implementations}))
+
+
+def start_forkserver(cfg: ClusterConfig, also: Iterable[str] = ()) -> bool:
     """Start (in the background) the process that local Dask workers are forked from; True when it is used.
 
     A spawned worker starts a fresh interpreter and imports Dask, numpy, zarr and the readers itself:
@@ -131,7 +143,9 @@ def start_forkserver(cfg: ClusterConfig) -> bool:
     own. It keeps the environment it was started with (:func:`worker_environ`): a later cluster in the
     same process whose workers would start with another environment (other cluster settings, a variable
     set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms without ``fork``
-    (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there.
+    (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there. ``also``: more
+    modules for it to import (a run on object storage: its fsspec driver, :func:`storage_drivers`; every
+    worker and its preflight child would import it); only when this call starts the server.
     """
     global _FORKSERVER_ENV
     import multiprocessing
@@ -146,7 +160,9 @@ def start_forkserver(cfg: ClusterConfig) -> bool:
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    preload = list(FORKSERVER_PRELOAD)
+    preload[-1:-1] = [m for m in also if m not in preload]  # before cancernet_batch.prefork, which stays last
+    ctx.set_forkserver_preload(preload)
     saved = dict(os.environ)
     try:
         os.environ.update(env)

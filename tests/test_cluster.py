@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cancernet_batch.cluster import ClusterConfig, dask_client, security
+from cancernet_batch.cluster import ClusterConfig, dask_client, security, storage_drivers
 from cancernet_batch.errors import ConfigError
 
 ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -154,3 +154,24 @@ def test_the_clients_run_modules_are_imported_while_a_local_cluster_starts():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "True", r.stdout
+
+
+def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_local_workers():
+    """s3fs (with botocore and aiohttp) costs each process about 0.3 s of CPU to import: a run whose inputs or run
+    folder are on S3 has the forkserver import it, so each local worker (and the preflight child it forks) starts
+    with it; a run on local disk does not pay for it."""
+    assert storage_drivers(["s3://b/in/x.svs", "/data/y.svs", "file:///tmp/run"]) == ("s3fs",)
+    assert storage_drivers(["/data/y.svs", "relative/run"]) == ()
+    code = ("import sys\n"
+            "from cancernet_batch.cluster import ClusterConfig, dask_client, start_forkserver, storage_drivers\n"
+            "def has():\n"
+            "    import sys\n"
+            "    return 's3fs' in sys.modules\n"
+            "cfg = ClusterConfig(workers=1, dashboard=False)\n"
+            "assert start_forkserver(cfg, also=storage_drivers(sys.argv[1:]))\n"
+            "with dask_client(cfg) as c:\n"
+            "    print(list(c.run(has).values()))\n")
+    for locations, want in ((["s3://bucket/in/", "s3://bucket/run"], "[True]"), (["/data/in", "/data/run"], "[False]")):
+        r = subprocess.run([sys.executable, "-c", code, *locations], capture_output=True, text=True, env=ENV, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == want, (locations, r.stdout)
