@@ -35,6 +35,8 @@ random weights (ONNX); **local**: inputs on disk, ``--out`` a local folder; **s3
 the S3 server. ``--server s3rver`` times a second real S3 server instead of moto (s3rver, Node; see
 :class:`S3rverProcess`); request counts then come from the same passes on moto. Runs alternate, the first pair is a warm-up (not counted), best of ``--run-repeat``.
 Patches/s = patches scored / the run's wall time (the issue's target: s3/local >= 0.7).
+``--cli-runs N`` also times the ``cancernet run`` command itself, as a user runs it (its own local cluster: the
+start-up, the model's loading and the storage driver's imports are in its time), local vs both on S3.
 Prints markdown tables; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
 """
 
@@ -345,13 +347,52 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
                            "load": os.getloadavg()}
                     out[mode].append(fig)
                     print(f"run {mode} rep {rep}: {fig}", flush=True)
+        commands = _cli_runs(args, work, model, local_inputs, server) if args.cli_runs else None
     counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
     best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
     pairs = [s["patches_per_s"] / max(l["patches_per_s"], 1e-9)
              for l, s in zip(counted["local"], counted.get("s3", []))]
     return {"figures": out, "best": best,
             "ratio_best": {m: best[m]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9) for m in modes},
-            "ratio_per_pair": [round(r, 3) for r in pairs]}
+            "ratio_per_pair": [round(r, 3) for r in pairs], "commands": commands}
+
+
+def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) -> dict:
+    """``--cli-runs``: the whole ``cancernet run`` command as a user types it (its own local cluster, so its
+    start-up, the model's loading and the storage driver's imports are in the time), local inputs and run
+    folder vs both on the S3 server; alternating, after one warm-up pair (not counted). Patches/s = patches
+    scored (the run's progress record) / the command's wall time."""
+    import subprocess
+
+    opts = server.options()
+    out: dict = {"local": [], "s3": []}
+    for rep in range(args.cli_runs + 1):
+        for mode in ("local", "s3"):
+            folder = (f"s3://bench-runs/cli/{mode}-r{rep}" if mode == "s3" else str(work / "runs" / f"cli-{mode}-r{rep}"))
+            cmd = [sys.executable, "-m", "cancernet_batch.cli", "run",
+                   *(["s3://bench-runs/in/"] if mode == "s3" else local_inputs), "--out", folder, "--model", str(model),
+                   "--engine", "onnx", "--batch-size", "256", "--workers", str(args.workers),
+                   "--threads-per-worker", str(args.worker_threads), "--decode", args.decode]
+            if mode == "s3":
+                cmd += ["--storage-options", json.dumps(opts)]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise SystemExit(f"cancernet run ({mode}) exited {r.returncode}: {r.stderr[-1500:]}")
+            progress = json.loads(server.fs().cat_file(f"bench-runs/cli/{mode}-r{rep}/progress.json") if mode == "s3"
+                                  else Path(folder, "progress.json").read_text())
+            patches = int(progress["patches"]["scored"])
+            fig = {"rep": rep, "warmup": rep == 0, "wall_s": round(wall, 2), "patches": patches,
+                   "patches_per_s": round(patches / wall, 1), "load": os.getloadavg()}
+            out[mode].append(fig)
+            print(f"cancernet run, {mode}, rep {rep}: {fig}", flush=True)
+    counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
+    best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
+    return {"figures": out, "best": best,
+            "ratio_best": best["s3"]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9),
+            "ratio_per_pair": [round(s["patches_per_s"] / max(loc["patches_per_s"], 1e-9), 3)
+                               for loc, s in zip(counted["local"], counted["s3"])]}
 
 
 def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | None) -> str:
@@ -388,6 +429,15 @@ def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | Non
             lines.append(f"| {m} | {b['patches']} | {b['wall_s']:.1f} | {b['patches_per_s']:.0f} "
                          f"| {whole['ratio_best'][m]:.2f} | {each} | {reqs or '-'} | {b['moto_cpu_s']:.1f} |")
         lines += ["", f"s3/local patches/s per pair of runs: {', '.join(f'{r:.2f}' for r in whole['ratio_per_pair'])}"]
+        cli = whole.get("commands")
+        if cli:
+            lines += ["", "| `cancernet run` command (its own cluster) | patches | wall s (best) | patches/s (best) "
+                          "| each counted run: wall s |", "|---|---:|---:|---:|---|"]
+            for m, b in cli["best"].items():
+                each = ", ".join(f"{f['wall_s']:.1f}" for f in cli["figures"][m] if not f["warmup"])
+                lines.append(f"| {m} | {b['patches']} | {b['wall_s']:.1f} | {b['patches_per_s']:.0f} | {each} |")
+            lines += ["", f"command s3/local patches/s: best against best {cli['ratio_best']:.2f}; per pair "
+                          f"{', '.join(f'{r:.2f}' for r in cli['ratio_per_pair'])}"]
     return "\n".join(lines)
 
 
@@ -409,6 +459,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--run-modes", default="s3,s3 inputs only,s3 out only",
                     help="whole-run modes beside local (comma-separated: s3, s3 inputs only, s3 out only)")
+    ap.add_argument("--cli-runs", type=int, default=0,
+                    help="with --run: also time the `cancernet run` command itself (start-up included), local vs "
+                         "s3, this many times each after a warm-up pair")
     ap.add_argument("--server", default="moto", choices=("moto", "s3rver"),
                     help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)

@@ -121,6 +121,11 @@ def import_in_background(modules: Iterable[str]) -> None:
     threading.Thread(target=run, name="cancernet imports", daemon=True).start()
 
 
+_DRIVER_WARM = {"s3fs": ("cancernet_batch.s3warm",)}
+"""What the forkserver imports after a storage driver: for S3, botocore's data read into the process's shared
+session (:func:`cancernet_batch.runfolder.warm_s3_session`)."""
+
+
 def storage_drivers(locations: Iterable[object]) -> tuple[str, ...]:
     """The fsspec driver modules (``s3fs``, ``gcsfs``, ``adlfs``...) that ``locations`` (inputs, ``--out``) on
     object storage need: each costs a worker about 0.3 s of CPU to import (s3fs with botocore and aiohttp)."""
@@ -160,8 +165,9 @@ def start_forkserver(cfg: ClusterConfig, also: Iterable[str] = ()) -> bool:
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
+    more = [m for d in also for m in (d, *_DRIVER_WARM.get(d, ())) if m not in FORKSERVER_PRELOAD]
     preload = list(FORKSERVER_PRELOAD)
-    preload[-1:-1] = [m for m in also if m not in preload]  # before cancernet_batch.prefork, which stays last
+    preload[-1:-1] = more  # before cancernet_batch.prefork, which stays last
     ctx.set_forkserver_preload(preload)
     saved = dict(os.environ)
     try:

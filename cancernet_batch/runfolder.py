@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -306,6 +307,54 @@ def _storage_defaults(protocol: str) -> dict:
     return {}
 
 
+_S3_SESSIONS: dict = {}
+_S3_SESSION_LOCK = threading.Lock()
+
+
+def _process_session(protocol: str, options: Mapping) -> dict:
+    """What this process adds to ``options`` when it makes a filesystem (never part of the options that travel
+    to the workers): for S3, one aiobotocore session shared by all its ``S3FileSystem`` objects.
+
+    s3fs makes a session per filesystem object, and each object's first request builds a botocore client from
+    it: the service model, endpoint rules and partitions read from botocore's JSON files anew each time (the
+    loader's cache lives in the session). A process has several such objects (one per thread that opens the
+    tile store, the side files' and the inputs' own), and a run several processes: in a `cancernet run` on
+    S3 these reads were a large share of the CPU beside the requests. With one session per process they are
+    read once; the workers' forkserver reads them before it forks (:func:`warm_s3_session`), so local workers
+    and their preflight children start with them. Not when the options name their own ``session`` or
+    ``profile`` (a session of that profile is s3fs's to make)."""
+    if protocol not in ("s3", "s3a") or "session" in options or "profile" in options:
+        return {}
+    return {"session": s3_session()}
+
+
+def s3_session():
+    """This process's shared aiobotocore session (see :func:`_process_session`): one per set of ``AWS_*``
+    environment variables, since a session keeps the credentials it found (a process that changes them, as
+    the tests do, gets a new one)."""
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _S3_SESSION_LOCK:
+        session = _S3_SESSIONS.get(env)
+        if session is None:
+            from aiobotocore.session import AioSession
+
+            session = _S3_SESSIONS[env] = AioSession()
+        return session
+
+
+def warm_s3_session() -> None:
+    """Read botocore's data for an S3 client into the shared session now (a client made with placeholder
+    credentials and closed at once: nothing is sent, no credentials are looked up)."""
+    import asyncio
+
+    async def make() -> None:
+        async with s3_session().create_client("s3", region_name="us-east-1", aws_access_key_id="warm",
+                                              aws_secret_access_key="warm"):
+            pass
+
+    asyncio.run(make())
+
+
 def _merged(defaults: dict, given: Mapping) -> dict:
     out = dict(defaults)
     for k, v in given.items():
@@ -347,7 +396,8 @@ class FsspecFS:
             import fsspec
 
             try:
-                self._fs = fsspec.filesystem(self.protocol, **self.storage_options)
+                self._fs = fsspec.filesystem(self.protocol, **self.storage_options,
+                                             **_process_session(self.protocol, self.storage_options))
             except ImportError as exc:
                 raise StorageError(f"no fsspec driver for {self.protocol}:// ({exc})", path=f"{self.protocol}://",
                                    hint=f"install the package for {self.protocol}:// (s3fs, gcsfs or adlfs)") from None
@@ -477,7 +527,8 @@ class FsspecFS:
 
         self.check(path)
         return self._call(path, "opening the tile store", FsspecStore.from_url, str(path),
-                          storage_options=dict(self.storage_options))
+                          storage_options={**self.storage_options,
+                                           **_process_session(self.protocol, self.storage_options)})
 
     # the lock ----------------------------------------------------------------------------------
     def _read_lock(self, path) -> dict | None:

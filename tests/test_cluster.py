@@ -157,16 +157,18 @@ def test_the_clients_run_modules_are_imported_while_a_local_cluster_starts():
 
 
 def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_local_workers():
-    """s3fs (with botocore and aiohttp) costs each process about 0.3 s of CPU to import: a run whose inputs or run
-    folder are on S3 has the forkserver import it, so each local worker (and the preflight child it forks) starts
-    with it; a run on local disk does not pay for it."""
+    """s3fs (with botocore and aiohttp) costs each process about 0.3 s of CPU to import, and botocore's data for an
+    S3 client more: a run whose inputs or run folder are on S3 has the forkserver import it and read that data into
+    the process's shared session, so each local worker (and the preflight child it forks) starts with both; a run on
+    local disk does not pay for them."""
     assert storage_drivers(["s3://b/in/x.svs", "/data/y.svs", "file:///tmp/run"]) == ("s3fs",)
     assert storage_drivers(["/data/y.svs", "relative/run"]) == ()
     code = ("import sys\n"
             "from cancernet_batch.cluster import ClusterConfig, dask_client, start_forkserver, storage_drivers\n"
             "def has():\n"
             "    import sys\n"
-            "    return 's3fs' in sys.modules\n"
+            "    from cancernet_batch import runfolder\n"
+            "    return 's3fs' in sys.modules and bool(runfolder._S3_SESSIONS)\n"
             "cfg = ClusterConfig(workers=1, dashboard=False)\n"
             "assert start_forkserver(cfg, also=storage_drivers(sys.argv[1:]))\n"
             "with dask_client(cfg) as c:\n"

@@ -1060,3 +1060,24 @@ def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_it
     assert list(store.tiled_mask(again)) == [False, False]
     g["tiled"][1] = True
     assert list(store.tiled_mask(run.open_store("r")["inputs"][gid])) == [False, True]
+
+
+def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_travels(s3, monkeypatch):
+    """Each S3 filesystem object of a process (side files, tile store, inputs) makes its botocore client from one
+    shared session, so botocore's data (service model, endpoint rules) is read once per process, not once per
+    object. The session is never part of the options that go to the workers; options that name a profile get
+    s3fs's own session; other AWS_* credentials in the environment get another session."""
+    import pickle
+
+    from cancernet_batch.runfolder import FsspecFS, s3_session
+
+    run = Run.of(f"s3://{BUCKET}/nights/session", s3.options())
+    a = run.fs
+    b = FsspecFS("s3", {**s3.options(), "key": "another-key"})
+    assert a.fs is not b.fs and a.fs.session is b.fs.session is s3_session()
+    store_fs = a.store_location(run.store_path).fs
+    assert store_fs.session is a.fs.session and store_fs.asynchronous
+    assert "session" not in pickle.loads(pickle.dumps(a)).storage_options
+    assert FsspecFS("s3", {**s3.options(), "profile": "other"}).fs.session is not s3_session()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAOTHERKEYFROMENV")
+    assert s3_session() is not a.fs.session
