@@ -321,11 +321,20 @@ def _process_session(protocol: str, options: Mapping) -> dict:
     tile store, the side files' and the inputs' own), and a run several processes: in a `cancernet run` on
     S3 these reads were a large share of the CPU beside the requests. With one session per process they are
     read once; the workers' forkserver reads them before it forks (:func:`warm_s3_session`), so local workers
-    and their preflight children start with them. Not when the options name their own ``session`` or
-    ``profile`` (a session of that profile is s3fs's to make)."""
+    and their preflight children start with them.
+
+    Only with fixed credentials (``key`` and ``secret`` in the options, ``anon``, or both in the environment
+    without an expiry): a session shares the credentials it finds, and refreshable ones (a role from the
+    instance, SSO, a profile) hold state of the event loop that refreshed them, while a process runs several
+    loops (zarr's, fsspec's). Those, and options that name their own ``session`` or ``profile``, keep s3fs's
+    session per filesystem object, as before."""
     if protocol not in ("s3", "s3a") or "session" in options or "profile" in options:
         return {}
-    return {"session": s3_session()}
+    env = os.environ
+    fixed = (bool(options.get("anon")) or (options.get("key") and options.get("secret"))
+             or (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
+                 and not env.get("AWS_CREDENTIAL_EXPIRATION")))
+    return {"session": s3_session()} if fixed else {}
 
 
 def s3_session():

@@ -1065,8 +1065,9 @@ def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_it
 def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_travels(s3, monkeypatch):
     """Each S3 filesystem object of a process (side files, tile store, inputs) makes its botocore client from one
     shared session, so botocore's data (service model, endpoint rules) is read once per process, not once per
-    object. The session is never part of the options that go to the workers; options that name a profile get
-    s3fs's own session; other AWS_* credentials in the environment get another session."""
+    object. The session is never part of the options that go to the workers; options that name a profile, or
+    credentials that may be refreshed, get s3fs's own session; other AWS_* credentials in the environment get
+    another session."""
     import pickle
 
     from cancernet_batch.runfolder import FsspecFS, s3_session
@@ -1081,3 +1082,8 @@ def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_t
     assert FsspecFS("s3", {**s3.options(), "profile": "other"}).fs.session is not s3_session()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAOTHERKEYFROMENV")
     assert s3_session() is not a.fs.session
+    # credentials that may be refreshed (no key in the options or the environment: a role, SSO...) are not shared
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    keyless = {k: v for k, v in s3.options().items() if k not in ("key", "secret")}
+    assert FsspecFS("s3", keyless).fs.session is None  # s3fs makes its own at its first request
