@@ -383,6 +383,11 @@ def tiles_compressor():
     return ZstdCodec(level=TILES_ZSTD_LEVEL)
 
 
+def input_chunk(n: int, chunk: int) -> int:
+    """The chunk (tiles) of an input of ``n`` tiles asked to be stored in chunks of ``chunk``: at most ``n``."""
+    return max(1, min(chunk, n)) if n else chunk
+
+
 def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
                  arrays: dict[str, dict] | None = None, data: dict[str, np.ndarray] | None = None,
                  present: bool | None = None):
@@ -407,7 +412,7 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         del inputs[gid]
     else:  # no group there: remove whatever a killed creation or removal left under its name (a listing)
         _delete_dir(inputs, gid)
-    c = max(1, min(chunk, n)) if n else chunk
+    c = input_chunk(n, chunk)
     specs = {"tiles": dict(shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
                            compressors=tiles_compressor()),
              "coords": dict(shape=(n, 2), chunks=(c, 2), dtype="int32")}

@@ -139,10 +139,6 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
 
 
-def _store_chunk(n: int, chunk: int) -> int:
-    return max(1, min(chunk, n)) if n else chunk
-
-
 def edge_chunk(chunk: int) -> int:
     """The smaller chunk (an eighth, at least 8 tiles) of the first and last inputs of a streamed run.
 
@@ -157,7 +153,7 @@ def edge_chunk(chunk: int) -> int:
 def _chunk_ok(stored, n: int, chunk: int) -> bool:
     """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk`` (either size: a resumed
     run keeps the layout an input has, whichever end of an earlier run it was at)."""
-    return stored in (_store_chunk(n, chunk), _store_chunk(n, edge_chunk(chunk)))
+    return stored in (store.input_chunk(n, chunk), store.input_chunk(n, edge_chunk(chunk)))
 
 
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False,
@@ -200,7 +196,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         todo = [(i, s, e) for i, (s, e) in enumerate(bounds) if not done[i]]
         kept = len(bounds) - len(todo)
     else:
-        c = _store_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
+        c = store.input_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
         bounds = store.chunk_bounds(plan.n_tiles, c)
         rows, cols = plan.grid_shape
         th = plan.thumbnail
@@ -297,7 +293,7 @@ def patches_task(run: Run, source: str, cfg: TileConfig, scoring=None) -> dict |
     plan = replace(plan, coords=ps.coords, grid_shape=grid_shape(ps.coords), patient=str(ps.patients[0]))
     root = run.open_store("r+", clean=False)
     n = len(ps)
-    c = max(1, min(cfg.chunk, n)) if n else cfg.chunk  # as create_input makes it
+    c = store.input_chunk(n, cfg.chunk)
     arrays = store.prediction_specs(n, c, scoring.model_id) if scoring is not None else None
     g = store.create_input(root, plan.attrs(), n, chunk=c, labels=True, arrays=arrays)
     for i, (s, e) in enumerate(store.chunk_bounds(n, c)):
