@@ -599,17 +599,24 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
         yield gid, g
 
 
-def _member_groups(group) -> dict | None:
-    """``{name: group}`` of the member groups of ``group``, each document read once (None when a member cannot
-    be read: the lookups one by one then say what is wrong)."""
+def _members(group) -> dict | None:
+    """``{name: node}`` of every member of ``group`` at once (on object storage one listing and the documents read
+    concurrently); None when a member cannot be read (a damaged document): the lookups one by one then say what
+    is wrong."""
     import warnings
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # objects that are no zarr node
-            return dict(group.groups())
-    except Exception:  # noqa: BLE001
+            warnings.simplefilter("ignore")  # objects that are no zarr node (a stale temporary file)
+            return dict(group.members())
+    except Exception:  # noqa: BLE001 - the lookups one by one raise the usual clear errors
         return None
+
+
+def _member_groups(group) -> dict | None:
+    """``{name: group}`` of the member groups of ``group``, each document read once (None: as :func:`_members`)."""
+    members = _members(group)
+    return None if members is None else {k: v for k, v in members.items() if hasattr(v, "group_keys")}
 
 
 def validate_input(group, *, done: np.ndarray | None = None, read: dict | None = None) -> str | None:
@@ -724,13 +731,8 @@ class NodeCache:
         """Look every member up at once: one listing and the members' documents read concurrently (on object
         storage two round trips, instead of one per name looked up, absent names included). Any problem
         (a damaged document) leaves the lookups one by one, which say what is wrong."""
-        import warnings
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # objects that are no zarr node (a stale temporary file)
-                members = dict(self._group.members())
-        except Exception:  # noqa: BLE001 - the lookups one by one raise the usual clear errors
+        members = _members(self._group)
+        if members is None:
             return self
         self._nodes.update(members)
         self._listed = True
