@@ -348,13 +348,19 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
                     out[mode].append(fig)
                     print(f"run {mode} rep {rep}: {fig}", flush=True)
         commands = _cli_runs(args, work, model, local_inputs, server) if args.cli_runs else None
+    return {**_summary(out), "commands": commands}
+
+
+def _summary(out: dict) -> dict:
+    """``{"figures", "best", "ratio_best", "ratio_per_pair"}`` of runs ``{mode: [figure, ...]}`` (warm-ups left
+    out): each mode's best run, its patches/s over local's best, and s3 over local pair by pair."""
     counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
     best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
-    pairs = [s["patches_per_s"] / max(l["patches_per_s"], 1e-9)
-             for l, s in zip(counted["local"], counted.get("s3", []))]
+    pairs = [s["patches_per_s"] / max(loc["patches_per_s"], 1e-9)
+             for loc, s in zip(counted["local"], counted.get("s3", []))]
     return {"figures": out, "best": best,
-            "ratio_best": {m: best[m]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9) for m in modes},
-            "ratio_per_pair": [round(r, 3) for r in pairs], "commands": commands}
+            "ratio_best": {m: best[m]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9) for m in out},
+            "ratio_per_pair": [round(r, 3) for r in pairs]}
 
 
 def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) -> dict:
@@ -387,12 +393,8 @@ def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) ->
                    "patches_per_s": round(patches / wall, 1), "load": os.getloadavg()}
             out[mode].append(fig)
             print(f"cancernet run, {mode}, rep {rep}: {fig}", flush=True)
-    counted = {m: [f for f in out[m] if not f["warmup"]] for m in out}
-    best = {m: max(counted[m], key=lambda f: f["patches_per_s"]) for m in counted}
-    return {"figures": out, "best": best,
-            "ratio_best": best["s3"]["patches_per_s"] / max(best["local"]["patches_per_s"], 1e-9),
-            "ratio_per_pair": [round(s["patches_per_s"] / max(loc["patches_per_s"], 1e-9), 3)
-                               for loc, s in zip(counted["local"], counted["s3"])]}
+    summary = _summary(out)
+    return {**summary, "ratio_best": summary["ratio_best"]["s3"]}
 
 
 def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | None) -> str:
