@@ -54,7 +54,8 @@ def _check(path: str, storage_options: dict | None = None, stage_limit_gb: float
                 w, h = reader.level_dimensions[level]
                 pw, ph = min(w, PROBE_PX), min(h, PROBE_PX)
                 reader.read_region(level, (w - pw) // 2, (h - ph) // 2, pw, ph)
-        return {"ok": True, "info": info.to_json()}
+        # an object on object storage: where its header lies, so the worker's own open fetches it in one round
+        return {"ok": True, "info": {**info.to_json(), "source_header": getattr(reader, "source_header", None)}}
     except CancerNetError as exc:
         return {"ok": False, "error_class": type(exc).__name__, "message": exc.message, "hint": exc.hint}
     except Exception as exc:  # noqa: BLE001 - a reader's own error: report it, do not crash

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,7 +415,10 @@ class RangeFile(io.RawIOBase):
     """
 
     def __init__(self, url: str, options: Mapping | None = None, *, size: int | None = None,
-                 block: int = HEADER_BLOCK):
+                 block: int = HEADER_BLOCK, blocks: "Iterable[int] | None" = None):
+        """``blocks``: indices of the blocks that hold the TIFF's header (:meth:`blocks_read` of an earlier
+        file over the same object): fetched at once, in one batch of concurrent requests, instead of one after
+        another as tifffile follows the chain of IFDs (each IFD's offset is in the one before)."""
         super().__init__()
         self.url = _strip(url)
         self.name = self.url
@@ -430,6 +433,17 @@ class RangeFile(io.RawIOBase):
         self._lock = threading.RLock()
         self.requests = 0
         self.bytes_read = 0
+        self._read_blocks: dict[int, None] = {}  # block indices that small reads needed
+        if blocks:
+            want = sorted({int(k) for k in blocks if 0 <= int(k) * self.block < self.size})
+            with self._lock:
+                self._fetch_blocks(want)
+
+    def blocks_read(self) -> list[int]:
+        """Indices of the blocks that small reads have needed so far, sorted (for a TIFF just opened: where its
+        header, IFDs and tag arrays lie; pass them as ``blocks`` to open the same object again in one round)."""
+        with self._lock:
+            return sorted(self._read_blocks)
 
     def __repr__(self) -> str:
         return f"RangeFile({self.url!r})"
@@ -490,17 +504,24 @@ class RangeFile(io.RawIOBase):
 
     def _from_blocks(self, start: int, end: int) -> bytes:
         first, last = start // self.block, (end - 1) // self.block
-        missing = [k for k in range(first, last + 1) if k not in self._blocks]
-        if missing:
-            spans = _coalesce([(k * self.block, min(self.block, self.size - k * self.block)) for k in missing], 0, 0.0)
-            for (a, b), d in zip(spans, self._get(spans)):
-                for k in range(a // self.block, (b - 1) // self.block + 1):
-                    self._blocks[k] = d[k * self.block - a:(k + 1) * self.block - a]
-            while len(self._blocks) > 64:
-                self._blocks.popitem(last=False)
-        data = b"".join(self._blocks[k] for k in range(first, last + 1))
+        needed = range(first, last + 1)
+        self._fetch_blocks([k for k in needed if k not in self._blocks])
+        self._read_blocks.update(dict.fromkeys(needed))
+        data = b"".join(self._blocks[k] for k in needed)
         off = start - first * self.block
         return data[off:off + end - start]
+
+    def _fetch_blocks(self, missing: list[int]) -> None:
+        """Fetch blocks ``missing`` (sorted indices) into the block cache: neighbours in one request, the rest
+        concurrently (under the lock)."""
+        if not missing:
+            return
+        spans = _coalesce([(k * self.block, min(self.block, self.size - k * self.block)) for k in missing], 0, 0.0)
+        for (a, b), d in zip(spans, self._get(spans)):
+            for k in range(a // self.block, (b - 1) // self.block + 1):
+                self._blocks[k] = d[k * self.block - a:(k + 1) * self.block - a]
+        while len(self._blocks) > 64:
+            self._blocks.popitem(last=False)
 
     def pread(self, n: int, offset: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only past the end of the object), without moving the
@@ -534,9 +555,11 @@ class RangeFile(io.RawIOBase):
             self._starts = sorted(self._spans)
 
 
-def open_input(url: str, options: Mapping | None = None, *, size: int | None = None) -> RangeFile:
-    """A seekable file object over the object ``url`` (see :class:`RangeFile`)."""
-    return RangeFile(url, options, size=size)
+def open_input(url: str, options: Mapping | None = None, *, size: int | None = None,
+               blocks: "Iterable[int] | None" = None) -> RangeFile:
+    """A seekable file object over the object ``url`` (see :class:`RangeFile`; ``blocks``: its header's blocks,
+    fetched at once)."""
+    return RangeFile(url, options, size=size, blocks=blocks)
 
 
 def read_head(url: str, n: int, options: Mapping | None = None) -> bytes:

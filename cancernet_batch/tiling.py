@@ -209,6 +209,7 @@ class TilePlan:
     decode: str | None = None  # TileConfig.decode for slides (how their pixels are decoded)
     decode_path: str | None = None  # what that means for this slide's level ("direct jpeg, 1/2 in the DCT", "reader")
     source_etag: str | None = None  # an object on object storage: its ETag (with its size, its identity)
+    source_header: list[int] | None = None  # an object's TIFF: the blocks its header lies in (remote.RangeFile)
 
     @property
     def view_px(self) -> int:
@@ -254,6 +255,8 @@ class TilePlan:
             extra["decode_path"] = self.decode_path
         if self.source_etag is not None:
             extra["source_etag"] = self.source_etag
+        if self.source_header:  # where the chunk tasks find the header at once (they open the object again)
+            extra["source_header"] = list(self.source_header)
         return InputAttrs(source=self.source, kind=self.kind, reader=self.reader, patient=self.patient,
                           source_size=self.source_size, source_mtime=self.source_mtime, target_mpp=self.target_mpp,
                           grid_shape=self.grid_shape, n_tiles=self.n_tiles, n_background=self.n_background,
@@ -356,7 +359,7 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                     tissue=tissue.astype(np.float32), thumbnail=view,
                     tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
                     objective=info.objective, series_files=list(series_files), decode=cfg.decode,
-                    source_etag=etag)
+                    source_etag=etag, source_header=getattr(reader, "source_header", None) if etag else None)
     direct = reader.direct_level(level) if cfg.decode != "reader" else None
     plan.decode_path = "reader" if direct is None else direct.describe(plan.tile_px_level / PATCH_SIZE,
                                                                          cfg.decode == "fast")

@@ -1087,3 +1087,50 @@ def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_t
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     keyless = {k: v for k, v in s3.options().items() if k not in ("key", "secret")}
     assert FsspecFS("s3", keyless).fs.session is None  # s3fs makes its own at its first request
+
+
+def test_a_slide_opened_again_fetches_its_header_in_one_round_and_a_workers_open_costs_one_head(s3, s3_inputs,
+                                                                                                monkeypatch):
+    """tifffile follows an object's IFDs one range request after another (each IFD's offset is in the one
+    before): the real Aperio file has its IFDs after each level's tiles, in several blocks. Where they lie is
+    kept (the reader's ``source_header``, the preflight's answer, the plan's attrs), and an open that is given
+    it fetches them in one batch of concurrent requests; a worker's open looks the object up once (one HEAD)."""
+    from cancernet_batch import remote
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.preflight import preflight
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.stages import tile as tile_stage
+    from cancernet_batch.tiling import plan_slide
+
+    url, local = s3_inputs["more/cmu-1-small-region.svs"]
+    key = url.split("://", 1)[1]
+    batches = []
+    fetch = remote._fetch_spans
+    monkeypatch.setattr(remote, "_fetch_spans", lambda fs, u, spans: batches.append(len(spans)) or fetch(fs, u, spans))
+    with open_slide(url, storage_options=s3.options()) as first:
+        header = first.source_header
+        rounds_alone = len(batches)
+        plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=first)
+        ref = first.read_region(0, 100, 200, 300, 150)
+    assert len(header) >= 3 and rounds_alone >= 3, (header, batches)  # block 0, then one block per IFD found
+    assert plan.attrs().extra["source_header"] == header  # kept with the plan: what the chunk tasks open with
+    assert preflight(url, storage_options=s3.options()).source_header == header  # the preflight child's answer
+
+    batches.clear()
+    s3.server.reset()
+    with open_slide(url, storage_options=s3.options(), identity=remote.stat(url, s3.options()), header=header) as again:
+        assert len(batches) == 1, batches  # one batch of the header's blocks, and no read after it
+        assert again.source_header == header and again.level_dimensions == first.level_dimensions
+        assert np.array_equal(again.read_region(0, 100, 200, 300, 150), ref)
+    spans = remote._coalesce([(k * remote.HEADER_BLOCK, remote.HEADER_BLOCK) for k in header], 0, 0.0)
+    assert batches[0] == len(spans) >= 2 and len([r for r in s3.server.requests if r.method == "HEAD"]) == 1
+
+    tile_stage._drop_reader(url)
+    s3.server.reset()
+    reader = tile_stage._reader(url, s3.options(), None, header)  # a chunk task's open on another worker
+    try:
+        heads = [r for r in s3.server.requests if r.method == "HEAD" and key in r.path]
+        assert len(heads) == 1, heads  # its look-up of the object's identity is the open's too (2 before)
+        assert reader.source_header == header and tile_stage._reader(url, s3.options(), None, header) is reader
+    finally:
+        tile_stage._drop_reader(url)

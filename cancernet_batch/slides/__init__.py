@@ -38,10 +38,12 @@ def detect(path: str | os.PathLike) -> str | None:
 
 
 def open_slide(path: str | os.PathLike, *, storage_options: dict | None = None,
-               stage_limit_gb: float | None = None) -> SlideReader:
+               stage_limit_gb: float | None = None, identity: tuple[int, str] | None = None,
+               header: "list[int] | None" = None) -> SlideReader:
     """Open a slide with the first registered reader that detects it and opens it.
 
-    A URL (``s3://bucket/slide.svs``...) is an object on object storage (:func:`open_remote`).
+    A URL (``s3://bucket/slide.svs``...) is an object on object storage (:func:`open_remote`; ``identity``
+    and ``header``, what is known of the object already, apply to it only).
 
     A reader that detects the file but cannot open it hands over to the next one that detects it
     (a TIFF OpenSlide recognises but refuses is tried with tifffile); when none can, the error
@@ -50,7 +52,7 @@ def open_slide(path: str | os.PathLike, *, storage_options: dict | None = None,
     from ..remote import is_url
 
     if is_url(path):
-        return open_remote(str(path), storage_options, stage_limit_gb)
+        return open_remote(str(path), storage_options, stage_limit_gb, identity=identity, header=header)
     p = Path(path)
     if not p.exists():
         raise InputError("no such file", path=p, hint="check the path")
@@ -79,7 +81,8 @@ def _detecting(p: Path) -> list[type[SlideReader]]:
     return [r for r in readers() if r.detect(p)]
 
 
-def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: float | None = None) -> SlideReader:
+def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: float | None = None, *,
+                identity: tuple[int, str] | None = None, header: "list[int] | None" = None) -> SlideReader:
     """Open a slide on object storage.
 
     A TIFF (Aperio SVS, generic and OME-TIFF, NDPI where tifffile reads it) is read in place by
@@ -87,15 +90,20 @@ def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: f
     TIFF tifffile refuses, is staged to this machine's bounded cache (:func:`cancernet_batch.remote.stage`)
     and opened locally, the copy held until the reader is closed. Either way the reader's ``path``
     is the URL, and ``source_identity`` is the object's ``(size, etag)``.
+
+    ``identity``: the object's ``(size, etag)`` when the caller has just looked it up (no second HEAD).
+    ``header``: the blocks its TIFF header lies in, as an earlier open found them (the reader's
+    ``source_header``, kept with the slide's plan): fetched in one round of concurrent requests, where
+    tifffile would otherwise follow the IFDs one request after another.
     """
     from .. import remote
     from ..errors import CancerNetError
     from .tifffile_backend import TIFF_MAGIC, TiffFileReader
 
-    size, etag = remote.stat(url, storage_options)
+    size, etag = identity if identity is not None else remote.stat(url, storage_options)
     if size == 0:
         raise UnsupportedFormatError("the object is empty", path=url, hint="upload the slide again")
-    f = remote.open_input(url, storage_options, size=size)
+    f = remote.open_input(url, storage_options, size=size, blocks=header)
     errors: list[str] = []
     try:
         if f.read(4) in TIFF_MAGIC:
@@ -106,6 +114,7 @@ def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: f
                 errors.append(f"tifffile: {exc.message}")
             else:
                 reader.source_identity = (size, etag)
+                reader.source_header = f.blocks_read()  # before any pixels: where the header lies
                 return reader
     except BaseException:
         f.close()

@@ -41,6 +41,7 @@ class SlideInfo:
     objective: str | None = None
     series_key: str | None = None  # files sharing a key are one slide (a DICOM series)
     properties: dict = field(default_factory=dict)
+    source_header: list[int] | None = None  # an object's TIFF: the blocks its header lies in (the preflight's open)
 
     @property
     def level_count(self) -> int:

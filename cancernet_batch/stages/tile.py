@@ -73,24 +73,28 @@ _READERS_LOCK = threading.Lock()
 _MAX_READERS = 4
 
 
-def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: float | None = None):
+def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: float | None = None,
+            header: "list[int] | None" = None):
     """An open reader for ``source``, kept per worker process (a few at a time) across tasks.
 
     Keyed by the source's identity: size and mtime, or for an object on object storage size and ETag
-    (one HEAD request), so a changed source is opened again."""
+    (one HEAD request, the only one an open costs), so a changed source is opened again. ``header``: where
+    an object's TIFF header lies (the plan's ``source_header``), fetched in one round when it is opened."""
     from ..remote import is_url, stat
     from ..slides import open_slide
 
+    identity = None
     if is_url(source):
-        size, etag = stat(source, storage_options)
-        key = f"{source}|{size}|{etag}"
+        identity = stat(source, storage_options)
+        key = f"{source}|{identity[0]}|{identity[1]}"
     else:
         st = os.stat(source)
         key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
     with _READERS_LOCK:
         r = _READERS.pop(key, None)
         if r is None:
-            r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb)
+            r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb,
+                           identity=identity, header=header)
         _READERS[key] = r
         while len(_READERS) > _MAX_READERS:
             _, old = _READERS.popitem(last=False)
@@ -174,9 +178,10 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
         if isinstance(checked, Failure):
             return checked
+    header = checked.get("source_header") if preflight else None  # the preflight child found the object's header
     try:
-        plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb),
-                                                series_files=series_files),
+        plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb,
+                                                                            header), series_files=series_files),
                              source, "planning the slide", cfg)
     except CancerNetError as exc:
         _drop_reader(source)
@@ -248,7 +253,8 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
     also score), the chunk is scored here too, from the tiles in hand: ``{"n": tiles, "score": score_chunk's
     result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks)."""
     g = run.open_input(gid)
-    tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg)
+    tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg,
+                         header=(g.attrs.get("extra") or {}).get("source_header"))
     if scoring is None:
         return len(tiles)
     from .score import score_chunk
@@ -261,12 +267,12 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
 
 
 def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
-                 tile_px: float, cfg: TileConfig) -> np.ndarray:
+                 tile_px: float, cfg: TileConfig, header: "list[int] | None" = None) -> np.ndarray:
     """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's
-    flag; the tiles."""
+    flag; the tiles. ``header``: where an object's TIFF header lies (see :func:`_reader`)."""
     try:
-        tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb), level, tile_px,
-                                                 coords, decode=cfg.decode), source,
+        tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb, header), level,
+                                                 tile_px, coords, decode=cfg.decode), source,
                               f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
         _drop_reader(source)
