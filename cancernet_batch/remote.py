@@ -415,10 +415,12 @@ class RangeFile(io.RawIOBase):
     """
 
     def __init__(self, url: str, options: Mapping | None = None, *, size: int | None = None,
-                 block: int = HEADER_BLOCK, blocks: "Iterable[int] | None" = None):
+                 block: int = HEADER_BLOCK, blocks: "Iterable[int] | None" = None,
+                 held: "Mapping[int, bytes] | None" = None):
         """``blocks``: indices of the blocks that hold the TIFF's header (:meth:`blocks_read` of an earlier
         file over the same object): fetched at once, in one batch of concurrent requests, instead of one after
-        another as tifffile follows the chain of IFDs (each IFD's offset is in the one before)."""
+        another as tifffile follows the chain of IFDs (each IFD's offset is in the one before). ``held``:
+        blocks already fetched (index -> bytes; :func:`open_object`)."""
         super().__init__()
         self.url = _strip(url)
         self.name = self.url
@@ -434,8 +436,10 @@ class RangeFile(io.RawIOBase):
         self.requests = 0
         self.bytes_read = 0
         self._read_blocks: dict[int, None] = {}  # block indices that small reads needed
+        self._tail = False  # the next block miss fetches the last TAIL_BLOCKS blocks too (open_object)
+        self._blocks.update(held or {})
         if blocks:
-            want = sorted({int(k) for k in blocks if 0 <= int(k) * self.block < self.size})
+            want = sorted({int(k) for k in blocks if 0 <= int(k) * self.block < self.size} - set(self._blocks))
             with self._lock:
                 self._fetch_blocks(want)
 
@@ -505,7 +509,13 @@ class RangeFile(io.RawIOBase):
     def _from_blocks(self, start: int, end: int) -> bytes:
         first, last = start // self.block, (end - 1) // self.block
         needed = range(first, last + 1)
-        self._fetch_blocks([k for k in needed if k not in self._blocks])
+        missing = [k for k in needed if k not in self._blocks]
+        if missing and self._tail:
+            self._tail = False
+            last_block = (self.size - 1) // self.block
+            tail = {k for k in range(last_block - TAIL_BLOCKS + 1, last_block + 1) if k > 0}
+            missing = sorted(set(missing) | (tail - set(self._blocks)))
+        self._fetch_blocks(missing)
         self._read_blocks.update(dict.fromkeys(needed))
         data = b"".join(self._blocks[k] for k in needed)
         off = start - first * self.block
@@ -553,6 +563,73 @@ class RangeFile(io.RawIOBase):
                 _, old = self._spans.popitem(last=False)
                 self._kept -= len(old)
             self._starts = sorted(self._spans)
+
+
+TAIL_BLOCKS = 2
+"""Blocks at the end of an object fetched with the first block missed after the first one, when it is opened
+with nothing known of it: TIFF writers (Aperio's, tifffile's) put each IFD after its image's data, so the
+last IFDs of the chain are often there."""
+
+
+def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int, str] | None = None,
+                blocks: "Iterable[int] | None" = None) -> tuple[RangeFile, tuple[int, str]]:
+    """A :class:`RangeFile` over ``url`` with its header's first bytes in hand, and the object's ``(size, etag)``,
+    in one round of concurrent requests: the look-up (HEAD; none when ``identity`` is given) and the blocks
+    ``blocks`` (where the header lies, from an earlier open), or else the first block (and the file's first
+    miss after it brings the last :data:`TAIL_BLOCKS` along). A failed look-up is an :class:`InputError` as in
+    :func:`stat`; a failed block is fetched again when it is read (where its error is raised). No suffix
+    range (``bytes=-N``): not every S3 server answers one right (s3rver 3.7.1 sends the wrong bytes)."""
+    url = _strip(url)
+    fs = filesystem(url, options)
+    block = HEADER_BLOCK
+    want = sorted({int(k) for k in blocks}) if blocks else None
+    if not getattr(fs, "async_impl", False):  # one request after another
+        size, etag = identity if identity is not None else stat(url, options)
+        return RangeFile(url, options, size=size, blocks=want if want is not None else [0]), (size, etag)
+    spans = _coalesce([(k * block, block) for k in want], 0, 0.0) if want is not None else [(0, block)]
+    got = _one_round(fs, url, spans, look_up=identity is None, options=options)
+    if identity is None:
+        i = got.pop()
+        if isinstance(i, BaseException):
+            raise _input_error(i, url, "looking up the input", options) from None
+        if i.get("type") == "directory":
+            raise InputError("is a prefix (folder), not a slide object", path=url, hint="give the slide's URL")
+        identity = (int(i.get("size") or 0), _etag(i))
+    size = identity[0]
+    held: dict[int, bytes] = {}
+    fetched = [bytes(d) for d in got if not isinstance(d, BaseException)]
+    for (a, b), d in zip(spans, got):
+        if isinstance(d, BaseException) or not d:
+            continue
+        end = a + len(d)
+        for k in range(a // block, (end - 1) // block + 1):  # the whole blocks of [a, end) (cut at the object's end)
+            if min(size, (k + 1) * block) <= end:
+                held[k] = bytes(d[k * block - a:(k + 1) * block - a])
+    _count(len(fetched), sum(len(d) for d in fetched))
+    f = RangeFile(url, options, size=size, held=held, blocks=want)
+    f._tail = want is None  # nothing known of the header: its first miss brings the object's last blocks
+    f.requests += len(fetched)
+    f.bytes_read += sum(len(d) for d in fetched)
+    return f, identity
+
+
+def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, options: Mapping | None) -> list:
+    """The bytes of each ``(start, end)`` span of ``url`` and, with ``look_up``, its info last, all requested at
+    once on the filesystem's event loop; a failed request's exception in its place."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def one_round():
+        calls = [fs._cat_file(url, start=a, end=b) for a, b in spans]
+        if look_up:
+            calls.append(fs._info(url))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        return sync(fs.loop, one_round)
+    except Exception as exc:  # noqa: BLE001 - the loop itself
+        raise _input_error(exc, url, "looking up the input", options) from None
 
 
 def open_input(url: str, options: Mapping | None = None, *, size: int | None = None,

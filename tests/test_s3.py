@@ -1089,12 +1089,13 @@ def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_t
     assert FsspecFS("s3", keyless).fs.session is None  # s3fs makes its own at its first request
 
 
-def test_a_slide_opened_again_fetches_its_header_in_one_round_and_a_workers_open_costs_one_head(s3, s3_inputs,
-                                                                                                monkeypatch):
-    """tifffile follows an object's IFDs one range request after another (each IFD's offset is in the one
-    before): the real Aperio file has its IFDs after each level's tiles, in several blocks. Where they lie is
-    kept (the reader's ``source_header``, the preflight's answer, the plan's attrs), and an open that is given
-    it fetches them in one batch of concurrent requests; a worker's open looks the object up once (one HEAD)."""
+def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_again(s3, s3_inputs, monkeypatch):
+    """tifffile follows an object's IFDs one read after another (each IFD's offset is in the one before); the
+    real Aperio file has its IFDs after each level's tiles, in blocks 0, 4, 5 and 7 of 8. Opened with nothing
+    known, the look-up and the first block are one round, and the first miss brings the last blocks along (where
+    writers put the last IFDs): 3 rounds, not 5 (HEAD, then one per block). Where the header lies is kept (the
+    reader's ``source_header``, the preflight's answer, the plan's attrs); an open given it (and the identity a
+    worker has just looked up) fetches it all in one round, and a worker's open costs one HEAD, not two."""
     from cancernet_batch import remote
     from cancernet_batch.config import TileConfig
     from cancernet_batch.preflight import preflight
@@ -1104,26 +1105,31 @@ def test_a_slide_opened_again_fetches_its_header_in_one_round_and_a_workers_open
 
     url, local = s3_inputs["more/cmu-1-small-region.svs"]
     key = url.split("://", 1)[1]
-    batches = []
-    fetch = remote._fetch_spans
-    monkeypatch.setattr(remote, "_fetch_spans", lambda fs, u, spans: batches.append(len(spans)) or fetch(fs, u, spans))
+    rounds = []  # one entry per round of requests sent together: (requests, with a look-up)
+    fetch, one_round = remote._fetch_spans, remote._one_round
+    monkeypatch.setattr(remote, "_fetch_spans", lambda fs, u, spans: rounds.append((len(spans), False)) or fetch(fs, u, spans))
+    monkeypatch.setattr(remote, "_one_round", lambda fs, u, spans, look_up, options: rounds.append(
+        (len(spans) + look_up, look_up)) or one_round(fs, u, spans, look_up=look_up, options=options))
     with open_slide(url, storage_options=s3.options()) as first:
-        header = first.source_header
-        rounds_alone = len(batches)
+        header, alone = first.source_header, list(rounds)
         plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=first)
         ref = first.read_region(0, 100, 200, 300, 150)
-    assert len(header) >= 3 and rounds_alone >= 3, (header, batches)  # block 0, then one block per IFD found
+    assert header == [0, 4, 5, 7], header
+    # the look-up with block 0; block 4 with the last two (6, 7: the IFD in 7 is then in hand); block 5
+    assert alone == [(2, True), (2, False), (1, False)], alone
     assert plan.attrs().extra["source_header"] == header  # kept with the plan: what the chunk tasks open with
     assert preflight(url, storage_options=s3.options()).source_header == header  # the preflight child's answer
 
-    batches.clear()
-    s3.server.reset()
-    with open_slide(url, storage_options=s3.options(), identity=remote.stat(url, s3.options()), header=header) as again:
-        assert len(batches) == 1, batches  # one batch of the header's blocks, and no read after it
-        assert again.source_header == header and again.level_dimensions == first.level_dimensions
-        assert np.array_equal(again.read_region(0, 100, 200, 300, 150), ref)
-    spans = remote._coalesce([(k * remote.HEADER_BLOCK, remote.HEADER_BLOCK) for k in header], 0, 0.0)
-    assert batches[0] == len(spans) >= 2 and len([r for r in s3.server.requests if r.method == "HEAD"]) == 1
+    for identity in (None, remote.stat(url, s3.options())):
+        rounds.clear()
+        s3.server.reset()
+        with open_slide(url, storage_options=s3.options(), identity=identity, header=header) as again:
+            assert again.source_header == header and again.level_dimensions == first.level_dimensions
+            opened = list(rounds)
+            assert np.array_equal(again.read_region(0, 100, 200, 300, 150), ref)
+        # one round: blocks 0, 4-5 and 7 (and the look-up, unless the identity is known), nothing read after it
+        assert opened == [(3 + (identity is None), identity is None)], opened
+        assert len([r for r in s3.server.requests if r.method == "HEAD" and key in r.path]) == (identity is None)
 
     tile_stage._drop_reader(url)
     s3.server.reset()
@@ -1134,3 +1140,19 @@ def test_a_slide_opened_again_fetches_its_header_in_one_round_and_a_workers_open
         assert reader.source_header == header and tile_stage._reader(url, s3.options(), None, header) is reader
     finally:
         tile_stage._drop_reader(url)
+
+
+def test_an_empty_object_and_a_missing_one_are_one_line_each_from_the_one_round_open(s3):
+    """The look-up and the first block go out together: an empty object (whose ranged GET fails) is still 'the
+    object is empty', and a missing one 'no such object', each naming the URL."""
+    from cancernet_batch.errors import InputError, UnsupportedFormatError
+    from cancernet_batch.slides import open_slide
+
+    s3.fs().pipe(f"{BUCKET}/odd/empty.svs", b"")
+    for name, cls, words in (("empty.svs", UnsupportedFormatError, "the object is empty"),
+                             ("absent.svs", InputError, "no such object")):
+        url = f"s3://{BUCKET}/odd/{name}"
+        with pytest.raises(cls) as err:
+            open_slide(url, storage_options=s3.options())
+        msg = str(err.value)
+        assert msg.startswith(url + ": ") and words in msg and "\n" not in msg, msg

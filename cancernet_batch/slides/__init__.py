@@ -100,10 +100,11 @@ def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: f
     from ..errors import CancerNetError
     from .tifffile_backend import TIFF_MAGIC, TiffFileReader
 
-    size, etag = identity if identity is not None else remote.stat(url, storage_options)
+    # one round: the object's look-up and its header's first blocks (or the blocks a header hint names)
+    f, (size, etag) = remote.open_object(url, storage_options, identity=identity, blocks=header)
     if size == 0:
+        f.close()
         raise UnsupportedFormatError("the object is empty", path=url, hint="upload the slide again")
-    f = remote.open_input(url, storage_options, size=size, blocks=header)
     errors: list[str] = []
     try:
         if f.read(4) in TIFF_MAGIC:
