@@ -436,7 +436,7 @@ class RangeFile(io.RawIOBase):
         self.requests = 0
         self.bytes_read = 0
         self._read_blocks: dict[int, None] = {}  # block indices that small reads needed
-        self._tail = False  # the next block miss fetches the last TAIL_BLOCKS blocks too (open_object)
+        self._tail = False  # the next block miss fetches the block after it and the last TAIL_BLOCKS too (open_object)
         self._blocks.update(held or {})
         if blocks:
             want = sorted({int(k) for k in blocks if 0 <= int(k) * self.block < self.size} - set(self._blocks))
@@ -513,8 +513,9 @@ class RangeFile(io.RawIOBase):
         if missing and self._tail:
             self._tail = False
             last_block = (self.size - 1) // self.block
-            tail = {k for k in range(last_block - TAIL_BLOCKS + 1, last_block + 1) if k > 0}
-            missing = sorted(set(missing) | (tail - set(self._blocks)))
+            more = {k for k in range(last_block - TAIL_BLOCKS + 1, last_block + 1) if k > 0}
+            more.add(min(last + 1, last_block))  # and the block after: the next, smaller levels' IFDs follow soon
+            missing = sorted(set(missing) | (more - set(self._blocks)))
         self._fetch_blocks(missing)
         self._read_blocks.update(dict.fromkeys(needed))
         data = b"".join(self._blocks[k] for k in needed)
@@ -566,9 +567,10 @@ class RangeFile(io.RawIOBase):
 
 
 TAIL_BLOCKS = 2
-"""Blocks at the end of an object fetched with the first block missed after the first one, when it is opened
-with nothing known of it: TIFF writers (Aperio's, tifffile's) put each IFD after its image's data, so the
-last IFDs of the chain are often there."""
+"""Blocks at the end of an object fetched with the first block missed after the first one (and the block after
+that one), when it is opened with nothing known of it: TIFF writers (Aperio's, tifffile's) put each IFD after
+its image's data, so the IFDs of the smaller levels follow soon after the first, and the last are often at
+the end."""
 
 
 def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int, str] | None = None,
@@ -576,7 +578,7 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
     """A :class:`RangeFile` over ``url`` with its header's first bytes in hand, and the object's ``(size, etag)``,
     in one round of concurrent requests: the look-up (HEAD; none when ``identity`` is given) and the blocks
     ``blocks`` (where the header lies, from an earlier open), or else the first block (and the file's first
-    miss after it brings the last :data:`TAIL_BLOCKS` along). A failed look-up is an :class:`InputError` as in
+    miss after it brings the block after it and the last :data:`TAIL_BLOCKS` along). A failed look-up is an :class:`InputError` as in
     :func:`stat`; a failed block is fetched again when it is read (where its error is raised). No suffix
     range (``bytes=-N``): not every S3 server answers one right (s3rver 3.7.1 sends the wrong bytes)."""
     url = _strip(url)

@@ -1092,8 +1092,8 @@ def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_t
 def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_again(s3, s3_inputs, monkeypatch):
     """tifffile follows an object's IFDs one read after another (each IFD's offset is in the one before); the
     real Aperio file has its IFDs after each level's tiles, in blocks 0, 4, 5 and 7 of 8. Opened with nothing
-    known, the look-up and the first block are one round, and the first miss brings the last blocks along (where
-    writers put the last IFDs): 3 rounds, not 5 (HEAD, then one per block). Where the header lies is kept (the
+    known, the look-up and the first block are one round, and the first miss brings the block after it and the
+    last blocks along (writers put each IFD after its level's tiles): 2 rounds, not 5 (HEAD, then one per block). Where the header lies is kept (the
     reader's ``source_header``, the preflight's answer, the plan's attrs); an open given it (and the identity a
     worker has just looked up) fetches it all in one round, and a worker's open costs one HEAD, not two."""
     from cancernet_batch import remote
@@ -1115,8 +1115,8 @@ def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_
         plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=first)
         ref = first.read_region(0, 100, 200, 300, 150)
     assert header == [0, 4, 5, 7], header
-    # the look-up with block 0; block 4 with the last two (6, 7: the IFD in 7 is then in hand); block 5
-    assert alone == [(2, True), (2, False), (1, False)], alone
+    # the look-up with block 0; block 4 with the one after (5) and the last two (6, 7): one span
+    assert alone == [(2, True), (1, False)], alone
     assert plan.attrs().extra["source_header"] == header  # kept with the plan: what the chunk tasks open with
     assert preflight(url, storage_options=s3.options()).source_header == header  # the preflight child's answer
 
