@@ -1,22 +1,30 @@
-"""Benchmark: `cancernet run` on slides read from an S3 server that answers each request after a delay, as a
-real object store does (AWS S3: tens of ms to the first byte), for one or more checkouts, alternating.
+"""Benchmark: `cancernet run`, or tiling per slide, on slides read from an S3 server whose every request takes a
+round trip more, as on a real object store (AWS S3: tens of ms to the first byte), for one or more checkouts,
+alternating.
 
-    python benchmarks/s3_latency.py [--latency-ms 20] [--count 2] [--size 16384] [--mpp 0.5] [--repeat 3]
-                                    [--baseline OLD_CHECKOUT ...] [--workers 2] [--out DIR]
+    python benchmarks/s3_latency.py [--latency-ms 20] [--server s3rver|moto] [--count 2] [--size 16384]
+                                    [--mpp 0.5] [--repeat 3] [--baseline OLD_CHECKOUT ...] [--workers 2]
+                                    [--tiling [--target 4.0] [--tile-repeat 3]] [--out DIR]
 
 On a server on the same machine a request costs a few ms, so what a run's requests cost one after another
 (a TIFF's IFDs read one at a time, a look-up before each open) hardly shows; on a real endpoint each of them
-is a round trip of tens of ms in a worker's task. This serves moto's S3 app (``tests/s3server.py``, which
-logs every request) behind a layer that sleeps ``--latency-ms`` before answering each request (threaded:
-requests in flight together wait together, as on S3).
+is a round trip of tens of ms in a worker's task. The S3 server (``--server``: s3rver, as in
+``s3_inputs.py``, or moto's app from ``tests/s3server.py``; moto copies the whole object for each ranged GET)
+runs in a child process, behind :class:`DelayProxy`: a TCP proxy that holds each byte the client sends for
+``--latency-ms`` before passing it on, and counts the request lines.
 
 Writes ``--count`` synthetic Aperio SVS slides (``cancernet_batch.synth``, ``--size`` px a side at ``--mpp``;
 kept in ``--work`` for later calls) and a width-32 CancerNet with random weights (ONNX), uploads the slides,
 then runs ``cancernet run s3://BUCKET/in/ --out s3://BUCKET/runs/...`` (its own local cluster, ``--workers``
-processes) with this checkout and each ``--baseline`` checkout in turn (``PYTHONPATH``; from a folder with no
-checkout in it), ``--repeat`` rounds. Per run: the command's wall time, the time to the first reported input,
-and the HEAD and GET requests sent for the input objects (per slide). Prints a markdown table; ``--out`` gets
-``s3-latency-DATE.json`` and ``.md``.
+processes; the run folder on the same server) with this checkout and each ``--baseline`` checkout in turn
+(``PYTHONPATH``; from a folder with no checkout in it), ``--repeat`` rounds. Per run: the command's wall time,
+the time to the first reported input, and the HEAD and GET requests sent for the input objects (per slide).
+Prints a markdown table; ``--out`` gets ``s3-latency-[tiling-]DATE.json`` and ``.md``.
+
+``--tiling``: instead of whole runs, each checkout (in a child process) tiles each slide as one tile task
+does (open, plan, every kept tile at ``--target`` µm/px, ``--decode fast``), from the object and from the
+local file, best of ``--tile-repeat``: tiles/s and the s3/local ratio per slide (the issue's tiling figure,
+with a real endpoint's round trip in each request).
 """
 
 from __future__ import annotations
@@ -35,22 +43,112 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 
-def _slow_server(latency: float):
-    from s3server import CountingS3
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 in front of an S3 server that holds every byte a client sends for ``latency``
+    seconds before passing it on (a one-way delay, not a bandwidth limit: each request's round trip grows by
+    ``latency``, requests in flight together wait together). It runs its own event loop in a thread of this
+    process (its CPU is not the measured process's). ``counts`` tallies the request lines it saw by method and
+    kind of object (for ``key_part`` objects: ``GET input``, ``HEAD input``...)."""
 
-    class SlowS3(CountingS3):
-        def _app(self, app):
-            inner = super()._app(app)
+    def __init__(self, host: str, port: int, latency: float, key_part: str):
+        import asyncio
+        import threading
 
-            def wrapped(environ, start_response):
-                time.sleep(latency)
-                return inner(environ, start_response)
+        self.host, self.port, self.latency, self.key_part = host, port, latency, key_part
+        self.counts = collections.Counter()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
 
-            return wrapped
+        def serve():
+            asyncio.set_event_loop(self._loop)
+            self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.endpoint = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+            ready.set()
+            self._loop.run_forever()
 
-    return SlowS3().start()
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(30)
+
+    _REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.1\r\n")
+
+    async def _handle(self, client_r, client_w):
+        import asyncio
+
+        try:
+            server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            client_w.close()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def take():
+            while data := await client_r.read(1 << 16):
+                for m in self._REQUEST.finditer(data):
+                    kind = "input" if self.key_part.encode() in m.group(2) else "other"
+                    with self._lock:
+                        self.counts[f"{m.group(1).decode()} {kind}"] += 1
+                queue.put_nowait((loop.time() + self.latency, data))
+            queue.put_nowait((loop.time() + self.latency, b""))
+
+        async def give():
+            while True:
+                due, data = await queue.get()
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                if not data:
+                    break
+                server_w.write(data)
+                await server_w.drain()
+            server_w.close()
+
+        async def back():
+            while data := await server_r.read(1 << 16):
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        await asyncio.gather(take(), give(), back(), return_exceptions=True)
+
+    def tally(self) -> collections.Counter:
+        with self._lock:
+            out, self.counts = self.counts, collections.Counter()
+        return out
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def _tile_child(spec: str) -> None:
+    """Child (``--tile-child JSON``): tile each slide from the object and from the local file, best of ``repeat``;
+    prints one JSON line ``{name: {"tiles": n, "s3_s": best, "local_s": best}}``."""
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    a = json.loads(spec)
+    cfg = TileConfig(target_mpp=a["target"], decode="fast")
+
+    def once(source, options):
+        t0 = time.perf_counter()
+        with (open_slide(source, storage_options=options) if options else open_slide(source)) as reader:
+            plan = plan_slide(source, cfg, reader=reader)
+            read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode=cfg.decode)
+        return time.perf_counter() - t0, plan.n_tiles
+
+    out = {}
+    for url, local in a["slides"]:
+        once(local, None), once(url, a["options"])  # warm: imports, page cache, connections
+        s3 = [once(url, a["options"]) for _ in range(a["repeat"])]
+        loc = [once(local, None) for _ in range(a["repeat"])]
+        out[Path(local).name] = {"tiles": s3[0][1], "s3_s": min(t for t, _ in s3), "local_s": min(t for t, _ in loc)}
+    print(json.dumps(out))
 
 
 def _code(checkout: Path) -> dict:
@@ -76,6 +174,7 @@ def _inputs(work: Path, args) -> tuple[list[Path], Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--server", choices=("s3rver", "moto"), default="s3rver")
     ap.add_argument("--count", type=int, default=2)
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--mpp", type=float, default=0.5)
@@ -84,9 +183,14 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", action="append", default=[], help="another checkout to run (PYTHONPATH)")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "s3-latency"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tiling", action="store_true", help="time tiling per slide instead of whole runs")
+    ap.add_argument("--target", type=float, default=4.0)
+    ap.add_argument("--tile-repeat", type=int, default=3)
+    ap.add_argument("--tile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    from cancernet_batch.machine import machine
+    if args.tile_child:
+        _tile_child(args.tile_child)
+        return 0
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,20 +198,40 @@ def main(argv=None) -> int:
     checkouts = [("this", HERE.parent)] + [(f"baseline{i}" if len(args.baseline) > 1 else "baseline", Path(b).resolve())
                                            for i, b in enumerate(args.baseline)]
     codes = {name: _code(path) for name, path in checkouts}
-    server = _slow_server(args.latency_ms / 1000)
+    from s3_inputs import _server
+
     runs = []
-    try:
+    with _server(args.server) as server:
         server.create_bucket("latency-bench")
         fs = server.fs()
         for f in files:
             fs.put(str(f), f"latency-bench/in/{f.name}")
+        host, port = server.endpoint.rsplit("/", 1)[1].rsplit(":", 1)
+        proxy = DelayProxy(host, int(port), args.latency_ms / 1000, "/latency-bench/in/")
+        options = server.options()
+        options["client_kwargs"] = {**options["client_kwargs"], "endpoint_url": proxy.endpoint}
         for rnd in range(args.repeat):
             order = checkouts if rnd % 2 == 0 else checkouts[::-1]
             for name, path in order:
-                server.reset()
+                proxy.tally()
+                if args.tiling:
+                    spec = json.dumps({"slides": [(f"s3://latency-bench/in/{f.name}", str(f)) for f in files],
+                                       "options": options, "target": args.target, "repeat": args.tile_repeat})
+                    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--tile-child", spec],
+                                       capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(path)})
+                    if p.returncode != 0:
+                        raise SystemExit(f"{name}: tiling failed ({p.returncode}): {p.stderr[-600:]}")
+                    count = proxy.tally()  # every slide, 1 + 2 x tile-repeat times
+                    for slide, r in json.loads(p.stdout.strip().splitlines()[-1]).items():
+                        runs.append({"checkout": name, "round": rnd, "slide": slide, **r,
+                                     "ratio": round(r["local_s"] / r["s3_s"], 3),
+                                     "input_requests_per_tiling": sum(v for k, v in count.items() if k.endswith(" input"))
+                                     / (len(files) * (1 + args.tile_repeat))})
+                        print(f"{name} round {rnd}: {runs[-1]}", flush=True)
+                    continue
                 cmd = [sys.executable, "-m", "cancernet_batch.cli", "run", "s3://latency-bench/in/",
                        "--out", f"s3://latency-bench/runs/{name}-{rnd}", "--model", str(model),
-                       "--workers", str(args.workers), "--storage-options", json.dumps(server.options())]
+                       "--workers", str(args.workers), "--storage-options", json.dumps(options)]
                 t0 = time.perf_counter()
                 p = subprocess.run(cmd, capture_output=True, text=True, cwd="/",
                                    env={**os.environ, "PYTHONPATH": str(path)})
@@ -115,23 +239,23 @@ def main(argv=None) -> int:
                 if p.returncode != 0:
                     raise SystemExit(f"{name}: `cancernet run` failed ({p.returncode}): {p.stderr[-600:]}")
                 m = re.search(r"first input reported after ([\d.]+) s", p.stdout)
-                with server._lock:
-                    reqs = [r for r in server.requests if "/latency-bench/in/" in r.path and r.path.endswith(".svs")]
-                count = collections.Counter(r.method for r in reqs)
+                count = proxy.tally()
                 runs.append({"checkout": name, "round": rnd, "wall_s": round(wall, 3),
                              "first_report_s": float(m.group(1)) if m else None,
-                             "input_heads_per_slide": count["HEAD"] / len(files),
-                             "input_gets_per_slide": count["GET"] / len(files)})
+                             "input_heads_per_slide": count["HEAD input"] / len(files),
+                             "input_gets_per_slide": count["GET input"] / len(files),
+                             "requests": sum(count.values())})
                 print(f"{name} round {rnd}: {runs[-1]}", flush=True)
-    finally:
-        server.stop()
+        proxy.stop()
 
     def med(name, key):
         vals = [r[key] for r in runs if r["checkout"] == name and r[key] is not None]
         return statistics.median(vals) if vals else None
 
     when = datetime.datetime.now(datetime.timezone.utc)
-    lines = [f"`cancernet run` with {len(files)} SVS slides ({args.size} px at {args.mpp} µm/px) on moto behind "
+    if args.tiling:
+        return _tiling_report(args, files, checkouts, codes, runs, when)
+    lines = [f"`cancernet run` with {len(files)} SVS slides ({args.size} px at {args.mpp} µm/px) on {args.server} behind "
              f"{args.latency_ms:g} ms a request, {args.workers} workers, {args.repeat} rounds alternating; "
              f"{when:%Y-%m-%d %H:%M} UTC; load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
              "", "| checkout (code) | wall s, median (all) | first report s, median | input HEADs / slide | input GETs / slide |",
@@ -142,17 +266,40 @@ def main(argv=None) -> int:
         lines.append(f"| {name} ({c.get('commit', c.get('folder'))}) | {med(name, 'wall_s'):.2f} ({walls}) | "
                      f"{med(name, 'first_report_s')} | {med(name, 'input_heads_per_slide'):g} | "
                      f"{med(name, 'input_gets_per_slide'):g} |")
-    text = "\n".join(lines)
+    _save(args, "\n".join(lines), {"codes": codes, "runs": runs}, when)
+    return 0
+
+
+def _save(args, text: str, record: dict, when) -> None:
     print(text)
     if args.out:
+        from cancernet_batch.machine import machine
+
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"s3-latency-{when:%Y%m%d-%H%M%S}"
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"date": when.isoformat(), "machine": machine(), "args": vars(args), "codes": codes, "runs": runs},
-            indent=1, default=str))
+        stem = out / f"s3-latency-{'tiling-' if args.tiling else ''}{when:%Y%m%d-%H%M%S}"
+        stem.with_suffix(".json").write_text(json.dumps({"date": when.isoformat(), "machine": machine(),
+                                                         "args": vars(args), **record}, indent=1, default=str))
         stem.with_suffix(".md").write_text(text + "\n")
         print(f"wrote {stem}.json, .md")
+
+
+def _tiling_report(args, files, checkouts, codes, runs, when) -> int:
+    lines = [f"Tiling per slide (open, plan, tiles at {args.target:g} µm/px, --decode fast; best of {args.tile_repeat}, "
+             f"median over {args.repeat} rounds alternating) from {args.server} behind {args.latency_ms:g} ms a request vs "
+             f"the local file; {len(files)} SVS of {args.size} px at {args.mpp} µm/px; {when:%Y-%m-%d %H:%M} UTC; "
+             f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}", "",
+             "| checkout (code) | slide | tiles | local tiles/s | s3 tiles/s | s3/local, median (all rounds) |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, _ in checkouts:
+        c = codes[name]
+        for f in files:
+            rs = [r for r in runs if r["checkout"] == name and r["slide"] == f.name]
+            n = rs[0]["tiles"]
+            lines.append(f"| {name} ({c.get('commit', c.get('folder'))}) | {f.name} | {n} | "
+                         f"{n / statistics.median(r['local_s'] for r in rs):.0f} | {n / statistics.median(r['s3_s'] for r in rs):.0f} | "
+                         f"{statistics.median(r['ratio'] for r in rs):.3f} ({', '.join(str(r['ratio']) for r in rs)}) |")
+    _save(args, "\n".join(lines), {"codes": codes, "runs": runs}, when)
     return 0
 
 
