@@ -1094,8 +1094,9 @@ def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_
     real Aperio file has its IFDs after each level's tiles, in blocks 0, 4, 5 and 7 of 8. Opened with nothing
     known, the look-up and the first block are one round, and the first miss brings the block after it and the
     last blocks along (writers put each IFD after its level's tiles): 2 rounds, not 5 (HEAD, then one per block). Where the header lies is kept (the
-    reader's ``source_header``, the preflight's answer, the plan's attrs); an open given it (and the identity a
-    worker has just looked up) fetches it all in one round, and a worker's open costs one HEAD, not two."""
+    reader's ``source_header``, the preflight's answer, the plan's attrs); an open given it fetches it all in one
+    round, with the object's look-up; a worker's open costs one HEAD (two before), and a chunk task that knows the
+    plan's identity reuses the worker's reader without a request."""
     from cancernet_batch import remote
     from cancernet_batch.config import TileConfig
     from cancernet_batch.preflight import preflight
@@ -1133,11 +1134,17 @@ def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_
 
     tile_stage._drop_reader(url)
     s3.server.reset()
+    rounds.clear()
     reader = tile_stage._reader(url, s3.options(), None, header)  # a chunk task's open on another worker
     try:
         heads = [r for r in s3.server.requests if r.method == "HEAD" and key in r.path]
-        assert len(heads) == 1, heads  # its look-up of the object's identity is the open's too (2 before)
-        assert reader.source_header == header and tile_stage._reader(url, s3.options(), None, header) is reader
+        assert len(heads) == 1 and rounds == [(4, True)], (heads, rounds)  # the look-up in the header's round
+        s3.server.reset()
+        # the next chunk task knows the plan's identity: the reader this process holds, without a request
+        assert tile_stage._reader(url, s3.options(), None, header, reader.source_identity) is reader
+        assert not s3.server.requests
+        assert tile_stage._reader(url, s3.options(), None, header) is reader  # identity unknown: one HEAD finds it
+        assert [r.method for r in s3.server.requests] == ["HEAD"]
     finally:
         tile_stage._drop_reader(url)
 

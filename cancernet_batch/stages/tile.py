@@ -74,32 +74,51 @@ _MAX_READERS = 4
 
 
 def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: float | None = None,
-            header: "list[int] | None" = None):
+            header: "list[int] | None" = None, identity: tuple[int, str] | None = None):
     """An open reader for ``source``, kept per worker process (a few at a time) across tasks.
 
-    Keyed by the source's identity: size and mtime, or for an object on object storage size and ETag
-    (one HEAD request, the only one an open costs), so a changed source is opened again. ``header``: where
-    an object's TIFF header lies (the plan's ``source_header``), fetched in one round when it is opened."""
+    Keyed by the source's identity: size and mtime, or for an object on object storage size and ETag, so a
+    changed source is opened again. An object: ``identity``, when the caller knows it (the plan's, for a chunk
+    task), finds the reader this process opened for it without a request; an object this process has no reader
+    for is looked up in the same round of requests that fetches its header (``header``: where it lies, the
+    plan's ``source_header``); else one HEAD finds which reader is current."""
     from ..remote import is_url, stat
     from ..slides import open_slide
 
-    identity = None
-    if is_url(source):
-        identity = stat(source, storage_options)
-        key = f"{source}|{identity[0]}|{identity[1]}"
-    else:
-        st = os.stat(source)
-        key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
+    def key_of(ident) -> str:
+        return f"{source}|{ident[0]}|{ident[1]}"
+
     with _READERS_LOCK:
+        ident = None
+        if is_url(source):
+            held = [k for k in _READERS if k.rsplit("|", 2)[0] == source]
+            if identity is not None and key_of(identity) in held:
+                ident = identity
+            elif not held:  # open: its look-up is in the header's round
+                r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb, header=header)
+                return _keep(key_of(r.source_identity), r)
+            else:
+                ident = stat(source, storage_options)
+            key = key_of(ident)
+        else:
+            st = os.stat(source)
+            key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
         r = _READERS.pop(key, None)
         if r is None:
-            r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb,
-                           identity=identity, header=header)
-        _READERS[key] = r
-        while len(_READERS) > _MAX_READERS:
-            _, old = _READERS.popitem(last=False)
-            old.close()
-        return r
+            r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb, identity=ident,
+                           header=header)
+        return _keep(key, r)
+
+
+def _keep(key: str, r):
+    """Keep reader ``r`` under ``key`` as the most recent (under ``_READERS_LOCK``), closing the oldest beyond
+    :data:`_MAX_READERS`; ``r``."""
+    _READERS.pop(key, None)
+    _READERS[key] = r
+    while len(_READERS) > _MAX_READERS:
+        _, old = _READERS.popitem(last=False)
+        old.close()
+    return r
 
 
 def _drop_reader(source: str, *, close: bool = True) -> None:
@@ -220,7 +239,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     if tile_first and todo:
         try:
             index, start, stop = todo[0]  # the group and its coords are in hand: no reading them back
-            _write_chunk(run, g, source, index, start, stop, plan.coords[start:stop], plan.level, plan.tile_px_level, cfg)
+            _write_chunk(run, g, source, index, start, stop, plan.coords[start:stop], plan.level, plan.tile_px_level, cfg,
+                         plan=plan.attrs().to_json())
         except Exception as exc:  # noqa: BLE001 - the input fails at its tiles, as a chunk task would
             out["chunk_error"] = exc
             return out
@@ -254,7 +274,7 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
     result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks)."""
     g = run.open_input(gid)
     tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg,
-                         header=(g.attrs.get("extra") or {}).get("source_header"))
+                         plan=g.attrs)
     if scoring is None:
         return len(tiles)
     from .score import score_chunk
@@ -267,11 +287,15 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
 
 
 def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
-                 tile_px: float, cfg: TileConfig, header: "list[int] | None" = None) -> np.ndarray:
+                 tile_px: float, cfg: TileConfig, plan: "dict | None" = None) -> np.ndarray:
     """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's
-    flag; the tiles. ``header``: where an object's TIFF header lies (see :func:`_reader`)."""
+    flag; the tiles. ``plan``: the input's attrs as its plan wrote them (an object's identity and where its TIFF
+    header lies: see :func:`_reader`)."""
+    extra = (plan or {}).get("extra") or {}
+    identity = (plan["source_size"], extra["source_etag"]) if extra.get("source_etag") else None
     try:
-        tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb, header), level,
+        tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb,
+                                                         extra.get("source_header"), identity), level,
                                                  tile_px, coords, decode=cfg.decode), source,
                               f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
