@@ -260,6 +260,16 @@ UNLOCKED_ENV = "CANCERNET_UNLOCKED_OUT"
 which cannot hold the lock: the user then makes sure that one command at a time writes it."""
 
 
+def _driver_copy(options: Mapping) -> dict:
+    """A deep copy of storage options for a driver to keep: botocore rewrites ``config_kwargs['retries']`` in
+    place (``{"max_attempts": 3}`` becomes ``{"mode": "legacy", "total_max_attempts": 4}``), which changed the
+    options' digest (:func:`options_digest`), and so the cache keys of this process's stores, after a run
+    folder's first request."""
+    import copy
+
+    return copy.deepcopy(dict(options))
+
+
 def options_digest(options: Mapping) -> str:
     """A digest of storage options (endpoint, credentials, ...): what tells apart two filesystems or stores
     of one protocol in a process's caches, without keeping the secrets themselves in a key."""
@@ -405,7 +415,7 @@ class FsspecFS:
             import fsspec
 
             try:
-                self._fs = fsspec.filesystem(self.protocol, **self.storage_options,
+                self._fs = fsspec.filesystem(self.protocol, **_driver_copy(self.storage_options),
                                              **_process_session(self.protocol, self.storage_options))
             except ImportError as exc:
                 raise StorageError(f"no fsspec driver for {self.protocol}:// ({exc})", path=f"{self.protocol}://",
@@ -536,7 +546,7 @@ class FsspecFS:
 
         self.check(path)
         return self._call(path, "opening the tile store", FsspecStore.from_url, str(path),
-                          storage_options={**self.storage_options,
+                          storage_options={**_driver_copy(self.storage_options),
                                            **_process_session(self.protocol, self.storage_options)})
 
     # the lock ----------------------------------------------------------------------------------
@@ -756,6 +766,13 @@ class Run:
         location = self.fs.store_location(self.store_path)
         store.check_root(location)  # a damaged root is one clear error naming its file
         return store.open_root(location, mode=mode, run_dir=self.root, clean=clean)
+
+    def inputs_group(self):
+        """The tile store's ``inputs`` group, for tasks on workers: kept per process (see
+        :func:`cancernet_batch.store.open_inputs_group`); removes nothing, as :meth:`open_input`."""
+        from . import store
+
+        return store.open_inputs_group(lambda: self.open_store("r+", clean=False), self.fs.cache_key(self.store_path))
 
     def open_input(self, gid: str, mode: str = "r+"):
         """One input's group, for tasks on workers (removes nothing: other workers write beside it)."""

@@ -135,6 +135,26 @@ def open_input(location, gid: str, mode: str = "r+", *, cache_key=None):
     return _open_input_plain(location, gid, mode)
 
 
+_INPUTS_GROUPS: dict = {}
+_INPUTS_GROUPS_LOCK = __import__("threading").Lock()
+
+
+def open_inputs_group(open_root_fn, cache_key):
+    """The store's ``inputs`` group for tasks on workers, kept per process under ``cache_key``: the root's and
+    ``inputs``' documents are read by a process's first task only (on object storage two round trips a task
+    less). A handle only: every lookup through it reads its member's document from the store, and what it
+    writes goes to the store (a store made again at the same place is the same place)."""
+    with _INPUTS_GROUPS_LOCK:
+        inputs = _INPUTS_GROUPS.get(cache_key)
+    if inputs is None:
+        inputs = open_root_fn()["inputs"]
+        with _INPUTS_GROUPS_LOCK:
+            _INPUTS_GROUPS[cache_key] = inputs
+            while len(_INPUTS_GROUPS) > 16:
+                _INPUTS_GROUPS.pop(next(iter(_INPUTS_GROUPS)))
+    return inputs
+
+
 def _open_input_plain(location, gid: str, mode: str):
     import zarr
 
@@ -390,7 +410,7 @@ def input_chunk(n: int, chunk: int) -> int:
 
 def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK, labels: bool = False,
                  arrays: dict[str, dict] | None = None, data: dict[str, np.ndarray] | None = None,
-                 present: bool | None = None):
+                 present: bool | None = None, inputs=None):
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
 
     ``arrays``: more arrays to create with it (``{name: create_array keyword arguments}``, e.g. a slide's
@@ -401,9 +421,10 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     attrs matches no plan (a resume makes it again). Returns a :class:`NodeCache` of the new group that
     knows its arrays (no lookup reads their metadata again). ``present``: whether the input's group is there,
     when the caller has just looked (one lookup less; on object storage, a request); by default it is looked up.
+    ``inputs``: the root's ``inputs`` group, when the caller holds it (``root`` is then not read).
     """
     gid = input_id(attrs.source)
-    inputs = root.require_group("inputs")
+    inputs = inputs if inputs is not None else root.require_group("inputs")
     base = _group_dir(inputs)
     if base is not None and (base / gid).is_dir() and _metadata_problem(base / gid / "zarr.json") is not None:
         shutil.rmtree(base / gid)  # a damaged old group: zarr cannot even look at it

@@ -1163,3 +1163,42 @@ def test_an_empty_object_and_a_missing_one_are_one_line_each_from_the_one_round_
             open_slide(url, storage_options=s3.options())
         msg = str(err.value)
         assert msg.startswith(url + ": ") and words in msg and "\n" not in msg, msg
+
+
+def test_a_workers_prepare_tasks_read_the_stores_root_and_inputs_once_and_each_group_once(s3, s3_inputs):
+    """A slide's prepare task looks its group up with one read of the group's document: the root's and
+    ``inputs``' documents are read by the process's first task only (the handle is kept per process), and
+    ``create_input`` takes that handle (before: root, inputs, the group twice and inputs again, each prepare)."""
+    from cancernet_batch import store
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.stages.tile import prepare_slide_task
+
+    prefix = "prepare/lookups"
+    run, _ = _new_run(s3, prefix)
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options(), input_options=s3.options())
+    store._INPUTS_GROUPS.clear()
+    seen = []
+    for name in ("svs", "tiff"):
+        _store_requests(s3, prefix)
+        res = prepare_slide_task(run, s3_inputs[name][0], TileConfig(target_mpp=2.0), [])
+        assert res["todo"] and not res.get("complete"), res
+        gid = res["gid"]
+        reads = [(r.method, r.path.split("/tiles.zarr/", 1)[-1]) for r in _store_requests(s3, prefix)
+                 if r.method in ("GET", "HEAD")]
+        seen.append(reads)
+        assert reads.count(("GET", f"inputs/{gid}/zarr.json")) == 1, reads  # absent: then one listing to clear
+        assert len([r for r in reads if r[1].endswith("zarr.json")]) == (3 if name == "svs" else 1), reads
+    assert ("GET", "zarr.json") in seen[0] and ("GET", "inputs/zarr.json") in seen[0]
+    groups = dict(store.iter_inputs(run.open_store("r"), complete_only=False))
+    assert len(groups) == 2 and all(g.attrs["chunk"] for g in groups.values())  # both made whole
+
+
+def test_a_run_folders_store_key_is_the_same_after_its_first_request(s3):
+    """botocore rewrites the retry settings it is given in place; the options the drivers get are copies, so
+    the digest that names a store in this process's caches (input groups, the ``inputs`` handle) does not change
+    after the first request (before, each worker's first lookup missed its own cache)."""
+    run = Run.of(f"s3://{BUCKET}/keys/run", s3.options())
+    before = run.fs.cache_key(run.store_path)
+    run.fs.fs.ls(BUCKET)
+    assert run.fs.cache_key(run.store_path) == before
+    assert run.fs.storage_options["config_kwargs"]["retries"] == {"max_attempts": 3}

@@ -205,13 +205,15 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     except CancerNetError as exc:
         _drop_reader(source)
         return Failure.from_exception(source, "plan", exc)
-    root = run.open_store("r+", clean=False)
+    inputs = run.inputs_group()
     gid = store.input_id(source)
-    inputs = root["inputs"]
     kept = 0
     made = False  # the group made here, with its predictions' arrays
-    present = gid in inputs
-    stored = inputs[gid] if present else None
+    try:
+        stored = inputs[gid]  # one read of its document (was: the root's, inputs', and the group's twice)
+    except KeyError:
+        stored = None
+    present = stored is not None
     if stored is not None and _same_plan(stored, plan, cfg.chunk):
         g = stored
         bounds = store.chunk_bounds(plan.n_tiles, int(g.attrs["chunk"]))
@@ -231,8 +233,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
             arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
             made = True
         # coords, tissue map and thumbnail are on disk before the group's attrs (the plan _same_plan keeps)
-        g = store.create_input(root, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays, present=present,
-                               data={"coords": plan.coords, "tissue": plan.tissue, "thumbnail": th})
+        g = store.create_input(None, plan.attrs(), plan.n_tiles, chunk=c, arrays=arrays, present=present,
+                               data={"coords": plan.coords, "tissue": plan.tissue, "thumbnail": th}, inputs=inputs)
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
