@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         c = codes[name]
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs if r["checkout"] == name)
         lines.append(f"| {name} ({c.get('commit', c.get('folder'))}) | {med(name, 'wall_s'):.2f} ({walls}) | "
-                     f"{med(name, 'first_report_s')} | {med(name, 'input_heads_per_slide'):g} | "
+                     f"{med(name, 'first_report_s'):.2f} | {med(name, 'input_heads_per_slide'):g} | "
                      f"{med(name, 'input_gets_per_slide'):g} |")
     _save(args, "\n".join(lines), {"codes": codes, "runs": runs}, when)
     return 0
