@@ -1202,3 +1202,20 @@ def test_a_run_folders_store_key_is_the_same_after_its_first_request(s3):
     run.fs.fs.ls(BUCKET)
     assert run.fs.cache_key(run.store_path) == before
     assert run.fs.storage_options["config_kwargs"]["retries"] == {"max_attempts": 3}
+
+
+def test_a_rerun_looks_every_inputs_group_up_at_once_not_one_input_after_another(s3, s3_inputs, client, capsys):
+    """The discovery of a run on object storage reads the store's input groups in one listing and one batch of
+    concurrent GETs: a finished input named again costs one read of its group's document (before: two, one
+    input after another; a thousand-slide archive's resume spent minutes on them at S3's latency)."""
+    prefix = "nights/rediscover"
+    args = ["tile", f"s3://{BUCKET}/good/", "--out", f"s3://{BUCKET}/{prefix}", "--scheduler", client.scheduler.address,
+            "--storage-options", json.dumps(s3.options())]
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err
+    s3.server.reset()
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0 and "2 skipped (complete, unchanged)" in out, out + err
+    gets = _metadata_gets(s3, prefix)
+    groups = {k: v for k, v in gets.items() if k}
+    assert len(groups) == 2 and all(v == 1 for v in groups.values()), gets

@@ -144,6 +144,9 @@ class Flow:
         self.tile.failures += failures
         root = self.run.create().open_store("a")
         inputs = root.require_group("inputs")
+        # on object storage every input's group at once (one listing, the documents read together), not two
+        # requests one after another for each input named (a thousand-slide archive's resume: minutes at S3's latency)
+        look = store.NodeCache(inputs).load_members() if self.run.remote else inputs
         named = {str(s.source) for s in specs}
         for d in store.drop_damaged(root):  # their sources, when named here, are tiled again
             if d.source not in named:
@@ -153,9 +156,9 @@ class Flow:
         fresh: list[tuple[InputSpec, str]] = []
         for spec in specs:
             gid = store.input_id(spec.source)
-            if gid in inputs and is_fresh(dict(inputs[gid].attrs), spec, self.tile_cfg, self.run.input_options):
+            if gid in look and is_fresh(dict(look[gid].attrs), spec, self.tile_cfg, self.run.input_options):
                 fresh.append((spec, gid))
-                done_members.update((inputs[gid].attrs.get("extra") or {}).get("series_files") or [])
+                done_members.update((look[gid].attrs.get("extra") or {}).get("series_files") or [])
             else:
                 todo.append(spec)
         for spec in todo:
