@@ -799,9 +799,25 @@ class _TaskGroup(NodeCache):
         self._nodes = nodes
         self._local: dict = {}  # this task's own lookups of the other members
 
+    def load_members(self) -> "_TaskGroup":
+        """Look every member up at once (as :meth:`NodeCache.load_members`: on object storage one listing and
+        the documents read together), for this task; stable arrays also go to the process cache."""
+        members = _members(self._group)
+        if members is None:
+            return self
+        for name, node in members.items():
+            if name in _STABLE_ARRAYS and hasattr(node, "shape"):
+                self._nodes.setdefault(name, node)
+            else:
+                self._local[name] = node
+        self._listed = True
+        return self
+
     def __getitem__(self, name: str):
         node = self._nodes.get(name) or self._local.get(name)
         if node is None:
+            if self._listed:
+                raise KeyError(name)  # not among the members listed (nor made since)
             node = self._group[name]  # KeyError when absent: not cached
             if name in _STABLE_ARRAYS and hasattr(node, "shape"):
                 self._nodes[name] = node

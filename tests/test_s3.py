@@ -1219,3 +1219,35 @@ def test_a_rerun_looks_every_inputs_group_up_at_once_not_one_input_after_another
     gets = _metadata_gets(s3, prefix)
     groups = {k: v for k, v in gets.items() if k}
     assert len(groups) == 2 and all(v == 1 for v in groups.values()), gets
+
+
+def test_a_report_task_on_object_storage_looks_its_arrays_up_at_once(s3):
+    """The report task of an input on object storage reads its arrays' documents in one listing and one batch
+    (before: one GET each, one after another, and one more that found no map before writing it); the map is
+    still written and the report the same."""
+    from cancernet_batch import store
+    from cancernet_batch.aggregate import REPORTED, Threshold
+    from cancernet_batch.config import ReportConfig
+    from cancernet_batch.stages import report as report_stage
+
+    prefix = "nights/reportlookups"
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("P8", 10, grid=(3, 4), kind="patches")
+    gid = store.input_id(attrs.source)
+    g = store.create_input(root, attrs, 10, chunk=4, labels=True)
+    g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
+    probs, done = store.ensure_predictions(g, "model-a")
+    probs[:] = np.linspace(0.05, 0.95, 10, dtype=np.float32)
+    done[:] = True
+    store.mark_complete(g)
+    store._OPEN_INPUTS.clear()
+    _store_requests(s3, prefix)
+    row, failure = report_stage.report_task(run, gid, "P8", Threshold(0.5, "--threshold"), ReportConfig())
+    reqs = _store_requests(s3, prefix)
+    assert failure is None and row.figures.status == REPORTED and row.heatmap
+    docs = [r.path.split(f"/inputs/{gid}/", 1)[1] for r in reqs
+            if r.method == "GET" and r.path.endswith("/zarr.json") and f"/inputs/{gid}/" in r.path]
+    # the group's document (open_input), then each member's once (the listing's batch): no look-up one by one
+    assert sorted(docs) == sorted(["zarr.json"] + [f"{a}/zarr.json" for a in
+                                                   ("tiles", "coords", "labels", "tiled", "probs", "done")]), docs
+    assert "idc_map" in store.NodeCache(run.open_input(gid)._group)  # the map was written

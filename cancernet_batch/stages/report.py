@@ -209,6 +209,8 @@ def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportCon
                 ) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
     g = run.open_input(gid)  # not open_store: its clean-up would delete other workers' files in flight
+    if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
+        g.load_members()
     return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)
 
 
