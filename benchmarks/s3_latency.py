@@ -18,7 +18,9 @@ kept in ``--work`` for later calls) and a width-32 CancerNet with random weights
 then runs ``cancernet run s3://BUCKET/in/ --out s3://BUCKET/runs/...`` (its own local cluster, ``--workers``
 processes; the run folder on the same server) with this checkout and each ``--baseline`` checkout in turn
 (``PYTHONPATH``; from a folder with no checkout in it), ``--repeat`` rounds. Per run: the command's wall time,
-the time to the first reported input, and the HEAD and GET requests sent for the input objects (per slide).
+the time to the first reported input, the HEAD and GET requests sent for the input objects (per slide), and
+from the request lines the time from an input's first request to its report's GeoJSON and the interval between
+inputs' first requests (medians: how long an input is in flight, how fast the stream takes new ones).
 Prints a markdown table; ``--out`` gets ``s3-latency-[tiling-]DATE.json`` and ``.md``.
 
 ``--tiling``: instead of whole runs, each checkout (in a child process) tiles each slide as one tile task
@@ -59,6 +61,7 @@ class DelayProxy:
 
         self.host, self.port, self.latency, self.key_part = host, port, latency, key_part
         self.counts = collections.Counter()
+        self.lines: list[tuple[float, str, str]] = []  # (monotonic time, method, path) of each request line
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -93,6 +96,7 @@ class DelayProxy:
                     kind = "input" if self.key_part.encode() in m.group(2) else "other"
                     with self._lock:
                         self.counts[f"{m.group(1).decode()} {kind}"] += 1
+                        self.lines.append((time.monotonic(), m.group(1).decode(), m.group(2).decode(errors="replace")))
                 queue.put_nowait((loop.time() + self.latency, data))
             queue.put_nowait((loop.time() + self.latency, b""))
 
@@ -116,13 +120,42 @@ class DelayProxy:
         await asyncio.gather(take(), give(), back(), return_exceptions=True)
 
     def tally(self) -> collections.Counter:
+        """The counts since the last tally (the request lines too are cleared: :meth:`take_lines` first)."""
         with self._lock:
-            out, self.counts = self.counts, collections.Counter()
+            out, self.counts, self.lines = self.counts, collections.Counter(), []
         return out
+
+    def take_lines(self) -> list[tuple[float, str, str]]:
+        with self._lock:
+            return list(self.lines)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+def input_spans(lines: list[tuple[float, str, str]], t0: float, names: list[str]) -> dict:
+    """Per input slide (``names``: their stems), from a run's request lines: when its first request went out and
+    when its report's GeoJSON was written, in s from ``t0``; with the median time from one to the other and the
+    median interval between inputs' first requests (how fast the stream takes new inputs)."""
+    import statistics
+
+    first: dict[str, float] = {}
+    reported: dict[str, float] = {}
+    for t, method, path in lines:
+        for n in names:
+            if n in path:
+                first.setdefault(n, t - t0)
+                if method == "PUT" and "/report/geojson/" in path:
+                    reported.setdefault(n, t - t0)
+    starts = sorted(first.values())
+    took = [reported[n] - first[n] for n in first if n in reported]
+    return {"first_request_s": {n: round(v, 3) for n, v in first.items()},
+            "report_s": {n: round(v, 3) for n, v in reported.items()},
+            "median_input_s": round(statistics.median(took), 3) if took else None,
+            "median_start_interval_s": round(statistics.median(b - a for a, b in zip(starts, starts[1:])), 3)
+            if len(starts) > 1 else None}
+
 
 
 def _tile_child(spec: str) -> None:
@@ -232,10 +265,11 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "cancernet_batch.cli", "run", "s3://latency-bench/in/",
                        "--out", f"s3://latency-bench/runs/{name}-{rnd}", "--model", str(model),
                        "--workers", str(args.workers), "--storage-options", json.dumps(options)]
-                t0 = time.perf_counter()
+                t0, m0 = time.perf_counter(), time.monotonic()
                 p = subprocess.run(cmd, capture_output=True, text=True, cwd="/",
                                    env={**os.environ, "PYTHONPATH": str(path)})
                 wall = time.perf_counter() - t0
+                spans = input_spans(proxy.take_lines(), m0, [f.stem for f in files])
                 if p.returncode != 0:
                     raise SystemExit(f"{name}: `cancernet run` failed ({p.returncode}): {p.stderr[-600:]}")
                 m = re.search(r"first input reported after ([\d.]+) s", p.stdout)
@@ -244,8 +278,9 @@ def main(argv=None) -> int:
                              "first_report_s": float(m.group(1)) if m else None,
                              "input_heads_per_slide": count["HEAD input"] / len(files),
                              "input_gets_per_slide": count["GET input"] / len(files),
-                             "requests": sum(count.values())})
-                print(f"{name} round {rnd}: {runs[-1]}", flush=True)
+                             "requests": sum(count.values()), "median_input_s": spans["median_input_s"],
+                             "median_start_interval_s": spans["median_start_interval_s"], "inputs": spans})
+                print(f"{name} round {rnd}: { {k: v for k, v in runs[-1].items() if k != 'inputs'} }", flush=True)
         proxy.stop()
 
     def med(name, key):
@@ -258,14 +293,16 @@ def main(argv=None) -> int:
     lines = [f"`cancernet run` with {len(files)} SVS slides ({args.size} px at {args.mpp} µm/px) on {args.server} behind "
              f"{args.latency_ms:g} ms a request, {args.workers} workers, {args.repeat} rounds alternating; "
              f"{when:%Y-%m-%d %H:%M} UTC; load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
-             "", "| checkout (code) | wall s, median (all) | first report s, median | input HEADs / slide | input GETs / slide |",
-             "|---|---|---|---:|---:|"]
+             "", "| checkout (code) | wall s, median (all) | first report s, median | input HEADs / slide | input GETs / slide "
+             "| an input, first request to its report, s (median) | between inputs' first requests, s (median) |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for name, _ in checkouts:
         c = codes[name]
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs if r["checkout"] == name)
         lines.append(f"| {name} ({c.get('commit', c.get('folder'))}) | {med(name, 'wall_s'):.2f} ({walls}) | "
                      f"{med(name, 'first_report_s'):.2f} | {med(name, 'input_heads_per_slide'):g} | "
-                     f"{med(name, 'input_gets_per_slide'):g} |")
+                     f"{med(name, 'input_gets_per_slide'):g} | {med(name, 'median_input_s')} | "
+                     f"{med(name, 'median_start_interval_s')} |")
     _save(args, "\n".join(lines), {"codes": codes, "runs": runs}, when)
     return 0
 
