@@ -135,7 +135,7 @@ class DelayProxy:
 
 
 def input_spans(lines: list[tuple[float, str, str]], t0: float, names: list[str]) -> dict:
-    """Per input slide (``names``: their stems), from a run's request lines: when its first request went out and
+    """Per input slide (``names``: their stems), from a run's request lines: when its first request for the object went out and
     when its report's GeoJSON was written, in s from ``t0``; with the median time from one to the other and the
     median interval between inputs' first requests (how fast the stream takes new inputs)."""
     import statistics
@@ -145,7 +145,8 @@ def input_spans(lines: list[tuple[float, str, str]], t0: float, names: list[str]
     for t, method, path in lines:
         for n in names:
             if n in path:
-                first.setdefault(n, t - t0)
+                if "/in/" in path:  # the input object itself (the store's look-ups name its group too)
+                    first.setdefault(n, t - t0)
                 if method == "PUT" and "/report/geojson/" in path:
                     reported.setdefault(n, t - t0)
     starts = sorted(first.values())
@@ -153,7 +154,7 @@ def input_spans(lines: list[tuple[float, str, str]], t0: float, names: list[str]
     return {"first_request_s": {n: round(v, 3) for n, v in first.items()},
             "report_s": {n: round(v, 3) for n, v in reported.items()},
             "median_input_s": round(statistics.median(took), 3) if took else None,
-            "median_start_interval_s": round(statistics.median(b - a for a, b in zip(starts, starts[1:])), 3)
+            "median_start_interval_s": round(statistics.median([b - a for a, b in zip(starts, starts[1:])]), 3)
             if len(starts) > 1 else None}
 
 
@@ -301,8 +302,8 @@ def main(argv=None) -> int:
         walls = ", ".join(f"{r['wall_s']:.2f}" for r in runs if r["checkout"] == name)
         lines.append(f"| {name} ({c.get('commit', c.get('folder'))}) | {med(name, 'wall_s'):.2f} ({walls}) | "
                      f"{med(name, 'first_report_s'):.2f} | {med(name, 'input_heads_per_slide'):g} | "
-                     f"{med(name, 'input_gets_per_slide'):g} | {med(name, 'median_input_s')} | "
-                     f"{med(name, 'median_start_interval_s')} |")
+                     f"{med(name, 'input_gets_per_slide'):g} | {med(name, 'median_input_s'):.2f} | "
+                     f"{med(name, 'median_start_interval_s'):.2f} |")
     _save(args, "\n".join(lines), {"codes": codes, "runs": runs}, when)
     return 0
 
