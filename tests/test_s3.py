@@ -973,29 +973,38 @@ def test_inspect_takes_storage_options_like_the_other_commands(s3, s3_inputs, s3
     assert rc == 2 and "--storage-options is for inputs on object storage" in err
 
 
+def _scored_input(s3, prefix: str, name: str, *, tiles: bool = False):
+    """A run on S3 with one patient input ``name`` of 10 tiles (chunks of 4), scored by ``model-a`` and complete:
+    ``(run, attrs, gid, probabilities)``; ``tiles``: random pixels written too."""
+    from cancernet_batch import store
+
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs(name, 10, grid=(3, 4), kind="patches")
+    gid = store.input_id(attrs.source)
+    g = store.create_input(root, attrs, 10, chunk=4, labels=True)
+    g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
+    if tiles:
+        g["tiles"][:] = np.random.default_rng(0).integers(0, 255, (10, 50, 50, 3), dtype=np.uint8)
+    probs, done = store.ensure_predictions(g, "model-a")
+    p = np.linspace(0.05, 0.95, 10, dtype=np.float32)
+    probs[:] = p
+    done[:] = True
+    store.mark_complete(g)
+    return run, attrs, gid, p
+
+
 def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_once(s3):
     """The report of one input (state, consistency check, figures, map, mosaic thumbnail) reads each chunk of
     its ``coords``, ``probs`` and ``done`` arrays once: the check's reads are the figures' (before: coords three
     times, probabilities and done flags twice, one GET per chunk each time). The report is the same."""
     from collections import Counter
 
-    from cancernet_batch import store
     from cancernet_batch.aggregate import REPORTED, Threshold
     from cancernet_batch.config import ReportConfig
     from cancernet_batch.stages.report import _one_input
 
     prefix = "nights/reportreads"
-    run, root = _new_run(s3, prefix)
-    attrs = _object_attrs("P7", 10, grid=(3, 4), kind="patches")
-    gid = store.input_id(attrs.source)
-    g = store.create_input(root, attrs, 10, chunk=4, labels=True)
-    g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
-    g["tiles"][:] = np.random.default_rng(0).integers(0, 255, (10, 50, 50, 3), dtype=np.uint8)
-    probs, done = store.ensure_predictions(g, "model-a")
-    p = np.linspace(0.05, 0.95, 10, dtype=np.float32)
-    probs[:] = p
-    done[:] = True
-    store.mark_complete(g)
+    run, attrs, gid, p = _scored_input(s3, prefix, "P7", tiles=True)
     _store_requests(s3, prefix)
     row, failure = _one_input(run, gid, run.open_input(gid), attrs, "P7", Threshold(0.5, "--threshold"), ReportConfig())
     reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
@@ -1231,15 +1240,7 @@ def test_a_report_task_on_object_storage_looks_its_arrays_up_at_once(s3):
     from cancernet_batch.stages import report as report_stage
 
     prefix = "nights/reportlookups"
-    run, root = _new_run(s3, prefix)
-    attrs = _object_attrs("P8", 10, grid=(3, 4), kind="patches")
-    gid = store.input_id(attrs.source)
-    g = store.create_input(root, attrs, 10, chunk=4, labels=True)
-    g["coords"][:] = np.stack(np.divmod(np.arange(10), 4), axis=1)
-    probs, done = store.ensure_predictions(g, "model-a")
-    probs[:] = np.linspace(0.05, 0.95, 10, dtype=np.float32)
-    done[:] = True
-    store.mark_complete(g)
+    run, attrs, gid, _ = _scored_input(s3, prefix, "P8")
     store._OPEN_INPUTS.clear()
     _store_requests(s3, prefix)
     row, failure = report_stage.report_task(run, gid, "P8", Threshold(0.5, "--threshold"), ReportConfig())
