@@ -110,7 +110,10 @@ def instrument(clock: _Clock) -> None:
     tiling.tissue_mask = clock.wrap("plan: tissue mask", tiling.tissue_mask)
     tiling.tile_fractions = clock.wrap("plan: tile fractions", tiling.tile_fractions)
     tile.plan_slide = clock.wrap("plan (all)", tile.plan_slide)
-    runfolder.Run.open_store = clock.wrap("group: open store", runfolder.Run.open_store)
+    # the prepare task's look-up of the store's inputs group (kept per process: opened by a round's first slide;
+    # older versions: open_store, each slide)
+    where = "inputs_group" if hasattr(runfolder.Run, "inputs_group") else "open_store"
+    setattr(runfolder.Run, where, clock.wrap("group: open store", getattr(runfolder.Run, where)))
     store.create_input = clock.wrap("group: create_input", store.create_input)
     store.write_whole = clock.wrap("group: coords, tissue, thumbnail", store.write_whole)  # inside create_input
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = one_slide(run, os.path.abspath(source), cfg, clock)
                 if r == 0:
                     continue
-                c = dict(clock.cpu)
+                c = defaultdict(float, clock.cpu)
                 c["plan: rest"] = c["plan (all)"] - c["plan: overview read"] - c["plan: tissue mask"] \
                     - c["plan: tile fractions"]
                 # what prepare does besides (e.g. its return value), then create_input without its data writes
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 c["group: create_input"] -= c["group: coords, tissue, thumbnail"]
                 for k, v in c.items():
                     per[k].append(v)
-                w = dict(clock.wall)
+                w = defaultdict(float, clock.wall)
                 w["group: create_input"] -= w.get("group: coords, tissue, thumbnail", 0.0)
                 for k, v in w.items():
                     wall[k].append(v)

@@ -151,7 +151,10 @@ def _time_tasks(parts: bool = False) -> None:
         tiling.tissue_mask = part("plan: tissue mask", unwrapped(tiling.tissue_mask))
         tile.plan_slide = part("plan (all)", unwrapped(tile.plan_slide))
         tile._reader = part("open (reader, cached per worker)", unwrapped(tile._reader), only_in_prepare=True)
-        runfolder.Run.open_store = part("group: open store", unwrapped(runfolder.Run.open_store), only_in_prepare=True)
+        # the prepare's look-up of the store's inputs group (kept per worker process; older versions: open_store)
+        where = "inputs_group" if hasattr(runfolder.Run, "inputs_group") else "open_store"
+        setattr(runfolder.Run, where, part("group: open store", unwrapped(getattr(runfolder.Run, where)),
+                                           only_in_prepare=True))
         store.create_input = part("group: create_input (with its data)", unwrapped(store.create_input))
         writes = "group: data writes (coords, tissue, thumbnail)"  # inside create_input (older versions: after it)
         zarr.Array.__setitem__ = part(writes, unwrapped(zarr.Array.__setitem__), only_in_prepare=True)
