@@ -7,7 +7,8 @@
   :func:`find_inputs`: slides and patient folders under a prefix, from one listing and that walk;
   :func:`folder_stat`: a patient folder's identity (total size, digest of names and ETags);
   :func:`read_objects`: many small objects (patches) fetched concurrently.
-* :func:`open_input`: a seekable file object (:class:`RangeFile`) for tifffile: small reads (the TIFF
+* :func:`open_object`: a seekable file object (:class:`RangeFile`) for tifffile, with the object's look-up
+  and its header's first blocks in one round of requests: small reads (the TIFF
   header, its IFDs and tag arrays) go through a block cache of :data:`HEADER_BLOCK` bytes; the
   compressed tiles a region needs are fetched beforehand with :meth:`RangeFile.prefetch`, near
   ranges coalesced into one request (:func:`read_ranges`), so reading a region costs one or a few
@@ -416,11 +417,12 @@ class RangeFile(io.RawIOBase):
 
     def __init__(self, url: str, options: Mapping | None = None, *, size: int | None = None,
                  block: int = HEADER_BLOCK, blocks: "Iterable[int] | None" = None,
-                 held: "Mapping[int, bytes] | None" = None):
+                 held: "Mapping[int, bytes] | None" = None, tail: bool = False):
         """``blocks``: indices of the blocks that hold the TIFF's header (:meth:`blocks_read` of an earlier
         file over the same object): fetched at once, in one batch of concurrent requests, instead of one after
         another as tifffile follows the chain of IFDs (each IFD's offset is in the one before). ``held``:
-        blocks already fetched (index -> bytes; :func:`open_object`)."""
+        blocks already fetched (index -> bytes; :func:`open_object`). ``tail``: nothing is known of the header,
+        so the first block missed brings the block after it and the last :data:`TAIL_BLOCKS` along."""
         super().__init__()
         self.url = _strip(url)
         self.name = self.url
@@ -436,7 +438,7 @@ class RangeFile(io.RawIOBase):
         self.requests = 0
         self.bytes_read = 0
         self._read_blocks: dict[int, None] = {}  # block indices that small reads needed
-        self._tail = False  # the next block miss fetches the block after it and the last TAIL_BLOCKS too (open_object)
+        self._tail = tail  # the next block miss fetches the block after it and the last TAIL_BLOCKS too
         self._blocks.update(held or {})
         if blocks:
             want = sorted({int(k) for k in blocks if 0 <= int(k) * self.block < self.size} - set(self._blocks))
@@ -608,8 +610,7 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
             if min(size, (k + 1) * block) <= end:
                 held[k] = bytes(d[k * block - a:(k + 1) * block - a])
     _count(len(fetched), sum(len(d) for d in fetched))
-    f = RangeFile(url, options, size=size, held=held, blocks=want)
-    f._tail = want is None  # nothing known of the header: its first miss brings the object's last blocks
+    f = RangeFile(url, options, size=size, held=held, blocks=want, tail=want is None)
     f.requests += len(fetched)
     f.bytes_read += sum(len(d) for d in fetched)
     return f, identity
@@ -632,13 +633,6 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
         return sync(fs.loop, one_round)
     except Exception as exc:  # noqa: BLE001 - the loop itself
         raise _input_error(exc, url, "looking up the input", options) from None
-
-
-def open_input(url: str, options: Mapping | None = None, *, size: int | None = None,
-               blocks: "Iterable[int] | None" = None) -> RangeFile:
-    """A seekable file object over the object ``url`` (see :class:`RangeFile`; ``blocks``: its header's blocks,
-    fetched at once)."""
-    return RangeFile(url, options, size=size, blocks=blocks)
 
 
 def read_head(url: str, n: int, options: Mapping | None = None) -> bytes:

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +137,7 @@ def open_input(location, gid: str, mode: str = "r+", *, cache_key=None):
 
 
 _INPUTS_GROUPS: dict = {}
-_INPUTS_GROUPS_LOCK = __import__("threading").Lock()
+_INPUTS_GROUPS_LOCK = threading.Lock()
 
 
 def open_inputs_group(open_root_fn, cache_key):
