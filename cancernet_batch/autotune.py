@@ -1,5 +1,6 @@
 """Autotune: the predict settings ``cancernet bench`` measured fastest on this machine, saved for
-``predict --autotune`` and ``run --autotune``.
+``predict --autotune`` and ``run --autotune``, with the whole run's fastest layout under ``run`` (workers,
+threads, scoring workers), which ``run --autotune`` starts instead of the predict stage's workers.
 
 Its own small room, so the CLI does not import the benchmark module to read one JSON file.
 """

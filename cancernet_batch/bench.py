@@ -497,7 +497,8 @@ class BenchResult:
         out["tile_vs_decode_roof"] = self.rate("tile") / decode if decode else None
         barrier = self.rate("run-barrier")
         out["run_vs_barrier"] = self.rate("run") / barrier if barrier else None
-        stream = self._one("run")
+        streams = [f for f in self.figures if f.stage == "run"]
+        stream = max(streams, key=lambda f: f.rate) if streams else None  # the one the barrier version repeats
         out["first_report_fraction"] = stream.settings.get("first_report_fraction") if stream else None
         split = self._one("run-split")
         tile1 = [f for f in self.figures if f.stage == "tile" and f.settings.get("workers") == 1]
@@ -566,11 +567,35 @@ def _pngs_from_run(run: Path, out: Path, n: int) -> list[Path]:
     return files
 
 
+def run_layouts(choice: dict, workers: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The ``(workers, threads per worker)`` of the streamed runs the bench times: the predict stage's fastest, and
+    every worker of the largest count with one thread (``cancernet run``'s own default on that many cores) when that
+    differs. The predict stage alone can be fastest on fewer workers (one engine with every core's threads), while a
+    whole run also tiles, which more workers do in parallel."""
+    layouts = [(int(choice["workers"]), int(choice["threads_per_worker"]))]
+    if (max(workers), 1) not in layouts:
+        layouts.append((max(workers), 1))
+    return layouts
+
+
+def run_choice(figures: list[Figure]) -> dict:
+    """The whole run's fastest layout among the ``run`` (every worker tiles and scores) and ``run-split`` (some
+    workers only score) figures: what ``run --autotune`` starts. The predict stage's choice stays the one for
+    ``predict --autotune``."""
+    runs = [f for f in figures if f.stage in ("run", "run-split")]
+    if not runs:
+        return {}
+    f = max(runs, key=lambda f: f.rate)
+    return {"workers": f.settings["workers"], "threads_per_worker": f.settings["threads_per_worker"],
+            "score_workers": f.settings.get("score_workers") or 0, "patches_per_second": round(f.rate, 1)}
+
+
 def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
     """Measure the roofs, tiling, the predict stage, end to end, and the naive loop, in this order.
 
-    The best predict settings (by steady patches/s: what a long run gets) are the autotune choice
-    and run the end-to-end figure.
+    The best predict settings (by steady patches/s: what a long run gets) are the autotune choice for
+    ``predict``; the whole run is timed with them and with every worker (:func:`run_layouts`), and with the work
+    split, and its fastest layout is the choice for ``run`` (:func:`run_choice`).
     """
     import shutil
     import tempfile
@@ -644,18 +669,23 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
                   "steady_patches_per_second": best.settings["steady_patches_per_second"]}
 
         step("end to end (cancernet run, streaming) and the same stage by stage (the barrier version)")
-        e2e = dict(workers=choice["workers"], threads=choice["threads_per_worker"], batch_size=choice["batch_size"],
-                   engine=engine, device=cfg.device)
-        figures.append(end_to_end(inputs, work / "run-e2e", model_dir, **e2e))
-        figures.append(end_to_end_barrier(inputs, work / "run-barrier", model_dir, **e2e))
+        e2e = dict(batch_size=choice["batch_size"], engine=engine, device=cfg.device)
+        streams = []
+        for w, t in run_layouts(choice, cfg.workers):
+            streams.append(end_to_end(inputs, work / f"run-e2e-{w}x{t}", model_dir, workers=w, threads=t, **e2e))
+        figures += streams
+        fastest = max(streams, key=lambda f: f.rate)  # the barrier version with the fastest stream's workers
+        figures.append(end_to_end_barrier(inputs, work / "run-barrier", model_dir, workers=fastest.settings["workers"],
+                                          threads=fastest.settings["threads_per_worker"], **e2e))
         if max(cfg.workers) >= 2:
             step("tiling and scoring on their own workers (each stage alone on one core for the overlap figure)")
             figures.append(tile_stage(inputs, work / "run-tile-1", workers=1))
             figures.append(predict_stage(run, model_dir, workers=1, threads=1, batch_size=choice["batch_size"],
                                          engine=engine, backend=choice["backend"], device=cfg.device,
                                          engine_threads=1))
-            figures.append(end_to_end(inputs, work / "run-split", model_dir,
-                                      **{**e2e, "workers": max(cfg.workers), "threads": 1}, score_workers=1))
+            figures.append(end_to_end(inputs, work / "run-split", model_dir, workers=max(cfg.workers), threads=1,
+                                      score_workers=1, **e2e))
+        choice["run"] = run_choice(figures)
 
         step("naive loop")
         pngs = _pngs_from_run(run, work / "pngs", cfg.naive_count)

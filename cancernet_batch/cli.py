@@ -666,14 +666,17 @@ def _predict_options(f):
         click.option("--batch-size", default=None, type=click.IntRange(1, MAX_BATCH),
                      help="Tiles per model call (default 256 on CPU, 2048 on GPU)."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
-        click.option("--autotune", is_flag=True, help="Use the engine, workers, threads and batch size `cancernet bench` saved here."),
+        click.option("--autotune", is_flag=True, help="Use the engine, workers, threads and batch size `cancernet bench` "
+                     "saved here (run: the workers of its fastest whole run, scoring workers included)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def _predict_config(kw: dict):
+def _predict_config(kw: dict, *, whole_run: bool = False):
+    """The predict settings of ``kw`` (popped). ``whole_run``: for ``cancernet run``, whose ``--autotune`` starts the
+    whole run's fastest layout (workers, threads, scoring workers) that ``bench`` measured, where it saved one."""
     import os
 
     from .config import PredictConfig
@@ -689,6 +692,11 @@ def _predict_config(kw: dict):
             raise ConfigError("no saved autotune for this machine", path=autotune_path(),
                               hint="run `cancernet bench` here first, or drop --autotune")
         kw["batch_size"] = kw["batch_size"] or int(saved["batch_size"])  # explicit options win
+        layout = saved.get("run") if whole_run else None
+        if layout and not kw.get("workers") and kw.get("score_workers") is None and not kw.get("scheduler"):
+            kw["workers"] = int(layout["workers"])  # the layout as measured, or not at all: given workers keep theirs
+            kw["score_workers"] = int(layout.get("score_workers") or 0)
+            kw["threads_per_worker"] = kw.get("threads_per_worker") or int(layout.get("threads_per_worker", 1))
         kw["workers"] = kw.get("workers") or int(saved["workers"])
         kw["threads_per_worker"] = kw.get("threads_per_worker") or int(saved.get("threads_per_worker", 1))
         if kw["engine"] == "auto" and saved.get("engine") in ENGINES and saved.get("device", "cpu") == kw["device"]:
@@ -847,7 +855,7 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode",
               "stage_cache_gb"):
         kw.pop(k)
-    predict_cfg = _predict_config(kw)  # before the workers start: it may set KERAS_BACKEND for them
+    predict_cfg = _predict_config(kw, whole_run=True)  # before the workers start: it may set KERAS_BACKEND for them
     _start_workers_early(predict_cfg.cluster, (*inputs, out))  # first: the workers' imports are the longest step
     run_folder = _run_of(out, storage_options, inputs)
     tile_cfg = _tile_config(tile_kw, chunk_size)
@@ -975,7 +983,8 @@ def _variants(value: str) -> tuple[str, ...]:
 @click.option("--roof-seconds", default=2.0, show_default=True, type=Number(0.1, 600, unit="SECONDS"),
               help="Each model-only roof runs whole batches for at least this long.")
 @click.option("--save-autotune/--no-save-autotune", default=True, show_default=True,
-              help="Save the best engine, workers, threads and batch size for `predict --autotune`.")
+              help="Save the best engine, workers, threads and batch size for `predict --autotune`, and the "
+                   "fastest whole run's workers for `run --autotune`.")
 def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threads, engines, backend, roof_backends,
           device, naive_count, variants, roof_seconds, json_out, md_out, save_autotune) -> int:
     """Measure patches/s per stage against the model-only roof and the naive loop, in one run.
@@ -984,7 +993,8 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
     Roof: ONNX Runtime and Keras under every installed backend, in-memory uint8 batches.
     Tile: INPUT (or synthetic slides) into a tiles.zarr. Predict: the stage over that store for
     each engine x workers x threads x batch size. End to end: `cancernet run` with the best
-    predict settings. Naive: one PNG read and one-patch model.predict at a time.
+    predict settings and with every worker, and with the work split. Naive: one PNG read and
+    one-patch model.predict at a time.
     """
     import json
     import os
@@ -1010,7 +1020,9 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
     if ratios.get("tile_vs_decode_roof"):
         click.echo(f"tile stage: {r.rate('tile'):.0f} tiles/s = {ratios['tile_vs_decode_roof']:.2f} x the decode roof "
                    f"({r.rate('decode-roof'):.0f} tiles/s: their compressed tiles decoded once each, nothing else)")
-    click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive")
+    stream = max((f for f in r.figures if f.stage == "run"), key=lambda f: f.rate)
+    click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive "
+               f"({stream.settings['workers']} workers x {stream.settings['threads_per_worker']} threads, streamed)")
     if ratios.get("run_vs_barrier"):
         first = ratios.get("first_report_fraction")
         click.echo(f"stream vs stage by stage: {ratios['run_vs_barrier']:.2f} x the patches/s; first input reported "
@@ -1025,8 +1037,11 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
         write_text(md_out, r.markdown())
     if save_autotune:
         b = r.best
+        lay = b.get("run") or {}
+        whole = (f"; run: {lay['workers']} workers x {lay['threads_per_worker']} threads"
+                 + (f", {lay['score_workers']} of them only scoring" if lay.get("score_workers") else "")) if lay else ""
         click.echo(f"autotune: {b['engine']}{'-' + b['backend'] if b['backend'] else ''}, {b['workers']} workers x "
-                   f"{b['threads_per_worker']} threads, batch {b['batch_size']} -> {_save(b)}")
+                   f"{b['threads_per_worker']} threads, batch {b['batch_size']}{whole} -> {_save(b)}")
     return 0
 
 

@@ -80,6 +80,10 @@ def test_bench_json_holds_every_figure(tmp_path):
     assert "| predict |" in (tmp_path / "bench.md").read_text()
     saved = json.loads((tmp_path / "cfg" / "cancernet-batch" / "autotune.json").read_text())
     assert {k: saved[k] for k in ("engine", "batch_size", "workers")} == {k: best[k] for k in ("engine", "batch_size", "workers")}
+    # one worker asked for: one layout of the whole run, no split run; `run --autotune` gets that layout
+    assert [f["stage"] for f in figures].count("run") == 1 and not any(f["stage"] == "run-split" for f in figures)
+    assert saved["run"] == {"workers": 1, "threads_per_worker": 1, "score_workers": 0,
+                            "patches_per_second": pytest.approx(run["patches_per_second"], abs=0.1)}
 
 
 def test_predict_autotune_without_bench_is_clear_error(tmp_path):
@@ -115,6 +119,59 @@ def test_predict_autotune_uses_the_saved_engine_and_batch(tmp_path, synth_patch_
     assert r.returncode == 0, r.stderr[-2000:]
     used = json.loads((run / "predict.json").read_text())
     assert (used["engine"], used["batch_size"]) == ("onnx", 64)
+
+
+def test_the_whole_run_is_timed_with_every_worker_and_its_fastest_layout_is_the_run_choice():
+    """The predict stage alone can be fastest on one worker (its engine takes both cores' threads) while a whole run
+    also tiles, which two workers do side by side: on a 2-vCPU Xeon the bench's stream on the predict stage's one
+    worker took 7.35 s, on two workers 5.3 s. The bench times both, and the fastest of them and of the split run is
+    what ``run --autotune`` starts; the stream figures (first report, stream vs barrier) are the fastest stream's."""
+    from cancernet_batch.bench import BenchResult, Figure, run_choice, run_layouts
+
+    assert run_layouts({"workers": 1, "threads_per_worker": 1}, (1, 2)) == [(1, 1), (2, 1)]
+    assert run_layouts({"workers": 2, "threads_per_worker": 1}, (1, 2)) == [(2, 1)]
+    assert run_layouts({"workers": 1, "threads_per_worker": 2}, (1, 2)) == [(1, 2), (2, 1)]
+    assert run_layouts({"workers": 1, "threads_per_worker": 1}, (1,)) == [(1, 1)]
+
+    def stream(workers, seconds, first, split=0):
+        return Figure("run-split" if split else "run", "onnx", 1000, seconds,
+                      {"workers": workers, "threads_per_worker": 1, "score_workers": split,
+                       "first_report_fraction": first})
+
+    figures = [stream(1, 7.35, 0.185), stream(2, 5.3, 0.15), Figure("run-barrier", "onnx", 1000, 5.0, {"workers": 2}),
+               stream(2, 5.8, 0.14, split=1)]
+    assert run_choice(figures) == {"workers": 2, "threads_per_worker": 1, "score_workers": 0,
+                                   "patches_per_second": pytest.approx(1000 / 5.3, abs=0.1)}
+    ratios = BenchResult({}, {}, figures, {}).ratios()
+    assert ratios["first_report_fraction"] == 0.15 and ratios["run_vs_barrier"] == pytest.approx(5.0 / 5.3)
+    figures[-1] = stream(2, 4.9, 0.14, split=1)  # the split run fastest: run --autotune splits
+    assert run_choice(figures)["score_workers"] == 1 and run_choice([]) == {}
+
+
+def test_run_autotune_starts_the_whole_runs_layout(tmp_path, monkeypatch):
+    """``run --autotune`` takes the workers of the bench's fastest whole run (scoring workers too), ``predict
+    --autotune`` the predict stage's; given workers, or a scheduler, keep theirs."""
+    from cancernet_batch import cli
+    from cancernet_batch.machine import machine
+
+    cfg = tmp_path / "cfg"
+    (cfg / "cancernet-batch").mkdir(parents=True)
+    (cfg / "cancernet-batch" / "autotune.json").write_text(json.dumps(
+        {"engine": "onnx", "backend": None, "device": "cpu", "workers": 1, "threads_per_worker": 1, "batch_size": 512,
+         "run": {"workers": 3, "threads_per_worker": 1, "score_workers": 1}, "machine": machine()}))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(cfg))
+
+    def config(whole_run, **given):
+        kw = {"model_dir": "m", "engine": "auto", "backend": None, "device": "cpu", "batch_size": None, "rescore": False,
+              "autotune": True, "scheduler": None, "workers": None, "threads_per_worker": None, "tls_ca_file": None,
+              "tls_cert": None, "tls_key": None, "score_workers": None, "connect_timeout": 30.0, **given}
+        c = cli._predict_config(kw, whole_run=whole_run)
+        return c.cluster.workers, c.cluster.score_workers, c.batch_size, c.engine
+
+    assert config(True) == (3, 1, 512, "onnx")
+    assert config(False) == (1, None, 512, "onnx")
+    assert config(True, workers=2) == (2, None, 512, "onnx")  # given workers: not the measured layout
+    assert config(True, score_workers=0) == (1, None, 512, "onnx")
 
 
 def test_split_ratio_compares_the_runs_own_time_with_each_stage_alone():
