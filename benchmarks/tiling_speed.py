@@ -25,6 +25,17 @@ command's start to the first chunk flag on disk (polled every 10 ms). Accuracy: 
 difference of the ``fast`` tiles from the ``exact`` ones (exact area averages), and with
 ``--model``, the correlation of the model's probabilities on both. Prints a markdown table with the
 date and machine.
+
+``--tia-python``: a Python with TIAToolbox (``tia_tiles.py`` runs there). TIAToolbox 2.1.3 pins ``torch<2.13``; where
+only a newer CPU wheel of torch is at hand, install it with ``--no-deps`` beside that wheel and its other
+requirements (its region reads do not use torch)::
+
+    python -m venv /tmp/tia-venv && /tmp/tia-venv/bin/pip install TORCH_CPU_WHEEL psutil
+    /tmp/tia-venv/bin/pip install --no-deps tiatoolbox==2.1.3
+    /tmp/tia-venv/bin/python -c "from importlib.metadata import requires; print('\\n'.join(r for r in requires('tiatoolbox')
+        if 'extra ==' not in r and r.split('<')[0].split('>')[0] not in ('torch', 'torchvision', 'timm', 'transformers',
+        'jupyterlab', 'sphinx', 'umap-learn', 'ipywidgets')))" > /tmp/tia-reqs.txt
+    /tmp/tia-venv/bin/pip install -r /tmp/tia-reqs.txt
 """
 
 from __future__ import annotations
