@@ -4,6 +4,7 @@ alternating.
 
     python benchmarks/s3_latency.py [--latency-ms 20] [--server s3rver|moto] [--count 2] [--size 16384]
                                     [--mpp 0.5] [--repeat 3] [--baseline OLD_CHECKOUT ...] [--workers 2]
+                                    [--variant NAME=ARGS ...]
                                     [--tiling [--target 4.0] [--tile-repeat 3]] [--out DIR]
 
 On a server on the same machine a request costs a few ms, so what a run's requests cost one after another
@@ -215,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--baseline", action="append", default=[], help="another checkout to run (PYTHONPATH)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="this checkout again with more `cancernet run` arguments, e.g. "
+                         "'threads2=--threads-per-worker 2' (whole runs only; alternating with the others)")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "s3-latency"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiling", action="store_true", help="time tiling per slide instead of whole runs")
@@ -226,11 +230,18 @@ def main(argv=None) -> int:
         _tile_child(args.tile_child)
         return 0
 
+    if args.variant and args.tiling:
+        ap.error("--variant adds `cancernet run` arguments: whole runs only, not --tiling")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     files, model = _inputs(work, args)
     checkouts = [("this", HERE.parent)] + [(f"baseline{i}" if len(args.baseline) > 1 else "baseline", Path(b).resolve())
                                            for i, b in enumerate(args.baseline)]
+    extra = {}  # --variant NAME=ARGS: this checkout again, with more `cancernet run` arguments
+    for v in args.variant:
+        name, _, more = v.partition("=")
+        checkouts.append((name, HERE.parent))
+        extra[name] = more.split()
     codes = {name: _code(path) for name, path in checkouts}
     from s3_inputs import _server
 
@@ -265,7 +276,7 @@ def main(argv=None) -> int:
                     continue
                 cmd = [sys.executable, "-m", "cancernet_batch.cli", "run", "s3://latency-bench/in/",
                        "--out", f"s3://latency-bench/runs/{name}-{rnd}", "--model", str(model),
-                       "--workers", str(args.workers), "--storage-options", json.dumps(options)]
+                       "--workers", str(args.workers), "--storage-options", json.dumps(options), *extra.get(name, ())]
                 t0, m0 = time.perf_counter(), time.monotonic()
                 p = subprocess.run(cmd, capture_output=True, text=True, cwd="/",
                                    env={**os.environ, "PYTHONPATH": str(path)})

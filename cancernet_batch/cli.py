@@ -599,7 +599,7 @@ def _cluster_options(f):
         click.option("--scheduler", default=None, metavar="ADDRESS",
                      help="Existing Dask scheduler (tcp://HOST:8786 or tls://...); default: a local cluster."),
         click.option("--workers", default=None, type=click.IntRange(1, MAX_WORKERS), help="Local cluster workers (default: cores)."),
-        click.option("--threads-per-worker", default=None, type=click.IntRange(1, MAX_WORKERS), help="Threads per local worker (default 1)."),
+        click.option("--threads-per-worker", default=None, type=click.IntRange(1, MAX_WORKERS), help="Threads per local worker (default 1; 2 when inputs or the run folder are on object storage)."),
         click.option("--tls-ca-file", default=None, type=click.Path(), help="CA certificate for a tls:// scheduler."),
         click.option("--tls-cert", default=None, type=click.Path(), help="Client certificate for a tls:// scheduler."),
         click.option("--tls-key", default=None, type=click.Path(), help="Client key for a tls:// scheduler."),
@@ -614,12 +614,16 @@ def _cluster_options(f):
     return f
 
 
-def _start_workers_early(cluster, locations=()) -> None:
+def _start_workers_early(cluster, locations=()):
     """Start the process local workers are forked from now, so its imports overlap the client's own (with the
-    storage driver that ``locations``, the inputs and run folder, need on object storage)."""
-    from .cluster import start_forkserver, storage_drivers
+    storage driver that ``locations``, the inputs and run folder, need on object storage). Returns the cluster
+    settings to start: with more threads per worker when ``locations`` are on object storage and none were given
+    (:func:`cluster.for_locations`)."""
+    from .cluster import for_locations, start_forkserver, storage_drivers
 
+    cluster = for_locations(cluster, locations)
     start_forkserver(cluster, also=storage_drivers(locations))
+    return cluster
 
 
 def _cluster_config(kw: dict, device: str | None = None):
@@ -730,8 +734,8 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
     check_out_not_inside_inputs(out, inputs)
-    cluster = _cluster_config(kw)
-    _start_workers_early(cluster, (*inputs, out))  # first: the workers' imports are the longest step before the first tile
+    cluster = _start_workers_early(_cluster_config(kw), (*inputs, out))  # first: the workers' imports are the longest
+    # step before the first tile
     run_folder = _run_of(out, storage_options, inputs)
     cfg = _tile_config(kw, chunk_size)
     from .runfolder import Run
@@ -764,9 +768,12 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
 @_cluster_options
 def predict(run_dir: str, storage_options: dict | None, **kw) -> int:
     """Score the tiles of a run with Dask (local cluster or --scheduler); resumable."""
+    from dataclasses import replace
+
     from .stages.score import predict_run
 
     cfg = _predict_config(kw)
+    cfg = replace(cfg, cluster=_start_workers_early(cfg.cluster, (run_dir,)))
     run_folder = _run_of(run_dir, storage_options)
     with _bar(None, "patch", "predict") as bar:
         s = predict_run(run_folder, cfg, progress=bar.update,
@@ -855,8 +862,11 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     for k in ("mpp_override", "tissue_threshold", "no_tissue_filter", "preflight_timeout", "read_timeout", "decode",
               "stage_cache_gb"):
         kw.pop(k)
+    from dataclasses import replace
+
     predict_cfg = _predict_config(kw, whole_run=True)  # before the workers start: it may set KERAS_BACKEND for them
-    _start_workers_early(predict_cfg.cluster, (*inputs, out))  # first: the workers' imports are the longest step
+    predict_cfg = replace(predict_cfg, cluster=_start_workers_early(predict_cfg.cluster, (*inputs, out)))  # first: the
+    # workers' imports are the longest step
     run_folder = _run_of(out, storage_options, inputs)
     tile_cfg = _tile_config(tile_kw, chunk_size)
     from .stages.report import ReportConfig

@@ -138,6 +138,25 @@ def storage_drivers(locations: Iterable[object]) -> tuple[str, ...]:
                          for s in schemes if s in known_implementations}))
 
 
+REMOTE_THREADS = 2
+"""Threads per local worker, when none are given, for a command whose inputs or run folder are on object storage.
+A task there waits through round trips (each GET and PUT of an object, one after another where order matters:
+a tile chunk before its flag); with one thread a worker's core waits with it. Measured on 2 vCPUs against s3rver
+behind 20 ms a request (``benchmarks/s3_latency.py``, RESULTS section 8): 40 small slides 27.0 s with 1 thread,
+16.8 s with 2, 14.2 s with 3; two 16,384 px slides 6.98 -> 5.60 s; with no delay 9.54 -> 8.95 s (3: 9.51 s)."""
+
+
+def for_locations(cfg: ClusterConfig, locations: Iterable[object]) -> ClusterConfig:
+    """``cfg`` with :data:`REMOTE_THREADS` threads per local worker when ``locations`` (the inputs and run folder)
+    include object storage and neither a thread count nor a scheduler was given; else ``cfg`` itself. Apply it
+    before :func:`start_forkserver`: the workers' environment depends on their threads (:func:`worker_environ`)."""
+    if cfg.scheduler or cfg.threads_per_worker or not storage_drivers(locations):
+        return cfg
+    from dataclasses import replace
+
+    return replace(cfg, threads_per_worker=REMOTE_THREADS)
+
+
 def start_forkserver(cfg: ClusterConfig, also: Iterable[str] = ()) -> bool:
     """Start (in the background) the process that local Dask workers are forked from; True when it is used.
 
