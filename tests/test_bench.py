@@ -146,6 +146,12 @@ def test_the_whole_run_is_timed_with_every_worker_and_its_fastest_layout_is_the_
     assert ratios["first_report_fraction"] == 0.15 and ratios["run_vs_barrier"] == pytest.approx(5.0 / 5.3)
     figures[-1] = stream(2, 4.9, 0.14, split=1)  # the split run fastest: run --autotune splits
     assert run_choice(figures)["score_workers"] == 1 and run_choice([]) == {}
+    # by the runs' own time: a layout whose cluster was spawned (slow to start) in the bench is not held against it
+    slow_start = stream(1, 5.6, 0.2)
+    slow_start.settings.update(cluster_start_seconds=0.4, stage_seconds={"total": 5.0})
+    quick_start = stream(2, 5.4, 0.15)
+    quick_start.settings.update(cluster_start_seconds=0.1, stage_seconds={"total": 5.2})
+    assert run_choice([slow_start, quick_start])["workers"] == 1
 
 
 def test_run_autotune_starts_the_whole_runs_layout(tmp_path, monkeypatch):
