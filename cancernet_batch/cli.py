@@ -695,6 +695,10 @@ def _predict_config(kw: dict, *, whole_run: bool = False):
         if saved is None:
             raise ConfigError("no saved autotune for this machine", path=autotune_path(),
                               hint="run `cancernet bench` here first, or drop --autotune")
+        if saved.get("device", "cpu") != kw["device"]:  # a CPU bench's batch and workers are not a GPU run's
+            raise ConfigError(f"the saved autotune was measured with --device {saved.get('device', 'cpu')}, not "
+                              f"--device {kw['device']}", path=autotune_path(),
+                              hint=f"run `cancernet bench --device {kw['device']}` here first, or drop --autotune")
         kw["batch_size"] = kw["batch_size"] or int(saved["batch_size"])  # explicit options win
         layout = saved.get("run") if whole_run else None
         if layout and not kw.get("workers") and kw.get("score_workers") is None and not kw.get("scheduler"):
@@ -703,7 +707,7 @@ def _predict_config(kw: dict, *, whole_run: bool = False):
             kw["threads_per_worker"] = kw.get("threads_per_worker") or int(layout.get("threads_per_worker", 1))
         kw["workers"] = kw.get("workers") or int(saved["workers"])
         kw["threads_per_worker"] = kw.get("threads_per_worker") or int(saved.get("threads_per_worker", 1))
-        if kw["engine"] == "auto" and saved.get("engine") in ENGINES and saved.get("device", "cpu") == kw["device"]:
+        if kw["engine"] == "auto" and saved.get("engine") in ENGINES:
             kw["engine"] = saved["engine"]  # the engine bench measured fastest here, unless --engine says otherwise
             if kw["engine"] == "keras" and backend is None and saved.get("backend"):
                 backend = os.environ.get("KERAS_BACKEND") or saved["backend"]  # an explicit environment wins

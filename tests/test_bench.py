@@ -178,6 +178,11 @@ def test_run_autotune_starts_the_whole_runs_layout(tmp_path, monkeypatch):
     assert config(False) == (1, None, 512, "onnx")
     assert config(True, workers=2) == (2, None, 512, "onnx")  # given workers: not the measured layout
     assert config(True, score_workers=0) == (1, None, 512, "onnx")
+    # measured on the CPU: not a GPU run's batch, workers or layout (one scoring worker on the GPU by default)
+    from cancernet_batch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="measured with --device cpu, not --device gpu"):
+        config(True, device="gpu", engine="keras")
 
 
 def test_split_ratio_compares_the_runs_own_time_with_each_stage_alone():
