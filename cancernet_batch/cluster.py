@@ -143,7 +143,8 @@ REMOTE_THREADS = 2
 A task there waits through round trips (each GET and PUT of an object, one after another where order matters:
 a tile chunk before its flag); with one thread a worker's core waits with it. Measured on 2 vCPUs against s3rver
 behind 20 ms a request (``benchmarks/s3_latency.py``, RESULTS section 8): 40 small slides 27.0 s with 1 thread,
-16.8 s with 2, 14.2 s with 3; two 16,384 px slides 6.98 -> 5.60 s; with no delay 9.54 -> 8.95 s (3: 9.51 s)."""
+16.8 s with 2, 14.2 s with 3; two 16,384 px slides 6.98 -> 5.60 s; with no delay 9.54 -> 8.95 s (3: 9.51 s). At 50 ms
+more threads gain more (1: 56.3 s, 2: 32.2 s, 4: 22.2 s): ``--threads-per-worker`` for a slow endpoint."""
 
 
 def for_locations(cfg: ClusterConfig, locations: Iterable[object]) -> ClusterConfig:
