@@ -272,7 +272,10 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
     import zarr
 
     if not isinstance(location, (str, os.PathLike)):  # a zarr store object (object storage): no local files
-        return _schema_checked(zarr.open_group(location, mode=mode, zarr_format=3), mode, run_dir)
+        root = _open_remote_root(location, mode)
+        if root is None:  # zarr's own way, and its errors (a damaged or foreign document, no store to read)
+            root = zarr.open_group(location, mode=mode, zarr_format=3)
+        return _schema_checked(root, mode, run_dir)
     path = Path(location)
     if mode == "r" and not path.exists():
         raise StorageError("no tiles.zarr in this run folder", path=run_dir or path.parent,
@@ -288,6 +291,38 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
         remove_stale_temps(path, inputs_dir, *groups, *(d / name for d in groups for name in ("probs", "done", "tiled")))
     return _schema_checked(root, mode, path)
+
+
+def _open_remote_root(location, mode: str):
+    """The root group on object storage from one GET of its document; a new store (``mode='a'``) made with its
+    schema stamp and its ``inputs`` group in one round of PUTs. ``zarr.open_group`` spends four requests one after
+    another on a new root (two GETs of the absent document, its PUT, then the stamp's PUT) and four more on
+    ``inputs``: at a real endpoint's tens of ms each, the start of every run. None: leave it to zarr (a document
+    that is not a v3 group, or a store that is not there to read)."""
+    from zarr.core.group import GroupMetadata, _parse_async_node, create_nodes
+    from zarr.core.sync import sync
+    from zarr.storage._common import make_store_path
+
+    if mode not in ("a", "r", "r+"):
+        return None
+    store_path = sync(make_store_path(location, mode=mode))
+    raw = _read_group_doc(store_path)
+    if raw is not None:
+        try:
+            return _group_from_doc(store_path, raw)
+        except ValueError:
+            return None
+    if mode != "a":
+        return None
+
+    at = store_path.path  # the root's key in its store ("" when the store is the tile store itself)
+
+    async def make() -> dict:
+        nodes = {at: GroupMetadata(attributes={"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE}),
+                 f"{at}/inputs" if at else "inputs": GroupMetadata()}
+        return {key: node async for key, node in create_nodes(store=store_path.store, nodes=nodes)}
+
+    return _parse_async_node(sync(make())[at])
 
 
 def _schema_checked(root, mode: str, where):

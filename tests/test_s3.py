@@ -808,6 +808,33 @@ def _new_run(s3, prefix: str):
     return run, root
 
 
+def test_a_new_tile_store_on_s3_is_made_in_one_round_after_one_look_up(s3):
+    """A run's first step on S3: its tile store's root, stamped with the schema, and its ``inputs`` group. zarr's
+    ``open_group`` and ``require_group`` sent 8 requests one after another (the absent root's document read twice,
+    written twice: empty, then stamped; ``inputs`` looked up three times); now one GET finds no root, then both
+    documents go out together. An existing store is one GET, nothing written."""
+    from cancernet_batch import store
+
+    prefix = "nights/new-store"
+    _store_requests(s3, prefix)
+    run = Run.of(f"s3://{BUCKET}/{prefix}", s3.options())
+    root = run.create().open_store("a")
+    made = _store_requests(s3, prefix)
+    docs = [(r.method, r.path.split("/tiles.zarr/", 1)[1]) for r in made if "/tiles.zarr/" in r.path]
+    assert sorted(docs) == [("GET", "zarr.json"), ("PUT", "inputs/zarr.json"), ("PUT", "zarr.json")], docs
+    assert dict(root.attrs) == {"schema_version": store.SCHEMA_VERSION, "tile_size": 50}
+    assert "inputs" in root and list(root["inputs"].group_keys()) == []
+    _store_requests(s3, prefix)
+    again = run.open_store("a")  # the store is there: read, not written
+    docs = [(r.method, r.path.split("/tiles.zarr/", 1)[1]) for r in _store_requests(s3, prefix) if "/tiles.zarr/" in r.path]
+    assert docs == [("GET", "zarr.json")], docs
+    assert dict(again.attrs)["schema_version"] == store.SCHEMA_VERSION
+    # the same store as zarr itself reads it
+    import zarr
+
+    assert dict(zarr.open_group(run.fs.store_location(run.store_path), mode="r").attrs) == dict(root.attrs)
+
+
 def _object_attrs(name: str, n: int, grid=(4, 5), kind: str = "slide"):
     """The attrs of an input ``s3://BUCKET/x/NAME`` of ``n`` tiles (an InputAttrs; nothing is read)."""
     from cancernet_batch.store import InputAttrs
