@@ -497,10 +497,9 @@ class BenchResult:
         out["tile_vs_decode_roof"] = self.rate("tile") / decode if decode else None
         barrier = self.rate("run-barrier")
         out["run_vs_barrier"] = self.rate("run") / barrier if barrier else None
-        streams = [f for f in self.figures if f.stage == "run"]
-        stream = max(streams, key=lambda f: f.rate) if streams else None  # the one the barrier version repeats
+        stream = self.fastest("run")  # the one the barrier version repeats
         out["first_report_fraction"] = stream.settings.get("first_report_fraction") if stream else None
-        split = self._one("run-split")
+        split = self.fastest("run-split")
         tile1 = [f for f in self.figures if f.stage == "tile" and f.settings.get("workers") == 1]
         # the split run gives each kind of work one core: each stage alone on one core (one worker, one thread,
         # the engine on one thread; a lone predict worker otherwise takes every core)
@@ -518,13 +517,12 @@ class BenchResult:
             out["split_vs_slower_stage_alone"] = split_seconds / slower if slower else None
         return out
 
-    def _one(self, stage: str):
-        got = [f for f in self.figures if f.stage == stage]
-        return got[0] if got else None
+    def fastest(self, stage: str) -> Figure | None:
+        """The figure of ``stage`` with the highest patches/s (None when there is none)."""
+        return max((f for f in self.figures if f.stage == stage), key=lambda f: f.rate, default=None)
 
     def to_json(self) -> dict:
-        roofs = [f for f in self.figures if f.stage == "roof"]
-        fastest = max(roofs, key=lambda f: f.rate) if roofs else None
+        fastest = self.fastest("roof")
         return {"machine": self.machine, "settings": self.settings, "figures": [f.to_json() for f in self.figures],
                 "roof_patches_per_second": self.rate("roof"),
                 "roof_engine": fastest.engine if fastest else None,

@@ -1034,7 +1034,7 @@ def bench(inputs, model_dir, synthetic_slides, size, batch_sizes, workers, threa
     if ratios.get("tile_vs_decode_roof"):
         click.echo(f"tile stage: {r.rate('tile'):.0f} tiles/s = {ratios['tile_vs_decode_roof']:.2f} x the decode roof "
                    f"({r.rate('decode-roof'):.0f} tiles/s: their compressed tiles decoded once each, nothing else)")
-    stream = max((f for f in r.figures if f.stage == "run"), key=lambda f: f.rate)
+    stream = r.fastest("run")
     click.echo(f"end to end: {r.rate('run'):.0f} patches/s = {ratios['run_vs_naive'] or 0:.0f} x naive "
                f"({stream.settings['workers']} workers x {stream.settings['threads_per_worker']} threads, streamed)")
     if ratios.get("run_vs_barrier"):

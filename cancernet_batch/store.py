@@ -293,13 +293,17 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
     return _schema_checked(root, mode, path)
 
 
+_SCHEMA_STAMP = {"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE}
+"""The root's attributes that say which tool's layout a tile store holds."""
+
+
 def _open_remote_root(location, mode: str):
     """The root group on object storage from one GET of its document; a new store (``mode='a'``) made with its
     schema stamp and its ``inputs`` group in one round of PUTs. ``zarr.open_group`` spends four requests one after
     another on a new root (two GETs of the absent document, its PUT, then the stamp's PUT) and four more on
     ``inputs``: at a real endpoint's tens of ms each, the start of every run. None: leave it to zarr (a document
     that is not a v3 group, or a store that is not there to read)."""
-    from zarr.core.group import GroupMetadata, _parse_async_node, create_nodes
+    from zarr.core.group import GroupMetadata, _parse_async_node
     from zarr.core.sync import sync
     from zarr.storage._common import make_store_path
 
@@ -316,19 +320,15 @@ def _open_remote_root(location, mode: str):
         return None
 
     at = store_path.path  # the root's key in its store ("" when the store is the tile store itself)
-
-    async def make() -> dict:
-        nodes = {at: GroupMetadata(attributes={"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE}),
-                 f"{at}/inputs" if at else "inputs": GroupMetadata()}
-        return {key: node async for key, node in create_nodes(store=store_path.store, nodes=nodes)}
-
-    return _parse_async_node(sync(make())[at])
+    made = _write_documents(store_path.store, {at: GroupMetadata(attributes=dict(_SCHEMA_STAMP)),
+                                               f"{at}/inputs" if at else "inputs": GroupMetadata()})
+    return _parse_async_node(made[at])
 
 
 def _schema_checked(root, mode: str, where):
     """``root``, stamped with this tool's schema version when new; a store of another version is refused."""
     if mode != "r" and "schema_version" not in root.attrs:
-        root.update_attributes({"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE})
+        root.update_attributes(dict(_SCHEMA_STAMP))
     version = root.attrs.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise StorageError(f"tile store has schema version {version}, this tool reads {SCHEMA_VERSION}",
@@ -408,21 +408,27 @@ def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (
 def _create_nodes(group, nodes: dict) -> dict:
     """Write the metadata documents ``{name: metadata}`` under ``group`` with no lookup (see :func:`create_arrays`);
     ``{name: node}``."""
-    from zarr.core.group import _parse_async_node, create_nodes
-    from zarr.core.sync import sync
+    from zarr.core.group import _parse_async_node
 
     for name in nodes:
         parent = name.rpartition("/")[0]
         if parent and parent not in nodes:
             raise ValueError(f"{name}: its parent {parent!r} is neither the group nor a node made with it")
     prefix = group.path
+    made = _write_documents(group.store, {f"{prefix}/{name}" if prefix else name: meta for name, meta in nodes.items()})
+    return {key[len(prefix) + 1:] if prefix else key: _parse_async_node(node) for key, node in made.items()}
+
+
+def _write_documents(store, nodes: dict) -> dict:
+    """Write the metadata documents ``{key in store: metadata}`` concurrently, with no lookup (zarr's ``create_nodes``,
+    one batch of PUTs); ``{key: async node}``."""
+    from zarr.core.group import create_nodes
+    from zarr.core.sync import sync
 
     async def write() -> dict:
-        full = {f"{prefix}/{name}" if prefix else name: meta for name, meta in nodes.items()}
-        return {key[len(prefix) + 1:] if prefix else key: node
-                async for key, node in create_nodes(store=group.store, nodes=full)}
+        return {key: node async for key, node in create_nodes(store=store, nodes=nodes)}
 
-    return {name: _parse_async_node(node) for name, node in sync(write()).items()}
+    return sync(write())
 
 
 TILES_ZSTD_LEVEL = 1
