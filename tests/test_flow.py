@@ -3,7 +3,6 @@ a deadline that leaves the rest resumable, `cancernet status`, and scoring on it
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os
