@@ -366,12 +366,8 @@ class Flow:
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._preparing += 1
             self._first_preparing = self._first_preparing or inp.first
-            # the first slide, with more than one tiling worker: its chunks, as many on each worker (spread_chunk),
-            # are queued on all of them as soon as it is planned (not after its first chunk, tiled in the prepare
-            # task while the others wait): 0.04 s sooner to the first report on 2 vCPUs (RESULTS.md section 6)
-            parts = len(self._tilers) if inp.first and self.scoring is not None else 1
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                         inp.edge, not inp.preflighted, self.scoring, parts <= 1, parts, priority=_TILE)
+                         inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         self._preparing -= 1

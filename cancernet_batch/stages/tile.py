@@ -26,7 +26,6 @@ lose their old rows.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -174,32 +173,18 @@ def edge_chunk(chunk: int) -> int:
     return min(chunk, max(8, chunk // 8))
 
 
-def spread_chunk(n: int, chunk: int, parts: int) -> int:
-    """The chunk, at most ``chunk`` tiles, that cuts ``n`` tiles into a multiple of ``parts`` chunks of near-equal
-    size (as near as the count allows): the first input's chunks, queued on ``parts`` tiling workers in turn,
-    then end together. With 7 chunks of 128 tiles on two workers one worker ran the last chunk alone while the
-    first report waited for it (about 0.08 s on 2 vCPUs); 8 chunks of 106 end together."""
-    if parts <= 1 or n <= 0:
-        return store.input_chunk(n, chunk)
-    return max(1, math.ceil(n / (parts * math.ceil(n / (parts * chunk)))))
-
-
 def _chunk_ok(stored, n: int, chunk: int) -> bool:
-    """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk``: whole chunks, or any
-    size up to an edge chunk (a resumed run keeps the layout an input has, whichever end of an earlier run it was
-    at and however many workers that run's first input was spread on: :func:`spread_chunk`)."""
-    return (stored == store.input_chunk(n, chunk)
-            or (isinstance(stored, int) and 1 <= stored <= store.input_chunk(n, edge_chunk(chunk))))
+    """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk`` (either size: a resumed
+    run keeps the layout an input has, whichever end of an earlier run it was at)."""
+    return stored in (store.input_chunk(n, chunk), store.input_chunk(n, edge_chunk(chunk)))
 
 
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False,
-                       preflight: bool = False, scoring=None, tile_first: bool = False, parts: int = 1
-                       ) -> dict | Failure:
+                       preflight: bool = False, scoring=None, tile_first: bool = False) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure.
 
-    ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run),
-    cut into a multiple of ``parts`` chunks (:func:`spread_chunk`: the first input, spread on that many tiling
-    workers); a group already there with the same plan keeps its chunks. ``preflight``: the slide's preflight first
+    ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run);
+    a group already there with the same plan keeps its chunks. ``preflight``: the slide's preflight first
     (:func:`preflight_task`): one task a slide instead of two. ``scoring`` (a
     :class:`~cancernet_batch.stages.score.Scoring`, when the run scores): the input's predictions are set up
     here as well, a new group's ``probs`` and ``done`` made with its other arrays; the result's ``score``
@@ -237,7 +222,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         todo = [(i, s, e) for i, (s, e) in enumerate(bounds) if not done[i]]
         kept = len(bounds) - len(todo)
     else:
-        c = spread_chunk(plan.n_tiles, edge_chunk(cfg.chunk), parts) if edge else store.input_chunk(plan.n_tiles, cfg.chunk)
+        c = store.input_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
         bounds = store.chunk_bounds(plan.n_tiles, c)
         rows, cols = plan.grid_shape
         th = plan.thumbnail
