@@ -2,8 +2,8 @@
 
 Native readers (libopenslide, libtiff, libjpeg, OpenJPEG...) can crash the whole process or hang
 on corrupt files. The child opens the slide with :func:`cancernet_batch.slides.open_slide`, reads
-its metadata and decodes a small region of the smallest and the largest level, and answers in
-JSON. Starting an interpreter per slide cost about 0.17 s of CPU, so each thread keeps one child
+its metadata and decodes a small region (one stored tile where the reader knows its tiles) of the
+smallest and the largest level, and answers in JSON. Starting an interpreter per slide cost about 0.17 s of CPU, so each thread keeps one child
 (``python -m cancernet_batch.preflight --serve``: a path per line on stdin, an answer per line)
 for up to :data:`SERVE_REQUESTS` slides. When that child dies or hangs, the slide is checked again
 alone in a fresh child (``python -m cancernet_batch.preflight PATH --result FILE``), so a slide is
@@ -46,14 +46,13 @@ SERVE_REQUESTS = 500
 def _check(path: str, storage_options: dict | None = None, stage_limit_gb: float | None = None) -> dict:
     """Child side: open, read metadata, decode two small regions. Returns the JSON answer."""
     from .slides import open_slide
+    from .slides.base import probe_box
 
     try:
         with open_slide(path, storage_options=storage_options, stage_limit_gb=stage_limit_gb) as reader:
             info = reader.info()
             for level in sorted({reader.level_count - 1, 0}):
-                w, h = reader.level_dimensions[level]
-                pw, ph = min(w, PROBE_PX), min(h, PROBE_PX)
-                reader.read_region(level, (w - pw) // 2, (h - ph) // 2, pw, ph)
+                reader.read_region(level, *probe_box(reader, level, PROBE_PX))
         # an object on object storage: where its header lies, so the worker's own open fetches it in one round
         return {"ok": True, "info": {**info.to_json(), "source_header": getattr(reader, "source_header", None)}}
     except CancerNetError as exc:

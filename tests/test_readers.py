@@ -61,6 +61,27 @@ class ReaderContract:
             b = read_scaled(ref, 1, tuple(v / ref.level_downsamples[1] for v in box), (50, 50)).astype(int)
             assert np.abs(a - b).mean() < 1.5
 
+    def test_tile_shape_is_the_stored_tiles_and_the_preflight_probe_decodes_one(self, pyramid):
+        """``tile_shape`` gives each level's stored tiles (as the TIFF's own tags say); the preflight's probe box
+        of a level then lies inside the one tile at its centre (one tile decoded, not parts of four), however
+        small the level; a reader that does not know its tiles gets a centred box, as before."""
+        import tifffile
+
+        from cancernet_batch.slides.base import probe_box
+
+        with tifffile.TiffFile(pyramid) as tf:
+            stored = [(int(lv.keyframe.tilewidth), int(lv.keyframe.tilelength)) for lv in tf.series[0].levels]
+        with self.reader(pyramid) as r:
+            assert [r.tile_shape(i) for i in range(r.level_count)] == stored
+            for level in range(r.level_count):
+                (w, h), (tw, th) = r.level_dimensions[level], stored[level]
+                x, y, bw, bh = probe_box(r, level, 256)
+                assert x % tw == 0 and y % th == 0 and x <= w // 2 < x + tw and y <= h // 2 < y + th
+                assert 0 < bw <= min(256, tw, w - x) and 0 < bh <= min(256, th, h - y)
+            r.tile_shape = lambda level: None  # a reader that does not say
+            w, h = r.level_dimensions[0]
+            assert probe_box(r, 0, 256) == ((w - 256) // 2, (h - 256) // 2, 256, 256)
+
     def test_refuses_a_truncated_file_with_a_clear_error(self, pyramid, tmp_path):
         bad = tmp_path / "cut.tiff"
         bad.write_bytes(pyramid.read_bytes()[:600])

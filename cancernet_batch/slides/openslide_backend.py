@@ -63,6 +63,13 @@ class OpenSlideReader(SlideReader):
         self.series_key = f"dicom:{uid}" if self.vendor == "dicom" and uid else None
         self.properties = {k: str(props[k])[:200] for k in _NOTABLE if k in props}
 
+    def tile_shape(self, level: int) -> tuple[int, int] | None:
+        props = self._slide.properties
+        try:
+            return int(props[f"openslide.level[{level}].tile-width"]), int(props[f"openslide.level[{level}].tile-height"])
+        except (KeyError, ValueError):
+            return None
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 

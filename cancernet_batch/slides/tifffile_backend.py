@@ -175,6 +175,10 @@ class TiffFileReader(SlideReader):
                            "tifffile.compression": series.levels[0].keyframe.compression.name,
                            "tifffile.mpp-source": where or ""}
 
+    def tile_shape(self, level: int) -> tuple[int, int] | None:
+        page = self._series.levels[level].keyframe
+        return (int(page.tilewidth), int(page.tilelength)) if page.is_tiled else None
+
     def _level(self, level: int):
         if self._arrays[level] is None:
             import zarr
