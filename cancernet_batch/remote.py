@@ -274,11 +274,11 @@ def find_inputs(url: str, extensions: tuple[str, ...], options: Mapping | None =
     may be one); objects elsewhere whose names end in ``extensions`` are slides. None when ``url`` is
     one object (not a prefix)."""
     url = _strip(url)
-    i = info(url, options)
-    if i.get("type") != "directory":
+    found = _prefix_listing(url, extensions, options)
+    if found is None:
         return None
     slides, patients = [], set()
-    for obj, _, place in patient_places(url, listing(url, options)):
+    for obj, _, place in patient_places(url, found):
         if place is not None and place.depth == 0:
             return [], [url]
         if place is not None:
@@ -288,14 +288,18 @@ def find_inputs(url: str, extensions: tuple[str, ...], options: Mapping | None =
     return sorted(slides), sorted(patients)
 
 
-def find(url: str, extensions: tuple[str, ...], options: Mapping | None = None) -> list[str] | None:
-    """The URLs of objects under the prefix ``url`` whose names end in ``extensions`` (hidden names and
-    ``*.zarr`` prefixes skipped), sorted; None when ``url`` is one object (not a prefix)."""
-    url = _strip(url)
-    i = info(url, options)
-    if i.get("type") != "directory":
-        return None
-    return [u for u in listing(url, options) if u.rsplit("/", 1)[-1].lower().endswith(extensions)]
+def _prefix_listing(url: str, extensions: tuple[str, ...], options: Mapping | None) -> dict[str, dict] | None:
+    """:func:`listing` of the prefix ``url``, or None when ``url`` is one object; :class:`InputError` when
+    nothing is there. A name that ends in ``extensions`` is looked up first (one HEAD finds the object it
+    nearly always is); any other is listed first: one round trip for a folder of slides, where fsspec's
+    look-up sent three one after another (a HEAD, a LIST of one key, then the listing itself), and a look-up
+    only when nothing lies under it. ``url`` naming both an object and a prefix is the prefix."""
+    if url.rsplit("/", 1)[-1].lower().endswith(extensions):
+        return listing(url, options) if info(url, options).get("type") == "directory" else None
+    found = listing(url, options)
+    if found and url not in found:  # a prefix (fsspec's find gives an object at exactly ``url`` as itself)
+        return found
+    return found if info(url, options).get("type") == "directory" else None
 
 
 def identity(objects: Mapping[str, Mapping]) -> tuple[int, str]:

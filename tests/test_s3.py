@@ -705,6 +705,38 @@ def test_one_walker_places_each_object_for_discovery_and_for_patch_scanning(s3):
         fs.rm(f"{BUCKET}/walk", recursive=True)
 
 
+def test_a_folder_url_is_found_by_one_listing_and_a_slide_url_by_one_look_up(s3):
+    """Discovery of a prefix sends one LIST (fsspec's look-up sent a HEAD and a LIST of one key before it, one
+    after another: two round trips more for every folder named at a run's start); a slide's URL is one HEAD;
+    an object without a slide's extension is itself, and a URL with nothing at or under it is one clear error."""
+    from cancernet_batch import remote
+    from cancernet_batch.errors import InputError
+
+    opts = s3.options()
+    root = f"s3://{BUCKET}/found"
+    fs = s3.fs()
+    for n in ("a.svs", "sub/b.svs", "notes"):
+        fs.pipe_file(f"{BUCKET}/found/{n}", b"x")
+    try:
+        def sent(fn, *args):
+            s3.server.reset()
+            out = fn(*args)
+            with s3.server._lock:
+                return out, [(r.method, r.path) for r in s3.server.requests]
+
+        out, reqs = sent(remote.find_inputs, root + "/", (".svs",), opts)
+        assert out == ([f"{root}/a.svs", f"{root}/sub/b.svs"], []) and reqs == [("GET", f"/{BUCKET}")], reqs
+        out, reqs = sent(remote.find_inputs, f"{root}/sub", (".svs",), opts)
+        assert out == ([f"{root}/sub/b.svs"], []) and reqs == [("GET", f"/{BUCKET}")], reqs
+        out, reqs = sent(remote.find_inputs, f"{root}/a.svs", (".svs",), opts)
+        assert out is None and reqs == [("HEAD", f"/{BUCKET}/found/a.svs")], reqs
+        assert remote.find_inputs(f"{root}/notes", (".svs",), opts) is None  # one object, not a prefix
+        with pytest.raises(InputError, match="no such object"):
+            remote.find_inputs(f"{root}/nothing", (".svs",), opts)
+    finally:
+        fs.rm(f"{BUCKET}/found", recursive=True)
+
+
 def test_run_scores_patient_folders_on_s3_like_local_ones_and_resumes(s3, s3_patients, client, tiny_model_dir,
                                                                      tmp_path, capsys):
     from cancernet_batch import store
