@@ -746,6 +746,10 @@ class Run:
         return self
 
     def exists(self) -> bool:
+        """Whether the run folder holds a tile store: on object storage, whether its root's document is there (one
+        GET, where a look-up of the prefix costs a HEAD, then a LIST, one after another)."""
+        if self.remote:
+            return self.fs.read_bytes(self.store_path / "zarr.json") is not None
         return self.fs.exists(self.store_path)
 
     def is_folder(self) -> bool:

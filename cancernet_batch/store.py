@@ -626,23 +626,29 @@ def drop_damaged(root) -> list[DamagedInput]:
     return gone
 
 
-def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput] | None = None
-                ) -> Iterator[tuple[str, object]]:
+def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput] | None = None,
+                looked_up: "NodeCache | None" = None) -> Iterator[tuple[str, object]]:
     """``(input_id, group)`` for each input in the store, sorted by id.
 
     An input whose group metadata is damaged is skipped (with a warning), never an exception that
-    stops every input: pass a list as ``damaged`` to receive them.
+    stops every input: pass a list as ``damaged`` to receive them. ``looked_up``: the ``inputs`` group with
+    every member looked up already (:meth:`NodeCache.load_members`, on object storage): not listed again.
     """
-    if "inputs" not in root:
-        return
-    inputs = root["inputs"]
+    groups = looked_up.member_groups() if looked_up is not None else None
+    if groups is not None:
+        inputs = looked_up
+    else:
+        try:
+            inputs = root["inputs"]  # one look-up (``"inputs" in root`` first read its document twice)
+        except KeyError:
+            return
     bad = {d.gid: d for d in damaged_inputs(root)}
-    base = _group_dir(inputs)
+    base = _group_dir(inputs) if groups is None else None
     found: dict = {}
     if base is not None:
         names = sorted(d.name for d in base.iterdir() if d.is_dir() and (d / "zarr.json").exists() or d.name in bad)
     else:  # object storage: one listing, each group's document read once (not again by inputs[gid])
-        found = _member_groups(inputs)
+        found = groups if groups is not None else _member_groups(inputs)
         names = sorted(found) if found is not None else sorted(inputs.group_keys())
         found = found or {}
     for gid in names:
@@ -800,6 +806,10 @@ class NodeCache:
         self._nodes.update(members)
         self._listed = True
         return self
+
+    def member_groups(self) -> dict | None:
+        """``{name: group}`` of the member groups, when every member was looked up at once (else None)."""
+        return {k: v for k, v in self._nodes.items() if hasattr(v, "group_keys")} if self._listed else None
 
     def __getitem__(self, name: str):
         node = self._nodes.get(name)

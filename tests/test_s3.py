@@ -1100,7 +1100,18 @@ def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
     assert [gid for gid, _ in listed] == sorted(gids)
     assert [bool(g.attrs["complete"]) for _, g in listed] == [True, False, True]
     assert {k: v for k, v in docs.items() if k != "inputs/zarr.json"} == {f"inputs/{gid}/zarr.json": 1 for gid in gids}
+    assert docs["inputs/zarr.json"] == 1  # looked up once (``"inputs" in root``, then ``root["inputs"]``: twice)
     assert [gid for gid, _ in store.iter_inputs(run.open_store("r"))] == sorted(gids[::2])  # complete only
+    # a run's discovery has looked every input up already: listed from those, with no request
+    root = run.open_store("r")
+    look = store.NodeCache(root["inputs"]).load_members()
+    _store_requests(s3, prefix)
+    assert [gid for gid, _ in store.iter_inputs(root, looked_up=look)] == sorted(gids[::2])
+    assert _store_requests(s3, prefix) == []
+    # whether the run has a tile store: one GET of its root's document (a look-up of the prefix: HEAD, then LIST)
+    assert run.exists() and [(r.method, r.path.rsplit("/", 2)[-2:]) for r in _store_requests(s3, prefix)] == [
+        ("GET", ["tiles.zarr", "zarr.json"])]
+    assert not Run.of(f"s3://{BUCKET}/nights/no-run", s3.options()).exists()
 
 
 def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_its_group(s3):

@@ -176,7 +176,7 @@ class Flow:
             log.info("%d inputs already complete and unchanged: not tiled again", len(self.tile.skipped))
         if self.scoring is not None:  # inputs of earlier calls, complete, that this call does not name
             named = {i.gid for i in self.queue} | {store.input_id(s.source) for s in self.dicom}
-            for gid, g in store.iter_inputs(root):
+            for gid, g in store.iter_inputs(root, looked_up=look if self.run.remote else None):
                 if gid not in named:
                     self._enqueue(str(g.attrs.get("source", gid)), gid, "score")
         self.inputs_total = len(self.queue) + len(self.dicom)
