@@ -764,10 +764,7 @@ class Run:
         """
         from . import store
 
-        if self.remote and mode == "r" and not self.exists():
-            raise StorageError("no tiles.zarr in this run folder", path=self.root,
-                               hint="run `cancernet tile INPUT... --out RUN` first")
-        location = self.fs.store_location(self.store_path)
+        location = self.fs.store_location(self.store_path)  # on object storage no store to read: one clear error
         store.check_root(location)  # a damaged root is one clear error naming its file
         return store.open_root(location, mode=mode, run_dir=self.root, clean=clean)
 

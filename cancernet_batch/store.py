@@ -272,7 +272,7 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
     import zarr
 
     if not isinstance(location, (str, os.PathLike)):  # a zarr store object (object storage): no local files
-        root = _open_remote_root(location, mode)
+        root = _open_remote_root(location, mode, run_dir)
         if root is None:  # zarr's own way, and its errors (a damaged or foreign document, no store to read)
             root = zarr.open_group(location, mode=mode, zarr_format=3)
         return _schema_checked(root, mode, run_dir)
@@ -297,12 +297,13 @@ _SCHEMA_STAMP = {"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE}
 """The root's attributes that say which tool's layout a tile store holds."""
 
 
-def _open_remote_root(location, mode: str):
+def _open_remote_root(location, mode: str, run_dir=None):
     """The root group on object storage from one GET of its document; a new store (``mode='a'``) made with its
     schema stamp and its ``inputs`` group in one round of PUTs. ``zarr.open_group`` spends four requests one after
     another on a new root (two GETs of the absent document, its PUT, then the stamp's PUT) and four more on
-    ``inputs``: at a real endpoint's tens of ms each, the start of every run. None: leave it to zarr (a document
-    that is not a v3 group, or a store that is not there to read)."""
+    ``inputs``: at a real endpoint's tens of ms each, the start of every run. No document to read (``mode='r'``):
+    the clear error, from that one GET (a look-up before it was one request more). None: leave it to zarr (a
+    document that is not a v3 group, or a store that is not there to write into)."""
     from zarr.core.group import GroupMetadata, _parse_async_node
     from zarr.core.sync import sync
     from zarr.storage._common import make_store_path
@@ -316,6 +317,9 @@ def _open_remote_root(location, mode: str):
             return _group_from_doc(store_path, raw)
         except ValueError:
             return None
+    if mode == "r":
+        raise StorageError("no tiles.zarr in this run folder", path=run_dir or location,
+                           hint="run `cancernet tile INPUT... --out RUN` first")
     if mode != "a":
         return None
 

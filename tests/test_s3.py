@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cancernet_batch import cli, runfolder
+from cancernet_batch.errors import StorageError
 from cancernet_batch.runfolder import LOCK_STALE_S, Run
 
 BUCKET = "cancernet-runs"
@@ -1112,6 +1113,15 @@ def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
     assert run.exists() and [(r.method, r.path.rsplit("/", 2)[-2:]) for r in _store_requests(s3, prefix)] == [
         ("GET", ["tiles.zarr", "zarr.json"])]
     assert not Run.of(f"s3://{BUCKET}/nights/no-run", s3.options()).exists()
+    # reading the store: one GET of its root's document (a look-up before it was one more, one after another)
+    root = run.open_store("r")
+    assert [(r.method, r.path.rsplit("/", 2)[-2:]) for r in _store_requests(s3, prefix)] == [
+        ("GET", ["tiles.zarr", "zarr.json"])]
+    with pytest.raises(StorageError, match="no tiles.zarr in this run folder") as exc:
+        Run.of(f"s3://{BUCKET}/nights/no-run", s3.options()).open_store("r")
+    assert f"s3://{BUCKET}/nights/no-run" in str(exc.value) and "cancernet tile" in str(exc.value.hint)
+    assert [(r.method, r.path) for r in _store_requests(s3, "nights/no-run")] == [
+        ("GET", f"/{BUCKET}/nights/no-run/tiles.zarr/zarr.json")]
 
 
 def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_its_group(s3):
