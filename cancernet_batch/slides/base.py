@@ -82,7 +82,8 @@ class SlideReader(abc.ABC):
        does not state them), ``vendor`` and ``properties``, raising
        :class:`~cancernet_batch.errors.UnsupportedFormatError` when it cannot, and :meth:`_read`
        (RGB uint8, transparent areas on white; :class:`~cancernet_batch.errors.SlideReadError`
-       for undecodable pixels).
+       for undecodable pixels). Where the format stores tiles, :meth:`tile_shape` too (the
+       preflight then decodes one whole tile per level to check the pixels, not parts of four).
     2. Register it in ``slides/__init__.py``'s :data:`READERS`, in the order it should be tried.
     3. Add its class to ``tests/test_readers.py``: the reader contract suite runs against it.
     """
