@@ -738,8 +738,8 @@ def tile(inputs: tuple[str, ...], out: str, chunk_size: int | None, storage_opti
     Failed inputs go to RUN/failures.csv (exit status 3); the others are tiled.
     """
     check_out_not_inside_inputs(out, inputs)
-    cluster = _start_workers_early(_cluster_config(kw), (*inputs, out))  # first: the workers' imports are the longest
-    # step before the first tile
+    # first: the workers' imports are the longest step before the first tile
+    cluster = _start_workers_early(_cluster_config(kw), (*inputs, out))
     run_folder = _run_of(out, storage_options, inputs)
     cfg = _tile_config(kw, chunk_size)
     from .runfolder import Run
@@ -869,8 +869,8 @@ def run(inputs: tuple[str, ...], out: str, chunk_size: int | None, threshold: fl
     from dataclasses import replace
 
     predict_cfg = _predict_config(kw, whole_run=True)  # before the workers start: it may set KERAS_BACKEND for them
-    predict_cfg = replace(predict_cfg, cluster=_start_workers_early(predict_cfg.cluster, (*inputs, out)))  # first: the
-    # workers' imports are the longest step
+    # first: the workers' imports are the longest step
+    predict_cfg = replace(predict_cfg, cluster=_start_workers_early(predict_cfg.cluster, (*inputs, out)))
     run_folder = _run_of(out, storage_options, inputs)
     tile_cfg = _tile_config(tile_kw, chunk_size)
     from .stages.report import ReportConfig

@@ -3,7 +3,8 @@
 Native readers (libopenslide, libtiff, libjpeg, OpenJPEG...) can crash the whole process or hang
 on corrupt files. The child opens the slide with :func:`cancernet_batch.slides.open_slide`, reads
 its metadata and decodes a small region (one stored tile where the reader knows its tiles) of the
-smallest and the largest level, and answers in JSON. Starting an interpreter per slide cost about 0.17 s of CPU, so each thread keeps one child
+smallest and the largest level, and answers in JSON. Starting an interpreter per slide cost about
+0.17 s of CPU, so each thread keeps one child
 (``python -m cancernet_batch.preflight --serve``: a path per line on stdin, an answer per line)
 for up to :data:`SERVE_REQUESTS` slides. When that child dies or hangs, the slide is checked again
 alone in a fresh child (``python -m cancernet_batch.preflight PATH --result FILE``), so a slide is

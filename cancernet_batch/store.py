@@ -278,8 +278,7 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         return _schema_checked(root, mode, run_dir)
     path = Path(location)
     if mode == "r" and not path.exists():
-        raise StorageError("no tiles.zarr in this run folder", path=run_dir or path.parent,
-                           hint="run `cancernet tile INPUT... --out RUN` first")
+        raise _no_store(run_dir or path.parent)
     try:
         root = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except (OSError, PermissionError) as exc:
@@ -291,6 +290,11 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
         remove_stale_temps(path, inputs_dir, *groups, *(d / name for d in groups for name in ("probs", "done", "tiled")))
     return _schema_checked(root, mode, path)
+
+
+def _no_store(where) -> StorageError:
+    """The error of a run folder with no tile store to read (local disk or object storage alike)."""
+    return StorageError("no tiles.zarr in this run folder", path=where, hint="run `cancernet tile INPUT... --out RUN` first")
 
 
 _SCHEMA_STAMP = {"schema_version": SCHEMA_VERSION, "tile_size": PATCH_SIZE}
@@ -318,8 +322,7 @@ def _open_remote_root(location, mode: str, run_dir=None):
         except ValueError:
             return None
     if mode == "r":
-        raise StorageError("no tiles.zarr in this run folder", path=run_dir or location,
-                           hint="run `cancernet tile INPUT... --out RUN` first")
+        raise _no_store(run_dir or location)
     if mode != "a":
         return None
 
@@ -688,7 +691,11 @@ def _members(group) -> dict | None:
 
 def _member_groups(group) -> dict | None:
     """``{name: group}`` of the member groups of ``group``, each document read once (None: as :func:`_members`)."""
-    members = _members(group)
+    return _groups_of(_members(group))
+
+
+def _groups_of(members: dict | None) -> dict | None:
+    """The groups among ``members`` (``{name: node}``); None for None (the members could not be looked up)."""
     return None if members is None else {k: v for k, v in members.items() if hasattr(v, "group_keys")}
 
 
@@ -813,7 +820,7 @@ class NodeCache:
 
     def member_groups(self) -> dict | None:
         """``{name: group}`` of the member groups, when every member was looked up at once (else None)."""
-        return {k: v for k, v in self._nodes.items() if hasattr(v, "group_keys")} if self._listed else None
+        return _groups_of(self._nodes if self._listed else None)
 
     def __getitem__(self, name: str):
         node = self._nodes.get(name)
