@@ -605,15 +605,25 @@ def check_root(location: str | os.PathLike) -> None:
                                     "each input's tiles and predictions are in their own folders")
 
 
-def damaged_inputs(root) -> list[DamagedInput]:
-    """Input groups of the store whose ``zarr.json`` cannot be read (local stores only)."""
-    found: list[DamagedInput] = []
+def _input_dirs(root) -> list[Path]:
+    """The folders under the store's ``inputs`` group, sorted (local stores only; else none)."""
     base = _group_dir(root)
     folder = None if base is None else base / "inputs"
     if folder is None or not folder.is_dir():
-        return found
-    for d in sorted(folder.iterdir()):
-        if not d.is_dir() or d.name.startswith("."):
+        return []
+    return [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+def damaged_inputs(root) -> list[DamagedInput]:
+    """Input groups of the store whose ``zarr.json`` is there but cannot be read (local stores only).
+
+    A folder with no ``zarr.json`` at all is no node for zarr and no damage: an input group's documents are
+    written together and removed as one folder, so a run killed while it made or removed one leaves that
+    (see :func:`drop_damaged`). Listings pass over it; the input is made again when its source is named.
+    """
+    found: list[DamagedInput] = []
+    for d in _input_dirs(root):
+        if not (d / "zarr.json").exists():
             continue
         why = _metadata_problem(d / "zarr.json")
         if why is not None:
@@ -622,14 +632,19 @@ def damaged_inputs(root) -> list[DamagedInput]:
 
 
 def drop_damaged(root) -> list[DamagedInput]:
-    """Remove the input groups whose metadata is damaged, so that their sources can be tiled again.
+    """Remove the input groups whose metadata is damaged, so that their sources can be tiled again, and the
+    folders left without a ``zarr.json`` by a killed creation or removal (no failure: nothing was lost).
 
-    Returns what was removed (record each with :meth:`DamagedInput.failure`). Needs a writable store.
+    Returns the damaged ones removed (record each with :meth:`DamagedInput.failure`). Needs a writable store.
     """
     gone = damaged_inputs(root)
     for d in gone:
         log.warning("%s: %s; the input's group is removed", printable(d.path), d.message)
         shutil.rmtree(Path(d.path).parent, ignore_errors=True)
+    for d in _input_dirs(root):
+        if not (d / "zarr.json").exists():
+            log.info("%s: no zarr.json (an interrupted creation or removal); removed", printable(d))
+            shutil.rmtree(d, ignore_errors=True)
     return gone
 
 

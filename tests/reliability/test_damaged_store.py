@@ -98,6 +98,29 @@ def test_damaged_group_is_tiled_again(tmp_path):
     assert g.attrs["source"] == src["truncated"] and g["tiles"].shape[0] == 5
 
 
+def test_a_group_folder_left_without_its_document_is_no_failure(tmp_path, caplog):
+    """What a run killed while it made (or removed) an input's group leaves: the arrays' documents written, the
+    group's own not yet (they are written together). It is no damaged input: listings pass over it without a
+    warning, a resume removes it without recording a failure, and the input is made again."""
+    run, src = _hostile_run(tmp_path)
+    (_group_dir(run, src["good"]) / "zarr.json").unlink()
+    assert (_group_dir(run, src["good"]) / "tiles" / "zarr.json").exists()
+    root = Run.of(run).open_store()
+    damaged: list[store.DamagedInput] = []
+    with caplog.at_level("WARNING", logger="cancernet_batch"):
+        gids = [gid for gid, _ in store.iter_inputs(root, damaged=damaged)]
+    assert store.input_id(src["good"]) not in gids and len(gids) == 3
+    assert {d.gid for d in damaged} == {store.input_id(src["metadata"]), store.input_id(src["truncated"])}
+    assert not [r for r in caplog.records if str(_group_dir(run, src["good"])) in r.getMessage()]
+    gone = store.drop_damaged(root)
+    assert {d.gid for d in gone} == {d.gid for d in damaged}  # the unfinished folder is removed, not a failure
+    assert not _group_dir(run, src["good"]).exists()
+    attrs = InputAttrs(source=src["good"], kind="slide", reader="test", patient="p", source_size=0,
+                       source_mtime=0.0, target_mpp=4.0, grid_shape=(4, 5), n_tiles=5)
+    g = store.create_input(root, attrs, 5, chunk=4)
+    assert g.attrs["source"] == src["good"] and store.input_id(src["good"]) in root["inputs"]
+
+
 def test_damaged_root_is_one_clear_error(tmp_path):
     run, _ = _hostile_run(tmp_path)
     store.check_root(Run.of(run).store_path)  # sound
