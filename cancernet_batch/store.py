@@ -479,7 +479,7 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         shutil.rmtree(base / gid)  # a damaged old group: zarr cannot even look at it
         present = False
     if (gid in inputs) if present is None else present:
-        del inputs[gid]
+        remove_input(inputs, gid)
     else:  # no group there: remove whatever a killed creation or removal left under its name (a listing)
         _delete_dir(inputs, gid)
     c = input_chunk(n, chunk)
@@ -498,6 +498,16 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         write_whole(g, {name: v for name, v in data.items() if np.size(v)})
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     return g
+
+
+def remove_input(inputs, gid: str) -> None:
+    """Remove the group of input ``gid`` from the ``inputs`` group, its own ``zarr.json`` first: a removal cut short
+    (a kill) then leaves no group that lacks some of its arrays, only a folder with no document, which listings
+    pass over and :func:`drop_damaged` clears."""
+    from zarr.core.sync import sync
+
+    sync((getattr(inputs, "_group", inputs).store_path / gid / "zarr.json").delete())
+    del inputs[gid]
 
 
 def _delete_dir(group, name: str) -> None:

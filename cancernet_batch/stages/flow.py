@@ -573,7 +573,7 @@ class Flow:
         if drop_group:  # it no longer matches its source
             inputs = self.run.open_store("r+", clean=False)["inputs"]
             if inp.gid in inputs:
-                del inputs[inp.gid]
+                store.remove_input(inputs, inp.gid)
 
     # ---------------------------------------------------------------------------------------
     # DICOM series: their files are grouped (one input per series) before the stream starts
@@ -614,7 +614,7 @@ class Flow:
     def _drop(self, gid: str) -> None:
         inputs = self.run.open_store("r+", clean=False)["inputs"]
         if gid in inputs:
-            del inputs[gid]
+            store.remove_input(inputs, gid)
 
     # ---------------------------------------------------------------------------------------
     # the report

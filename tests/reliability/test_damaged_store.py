@@ -121,6 +121,28 @@ def test_a_group_folder_left_without_its_document_is_no_failure(tmp_path, caplog
     assert g.attrs["source"] == src["good"] and store.input_id(src["good"]) in root["inputs"]
 
 
+def test_a_removal_cut_short_leaves_no_group_missing_arrays(tmp_path, monkeypatch):
+    """An input's group is removed document first: cut off before its arrays go (here the folder's removal
+    fails), what is left is a folder no listing shows, never a group whose arrays are partly gone."""
+    from zarr.storage import LocalStore
+
+    run, src = _hostile_run(tmp_path)
+    root = Run.of(run).open_store()
+    gid = store.input_id(src["good"])
+
+    async def cut(self, prefix):
+        raise OSError("cut short")
+
+    monkeypatch.setattr(LocalStore, "delete_dir", cut)
+    with pytest.raises(OSError, match="cut short"):
+        store.remove_input(root["inputs"], gid)
+    monkeypatch.undo()
+    assert (_group_dir(run, src["good"]) / "tiles" / "zarr.json").exists()
+    assert gid not in [g for g, _ in store.iter_inputs(root, complete_only=False)]
+    store.drop_damaged(root)
+    assert not _group_dir(run, src["good"]).exists()
+
+
 def test_damaged_root_is_one_clear_error(tmp_path):
     run, _ = _hostile_run(tmp_path)
     store.check_root(Run.of(run).store_path)  # sound
