@@ -228,7 +228,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         th = plan.thumbnail
         arrays = {"tissue": dict(shape=(rows, cols), chunks=(rows, cols), dtype="float32"),
                   "thumbnail": dict(shape=th.shape, chunks=(min(th.shape[0], 1024), min(th.shape[1], 1024), 3),
-                                    dtype="uint8")}
+                                    dtype="uint8", compressors=store.tiles_compressor())}
         if scoring is not None:
             arrays.update(store.prediction_specs(plan.n_tiles, c, scoring.model_id))
             made = True
