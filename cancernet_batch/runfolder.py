@@ -608,10 +608,9 @@ class FsspecFS:
             raise StorageError(f"this run folder is in use by {_holder_text(other)}", path=run,
                                hint="wait for that command to finish (or stop it), or use another --out; "
                                     f"if it was killed, delete {path} once it is gone") from None
-        mine = self._read_lock(path) or {}
-        if mine.get("token") != token:  # a server that ignored the condition: someone else won
-            raise StorageError(f"this run folder is in use by {_holder_text(mine)}", path=ObjectPath(str(path)).parent,
-                               hint="wait for that command to finish (or stop it), or use another --out")
+        # No read-back of what was created: on a server that honours the condition the PUT alone says the lock is
+        # ours; on one that ignores it, a read-back proves nothing (a second writer may PUT just after it), and the
+        # probe below finds that server out either way.
         if self._create(path, json.dumps({**record, "token": token + "-probe"}).encode()):
             # the same conditional PUT again succeeded over our own lock: the server ignores If-None-Match
             # (s3rver 3.7 does), so a second writer would take the folder unnoticed

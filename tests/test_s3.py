@@ -141,7 +141,11 @@ def test_lock_on_s3_names_the_holder_and_a_stale_lock_says_how_to_clear_it(s3, t
     run.write_progress({"state": "running"})
     second = ["run", "nowhere", "--out", url, "--model", str(tiny_model_dir), "--storage-options", opts]
     monkeypatch.setattr(runfolder, "LOCK_HEARTBEAT_S", 0.2)
+    s3.server.reset()
     with run.lock("run"):
+        # taken with two conditional PUTs (the lock, then the probe that the server honours the condition), no GET
+        taken = [(r.method, r.path) for r in s3.server.requests if r.path.endswith("/.lock")]
+        assert taken == [("PUT", f"/{BUCKET}/nights/locked/.lock")] * 2, taken
         holder = json.loads(s3.fs().cat_file(f"{BUCKET}/nights/locked/.lock"))
         assert holder["command"] == "run" and holder["host"] == socket.gethostname()
         assert SECRET not in json.dumps(holder)
