@@ -1128,6 +1128,32 @@ def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
         ("GET", f"/{BUCKET}/nights/no-run/tiles.zarr/zarr.json")]
 
 
+def test_the_model_check_of_a_rerun_reads_each_inputs_predictions_document_once_all_at_once(s3):
+    """Before a run scores into a folder it checks which models scored it (one report never mixes two). On object
+    storage that reads each input's ``probs`` document once, all in one round (before: ``"probs" in g`` then
+    ``g["probs"]``, two GETs one after another for each input: a thousand-slide archive's resume, a minute at
+    S3's latency before anything started)."""
+    from collections import Counter
+
+    from cancernet_batch import store
+    from cancernet_batch.stages.score import _scored_by
+
+    prefix = "nights/scored-by"
+    run, root = _new_run(s3, prefix)
+    gids = []
+    for k, model in enumerate(("model-a", "model-a", None, "model-b")):
+        attrs = _object_attrs(f"s{k}.svs", 4, grid=(2, 2))
+        g = store.create_input(root, attrs, 4, chunk=4)
+        if model:
+            store.ensure_predictions(g, model)
+        gids.append(store.input_id(attrs.source))
+    _store_requests(s3, prefix)
+    assert _scored_by(run) == {"model-a", "model-b"}
+    probs = Counter(r.path.split("/tiles.zarr/", 1)[1] for r in _store_requests(s3, prefix)
+                    if r.method == "GET" and r.path.endswith("/probs/zarr.json"))
+    assert probs == {f"inputs/{gid}/probs/zarr.json": 1 for gid in gids}  # the unscored one's: looked for, absent
+
+
 def test_creation_clears_what_a_killed_run_left_under_the_inputs_name_without_its_group(s3):
     """create_input writes the new documents without looking each node up, so what a killed run left under
     the input's name with no group document (arrays' documents and flags: a creation cut between its

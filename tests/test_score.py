@@ -236,6 +236,26 @@ def test_other_model_needs_rescore(tiny_model, tmp_path):
     assert probs.attrs["model_id"] == "tiny" and not done[:].any()
 
 
+def test_a_run_scored_by_another_model_is_refused_before_anything_is_written(tiny_model, tmp_path):
+    """One report never mixes two models: scoring a run folder whose inputs another model scored is one clear
+    error naming that model (each input's ``probs`` document read once), unless ``--rescore``."""
+    from cancernet_batch.errors import StorageError
+    from cancernet_batch.model import read_meta
+    from cancernet_batch.stages.score import prepare_scoring
+
+    run = tmp_path / "run"
+    gids = list(make_run(run, {"a": 8, "b": 8, "c": 8}, chunk=8))
+    groups = dict(store.iter_inputs(Run.of(run).open_store()))
+    ours = read_meta(tiny_model).model_id
+    store.ensure_predictions(groups[gids[0]], ours)  # an input scored by this model: no objection
+    store.ensure_predictions(groups[gids[1]], "another-model")  # the third is not scored yet
+    with pytest.raises(StorageError, match="scored by model another-model, not ") as exc:
+        prepare_scoring(Run.of(run), PredictConfig(model_dir=str(tiny_model)))
+    assert ours in str(exc.value) and not Run.of(run).predict_json.exists()  # refused before anything is written
+    scoring = prepare_scoring(Run.of(run), PredictConfig(model_dir=str(tiny_model), rescore=True))
+    assert scoring.model_id == ours
+
+
 def test_missing_model_and_run_give_one_line_errors(tiny_model, tmp_path):
     r = _cli("predict", str(tmp_path / "norun"), "--model", str(tiny_model))
     out, err = r.communicate(timeout=120)

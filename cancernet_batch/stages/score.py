@@ -192,8 +192,10 @@ def prepare_scoring(run: Run, cfg: PredictConfig) -> Scoring:
 
 
 def _scored_by(run: Run) -> set:
+    """The models whose predictions the run's inputs hold (each input's ``probs`` document read once, all at once)."""
     root = run.open_store("r", clean=False)
-    return {g["probs"].attrs.get("model_id") for _, g in store.iter_inputs(root, complete_only=False) if "probs" in g}
+    probs = store.member_attributes(root, [f"inputs/{gid}/probs" for gid, _ in store.iter_inputs(root, complete_only=False)])
+    return {attrs.get("model_id") for attrs in probs.values() if attrs is not None}
 
 
 def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
