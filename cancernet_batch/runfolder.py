@@ -142,6 +142,10 @@ class LocalFS:
     def exists(self, path: Path) -> bool:
         return Path(path).exists()
 
+    def all_exist(self, paths) -> bool:
+        """Whether every one of ``paths`` is there."""
+        return all(Path(p).exists() for p in paths)
+
     def isdir(self, path: Path) -> bool:
         return Path(path).is_dir()
 
@@ -499,6 +503,24 @@ class FsspecFS:
     def isdir(self, path) -> bool:
         self.check(path)
         return bool(self._call(path, "looking up", self.fs.isdir, str(path)))
+
+    def all_exist(self, paths) -> bool:
+        """Whether every one of ``paths`` is there: their look-ups all at once (one round of HEADs), not one after
+        another."""
+        paths = [str(p) for p in paths]
+        if not paths:
+            return True
+        self.check(paths[0])
+        if not getattr(self.fs, "async_impl", False):
+            return all(self._call(p, "looking up", self.fs.exists, p) for p in paths)
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def every() -> list:
+            return await asyncio.gather(*(self.fs._exists(p) for p in paths))
+
+        return all(self._call(paths[0], "looking up", sync, self.fs.loop, every))
 
     @contextlib.contextmanager
     def staged(self, folder) -> Iterator[Path]:

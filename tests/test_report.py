@@ -360,6 +360,49 @@ def test_thumbnail_stored_view_first_then_slide_then_mosaic(tmp_path):
     assert [r.thumbnail for r in s.inputs] == ["stored thumbnail"]
 
 
+def test_a_report_made_again_keeps_the_parts_made_from_the_same_data_and_redraws_the_others(tmp_path, monkeypatch):
+    """A re-run over finished inputs (a resumed night) does not draw their report parts again when each was made
+    from what it would be made from now and all its files are there: the tables come out byte for byte the same.
+    A changed threshold, changed probabilities, a missing file or a part cut short before its stamp (a kill
+    between its files and the record that it is whole) are drawn again."""
+    import cancernet_batch.stages.report as report
+
+    run_dir = tmp_path / "run"
+    gid_a = add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS, patient="P1")
+    gid_b = add_input(run_dir, tmp_path / "b.svs", B_COORDS, B_PROBS, patient="P2")
+    drawn: list[str] = []
+    real = report.report_input
+    monkeypatch.setattr(report, "report_input", lambda out, gid, *a, **k: drawn.append(gid) or real(out, gid, *a, **k))
+    out = run_dir / "report"
+
+    def tables() -> dict:
+        return {n: (out / n).read_bytes() for n in ("inputs.csv", "patients.csv", "index.html")}
+
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert sorted(drawn) == sorted([gid_a, gid_b])
+    first, stamps = tables(), {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    drawn.clear()
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert drawn == [] and tables() == first  # the same rows, nothing drawn
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.parent.name != "report")  # parts untouched
+    make_report(run_dir, ReportConfig(threshold=0.6))
+    assert sorted(drawn) == sorted([gid_a, gid_b])  # another threshold: every part again
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    drawn.clear()
+    root = Run.of(run_dir).open_store()
+    g = root["inputs"][gid_b]
+    g["probs"][:] = np.asarray(B_PROBS, np.float32)[::-1]  # scored again, other probabilities
+    (out / "maps" / f"{safe_name(gid_a)}.view.js").unlink()  # a file of the part gone
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert sorted(drawn) == sorted([gid_a, gid_b])
+    drawn.clear()
+    attrs = dict(root["inputs"][gid_a]["idc_map"].attrs)
+    attrs.pop(report.PART_STAMP)
+    root["inputs"][gid_a]["idc_map"].attrs.put(attrs)  # cut short between its files and its stamp
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert drawn == [gid_a]
+
+
 def test_thumbnail_of_plain_tiff_uses_tifffile(tmp_path):
     import tifffile
 

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from .. import PATCH_SIZE, store
 from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigures, Threshold, find_input_regions,
                         input_figures, input_state, level0_tile_px, load_scored, patient_figures, patient_of, read_patient_map,
@@ -110,10 +112,10 @@ def input_files(gid: str, cfg: ReportConfig) -> InputFiles:
 
 
 def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg: ReportConfig, *,
-                 read: dict | None = None) -> InputReport:
+                 read: dict | None = None, scored=None) -> InputReport:
     """Write the map (zarr), heatmap (PNG), tile and region GeoJSON of one fully scored input (``read``: as
-    :func:`~cancernet_batch.aggregate.load_scored`'s)."""
-    scored = load_scored(gid, group, patient, read=read)
+    :func:`~cancernet_batch.aggregate.load_scored`'s; ``scored``: its result, when the caller has it)."""
+    scored = scored if scored is not None else load_scored(gid, group, patient, read=read)
     idc_map = scored.idc_map()
     write_idc_map(group, idc_map, scored.model_id)
     tile_px = level0_tile_px(scored.attrs)
@@ -147,6 +149,81 @@ def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr
                        there(files.heatmap), there(files.geojson), view=there(files.view), regions=there(files.regions))
 
 
+PART_STAMP = "report_part"
+"""The attribute of an input's ``idc_map`` that says its report part is whole: what it was made from (a digest)
+and its row. Written after every file of the part; a map made again is a new array, without it."""
+
+
+def _thumbnail_basis(group, attrs: InputAttrs) -> str:
+    """What :func:`~cancernet_batch.heatmap.thumbnail_for` would draw the map over, as far as it can change: the
+    view tiling stored (its shape), else the slide file (its size and time) or its absence."""
+    if attrs.kind != "slide":
+        return "tiles"
+    try:
+        return f"stored {tuple(group['thumbnail'].shape)}"
+    except KeyError:
+        pass
+    try:
+        st = Path(attrs.source).stat()
+        return f"slide {st.st_size} {st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return "no slide file"
+
+
+def _part_key(scored, patient: str, threshold: float, cfg: ReportConfig, thumbnail: str) -> str:
+    """A digest of everything an input's report part is made from: its probabilities and positions, its attrs,
+    patient, model, threshold, what its map is drawn over (``thumbnail``: :func:`_thumbnail_basis`), the report
+    settings that shape its files, and this tool's version."""
+    import hashlib
+    import json
+
+    from .. import __version__
+
+    head = {"version": __version__, "gid": scored.input_id, "patient": patient, "model_id": scored.model_id,
+            "thumbnail": thumbnail,
+            "threshold": repr(float(threshold)), "attrs": scored.attrs.to_json(), "thumb_px": cfg.thumb_px,
+            "min_region_mm2": repr(float(cfg.min_region_mm2)), "region_smoothing": cfg.region_smoothing,
+            "geojson_gzip": cfg.geojson_gzip}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(scored.coords, np.int32).tobytes())
+    h.update(np.ascontiguousarray(scored.probs, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _part_files(row: InputReport, gid: str, cfg: ReportConfig) -> list[str]:
+    """The files of a reported input's part (relative to ``RUN/report``): its row's and the pyramids."""
+    files = input_files(gid, cfg)
+    return [rel for rel in (row.heatmap, row.geojson, row.view, row.regions, files.thumb, files.ome_tiff,
+                            f"{files.ome_zarr}/.zattrs") if rel]
+
+
+def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str) -> InputReport | None:
+    """The row of an input whose report part is whole and was made from what it would be made from now (``key``:
+    :func:`_part_key`; a re-run over finished inputs, a resumed night): nothing to draw again. None: draw it."""
+    try:
+        stamp = group["idc_map"].attrs.get(PART_STAMP)
+    except KeyError:
+        return None
+    if not isinstance(stamp, dict) or stamp.get("key") != key:
+        return None
+    try:
+        r = stamp["row"]
+        row = InputReport(InputFigures(**r["figures"]), r["heatmap"], r["geojson"], r["thumbnail"], r["view"],
+                          r["regions"])
+    except (KeyError, TypeError):
+        return None
+    return row if run.fs.all_exist([run.report_file(rel) for rel in _part_files(row, gid, cfg)]) else None
+
+
+def _stamp_part(group, row: InputReport, key: str) -> None:
+    """Record, once every file of the input's part is written, that the part is whole (see :data:`PART_STAMP`)."""
+    import json
+    from dataclasses import asdict
+
+    plain = json.loads(json.dumps(asdict(row), default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    group["idc_map"].update_attributes({PART_STAMP: {"key": key, "row": plain}})
+
+
 def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
                ) -> tuple[InputReport, Failure | None]:
     read: dict = {}  # the done flags input_state reads, not read again by the report
@@ -155,8 +232,15 @@ def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: 
     if status != REPORTED:
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
+        scored = load_scored(gid, group, patient, read=read)
+        key = _part_key(scored, patient, thr.value, cfg, _thumbnail_basis(group, attrs))
+        kept = _kept_part(run, gid, group, cfg, key)
+        if kept is not None:
+            return kept, None
         with run.fs.staged(run.report_dir) as out:  # on object storage: written here, then PUT
-            return report_input(out, gid, group, patient, thr.value, cfg, read=read), None
+            row = report_input(out, gid, group, patient, thr.value, cfg, scored=scored)
+        _stamp_part(group, row, key)  # last: every file of the part is in place
+        return row, None
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
     except OSError as exc:
