@@ -138,8 +138,12 @@ def report_input(out: Path, gid: str, group, patient: str, threshold: float, cfg
 
 def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold,
                  cfg: ReportConfig = ReportConfig()) -> InputReport:
-    """The row of a scored input from its stored probabilities, drawing nothing (its files as they are)."""
+    """The row of a scored input from its stored probabilities, drawing nothing (its files as they are): the row its
+    part recorded when that part is whole and made from the same data (:func:`_kept_part`)."""
     scored = load_scored(gid, group, patient)
+    kept = _kept_part(run, gid, group, cfg, _part_key(scored, patient, thr.value, cfg, _thumbnail_basis(group, attrs)))
+    if kept is not None:
+        return kept
     files = input_files(gid, cfg)
 
     def there(rel: str) -> str | None:
