@@ -403,6 +403,30 @@ def test_a_report_made_again_keeps_the_parts_made_from_the_same_data_and_redraws
     assert drawn == [gid_a]
 
 
+def test_a_part_whose_record_cannot_be_written_is_still_reported_and_drawn_again_next_time(tmp_path, monkeypatch,
+                                                                                           caplog):
+    import cancernet_batch.stages.report as report
+
+    run_dir = tmp_path / "run"
+    add_input(run_dir, tmp_path / "a.svs", COORDS, PROBS, patient="P1")
+
+    def refused(group, row, key):
+        raise OSError("read-only attributes")
+
+    monkeypatch.setattr(report, "_stamp_part", refused)
+    s = make_report(run_dir, ReportConfig(threshold=0.5))
+    assert [r.figures.status for r in s.inputs] == ["reported"] and s.inputs[0].heatmap  # not a failed input
+    assert "a re-run draws it again" in caplog.text
+    monkeypatch.undo()
+    drawn: list[str] = []
+    real = report.report_input
+    monkeypatch.setattr(report, "report_input", lambda out, gid, *a, **k: drawn.append(gid) or real(out, gid, *a, **k))
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert len(drawn) == 1  # no record: drawn again, and recorded this time
+    make_report(run_dir, ReportConfig(threshold=0.5))
+    assert len(drawn) == 1
+
+
 def test_thumbnail_of_plain_tiff_uses_tifffile(tmp_path):
     import tifffile
 

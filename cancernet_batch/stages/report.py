@@ -245,7 +245,11 @@ def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: 
             return kept, None
         with run.fs.staged(run.report_dir) as out:  # on object storage: written here, then PUT
             row = report_input(out, gid, group, patient, thr.value, cfg, scored=scored)
-        _stamp_part(group, row, key)  # last: every file of the part is in place
+        try:
+            _stamp_part(group, row, key)  # last: every file of the part is in place
+        except Exception as exc:  # noqa: BLE001 - the part is made; without its record a re-run draws it again
+            log.warning("%s: its report part is made, but the record that it is whole could not be written (%s); "
+                        "a re-run draws it again", attrs.source, exc)
         return row, None
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
