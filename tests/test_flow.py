@@ -123,6 +123,31 @@ def test_deadline_stops_new_inputs_and_the_rerun_finishes(client, inputs, tiny_m
     assert s.report.reported == len(inputs) and s.remaining == 0 and len(s.tile.skipped) == 1
 
 
+def test_inputs_tiled_before_are_settled_on_the_workers_and_one_at_another_resolution_fails_alone(
+        client, inputs, tiny_model_dir, tmp_path, monkeypatch):
+    """An input tiled by an earlier call goes straight to scoring: what is left of it to score is found by a worker
+    task (the client reads nothing of it). One tiled at another µm/px than the model's fails there, with its row and
+    failure, and the others are reported."""
+    from cancernet_batch.stages.tile import tile_run
+
+    run = tmp_path / "run"
+    slide, other = inputs[0], inputs[1]
+    tile_run([slide], run, TileConfig(target_mpp=2.0, chunk=16), client=client)  # not the model's 4.0 µm/px
+    opened: list[str] = []  # the inputs this process (the client; the workers are other processes) opens
+    real_open = Run.open_input
+    monkeypatch.setattr(Run, "open_input", lambda self, gid, *a, **k: opened.append(gid) or real_open(self, gid, *a, **k))
+    s = run_pipeline([other], run, TileConfig(target_mpp=4.0, chunk=16), PredictConfig(model_dir=str(tiny_model_dir)),
+                     client=client)  # the first slide is not named: an input of an earlier call, to score
+    rows = {Path(r["source"]).name: r for r in _rows(run)}
+    assert rows[other.name]["status"] == "reported"
+    assert rows[slide.name]["status"] == "not scored"  # as before: its failure row says why
+    failures = list(csv.DictReader(open(run / "failures.csv")))
+    assert [(Path(f["input"]).name, f["stage"]) for f in failures] == [(slide.name, "predict")]
+    assert "2 µm/px but the model expects 4 µm/px" in failures[0]["message"]
+    assert s.report.reported == 1
+    assert store.input_id(str(slide)) not in opened  # settled by a worker task, not read by the client
+
+
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cancernet_batch.cli", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)

@@ -76,7 +76,7 @@ class _Input:
     score_after_tile: set[int] = field(default_factory=set)  # chunks to score once their tiles are written
     reporting: bool = False
     reported: bool = False
-    attrs: object = None  # InputAttrs, once its report starts
+    attrs: object = None  # InputAttrs: as discovery read them (an input tiled before), else once its report starts
     patient: str = ""
     failed: bool = False
     finished: bool = False
@@ -170,15 +170,15 @@ class Flow:
                 self._enqueue(spec.source, store.input_id(spec.source), "tile", spec=spec)
         for spec, gid in fresh:
             self.tile.skipped.append(spec.source)
-            if gid and self.scoring is not None:
-                self._enqueue(spec.source, gid, "score")
+            if gid and self.scoring is not None:  # its attrs as discovery read them: the client reads nothing more
+                self._enqueue(spec.source, gid, "score", attrs=store.InputAttrs.from_json(dict(look[gid].attrs)))
         if self.tile.skipped:
             log.info("%d inputs already complete and unchanged: not tiled again", len(self.tile.skipped))
         if self.scoring is not None:  # inputs of earlier calls, complete, that this call does not name
             named = {i.gid for i in self.queue} | {store.input_id(s.source) for s in self.dicom}
             for gid, g in store.iter_inputs(root, looked_up=look if self.run.remote else None):
                 if gid not in named:
-                    self._enqueue(str(g.attrs.get("source", gid)), gid, "score")
+                    self._enqueue(str(g.attrs.get("source", gid)), gid, "score", attrs=store.InputAttrs.from_json(dict(g.attrs)))
         self.inputs_total = len(self.queue) + len(self.dicom)
         self._sources = [s.source for s in specs]
 
@@ -357,9 +357,11 @@ class Flow:
     # ---------------------------------------------------------------------------------------
     def _start(self, inp: _Input) -> None:
         self._retried.setdefault(inp.source, "discover" if inp.entry == "tile" else "predict")
-        if inp.entry == "score":
+        if inp.entry == "score":  # tiled before: what is left to score is found on a worker, not by the client
+            from .score import settle_task
+
             inp.tiling_done = True
-            self._start_scoring(inp, tiled_now=set())
+            self._submit("settle", inp, settle_task, self.run, inp.gid, self.scoring, priority=_SCORE, anywhere=True)
         elif inp.spec is not None and inp.spec.kind == "patches":
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, self.scoring,
                          priority=_TILE)
@@ -368,6 +370,12 @@ class Flow:
             self._first_preparing = self._first_preparing or inp.first
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
                          inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
+
+    def _on_settle(self, inp: _Input, res, extra) -> None:
+        if isinstance(res, BaseException):  # e.g. tiled at another µm/px, or damaged arrays of this input only
+            self._fail(inp, Failure.from_exception(inp.source, "predict", res))
+            return
+        self._start_scoring(inp, tiled_now=set(), chunks=res)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         self._preparing -= 1
@@ -526,7 +534,7 @@ class Flow:
         from .report import report_task
 
         inp.reporting = True
-        attrs = InputAttrs.from_json(dict(self.run.open_input(inp.gid, "r").attrs))
+        attrs = inp.attrs or InputAttrs.from_json(dict(self.run.open_input(inp.gid, "r").attrs))
         inp.attrs = attrs
         inp.patient = patient_of(inp.gid, attrs, self.mapping)
         self._submit("report", inp, report_task, self.run, inp.gid, inp.patient, self.threshold,

@@ -198,6 +198,12 @@ def _scored_by(run: Run) -> set:
     return {attrs.get("model_id") for attrs in probs.values() if attrs is not None}
 
 
+def settle_task(run: Run, gid: str, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int]:
+    """Worker: for an input tiled before (a re-run, a resumed night), its predictions set up and the chunks still to
+    score (:func:`input_chunks_to_score`), found here rather than by the client, one input after another."""
+    return input_chunks_to_score(run.open_input(gid), gid, scoring)
+
+
 def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
                           ) -> tuple[list[tuple[str, int, int, int]], int]:
     """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input (its predictions set up)
