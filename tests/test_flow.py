@@ -146,6 +146,16 @@ def test_inputs_tiled_before_are_settled_on_the_workers_and_one_at_another_resol
     assert "2 µm/px but the model expects 4 µm/px" in failures[0]["message"]
     assert s.report.reported == 1
     assert store.input_id(str(slide)) not in opened  # settled by a worker task, not read by the client
+    # run again: the finished input is settled and its report part kept in one task each, nothing else submitted
+    submitted: list[str] = []
+    real_submit = Flow._submit
+    monkeypatch.setattr(Flow, "_submit", lambda self, kind, inp, *a, **k: submitted.append(kind)
+                        or real_submit(self, kind, inp, *a, **k))
+    before = (run / "report" / "inputs.csv").read_bytes()
+    s = run_pipeline([other], run, TileConfig(target_mpp=4.0, chunk=16), PredictConfig(model_dir=str(tiny_model_dir)),
+                     client=client)
+    assert submitted == ["settle", "settle"] and s.report.reported == 1
+    assert (run / "report" / "inputs.csv").read_bytes() == before
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -281,8 +281,9 @@ class Flow:
             finally:
                 fut.release()
             self._model_loaded(wait=False)
-            first_report = kind == "report" and not self.rows  # _on_report always adds the input's row
+            had_rows = bool(self.rows)
             getattr(self, f"_on_{kind}")(inp, res, extra)
+            first_report = not had_rows and bool(self.rows)  # a report (or settle) task added the first row
             self._maybe_finish(inp)
             if first_report or time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.flush()
@@ -358,10 +359,16 @@ class Flow:
     def _start(self, inp: _Input) -> None:
         self._retried.setdefault(inp.source, "discover" if inp.entry == "tile" else "predict")
         if inp.entry == "score":  # tiled before: what is left to score is found on a worker, not by the client
+            from ..aggregate import patient_of
             from .score import settle_task
 
             inp.tiling_done = True
-            self._submit("settle", inp, settle_task, self.run, inp.gid, self.scoring, priority=_SCORE, anywhere=True)
+            report = None
+            if self.report_cfg is not None and inp.attrs is not None:  # reported in the same task if all is scored
+                inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
+                report = (inp.patient, self.threshold, self.report_cfg)
+            self._submit("settle", inp, settle_task, self.run, inp.gid, self.scoring, report, priority=_SCORE,
+                         anywhere=True)
         elif inp.spec is not None and inp.spec.kind == "patches":
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, self.scoring,
                          priority=_TILE)
@@ -375,7 +382,10 @@ class Flow:
         if isinstance(res, BaseException):  # e.g. tiled at another µm/px, or damaged arrays of this input only
             self._fail(inp, Failure.from_exception(inp.source, "predict", res))
             return
-        self._start_scoring(inp, tiled_now=set(), chunks=res)
+        self._start_scoring(inp, tiled_now=set(), chunks=res["score"])
+        if "report" in res:  # nothing was left to score: its report part was made (or kept) by the same task
+            inp.reporting = True
+            self._on_report(inp, res["report"], extra)
 
     def _on_prepare(self, inp: _Input, res, extra) -> None:
         self._preparing -= 1

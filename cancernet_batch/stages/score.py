@@ -198,10 +198,23 @@ def _scored_by(run: Run) -> set:
     return {attrs.get("model_id") for attrs in probs.values() if attrs is not None}
 
 
-def settle_task(run: Run, gid: str, scoring: Scoring) -> tuple[list[tuple[str, int, int, int]], int]:
+def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = None) -> dict:
     """Worker: for an input tiled before (a re-run, a resumed night), its predictions set up and the chunks still to
-    score (:func:`input_chunks_to_score`), found here rather than by the client, one input after another."""
-    return input_chunks_to_score(run.open_input(gid), gid, scoring)
+    score (``"score"``: :func:`input_chunks_to_score`), found here rather than by the client, one input after
+    another. ``report``: ``(patient, threshold, ReportConfig)``; when nothing is left to score, the input's report
+    part is made (or kept) here too (``"report"``: :func:`~cancernet_batch.stages.report.report_task`'s result),
+    from the group this task has open: a finished input costs one task, not two."""
+    g = run.open_input(gid)
+    chunks = input_chunks_to_score(g, gid, scoring)
+    if report is None or chunks[0]:
+        return {"score": chunks}
+    from .report import _one_input
+
+    patient, thr, cfg = report
+    if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
+        g.load_members()
+    return {"score": chunks, "report": _one_input(run, gid, g, store.InputAttrs.from_json(dict(g.attrs)), patient,
+                                                  thr, cfg)}
 
 
 def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
