@@ -253,7 +253,7 @@ def member_attributes(group, paths: list[str]) -> dict[str, dict | None]:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    where = group._group.store_path if isinstance(group, NodeCache) else group.store_path
+    where = group.store_path  # a NodeCache's too (its group's)
 
     async def one(path: str):
         buf = await (where / path / "zarr.json").get(prototype=default_buffer_prototype())
@@ -535,7 +535,7 @@ def remove_input(inputs, gid: str) -> None:
     pass over and :func:`drop_damaged` clears."""
     from zarr.core.sync import sync
 
-    sync((getattr(inputs, "_group", inputs).store_path / gid / "zarr.json").delete())
+    sync((inputs.store_path / gid / "zarr.json").delete())  # a NodeCache's store_path is its group's
     del inputs[gid]
 
 

@@ -141,7 +141,7 @@ def existing_row(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr
     """The row of a scored input from its stored probabilities, drawing nothing (its files as they are): the row its
     part recorded when that part is whole and made from the same data (:func:`_kept_part`)."""
     scored = load_scored(gid, group, patient)
-    kept = _kept_part(run, gid, group, cfg, _part_key(scored, patient, thr.value, cfg, _thumbnail_basis(group, attrs)))
+    kept = _kept_part(run, gid, group, cfg, _part_key(scored, group, patient, thr.value, cfg))
     if kept is not None:
         return kept
     files = input_files(gid, cfg)
@@ -178,15 +178,15 @@ def _thumbnail_basis(group, attrs: InputAttrs) -> str:
         return "no slide file"
 
 
-def _part_key(scored, patient: str, threshold: float, cfg: ReportConfig, thumbnail: str) -> str:
-    """A digest of everything an input's report part is made from: its probabilities and positions, its attrs,
-    patient, model, threshold, what its map is drawn over (``thumbnail``: :func:`_thumbnail_basis`), the report
-    settings that shape its files, and :data:`PART_FORMAT`."""
+def _part_key(scored, group, patient: str, threshold: float, cfg: ReportConfig) -> str:
+    """A digest of everything the report part of input ``group`` (``scored``: its figures' data) is made from: its
+    probabilities and positions, its attrs, patient, model, threshold, what its map is drawn over
+    (:func:`_thumbnail_basis`), the report settings that shape its files, and :data:`PART_FORMAT`."""
     import hashlib
     import json
 
     head = {"format": PART_FORMAT, "gid": scored.input_id, "patient": patient, "model_id": scored.model_id,
-            "thumbnail": thumbnail,
+            "thumbnail": _thumbnail_basis(group, scored.attrs),
             "threshold": repr(float(threshold)), "attrs": scored.attrs.to_json(), "thumb_px": cfg.thumb_px,
             "min_region_mm2": repr(float(cfg.min_region_mm2)), "region_smoothing": cfg.region_smoothing,
             "geojson_gzip": cfg.geojson_gzip}
@@ -239,7 +239,7 @@ def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: 
         return InputReport(unscored_figures(gid, attrs, patient, status, note, thr.value, model_id)), None
     try:
         scored = load_scored(gid, group, patient, read=read)
-        key = _part_key(scored, patient, thr.value, cfg, _thumbnail_basis(group, attrs))
+        key = _part_key(scored, group, patient, thr.value, cfg)
         kept = _kept_part(run, gid, group, cfg, key)
         if kept is not None:
             return kept, None
@@ -299,10 +299,12 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
             log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
 
 
-def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig
+def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, group=None
                 ) -> tuple[InputReport, Failure | None]:
-    """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker."""
-    g = run.open_input(gid)  # not open_store: its clean-up would delete other workers' files in flight
+    """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker. ``group``: the input's
+    group, when the calling task has it open (:func:`~cancernet_batch.stages.score.settle_task`)."""
+    # not open_store: its clean-up would delete other workers' files in flight
+    g = group if group is not None else run.open_input(gid)
     if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
         g.load_members()
     return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)

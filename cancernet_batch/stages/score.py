@@ -208,13 +208,9 @@ def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = Non
     chunks = input_chunks_to_score(g, gid, scoring)
     if report is None or chunks[0]:
         return {"score": chunks}
-    from .report import _one_input
+    from .report import report_task
 
-    patient, thr, cfg = report
-    if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
-        g.load_members()
-    return {"score": chunks, "report": _one_input(run, gid, g, store.InputAttrs.from_json(dict(g.attrs)), patient,
-                                                  thr, cfg)}
+    return {"score": chunks, "report": report_task(run, gid, *report, group=g)}
 
 
 def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
