@@ -5,9 +5,10 @@
 Runs the worker side of the tile stage for every slide, round after round, in this one process (no
 cluster): the preflight task (this process's part, and the serving child's CPU read from /proc),
 opening the reader, the plan (overview read, tissue mask, tile fractions, the rest of the plan) and
-the store group (opening the store, ``store.create_input``'s documents, and the ``coords``, ``tissue`` and
-``thumbnail`` it writes before the group's attrs) and the rest of the prepare task, each as :func:`time.process_time` (all threads of this process: zarr's I/O thread
-counts) around the calls the worker makes. The chunk tasks (the tiles themselves) are timed too,
+the store group (opening the store; ``store.create_input``'s documents and files; of those, the ``coords``,
+``tissue`` and ``thumbnail`` it writes before the group's attrs: since their chunks are written in one batch with the
+documents, their encoding only) and the rest of the prepare task, each as :func:`time.process_time` (all threads of
+this process: zarr's I/O thread counts) around the calls the worker makes. The chunk tasks (the tiles themselves) are timed too,
 for scale; they are not overhead. Each round tiles into a fresh run folder, so every group is
 created; round 0 is a warm-up and is left out. Prints the median CPU ms per slide of each part
 (and wall ms; the preflight child's CPU is a mean, read in 10 ms clock ticks), with the date, the machine
@@ -115,7 +116,10 @@ def instrument(clock: _Clock) -> None:
     where = "inputs_group" if hasattr(runfolder.Run, "inputs_group") else "open_store"
     setattr(runfolder.Run, where, clock.wrap("group: open store", getattr(runfolder.Run, where)))
     store.create_input = clock.wrap("group: create_input", store.create_input)
-    store.write_whole = clock.wrap("group: coords, tissue, thumbnail", store.write_whole)  # inside create_input
+    # inside create_input: older versions write them with write_whole; newer ones encode them (_encode_whole), then
+    # write their chunks in the batch of the arrays' documents (counted in create_input)
+    name = "_encode_whole" if hasattr(store, "_encode_whole") else "write_whole"
+    setattr(store, name, clock.wrap("group: coords, tissue, thumbnail", getattr(store, name)))
 
 
 def _load() -> str:

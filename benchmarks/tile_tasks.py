@@ -158,8 +158,9 @@ def _time_tasks(parts: bool = False) -> None:
         store.create_input = part("group: create_input (with its data)", unwrapped(store.create_input))
         writes = "group: data writes (coords, tissue, thumbnail)"  # inside create_input (older versions: after it)
         zarr.Array.__setitem__ = part(writes, unwrapped(zarr.Array.__setitem__), only_in_prepare=True)
-        if hasattr(store, "write_whole"):
-            store.write_whole = part(writes, unwrapped(store.write_whole), only_in_prepare=True)
+        for name in ("write_whole", "_encode_whole"):  # older versions: written whole; newer: encoded, then in the batch
+            if hasattr(store, name):
+                setattr(store, name, part(writes, unwrapped(getattr(store, name)), only_in_prepare=True))
 
     def timed(fn):
         def task(*args, **kwargs):

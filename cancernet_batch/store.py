@@ -492,14 +492,17 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
     """(Re)create the group of one input with empty arrays for ``n`` tiles; ``complete`` is False.
 
     ``arrays``: more arrays to create with it (``{name: create_array keyword arguments}``, e.g. a slide's
-    ``tissue`` and ``thumbnail``). The group and every array are made in one :func:`create_arrays` (their
-    documents written concurrently). ``data``: arrays written whole (:func:`write_whole`, at once) before the
-    attrs, e.g. a slide's coords, tissue map and thumbnail. The group's attrs go last, in their own write,
-    so a group with a ``chunk`` attribute has all its arrays and all of ``data``: a group killed before its
-    attrs matches no plan (a resume makes it again). Returns a :class:`NodeCache` of the new group that
-    knows its arrays (no lookup reads their metadata again). ``present``: whether the input's group is there,
-    when the caller has just looked (one lookup less; on object storage, a request); by default it is looked up.
-    ``inputs``: the root's ``inputs`` group, when the caller holds it (``root`` is then not read).
+    ``tissue`` and ``thumbnail``). ``data``: arrays written whole, e.g. a slide's coords, tissue map and thumbnail.
+    Every array's document and every chunk of ``data`` are written first, in one batch (:func:`_write_objects`);
+    the group's own ``zarr.json``, with its attrs, last. So a group that is there has all its arrays and all of
+    ``data``; a creation killed before that leaves a folder with no document, which listings pass over and the
+    next creation (or :func:`drop_damaged`) clears. The documents are zarr's own (:func:`_array_metadata`), the
+    chunks encoded by zarr's codecs (:func:`_encode_whole`): the files are those that ``create_group``, one
+    ``create_array`` each, ``update_attributes`` and the arrays' ``[:] = values`` write
+    (``tests/test_store_create.py``), in about half the CPU (RESULTS section 9). Returns a :class:`NodeCache` of
+    the new group that knows its arrays (no lookup reads their metadata again). ``present``: whether the input's
+    group is there, when the caller has just looked (one lookup less; on object storage, a request); by default
+    it is looked up. ``inputs``: the root's ``inputs`` group, when the caller holds it (``root`` is then not read).
     """
     gid = input_id(attrs.source)
     inputs = inputs if inputs is not None else root.require_group("inputs")
@@ -519,14 +522,107 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
         specs["labels"] = dict(shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
     specs["tiled"] = dict(shape=(len(chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
     specs.update(arrays or {})
-    made = create_arrays(inputs, {f"{gid}/{name}": kw for name, kw in specs.items()}, groups=(gid,), absent=True)
-    g = NodeCache(made[gid])
-    for name in specs:
-        g._remember(name, made[f"{gid}/{name}"])
-    if data:
-        write_whole(g, {name: v for name, v in data.items() if np.size(v)})
-    g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
+    return _make_group(inputs, gid, {name: _array_metadata(**kw) for name, kw in specs.items()}, data or {},
+                       {**attrs.to_json(), "complete": False, "chunk": c})
+
+
+def _make_group(parent, name: str, metas: dict, data: dict[str, np.ndarray], attributes: dict) -> "NodeCache":
+    """Group ``name`` under ``parent`` with the arrays ``{name: metadata}``, those in ``data`` written whole: the
+    arrays' documents and chunks in one batch, then the group's document (see :func:`create_input`)."""
+    from zarr import Array, Group
+    from zarr.core.array import AsyncArray
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import AsyncGroup, GroupMetadata
+
+    proto = default_buffer_prototype()
+    objects: dict[str, object] = {}
+    for array, meta in metas.items():
+        for key, doc in meta.to_buffer_dict(proto).items():
+            objects[f"{name}/{array}/{key}"] = doc
+        if array in data:
+            for key, chunk in _encode_whole(meta, data[array]).items():
+                objects[f"{name}/{array}/{key}"] = chunk
+    gmeta = GroupMetadata(attributes=attributes)
+    where = parent.store_path  # a NodeCache's is its group's
+    _write_objects(where, objects)
+    _write_objects(where, {f"{name}/{key}": doc for key, doc in gmeta.to_buffer_dict(proto).items()})
+    at = where / name
+    g = NodeCache(Group(AsyncGroup(metadata=gmeta, store_path=at)))
+    for array, meta in metas.items():
+        g._remember(array, Array(AsyncArray(metadata=meta, store_path=at / array)))
+    if isinstance(parent, NodeCache):
+        parent._remember(name, g._group)
     return g
+
+
+def _encode_whole(meta, values: np.ndarray) -> dict:
+    """The chunks of an array with metadata ``meta`` holding ``values`` whole: ``{chunk key: encoded bytes}``, each
+    encoded by the array's own codecs (zarr's, called in this thread), an edge chunk padded with the fill value as
+    zarr pads it, every chunk stored (zarr's ``write_empty_chunks``). An array of no elements has no chunk."""
+    import itertools
+
+    from zarr.core.array_spec import ArrayConfig
+    from zarr.core.buffer import default_buffer_prototype
+
+    values = np.asarray(values)
+    if values.shape != tuple(meta.shape):
+        raise ValueError(f"values of shape {values.shape} for an array of shape {tuple(meta.shape)}")
+    proto = default_buffer_prototype()
+    config = ArrayConfig.from_dict({"write_empty_chunks": True})
+    shape, chunks = tuple(meta.shape), tuple(meta.chunks)
+    dtype = meta.dtype.to_native_dtype()
+    out = {}
+    for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks))):
+        block = values[tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))]
+        if block.shape != chunks:
+            full = np.full(chunks, meta.fill_value, dtype=dtype)
+            full[tuple(slice(0, k) for k in block.shape)] = block
+            block = full
+        spec = meta.get_chunk_spec(index, config, proto)
+        x = proto.nd_buffer.from_numpy_array(np.ascontiguousarray(block, dtype=dtype))
+        for codec in meta.codecs:
+            x = codec._encode_sync(x, spec)
+            spec = codec.resolve_metadata(spec)
+        out[meta.encode_chunk_key(index)] = x
+    return out
+
+
+def _write_objects(where, objects: dict) -> None:
+    """Store ``{key under the store path where: zarr Buffer}``. On a local store, here, one file after the other, each
+    written to a temporary name and renamed (as zarr's ``LocalStore`` writes; without its hop to a thread and back
+    per file); on other stores all at once through zarr (on object storage one batch of concurrent PUTs, each
+    atomic)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    if not objects:
+        return
+    if isinstance(where.store, LocalStore):
+        if where.store.read_only:
+            raise ValueError("store was opened in read-only mode")
+        base = Path(where.store.root) / where.path
+        made: set[Path] = set()
+        for key, value in objects.items():
+            path = base / key
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            tmp = path.with_name(f"{path.name}.{os.urandom(8).hex()}.partial")
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(value.as_buffer_like())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return
+
+    async def put_all() -> None:
+        await asyncio.gather(*((where / key).set(value) for key, value in objects.items()))
+
+    sync(put_all())
 
 
 def remove_input(inputs, gid: str) -> None:
@@ -968,21 +1064,6 @@ class _TaskGroup(NodeCache):
     def _remember(self, name: str, node) -> None:
         self._forget(name)
         self._local[name] = node
-
-
-def write_whole(group, values: dict[str, np.ndarray]) -> None:
-    """Write arrays of ``group`` whole (``{name: values}``), all at once: their chunks are encoded and stored
-    concurrently in one pass of zarr's event loop, instead of one round trip through it per array (on object
-    storage, one batch of PUTs). Each chunk is still written by rename (atomic); their order is not defined,
-    so write in one call only arrays that nothing proves done by its presence."""
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    async def write_all() -> None:
-        await asyncio.gather(*(group[name].async_array.setitem(Ellipsis, v) for name, v in values.items()))
-
-    sync(write_all())
 
 
 def write_tiles(group, start: int, stop: int, tiles: np.ndarray) -> None:

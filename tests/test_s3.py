@@ -883,7 +883,7 @@ def _object_attrs(name: str, n: int, grid=(4, 5), kind: str = "slide"):
 def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s3):
     """create_input, ensure_predictions and the report's map make their arrays through zarr's create_hierarchy:
     no HEAD (zarr's create_array sends one per parent group of every array: 3 per array here), one PUT per
-    metadata document (the group's attrs: a second one, last), and documents exactly as create_array
+    metadata document (the group's, with its attrs, last), and documents exactly as create_array
     writes them."""
     import zarr
     from zarr.storage import MemoryStore
@@ -899,8 +899,10 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
     g = store.create_input(root, attrs, 10, chunk=4, labels=True, arrays={"tissue": tissue})
     made = _store_requests(s3, prefix)
     assert not [r for r in made if r.method == "HEAD"], made
-    assert _puts(made) == {f"inputs/{gid}/zarr.json": 2,  # the empty group, then its attrs (last)
+    assert _puts(made) == {f"inputs/{gid}/zarr.json": 1,  # the group's document, with its attrs: one PUT, the last
                            **{f"inputs/{gid}/{a}/zarr.json": 1 for a in ("tiles", "coords", "labels", "tiled", "tissue")}}
+    puts = [r.path.split("/tiles.zarr/", 1)[1] for r in made if r.method == "PUT"]
+    assert puts[-1] == f"inputs/{gid}/zarr.json", puts
     # no document read but `inputs`' (require_group) and the presence check of the input's: the new nodes'
     # documents are written without zarr's checks of each node and parent (16 GETs before); one listing
     # finds nothing left under the input's name by a killed run

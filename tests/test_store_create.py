@@ -21,7 +21,9 @@ def _attrs(source: str, n: int) -> InputAttrs:
 
 def _one_call_each(root, attrs: InputAttrs, n: int, chunk: int, coords, tissue, thumb, labels: bool):
     """The group as create_input made it before: Group.create_group, one Group.create_array per array, the
-    attributes, then coords, tissue and thumbnail written after (the reference for the batch version)."""
+    attributes, then coords, tissue and thumbnail written after, every chunk stored (zarr's ``write_empty_chunks``:
+    a chunk that holds only the fill value is written too) - the reference for the batch version."""
+    every = {"write_empty_chunks": True}
     g = root.require_group("inputs").create_group(store.input_id(attrs.source))
     c = max(1, min(chunk, n)) if n else chunk
     g.create_array("tiles", shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
@@ -32,11 +34,11 @@ def _one_call_each(root, attrs: InputAttrs, n: int, chunk: int, coords, tissue, 
     g.create_array("tiled", shape=(len(store.chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     if n:
-        g["coords"][:] = coords
+        g["coords"].with_config(every)[:] = coords
     if tissue is not None:
-        g.create_array("tissue", shape=tissue.shape, chunks=tissue.shape, dtype="float32")[:] = tissue
+        g.create_array("tissue", shape=tissue.shape, chunks=tissue.shape, dtype="float32").with_config(every)[:] = tissue
         g.create_array("thumbnail", shape=thumb.shape, chunks=(min(thumb.shape[0], 1024), min(thumb.shape[1], 1024), 3),
-                       dtype="uint8")[:] = thumb
+                       dtype="uint8").with_config(every)[:] = thumb
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -153,3 +155,32 @@ def test_write_tiles_stores_every_chunk_as_written(tmp_path):
                           tiles)
     g["tiles"][16:32] = tiles[16:32]  # for contrast: zarr's own default removes the all-zero chunk
     assert sorted(p.parent.parent.parent.name for p in chunks.glob("*/0/0/0")) == ["0", "2"]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(shape=(9, 2), chunks=(4, 2), dtype="int32"),  # an edge chunk padded with the fill value
+    dict(shape=(130, 90, 3), chunks=(64, 64, 3), dtype="uint8", compressors=store.tiles_compressor()),  # 2-D edges
+    dict(shape=(7, 5), chunks=(7, 5), dtype="float32", fill_value=np.nan),
+    dict(shape=(5,), chunks=(2,), dtype="bool", fill_value=False),
+    dict(shape=(6,), chunks=(4,), dtype="int8", fill_value=-1, compressors=None),
+])
+def test_chunks_encoded_whole_are_the_files_zarr_writes(tmp_path, kw):
+    """store._encode_whole (zarr's codecs, called directly) gives each chunk the bytes zarr's own write stores, every
+    chunk kept (write_empty_chunks), and zarr reads the arrays back; values of the wrong shape are refused."""
+    rng = np.random.default_rng(len(kw["shape"]))
+    values = (rng.random(kw["shape"]) * 200).astype(kw["dtype"])
+    values[tuple(slice(0, c) for c in kw["chunks"])] = kw.get("fill_value", 0)  # a chunk of the fill value: stored too
+    a = zarr.create_array(str(tmp_path / "a.zarr"), **kw)
+    a.with_config({"write_empty_chunks": True})[...] = values
+    folder = tmp_path / "a.zarr"
+    chunks = {k: v for k, v in _files(folder).items() if k != "zarr.json"}
+    encoded = store._encode_whole(a.metadata, values)
+    assert sorted(encoded) == sorted(chunks)
+    assert {k: v.to_bytes() for k, v in encoded.items()} == chunks
+    root = zarr.open_group(str(tmp_path / "b.zarr"), mode="a", zarr_format=3)
+    g = store._make_group(root, "g", {"x": a.metadata}, {"x": values}, {"k": 1})
+    back = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["g"]
+    assert back.attrs["k"] == 1 and np.array_equal(back["x"][...], values, equal_nan=True)
+    assert np.array_equal(g["x"][...], values, equal_nan=True)
+    with pytest.raises(ValueError, match="shape"):
+        store._encode_whole(a.metadata, values[:1])

@@ -402,7 +402,7 @@ def _one_colour_tiff(path: Path, size: int, rgb: tuple[int, int, int], mpp: floa
 @pytest.mark.parametrize("case", ["synthetic", "no tiles", "one tile at (0, 0)"])
 def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_slide_dir, tmp_path, monkeypatch):
     """A prepare killed while writing its coords, tissue map and thumbnail never leaves a group that a resume
-    keeps without them: they are written before the group's attrs, which _same_plan compares. Coords alone
+    keeps without them: they are written before the group's document (with the attrs that _same_plan compares). Coords alone
     cannot prove it: an input with no tiles has none, and one tile at (0, 0) equals their fill value (both
     were kept, with a zero tissue map and thumbnail, when coords were written last)."""
     from cancernet_batch.stages.tile import _drop_reader, prepare_slide_task
@@ -426,13 +426,24 @@ def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_s
     class Killed(BaseException):
         pass
 
-    def killed(group, values):
-        raise Killed
+    writes = []
+    write_objects = store._write_objects
 
-    monkeypatch.setattr(store, "write_whole", killed)
+    def killed(where, objects):  # the arrays and their data are written; killed before the group's document
+        if writes:
+            raise Killed
+        writes.append(sorted(objects))
+        write_objects(where, objects)
+
+    monkeypatch.setattr(store, "_write_objects", killed)
     with pytest.raises(Killed):
         prepare_slide_task(run, slide, cfg, [])
     monkeypatch.undo()
+    gid = store.input_id(slide)
+    assert f"{gid}/coords/zarr.json" in writes[0] and f"{gid}/zarr.json" not in writes[0]
+    assert (run.store_path / "inputs" / gid / "coords" / "zarr.json").is_file()  # left behind, with no group document
+    damaged = []
+    assert gid not in dict(store.iter_inputs(run.open_store("r"), complete_only=False, damaged=damaged)) and not damaged
     _drop_reader(slide)
     res = prepare_slide_task(run, slide, cfg, [])  # the resume: the group is made again
     assert res["kept"] == 0 and len(res["todo"]) == len(store.chunk_bounds(res["n"], int(run.open_input(res["gid"]).attrs["chunk"])))
