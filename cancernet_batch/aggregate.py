@@ -181,12 +181,13 @@ def unmatched_keys(mapping: dict[str, str], inputs: list[tuple[str, InputAttrs]]
 
 def input_state(group, read: dict | None = None) -> tuple[str, str]:
     """``(REPORTED, "")`` when tiling is complete and every chunk is scored, else ``(NOT_SCORED, why)``.
-    ``read``: a dict that receives the done flags read here (``done``), for :func:`load_scored` next."""
+    ``read``: a dict that receives the done flags read here (``done``), for :func:`load_scored` next; flags it holds
+    already (read by the caller just before) are used, not read again."""
     if not group.attrs.get("complete", False):
         return NOT_SCORED, "tiling incomplete"
     if "probs" not in group:
         return NOT_SCORED, "no predictions"
-    done = store.done_mask(group)
+    done = read["done"] if read is not None and "done" in read else store.done_mask(group)
     if read is not None:
         read["done"] = done
     if not done.all():

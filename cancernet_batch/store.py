@@ -853,9 +853,10 @@ def validate_input(group, *, done: np.ndarray | None = None, read: dict | None =
     """Why an input's stored data cannot be trusted, or None when it is consistent.
 
     ``done``: its done flags when the caller has just read them (:func:`done_mask`), not read again.
-    ``read``: a dict that receives the arrays read here (``coords``, ``done``, ``probs``, as stored), so
-    a caller that needs them next (the report: :func:`~cancernet_batch.aggregate.load_scored`) does not
-    read them again (on object storage: one GET per chunk of each).
+    ``read``: a dict of the arrays (``coords``, ``done``, ``probs``, as stored) that the caller has just read (used
+    here, not read again), which receives those read here, so a caller that needs them next (the report:
+    :func:`~cancernet_batch.aggregate.load_scored`) does not read them again (on object storage: one GET per chunk
+    of each).
 
     Checked: the attrs parse; ``tiles`` is ``(N, 50, 50, 3) uint8`` and ``coords`` ``(N, 2)`` integers with
     ``N == n_tiles``; every position lies on the grid (patient folders may hold ``(-1, -1)``: no
@@ -880,7 +881,7 @@ def validate_input(group, *, done: np.ndarray | None = None, read: dict | None =
         return f"it records {attrs.n_tiles} tiles but holds {n}"
     if rows < 0 or cols < 0:
         return f"its grid {rows} x {cols} is negative"
-    raw = np.asarray(coords[:])
+    raw = read["coords"] if read is not None and "coords" in read else np.asarray(coords[:])
     if read is not None:
         read["coords"] = raw
     c = raw.astype(np.int64, copy=False).reshape(-1, 2)
@@ -902,11 +903,13 @@ def validate_input(group, *, done: np.ndarray | None = None, read: dict | None =
             return f"its probs are {probs.dtype} {tuple(probs.shape)}, expected float32 ({n},)"
         if tuple(done_arr.shape) != (len(bounds),) or str(done_arr.dtype) != "bool":
             return f"its done flags are {done_arr.dtype} {tuple(done_arr.shape)}, expected bool ({len(bounds)},)"
+        if done is None and read is not None:
+            done = read.get("done")
         done = np.asarray(done_arr[:], bool) if done is None or len(done) != len(bounds) else np.asarray(done, bool)
         if read is not None:
             read["done"] = done
         if done.any():
-            p = np.asarray(probs[:], np.float32)
+            p = np.asarray(read["probs"] if read is not None and "probs" in read else probs[:], np.float32)
             if read is not None:
                 read["probs"] = p
             for i in np.flatnonzero(done):
@@ -917,24 +920,34 @@ def validate_input(group, *, done: np.ndarray | None = None, read: dict | None =
     return None
 
 
-def clear_unproven_done(group) -> int:
+def clear_unproven_done(group, read: dict | None = None) -> int:
     """Clear the done flags of chunks whose probabilities are missing (NaN) or out of [0, 1], so that
-    ``predict`` scores them again instead of a report counting them as 0 % IDC. Returns how many."""
+    ``predict`` scores them again instead of a report counting them as 0 % IDC. Returns how many.
+
+    ``read``: a dict that receives the done flags as they are now (the cleared ones False) and the probabilities
+    read here, for :func:`validate_input` and the report next (not read again)."""
     if "probs" not in group or "done" not in group:
         return 0
     n = int(group["tiles"].shape[0])
     bounds = chunk_bounds(n, int(group.attrs.get("chunk", group["tiles"].chunks[0]) or 1))
     done_arr = group["done"]
     done = np.asarray(done_arr[:], bool)
-    if not done.any() or done.shape != (len(bounds),):
+    if done.shape != (len(bounds),):
+        return 0
+    if read is not None:
+        read["done"] = done = done.copy()
+    if not done.any():
         return 0
     p = np.asarray(group["probs"][:], np.float32)
+    if read is not None:
+        read["probs"] = p
     cleared = 0
     for i in np.flatnonzero(done):
         a, b = bounds[i]
         v = p[a:b]
         if not (np.isfinite(v) & (v >= 0) & (v <= 1)).all():
             done_arr[int(i)] = False
+            done[i] = False
             cleared += 1
     if cleared:
         log.warning("%s: %d chunks were flagged done without probabilities; they will be scored again",

@@ -1083,6 +1083,40 @@ def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_on
     assert dict(reads) == want
 
 
+def test_settling_a_finished_input_reads_each_chunk_of_its_coords_probs_and_done_flags_once(s3):
+    """A re-run's task for an input scored before (its chunks to score found, then, none left, its report) reads
+    each chunk of its ``coords``, ``probs`` and ``done`` arrays once: what the check of its done flags read goes on
+    to the consistency check and the report (before: done flags three times, probabilities three times, coords
+    twice). A done flag without probabilities is still cleared, and the input then scored again, not reported."""
+    from collections import Counter
+
+    from cancernet_batch import store
+    from cancernet_batch.aggregate import REPORTED, Threshold
+    from cancernet_batch.config import PredictConfig, ReportConfig
+    from cancernet_batch.stages.score import Scoring, settle_task
+
+    prefix = "nights/settlereads"
+    run, attrs, gid, p = _scored_input(s3, prefix, "P9")
+    scoring = Scoring(PredictConfig(model_dir="unused"), "model-a", 0.5, 4.0)
+    report = ("P9", Threshold(0.5, "--threshold"), ReportConfig())
+    _store_requests(s3, prefix)
+    out = settle_task(run, gid, scoring, report)
+    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
+                    if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
+                    in ("coords", "probs", "done"))
+    row, failure = out["report"]
+    assert out["score"] == ([], 3) and failure is None and row.figures.status == REPORTED
+    assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
+    assert dict(reads) == {**{f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs")
+                              for i in range(3)}, **{f"done/c/{i}": 1 for i in range(3)}}
+
+    g = run.open_store("r+")["inputs"][gid]
+    g["probs"][8:10] = np.nan  # chunk 2 flagged done without its probabilities: scored again, not reported
+    out = settle_task(run, gid, scoring, report)
+    assert out == {"score": ([(gid, 2, 8, 10)], 3)}
+    assert list(store.done_mask(run.open_store("r")["inputs"][gid])) == [True, True, False]
+
+
 def test_listing_a_stores_inputs_reads_each_groups_document_once(s3):
     """``store.iter_inputs`` on object storage (the end of every run lists the store's inputs for the rows it did
     not report) reads each input group's ``zarr.json`` once: one listing, the documents read together, the

@@ -230,9 +230,9 @@ def _stamp_part(group, row: InputReport, key: str) -> None:
     group["idc_map"].update_attributes({PART_STAMP: {"key": key, "row": plain}})
 
 
-def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig
-               ) -> tuple[InputReport, Failure | None]:
-    read: dict = {}  # the done flags input_state reads, not read again by the report
+def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig,
+               read: dict | None = None) -> tuple[InputReport, Failure | None]:
+    read = dict(read or {})  # the arrays read so far (input_state's done flags at least): not read again
     status, note = input_state(group, read)
     model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
     if status != REPORTED:
@@ -299,15 +299,16 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
             log.warning("the threshold comes from model %s but inputs were scored by %s", thr.model_id, ", ".join(other))
 
 
-def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, group=None
-                ) -> tuple[InputReport, Failure | None]:
+def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, group=None,
+                read: dict | None = None) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker. ``group``: the input's
-    group, when the calling task has it open (:func:`~cancernet_batch.stages.score.settle_task`)."""
+    group, when the calling task has it open (:func:`~cancernet_batch.stages.score.settle_task`); ``read``: the
+    arrays that task has just read from it (done flags, coords, probabilities: not read again)."""
     # not open_store: its clean-up would delete other workers' files in flight
     g = group if group is not None else run.open_input(gid)
     if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
         g.load_members()
-    return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg)
+    return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg, read)
 
 
 def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, *,

@@ -205,15 +205,16 @@ def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = Non
     part is made (or kept) here too (``"report"``: :func:`~cancernet_batch.stages.report.report_task`'s result),
     from the group this task has open: a finished input costs one task, not two."""
     g = run.open_input(gid)
-    chunks = input_chunks_to_score(g, gid, scoring)
+    read: dict = {}  # its done flags, coords and probabilities as read here: the report reads them no more
+    chunks = input_chunks_to_score(g, gid, scoring, read=read)
     if report is None or chunks[0]:
         return {"score": chunks}
     from .report import report_task
 
-    return {"score": chunks, "report": report_task(run, gid, *report, group=g)}
+    return {"score": chunks, "report": report_task(run, gid, *report, group=g, read=read)}
 
 
-def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
+def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False, read: dict | None = None
                           ) -> tuple[list[tuple[str, int, int, int]], int]:
     """The unscored chunks ``[(gid, index, start, stop)]`` of one tiled input (its predictions set up)
     and how many chunks it has.
@@ -221,7 +222,8 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
     ``made``: ``g`` is a group just made with its ``probs``/``done`` (:func:`store.prediction_specs` given to
     :func:`store.create_input`, as the stream's prepare task does): every chunk is to score, nothing to look
     up or read back. Raises (for the input's failure row) when it was tiled at another µm/px than the
-    model's, or when its predictions cannot be set up.
+    model's, or when its predictions cannot be set up. ``read``: a dict that receives the arrays read here (done
+    flags, coords, probabilities; as :func:`store.validate_input`), for the input's report next.
     """
     attrs = g.attrs
     tiled_mpp = attrs.get("target_mpp")
@@ -240,10 +242,11 @@ def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False
     n = int(g["tiles"].shape[0])
     if new:  # just made: no chunk is done, nothing to read back
         done = np.zeros(int(g["done"].shape[0]), bool)
-    else:
-        store.clear_unproven_done(g)  # a done flag without probabilities is scored again, never reported as 0 %
-        done = store.done_mask(g)
-    store.check_input(g, gid, done=done)
+    else:  # a done flag without probabilities is scored again, never reported as 0 %
+        read = {} if read is None else read
+        store.clear_unproven_done(g, read)  # each array read once: the flags and probabilities go on in `read`
+        done = read["done"] if "done" in read else store.done_mask(g)
+    store.check_input(g, gid, done=done, read=read)
     chunk = int(g.attrs.get("chunk", g["tiles"].chunks[0]))
     return [(gid, i, s, e) for i, (s, e) in enumerate(store.chunk_bounds(n, chunk)) if not done[i]], len(done)
 
