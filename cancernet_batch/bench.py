@@ -239,16 +239,17 @@ def keras_roofs(model_dir: str | os.PathLike, backend: str, batch_sizes: tuple[i
     """
     import json
     import subprocess
-    import sys
     import tempfile
 
     from .errors import ConfigError
 
-    env = {**os.environ, "KERAS_BACKEND": backend}
+    from .child import child_env, module_command
+
+    env = child_env(KERAS_BACKEND=backend)
     with tempfile.TemporaryDirectory(prefix="cancernet-roof-") as tmp:
         result = Path(tmp) / "figures.json"
-        cmd = [sys.executable, "-m", "cancernet_batch.bench", "roof", str(model_dir), backend, device,
-               ",".join(map(str, batch_sizes)), str(n_tiles), str(min_seconds), str(result)]
+        cmd = module_command("cancernet_batch.bench", "roof", str(model_dir), backend, device,
+                             ",".join(map(str, batch_sizes)), str(n_tiles), str(min_seconds), str(result))
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
         if r.returncode != 0 or not result.is_file():
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from . import errors
+from .child import module_command
 from .errors import CancerNetError, InputError, SlideReadError
 from .slides import SlideInfo
 
@@ -75,8 +76,9 @@ def _error(answer: dict, path: str) -> CancerNetError:
 
 
 def _child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                    os.environ.get("PYTHONPATH")]))}
+    from .child import child_env
+
+    return child_env()
 
 
 def _same_env(a: dict, b: dict) -> bool:
@@ -97,7 +99,7 @@ class _Server:
             return
         self._err = tempfile.TemporaryFile()  # the child's stderr, never a pipe that could fill and block it
         self.env = _child_env()  # what it was started with: credentials and endpoints for objects come from it
-        self.proc = subprocess.Popen([python, "-m", "cancernet_batch.preflight", "--serve"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(module_command("cancernet_batch.preflight", "--serve", python=python), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, env=self.env)
 
     def ask(self, path: str, timeout: float, request: dict | None = None) -> dict | None:
@@ -346,7 +348,7 @@ def _preflight_alone(path: str, timeout: float, python: str | None, request: dic
     fd, result = tempfile.mkstemp(prefix="cancernet-preflight-", suffix=".json")
     os.close(fd)
     try:
-        cmd = [python or sys.executable, "-m", "cancernet_batch.preflight", path, "--result", result, "--request-stdin"]
+        cmd = module_command("cancernet_batch.preflight", path, "--result", result, "--request-stdin", python=python)
         env = _child_env()
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env,

@@ -232,3 +232,25 @@ def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir, t
     assert out["used"] == {"kind": "_Forked", "pid": found[tiler]["spare"][0][1], "levels": [1, 1, 1],
                            "reaped": True, "next": "Popen"}
     assert out["other"] == {"preforked": False, "children": 0}
+
+
+def test_the_child_imports_this_package_even_from_a_folder_holding_another_copy(slides_dir, tmp_path, monkeypatch):
+    """``python -m`` puts the working folder first on the child's import path: a folder with another copy of the
+    package in it (a clone of another version) must not take the child over. Both children (the serving one and
+    the one a slide gets alone) import the parent's package."""
+    import sys
+
+    from cancernet_batch import preflight as pf
+
+    fake = tmp_path / "cancernet_batch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the copy in the working folder was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    info = pf._preflight_alone(str(slides_dir / "cmu-1-small-region.svs"), 60.0, None)
+    assert info.vendor == "aperio"
+    server = pf._Server(sys.executable)
+    try:
+        answer = server.ask(str(slides_dir / "cmu-1-small-region.svs"), 60.0)
+    finally:
+        server.close()
+    assert answer is not None and answer["ok"], answer
