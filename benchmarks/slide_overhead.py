@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     clock = _Clock()
     instrument(clock)
     tmp = tempfile.mkdtemp(prefix="slide-overhead-")
+    a.slides = [os.path.abspath(s) for s in a.slides]
+    # the preflight child is `python -m cancernet_batch.preflight`, whose first import path is its working folder: run
+    # it from one with no checkout in it, so that it imports the code this process does (PYTHONPATH, for an A/B)
+    os.chdir(tmp)
     try:
         for r in range(a.rounds):
             run = Run.of(os.path.join(tmp, f"run{r}")).create()
