@@ -184,3 +184,40 @@ def test_chunks_encoded_whole_are_the_files_zarr_writes(tmp_path, kw):
     assert np.array_equal(g["x"][...], values, equal_nan=True)
     with pytest.raises(ValueError, match="shape"):
         store._encode_whole(a.metadata, values[:1])
+
+
+def test_a_group_whose_files_cannot_all_be_written_leaves_no_group_and_no_temporary_file(tmp_path, monkeypatch):
+    """A write that fails part-way (a full disk) raises, leaves no ``*.partial`` file and no group document (the
+    group is not there: listings pass over its folder, a resume makes it again); the next creation succeeds."""
+    import errno
+    import os
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    attrs = _attrs(str(tmp_path / "slide.svs"), 9)
+    data = {"coords": np.arange(18, dtype=np.int32).reshape(9, 2)}
+    replace, calls = os.replace, []
+
+    def full_disk(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.create_input(root, attrs, 9, chunk=4, data=data)
+    monkeypatch.undo()
+    folder = tmp_path / "s.zarr" / "inputs" / store.input_id(attrs.source)
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+    assert not (folder / "zarr.json").exists() and folder.is_dir()  # written files left, but no group
+    assert store.input_id(attrs.source) not in root.require_group("inputs")
+    g = store.create_input(root, attrs, 9, chunk=4, data=data)
+    assert np.array_equal(g["coords"][:], data["coords"]) and g.attrs["n_tiles"] == 9
+
+
+def test_a_group_is_not_made_in_a_store_opened_read_only(tmp_path):
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3).require_group("inputs")
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", zarr_format=3)
+    with pytest.raises(ValueError, match="read-only"):
+        store._make_group(root["inputs"], "g", {}, {}, {"k": 1})
+    assert not (tmp_path / "s.zarr" / "inputs" / "g").exists()
