@@ -241,9 +241,8 @@ def keras_roofs(model_dir: str | os.PathLike, backend: str, batch_sizes: tuple[i
     import subprocess
     import tempfile
 
-    from .errors import ConfigError
-
     from .child import child_env, module_command
+    from .errors import ConfigError
 
     env = child_env(KERAS_BACKEND=backend)
     with tempfile.TemporaryDirectory(prefix="cancernet-roof-") as tmp:

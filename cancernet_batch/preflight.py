@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from . import errors
-from .child import module_command
+from .child import child_env, module_command
 from .errors import CancerNetError, InputError, SlideReadError
 from .slides import SlideInfo
 
@@ -75,12 +75,6 @@ def _error(answer: dict, path: str) -> CancerNetError:
     return cls(answer.get("message") or "preflight failed", path=path, hint=answer.get("hint"))
 
 
-def _child_env() -> dict:
-    from .child import child_env
-
-    return child_env()
-
-
 def _same_env(a: dict, b: dict) -> bool:
     """Whether two environments read slides alike: equal but for ``PYTHONHASHSEED``, which only a new
     interpreter's start reads (a Dask nanny sets it in its worker after the worker's child was forked)."""
@@ -98,7 +92,7 @@ class _Server:
             self._err, self.env, self.proc = forked.err, env, forked
             return
         self._err = tempfile.TemporaryFile()  # the child's stderr, never a pipe that could fill and block it
-        self.env = _child_env()  # what it was started with: credentials and endpoints for objects come from it
+        self.env = child_env()  # what it was started with: credentials and endpoints for objects come from it
         self.proc = subprocess.Popen(module_command("cancernet_batch.preflight", "--serve", python=python), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, env=self.env)
 
@@ -141,7 +135,7 @@ class _Server:
         """Whether this child can serve the next request: running, this interpreter, and this process's
         environment as it is now (a child started before AWS_* or another variable changed would read
         objects with the old ones)."""
-        return self.python == python and self.alive and _same_env(self.env, _child_env())
+        return self.python == python and self.alive and _same_env(self.env, child_env())
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -268,7 +262,7 @@ def _fork_server(_hook=None) -> None:
     target = getattr(multiprocessing.current_process(), "_target", None)
     if target is not None and not str(getattr(target, "__module__", "")).startswith("distributed"):
         return  # not a Dask worker (from Python 3.14 a process pool's processes come from the forkserver too)
-    env = _child_env()
+    env = child_env()
     try:
         err = tempfile.TemporaryFile()
         req_r, req_w = os.pipe()
@@ -349,7 +343,7 @@ def _preflight_alone(path: str, timeout: float, python: str | None, request: dic
     os.close(fd)
     try:
         cmd = module_command("cancernet_batch.preflight", path, "--result", result, "--request-stdin", python=python)
-        env = _child_env()
+        env = child_env()
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env,
                                   input=json.dumps(request or {}).encode())

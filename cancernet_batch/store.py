@@ -935,7 +935,7 @@ def clear_unproven_done(group, read: dict | None = None) -> int:
     if done.shape != (len(bounds),):
         return 0
     if read is not None:
-        read["done"] = done = done.copy()
+        read["done"] = done  # a fresh array: the flags cleared below are cleared in it too
     if not done.any():
         return 0
     p = np.asarray(group["probs"][:], np.float32)
