@@ -1,6 +1,6 @@
 """Per-slide overhead of ``tile``: CPU time of each fixed part of one slide, in one process, warm.
 
-    python benchmarks/slide_overhead.py SLIDE... [--rounds 4] [--decode fast]
+    python benchmarks/slide_overhead.py SLIDE... [--rounds 4] [--decode fast] [--mpp-override MPP]
 
 Runs the worker side of the tile stage for every slide, round after round, in this one process (no
 cluster): the preflight task (this process's part, and the serving child's CPU read from /proc),
@@ -107,7 +107,10 @@ def instrument(clock: _Clock) -> None:
         scaled = region_reader(*args, **kwargs)
         return clock.wrap("plan: overview read", scaled) if "plan (all)" in clock.active else scaled
 
-    tiling.region_reader = timed_region_reader
+    if hasattr(tiling, "_overview"):  # the view read from a level or from the scanner's thumbnail
+        tiling._overview = clock.wrap("plan: overview read", tiling._overview)
+    else:  # older versions: always a level read
+        tiling.region_reader = timed_region_reader
     tiling.tissue_mask = clock.wrap("plan: tissue mask", tiling.tissue_mask)
     tiling.tile_fractions = clock.wrap("plan: tile fractions", tiling.tile_fractions)
     tile.plan_slide = clock.wrap("plan (all)", tile.plan_slide)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("slides", nargs="+")
     ap.add_argument("--rounds", type=int, default=4, help="rounds over all slides; the first is a warm-up")
     ap.add_argument("--decode", default="fast")
+    ap.add_argument("--mpp-override", type=float, default=None,
+                    help="µm/px for slides that state none (the TCGA JPEG 2000 sample)")
     a = ap.parse_args(argv)
 
     from cancernet_batch.config import TileConfig
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from cancernet_batch.runfolder import Run
     from cancernet_batch.stages import tile
 
-    cfg = TileConfig(decode=a.decode)
+    cfg = TileConfig(decode=a.decode, mpp_override=a.mpp_override)
     per: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     tiles = []

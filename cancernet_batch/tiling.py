@@ -35,6 +35,7 @@ from .config import TileConfig
 from .errors import InputError
 from .failures import Failure
 from .slides import SLIDE_EXTENSIONS, MAX_READ_PX, SlideReader, choose_level, open_slide, read_scaled, resolve_mpp
+from .slides.base import area_resize
 from .store import InputAttrs
 from .tissue import PX_PER_TILE, tile_fractions, tissue_mask
 
@@ -210,6 +211,7 @@ class TilePlan:
     decode_path: str | None = None  # what that means for this slide's level ("direct jpeg, 1/2 in the DCT", "reader")
     source_etag: str | None = None  # an object on object storage: its ETag (with its size, its identity)
     source_header: list[int] | None = None  # an object's TIFF: the blocks its header lies in (remote.RangeFile)
+    view_source: str | None = None  # where the overview (tissue mask, thumbnail) came from: "level 2", "thumbnail 574x768"
 
     @property
     def view_px(self) -> int:
@@ -253,6 +255,8 @@ class TilePlan:
         if self.decode:
             extra["decode"] = self.decode
             extra["decode_path"] = self.decode_path
+        if self.view_source:
+            extra["view_source"] = self.view_source
         if self.source_etag is not None:
             extra["source_etag"] = self.source_etag
         if self.source_header:  # where the chunk tasks find the header at once (they open the object again)
@@ -276,7 +280,8 @@ class TilePlan:
                 "grid_shape": list(self.grid_shape), "grid_tiles": self.grid_shape[0] * self.grid_shape[1],
                 "tissue_tiles": self.n_tiles, "background_tiles": self.n_background,
                 "tissue_threshold": self.tissue_threshold, "tissue_fraction": self.tissue_fraction,
-                "series_files": self.series_files, "decode": self.decode, "decode_path": self.decode_path}
+                "series_files": self.series_files, "decode": self.decode, "decode_path": self.decode_path,
+                "view_source": self.view_source}
 
 
 def _stat(path: str | os.PathLike, series_files: list[str] | None = None) -> tuple[int, float]:
@@ -310,6 +315,35 @@ def plan_slide(path: str | os.PathLike, cfg: TileConfig, *, reader: SlideReader 
             reader.close()
 
 
+THUMBNAIL_GAIN = 4.0
+"""The plan's overview comes from the scanner's thumbnail (``decode`` ``fast`` only) when the pyramid level it
+would otherwise read holds at least this many times the thumbnail's pixels: a slide with no coarse level (a
+small single-level scan decodes its whole level, a JPEG 2000 scan its 2x level: 20 to 200 ms; RESULTS.md section 9)."""
+
+
+def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[float, float],
+              size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """The low-resolution view of level 0's ``(0, 0)`` to ``extent`` at ``size`` (w, h), and where it came from.
+
+    Read from pyramid ``level`` (exact area averages of its pixels), or from the scanner's thumbnail
+    (:meth:`~cancernet_batch.slides.base.SlideReader.scanner_thumbnail`) when ``cfg.decode`` is ``fast``, the
+    thumbnail has at least one pixel per view pixel and the level would decode :data:`THUMBNAIL_GAIN` times its
+    pixels or more. The tissue mask is made from this view; the tiles are always read from the chosen level. On
+    real scans the thumbnail keeps the same tissue tiles (``tests/test_tiling.py``)."""
+    dv = reader.level_downsamples[level]
+    lw, lh = extent[0] / dv, extent[1] / dv
+    page = reader.scanner_thumbnail() if cfg.decode == "fast" else None
+    if page is not None:
+        tw, th = int(page.imagewidth), int(page.imagelength)
+        w0, h0 = reader.level_dimensions[0]
+        fx, fy = tw / w0, th / h0
+        if extent[0] * fx >= size[0] and extent[1] * fy >= size[1] and lw * lh >= THUMBNAIL_GAIN * tw * th:
+            thumb = reader.read_scanner_thumbnail()
+            if thumb is not None:
+                return area_resize(thumb, (0.0, 0.0, extent[0] * fx, extent[1] * fy), size), f"thumbnail {tw}x{th}"
+    return region_reader(reader, level, decode=cfg.decode)((0.0, 0.0, lw, lh), size), f"level {level}"
+
+
 def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -> TilePlan:
     info = reader.info()
     path = reader.path
@@ -340,8 +374,7 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                          f"level is small enough for the overview (limit {cfg.max_plan_px:.3g} px)", path=path,
                          hint="re-export the slide with a pyramid (e.g. `vips tiffsave --pyramid --tile`), or leave "
                               "it out; a small file that declares a huge image is damaged")
-    view = region_reader(reader, view_level, decode=cfg.decode)((0.0, 0.0, cols * s0 / dv, rows * s0 / dv),
-                                                                 (cols * k, rows * k))
+    view, view_source = _overview(reader, cfg, view_level, (cols * s0, rows * s0), (cols * k, rows * k))
     tissue = tile_fractions(tissue_mask(view, px_per_tile=k, um_per_px=tile_um / k), rows, cols, px_per_tile=k)
     keep = tissue >= cfg.tissue_threshold if cfg.tissue_filter else np.ones((rows, cols), bool)
     coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
@@ -359,7 +392,8 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
                     tissue=tissue.astype(np.float32), thumbnail=view,
                     tissue_threshold=cfg.tissue_threshold if cfg.tissue_filter else None,
                     objective=info.objective, series_files=list(series_files), decode=cfg.decode,
-                    source_etag=etag, source_header=getattr(reader, "source_header", None) if etag else None)
+                    source_etag=etag, source_header=getattr(reader, "source_header", None) if etag else None,
+                    view_source=view_source)
     direct = reader.direct_level(level) if cfg.decode != "reader" else None
     plan.decode_path = "reader" if direct is None else direct.describe(plan.tile_px_level / PATCH_SIZE,
                                                                          cfg.decode == "fast")

@@ -357,6 +357,33 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
     assert needed <= sum(g.sent for g in gets) <= 1.2 * needed, (sum(g.sent for g in gets), needed)
 
 
+def test_a_plan_over_s3_reads_the_scanner_thumbnail_in_one_request_at_most(s3, s3_inputs):
+    """CMU-1's overview comes from its thumbnail (its one level is 15 times larger): over S3 its 48 strips take at
+    most one range request, not one each (here none: they lie in the header's blocks, read with the IFDs), and the
+    plan is the one made from the local file."""
+    import tifffile
+
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide
+
+    url, local = s3_inputs["more/cmu-1-small-region.svs"]
+    key = url.split("://", 1)[1]
+    with tifffile.TiffFile(local) as tif:
+        page = tif.pages[1]
+        strips = int(sum(page.databytecounts))
+        assert len(page.databytecounts) > 10
+    want = plan_slide(local, TileConfig(target_mpp=4.0))
+    with open_slide(url, storage_options=s3.options()) as reader:
+        reader.scanner_thumbnail()  # the pages' tags: read with the header
+        s3.server.reset()
+        plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=reader)
+        gets = s3.server.gets(key)
+    assert plan.view_source == want.view_source == "thumbnail 574x768"
+    assert np.array_equal(plan.coords, want.coords) and np.array_equal(plan.thumbnail, want.thumbnail)
+    assert len(gets) <= 1 and all(g.range and g.sent <= 1.2 * strips for g in gets), (gets, strips)
+
+
 def _local_reader(name: str, local):
     """The same file on local disk, read as ``tile`` reads it (OpenSlide opens this OME-TIFF as a generic
     TIFF without its sub-IFD levels and resolution: tifffile, as for the object)."""

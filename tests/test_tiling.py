@@ -187,6 +187,58 @@ def test_view_size_is_bounded():
     assert view_px_per_tile(1000, 1500) ** 2 * 1000 * 1500 <= MAX_VIEW_PX
 
 
+@pytest.mark.parametrize("name, mpp, level, thumb", [("cmu-1-small-region.svs", None, 0, "574x768"),
+                                                     ("tcga-cr-7395-01a-01-ts1.svs", 0.5, 1, "956x768")])
+def test_the_scanner_thumbnail_gives_the_tissue_of_a_level_read_on_real_scans(slides_dir, name, mpp, level, thumb):
+    """Real scans with no coarse level (a single-level JPEG SVS, a JPEG 2000 SVS whose smallest level is 2x): the
+    overview comes from the scanner's thumbnail, which keeps the tissue tiles of the level read (``exact``)."""
+    from cancernet_batch.tiling import plan_slide
+
+    fast = plan_slide(slides_dir / name, TileConfig(mpp_override=mpp))
+    exact = plan_slide(slides_dir / name, TileConfig(mpp_override=mpp, decode="exact"))
+    assert fast.view_source == f"thumbnail {thumb}" and exact.view_source == f"level {level}"
+    assert fast.attrs().extra["view_source"] == fast.view_source and fast.summary()["view_source"] == fast.view_source
+    # the tiles themselves still come from the level the resolution chose, on the same grid
+    assert (fast.level, fast.grid_shape, fast.view_px) == (exact.level, exact.grid_shape, exact.view_px)
+    assert np.abs(fast.thumbnail.astype(float) - exact.thumbnail).mean() < 2  # /255
+    assert np.abs(fast.tissue - exact.tissue).mean() < 0.01
+    differ = set(map(tuple, fast.coords.tolist())) ^ set(map(tuple, exact.coords.tolist()))
+    assert exact.n_tiles >= 20 and len(differ) <= max(1, 0.02 * exact.n_tiles), (len(differ), exact.n_tiles)
+
+
+def test_a_coarse_level_is_read_rather_than_the_thumbnail(synth_slide_dir):
+    """A pyramid with a level near the view's resolution is read (exact area averages): the thumbnail would not
+    save enough to change what the plan is made from."""
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide
+
+    slide = sorted(synth_slide_dir.glob("*.svs"))[0]
+    with open_slide(slide) as reader:
+        assert reader.scanner_thumbnail() is not None  # the synthetic SVS has one, as Aperio writes it
+        plan = plan_slide(slide, TileConfig(target_mpp=4.0), reader=reader)
+    assert plan.view_source == f"level {len(plan.levels) - 1}", plan.view_source
+
+
+def test_a_damaged_thumbnail_falls_back_to_the_level(slides_dir, tmp_path):
+    """A thumbnail that does not decode says nothing of the slide: the plan reads the level instead."""
+    import tifffile
+
+    from cancernet_batch.tiling import plan_slide
+
+    src = slides_dir / "cmu-1-small-region.svs"
+    copy = tmp_path / "cmu-1-bad-thumbnail.svs"
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[1]
+        assert "2220x2967 -> 574x768" in page.description
+        for off, n in zip(page.dataoffsets, page.databytecounts):
+            data[off:off + n] = b"\x00" * n
+    copy.write_bytes(bytes(data))
+    plan = plan_slide(copy, TileConfig())
+    good = plan_slide(src, TileConfig(decode="exact"))
+    assert plan.view_source == "level 0" and np.array_equal(plan.coords, good.coords)
+
+
 def _chunk_files(g) -> dict[str, float]:
     path = Path(g.store.root) / g.path / "tiles"
     return {str(p): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}

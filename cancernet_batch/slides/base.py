@@ -163,11 +163,27 @@ class SlideReader(abc.ABC):
     def direct_level(self, level: int):
         """The level as a :class:`~cancernet_batch.slides.direct.TiledLevel` (compressed tiles decoded
         without this reader), or ``None`` when the file's pages do not allow it."""
+        direct = self._direct_source()
+        return direct.level(level) if direct else None
+
+    def scanner_thumbnail(self):
+        """The scanner's own thumbnail of the whole slide, when the file has one that declares itself a downsample
+        of level 0 (:meth:`~cancernet_batch.slides.direct.DirectSource.thumbnail_page`): its page (decode it with
+        :meth:`read_scanner_thumbnail`), or ``None``."""
+        direct = self._direct_source()
+        return direct.thumbnail_page() if direct else None
+
+    def read_scanner_thumbnail(self) -> np.ndarray | None:
+        """:meth:`scanner_thumbnail` decoded, RGB, or ``None`` when there is none or it does not decode."""
+        direct = self._direct_source()
+        return direct.thumbnail() if direct else None
+
+    def _direct_source(self):
         if self._direct is None:
             from .direct import direct_source
 
             self._direct = direct_source(self) or False
-        return self._direct.level(level) if self._direct else None
+        return self._direct
 
     def close(self) -> None:
         """Release file handles (backends that hold more call this too)."""

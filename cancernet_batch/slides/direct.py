@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 JPEG = 7
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _DCT_SCALES = (8, 4, 2)
+_THUMBNAIL = re.compile(r"^\s*(\d+)x(\d+) -> (\d+)x(\d+)(?: |$)", re.M)
+"""An Aperio thumbnail page's description line: level 0's ``W x H`` scaled down to the page's ``w x h``."""
 CACHE_TILES = 256
 """Decoded tiles kept per level (at most 256 x 256 x 3 bytes each: at most 48 MiB, usually far less)."""
 
@@ -294,6 +297,54 @@ class DirectSource:
         if len(pages) != 1 or not TiledLevel.usable(pages[0]):
             return None
         return TiledLevel(self.path, pages[0], self._fd)
+
+    def thumbnail_page(self):
+        """The scanner's thumbnail of the whole level 0, or ``None``: a stripped 8-bit RGB page whose
+        description declares it a downsample of level 0 (``W x H -> w x h``, as Aperio writes it; a label or
+        macro image shows other things and declares no such thing). Nothing is decoded."""
+        with self._lock:
+            if not hasattr(self, "_thumb"):
+                self._thumb = self._find_thumbnail()
+            return self._thumb
+
+    def _find_thumbnail(self):
+        if not self._dims:
+            return None
+        try:
+            with self._tif.filehandle.lock:
+                pages = list(self._tif.pages)
+            for page in pages:
+                if page.is_tiled:
+                    continue
+                m = _THUMBNAIL.search(page.description or "")
+                if m is None:
+                    continue
+                w0, h0, w, h = (int(v) for v in m.groups())
+                if ((w0, h0) == self._dims[0] and (int(page.imagewidth), int(page.imagelength)) == (w, h)
+                        and int(page.bitspersample) == 8 and int(page.samplesperpixel) in (3, 4)
+                        and int(page.planarconfig) == 1 and int(page.imagedepth) == 1):
+                    return page
+        except Exception:  # noqa: BLE001 - tags tifffile cannot read: no thumbnail
+            return None
+        return None
+
+    def thumbnail(self) -> np.ndarray | None:
+        """The :meth:`thumbnail_page` decoded, RGB ``(h, w, 3) uint8``; ``None`` when there is none or it does not
+        decode (the caller reads a pyramid level instead: a damaged thumbnail says nothing of the slide). tifffile
+        reads its strips (contiguous, as scanners write them) in one read: on object storage one range request at
+        most, none when they lie in the header's blocks already held."""
+        page = self.thumbnail_page()
+        if page is None:
+            return None
+        try:
+            with self._tif.filehandle.lock:
+                a = np.asarray(page.asarray())
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many classes
+            log.info("%s: the thumbnail page does not decode (%s); the plan reads a level", self.path, exc)
+            return None
+        if a.ndim != 3 or a.shape[:2] != (int(page.imagelength), int(page.imagewidth)) or a.dtype != np.uint8:
+            return None
+        return np.ascontiguousarray(a[..., :3])
 
     def close(self) -> None:
         if not self._own:  # the reader's file and TIFF: the reader closes them
