@@ -271,11 +271,10 @@ def write_idc_map(group, idc_map: np.ndarray, model_id: str) -> None:
                             chunks=(max(1, min(rows, 1024)), max(1, min(cols, 1024))),
                             attributes={"model_id": model_id,
                                         "description": "P(IDC) per model tile; NaN: background or unscored"})}
-    if "idc_map" not in group:  # one lookup; then its document alone is written (no parent read)
-        (arr,) = store.create_arrays(group, spec, absent=True).values()
-    else:  # a report made again: the old map goes first (its chunks too)
-        (arr,) = store.create_arrays(group, spec, overwrite=True).values()
-    arr[...] = idc_map
+    # one lookup; then its chunks and document in one batch (no parent read); a report made again: the old map goes
+    # first (its chunks too)
+    there = "idc_map" in group
+    store.create_arrays(group, spec, absent=not there, overwrite=there, data={"idc_map": idc_map})
 
 
 # --------------------------------------------------------------------------------------------

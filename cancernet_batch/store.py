@@ -334,7 +334,7 @@ def _open_remote_root(location, mode: str, run_dir=None):
     ``inputs``: at a real endpoint's tens of ms each, the start of every run. No document to read (``mode='r'``):
     the clear error, from that one GET (a look-up before it was one request more). None: leave it to zarr (a
     document that is not a v3 group, or a store that is not there to write into)."""
-    from zarr.core.group import GroupMetadata, _parse_async_node
+    from zarr.core.group import GroupMetadata
     from zarr.core.sync import sync
     from zarr.storage._common import make_store_path
 
@@ -352,10 +352,8 @@ def _open_remote_root(location, mode: str, run_dir=None):
     if mode != "a":
         return None
 
-    at = store_path.path  # the root's key in its store ("" when the store is the tile store itself)
-    made = _write_documents(store_path.store, {at: GroupMetadata(attributes=dict(_SCHEMA_STAMP)),
-                                               f"{at}/inputs" if at else "inputs": GroupMetadata()})
-    return _parse_async_node(made[at])
+    made = _write_nodes(store_path, {"": GroupMetadata(attributes=dict(_SCHEMA_STAMP)), "inputs": GroupMetadata()})
+    return made[""]
 
 
 def _schema_checked(root, mode: str, where):
@@ -405,7 +403,7 @@ def _array_metadata(**kwargs):
 
 
 def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (), overwrite: bool = False,
-                  absent: bool = False) -> dict:
+                  absent: bool = False, data: dict[str, np.ndarray] | None = None) -> dict:
     """Create the arrays ``{name: create_array keyword arguments}`` (and the empty ``groups``) under ``group``
     at once, with zarr's ``create_hierarchy``; returns ``{name: node}``.
 
@@ -419,49 +417,67 @@ def create_arrays(group, arrays: dict[str, dict], *, groups: tuple[str, ...] = (
     nodes.
 
     ``absent``: the caller has just seen ``group`` (it exists) and that none of the nodes is there (looked
-    up, or its place emptied): the checks are skipped and the documents are written at once (zarr's
-    ``create_nodes``, as ``create_hierarchy`` ends): one batch of PUTs, no GET. Each node's parent must be
-    ``group`` or one of ``groups``.
+    up, or its place emptied): the checks are skipped and the documents are written at once
+    (:func:`_write_nodes`, what zarr's ``create_nodes`` writes, as ``create_hierarchy`` ends): one batch of PUTs,
+    no GET; on disk in this thread, each file renamed into place. Each node's parent must be ``group`` or one of
+    ``groups``.
+
+    ``data``: ``{name: values}`` of arrays to fill whole. With ``absent``, their chunks are encoded here
+    (:func:`_encode_whole`) and written in the documents' batch, before the documents (on disk: an array's document
+    is never there without its chunks); otherwise written through zarr after the creation.
     """
     from zarr.core.group import GroupMetadata
 
     nodes = {name: GroupMetadata() for name in groups}
     nodes.update({name: _array_metadata(**kw) for name, kw in arrays.items()})
     target = group._group if isinstance(group, NodeCache) else group
+    data = data or {}
+    if set(data) - set(arrays):
+        raise ValueError(f"data for arrays not made here: {sorted(set(data) - set(arrays))}")
     if absent and not overwrite:
-        made = _create_nodes(target, nodes)
+        made = _create_nodes(target, nodes, data)
     else:
         made = dict(target.create_hierarchy(nodes, overwrite=overwrite))
+        for name, values in data.items():  # every chunk stored, as on the batch path
+            made[name].with_config({"write_empty_chunks": True})[...] = values
     if isinstance(group, NodeCache):
         for name, node in made.items():
             group._remember(name, node)
     return made
 
 
-def _create_nodes(group, nodes: dict) -> dict:
-    """Write the metadata documents ``{name: metadata}`` under ``group`` with no lookup (see :func:`create_arrays`);
-    ``{name: node}``."""
-    from zarr.core.group import _parse_async_node
-
+def _create_nodes(group, nodes: dict, data: dict | None = None) -> dict:
+    """Write the metadata documents ``{name: metadata}`` under ``group`` with no lookup, and the chunks of ``data``
+    (see :func:`create_arrays`); ``{name: node}``."""
     for name in nodes:
         parent = name.rpartition("/")[0]
         if parent and parent not in nodes:
             raise ValueError(f"{name}: its parent {parent!r} is neither the group nor a node made with it")
-    prefix = group.path
-    made = _write_documents(group.store, {f"{prefix}/{name}" if prefix else name: meta for name, meta in nodes.items()})
-    return {key[len(prefix) + 1:] if prefix else key: _parse_async_node(node) for key, node in made.items()}
+    return _write_nodes(group.store_path, nodes, data)
 
 
-def _write_documents(store, nodes: dict) -> dict:
-    """Write the metadata documents ``{key in store: metadata}`` concurrently, with no lookup (zarr's ``create_nodes``,
-    one batch of PUTs); ``{key: async node}``."""
-    from zarr.core.group import create_nodes
-    from zarr.core.sync import sync
+def _write_nodes(where, metas: dict, data: dict | None = None) -> dict:
+    """Write the nodes ``{name under the store path where ("": where itself): metadata}`` in one batch
+    (:func:`_write_objects`), with no lookup: their documents, as zarr's ``create_nodes`` writes them, after the
+    chunks of the arrays in ``data`` (``{name: values}``, encoded whole: :func:`_encode_whole`). ``{name: node}``."""
+    from zarr import Array, Group
+    from zarr.core.array import AsyncArray
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.group import AsyncGroup, GroupMetadata
 
-    async def write() -> dict:
-        return {key: node async for key, node in create_nodes(store=store, nodes=nodes)}
+    def key(name: str, rest: str) -> str:
+        return f"{name}/{rest}" if name else rest
 
-    return sync(write())
+    proto = default_buffer_prototype()
+    objects: dict[str, object] = {}
+    for name, values in (data or {}).items():
+        objects.update((key(name, k), chunk) for k, chunk in _encode_whole(metas[name], values).items())
+    for name, meta in metas.items():
+        objects.update((key(name, k), doc) for k, doc in meta.to_buffer_dict(proto).items())
+    _write_objects(where, objects)
+    return {name: Group(AsyncGroup(metadata=meta, store_path=where / name if name else where))
+            if isinstance(meta, GroupMetadata) else Array(AsyncArray(metadata=meta, store_path=where / name))
+            for name, meta in metas.items()}
 
 
 TILES_ZSTD_LEVEL = 1
@@ -529,27 +545,13 @@ def create_input(root, attrs: InputAttrs, n: int, *, chunk: int = DEFAULT_CHUNK,
 def _make_group(parent, name: str, metas: dict, data: dict[str, np.ndarray], attributes: dict) -> "NodeCache":
     """Group ``name`` under ``parent`` with the arrays ``{name: metadata}``, those in ``data`` written whole: the
     arrays' documents and chunks in one batch, then the group's document (see :func:`create_input`)."""
-    from zarr import Array, Group
-    from zarr.core.array import AsyncArray
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.group import AsyncGroup, GroupMetadata
+    from zarr.core.group import GroupMetadata
 
-    proto = default_buffer_prototype()
-    objects: dict[str, object] = {}
-    for array, meta in metas.items():
-        for key, doc in meta.to_buffer_dict(proto).items():
-            objects[f"{name}/{array}/{key}"] = doc
-        if array in data:
-            for key, chunk in _encode_whole(meta, data[array]).items():
-                objects[f"{name}/{array}/{key}"] = chunk
-    gmeta = GroupMetadata(attributes=attributes)
-    where = parent.store_path  # a NodeCache's is its group's
-    _write_objects(where, objects)
-    _write_objects(where, {f"{name}/{key}": doc for key, doc in gmeta.to_buffer_dict(proto).items()})
-    at = where / name
-    g = NodeCache(Group(AsyncGroup(metadata=gmeta, store_path=at)))
-    for array, meta in metas.items():
-        g._remember(array, Array(AsyncArray(metadata=meta, store_path=at / array)))
+    at = parent.store_path / name  # a NodeCache's store path is its group's
+    arrays = _write_nodes(at, metas, data)
+    g = NodeCache(_write_nodes(at, {"": GroupMetadata(attributes=attributes)})[""])
+    for array, node in arrays.items():
+        g._remember(array, node)
     if isinstance(parent, NodeCache):
         parent._remember(name, g._group)
     return g

@@ -221,3 +221,58 @@ def test_a_group_is_not_made_in_a_store_opened_read_only(tmp_path):
     with pytest.raises(ValueError, match="read-only"):
         store._make_group(root["inputs"], "g", {}, {}, {"k": 1})
     assert not (tmp_path / "s.zarr" / "inputs" / "g").exists()
+
+
+@pytest.mark.parametrize("absent", [True, False])
+def test_arrays_made_with_their_data_are_the_files_zarr_writes(tmp_path, absent):
+    """create_arrays with ``data`` (the report's idc_map, an input's probs/done): the files are those of one
+    create_array and one write each (every chunk stored), on the batch path (``absent``: chunks, then documents,
+    in this thread) and on zarr's (``create_hierarchy``, then a write); the nodes it returns read the values."""
+    rng = np.random.default_rng(3)
+    idc = rng.random((70, 45)).astype(np.float32)
+    idc[:30, :20] = np.nan  # background: a chunk of the fill value, stored too
+    specs = {"idc_map": dict(shape=idc.shape, chunks=(32, 32), dtype="float32", fill_value=np.nan,
+                             attributes={"model_id": "m1"}),
+             "done": dict(shape=(5,), chunks=(1,), dtype="bool", fill_value=False)}
+    done = np.array([True, False, True, True, False])
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="a", zarr_format=3).require_group("g")
+    for name, kw in specs.items():
+        ref.create_array(name, **kw).with_config({"write_empty_chunks": True})[...] = {"idc_map": idc, "done": done}[name]
+    g = zarr.open_group(str(tmp_path / "new.zarr"), mode="a", zarr_format=3).require_group("g")
+    made = store.create_arrays(g, specs, absent=absent, data={"idc_map": idc, "done": done})
+    assert _files(tmp_path / "new.zarr" / "g") == _files(tmp_path / "ref.zarr" / "g")
+    assert np.array_equal(made["idc_map"][...], idc, equal_nan=True) and np.array_equal(made["done"][...], done)
+    assert made["idc_map"].attrs["model_id"] == "m1"
+    back = zarr.open_group(str(tmp_path / "new.zarr"), mode="r")["g"]
+    assert np.array_equal(back["idc_map"][...], idc, equal_nan=True)
+    with pytest.raises(ValueError, match="not made here"):
+        store.create_arrays(g, {}, absent=True, data={"idc_map": idc})
+
+
+def test_an_array_whose_chunks_cannot_all_be_written_has_no_document(tmp_path, monkeypatch):
+    """On disk the batch writes an array's chunks before its document: a write that fails part-way (a full disk)
+    leaves chunks but no document (the array is not there; the report is made again) and no temporary file."""
+    import errno
+    import os
+
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3).require_group("g")
+    idc = np.ones((70, 45), np.float32)
+    spec = {"idc_map": dict(shape=idc.shape, chunks=(32, 32), dtype="float32", fill_value=np.nan)}
+    replace, calls = os.replace, []
+
+    def full_disk(src, dst):
+        calls.append(str(dst))
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        store.create_arrays(g, spec, absent=True, data={"idc_map": idc})
+    monkeypatch.undo()
+    assert not any(c.endswith("zarr.json") for c in calls[:3])  # chunks went first
+    folder = tmp_path / "s.zarr" / "g" / "idc_map"
+    assert not (folder / "zarr.json").exists() and not [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+    assert "idc_map" not in zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["g"]
+    made = store.create_arrays(g, spec, absent=True, data={"idc_map": idc})
+    assert np.array_equal(made["idc_map"][...], idc)
