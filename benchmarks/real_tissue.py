@@ -101,6 +101,8 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
             "corr": corr, "max_abs_prob_diff": float(np.nanmax(np.abs(smap[both] - fmap[both]))) if both.any() else float("nan"),
             "pixel_mae": pixel_mae, "pixel_corr": pixel_corr,
             "small_patches": mosaic.small, "build_s": round(build_s, 1),
+            # where the plan's tissue view came from: a pyramid level, or the slide's thumbnail (tiling._overview)
+            "view": (sg.attrs.get("extra") or {}).get("view_source", ""),
         })
     return rows
 
@@ -126,15 +128,15 @@ def markdown(rows: list[dict], command: str, model: str, note: str = "") -> str:
            "IDC fraction = tiles with probability >= the model's threshold; label IDC = share of class-1 patches "
            "among the folder's patches / among the slide's kept tiles.", "",
            "| patient | µm/px | grid | patches | kept | extra | IDC folder | IDC slide | diff | label IDC folder | "
-           "label IDC slide | corr | max abs diff | pixel MAE | <50 px | pass |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "label IDC slide | corr | max abs diff | pixel MAE | <50 px | view | pass |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = passes(r)
         out.append(f"| {r['patient']} | {r['mpp']:g} | {r['grid'][0]}x{r['grid'][1]} | {r['patches']} | {r['kept']:.3f} | "
                    f"{r['extra']:.3f} | {r['idc_folder']:.3f} | {r['idc_slide']:.3f} | "
                    f"{abs(r['idc_slide'] - r['idc_folder']):.3f} | {r['label_idc_folder']:.3f} | "
                    f"{r['label_idc_slide']:.3f} | {r['corr']:.4f} | {r['max_abs_prob_diff']:.3f} | {r['pixel_mae']:.2f} | "
-                   f"{r['small_patches']} | "
+                   f"{r['small_patches']} | {r.get('view', '')} | "
                    f"{'yes' if all(ok.values()) else 'NO: ' + ', '.join(k for k, v in ok.items() if not v)} |")
     n = sum(r["patches"] for r in rows)
     kept = sum(r["kept"] * r["patches"] for r in rows) / n

@@ -320,6 +320,13 @@ THUMBNAIL_GAIN = 4.0
 would otherwise read holds at least this many times the thumbnail's pixels: a slide with no coarse level (a
 small single-level scan decodes its whole level, a JPEG 2000 scan its 2x level: 20 to 200 ms; RESULTS.md section 9)."""
 
+THUMBNAIL_FINER = 4.0
+"""... and only when the thumbnail is at least this many times finer than the view on each axis, so that each view
+pixel is the exact average of 16 or more of its pixels, which averages its own downsampling filter and JPEG noise
+away. Real patients rebuilt as slides (benchmarks/real_tissue.py) have thumbnails only about 2x finer than the view:
+with them, patient 9175 lost a tile whose tissue fraction sits at the threshold (0.25 from the level, 0.22 from the
+thumbnail); CMU-1's and the TCGA sample's are 11-13x finer."""
+
 
 def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[float, float],
               size: tuple[int, int]) -> tuple[np.ndarray, str]:
@@ -327,9 +334,10 @@ def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[fl
 
     Read from pyramid ``level`` (exact area averages of its pixels), or from the scanner's thumbnail
     (:meth:`~cancernet_batch.slides.base.SlideReader.scanner_thumbnail`) when ``cfg.decode`` is ``fast``, the
-    thumbnail has at least one pixel per view pixel and the level would decode :data:`THUMBNAIL_GAIN` times its
-    pixels or more. The tissue mask is made from this view; the tiles are always read from the chosen level. On
-    real scans the thumbnail keeps the same tissue tiles (``tests/test_tiling.py``)."""
+    thumbnail is :data:`THUMBNAIL_FINER` times finer than the view and the level would decode :data:`THUMBNAIL_GAIN`
+    times its pixels or more. The tissue mask is made from this view; the tiles are always read from the chosen
+    level. On real scans the thumbnail keeps the same tissue tiles up to one at the threshold
+    (``tests/test_tiling.py``)."""
     dv = reader.level_downsamples[level]
     lw, lh = extent[0] / dv, extent[1] / dv
     page = reader.scanner_thumbnail() if cfg.decode == "fast" else None
@@ -337,7 +345,8 @@ def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[fl
         tw, th = int(page.imagewidth), int(page.imagelength)
         w0, h0 = reader.level_dimensions[0]
         fx, fy = tw / w0, th / h0
-        if extent[0] * fx >= size[0] and extent[1] * fy >= size[1] and lw * lh >= THUMBNAIL_GAIN * tw * th:
+        if (extent[0] * fx >= THUMBNAIL_FINER * size[0] and extent[1] * fy >= THUMBNAIL_FINER * size[1]
+                and lw * lh >= THUMBNAIL_GAIN * tw * th):
             thumb = reader.read_scanner_thumbnail()
             if thumb is not None:
                 return area_resize(thumb, (0.0, 0.0, extent[0] * fx, extent[1] * fy), size), f"thumbnail {tw}x{th}"

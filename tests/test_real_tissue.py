@@ -35,6 +35,10 @@ def test_real_patients_as_slides_match_their_folders(idc_dir, tiny_model_dir, tm
         # flat to test resampling with; benchmarks/real_tissue.py measures them with a trained model)
         assert r["pixel_mae"] < 3 and r["pixel_corr"] > 0.99, r
         assert r["max_abs_prob_diff"] < 0.01, r
+    # 8957 and 9175 have no 16x level, and their 4x level holds over 4 times their thumbnail's pixels, but the
+    # thumbnail is only about 2x finer than the tissue view (tiling.THUMBNAIL_FINER): every view is read from a level
+    # (with the thumbnail, 9175 lost a tile whose tissue fraction sits at the threshold)
+    assert [r["view"] for r in rows] == ["level 1", "level 1", "level 2"], [r["view"] for r in rows]
     both = rows[2]
     assert 0.1 < both["label_idc_folder"] < 0.4  # 8863 has both classes: the denominator matters there
     text = bench.markdown(rows, "pytest", str(tiny_model_dir))
