@@ -558,7 +558,8 @@ def _echo_inspection(e: dict) -> None:
     if e["tissue_threshold"] is None:
         click.echo(f"  tissue      filter off: all {e['tissue_tiles']} tiles kept")
     else:
-        click.echo(f"  tissue      {e['tissue_tiles']} tiles with tissue >= {e['tissue_threshold']:g} (estimated), "
+        on = f" on {e['view_source']}" if e.get("view_source") else ""  # the view the mask was made on
+        click.echo(f"  tissue      {e['tissue_tiles']} tiles with tissue >= {e['tissue_threshold']:g} (estimated{on}), "
                    f"{e['background_tiles']} background")
 
 

@@ -391,6 +391,7 @@ def test_cli_inspect(slides_dir, tmp_path, capsys):
     assert (cmu["reader"], cmu["vendor"], cmu["level"], cmu["grid_shape"]) == ("openslide", "aperio", 0, [7, 5])
     assert cmu["scale"] == pytest.approx(0.12475) and cmu["levels"][0]["width"] == 2220
     assert cmu["tissue_tiles"] + cmu["background_tiles"] == 35 and "error" not in cmu
+    assert cmu["view_source"] == "thumbnail 574x768"  # its one level is 15x the scanner's thumbnail
     assert entries["boxes_1.dcm"]["series_of"].endswith("boxes_0.dcm")
     for name, (stage, cls, words) in EXPECTED_FAILURES.items():
         assert entries[name]["error"]["error_class"] == cls and words in entries[name]["error"]["message"]
@@ -399,6 +400,7 @@ def test_cli_inspect(slides_dir, tmp_path, capsys):
     assert main(["inspect", str(slides_dir / "tcga-cr-7395-01a-01-ts1.svs"), "--mpp-override", "0.25"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "chosen      level 1" in out and "grid        4 x 5" in out and "0.25 µm/px (override)" in out
+    assert "(estimated on thumbnail 956x768)" in out  # its 2x JPEG 2000 level is not decoded to plan
     assert main(["inspect", str(tmp_path / "nope.svs")]) == EXIT_ERROR
     assert "no such file or folder" in capsys.readouterr().err
 

@@ -273,6 +273,7 @@ class DirectSource:
         self._fd = os.open(path, os.O_RDONLY) if file is None else file
         self._levels: dict[int, TiledLevel | None] = {}
         self._dims = [tuple(d) for d in level_dimensions]
+        self._thumb, self._thumb_looked = None, False  # thumbnail_page, found on first use
         self._lock = threading.Lock()
 
     def level(self, i: int) -> TiledLevel | None:
@@ -303,8 +304,8 @@ class DirectSource:
         description declares it a downsample of level 0 (``W x H -> w x h``, as Aperio writes it; a label or
         macro image shows other things and declares no such thing). Nothing is decoded."""
         with self._lock:
-            if not hasattr(self, "_thumb"):
-                self._thumb = self._find_thumbnail()
+            if not self._thumb_looked:
+                self._thumb, self._thumb_looked = self._find_thumbnail(), True
             return self._thumb
 
     def _find_thumbnail(self):
