@@ -322,8 +322,8 @@ small single-level scan decodes its whole level, a JPEG 2000 scan its 2x level: 
 
 THUMBNAIL_FINER = 4.0
 """... and only when the thumbnail is at least this many times finer than the view on each axis, so that each view
-pixel is the exact average of 16 or more of its pixels, which averages its own downsampling filter and JPEG noise
-away. Real patients rebuilt as slides (benchmarks/real_tissue.py) have thumbnails only about 2x finer than the view:
+pixel is the exact average of 16 or more of its pixels, which averages out most of its own downsampling filter and
+JPEG noise. Real patients rebuilt as slides (benchmarks/real_tissue.py) have thumbnails only about 2x finer than the view:
 with them, patient 9175 lost a tile whose tissue fraction sits at the threshold (0.25 from the level, 0.22 from the
 thumbnail); CMU-1's and the TCGA sample's are 11-13x finer."""
 
