@@ -486,7 +486,7 @@ def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_s
     def killed(where, objects):  # the arrays and their data are written; killed before the group's document
         if writes:
             raise Killed
-        writes.append(sorted(objects))
+        writes.append((where.path, sorted(objects)))
         write_objects(where, objects)
 
     monkeypatch.setattr(store, "_write_objects", killed)
@@ -494,7 +494,8 @@ def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_s
         prepare_slide_task(run, slide, cfg, [])
     monkeypatch.undo()
     gid = store.input_id(slide)
-    assert f"{gid}/coords/zarr.json" in writes[0] and f"{gid}/zarr.json" not in writes[0]
+    at, keys = writes[0]  # the first batch, under the input's own path: its arrays, not the group's document
+    assert at.endswith(f"inputs/{gid}") and "coords/zarr.json" in keys and "zarr.json" not in keys, writes
     assert (run.store_path / "inputs" / gid / "coords" / "zarr.json").is_file()  # left behind, with no group document
     damaged = []
     assert gid not in dict(store.iter_inputs(run.open_store("r"), complete_only=False, damaged=damaged)) and not damaged
