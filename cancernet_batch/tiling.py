@@ -333,16 +333,16 @@ def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[fl
     """The low-resolution view of level 0's ``(0, 0)`` to ``extent`` at ``size`` (w, h), and where it came from.
 
     Read from pyramid ``level`` (exact area averages of its pixels), or from the scanner's thumbnail
-    (:meth:`~cancernet_batch.slides.base.SlideReader.scanner_thumbnail`) when ``cfg.decode`` is ``fast``, the
+    (:meth:`~cancernet_batch.slides.base.SlideReader.scanner_thumbnail_size`) when ``cfg.decode`` is ``fast``, the
     thumbnail is :data:`THUMBNAIL_FINER` times finer than the view and the level would decode :data:`THUMBNAIL_GAIN`
     times its pixels or more. The tissue mask is made from this view; the tiles are always read from the chosen
     level. On real scans the thumbnail keeps the same tissue tiles up to one at the threshold
     (``tests/test_tiling.py``)."""
     dv = reader.level_downsamples[level]
     lw, lh = extent[0] / dv, extent[1] / dv
-    page = reader.scanner_thumbnail() if cfg.decode == "fast" else None
-    if page is not None:
-        tw, th = int(page.imagewidth), int(page.imagelength)
+    thumb_size = reader.scanner_thumbnail_size() if cfg.decode == "fast" else None
+    if thumb_size is not None:
+        tw, th = thumb_size
         w0, h0 = reader.level_dimensions[0]
         fx, fy = tw / w0, th / h0
         if (extent[0] * fx >= THUMBNAIL_FINER * size[0] and extent[1] * fy >= THUMBNAIL_FINER * size[1]

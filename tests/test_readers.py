@@ -82,6 +82,24 @@ class ReaderContract:
             w, h = r.level_dimensions[0]
             assert probe_box(r, 0, 256) == ((w - 256) // 2, (h - 256) // 2, 256, 256)
 
+    def test_scanner_thumbnail_is_found_sized_and_decoded(self, pyramid, tmp_path):
+        """A generic TIFF has no scanner thumbnail; an Aperio SVS has one: its size without decoding it, and its
+        pixels at that size, showing the slide (what a plan may read instead of a level: tiling._overview)."""
+        with self.reader(pyramid) as r:
+            assert r.scanner_thumbnail_size() is None and r.read_scanner_thumbnail() is None
+        svs = tmp_path / "s.svs"
+        write_slide(SlideSpec(path=svs, width=1536, height=1024, mpp=0.5, seed=9))
+        with self.reader(svs) as r:
+            assert r.scanner_thumbnail_size() == (768, 512)
+            thumb = r.read_scanner_thumbnail()
+            assert thumb.shape == (512, 768, 3) and thumb.dtype == np.uint8
+            # the synthetic thumbnail is drawn with its own grain: compared where that averages out, 16 px a side
+            from cancernet_batch.slides.base import area_resize
+
+            small = area_resize(thumb, (0.0, 0.0, 768.0, 512.0), (96, 64)).astype(int)
+            level = read_scaled(r, 0, (0.0, 0.0, 1536.0, 1024.0), (96, 64)).astype(int)
+            assert np.abs(small - level).mean() < 2
+
     def test_refuses_a_truncated_file_with_a_clear_error(self, pyramid, tmp_path):
         bad = tmp_path / "cut.tiff"
         bad.write_bytes(pyramid.read_bytes()[:600])

@@ -375,7 +375,7 @@ def test_a_plan_over_s3_reads_the_scanner_thumbnail_in_one_request_at_most(s3, s
         assert len(page.databytecounts) > 10
     want = plan_slide(local, TileConfig(target_mpp=4.0))
     with open_slide(url, storage_options=s3.options()) as reader:
-        reader.scanner_thumbnail()  # the pages' tags: read with the header
+        reader.scanner_thumbnail_size()  # the pages' tags: read with the header
         s3.server.reset()
         plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=reader)
         gets = s3.server.gets(key)

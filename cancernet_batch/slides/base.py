@@ -166,15 +166,17 @@ class SlideReader(abc.ABC):
         direct = self._direct_source()
         return direct.level(level) if direct else None
 
-    def scanner_thumbnail(self):
-        """The scanner's own thumbnail of the whole slide, when the file has one that declares itself a downsample
-        of level 0 (:meth:`~cancernet_batch.slides.direct.DirectSource.thumbnail_page`): its page (decode it with
-        :meth:`read_scanner_thumbnail`), or ``None``."""
+    def scanner_thumbnail_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` of the scanner's own thumbnail of the whole slide, when the file has one that declares
+        itself a downsample of level 0 (:meth:`~cancernet_batch.slides.direct.DirectSource.thumbnail_page`; nothing
+        is decoded), or ``None``."""
         direct = self._direct_source()
-        return direct.thumbnail_page() if direct else None
+        page = direct.thumbnail_page() if direct else None
+        return None if page is None else (int(page.imagewidth), int(page.imagelength))
 
     def read_scanner_thumbnail(self) -> np.ndarray | None:
-        """:meth:`scanner_thumbnail` decoded, RGB, or ``None`` when there is none or it does not decode."""
+        """That thumbnail decoded, RGB ``(height, width, 3) uint8``, or ``None`` when there is none or it does not
+        decode."""
         direct = self._direct_source()
         return direct.thumbnail() if direct else None
 
