@@ -186,24 +186,30 @@ def test_chunks_encoded_whole_are_the_files_zarr_writes(tmp_path, kw):
         store._encode_whole(a.metadata, values[:1])
 
 
-def test_a_group_whose_files_cannot_all_be_written_leaves_no_group_and_no_temporary_file(tmp_path, monkeypatch):
-    """A write that fails part-way (a full disk) raises, leaves no ``*.partial`` file and no group document (the
-    group is not there: listings pass over its folder, a resume makes it again); the next creation succeeds."""
+def _disk_full_at(monkeypatch, n: int) -> list[str]:
+    """Make the ``n``-th rename into place fail as on a full disk (``ENOSPC``); the renames' destinations, as seen."""
     import errno
     import os
 
-    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
-    attrs = _attrs(str(tmp_path / "slide.svs"), 9)
-    data = {"coords": np.arange(18, dtype=np.int32).reshape(9, 2)}
     replace, calls = os.replace, []
 
     def full_disk(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:
+        calls.append(str(dst))
+        if len(calls) == n:
             raise OSError(errno.ENOSPC, "No space left on device")
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", full_disk)
+    return calls
+
+
+def test_a_group_whose_files_cannot_all_be_written_leaves_no_group_and_no_temporary_file(tmp_path, monkeypatch):
+    """A write that fails part-way (a full disk) raises, leaves no ``*.partial`` file and no group document (the
+    group is not there: listings pass over its folder, a resume makes it again); the next creation succeeds."""
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    attrs = _attrs(str(tmp_path / "slide.svs"), 9)
+    data = {"coords": np.arange(18, dtype=np.int32).reshape(9, 2)}
+    _disk_full_at(monkeypatch, 3)
     with pytest.raises(OSError, match="No space"):
         store.create_input(root, attrs, 9, chunk=4, data=data)
     monkeypatch.undo()
@@ -252,21 +258,10 @@ def test_arrays_made_with_their_data_are_the_files_zarr_writes(tmp_path, absent)
 def test_an_array_whose_chunks_cannot_all_be_written_has_no_document(tmp_path, monkeypatch):
     """On disk the batch writes an array's chunks before its document: a write that fails part-way (a full disk)
     leaves chunks but no document (the array is not there; the report is made again) and no temporary file."""
-    import errno
-    import os
-
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3).require_group("g")
     idc = np.ones((70, 45), np.float32)
     spec = {"idc_map": dict(shape=idc.shape, chunks=(32, 32), dtype="float32", fill_value=np.nan)}
-    replace, calls = os.replace, []
-
-    def full_disk(src, dst):
-        calls.append(str(dst))
-        if len(calls) == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", full_disk)
+    calls = _disk_full_at(monkeypatch, 4)
     with pytest.raises(OSError, match="No space"):
         store.create_arrays(g, spec, absent=True, data={"idc_map": idc})
     monkeypatch.undo()
