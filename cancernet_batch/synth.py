@@ -450,6 +450,23 @@ def _levels(width: int, height: int, ds: int, min_side: int = 256) -> list[tuple
     return levels
 
 
+def _detail_factor(mpp: float, tile: int, detail_mpp: float | None) -> int:
+    """The pixel repetition of a level drawn in fast mode: the largest divisor ``f`` of ``tile`` with
+    ``mpp * f <= detail_mpp`` (1 without ``detail_mpp``)."""
+    if detail_mpp is None:
+        return 1
+    return max((k for k in range(1, tile + 1) if tile % k == 0 and mpp * k <= detail_mpp * (1 + 1e-9)), default=1)
+
+
+def _band_part(model: TissueModel, cx: int, ty: int, cw: int, tile: int, mpp: float, f: int,
+               detail: bool) -> np.ndarray:
+    """Columns ``cx .. cx + cw`` of tile row ``ty`` of a level, as :func:`_tile_iter` draws them."""
+    if not detail:
+        return model.render(cx, ty * tile, cw, tile, mpp)
+    coarse = model._render_fine(cx // f, ty * tile // f, -(-cw // f), tile // f, mpp * f)
+    return coarse.repeat(f, axis=0).repeat(f, axis=1)[:, :cw] if f > 1 else coarse
+
+
 def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_cols: int = 1024,
                detail_mpp: float | None = None) -> Iterator[np.ndarray]:
     """Tiles of one pyramid level in row-major order, rendered one band of tile rows at a time.
@@ -458,19 +475,13 @@ def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_c
     pixel size (``f`` the largest divisor of ``tile`` with ``mpp * f <= detail_mpp``, else 1), and
     each pixel is repeated ``f`` x ``f``.
     """
-    f = 1
-    if detail_mpp is not None:
-        f = max((k for k in range(1, tile + 1) if tile % k == 0 and mpp * k <= detail_mpp * (1 + 1e-9)), default=1)
+    f = _detail_factor(mpp, tile, detail_mpp)
     ntx, nty = -(-w // tile), -(-h // tile)
     for ty in range(nty):
         band = np.empty((tile, ntx * tile, 3), np.uint8)
         for cx in range(0, ntx * tile, band_cols):
             cw = min(band_cols, ntx * tile - cx)
-            if detail_mpp is None:
-                band[:, cx:cx + cw] = model.render(cx, ty * tile, cw, tile, mpp)
-            else:
-                coarse = model._render_fine(cx // f, ty * tile // f, -(-cw // f), tile // f, mpp * f)
-                band[:, cx:cx + cw] = coarse.repeat(f, axis=0).repeat(f, axis=1)[:, :cw] if f > 1 else coarse
+            band[:, cx:cx + cw] = _band_part(model, cx, ty, cw, tile, mpp, f, detail_mpp is not None)
         # pixels outside the image (right/bottom padding) are background, as a scanner writes them
         if (ty + 1) * tile > h:
             band[h - ty * tile:] = int(model.background)
@@ -478,6 +489,52 @@ def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_c
             band[:, w:] = int(model.background)
         for tx in range(ntx):
             yield band[:, tx * tile:(tx + 1) * tile]
+
+
+class LevelPixels:
+    """The pixels one level of a synthetic slide holds before JPEG compression, for any region.
+
+    The same drawing as :func:`write_slide`'s (band parts of ``band_cols`` columns, each drawn from
+    its own origin, so its noise is the file's), kept per part: a benchmark reads the truth of many
+    tiles without drawing a part twice. ``level_mpp`` is the level's µm/px (``spec.mpp`` times its
+    downsample).
+    """
+
+    def __init__(self, spec: "SlideSpec", level_mpp: float, model: TissueModel | None = None,
+                 band_cols: int = 1024) -> None:
+        self.model = model or slide_model(spec)[0]
+        self.tile, self.mpp, self.band_cols = spec.tile, level_mpp, band_cols
+        self.detail = spec.detail_mpp is not None
+        self.f = _detail_factor(level_mpp, spec.tile, spec.detail_mpp)
+        ds = int(round(level_mpp / spec.mpp))  # the level's integer downsample, as _levels makes them
+        self.width, self.height = spec.width // ds, spec.height // ds
+        self._parts: dict[tuple[int, int], np.ndarray] = {}
+
+    def _part(self, ty: int, cx: int) -> np.ndarray:
+        key = (ty, cx)
+        if key not in self._parts:
+            ntx = -(-self.width // self.tile)
+            cw = min(self.band_cols, ntx * self.tile - cx)
+            part = _band_part(self.model, cx, ty, cw, self.tile, self.mpp, self.f, self.detail)
+            if (ty + 1) * self.tile > self.height:
+                part[self.height - ty * self.tile:] = int(self.model.background)
+            if cx + cw > self.width:
+                part[:, max(0, self.width - cx):] = int(self.model.background)
+            self._parts[key] = part
+        return self._parts[key]
+
+    def region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` of the level's pixels from (x, y), inside the level."""
+        if x < 0 or y < 0 or x + w > self.width or y + h > self.height:
+            raise ValueError(f"region {x},{y} {w}x{h} is outside the {self.width} x {self.height} level")
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(y // self.tile, (y + h - 1) // self.tile + 1):
+            for cx in range(x // self.band_cols * self.band_cols, x + w, self.band_cols):
+                part = self._part(ty, cx)
+                y0, y1 = max(y, ty * self.tile), min(y + h, (ty + 1) * self.tile)
+                x0, x1 = max(x, cx), min(x + w, cx + part.shape[1])
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = part[y0 - ty * self.tile:y1 - ty * self.tile, x0 - cx:x1 - cx]
+        return out
 
 
 def slide_model(spec: SlideSpec) -> tuple[TissueModel, np.ndarray, np.ndarray]:
@@ -711,13 +768,15 @@ def _mosaic_tiles(mosaic: PatchMosaic, w: int, h: int, scale: float, tile: int, 
 
 def slide_from_patches(patient_dir: str | os.PathLike, path: str | os.PathLike, *, mpp: float = 1.0,
                        fmt: str = "svs", patch_mpp: float = DEFAULT_MPP, tile: int = 256,
-                       quality: int = REBUILD_QUALITY, seed: int = 0) -> tuple[SlideTruth, PatchMosaic]:
+                       quality: int = REBUILD_QUALITY, seed: int = 0,
+                       subsampling: tuple[int, int] = (1, 1)) -> tuple[SlideTruth, PatchMosaic]:
     """Rebuild a real patient's tissue as a pyramidal slide at ``mpp`` µm/px, with its truth.
 
     Each patch of ``patient_dir`` (Kaggle layout) goes at its name position (``x``/``y``: 1-based
     pixels at the patches' ``patch_mpp``, about 4.0 µm/px), upsampled to ``mpp`` (4x at 1.0,
     16x at 0.25) by pixel repetition; where no patch is, glass (the scan's own glass colour, with
-    slight noise). JPEG tiles at :data:`REBUILD_QUALITY`, 4:4:4. The
+    slight noise). JPEG tiles at :data:`REBUILD_QUALITY`, 4:4:4 (``subsampling=(2, 2)``: 4:2:0, as most
+    scanners write their JPEG tiles). The
     truth is on the model grid (one patch = one tile): tissue fraction 1 and IDC fraction = the
     patch label where a patch is, 0 elsewhere.
     """
@@ -742,7 +801,7 @@ def slide_from_patches(patient_dir: str | os.PathLike, path: str | os.PathLike, 
         return np.ascontiguousarray(tiles[0][:h, :w])
 
     _write_pyramid(path, fmt, width, height, mpp, level_tiles, thumbnail, tile=tile, quality=quality,
-                   title=f"patient {mosaic.patient} rebuilt from its patches", subsampling=(1, 1))
+                   title=f"patient {mosaic.patient} rebuilt from its patches", subsampling=subsampling)
     lab = mosaic.labels
     truth = SlideTruth((lab >= 0).astype(np.float64), (lab == 1).astype(np.float64), patch_mpp, PATCH_SIZE)
     return truth, mosaic

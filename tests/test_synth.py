@@ -269,3 +269,51 @@ def test_value_noise_is_the_corner_hash_interpolation_bit_for_bit(scale):
     for x, y in ((px, py), (X, Y), (scattered[0], scattered[1]), (scattered[0][:1], scattered[1][:1])):
         got, want = _value_noise(x, y, scale, 7), reference(x, y)
         assert got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("detail_mpp", [None, 2.0])
+def test_level_pixels_are_the_levels_own_drawing(tmp_path, detail_mpp):
+    """``LevelPixels`` gives any region of a level exactly as ``write_slide`` drew it before compression
+    (band parts with their own noise, pixel repetition in the fast mode, glass beyond the image), and the
+    written file decodes to it up to its JPEG loss."""
+    import tifffile
+
+    from cancernet_batch.synth import LevelPixels, _tile_iter, slide_model
+
+    spec = SlideSpec(path=tmp_path / "s.svs", width=2900, height=2100, mpp=0.5, seed=5, detail_mpp=detail_mpp)
+    model = slide_model(spec)[0]
+    for ds in (1, 4):
+        lp = LevelPixels(spec, 0.5 * ds, model)
+        assert (lp.width, lp.height) == (2900 // ds, 2100 // ds)
+        tiles = list(_tile_iter(model, lp.width, lp.height, 0.5 * ds, 256, detail_mpp=detail_mpp))
+        ntx = -(-lp.width // 256)
+        drawn = np.concatenate([np.concatenate(tiles[i:i + ntx], axis=1) for i in range(0, len(tiles), ntx)])
+        np.testing.assert_array_equal(lp.region(0, 0, lp.width, lp.height), drawn[:lp.height, :lp.width])
+        x, y = (1000, 300) if ds == 1 else (117, 201)  # across band parts (1,024 columns) and tile rows
+        np.testing.assert_array_equal(lp.region(x, y, 300, 250), drawn[y:y + 250, x:x + 300])
+    with pytest.raises(ValueError, match="outside"):
+        lp.region(lp.width - 10, 0, 20, 20)
+    write_slide(spec)
+    with tifffile.TiffFile(spec.path) as tif:
+        level1 = tif.pages[2].asarray()  # Aperio order: level 0, thumbnail, level 1
+    assert level1.shape[:2] == (2100 // 4, 2900 // 4)
+    lp = LevelPixels(spec, 2.0, model)
+    src = lp.region(0, 0, lp.width, lp.height).astype(np.int16)
+    here = np.abs(level1 - src).mean()
+    shifted = np.abs(level1[:, 1:] - src[:, :-1]).mean()  # the same drawing one pixel off
+    assert here < 5 and here < 0.75 * shifted, (here, shifted)  # Q90 JPEG of noisy texture: a few grey levels
+
+
+@pytest.mark.parametrize("subsampling", [(1, 1), (2, 2)])
+def test_slide_from_patches_chroma_subsampling(idc_dir, tmp_path, subsampling):
+    """Rebuilt slides are 4:4:4 by default; ``subsampling=(2, 2)`` writes 4:2:0 YCbCr JPEG tiles, as scanners do."""
+    import tifffile
+
+    from cancernet_batch.synth import slide_from_patches
+
+    kw = {} if subsampling == (1, 1) else {"subsampling": subsampling}
+    slide_from_patches(idc_dir / "9259", tmp_path / "9259.svs", mpp=1.0, quality=90, **kw)
+    with tifffile.TiffFile(tmp_path / "9259.svs") as tif:
+        page = tif.pages[0]
+        assert page.compression == 7 and page.photometric == 6  # JPEG, YCbCr
+        assert page.subsampling == subsampling
