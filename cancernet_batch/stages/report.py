@@ -23,7 +23,6 @@ so no name or patient id can reach outside ``RUN/report/``; CSV cells cannot sta
 from __future__ import annotations
 
 import logging
-import errno
 import os
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from ..aggregate import (FAILED, NOT_SCORED, REPORTED, InputFigures, PatientFigu
 from ..atomic import write_csv
 from ..cluster import TILE, as_completed_windowed, work_split
 from ..config import ReportConfig
-from ..errors import StorageError
+from ..errors import STORAGE_ERRNOS, StorageError
 from ..failures import Failure
 from ..runfolder import INDEX_HTML, INPUTS_CSV, PATIENTS_CSV, InputFiles, Run
 from ..geojson import idc_feature_lines, write_geojson
@@ -52,7 +51,6 @@ from ..store import InputAttrs
 log = logging.getLogger(__name__)
 
 STAGE = "report"
-_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,7 @@ def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: 
     except StorageError:
         raise  # the output folder itself is unwritable or full: no other input would fare better
     except OSError as exc:
-        if exc.errno in _STORAGE_ERRNOS:
+        if exc.errno in STORAGE_ERRNOS:
             raise StorageError(f"cannot write the report: {exc.strerror}", path=run.report_dir,
                                hint="check that the output folder is writable and has free space") from exc
         return _failed_input(gid, attrs, patient, thr, model_id, exc)
