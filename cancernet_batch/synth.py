@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -495,9 +496,9 @@ class LevelPixels:
     """The pixels one level of a synthetic slide holds before JPEG compression, for any region.
 
     The same drawing as :func:`write_slide`'s (band parts of ``band_cols`` columns, each drawn from
-    its own origin, so its noise is the file's), kept per part: a benchmark reads the truth of many
-    tiles without drawing a part twice. ``level_mpp`` is the level's µm/px (``spec.mpp`` times its
-    downsample).
+    its own origin, so its noise is the file's). The parts of the last two tile rows read are kept
+    (memory: two bands), so regions read in row order draw each part once. ``level_mpp`` is the
+    level's µm/px (``spec.mpp`` times its downsample).
     """
 
     def __init__(self, spec: "SlideSpec", level_mpp: float, model: TissueModel | None = None,
@@ -508,11 +509,14 @@ class LevelPixels:
         self.f = _detail_factor(level_mpp, spec.tile, spec.detail_mpp)
         ds = int(round(level_mpp / spec.mpp))  # the level's integer downsample, as _levels makes them
         self.width, self.height = spec.width // ds, spec.height // ds
-        self._parts: dict[tuple[int, int], np.ndarray] = {}
+        self._parts: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._keep = 2 * -(-self.width // band_cols)  # the parts of two tile rows
 
     def _part(self, ty: int, cx: int) -> np.ndarray:
         key = (ty, cx)
-        if key not in self._parts:
+        if key in self._parts:
+            self._parts.move_to_end(key)
+        else:
             ntx = -(-self.width // self.tile)
             cw = min(self.band_cols, ntx * self.tile - cx)
             part = _band_part(self.model, cx, ty, cw, self.tile, self.mpp, self.f, self.detail)
@@ -521,6 +525,8 @@ class LevelPixels:
             if cx + cw > self.width:
                 part[:, max(0, self.width - cx):] = int(self.model.background)
             self._parts[key] = part
+            while len(self._parts) > self._keep:
+                self._parts.popitem(last=False)
         return self._parts[key]
 
     def region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
