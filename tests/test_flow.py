@@ -481,7 +481,8 @@ def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tin
     first, second = (store.input_id(str(p)) for p in slides)
     mine = [p for k, p in submitted if first in k]
     others = [p for k, p in submitted if second in k]
-    assert {k.split("-")[0] for k, _ in submitted if first in k} >= {"prepare", "chunk", "score", "report"}
+    kinds = {k.split("-")[0] for k, _ in submitted if first in k}
+    assert kinds >= {"prepare", "chunk", "report"} and "score" not in kinds  # every chunk scored in its tiling task
     assert mine and others and min(mine) > max(others), submitted
     by_kind = {k.split("-")[0]: p for k, p in submitted if second in k}
     assert by_kind["report"] > by_kind["score"] > by_kind["prepare"]
@@ -513,7 +514,9 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     would often all wait for one worker while the other runs the second slide's tasks: they are queued on the
     workers in turn (another worker may still take them); no other input's tasks are placed. On two tiling
     threads the second slide's prepare is submitted only when the first's has come back (then at once): the
-    first's plan comes back sooner, and both threads are free to take its chunks."""
+    first's plan comes back sooner, and both threads are free to take its chunks. The first slide's prepare tiles
+    none of its chunks (the other thread waits meanwhile): every one is a chunk task, tiled and scored in one; a later
+    slide's prepare tiles its first chunk, which a score task then scores."""
     submitted: list[tuple[str, list | None, bool, tuple]] = []
     events: list[tuple[str, str]] = []
     real, real_prepared = type(client).submit, Flow._on_prepare
@@ -539,10 +542,14 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     first, second = (store.input_id(str(p)) for p in slides)
     chunks = [(k, w, args) for k, w, _, args in submitted if k.startswith("chunk-")]
     assert chunks and all(args[-1] is not None for _, _, args in chunks)  # each with the scoring settings
+    n_chunks = {g: Run.of(tmp_path / "run").open_input(g, "r")["tiled"].shape[0] for g in (first, second)}
     for gid in (first, second):
         tiled = {args[3] for k, _, args in chunks if gid in k}
         scored = {args[2] for k, _, _, args in submitted if k.startswith(f"score-{gid}-")}
-        assert tiled and scored and not tiled & scored  # scored apart: only the chunk its prepare task tiled
+        if gid == first:  # every chunk a chunk task, none scored apart
+            assert tiled == set(range(n_chunks[gid])) and not scored
+        else:  # scored apart: only the chunk its prepare task tiled
+            assert tiled and scored == {0} and tiled == set(range(1, n_chunks[gid]))
     mine = [w for k, w, _ in chunks if first in k]
     assert len(mine) >= 2 and mine == [[workers[i % 2]] for i in range(len(mine))]
     assert all(loose for _, w, loose, _ in submitted if w is not None)

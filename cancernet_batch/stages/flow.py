@@ -375,8 +375,13 @@ class Flow:
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._preparing += 1
             self._first_preparing = self._first_preparing or inp.first
+            # and its first chunk of tiles, except for the first input: while its prepare runs the other tiling
+            # threads wait (see _admit), and its first chunk then needs a scoring task after a round trip through
+            # the client; as a chunk task like its others it is tiled and scored in one task, on any worker, as
+            # soon as the plan is back (first report 1.005 against 1.06 s, medians of 16 runs; RESULTS.md
+            # section 6, 2026-12-04 21:25)
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                         inp.edge, not inp.preflighted, self.scoring, True, priority=_TILE)
+                         inp.edge, not inp.preflighted, self.scoring, not inp.first, priority=_TILE)
 
     def _on_settle(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):  # e.g. tiled at another µm/px, or damaged arrays of this input only
