@@ -32,8 +32,12 @@ BARS = {"kept": 0.95, "extra": 0.10, "idc_diff": 0.03, "corr": 0.99}
 
 
 def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *, workers: int = 1,
-            fmt: str = "svs", reuse: bool = False) -> list[dict]:
-    """Rebuild, tile, score and compare each patient (see the module doc); one dict per patient."""
+            fmt: str = "svs", reuse: bool = False, subsampling: tuple[int, int] = (1, 1),
+            quality: int | None = None, decode: str = "fast") -> list[dict]:
+    """Rebuild, tile, score and compare each patient (see the module doc); one dict per patient.
+
+    ``subsampling``/``quality``: the rebuilt slides' JPEG (default: ``synth.REBUILD_QUALITY``, 4:4:4); other
+    settings get their own slide and run folders in ``work``; ``decode``: tiling's ``--decode`` (its own run folder)."""
     from cancernet_batch import store
     from cancernet_batch.runfolder import Run
     from cancernet_batch.aggregate import load_scored
@@ -42,11 +46,14 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
     from cancernet_batch.model import read_meta
     from cancernet_batch.stages.score import predict_run
     from cancernet_batch.stages.tile import tile_run
-    from cancernet_batch.synth import SlideTruth, patch_mosaic, slide_from_patches
+    from cancernet_batch.synth import REBUILD_QUALITY, SlideTruth, patch_mosaic, slide_from_patches
 
     meta = read_meta(model_dir)
-    slides = work / f"slides-{mpp:g}"
-    run = work / f"run-{mpp:g}"
+    quality = quality or REBUILD_QUALITY
+    jpeg = ("" if (tuple(subsampling), quality) == ((1, 1), REBUILD_QUALITY)
+            else f"-{_chroma(subsampling).replace(':', '')}-q{quality}")  # e.g. slides-0.5-420-q90
+    slides = work / f"slides-{mpp:g}{jpeg}"
+    run = work / f"run-{mpp:g}{jpeg}{'' if decode == 'fast' else '-' + decode}"
     slides.mkdir(parents=True, exist_ok=True)
     built = {}
     for d in patient_dirs:
@@ -55,12 +62,12 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
         if reuse and path.is_file() and (slides / f"{d.name}.truth.npz").is_file():  # built by an earlier call
             truth, mosaic = SlideTruth.load(slides / f"{d.name}.truth.npz"), patch_mosaic(d)
         else:
-            truth, mosaic = slide_from_patches(d, path, mpp=mpp, fmt=fmt)
+            truth, mosaic = slide_from_patches(d, path, mpp=mpp, fmt=fmt, quality=quality, subsampling=subsampling)
             truth.save(slides / f"{d.name}.truth.npz")
         built[d] = (path, truth, mosaic, time.perf_counter() - t0)
     inputs = [str(x) for d in patient_dirs for x in (built[d][0], d)]
     with dask_client(ClusterConfig(workers=workers)) as client:
-        ts = tile_run(inputs, run, TileConfig(target_mpp=meta.mpp), client=client)
+        ts = tile_run(inputs, run, TileConfig(target_mpp=meta.mpp, decode=decode), client=client)
         if ts.failures:
             raise RuntimeError(f"tiling failed: {ts.failures[0].message}")
         predict_run(run, PredictConfig(model_dir=str(model_dir)), client=client)
@@ -103,8 +110,15 @@ def measure(patient_dirs: list[Path], work: Path, model_dir: Path, mpp: float, *
             "small_patches": mosaic.small, "build_s": round(build_s, 1),
             # where the plan's tissue view came from: a pyramid level, or the slide's thumbnail (tiling._overview)
             "view": (sg.attrs.get("extra") or {}).get("view_source", ""),
+            # how the tiles were decoded (a level read at 2x or more is scaled in the DCT with --decode fast)
+            "decode_path": (sg.attrs.get("extra") or {}).get("decode_path", ""),
+            "jpeg": f"Q{quality} {_chroma(subsampling)}",
         })
     return rows
+
+
+def _chroma(subsampling: tuple[int, int]) -> str:
+    return {(1, 1): "4:4:4", (2, 1): "4:2:2", (2, 2): "4:2:0"}.get(tuple(subsampling), f"{subsampling}")
 
 
 def passes(r: dict) -> dict[str, bool]:
@@ -128,8 +142,8 @@ def markdown(rows: list[dict], command: str, model: str, note: str = "") -> str:
            "IDC fraction = tiles with probability >= the model's threshold; label IDC = share of class-1 patches "
            "among the folder's patches / among the slide's kept tiles.", "",
            "| patient | µm/px | grid | patches | kept | extra | IDC folder | IDC slide | diff | label IDC folder | "
-           "label IDC slide | corr | max abs diff | pixel MAE | <50 px | view | pass |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "label IDC slide | corr | max abs diff | pixel MAE | <50 px | view | JPEG, decode | pass |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = passes(r)
         out.append(f"| {r['patient']} | {r['mpp']:g} | {r['grid'][0]}x{r['grid'][1]} | {r['patches']} | {r['kept']:.3f} | "
@@ -137,6 +151,7 @@ def markdown(rows: list[dict], command: str, model: str, note: str = "") -> str:
                    f"{abs(r['idc_slide'] - r['idc_folder']):.3f} | {r['label_idc_folder']:.3f} | "
                    f"{r['label_idc_slide']:.3f} | {r['corr']:.4f} | {r['max_abs_prob_diff']:.3f} | {r['pixel_mae']:.2f} | "
                    f"{r['small_patches']} | {r.get('view', '')} | "
+                   f"{r.get('jpeg', 'Q98 4:4:4')}, {r.get('decode_path', '') or 'direct jpeg'} | "
                    f"{'yes' if all(ok.values()) else 'NO: ' + ', '.join(k for k, v in ok.items() if not v)} |")
     n = sum(r["patches"] for r in rows)
     kept = sum(r["kept"] * r["patches"] for r in rows) / n
@@ -156,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine-mpp", type=float, default=0.25)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--reuse-slides", action="store_true", help="Use slides already built in WORK (same --mpp).")
+    ap.add_argument("--chroma", choices=["444", "420"], default="444",
+                    help="JPEG chroma subsampling of the rebuilt slides (420: as most scanners write; at --mpp 0.5 the "
+                         "model's 4 µm/px is then read from the 2 µm/px level, at 1/2 in the DCT with --decode fast)")
+    ap.add_argument("--quality", type=int, default=None, help="JPEG quality of the rebuilt slides (default 98)")
+    ap.add_argument("--decode", choices=["fast", "exact", "reader"], default="fast", help="tiling's --decode")
     ap.add_argument("--results", type=Path, default=None, help="Markdown file to write.")
     ap.add_argument("--model-note", default="", help="How the model was made (goes into the markdown).")
     ap.add_argument("--from-json", type=Path, default=None, help="Only re-render the markdown from a real_tissue.json.")
@@ -175,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     dirs = find_patient_folders(a.data)
     if a.patients:
         dirs = [d for d in dirs if d.name in set(a.patients)]
-    rows = measure(dirs, a.work, a.model, a.mpp, workers=a.workers, reuse=a.reuse_slides)
+    jpeg = dict(subsampling=(2, 2) if a.chroma == "420" else (1, 1), quality=a.quality, decode=a.decode)
+    rows = measure(dirs, a.work, a.model, a.mpp, workers=a.workers, reuse=a.reuse_slides, **jpeg)
     if a.fine:
         rows += measure([d for d in find_patient_folders(a.data) if d.name in set(a.fine)], a.work, a.model,
-                        a.fine_mpp, workers=a.workers, reuse=a.reuse_slides)
+                        a.fine_mpp, workers=a.workers, reuse=a.reuse_slides, **jpeg)
     (a.work / "real_tissue.json").write_text(json.dumps(rows, indent=1))
     text = markdown(rows, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]), str(a.model),
                     a.model_note)
