@@ -459,13 +459,20 @@ def _detail_factor(mpp: float, tile: int, detail_mpp: float | None) -> int:
     return max((k for k in range(1, tile + 1) if tile % k == 0 and mpp * k <= detail_mpp * (1 + 1e-9)), default=1)
 
 
-def _band_part(model: TissueModel, cx: int, ty: int, cw: int, tile: int, mpp: float, f: int,
-               detail: bool) -> np.ndarray:
-    """Columns ``cx .. cx + cw`` of tile row ``ty`` of a level, as :func:`_tile_iter` draws them."""
+def _band_part(model: TissueModel, cx: int, ty: int, cw: int, tile: int, mpp: float, f: int, detail: bool,
+               w: int, h: int) -> np.ndarray:
+    """Columns ``cx .. cx + cw`` of tile row ``ty`` of a ``w`` x ``h`` level, as the slide's file holds them
+    before compression: pixels outside the image (right/bottom padding) are background, as a scanner writes them."""
     if not detail:
-        return model.render(cx, ty * tile, cw, tile, mpp)
-    coarse = model._render_fine(cx // f, ty * tile // f, -(-cw // f), tile // f, mpp * f)
-    return coarse.repeat(f, axis=0).repeat(f, axis=1)[:, :cw] if f > 1 else coarse
+        part = model.render(cx, ty * tile, cw, tile, mpp)
+    else:
+        coarse = model._render_fine(cx // f, ty * tile // f, -(-cw // f), tile // f, mpp * f)
+        part = coarse.repeat(f, axis=0).repeat(f, axis=1)[:, :cw] if f > 1 else coarse
+    if (ty + 1) * tile > h:
+        part[max(0, h - ty * tile):] = int(model.background)
+    if cx + cw > w:
+        part[:, max(0, w - cx):] = int(model.background)
+    return part
 
 
 def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_cols: int = 1024,
@@ -482,12 +489,7 @@ def _tile_iter(model: TissueModel, w: int, h: int, mpp: float, tile: int, band_c
         band = np.empty((tile, ntx * tile, 3), np.uint8)
         for cx in range(0, ntx * tile, band_cols):
             cw = min(band_cols, ntx * tile - cx)
-            band[:, cx:cx + cw] = _band_part(model, cx, ty, cw, tile, mpp, f, detail_mpp is not None)
-        # pixels outside the image (right/bottom padding) are background, as a scanner writes them
-        if (ty + 1) * tile > h:
-            band[h - ty * tile:] = int(model.background)
-        if ntx * tile > w:
-            band[:, w:] = int(model.background)
+            band[:, cx:cx + cw] = _band_part(model, cx, ty, cw, tile, mpp, f, detail_mpp is not None, w, h)
         for tx in range(ntx):
             yield band[:, tx * tile:(tx + 1) * tile]
 
@@ -519,12 +521,8 @@ class LevelPixels:
         else:
             ntx = -(-self.width // self.tile)
             cw = min(self.band_cols, ntx * self.tile - cx)
-            part = _band_part(self.model, cx, ty, cw, self.tile, self.mpp, self.f, self.detail)
-            if (ty + 1) * self.tile > self.height:
-                part[self.height - ty * self.tile:] = int(self.model.background)
-            if cx + cw > self.width:
-                part[:, max(0, self.width - cx):] = int(self.model.background)
-            self._parts[key] = part
+            self._parts[key] = _band_part(self.model, cx, ty, cw, self.tile, self.mpp, self.f, self.detail,
+                                          self.width, self.height)
             while len(self._parts) > self._keep:
                 self._parts.popitem(last=False)
         return self._parts[key]
