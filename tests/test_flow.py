@@ -482,7 +482,7 @@ def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tin
     mine = [p for k, p in submitted if first in k]
     others = [p for k, p in submitted if second in k]
     kinds = {k.split("-")[0] for k, _ in submitted if first in k}
-    assert kinds >= {"prepare", "chunk", "report"} and "score" not in kinds  # every chunk scored in its tiling task
+    assert kinds == {"prepare", "chunk"}  # every chunk scored in its tiling task; the last one's reports it too
     assert mine and others and min(mine) > max(others), submitted
     by_kind = {k.split("-")[0]: p for k, p in submitted if second in k}
     assert by_kind["report"] > by_kind["score"] > by_kind["prepare"]
@@ -541,7 +541,7 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     assert s.predict.chunks_scored == s.predict.chunks_total == s.tile.chunks_written
     first, second = (store.input_id(str(p)) for p in slides)
     chunks = [(k, w, args) for k, w, _, args in submitted if k.startswith("chunk-")]
-    assert chunks and all(args[-1] is not None for _, _, args in chunks)  # each with the scoring settings
+    assert chunks and all(args[-2] is not None for _, _, args in chunks)  # each with the scoring settings
     n_chunks = {g: Run.of(tmp_path / "run").open_input(g, "r")["tiled"].shape[0] for g in (first, second)}
     for gid in (first, second):
         tiled = {args[3] for k, _, args in chunks if gid in k}
@@ -558,3 +558,93 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     [submitted_2] = [i for i, (e, k) in enumerate(events) if e == "submit" and k.startswith(f"prepare-{second}-")]
     assert came_back < submitted_2, events
     assert not [e for e in events[came_back + 1:submitted_2] if e[0] == "back"]  # admitted in the same turn
+
+
+def test_the_chunk_task_that_scores_the_first_slides_last_chunk_makes_its_report(client, inputs, tiny_model_dir,
+                                                                                 tmp_path, monkeypatch):
+    """Every chunk of the first slide is a chunk task that tiles and scores it; the one that scores the last makes
+    the slide's report part in the same task (no report task, no round trip through the client between them) and
+    marks its tiling complete (the client does not). A later slide, whose prepare tiled a chunk that a score task
+    scores, gets a report task from the client once all of it is back, and the client marks it complete."""
+    from cancernet_batch.stages import flow as flow_module
+
+    submitted: list[tuple[str, tuple]] = []
+    marked: list[str] = []
+    reports: list[str] = []
+    real, real_mark, real_chunk = type(client).submit, store.mark_complete, Flow._on_chunk
+
+    def spy(self, fn, *args, **kwargs):
+        submitted.append((kwargs["key"], args))
+        return real(self, fn, *args, **kwargs)
+
+    def mark(group, **kw):
+        marked.append(group.basename)
+        return real_mark(group, **kw)
+
+    def back(self, inp, res, extra):
+        if isinstance(res, dict) and res.get("report") is not None:
+            reports.append(inp.gid)
+        return real_chunk(self, inp, res, extra)
+
+    monkeypatch.setattr(type(client), "submit", spy)
+    monkeypatch.setattr(flow_module.store, "mark_complete", mark)
+    monkeypatch.setattr(Flow, "_on_chunk", back)
+    slides = sorted(p for p in inputs if p.suffix == ".svs")
+    run = tmp_path / "run"
+    s = run_pipeline(slides, run, TileConfig(target_mpp=4.0, chunk=4), PredictConfig(model_dir=str(tiny_model_dir)),
+                     client=client)
+    assert s.report.reported == 2 and not s.failed_inputs
+    first, second = (store.input_id(str(p)) for p in slides)
+    kinds = {k.split("-")[0] for k, _ in submitted if first in k}
+    assert kinds == {"prepare", "chunk"}  # no score task, no report task
+    chunks = [args for k, args in submitted if k.startswith(f"chunk-{first}-")]
+    assert len(chunks) >= 2 and all(args[-1] is not None and args[-1][0] for args in chunks)  # (patient, thr, cfg)
+    assert reports[:1] == [first] and set(reports) == {first}  # (two may report if they finish together)
+    assert {k.split("-")[0] for k, _ in submitted if second in k} >= {"prepare", "chunk", "score", "report"}
+    assert all(args[-1] is None for k, args in submitted if k.startswith(f"chunk-{second}-"))
+    assert marked == [second]  # the first by the chunk task that reported it, on a worker
+    for gid in (first, second):
+        g = Run.of(run).open_input(gid, "r")
+        assert g.attrs["complete"] and "idc_map" in g
+    assert {r["input_id"]: r["status"] for r in _rows(run)} == {first: "reported", second: "reported"}
+
+
+def test_a_first_slide_whose_chunk_fails_fails_once_and_the_run_goes_on(client, mpp_slides, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """The first slide's chunk tasks carry its report; when one of them cannot read its tiles (a damaged JPEG tile
+    that neither the preflight nor the plan touches), no report is made: the slide fails once, at its tiles (one
+    failures row, no report failure), not complete; the next slide is reported."""
+    import tifffile
+
+    from cancernet_batch.synth import SlideSpec, write_slide
+
+    bad = tmp_path / "a-bad.svs"  # 0.5 µm/px, levels at 2 and 8 µm/px: tiles from level 1, the plan's view from 2
+    write_slide(SlideSpec(path=bad, width=6144, height=4096, mpp=0.5, seed=41))
+    with tifffile.TiffFile(bad) as tf:
+        tiled = [pg for pg in tf.pages if pg.is_tiled]  # (the thumbnail is a page of strips)
+        assert len(tiled) == 3 and tiled[1].shape[:2] == (1024, 1536)
+        offset = tiled[1].dataoffsets[0]  # its top-left tile: in the first chunk, not the probed centre one
+    with open(bad, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\0" * 64)
+    carried: list[str] = []
+    real = type(client).submit
+
+    def spy(self, fn, *args, **kwargs):
+        if kwargs["key"].startswith("chunk-") and args[-1] is not None:
+            carried.append(kwargs["key"])
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(type(client), "submit", spy)
+    good = tmp_path / "b-good.svs"  # inputs go in the order of their paths
+    good.write_bytes(mpp_slides[2].path.read_bytes())
+    run = tmp_path / "run"
+    s = run_pipeline([bad, good], run, TileConfig(target_mpp=4.0, chunk=8, tissue_filter=False),
+                     PredictConfig(model_dir=str(tiny_model_dir)), client=client)
+    assert carried and {k.split("-")[1] for k in carried} == {"a"}  # a-bad's chunks carried its report
+    assert s.report.reported == 1 and set(s.failed_inputs) == {str(bad)}
+    failures = list(csv.DictReader(open(run / "failures.csv")))
+    assert [(f["input"], f["stage"], f["error_class"]) for f in failures] == [(str(bad), "tile", "SlideReadError")]
+    assert not Run.of(run).open_input(store.input_id(str(bad)), "r").attrs["complete"]
+    rows = {r["input_id"]: r["status"] for r in _rows(run)}
+    assert rows[store.input_id(str(good))] == "reported"

@@ -309,6 +309,21 @@ def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportCon
     return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg, read)
 
 
+def report_if_last(run: Run, gid: str, group, patient: str, thr: Threshold, cfg: ReportConfig
+                   ) -> tuple[InputReport, Failure | None] | None:
+    """In a chunk task that has just scored its chunk (:func:`~cancernet_batch.stages.tile.tile_chunk_task` with
+    ``report``): when every chunk of the input is now scored (its done flags, read after this chunk's was
+    written), mark the input's tiling complete and make its report part, as :func:`report_task` does, in the same
+    task: no round trip through the client, and no chunk results to fetch from other workers, between the last
+    chunk and the report. Else None. Two chunk tasks that finish together may both make it (the same files, each
+    written atomically); the client takes the first."""
+    done = store.done_mask(group)
+    if not done.all():
+        return None
+    store.mark_complete(group)
+    return report_task(run, gid, patient, thr, cfg, group=group, read={"done": done})
+
+
 def submit_report(client, run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, *,
                   split: bool = False, priority: int = 0):
     """Submit :func:`report_task` for one input; on the tiling workers when the work is split."""

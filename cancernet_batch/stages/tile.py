@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import deadline, store
 from ..cluster import ClusterConfig
-from ..errors import CancerNetError, SlideReadError
+from ..errors import CancerNetError, SlideReadError, StorageError
 from ..failures import Failure
 from ..runfolder import Run
 from ..tiling import InputSpec, TileConfig, TilePlan, plan_patches, plan_slide, read_tiles, source_stat
@@ -192,7 +192,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     scored. ``tile_first``: the first chunk still to write is tiled here too (as :func:`tile_chunk_task` does), listed in
     ``tiled`` instead of ``todo`` (an input of one chunk needs no other task, and the worker does not wait for
     the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``. An
-    input left with no chunk to write is marked complete here (``complete`` in the result)."""
+    input left with no chunk to write is marked complete here (``complete`` in the result). With ``scoring``,
+    ``attrs`` holds the group's attributes (for its report)."""
     if preflight:
         checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
         if isinstance(checked, Failure):
@@ -238,6 +239,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
+    if scoring is not None:  # its report needs them: the client does not read them back
+        out["attrs"] = dict(g.attrs)
     if tile_first and todo:
         try:
             index, start, stop = todo[0]  # the group and its coords are in hand: no reading them back
@@ -269,11 +272,14 @@ def _with_scoring(out: dict, g, gid: str, source: str, scoring, made: bool) -> d
 
 
 def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, stop: int, level: int,
-                    tile_px: float, cfg: TileConfig, scoring=None) -> int | dict:
+                    tile_px: float, cfg: TileConfig, scoring=None, report=None) -> int | dict:
     """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag; the number
     of tiles. With ``scoring`` (a :class:`~cancernet_batch.stages.score.PredictConfig`; the workers that tile
     also score), the chunk is scored here too, from the tiles in hand: ``{"n": tiles, "score": score_chunk's
-    result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks)."""
+    result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks).
+    ``report`` (``(patient, threshold, ReportConfig)``, with ``scoring``): when this chunk is the input's last to be
+    scored, its report part is made here too (:func:`~cancernet_batch.stages.report.report_if_last`), in
+    ``"report"``: ``report_task``'s result, None (not the last), or the exception it raised."""
     g = run.open_input(gid)
     tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg,
                          plan=g.attrs)
@@ -285,7 +291,17 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
         scored = score_chunk(run, gid, index, start, stop, scoring, tiles=tiles, group=g)
     except Exception as exc:  # noqa: BLE001 - the tiles are written; the client fails the input at its scoring
         scored = exc
-    return {"n": len(tiles), "score": scored}
+    out = {"n": len(tiles), "score": scored}
+    if report is not None and not isinstance(scored, BaseException):
+        from .report import report_if_last
+
+        try:
+            out["report"] = report_if_last(run, gid, g, *report)
+        except StorageError:
+            raise  # the output folder itself is unwritable or full: the run stops
+        except Exception as exc:  # noqa: BLE001 - this input's report only (as for a report task)
+            out["report"] = exc
+    return out
 
 
 def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
