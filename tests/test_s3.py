@@ -1425,3 +1425,29 @@ def test_a_report_task_on_object_storage_looks_its_arrays_up_at_once(s3):
     assert sorted(docs) == sorted(["zarr.json"] + [f"{a}/zarr.json" for a in
                                                    ("tiles", "coords", "labels", "tiled", "probs", "done")]), docs
     assert "idc_map" in store.NodeCache(run.open_input(gid)._group)  # the map was written
+
+
+def test_a_rerun_finds_the_report_files_of_finished_inputs_in_one_listing(s3, s3_inputs, tiny_model_dir, client, capsys):
+    """A re-run over inputs scored and reported before (what a resumed night does first) finds which of their report
+    files are there from one listing of the report folder, made by the client, instead of 7 look-ups (HEADs) in
+    each input's task. A part whose files are all there is kept (nothing drawn or written again); one with a file
+    gone is drawn again."""
+    prefix = "nights/relist"
+    args = ["run", f"s3://{BUCKET}/good/", "--out", f"s3://{BUCKET}/{prefix}", "--model", str(tiny_model_dir),
+            "--scheduler", client.scheduler.address, "--chunk-size", "16", "--storage-options", json.dumps(s3.options())]
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err
+    fs = s3.fs()
+    maps = sorted(p for p in fs.find(f"{BUCKET}/{prefix}/report/maps") if p.endswith(".png"))
+    assert len(maps) == 2
+    fs.rm_file(maps[0])
+    s3.server.reset()
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err
+    report = [r for r in s3.server.requests if f"/{BUCKET}/{prefix}/report/" in r.path]
+    assert not [r for r in report if r.method == "HEAD"], [(r.method, r.path) for r in report]
+    drawn = sorted(r.path.rsplit("/", 1)[-1] for r in report if r.method == "PUT" and r.path.endswith(".png"))
+    assert drawn == [maps[0].rsplit("/", 1)[-1]]  # the part with a file gone, only
+    assert sorted(p for p in fs.find(f"{BUCKET}/{prefix}/report/maps") if p.endswith(".png")) == maps
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{BUCKET}/{prefix}/report/inputs.csv").decode())))
+    assert [r["status"] for r in rows] == ["reported", "reported"]

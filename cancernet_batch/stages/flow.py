@@ -114,6 +114,7 @@ class Flow:
         self.stopped_by_deadline = False
         self.started = time.time()
         self.first_report_seconds: float | None = None
+        self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
         self.inputs_total = 0
         self.inputs_done = 0
         self._threads = 1  # worker threads of the cluster (set by execute)
@@ -364,12 +365,13 @@ class Flow:
             from .score import settle_task
 
             inp.tiling_done = True
-            report = None
+            report = present = None
             if self.report_cfg is not None and inp.attrs is not None:  # reported in the same task if all is scored
                 inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
                 report = (inp.patient, self.threshold, self.report_cfg)
-            self._submit("settle", inp, settle_task, self.run, inp.gid, self.scoring, report, priority=_SCORE,
-                         anywhere=True)
+                present = self._report_files_present(inp.gid)
+            self._submit("settle", inp, settle_task, self.run, inp.gid, self.scoring, report, present,
+                         priority=_SCORE, anywhere=True)
         elif inp.spec is not None and inp.spec.kind == "patches":
             self._submit("patches", inp, patches_task, self.run, inp.source, self.tile_cfg, self.scoring,
                          priority=_TILE)
@@ -383,6 +385,19 @@ class Flow:
             # section 6, 2026-12-04 21:25)
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
                          inp.edge, not inp.preflighted, self.scoring, not inp.first, priority=_TILE)
+
+    def _report_files_present(self, gid: str) -> frozenset | None:
+        """On object storage, which of the input's report files are there (:func:`~cancernet_batch.stages.report.
+        part_names`), from one listing of the report folder made at the first call: a request per 1,000 objects for
+        the whole run, instead of 7 look-ups in the task of each input tiled before (a re-run, a resumed night).
+        None on local disk, where a look-up is a ``stat``."""
+        from .report import part_names
+
+        if not self.run.remote:
+            return None
+        if self._report_listing is None:
+            self._report_listing = frozenset(self.run.fs.find(self.run.report_dir))
+        return part_names(gid, self.report_cfg) & self._report_listing
 
     def _on_settle(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):  # e.g. tiled at another µm/px, or damaged arrays of this input only

@@ -201,9 +201,20 @@ def _part_files(row: InputReport, gid: str, cfg: ReportConfig) -> list[str]:
                             f"{files.ome_zarr}/.zattrs") if rel]
 
 
-def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str) -> InputReport | None:
+def part_names(gid: str, cfg: ReportConfig) -> frozenset[str]:
+    """Every file a reported input's part has (relative to ``RUN/report``): those :func:`_part_files` names for
+    the row a part of this input is made with."""
+    files = input_files(gid, cfg)
+    return frozenset((files.heatmap, files.geojson, files.view, files.regions, files.thumb, files.ome_tiff,
+                      f"{files.ome_zarr}/.zattrs"))
+
+
+def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str, present: frozenset | None = None
+               ) -> InputReport | None:
     """The row of an input whose report part is whole and was made from what it would be made from now (``key``:
-    :func:`_part_key`; a re-run over finished inputs, a resumed night): nothing to draw again. None: draw it."""
+    :func:`_part_key`; a re-run over finished inputs, a resumed night): nothing to draw again. None: draw it.
+    ``present``: which of its :func:`part_names` a listing of the report folder found (on object storage: one
+    listing for the whole run instead of a look-up of each file here); None: look each one up."""
     try:
         stamp = group["idc_map"].attrs.get(PART_STAMP)
     except KeyError:
@@ -216,7 +227,10 @@ def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str) -> InputR
                           r["regions"])
     except (KeyError, TypeError):
         return None
-    return row if run.fs.all_exist([run.report_file(rel) for rel in _part_files(row, gid, cfg)]) else None
+    rels = _part_files(row, gid, cfg)
+    whole = (all(rel in present for rel in rels) if present is not None
+             else run.fs.all_exist([run.report_file(rel) for rel in rels]))
+    return row if whole else None
 
 
 def _stamp_part(group, row: InputReport, key: str) -> None:
@@ -229,7 +243,7 @@ def _stamp_part(group, row: InputReport, key: str) -> None:
 
 
 def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: Threshold, cfg: ReportConfig,
-               read: dict | None = None) -> tuple[InputReport, Failure | None]:
+               read: dict | None = None, present: frozenset | None = None) -> tuple[InputReport, Failure | None]:
     read = dict(read or {})  # the arrays read so far (input_state's done flags at least): not read again
     status, note = input_state(group, read)
     model_id = str(group["probs"].attrs.get("model_id", "")) if "probs" in group else ""
@@ -238,7 +252,7 @@ def _one_input(run: Run, gid: str, group, attrs: InputAttrs, patient: str, thr: 
     try:
         scored = load_scored(gid, group, patient, read=read)
         key = _part_key(scored, group, patient, thr.value, cfg)
-        kept = _kept_part(run, gid, group, cfg, key)
+        kept = _kept_part(run, gid, group, cfg, key, present)
         if kept is not None:
             return kept, None
         with run.fs.staged(run.report_dir) as out:  # on object storage: written here, then PUT
@@ -298,15 +312,16 @@ def _check_model(thr: Threshold, rows: list[InputReport]) -> None:
 
 
 def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportConfig, group=None,
-                read: dict | None = None) -> tuple[InputReport, Failure | None]:
+                read: dict | None = None, present: frozenset | None = None) -> tuple[InputReport, Failure | None]:
     """Dask task: the report of one input (maps into its group, heatmap, GeoJSON), on a worker. ``group``: the input's
     group, when the calling task has it open (:func:`~cancernet_batch.stages.score.settle_task`); ``read``: the
-    arrays that task has just read from it (done flags, coords, probabilities: not read again)."""
+    arrays that task has just read from it (done flags, coords, probabilities: not read again); ``present``: as
+    for :func:`_kept_part`."""
     # not open_store: its clean-up would delete other workers' files in flight
     g = group if group is not None else run.open_input(gid)
     if run.remote and hasattr(g, "load_members"):  # its arrays' documents in two round trips, not one each
         g.load_members()
-    return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg, read)
+    return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg, read, present)
 
 
 def report_if_last(run: Run, gid: str, group, patient: str, thr: Threshold, cfg: ReportConfig

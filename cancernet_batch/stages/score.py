@@ -198,12 +198,14 @@ def _scored_by(run: Run) -> set:
     return {attrs.get("model_id") for attrs in probs.values() if attrs is not None}
 
 
-def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = None) -> dict:
+def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = None,
+                present: frozenset | None = None) -> dict:
     """Worker: for an input tiled before (a re-run, a resumed night), its predictions set up and the chunks still to
     score (``"score"``: :func:`input_chunks_to_score`), found here rather than by the client, one input after
     another. ``report``: ``(patient, threshold, ReportConfig)``; when nothing is left to score, the input's report
     part is made (or kept) here too (``"report"``: :func:`~cancernet_batch.stages.report.report_task`'s result),
-    from the group this task has open: a finished input costs one task, not two."""
+    from the group this task has open: a finished input costs one task, not two. ``present``: which of its report
+    files the client's listing found (see :func:`~cancernet_batch.stages.report.report_task`)."""
     g = run.open_input(gid)
     read: dict = {}  # its done flags, coords and probabilities as read here: the report reads them no more
     chunks = input_chunks_to_score(g, gid, scoring, read=read)
@@ -211,7 +213,7 @@ def settle_task(run: Run, gid: str, scoring: Scoring, report: tuple | None = Non
         return {"score": chunks}
     from .report import report_task
 
-    return {"score": chunks, "report": report_task(run, gid, *report, group=g, read=read)}
+    return {"score": chunks, "report": report_task(run, gid, *report, group=g, read=read, present=present)}
 
 
 def input_chunks_to_score(g, gid: str, scoring: Scoring, *, made: bool = False, read: dict | None = None
