@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,6 @@ def test_geojson_stream_benchmark_rows(tmp_path):
 
 def test_slide_overhead_breakdown(tmp_path, slides_dir):
     """benchmarks/slide_overhead.py prints every part of the per-slide overhead for real slides (two copies)."""
-    import shutil
-
     copies = [shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / f"c{i}.svs") for i in range(2)]
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "slide_overhead.py"), *map(str, copies),
                         "--rounds", "2"], capture_output=True, text=True, timeout=600)
@@ -157,6 +156,25 @@ def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slid
         assert rows[piece] > 0, (piece, r.stdout)
     assert rows["total"] >= rows["write_heatmap"] + rows["write_pyramids"]
     assert len(list((tmp_path / "run" / "report").rglob("*.png"))) == 2  # the last round's heatmaps
+
+
+def test_tile_cpu_splits_the_commands_cpu_by_process_and_per_tile(synth_slide_dir, slides_dir, tmp_path):
+    """benchmarks/tile_cpu.py: the CPU of whole ``cancernet tile`` commands by process (the command, the forkserver,
+    the workers, their preflight children), for a small slide and for the set, the marginal CPU per tile, and the
+    same task functions in one process."""
+    small = shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / "small.svs")
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
+    out = tmp_path / "cpu.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_cpu.py"), *slides, "--small", str(small),
+                        "--repeat", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["small"][0]["tiles"] == 21 and d["set"][0]["tiles"] > 21  # CMU-1-Small-Region: 21 tiles at 4 µm/px
+    for run in (*d["small"], *d["set"]):  # every kind of process of a local cluster is found and has spent CPU
+        assert all(run["cpu"][k] > 0 for k in ("command", "forkserver", "workers")), run
+    assert d["rows"]["all"]["set"] > d["rows"]["all"]["small"] > 0.3  # imports alone cost that
+    assert d["in_process"]["tiles"] == d["set"][0]["tiles"] and d["in_process"]["cpu"] > 0
+    assert "| workers |" in r.stdout and "ms per tile" in r.stdout
 
 
 def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):

@@ -1,0 +1,168 @@
+"""The CPU of a whole ``cancernet tile`` command, by process, split into what it costs once and what it costs per tile
+(issue 17's CPU target: at most half the naive loop's CPU per tile).
+
+    python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--json FILE]
+
+Runs ``cancernet tile`` as a user does (its own local cluster, ``--workers``), on ``--small`` alone (a slide of a few
+tiles: what the command costs whatever it tiles) and on ``SLIDE...`` (the set), ``--repeat`` times each, alternating.
+Every 10 ms it samples the CPU (user + system) of each process of the command's tree (psutil), grouped by role: the
+command itself (the client, with the scheduler), the forkserver that local workers are forked from, the workers,
+their preflight children, and any other (multiprocessing's resource tracker). Then the stage's own task functions
+(:func:`~cancernet_batch.stages.tile.prepare_slide_task` and :func:`~cancernet_batch.stages.tile.tile_chunk_task`, as
+the workers run them) on the set in this process, without Dask, warm, best of ``--repeat``: the CPU per tile of the
+work itself. Prints, per role, the median CPU s of the small slide's command and of the set's, and the difference
+per tile of the set (the marginal CPU per tile), against the in-process figure.
+
+A process that ends between two samples loses its last few ms: figures are a little low, never high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROLES = ("command", "forkserver", "workers", "preflight children", "other")
+
+
+def _role(proc, root_pid: int, forkserver: set[int], workers: set[int]) -> str:
+    if proc.pid == root_pid:
+        return "command"
+    try:
+        line = " ".join(proc.cmdline())
+        parent = proc.ppid()
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "other"
+    if "forkserver" in line and parent == root_pid:
+        forkserver.add(proc.pid)
+        return "forkserver"
+    if parent in forkserver:
+        workers.add(proc.pid)
+        return "workers"
+    if parent in workers:
+        return "preflight children"
+    return "other"
+
+
+def command_cpu(slides: list[str], workers: int) -> dict:
+    """``cancernet tile SLIDES`` in a fresh run folder: wall s, tiles written, CPU s by role."""
+    import psutil
+
+    run = Path(tempfile.mkdtemp(prefix="tile-cpu-"))
+    try:
+        cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *slides, "--out", str(run / "run"),
+               "--workers", str(workers)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        root = psutil.Process(proc.pid)
+        cpu: dict[int, float] = {}
+        role: dict[int, str] = {}
+        forkserver: set[int] = set()
+        worker_pids: set[int] = set()
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                tree = []
+            for p in sorted(tree, key=lambda q: q.pid):  # parents (lower pids, as a rule) first
+                try:
+                    t = p.cpu_times()
+                except psutil.Error:
+                    continue
+                cpu[p.pid] = t.user + t.system
+                if p.pid not in role:
+                    role[p.pid] = _role(p, proc.pid, forkserver, worker_pids)
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"cancernet tile failed: {proc.stderr.read().decode()[-2000:]}")
+        from cancernet_batch import store
+        from cancernet_batch.runfolder import Run
+
+        tiles = sum(int(g.attrs["n_tiles"]) for _, g in store.iter_inputs(Run.of(run / "run").open_store("r")))
+        by_role = {r: 0.0 for r in ROLES}
+        for pid, c in cpu.items():
+            by_role[role.get(pid, "other")] += c
+        return {"wall": wall, "tiles": tiles, "cpu": by_role}
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def in_process(slides: list[str], repeat: int) -> tuple[int, float]:
+    """The stage's task functions on ``slides`` in this process (no Dask), best of ``repeat`` after a warm-up:
+    (tiles, CPU s)."""
+    from cancernet_batch.runfolder import Run
+    from cancernet_batch.stages.tile import prepare_slide_task, tile_chunk_task
+    from cancernet_batch.tiling import TileConfig as Cfg
+
+    cfg = Cfg()
+    best, n = float("inf"), 0
+    for _ in range(repeat + 1):
+        d = Path(tempfile.mkdtemp(prefix="tile-cpu-"))
+        try:
+            run = Run.of(d / "run").create()
+            run.open_store("a").require_group("inputs")
+            t0, n = time.process_time(), 0
+            for s in slides:
+                out = prepare_slide_task(run, s, cfg, [], tile_first=True)
+                n += sum(e - b for _, b, e in out["tiled"])
+                for i, b, e in out["todo"]:
+                    n += tile_chunk_task(run, out["gid"], s, i, b, e, out["level"], out["tile_px"], cfg)
+            best = min(best, time.process_time() - t0)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    return n, best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("slides", nargs="+")
+    ap.add_argument("--small", required=True, help="a slide of few tiles: the command's cost whatever it tiles")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    from cancernet_batch.machine import machine
+
+    small, full = [], []
+    for _ in range(a.repeat):
+        small.append(command_cpu([a.small], a.workers))
+        full.append(command_cpu(a.slides, a.workers))
+    n_in, cpu_in = in_process(a.slides, a.repeat)
+
+    def med(runs: list[dict], r: str) -> float:
+        return statistics.median(x["cpu"][r] for x in runs)
+
+    n_small, n_full = small[0]["tiles"], full[0]["tiles"]
+    extra = max(1, n_full - n_small)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    m = machine()
+    print(f"{when}, {m.get('cpu')}, {m.get('cores')} cores; `cancernet tile --workers {a.workers}`, medians of "
+          f"{a.repeat}; small: {n_small} tiles, set: {len(a.slides)} slides, {n_full} tiles\n")
+    print("| process | small slide, CPU s | the set, CPU s | set - small, CPU ms per tile |")
+    print("|---|---:|---:|---:|")
+    rows = {}
+    for r in (*ROLES, "all"):
+        s = statistics.median(sum(x["cpu"].values()) for x in small) if r == "all" else med(small, r)
+        f = statistics.median(sum(x["cpu"].values()) for x in full) if r == "all" else med(full, r)
+        rows[r] = {"small": s, "set": f, "ms_per_tile": 1000 * (f - s) / extra}
+        print(f"| {r} | {s:.2f} | {f:.2f} | {rows[r]['ms_per_tile']:.3f} |")
+    per_tile_all = 1000 * rows["all"]["set"] / max(1, n_full)
+    print(f"\nthe set's whole command: {per_tile_all:.3f} CPU ms per tile; the same task functions in one process "
+          f"(no Dask, best of {a.repeat}): {1000 * cpu_in / max(1, n_in):.3f} ms per tile ({n_in} tiles)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "small": small, "set": full,
+                                            "rows": rows, "in_process": {"tiles": n_in, "cpu": cpu_in}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
