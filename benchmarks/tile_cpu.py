@@ -32,18 +32,19 @@ from pathlib import Path
 ROLES = ("command", "forkserver", "workers", "preflight children", "other")
 
 
-def _role(proc, root_pid: int, forkserver: set[int], workers: set[int]) -> str:
+def _role(proc, root_pid: int, forkserver: set[int], workers: set[int]) -> str | None:
+    """The role of ``proc`` in the command's tree; None when it cannot be told now (exiting: a zombie)."""
     if proc.pid == root_pid:
         return "command"
     try:
         line = " ".join(proc.cmdline())
         parent = proc.ppid()
     except Exception:  # noqa: BLE001 - gone meanwhile
-        return "other"
+        return None
     if "forkserver" in line and parent == root_pid:
         forkserver.add(proc.pid)
         return "forkserver"
-    if parent in forkserver:
+    if parent in forkserver:  # (forked, never exec'd: its command line is the server's)
         workers.add(proc.pid)
         return "workers"
     if parent in workers:
@@ -77,8 +78,11 @@ def command_cpu(slides: list[str], workers: int) -> dict:
                 except psutil.Error:
                     continue
                 cpu[p.pid] = t.user + t.system
-                if p.pid not in role:
-                    role[p.pid] = _role(p, proc.pid, forkserver, worker_pids)
+                # classified again at each sample (a child seen between its fork and its exec still shows its
+                # parent's command line), keeping the last that could be told (an exiting worker cannot)
+                r = _role(p, proc.pid, forkserver, worker_pids)
+                if r is not None:
+                    role[p.pid] = r
             time.sleep(0.01)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
