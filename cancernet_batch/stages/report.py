@@ -194,19 +194,22 @@ def _part_key(scored, group, patient: str, threshold: float, cfg: ReportConfig) 
     return h.hexdigest()
 
 
+def _unnamed_part_files(files: InputFiles) -> tuple[str, ...]:
+    """The files of a reported input's part that its row does not name: the thumbnail and the pyramids."""
+    return files.thumb, files.ome_tiff, f"{files.ome_zarr}/.zattrs"
+
+
 def _part_files(row: InputReport, gid: str, cfg: ReportConfig) -> list[str]:
     """The files of a reported input's part (relative to ``RUN/report``): its row's and the pyramids."""
-    files = input_files(gid, cfg)
-    return [rel for rel in (row.heatmap, row.geojson, row.view, row.regions, files.thumb, files.ome_tiff,
-                            f"{files.ome_zarr}/.zattrs") if rel]
+    named = [rel for rel in (row.heatmap, row.geojson, row.view, row.regions) if rel]
+    return named + list(_unnamed_part_files(input_files(gid, cfg)))
 
 
 def part_names(gid: str, cfg: ReportConfig) -> frozenset[str]:
     """Every file a reported input's part has (relative to ``RUN/report``): those :func:`_part_files` names for
     the row a part of this input is made with."""
     files = input_files(gid, cfg)
-    return frozenset((files.heatmap, files.geojson, files.view, files.regions, files.thumb, files.ome_tiff,
-                      f"{files.ome_zarr}/.zattrs"))
+    return frozenset((files.heatmap, files.geojson, files.view, files.regions, *_unnamed_part_files(files)))
 
 
 def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str, present: frozenset | None = None
