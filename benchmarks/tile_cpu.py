@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tiling_speed import tree_cpu
+
 ROLES = ("command", "forkserver", "workers", "preflight children", "other")
 
 
@@ -68,16 +70,8 @@ def command_cpu(slides: list[str], workers: int) -> dict:
         forkserver: set[int] = set()
         worker_pids: set[int] = set()
         while proc.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                tree = []
-            for p in sorted(tree, key=lambda q: q.pid):  # parents (lower pids, as a rule) first
-                try:
-                    t = p.cpu_times()
-                except psutil.Error:
-                    continue
-                cpu[p.pid] = t.user + t.system
+            for p, c in tree_cpu(root):  # parents (lower pids, as a rule) first
+                cpu[p.pid] = c
                 # classified again at each sample (a child seen between its fork and its exec still shows its
                 # parent's command line), keeping the last that could be told (an exiting worker cannot)
                 r = _role(p, proc.pid, forkserver, worker_pids)

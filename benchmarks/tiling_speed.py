@@ -97,6 +97,25 @@ def tiatoolbox(python: str, plans_, jobs_file: Path, workers: int) -> dict:
     return {"tia_tiles": r["tiles"], "tia_wall": r["wall"], "tia_version": r["version"]}
 
 
+def tree_cpu(root) -> list:
+    """One sample of the CPU (user + system, s) of ``root`` (a ``psutil.Process``) and of every process below it, as
+    ``[(process, cpu)]`` in the order of their pids (parents first, as a rule); those gone meanwhile are left out."""
+    import psutil
+
+    try:
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    out = []
+    for p in sorted(tree, key=lambda q: q.pid):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out.append((p, t.user + t.system))
+    return out
+
+
 def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: str | None = None,
                    model: str | None = None) -> dict:
     """Run ``cancernet tile`` (with ``model``: ``cancernet run``) as a user does; wall, CPU of the whole
@@ -116,16 +135,7 @@ def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=package)
     root, cpu, first = psutil.Process(proc.pid), {}, None
     while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for p in tree:
-            try:
-                t = p.cpu_times()
-                cpu[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
+        cpu.update((p.pid, c) for p, c in tree_cpu(root))
         if first is None and any((run / "tiles.zarr" / "inputs").glob("*/tiled/c/*")):
             first = time.perf_counter() - t0
         time.sleep(0.02)
