@@ -73,9 +73,11 @@ def command_cpu(slides: list[str], workers: int) -> dict:
             for p, c in tree_cpu(root):  # parents (lower pids, as a rule) first
                 cpu[p.pid] = c
                 # classified again at each sample (a child seen between its fork and its exec still shows its
-                # parent's command line), keeping the last that could be told (an exiting worker cannot)
+                # parent's command line), keeping the last that could be told (an exiting worker cannot), but never
+                # going back to "other": a process orphaned while the command exits (its parent gone first) keeps
+                # the role it had
                 r = _role(p, proc.pid, forkserver, worker_pids)
-                if r is not None:
+                if r is not None and (r != "other" or role.get(p.pid, "other") == "other"):
                     role[p.pid] = r
             time.sleep(0.01)
         wall = time.perf_counter() - t0
