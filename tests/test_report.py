@@ -139,6 +139,22 @@ def test_probability_pyramids_of_reported_inputs_only(run):
     assert g.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [200.0, 200.0]
 
 
+def test_a_listing_of_the_report_keeps_every_part_file_and_drops_the_maps_arrays(run):
+    """What a re-run on object storage keeps of its one listing of the report folder (``part_listing``): every file
+    of every reported input's part that is there (``part_names``), without the OME-Zarr maps' arrays and chunks."""
+    from cancernet_batch.stages.report import part_listing, part_names
+
+    out = run["out"]
+    listing = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    kept = part_listing(listing)
+    for k in ("a", "b", "evil"):  # the reported inputs: each part whole, and whole in what is kept
+        names = part_names(run["ids"][k], ReportConfig())
+        assert names <= listing and names <= kept, sorted(names - kept)
+    in_maps = {n for n in listing if ".ome.zarr/" in n}
+    assert len(in_maps) >= 3 * 8  # the maps' groups, arrays and chunks, a few for each of the three
+    assert kept == listing - in_maps | {n for n in in_maps if n.endswith(".ome.zarr/.zattrs")}
+
+
 def test_region_columns_and_regions_geojson(run):
     """At 0.5 the IDC tiles of a, b and evil touch only at corners: one region each (4-connectivity)."""
     rows = _by(_rows(run["out"] / "inputs.csv"), "input_id")

@@ -1427,11 +1427,13 @@ def test_a_report_task_on_object_storage_looks_its_arrays_up_at_once(s3):
     assert "idc_map" in store.NodeCache(run.open_input(gid)._group)  # the map was written
 
 
-def test_a_rerun_finds_the_report_files_of_finished_inputs_in_one_listing(s3, s3_inputs, tiny_model_dir, client, capsys):
+def test_a_rerun_finds_the_report_files_of_finished_inputs_in_one_listing(s3, s3_inputs, tiny_model_dir, client, capsys,
+                                                                         monkeypatch):
     """A re-run over inputs scored and reported before (what a resumed night does first) finds which of their report
     files are there from one listing of the report folder, made by the client, instead of 7 look-ups (HEADs) in
     each input's task. A part whose files are all there is kept (nothing drawn or written again); one with a file
-    gone is drawn again."""
+    gone is drawn again. The client keeps of the listing only the names a part can have (not the OME-Zarr maps'
+    arrays and chunks), and only until the last of these inputs has started."""
     prefix = "nights/relist"
     args = ["run", f"s3://{BUCKET}/good/", "--out", f"s3://{BUCKET}/{prefix}", "--model", str(tiny_model_dir),
             "--scheduler", client.scheduler.address, "--chunk-size", "16", "--storage-options", json.dumps(s3.options())]
@@ -1442,8 +1444,22 @@ def test_a_rerun_finds_the_report_files_of_finished_inputs_in_one_listing(s3, s3
     assert len(maps) == 2
     fs.rm_file(maps[0])
     s3.server.reset()
+    from cancernet_batch.stages.flow import Flow
+
+    kept = []  # what the client keeps of the listing after each input's call: the names a part can have, then none
+    present = Flow._report_files_present
+
+    def spy(self, gid):
+        found = present(self, gid)
+        kept.append(None if self._report_listing is None else set(self._report_listing))
+        return found
+
+    monkeypatch.setattr(Flow, "_report_files_present", spy)
     rc, out, err = _main(capsys, *args)
     assert rc == 0, out + err
+    assert len(kept) == 2 and kept[1] is None, kept  # released once the last input tiled before has started
+    assert not [n for n in kept[0] if ".ome.zarr/" in n and not n.endswith(".ome.zarr/.zattrs")], kept[0]
+    assert sum(n.endswith(".ome.zarr/.zattrs") for n in kept[0]) == 2
     report = [r for r in s3.server.requests if f"/{BUCKET}/{prefix}/report/" in r.path]
     assert not [r for r in report if r.method == "HEAD"], [(r.method, r.path) for r in report]
     drawn = sorted(r.path.rsplit("/", 1)[-1] for r in report if r.method == "PUT" and r.path.endswith(".png"))

@@ -115,6 +115,8 @@ class Flow:
         self.started = time.time()
         self.first_report_seconds: float | None = None
         self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
+        self._settles_left = 0  # inputs tiled before whose task has not started, for whom the listing is kept
+        # (below 0: released)
         self.inputs_total = 0
         self.inputs_done = 0
         self._threads = 1  # worker threads of the cluster (set by execute)
@@ -188,6 +190,7 @@ class Flow:
         self._seq += 1
         inp = _Input(self._seq, source, gid, entry, **kw)
         self.queue.append(inp)
+        self._settles_left += entry == "score"
         return inp
 
     # ---------------------------------------------------------------------------------------
@@ -364,6 +367,8 @@ class Flow:
             from ..aggregate import patient_of
             from .score import settle_task
 
+            if not inp.tiling_done:  # its first start, not a retry
+                self._settles_left -= 1
             inp.tiling_done = True
             report = present = None
             if self.report_cfg is not None and inp.attrs is not None:  # reported in the same task if all is scored
@@ -390,14 +395,19 @@ class Flow:
         """On object storage, which of the input's report files are there (:func:`~cancernet_batch.stages.report.
         part_names`), from one listing of the report folder made at the first call: a request per 1,000 objects for
         the whole run, instead of 7 look-ups in the task of each input tiled before (a re-run, a resumed night).
+        The listing keeps only the names a part can have (:func:`~cancernet_batch.stages.report.part_listing`), and
+        only until the last input tiled before has started; an input started again after that (a retry) gets None.
         None on local disk, where a look-up is a ``stat``."""
-        from .report import part_names
+        from .report import part_listing, part_names
 
-        if not self.run.remote:
+        if not self.run.remote or self._settles_left < 0:
             return None
         if self._report_listing is None:
-            self._report_listing = frozenset(self.run.fs.find(self.run.report_dir))
-        return part_names(gid, self.report_cfg) & self._report_listing
+            self._report_listing = part_listing(self.run.fs.find(self.run.report_dir))
+        present = part_names(gid, self.report_cfg) & self._report_listing
+        if self._settles_left == 0:  # the last: released
+            self._report_listing, self._settles_left = None, -1
+        return present
 
     def _on_settle(self, inp: _Input, res, extra) -> None:
         if isinstance(res, BaseException):  # e.g. tiled at another µm/px, or damaged arrays of this input only

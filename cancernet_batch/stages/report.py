@@ -194,9 +194,14 @@ def _part_key(scored, group, patient: str, threshold: float, cfg: ReportConfig) 
     return h.hexdigest()
 
 
+_OME_ZARR_MARK = ".zattrs"
+"""The object of an input's OME-Zarr map that stands for the whole map among its part's files (its root
+attributes: the multiscales document)."""
+
+
 def _unnamed_part_files(files: InputFiles) -> tuple[str, ...]:
     """The files of a reported input's part that its row does not name: the thumbnail and the pyramids."""
-    return files.thumb, files.ome_tiff, f"{files.ome_zarr}/.zattrs"
+    return files.thumb, files.ome_tiff, f"{files.ome_zarr}/{_OME_ZARR_MARK}"
 
 
 def _part_files(row: InputReport, gid: str, cfg: ReportConfig) -> list[str]:
@@ -210,6 +215,14 @@ def part_names(gid: str, cfg: ReportConfig) -> frozenset[str]:
     the row a part of this input is made with."""
     files = input_files(gid, cfg)
     return frozenset((files.heatmap, files.geojson, files.view, files.regions, *_unnamed_part_files(files)))
+
+
+def part_listing(names) -> frozenset[str]:
+    """The names of a listing of the report folder (relative to ``RUN/report``) that can be one of an input's
+    :func:`part_names`: the OME-Zarr maps' arrays and chunks (a dozen objects an input, more for a large map) are
+    left out, each map's root ``.zattrs`` kept. What a re-run keeps of the listing for the run's life."""
+    zattrs = f".ome.zarr/{_OME_ZARR_MARK}"
+    return frozenset(n for n in names if ".ome.zarr/" not in n or n.endswith(zattrs))
 
 
 def _kept_part(run: Run, gid: str, group, cfg: ReportConfig, key: str, present: frozenset | None = None
