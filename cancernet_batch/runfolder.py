@@ -10,13 +10,15 @@ path. A run folder holds::
     RUN/report/           inputs.csv, patients.csv, failures.csv, index.html, viewer.js, and per reported
                           input the files of :class:`InputFiles` in maps/, geojson/ and pyramids/
     RUN/.lock             held (an OS file lock) by the one process writing to the run
+    RUN/.tmp-claim-*      for the life of a run: which task makes a report part that two may make
+                          (:meth:`Run.claim`)
 
 Storage goes through a small filesystem seam: :class:`LocalFS` (local or shared disk, atomic by
 writing a temporary name and renaming it) or :class:`FsspecFS` (object storage through fsspec:
 ``s3://``, ``gs://``, ``az://``...; an object PUT is atomic, so the final name is written directly,
 the tile store is zarr's ``FsspecStore`` and the lock is a conditional PUT). Both have the same
 methods (``write_bytes``, ``read_bytes``, ``exists``, ``isdir``, ``staged``, ``remove_unkept``,
-``makedirs``, ``remove_stale_temps``, ``lock``, ``is_locked``, ``store_location``);
+``makedirs``, ``remove_stale_temps``, ``create_new``, ``remove``, ``lock``, ``is_locked``, ``store_location``);
 :meth:`Run.of` chooses by the location's URL scheme (``file://`` and plain paths are local).
 A remote run's paths are :class:`ObjectPath` values: they join like paths and print as URLs.
 """
@@ -42,6 +44,12 @@ from .errors import StorageError
 from .failures import Failure, failures_from_csv, failures_to_csv
 
 log = logging.getLogger(__name__)
+
+
+class NoConditionalWrites(StorageError):
+    """The storage cannot create an object only if it is absent (an old fsspec driver, a server without
+    conditional PUTs)."""
+
 
 STAGES = ("discover", "preflight", "plan", "tile", "predict", "report")
 """The stages an input goes through, in order; a failures row names one of them."""
@@ -180,6 +188,22 @@ class LocalFS:
         from .atomic import remove_stale_temps
 
         return remove_stale_temps(*folders)
+
+    def create_new(self, path: Path) -> bool:
+        """Create the empty file ``path`` only if nothing has that name (``O_EXCL``): True for the one call that
+        made it, False for every other."""
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot write here: {exc.strerror or exc}", path=Path(path).parent,
+                               hint="check that the run folder is writable and has free space") from exc
+        return True
+
+    def remove(self, path: Path) -> None:
+        """Remove the file ``path`` if it is there."""
+        Path(path).unlink(missing_ok=True)
 
     def store_location(self, path: Path) -> str:
         """What ``zarr.open_group`` takes for the tile store at ``path``."""
@@ -600,22 +624,45 @@ class FsspecFS:
         beat = holder.get("heartbeat") or holder.get("started") or 0
         return time.time() - float(beat) > LOCK_STALE_S
 
-    def _create(self, path, data: bytes) -> bool:
-        """Create ``path`` only if no object has that name (a conditional PUT); False when one has."""
+    def _create(self, path, data: bytes, doing: str = "locking the run folder") -> bool:
+        """Create ``path`` only if no object has that name (a conditional PUT); False when one has.
+        :class:`NoConditionalWrites` when the driver or the server cannot make the PUT conditional."""
         try:
             self.fs.pipe_file(str(path), data, mode="create")
         except FileExistsError:
             return False
         except (TypeError, NotImplementedError, ValueError) as exc:
-            raise StorageError(f"this storage cannot create an object only if it is absent ({type(exc).__name__})",
-                               path=path, hint="update the fsspec driver (s3fs >= 2025.5), or use a local --out") from None
+            raise NoConditionalWrites(f"this storage cannot create an object only if it is absent "
+                                      f"({type(exc).__name__})", path=path,
+                                      hint="update the fsspec driver (s3fs >= 2025.5), or use a local --out") from None
         except Exception as exc:  # noqa: BLE001
             if "NotImplemented" in str(exc) or "not implemented" in str(exc).lower():
-                raise StorageError("the storage server does not support conditional writes (If-None-Match), "
-                                   "so the run folder cannot be locked", path=path,
-                                   hint="use a server with conditional PUTs (AWS S3, MinIO, ...) or a local --out") from None
-            raise self._error(exc, path, "locking the run folder") from None
+                raise NoConditionalWrites("the storage server does not support conditional writes (If-None-Match), "
+                                          "so the run folder cannot be locked", path=path,
+                                          hint="use a server with conditional PUTs (AWS S3, MinIO, ...) or a local "
+                                               "--out") from None
+            raise self._error(exc, path, doing) from None
         return True
+
+    def create_new(self, path) -> bool:
+        """Create the empty object ``path`` only if none has that name (a conditional PUT): True for the one call
+        that made it, False for every other. Where writes cannot be conditional (an old driver, a server without
+        them) every call gets True; a server that ignores the condition (s3rver) gives True to every call too."""
+        self.check(path)
+        try:
+            return self._create(path, b"", "writing")
+        except NoConditionalWrites:
+            return True
+
+    def remove(self, path) -> None:
+        """Remove the object ``path`` if it is there."""
+        self.check(path)
+        try:
+            self.fs.rm_file(str(path))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, path, "removing") from None
 
     @contextlib.contextmanager
     def lock(self, path, holder: dict) -> Iterator[None]:
@@ -815,6 +862,24 @@ class Run:
 
         return store.open_input(lambda: self.fs.store_location(self.store_path), gid, mode=mode,
                                 cache_key=self.fs.cache_key(self.store_path))
+
+    def claim(self, name: str) -> bool:
+        """Claim ``name`` (a plain file name) for this run: True for the one call, in any process, that claimed
+        it first; False for every later one. For work that two tasks may both find theirs (two chunk tasks that
+        finish together, each seeing every chunk scored), so that one does it. A claim is made by an exclusive
+        create (``RUN/.tmp-claim-NAME``: on disk ``O_EXCL``, on object storage a conditional PUT); a run removes
+        its claims as it ends (:meth:`release`), and one a killed run left is removed, on disk, as the next starts
+        (:meth:`remove_stale_report_temps`). Storage without conditional writes gives True to every call."""
+        return self.fs.create_new(self._claim_path(name))
+
+    def release(self, name: str) -> None:
+        """Remove the claim ``name`` (:meth:`claim`), if it is there."""
+        self.fs.remove(self._claim_path(name))
+
+    def _claim_path(self, name: str) -> Path:
+        if safe_name(name) != name:
+            raise ValueError(f"not a plain file name: {name!r}")
+        return self.root / f".tmp-claim-{name}"
 
     def remove_stale_report_temps(self) -> int:
         r = self.report_dir

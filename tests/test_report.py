@@ -154,6 +154,62 @@ def test_a_listing_of_the_report_keeps_every_part_file_and_drops_the_maps_arrays
     assert kept == listing - in_maps | {n for n in in_maps if n.endswith(".ome.zarr/.zattrs")}
 
 
+def test_two_tasks_that_find_an_input_scored_at_once_make_its_part_once(tmp_path):
+    """Two chunk tasks that finish together may each see every chunk of their input scored (``report_if_last``):
+    with the input's claim, the one that claims it first makes the report part and the other returns None (nothing
+    written, no failure), however their steps interleave; the claim holds for the rest of the run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cancernet_batch.aggregate import REPORTED, Threshold
+    from cancernet_batch.stages.report import report_if_last
+
+    run_dir = tmp_path / "run"
+    gid = add_input(run_dir, tmp_path / "slides" / "a.svs", COORDS, PROBS, chunk=2)
+    run = Run.of(run_dir)
+    claim = f"report-test-{safe_name(gid)}"
+    both = threading.Barrier(2)
+
+    def task(_):
+        group = run.open_input(gid)
+        both.wait()  # at the same moment, as two workers' tasks
+        return report_if_last(run, gid, group, "P1", Threshold(0.5, "--threshold"), ReportConfig(), claim)
+
+    for _ in range(3):  # a few interleavings; the claim is dropped between them, as a new run's would differ
+        with ThreadPoolExecutor(2) as pool:
+            made = [r for r in pool.map(task, range(2)) if r is not None]
+        assert len(made) == 1, made
+        row, failure = made[0]
+        assert failure is None and row.figures.status == REPORTED
+        assert (run_dir / "report" / row.heatmap).is_file()
+        assert run.claim(claim) is False  # still held: a third task would not make it either
+        run.release(claim)
+    assert not list(run_dir.glob(".tmp-claim-*"))
+
+
+def test_a_claim_is_the_first_callers_and_a_stale_one_goes_with_the_temporaries(tmp_path):
+    """``Run.claim``: one caller of many gets True; ``release`` frees it; one a killed run left is removed with the
+    run's temporary files as the next run starts; a name with a path in it is refused."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = Run.of(tmp_path / "run").create()
+    start = threading.Barrier(8)
+
+    def claim(_):
+        start.wait()
+        return run.claim("report-abc-x")
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(claim, range(8))) == [False] * 7 + [True]
+    assert run.claim("report-abc-y") is True  # another name: its own claim
+    run.release("report-abc-y")
+    assert run.claim("report-abc-y") is True
+    assert run.remove_stale_report_temps() >= 2 and not list((tmp_path / "run").glob(".tmp-claim-*"))
+    with pytest.raises(ValueError):
+        run.claim("../x")
+
+
 def test_region_columns_and_regions_geojson(run):
     """At 0.5 the IDC tiles of a, b and evil touch only at corners: one region each (4-connectivity)."""
     rows = _by(_rows(run["out"] / "inputs.csv"), "input_id")

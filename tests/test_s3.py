@@ -176,6 +176,31 @@ def test_lock_on_s3_names_the_holder_and_a_stale_lock_says_how_to_clear_it(s3, t
     assert rc == 0 and "stopped renewing its lock" in out and f"delete {url}/.lock" in out
 
 
+def test_a_claim_on_s3_is_one_conditional_put_and_the_first_callers(s3):
+    """``Run.claim`` on object storage: an empty object made by a conditional PUT; of callers at the same moment one
+    gets True; ``release`` deletes it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = Run.of(f"s3://{BUCKET}/nights/claims", s3.options())
+    start = threading.Barrier(4)
+
+    def claim(_):
+        start.wait()
+        return run.claim("report-abc-x")
+
+    s3.server.reset()
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(claim, range(4))) == [False] * 3 + [True]
+    made = [(r.method, r.path) for r in s3.server.requests if "/.tmp-claim-" in r.path]
+    assert made == [("PUT", f"/{BUCKET}/nights/claims/.tmp-claim-report-abc-x")] * 4, made
+    assert s3.fs().cat_file(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x") == b""
+    run.release("report-abc-x")
+    assert not s3.fs().exists(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x")
+    run.release("report-abc-x")  # gone already: nothing to do
+    assert run.claim("report-abc-x") is True
+
+
 def test_a_server_that_ignores_conditional_puts_is_one_clear_error_not_a_silent_lock(tiny_model_dir, capsys,
                                                                                       monkeypatch, caplog):
     """moto behind a layer that drops ``If-None-Match`` (s3rver 3.7 ignores it): the lock cannot hold, so a

@@ -36,6 +36,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ from .. import store
 from ..cluster import SCORE, TILE, ClusterConfig, dask_client, tiling_threads, tiling_workers, work_split
 from ..errors import ModelError, StorageError
 from ..failures import Failure
-from ..runfolder import Run
+from ..runfolder import Run, safe_name
 from ..remote import is_url
 from ..tiling import InputSpec, TileConfig, discover_some
 from .tile import (TileSummary, _worker_error, is_fresh, patches_task, preflight_task, prepare_slide_task,
@@ -115,6 +116,8 @@ class Flow:
         self.started = time.time()
         self.first_report_seconds: float | None = None
         self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
+        self._token = uuid.uuid4().hex[:12]  # this flow's, in the names of its claims (Run.claim)
+        self._claims: list[str] = []  # removed as the flow ends
         self._settles_left = 0  # inputs tiled before whose task has not started, for whom the listing is kept
         # (below 0: released)
         self.inputs_total = 0
@@ -222,11 +225,22 @@ class Flow:
             finally:
                 if self._loader is not None:
                     self._loader.join(timeout=60)
+                self._release_claims()
             if self.report_cfg is not None:
                 self._report_leftovers()
             if self._staging:
                 self._clear_staged(c)
         self.flush(final=True)
+
+    def _release_claims(self) -> None:
+        """Remove this flow's claims (:meth:`Run.claim`); one left behind (storage gone) is harmless: the next
+        flow's claims have other names."""
+        for name in self._claims:
+            try:
+                self.run.release(name)
+            except Exception as exc:  # noqa: BLE001
+                log.info("could not remove the claim %s: %s", name, exc)
+        self._claims.clear()
 
     @property
     def _staging(self) -> bool:
@@ -470,7 +484,10 @@ class Flow:
 
             inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
             inp.reports_in_chunks = True
-            report = (inp.patient, self.threshold, self.report_cfg)
+            # one claim for the part (two chunk tasks that finish together may each see every chunk scored)
+            claim = f"report-{self._token}-{safe_name(inp.gid)}"
+            self._claims.append(claim)
+            report = (inp.patient, self.threshold, self.report_cfg, claim)
         for n, (index, start, stop) in enumerate(res["todo"]):
             # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
             # the client between the two (the worker would start another input's task meanwhile), no reading back

@@ -340,16 +340,22 @@ def report_task(run: Run, gid: str, patient: str, thr: Threshold, cfg: ReportCon
     return _one_input(run, gid, g, InputAttrs.from_json(dict(g.attrs)), patient, thr, cfg, read, present)
 
 
-def report_if_last(run: Run, gid: str, group, patient: str, thr: Threshold, cfg: ReportConfig
-                   ) -> tuple[InputReport, Failure | None] | None:
+def report_if_last(run: Run, gid: str, group, patient: str, thr: Threshold, cfg: ReportConfig,
+                   claim: str | None = None) -> tuple[InputReport, Failure | None] | None:
     """In a chunk task that has just scored its chunk (:func:`~cancernet_batch.stages.tile.tile_chunk_task` with
     ``report``): when every chunk of the input is now scored (its done flags, read after this chunk's was
     written), mark the input's tiling complete and make its report part, as :func:`report_task` does, in the same
     task: no round trip through the client, and no chunk results to fetch from other workers, between the last
-    chunk and the report. Else None. Two chunk tasks that finish together may both make it (the same files, each
-    written atomically); the client takes the first."""
+    chunk and the report. Else None.
+
+    Two chunk tasks that finish together may each see every chunk scored. With ``claim`` (a name for
+    :meth:`Run.claim`, one per input and run) only the first to claim it goes on; the other returns None, as if it
+    were not the last. Without, both would draw the whole part at the same time (twice the work), into the same
+    files: an OME-Zarr folder renamed into place by both at once could fail one of them, and that result, reaching
+    the client first, would fail a good input. When the task that claimed it dies, none of the others makes the
+    part: the client submits a report task once every chunk is back."""
     done = store.done_mask(group)
-    if not done.all():
+    if not done.all() or (claim is not None and not run.claim(claim)):
         return None
     store.mark_complete(group)
     return report_task(run, gid, patient, thr, cfg, group=group, read={"done": done})

@@ -277,8 +277,8 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
     of tiles. With ``scoring`` (a :class:`~cancernet_batch.stages.score.PredictConfig`; the workers that tile
     also score), the chunk is scored here too, from the tiles in hand: ``{"n": tiles, "score": score_chunk's
     result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks).
-    ``report`` (``(patient, threshold, ReportConfig)``, with ``scoring``): when this chunk is the input's last to be
-    scored, its report part is made here too (:func:`~cancernet_batch.stages.report.report_if_last`), in
+    ``report`` (``(patient, threshold, ReportConfig, claim)``, with ``scoring``): when this chunk is the input's last
+    to be scored (and wins the claim), its report part is made here too (:func:`~cancernet_batch.stages.report.report_if_last`), in
     ``"report"``: ``report_task``'s result, None (not the last), or the exception it raised."""
     g = run.open_input(gid)
     tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg,
