@@ -1,7 +1,7 @@
 """The CPU of a whole ``cancernet tile`` command, by process, split into what it costs once and what it costs per tile
 (issue 17's CPU target: at most half the naive loop's CPU per tile).
 
-    python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--json FILE]
+    python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--baseline CHECKOUT] [--json FILE]
 
 Runs ``cancernet tile`` as a user does (its own local cluster, ``--workers``), on ``--small`` alone (a slide of a few
 tiles: what the command costs whatever it tiles) and on ``SLIDE...`` (the set), ``--repeat`` times each, alternating.
@@ -11,7 +11,9 @@ their preflight children, and any other (multiprocessing's resource tracker). Th
 (:func:`~cancernet_batch.stages.tile.prepare_slide_task` and :func:`~cancernet_batch.stages.tile.tile_chunk_task`, as
 the workers run them) on the set in this process, without Dask, warm, best of ``--repeat``: the CPU per tile of the
 work itself. Prints, per role, the median CPU s of the small slide's command and of the set's, and the difference
-per tile of the set (the marginal CPU per tile), against the in-process figure.
+per tile of the set (the marginal CPU per tile), against the in-process figure. ``--baseline CHECKOUT``: the same
+commands with another checkout's package (run from it, as ``tiling_speed.py --baseline`` does), alternating with
+this one's (which goes first alternates too), and its table beside this one's.
 
 A process that ends between two samples loses its last few ms: figures are a little low, never high.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -54,16 +57,18 @@ def _role(proc, root_pid: int, forkserver: set[int], workers: set[int]) -> str |
     return "other"
 
 
-def command_cpu(slides: list[str], workers: int) -> dict:
-    """``cancernet tile SLIDES`` in a fresh run folder: wall s, tiles written, CPU s by role."""
+def command_cpu(slides: list[str], workers: int, package: str | None = None) -> dict:
+    """``cancernet tile SLIDES`` in a fresh run folder: wall s, tiles written, CPU s by role. ``package``: a
+    checkout to run it from (its package first on ``sys.path``); None: this interpreter's."""
     import psutil
 
     run = Path(tempfile.mkdtemp(prefix="tile-cpu-"))
     try:
-        cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *slides, "--out", str(run / "run"),
-               "--workers", str(workers)]
+        cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(os.path.abspath, slides), "--out",
+               str(run / "run"), "--workers", str(workers)]
+        env = {**os.environ, "PYTHONPATH": package} if package else None
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=package)
         root = psutil.Process(proc.pid)
         cpu: dict[int, float] = {}
         role: dict[int, str] = {}
@@ -127,41 +132,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", required=True, help="a slide of few tiles: the command's cost whatever it tiles")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                    help="another checkout: its commands alternate with this one's, its table printed too")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
     from cancernet_batch.machine import machine
 
-    small, full = [], []
-    for _ in range(a.repeat):
-        small.append(command_cpu([a.small], a.workers))
-        full.append(command_cpu(a.slides, a.workers))
+    versions = [("this", None)] + ([("baseline", os.path.abspath(a.baseline))] if a.baseline else [])
+    runs = {who: {"small": [], "set": []} for who, _ in versions}
+    for i in range(a.repeat):
+        for who, package in (versions if i % 2 == 0 else versions[::-1]):
+            runs[who]["small"].append(command_cpu([a.small], a.workers, package))
+            runs[who]["set"].append(command_cpu(a.slides, a.workers, package))
     n_in, cpu_in = in_process(a.slides, a.repeat)
 
-    def med(runs: list[dict], r: str) -> float:
-        return statistics.median(x["cpu"][r] for x in runs)
-
-    n_small, n_full = small[0]["tiles"], full[0]["tiles"]
-    extra = max(1, n_full - n_small)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     m = machine()
+    small, full = runs["this"]["small"], runs["this"]["set"]
+    n_small, n_full = small[0]["tiles"], full[0]["tiles"]
     print(f"{when}, {m.get('cpu')}, {m.get('cores')} cores; `cancernet tile --workers {a.workers}`, medians of "
-          f"{a.repeat}; small: {n_small} tiles, set: {len(a.slides)} slides, {n_full} tiles\n")
-    print("| process | small slide, CPU s | the set, CPU s | set - small, CPU ms per tile |")
-    print("|---|---:|---:|---:|")
+          f"{a.repeat}; small: {n_small} tiles, set: {len(a.slides)} slides, {n_full} tiles")
+    rows = {who: _table(who, r["small"], r["set"], a.baseline) for who, r in runs.items()}
+    print(f"\nthe same task functions in one process (this checkout, no Dask, best of {a.repeat}): "
+          f"{1000 * cpu_in / max(1, n_in):.3f} ms per tile ({n_in} tiles)")
+    if a.json:
+        out = {"date": when, "machine": m, "args": vars(a), "small": small, "set": full, "rows": rows["this"],
+               "in_process": {"tiles": n_in, "cpu": cpu_in}}
+        if a.baseline:
+            out["baseline"] = {**runs["baseline"], "rows": rows["baseline"]}
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _table(who: str, small: list[dict], full: list[dict], baseline: str | None) -> dict:
+    """Print one version's table (medians by role: the small slide's command, the set's, their difference per tile,
+    and the set's whole command per tile); its rows."""
+    def med(runs: list[dict], r: str) -> float:
+        return statistics.median(sum(x["cpu"].values()) if r == "all" else x["cpu"][r] for x in runs)
+
+    n_full = full[0]["tiles"]
+    extra = max(1, n_full - small[0]["tiles"])
+    print(f"\n{who}{f' ({baseline})' if who == 'baseline' else ''}:\n")
+    print("| process | small slide, CPU s | the set, CPU s | set - small, CPU ms per tile | the set, CPU ms per tile |")
+    print("|---|---:|---:|---:|---:|")
     rows = {}
     for r in (*ROLES, "all"):
-        s = statistics.median(sum(x["cpu"].values()) for x in small) if r == "all" else med(small, r)
-        f = statistics.median(sum(x["cpu"].values()) for x in full) if r == "all" else med(full, r)
-        rows[r] = {"small": s, "set": f, "ms_per_tile": 1000 * (f - s) / extra}
-        print(f"| {r} | {s:.2f} | {f:.2f} | {rows[r]['ms_per_tile']:.3f} |")
-    per_tile_all = 1000 * rows["all"]["set"] / max(1, n_full)
-    print(f"\nthe set's whole command: {per_tile_all:.3f} CPU ms per tile; the same task functions in one process "
-          f"(no Dask, best of {a.repeat}): {1000 * cpu_in / max(1, n_in):.3f} ms per tile ({n_in} tiles)")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"date": when, "machine": m, "args": vars(a), "small": small, "set": full,
-                                            "rows": rows, "in_process": {"tiles": n_in, "cpu": cpu_in}}, indent=1))
-    return 0
+        s, f = med(small, r), med(full, r)
+        rows[r] = {"small": s, "set": f, "ms_per_tile": 1000 * (f - s) / extra, "set_ms_per_tile": 1000 * f / n_full}
+        print(f"| {r} | {s:.2f} | {f:.2f} | {rows[r]['ms_per_tile']:.3f} | {rows[r]['set_ms_per_tile']:.3f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -161,17 +161,22 @@ def test_report_parts_times_every_piece_of_an_inputs_report(tmp_path, synth_slid
 def test_tile_cpu_splits_the_commands_cpu_by_process_and_per_tile(synth_slide_dir, slides_dir, tmp_path):
     """benchmarks/tile_cpu.py: the CPU of whole ``cancernet tile`` commands by process (the command, the forkserver,
     the workers, their preflight children), for a small slide and for the set, the marginal CPU per tile, and the
-    same task functions in one process."""
+    same task functions in one process; with ``--baseline``, the same commands from another checkout (here this
+    one again, run from its folder)."""
     small = shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / "small.svs")
     slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
     out = tmp_path / "cpu.json"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_cpu.py"), *slides, "--small", str(small),
-                        "--repeat", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--repeat", "1", "--baseline", str(REPO), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["small"][0]["tiles"] == 21 and d["set"][0]["tiles"] > 21  # CMU-1-Small-Region: 21 tiles at 4 µm/px
-    for run in (*d["small"], *d["set"]):  # every kind of process of a local cluster is found and has spent CPU
-        assert all(run["cpu"][k] > 0 for k in ("command", "forkserver", "workers")), run
+    base = d["baseline"]
+    assert base["small"][0]["tiles"] == 21 and base["set"][0]["tiles"] == d["set"][0]["tiles"]
+    for run in (*d["small"], *d["set"], *base["small"], *base["set"]):  # every kind of process of a local cluster
+        assert all(run["cpu"][k] > 0 for k in ("command", "forkserver", "workers")), run  # found, and spent CPU
+    assert r.stdout.count("| workers |") == 2 and f"baseline ({REPO})" in r.stdout
     assert d["rows"]["all"]["small"] > 0.3 and d["rows"]["all"]["set"] > 0.3  # imports alone cost that (the two
     # test sets are too alike in size, and one call each too few, for their difference to be asserted)
     assert d["in_process"]["tiles"] == d["set"][0]["tiles"] and d["in_process"]["cpu"] > 0
