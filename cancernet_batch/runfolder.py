@@ -18,7 +18,7 @@ writing a temporary name and renaming it) or :class:`FsspecFS` (object storage t
 ``s3://``, ``gs://``, ``az://``...; an object PUT is atomic, so the final name is written directly,
 the tile store is zarr's ``FsspecStore`` and the lock is a conditional PUT). Both have the same
 methods (``write_bytes``, ``read_bytes``, ``exists``, ``isdir``, ``staged``, ``remove_unkept``,
-``makedirs``, ``remove_stale_temps``, ``create_new``, ``remove``, ``lock``, ``is_locked``, ``store_location``);
+``makedirs``, ``remove_stale_temps``, ``create_new``, ``remove_prefixed``, ``lock``, ``is_locked``, ``store_location``);
 :meth:`Run.of` chooses by the location's URL scheme (``file://`` and plain paths are local).
 A remote run's paths are :class:`ObjectPath` values: they join like paths and print as URLs.
 """
@@ -50,6 +50,9 @@ class NoConditionalWrites(StorageError):
     """The storage cannot create an object only if it is absent (an old fsspec driver, a server without
     conditional PUTs)."""
 
+
+CLAIM_PREFIX = ".tmp-claim-"
+"""The names of a run's claims (:meth:`Run.claim`) in the run folder."""
 
 STAGES = ("discover", "preflight", "plan", "tile", "predict", "report")
 """The stages an input goes through, in order; a failures row names one of them."""
@@ -201,9 +204,14 @@ class LocalFS:
                                hint="check that the run folder is writable and has free space") from exc
         return True
 
-    def remove(self, path: Path) -> None:
-        """Remove the file ``path`` if it is there."""
-        Path(path).unlink(missing_ok=True)
+    def remove_prefixed(self, folder: Path, prefix: str) -> int:
+        """Remove the files directly in ``folder`` whose names start with ``prefix``; how many went."""
+        gone = 0
+        for p in Path(folder).glob(f"{prefix}*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                gone += 1
+        return gone
 
     def store_location(self, path: Path) -> str:
         """What ``zarr.open_group`` takes for the tile store at ``path``."""
@@ -654,15 +662,27 @@ class FsspecFS:
         except NoConditionalWrites:
             return True
 
-    def remove(self, path) -> None:
-        """Remove the object ``path`` if it is there."""
-        self.check(path)
+    def remove_prefixed(self, folder, prefix: str) -> int:
+        """Remove the objects directly under ``folder`` whose names start with ``prefix`` (one listing, not from
+        the driver's cache: other processes wrote them); how many went."""
+        self.check(folder)
         try:
-            self.fs.rm_file(str(path))
+            self.fs.invalidate_cache(str(folder))
+            entries = self.fs.ls(str(folder), detail=False)
         except FileNotFoundError:
-            pass
+            return 0
         except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, path, "removing") from None
+            raise self._error(exc, folder, "listing") from None
+        names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        gone = [n for n in names if n.startswith(prefix)]
+        for name in gone:
+            try:
+                self.fs.rm_file(f"{folder}/{name}")
+            except FileNotFoundError:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, folder, "removing") from None
+        return len(gone)
 
     @contextlib.contextmanager
     def lock(self, path, holder: dict) -> Iterator[None]:
@@ -868,18 +888,17 @@ class Run:
         it first; False for every later one. For work that two tasks may both find theirs (two chunk tasks that
         finish together, each seeing every chunk scored), so that one does it. A claim is made by an exclusive
         create (``RUN/.tmp-claim-NAME``: on disk ``O_EXCL``, on object storage a conditional PUT); a run removes
-        its claims as it ends (:meth:`release`), and one a killed run left is removed, on disk, as the next starts
-        (:meth:`remove_stale_report_temps`). Storage without conditional writes gives True to every call."""
-        return self.fs.create_new(self._claim_path(name))
-
-    def release(self, name: str) -> None:
-        """Remove the claim ``name`` (:meth:`claim`), if it is there."""
-        self.fs.remove(self._claim_path(name))
-
-    def _claim_path(self, name: str) -> Path:
+        claims as it ends (:meth:`release_claims`), those a killed run left with them (and, on disk, as the next
+        run starts: :meth:`remove_stale_report_temps`). Storage without conditional writes gives True to every
+        call."""
         if safe_name(name) != name:
             raise ValueError(f"not a plain file name: {name!r}")
-        return self.root / f".tmp-claim-{name}"
+        return self.fs.create_new(self.root / f"{CLAIM_PREFIX}{name}")
+
+    def release_claims(self) -> int:
+        """Remove every claim in the run folder (:meth:`claim`): a run's own as it ends, and any a killed run left
+        (one listing of the run folder on object storage); how many went."""
+        return self.fs.remove_prefixed(self.root, CLAIM_PREFIX)
 
     def remove_stale_report_temps(self) -> int:
         r = self.report_dir

@@ -183,13 +183,13 @@ def test_two_tasks_that_find_an_input_scored_at_once_make_its_part_once(tmp_path
         assert failure is None and row.figures.status == REPORTED
         assert (run_dir / "report" / row.heatmap).is_file()
         assert run.claim(claim) is False  # still held: a third task would not make it either
-        run.release(claim)
+        assert run.release_claims() == 1
     assert not list(run_dir.glob(".tmp-claim-*"))
 
 
 def test_a_claim_is_the_first_callers_and_a_stale_one_goes_with_the_temporaries(tmp_path):
-    """``Run.claim``: one caller of many gets True; ``release`` frees it; one a killed run left is removed with the
-    run's temporary files as the next run starts; a name with a path in it is refused."""
+    """``Run.claim``: one caller of many gets True; ``release_claims`` frees them all; one a killed run left is
+    removed with the run's temporary files as the next run starts; a name with a path in it is refused."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -203,9 +203,10 @@ def test_a_claim_is_the_first_callers_and_a_stale_one_goes_with_the_temporaries(
     with ThreadPoolExecutor(8) as pool:
         assert sorted(pool.map(claim, range(8))) == [False] * 7 + [True]
     assert run.claim("report-abc-y") is True  # another name: its own claim
-    run.release("report-abc-y")
-    assert run.claim("report-abc-y") is True
-    assert run.remove_stale_report_temps() >= 2 and not list((tmp_path / "run").glob(".tmp-claim-*"))
+    (tmp_path / "run" / "kept.txt").write_text("not a claim")
+    assert run.release_claims() == 2 and run.claim("report-abc-y") is True
+    assert run.remove_stale_report_temps() >= 1 and not list((tmp_path / "run").glob(".tmp-claim-*"))
+    assert (tmp_path / "run" / "kept.txt").is_file()
     with pytest.raises(ValueError):
         run.claim("../x")
 

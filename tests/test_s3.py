@@ -178,7 +178,7 @@ def test_lock_on_s3_names_the_holder_and_a_stale_lock_says_how_to_clear_it(s3, t
 
 def test_a_claim_on_s3_is_one_conditional_put_and_the_first_callers(s3):
     """``Run.claim`` on object storage: an empty object made by a conditional PUT; of callers at the same moment one
-    gets True; ``release`` deletes it."""
+    gets True; ``release_claims`` deletes every claim (one listing), nothing else."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -195,10 +195,16 @@ def test_a_claim_on_s3_is_one_conditional_put_and_the_first_callers(s3):
     made = [(r.method, r.path) for r in s3.server.requests if "/.tmp-claim-" in r.path]
     assert made == [("PUT", f"/{BUCKET}/nights/claims/.tmp-claim-report-abc-x")] * 4, made
     assert s3.fs().cat_file(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x") == b""
-    run.release("report-abc-x")
-    assert not s3.fs().exists(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x")
-    run.release("report-abc-x")  # gone already: nothing to do
-    assert run.claim("report-abc-x") is True
+    assert run.claim("report-old-y") is True  # as a killed run would leave it
+    run.write_progress({"state": "running"})
+    s3.server.reset()
+    assert run.release_claims() == 2
+    assert [r.method for r in s3.server.requests if r.method == "GET"] == ["GET"]  # the one listing
+    fs = s3.fs()
+    assert not fs.exists(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x")
+    assert not fs.exists(f"{BUCKET}/nights/claims/.tmp-claim-report-old-y")
+    assert fs.exists(f"{BUCKET}/nights/claims/progress.json")
+    assert run.release_claims() == 0 and run.claim("report-abc-x") is True
 
 
 def test_a_server_that_ignores_conditional_puts_is_one_clear_error_not_a_silent_lock(tiny_model_dir, capsys,

@@ -233,13 +233,14 @@ class Flow:
         self.flush(final=True)
 
     def _release_claims(self) -> None:
-        """Remove this flow's claims (:meth:`Run.claim`); one left behind (storage gone) is harmless: the next
-        flow's claims have other names."""
-        for name in self._claims:
-            try:
-                self.run.release(name)
-            except Exception as exc:  # noqa: BLE001
-                log.info("could not remove the claim %s: %s", name, exc)
+        """Remove this flow's claims (:meth:`Run.claim`), and any a killed flow left; one left behind (storage
+        gone) is harmless: the next flow's claims have other names."""
+        if not self._claims:
+            return
+        try:
+            self.run.release_claims()
+        except Exception as exc:  # noqa: BLE001
+            log.info("could not remove this run's claims: %s", exc)
         self._claims.clear()
 
     @property
