@@ -516,7 +516,8 @@ class Flow:
         inp.to_tile -= 1
         if scored is not None:
             self._on_score(inp, scored, index)
-        if report is not None and not inp.failed and not inp.reported:  # (two may come: the first counts)
+        if report is not None and not inp.failed and not inp.reported:  # (one claims it; where storage cannot
+            # make a claim exclusive, two may come: the first counts)
             inp.reporting = True
             self._on_report(inp, report, None)
         if self.scoring is not None and index in inp.score_after_tile:
