@@ -107,12 +107,18 @@ def timeline(args: list[str], package: str | None = None) -> tuple[list[tuple[fl
         if proc.returncode not in (0, 3):
             raise RuntimeError(f"cancernet {args[0]} failed: {proc.stderr.read().decode()[-2000:]}")
         names: dict[str, str] = {}
+        kinds: dict[str, str] = {}
         events = []
+        # a process forked (not started) is named by its parent: forked from the client, the workers' fork server
+        # (cluster._fork_server_from_here); from the fork server, a worker; from a worker, its preflight child
+        forked = {"client": "forkserver", "forkserver": "worker", "worker": "preflight"}
         for line in trace.read_text().splitlines():
             t, pid, ppid, ev = line.split(" ", 3)
             if pid not in names:
                 kind = ("client" if not names else "forkserver" if "forkserver" in ev else
-                        "preflight" if "preflight" in ev else "worker" if ev == "fork" else "process")
+                        "preflight" if "preflight" in ev else
+                        forked.get(kinds.get(ppid, ""), "process") if ev == "fork" else "process")
+                kinds[pid] = kind
                 names[pid] = f"{kind}:{pid}"
             events.append((float(t) - t0, names[pid], ev))
     return sorted(events), first, wall
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for t, p, e in events:
         if a.all or (e.startswith(STEP_WORDS) and t <= until):
             print(f"{t:7.3f} s  {p:18s} {e[:110]}")
-    steps = {"forkserver started": _at(events, "forkserver", "start"),
+    steps = {"forkserver started": _at(events, "forkserver", ""),  # started, or forked from the client
              "first worker forked": _at(events, "worker", "fork"),
              "loop": _at(events, "client", "call Flow._loop"),
              "first prepare": _at(events, "worker", "call prepare_slide_task"),

@@ -37,24 +37,21 @@ from tiling_speed import tree_cpu
 ROLES = ("command", "forkserver", "workers", "preflight children", "other")
 
 
-def _role(proc, root_pid: int, forkserver: set[int], workers: set[int]) -> str | None:
-    """The role of ``proc`` in the command's tree; None when it cannot be told now (exiting: a zombie)."""
-    if proc.pid == root_pid:
-        return "command"
-    try:
-        line = " ".join(proc.cmdline())
-        parent = proc.ppid()
-    except Exception:  # noqa: BLE001 - gone meanwhile
-        return None
-    if "forkserver" in line and parent == root_pid:
-        forkserver.add(proc.pid)
-        return "forkserver"
-    if parent in forkserver:  # (forked, never exec'd: its command line is the server's)
-        workers.add(proc.pid)
-        return "workers"
-    if parent in workers:
-        return "preflight children"
-    return "other"
+def _roles(root_pid: int, parent: dict[int, int], cmdline: dict[int, str]) -> dict[int, str]:
+    """The role of each process of the command's tree from the parent each was first seen with (a process
+    orphaned as the command exits is reparented; a zombie's command line is empty): the command; a child of it
+    that is the parent of others, the fork server (multiprocessing's, started, or forked from the command:
+    ``cluster._fork_server_from_here``); its children, the workers; theirs, the preflight children; the rest
+    (the resource tracker) other."""
+    roles = {root_pid: "command"}
+    servers = {pid for pid, par in parent.items() if par == root_pid and pid in parent.values()
+               and "resource_tracker" not in cmdline.get(pid, "")}
+    for pid, par in parent.items():
+        if pid == root_pid:
+            continue
+        roles[pid] = ("forkserver" if pid in servers else "workers" if par in servers else
+                      "preflight children" if roles.get(par) == "workers" or parent.get(par) in servers else "other")
+    return roles
 
 
 def command_cpu(slides: list[str], workers: int, package: str | None = None) -> dict:
@@ -71,20 +68,20 @@ def command_cpu(slides: list[str], workers: int, package: str | None = None) -> 
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=package)
         root = psutil.Process(proc.pid)
         cpu: dict[int, float] = {}
-        role: dict[int, str] = {}
-        forkserver: set[int] = set()
-        worker_pids: set[int] = set()
+        parent: dict[int, int] = {}
+        cmdline: dict[int, str] = {}
         while proc.poll() is None:
-            for p, c in tree_cpu(root):  # parents (lower pids, as a rule) first
+            for p, c in tree_cpu(root):
                 cpu[p.pid] = c
-                # classified again at each sample (a child seen between its fork and its exec still shows its
-                # parent's command line), keeping the last that could be told (an exiting worker cannot), but never
-                # going back to "other": a process orphaned while the command exits (its parent gone first) keeps
-                # the role it had
-                r = _role(p, proc.pid, forkserver, worker_pids)
-                if r is not None and (r != "other" or role.get(p.pid, "other") == "other"):
-                    role[p.pid] = r
+                try:
+                    parent.setdefault(p.pid, p.ppid())
+                    line = " ".join(p.cmdline())
+                except Exception:  # noqa: BLE001 - gone meanwhile
+                    continue
+                if line:  # the last one seen (a child between its fork and its exec shows its parent's)
+                    cmdline[p.pid] = line
             time.sleep(0.01)
+        role = _roles(proc.pid, parent, cmdline)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"cancernet tile failed: {proc.stderr.read().decode()[-2000:]}")
@@ -93,9 +90,11 @@ def command_cpu(slides: list[str], workers: int, package: str | None = None) -> 
 
         tiles = sum(int(g.attrs["n_tiles"]) for _, g in store.iter_inputs(Run.of(run / "run").open_store("r")))
         by_role = {r: 0.0 for r in ROLES}
+        count = {r: 0 for r in ROLES}
         for pid, c in cpu.items():
             by_role[role.get(pid, "other")] += c
-        return {"wall": wall, "tiles": tiles, "cpu": by_role}
+            count[role.get(pid, "other")] += 1
+        return {"wall": wall, "tiles": tiles, "cpu": by_role, "processes": count}
     finally:
         shutil.rmtree(run, ignore_errors=True)
 

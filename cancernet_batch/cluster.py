@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from .config import ClusterConfig
 from .errors import ConfigError
@@ -164,8 +164,10 @@ def start_forkserver(cfg: ClusterConfig, also: Iterable[str] = ()) -> bool:
     A spawned worker starts a fresh interpreter and imports Dask, numpy, zarr and the readers itself:
     about a second of CPU per worker, twice over on two cores, before the first tile. Forked from one
     server that imported them once, a worker is ready in a few milliseconds. The server is started as
-    early as the command knows it will start a local cluster, so its imports overlap the client's
-    own. It keeps the environment it was started with (:func:`worker_environ`): a later cluster in the
+    early as the command knows it will start a local cluster: forked from this process once it has imported
+    the stack (:func:`_fork_server_from_here`), or where that cannot be done, started as multiprocessing does (a
+    fresh interpreter whose imports overlap the client's own). It keeps the environment it was started with
+    (:func:`worker_environ`): a later cluster in the
     same process whose workers would start with another environment (other cluster settings, a variable
     set since, such as ``KERAS_BACKEND``) is spawned as before. Not on platforms without ``fork``
     (Windows), or with ``CANCERNET_SPAWN_WORKERS=1`` in the environment: spawned there. ``also``: more
@@ -192,12 +194,130 @@ def start_forkserver(cfg: ClusterConfig, also: Iterable[str] = ()) -> bool:
     saved = dict(os.environ)
     try:
         os.environ.update(env)
-        forkserver.ensure_running()
+        if not _fork_server_from_here(preload, env):
+            forkserver.ensure_running()
     finally:
         os.environ.clear()
         os.environ.update(saved)
     _FORKSERVER_ENV = full
     return True
+
+
+SPAWNED_FORKSERVER_ENV = "CANCERNET_SPAWNED_FORKSERVER"
+"""Set to ``1`` to start the local workers' fork server as multiprocessing does (a fresh interpreter that imports
+the preload itself) instead of forking it from the command's process (:func:`_fork_server_from_here`)."""
+
+
+def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
+    """Make this process, once it has imported ``preload``, multiprocessing's fork server for the local workers:
+    fork it, and run the server's loop in the child. True when done; False when it cannot be done here (then the
+    caller starts the server as multiprocessing does).
+
+    The server multiprocessing starts is a fresh interpreter that imports the stack (Dask, numpy, zarr, scipy,
+    the readers) while this process imports most of it too: about 0.7 CPU s twice, and the workers waited for
+    the server's imports, which ran beside this process's own on two cores (``benchmarks/startup_timeline.py``).
+    Imported once here, in order, the workers fork from a server that is ready as soon as this process is.
+
+    Only while this process has one thread (a fork copies no thread, nor a lock another thread holds) and has not
+    imported numpy yet (the thread counts of ``env`` are read by the native libraries as they load: they are set
+    here before the imports, for this process too), on Linux, with the multiprocessing this was written against
+    (Python 3.11-3.13: no authentication key between the server and its clients), and not with
+    :data:`SPAWNED_FORKSERVER_ENV` set. The child starts as a fresh server would: the workers' environment, their
+    malloc settings (glibc reads ``MALLOC_*`` only as a process starts, so ``mallopt`` sets them), SIGTERM and the
+    package's logger as Python starts, only the descriptors the server needs (the run folder's lock, this
+    process's sockets and files stay here), and the last preload module (:mod:`cancernet_batch.prefork`, which
+    arms the after-fork hook of the process it is imported in) imported there, not here."""
+    import importlib
+    import socket
+    import sys
+    import threading
+    from multiprocessing import connection, forkserver, resource_tracker
+
+    server = getattr(forkserver, "_forkserver", None)
+    if (os.environ.get(SPAWNED_FORKSERVER_ENV, "") not in ("", "0") or not sys.platform.startswith("linux")
+            or not (3, 11) <= sys.version_info[:2] <= (3, 13) or "numpy" in sys.modules
+            or threading.active_count() != 1 or server is None or getattr(server, "_forkserver_pid", 0) is not None
+            or not all(hasattr(server, a) for a in ("_lock", "_forkserver_address", "_forkserver_alive_fd"))):
+        return False
+    for name in preload[:-1]:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # as multiprocessing's server does: the module's first use says what is missing
+            pass
+    if threading.active_count() != 1:  # an import started a thread: fork nothing
+        return False
+    with server._lock:
+        resource_tracker.ensure_running()
+        listener = socket.socket(socket.AF_UNIX)
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the server: never returns
+            _serve_forks(listener.fileno(), alive_r, preload[-1], env)
+        os.close(alive_r)
+        listener.close()
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
+    return True
+
+
+def _serve_forks(listener_fd: int, alive_r: int, last: str, env: Mapping[str, str]) -> None:
+    """The forked fork server (:func:`_fork_server_from_here`): made like a fresh one, then multiprocessing's
+    server loop until the command's process is gone; exits, never returns."""
+    import importlib
+    import logging
+    import signal
+    import traceback
+    from multiprocessing import forkserver
+
+    code = 1
+    try:
+        os.environ.update(env)
+        _mallopt_from(env)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the command's handler unwinds the command, not this
+        package = logging.getLogger("cancernet_batch")  # as Python starts: the command's handlers stay there
+        package.handlers[:], package.propagate = [], True
+        package.setLevel(logging.NOTSET)
+        keep = sorted({0, 1, 2, listener_fd, alive_r})
+        low = 0
+        for fd in keep:  # (closerange(0, 0) closes everything on some Pythons: ranges that are not empty only)
+            if fd > low:
+                os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+        try:
+            importlib.import_module(last)
+        except ImportError:
+            pass
+        forkserver.main(listener_fd, alive_r, [], None, None)
+        code = 0
+    except SystemExit:  # the server's way out: every client gone
+        code = 0
+    except BaseException:  # noqa: BLE001 - on stderr, as multiprocessing's server would print it
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}
+"""glibc's ``mallopt`` parameters (``M_TRIM_THRESHOLD``, ``M_MMAP_THRESHOLD``) of the variables it reads at start."""
+
+
+def _mallopt_from(env: Mapping[str, str]) -> None:
+    """Set this process's malloc as glibc would have from ``env``'s ``MALLOC_*`` variables at its start."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        for name, param in _MALLOPT.items():
+            if name in env:
+                libc.mallopt(param, int(env[name]))
+    except (OSError, AttributeError, ValueError):  # not glibc: its defaults
+        pass
 
 
 @contextlib.contextmanager

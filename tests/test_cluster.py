@@ -156,6 +156,56 @@ def test_the_clients_run_modules_are_imported_while_a_local_cluster_starts():
     assert r.stdout.strip().splitlines()[-1] == "True", r.stdout
 
 
+_FORKED_SERVER = """
+import json, os, sys
+from cancernet_batch.cluster import ClusterConfig, dask_client, start_forkserver
+import multiprocessing.forkserver as forkserver
+import psutil
+held = open(sys.argv[1], "w")  # a file the command holds open, as it holds its run folder's lock
+import logging
+logging.getLogger("cancernet_batch").addHandler(logging.StreamHandler())  # as the CLI's logging does
+cfg = ClusterConfig(workers=2, threads_per_worker=1, dashboard=False)
+assert start_forkserver(cfg)
+server = psutil.Process(forkserver._forkserver._forkserver_pid)
+
+def probe():
+    import logging, os, psutil
+    return {"ppid": os.getppid(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "files": [f.path for f in psutil.Process().open_files()],
+            "handlers": len(logging.getLogger("cancernet_batch").handlers)}
+
+with dask_client(cfg) as client:
+    workers = list(client.run(probe).values())
+print(json.dumps({"me": os.getpid(), "cmdline": psutil.Process().cmdline(), "server": server.pid,
+                  "server_parent": server.ppid(), "server_cmdline": server.cmdline(), "workers": workers}))
+"""
+
+
+@pytest.mark.parametrize("spawned", [False, True], ids=["forked from the command", "spawned"])
+def test_the_workers_fork_server_is_forked_from_the_command_once_it_has_imported_the_stack(tmp_path, spawned):
+    """A command that starts a local cluster before it has imported numpy (as ``cancernet tile`` and ``run`` do)
+    makes itself the workers' fork server: it imports the stack, then forks; the workers fork from that child
+    (no second interpreter importing the same stack beside it). Each worker starts as from a fresh server: the
+    workers' thread settings, the package's logger without the command's handlers, and none of the command's
+    open files (its run folder's lock stays with it alone). ``CANCERNET_SPAWNED_FORKSERVER=1``: started as
+    multiprocessing does, the same for the workers."""
+    env = {**ENV, "CANCERNET_SPAWNED_FORKSERVER": "1" if spawned else "0"}
+    held = tmp_path / "held.lock"
+    r = subprocess.run([sys.executable, "-c", _FORKED_SERVER, str(held)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["server_parent"] == d["me"]
+    if spawned:
+        assert "from multiprocessing.forkserver import main" in " ".join(d["server_cmdline"])
+    else:
+        assert d["server_cmdline"] == d["cmdline"]  # a fork of the command, no interpreter of its own
+    assert len(d["workers"]) == 2
+    for w in d["workers"]:
+        assert w["ppid"] == d["server"] and w["omp"] == "1" and w["handlers"] == 0, w  # 2 cores, 2 workers: 1 each
+        assert str(held) not in w["files"], w
+
+
 def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_local_workers():
     """s3fs (with botocore and aiohttp) costs each process about 0.3 s of CPU to import, and botocore's data for an
     S3 client more: a run whose inputs or run folder are on S3 has the forkserver import it and read that data into
