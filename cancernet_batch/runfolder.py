@@ -851,7 +851,9 @@ class Run:
         GET, where a look-up of the prefix costs a HEAD, then a LIST, one after another)."""
         if self.remote:
             return self.fs.read_bytes(self.store_path / "zarr.json") is not None
-        return self.fs.exists(self.store_path)
+        from .store import creation_cut_short
+
+        return self.fs.exists(self.store_path) and not creation_cut_short(self.store_path)
 
     def is_folder(self) -> bool:
         """Whether the run folder is there (on object storage: whether any object lies under it)."""

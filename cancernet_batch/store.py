@@ -303,7 +303,7 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
             root = zarr.open_group(location, mode=mode, zarr_format=3)
         return _schema_checked(root, mode, run_dir)
     path = Path(location)
-    if mode == "r" and not path.exists():
+    if mode == "r" and (not path.exists() or creation_cut_short(path)):
         raise _no_store(run_dir or path.parent)
     try:
         root = zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -735,11 +735,26 @@ def check_root(location: str | os.PathLike) -> None:
     for meta in (path / "zarr.json", path / "inputs" / "zarr.json"):
         if not meta.parent.is_dir() or (meta.parent != path and not meta.exists()):
             continue
+        if meta.parent == path and creation_cut_short(path):
+            continue  # nothing to lose: made again by a writer (open_root), no store to a reader
         why = _metadata_problem(meta)
         if why is not None:
             raise StorageError(f"damaged tile store metadata: {why}", path=meta,
                                hint="restore the file from a backup, or tile again into a new run folder; "
                                     "each input's tiles and predictions are in their own folders")
+
+
+def creation_cut_short(path: str | os.PathLike) -> bool:
+    """Whether the local store folder ``path`` has no ``zarr.json`` and nothing but a killed writer's temporary
+    files: what a run killed while it made its store (between zarr's folder and its document) leaves. No store to
+    read, and nothing lost: a writer makes the store there. Not a damaged store, which has inputs under a lost or
+    broken root document."""
+    path = Path(path)
+    try:
+        return (not (path / "zarr.json").exists()
+                and all(e.name.endswith(".partial") or e.name.startswith(".tmp-") for e in path.iterdir()))
+    except OSError:
+        return False
 
 
 def _input_dirs(root) -> list[Path]:

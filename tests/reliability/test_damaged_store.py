@@ -155,6 +155,26 @@ def test_damaged_root_is_one_clear_error(tmp_path):
         store.check_root(Run.of(run).store_path)
 
 
+def test_a_store_whose_making_was_cut_short_is_made_again_not_damaged(tmp_path):
+    """A run killed between zarr's making of the store's folder and of its document leaves an empty ``tiles.zarr``
+    (or one with only zarr's temporary files): nothing is lost, so it is no damaged store. A writer makes the store
+    in it; a reader finds no store (the same error as with no folder)."""
+    run = Run.of(tmp_path / "run").create()
+    run.store_path.mkdir()
+    (run.store_path / "zarr.json.partial").write_text("{")  # zarr's temporary, as a kill leaves it
+    store.check_root(run.store_path)  # not damaged
+    assert not run.exists()  # no store to resume from: a run makes it (as when there is no folder)
+    with pytest.raises(StorageError, match="no tiles.zarr in this run folder"):
+        run.open_store("r")
+    run.open_store("a").require_group("inputs")  # as a run makes it
+    assert (run.store_path / "zarr.json").exists() and not (run.store_path / "zarr.json.partial").exists()
+    run.open_store("r")  # sound now
+    assert run.exists()
+    (run.store_path / "zarr.json").unlink()  # a store with its inputs group but no root document: damaged
+    with pytest.raises(StorageError, match="missing"):
+        store.check_root(run.store_path)
+
+
 def test_report_goes_on_without_the_damaged_inputs(tmp_path):
     run, src = _hostile_run(tmp_path)
     r = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "report", str(run), "--threshold", "0.5"],
