@@ -182,6 +182,11 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     return write_bytes(path, csv_bytes(header, rows))
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a writer's temporary file: this module's ``.tmp-*`` or zarr's ``*.partial``."""
+    return name.startswith(".tmp-") or name.endswith(".partial")
+
+
 def remove_stale_temps(*folders: str | os.PathLike) -> int:
     """Delete temporary files that a killed writer left in ``folders`` (not recursive).
 
@@ -193,7 +198,7 @@ def remove_stale_temps(*folders: str | os.PathLike) -> int:
         if not d.is_dir():
             continue
         for f in d.iterdir():
-            if f.is_file() and (f.name.startswith(".tmp-") or f.name.endswith(".partial")):
+            if f.is_file() and is_temp_name(f.name):
                 f.unlink(missing_ok=True)
                 gone += 1
             elif f.is_dir() and not f.is_symlink() and f.name.startswith(".tmp-"):  # an atomic_dir's

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import PATCH_SIZE
-from .atomic import remove_stale_temps
+from .atomic import is_temp_name, remove_stale_temps
 from .errors import CancerNetError, StorageError, printable
 
 log = logging.getLogger(__name__)
@@ -752,7 +752,7 @@ def creation_cut_short(path: str | os.PathLike) -> bool:
     path = Path(path)
     try:
         return (not (path / "zarr.json").exists()
-                and all(e.name.endswith(".partial") or e.name.startswith(".tmp-") for e in path.iterdir()))
+                and all(is_temp_name(e.name) for e in path.iterdir()))
     except OSError:
         return False
 
