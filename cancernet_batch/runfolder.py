@@ -569,17 +569,23 @@ class FsspecFS:
                 self._call(folder, "writing", self.fs.put, [str(p) for p in files],
                            [f"{folder}/{p.relative_to(local).as_posix()}" for p in files])
 
-    def remove_unkept(self, folder, suffix: str, keep: set[str]) -> None:
-        """Remove the objects under ``folder`` whose first name part ends in ``suffix`` and is not in ``keep``."""
+    def _names(self, folder, *, fresh: bool = False) -> list[str]:
+        """The first name parts of the objects under ``folder`` (one listing; none when there is nothing there).
+        ``fresh``: not from the driver's listing cache (objects other processes wrote)."""
         self.check(folder)
         try:
+            if fresh:
+                self.fs.invalidate_cache(str(folder))
             entries = self.fs.ls(str(folder), detail=False)
         except FileNotFoundError:
-            return
+            return []
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, folder, "listing") from None
-        for entry in entries:
-            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    def remove_unkept(self, folder, suffix: str, keep: set[str]) -> None:
+        """Remove the objects under ``folder`` whose first name part ends in ``suffix`` and is not in ``keep``."""
+        for name in self._names(folder):
             if name.endswith(suffix) and name not in keep:
                 self._call(folder, "removing", self.fs.rm, f"{folder}/{name}", recursive=True)
 
@@ -665,16 +671,7 @@ class FsspecFS:
     def remove_prefixed(self, folder, prefix: str) -> int:
         """Remove the objects directly under ``folder`` whose names start with ``prefix`` (one listing, not from
         the driver's cache: other processes wrote them); how many went."""
-        self.check(folder)
-        try:
-            self.fs.invalidate_cache(str(folder))
-            entries = self.fs.ls(str(folder), detail=False)
-        except FileNotFoundError:
-            return 0
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, folder, "listing") from None
-        names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        gone = [n for n in names if n.startswith(prefix)]
+        gone = [n for n in self._names(folder, fresh=True) if n.startswith(prefix)]
         for name in gone:
             try:
                 self.fs.rm_file(f"{folder}/{name}")
