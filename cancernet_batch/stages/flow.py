@@ -117,7 +117,7 @@ class Flow:
         self.first_report_seconds: float | None = None
         self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
         self._token = uuid.uuid4().hex[:12]  # this flow's, in the names of its claims (Run.claim)
-        self._claims: list[str] = []  # removed as the flow ends
+        self._claimed = False  # whether this flow gave a claim out: its claims are removed as it ends
         self._settles_left = 0  # inputs tiled before whose task has not started, for whom the listing is kept
         # (below 0: released)
         self.inputs_total = 0
@@ -235,13 +235,13 @@ class Flow:
     def _release_claims(self) -> None:
         """Remove this flow's claims (:meth:`Run.claim`), and any a killed flow left; one left behind (storage
         gone) is harmless: the next flow's claims have other names."""
-        if not self._claims:
+        if not self._claimed:
             return
         try:
             self.run.release_claims()
         except Exception as exc:  # noqa: BLE001
             log.info("could not remove this run's claims: %s", exc)
-        self._claims.clear()
+        self._claimed = False
 
     @property
     def _staging(self) -> bool:
@@ -486,9 +486,8 @@ class Flow:
             inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
             inp.reports_in_chunks = True
             # one claim for the part (two chunk tasks that finish together may each see every chunk scored)
-            claim = f"report-{self._token}-{safe_name(inp.gid)}"
-            self._claims.append(claim)
-            report = (inp.patient, self.threshold, self.report_cfg, claim)
+            self._claimed = True
+            report = (inp.patient, self.threshold, self.report_cfg, f"report-{self._token}-{safe_name(inp.gid)}")
         for n, (index, start, stop) in enumerate(res["todo"]):
             # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
             # the client between the two (the worker would start another input's task meanwhile), no reading back
