@@ -288,7 +288,7 @@ def _serve_forks(listener_fd: int, alive_r: int, last: str, env: Mapping[str, st
             if fd > low:
                 os.closerange(low, fd)
             low = fd + 1
-        os.closerange(low, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+        os.closerange(low, os.sysconf("SC_OPEN_MAX"))  # (Linux only: see _fork_server_from_here)
         try:
             importlib.import_module(last)
         except ImportError:
