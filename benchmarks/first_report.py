@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
     import cancernet_batch
+    from installed import as_installed
+
+    as_installed(os.path.dirname(os.path.dirname(cancernet_batch.__file__)))
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, code {os.path.dirname(cancernet_batch.__file__)}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -55,6 +55,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+from installed import as_installed  # noqa: E402 - a sibling script
 
 
 def _needed(reader, level: int, boxes) -> int:
@@ -467,6 +469,7 @@ def main(argv=None) -> int:
     ap.add_argument("--server", default="moto", choices=("moto", "s3rver"),
                     help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)
+    as_installed()
 
     from s3server import CountingS3
 

@@ -49,6 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
+from installed import as_installed  # noqa: E402 - a sibling script
 
 
 class DelayProxy:
@@ -229,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tile-repeat", type=int, default=3)
     ap.add_argument("--tile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    as_installed(*args.baseline)
     if args.tile_child:
         _tile_child(args.tile_child)
         return 0

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from installed import as_installed
+
 SITE = r'''
 import os, sys, time
 _F = os.environ.get("CANCERNET_STARTUP_TRACE")
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="every event, imports included")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then the cancernet command line")
     a = ap.parse_args(argv)
+    as_installed(a.package)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     events, first, wall = timeline(args, a.package)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}")

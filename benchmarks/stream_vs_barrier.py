@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from installed import as_installed  # noqa: E402 - a sibling script
 from split_timeline import compute_spans  # noqa: E402 - a sibling script
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--warm", action="store_true", help="one cluster for every run (default: a fresh one per run)")
     a = ap.parse_args(argv)
+    as_installed()
 
     from cancernet_batch.cluster import ClusterConfig, dask_client
     from cancernet_batch.stages.score import PredictConfig

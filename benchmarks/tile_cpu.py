@@ -1,7 +1,8 @@
 """The CPU of a whole ``cancernet tile`` command, by process, split into what it costs once and what it costs per tile
 (issue 17's CPU target: at most half the naive loop's CPU per tile).
 
-    python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--baseline CHECKOUT] [--json FILE]
+    python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--baseline CHECKOUT] [--naive]
+                                  [--json FILE]
 
 Runs ``cancernet tile`` as a user does (its own local cluster, ``--workers``), on ``--small`` alone (a slide of a few
 tiles: what the command costs whatever it tiles) and on ``SLIDE...`` (the set), ``--repeat`` times each, alternating.
@@ -13,7 +14,11 @@ the workers run them) on the set in this process, without Dask, warm, best of ``
 work itself. Prints, per role, the median CPU s of the small slide's command and of the set's, and the difference
 per tile of the set (the marginal CPU per tile), against the in-process figure. ``--baseline CHECKOUT``: the same
 commands with another checkout's package (run from it, as ``tiling_speed.py --baseline`` does), alternating with
-this one's (which goes first alternates too), and its table beside this one's.
+this one's (which goes first alternates too), and its table beside this one's. ``--naive``: the naive loop of
+``tiling_speed.py`` (OpenSlide ``read_region`` per tile and a Pillow box resize, one process, tiles held) on the set's
+same tiles, once after each pass of the commands, and the whole command's CPU per tile against its median: issue 17's
+target as a ratio (at most 0.5). Each checkout's package is compiled to bytecode first, as an installed copy is
+(:mod:`installed`).
 
 A process that ends between two samples loses its last few ms: figures are a little low, never high.
 """
@@ -32,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tiling_speed import tree_cpu
+from installed import as_installed
+from tiling_speed import naive, plans, tree_cpu
 
 ROLES = ("command", "forkserver", "workers", "preflight children", "other")
 
@@ -133,17 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
                     help="another checkout: its commands alternate with this one's, its table printed too")
+    ap.add_argument("--naive", action="store_true", help="also the naive loop on the set, after each pass")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    as_installed(a.baseline)
 
     from cancernet_batch.machine import machine
 
     versions = [("this", None)] + ([("baseline", os.path.abspath(a.baseline))] if a.baseline else [])
     runs = {who: {"small": [], "set": []} for who, _ in versions}
+    loops = []  # the naive loop's (tiles, wall s, CPU s), one per pass
+    if a.naive:
+        from cancernet_batch.tiling import TileConfig as Cfg
+
+        planned = plans(a.slides, Cfg())
     for i in range(a.repeat):
         for who, package in (versions if i % 2 == 0 else versions[::-1]):
             runs[who]["small"].append(command_cpu([a.small], a.workers, package))
             runs[who]["set"].append(command_cpu(a.slides, a.workers, package))
+        if a.naive:
+            loops.append(naive(a.slides, planned))
     n_in, cpu_in = in_process(a.slides, a.repeat)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -155,9 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = {who: _table(who, r["small"], r["set"], a.baseline) for who, r in runs.items()}
     print(f"\nthe same task functions in one process (this checkout, no Dask, best of {a.repeat}): "
           f"{1000 * cpu_in / max(1, n_in):.3f} ms per tile ({n_in} tiles)")
+    ratios = {}
+    if loops:
+        if any(n != n_full for n, _, _ in loops):
+            raise RuntimeError(f"the naive loop read {loops[0][0]} tiles, the command wrote {n_full}")
+        loop_ms = [1000 * c / n for n, _, c in loops]
+        print(f"\nthe naive loop on the set's {n_full} tiles (1 process, tiles held), CPU ms per tile by pass: "
+              + ", ".join(f"{x:.3f}" for x in loop_ms) + f"; median {statistics.median(loop_ms):.3f}")
+        for who, r in rows.items():
+            per_pass = [1000 * sum(x["cpu"].values()) / n_full / y for x, y in zip(runs[who]["set"], loop_ms)]
+            ratios[who] = {"median": r["all"]["set_ms_per_tile"] / statistics.median(loop_ms), "per_pass": per_pass}
+            print(f"{who}: the whole command's CPU per tile / the naive loop's (target <= 0.5): "
+                  f"{ratios[who]['median']:.2f} (medians); by pass " + ", ".join(f"{x:.2f}" for x in per_pass))
     if a.json:
         out = {"date": when, "machine": m, "args": vars(a), "small": small, "set": full, "rows": rows["this"],
-               "in_process": {"tiles": n_in, "cpu": cpu_in}}
+               "in_process": {"tiles": n_in, "cpu": cpu_in}, "naive": loops, "vs_naive": ratios}
         if a.baseline:
             out["baseline"] = {**runs["baseline"], "rows": rows["baseline"]}
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from installed import as_installed
 
 
 def _tree_memory(proc: psutil.Process) -> tuple[int, int, int, dict[int, int]]:
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--keep-run", action="store_true")
     ap.add_argument("--no-tissue-filter", action="store_true", help="tile every grid tile (reads the whole level)")
     args = ap.parse_args()
+    as_installed()
     from cancernet_batch.synth import SlideSpec, SlideTruth, write_slide
 
     work = Path(args.workdir)

@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from installed import as_installed
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                          "alternating with --baseline; with --model also `cancernet run`")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    as_installed(a.baseline)
 
     from cancernet_batch.bench import decode_roof, tile_stage
     from cancernet_batch.config import TileConfig

@@ -167,7 +167,7 @@ def test_tile_cpu_splits_the_commands_cpu_by_process_and_per_tile(synth_slide_di
     slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
     out = tmp_path / "cpu.json"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tile_cpu.py"), *slides, "--small", str(small),
-                        "--repeat", "1", "--baseline", str(REPO), "--json", str(out)],
+                        "--repeat", "1", "--baseline", str(REPO), "--naive", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
@@ -183,6 +183,34 @@ def test_tile_cpu_splits_the_commands_cpu_by_process_and_per_tile(synth_slide_di
     # test sets are too alike in size, and one call each too few, for their difference to be asserted)
     assert d["in_process"]["tiles"] == d["set"][0]["tiles"] and d["in_process"]["cpu"] > 0
     assert "| workers |" in r.stdout and "ms per tile" in r.stdout
+    # --naive: the naive loop on the set's same tiles, once a pass, and each version's whole command against it
+    (tiles, wall, cpu), = d["naive"]
+    assert tiles == d["set"][0]["tiles"] and wall > 0 and cpu > 0
+    for who, runs in (("this", d["set"]), ("baseline", base["set"])):
+        v = d["vs_naive"][who]  # one pass: the median is that pass, the command's CPU over the loop's
+        assert v["per_pass"] == [pytest.approx(sum(runs[0]["cpu"].values()) / cpu)]
+        assert v["median"] == pytest.approx(v["per_pass"][0])
+    assert r.stdout.count("the naive loop's (target <= 0.5)") == 2
+
+
+def test_as_installed_compiles_a_checkouts_package_to_bytecode(tmp_path):
+    """benchmarks/installed.py: a checkout's package gets its bytecode as an install writes it (these machines set
+    PYTHONDONTWRITEBYTECODE, so imports alone never would); a module that does not compile is an error."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from installed import as_installed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pkg = tmp_path / "checkout" / "cancernet_batch"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "tile.py").write_text("X = 1\n")
+    as_installed(tmp_path / "checkout", None)
+    assert [p.name.split(".")[0] for p in (pkg / "stages" / "__pycache__").glob("*.pyc")] == ["tile"]
+    assert list((pkg / "__pycache__").glob("__init__.*.pyc"))
+    (pkg / "broken.py").write_text("def f(:\n")
+    with pytest.raises(RuntimeError, match="does not compile"):
+        as_installed(tmp_path / "checkout")
 
 
 def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
