@@ -227,6 +227,7 @@ def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
     package's logger as Python starts, only the descriptors the server needs (the run folder's lock, this
     process's sockets and files stay here), and the last preload module (:mod:`cancernet_batch.prefork`, which
     arms the after-fork hook of the process it is imported in) imported there, not here."""
+    import gc
     import importlib
     import socket
     import sys
@@ -254,6 +255,10 @@ def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
         os.chmod(address, 0o600)
         listener.listen()
         alive_r, alive_w = os.pipe()
+        # everything imported so far lives as long as the processes: out of the collector's sight (in this process and,
+        # through the fork, in the server and every worker), so no collection there walks it, and none writes to its
+        # objects' headers, which would copy each page a worker shares with the server (Python's gc.freeze recipe)
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # the server: never returns
             _serve_forks(listener.fileno(), alive_r, preload[-1], env)

@@ -169,14 +169,15 @@ assert start_forkserver(cfg)
 server = psutil.Process(forkserver._forkserver._forkserver_pid)
 
 def probe():
-    import logging, os, psutil
-    return {"ppid": os.getppid(), "omp": os.environ.get("OMP_NUM_THREADS"),
+    import gc, logging, os, psutil
+    return {"ppid": os.getppid(), "omp": os.environ.get("OMP_NUM_THREADS"), "frozen": gc.get_freeze_count(),
             "files": [f.path for f in psutil.Process().open_files()],
             "handlers": len(logging.getLogger("cancernet_batch").handlers)}
 
 with dask_client(cfg) as client:
     workers = list(client.run(probe).values())
-print(json.dumps({"me": os.getpid(), "cmdline": psutil.Process().cmdline(), "server": server.pid,
+import gc
+print(json.dumps({"me": os.getpid(), "cmdline": psutil.Process().cmdline(), "server": server.pid, "frozen": gc.get_freeze_count(),
                   "server_parent": server.ppid(), "server_cmdline": server.cmdline(), "workers": workers}))
 """
 
@@ -204,6 +205,10 @@ def test_the_workers_fork_server_is_forked_from_the_command_once_it_has_imported
     for w in d["workers"]:
         assert w["ppid"] == d["server"] and w["omp"] == "1" and w["handlers"] == 0, w  # 2 cores, 2 workers: 1 each
         assert str(held) not in w["files"], w
+        # forked: the stack's objects, imported before the fork, are frozen (out of every collection's walk), in the
+        # command and in each worker; a spawned server freezes nothing
+        assert (w["frozen"] > 50_000) if not spawned else w["frozen"] == 0, w
+    assert (d["frozen"] > 50_000) if not spawned else d["frozen"] == 0
 
 
 def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_local_workers():
