@@ -132,14 +132,38 @@ def hue(rgb: np.ndarray) -> np.ndarray:
 def glass_colour(rgb: np.ndarray) -> np.ndarray:
     """The slide's glass colour (per channel), estimated from a view: see the module doc."""
     raw = rgb.reshape(-1, 3)
-    flat = raw.astype(np.float32)
-    if len(flat) == 0:
+    if len(raw) == 0:
         return np.full(3, 255.0)
+    if raw.dtype == np.uint8:  # from the histogram of the channels' sums: the same values, about 40 % less CPU
+        s = raw[:, 0].astype(np.uint16)
+        s += raw[:, 1]
+        s += raw[:, 2]
+        counts = np.bincount(s, minlength=len(_BRIGHTNESS))
+        cut = _percentile99(counts) - GLASS_BAND
+        # brightness rises with the sum: the sample is every pixel whose sum reaches the first level at the cut
+        return np.maximum(_median_u8(raw, s >= int(np.argmax(_BRIGHTNESS >= cut))), GLASS_MIN)
+    flat = raw.astype(np.float32)
     b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)  # the channels' mean, element-wise (fast)
-    sel = b >= np.percentile(b, 99) - GLASS_BAND
-    if raw.dtype == np.uint8:  # the median of 8-bit values from their histogram: the same value, 3x faster
-        return np.maximum(_median_u8(raw, sel), GLASS_MIN)
-    return np.maximum(np.median(flat[sel], axis=0), GLASS_MIN)
+    return np.maximum(np.median(flat[b >= np.percentile(b, 99) - GLASS_BAND], axis=0), GLASS_MIN)
+
+
+_BRIGHTNESS = np.arange(766, dtype=np.float32) / np.float32(3)
+"""A pixel's brightness (the mean of its channels, float32, as :func:`glass_colour` defines it) by the sum of its
+8-bit channels."""
+
+
+def _percentile99(counts: np.ndarray) -> np.float32:
+    """``np.percentile(b, 99)`` of the brightness ``b`` of pixels whose channel sums have histogram ``counts``, bit
+    for bit. The percentile lies between two neighbours in sorted order; when both have the same brightness (glass
+    that fills more than 1 % of a view) it is that value whatever the interpolation, else numpy computes it from
+    the sorted values themselves (as many as the pixels, one per pixel)."""
+    n = int(counts.sum())
+    k = int(np.floor((n - 1) * 0.99))
+    cum = np.cumsum(counts)
+    lo, hi = np.searchsorted(cum, [k, min(k + 1, n - 1)], side="right")
+    if lo == hi:
+        return _BRIGHTNESS[lo]
+    return np.percentile(np.repeat(_BRIGHTNESS, counts), 99)
 
 
 def _median_u8(values: np.ndarray, sel: np.ndarray | None = None) -> np.ndarray:
@@ -162,8 +186,9 @@ def optical_density(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndar
     w = glass_colour(rgb) if glass is None else np.asarray(glass, np.float32)
     if rgb.dtype == np.uint8 and rgb.size > 3 * 256:
         # the same element-wise float32 formula, evaluated once per 8-bit level and channel, then looked up
-        lut = _clipped_od(np.arange(256, dtype=np.float32)[:, None], w)
-        return lut[rgb[..., 0], 0] + lut[rgb[..., 1], 1] + lut[rgb[..., 2], 2]
+        # (one contiguous table per channel: ``take`` costs a third of indexing a column of one table)
+        lut = _clipped_od(np.arange(256, dtype=np.float32)[:, None], w).T.copy()
+        return lut[0].take(rgb[..., 0]) + lut[1].take(rgb[..., 1]) + lut[2].take(rgb[..., 2])
     od = _clipped_od(rgb.astype(np.float32), w)
     return od[..., 0] + od[..., 1] + od[..., 2]  # summed over RGB, element-wise (fast)
 
@@ -183,8 +208,9 @@ def _pen_mask(rgb: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
     saturated enough to be ink (the others are not coloured ink whatever their hue), and only where
     :data:`PEN_HUE` can hold it (:func:`_hue_in_pen_range`)."""
     coloured = sat >= PEN_SATURATION
-    if coloured.any():
-        coloured[coloured] = _hue_in_pen_range(rgb[coloured])
+    if coloured.any():  # by flat index (``take`` of whole pixels: a quarter of the CPU of boolean indexing)
+        at = np.flatnonzero(coloured)
+        coloured.reshape(-1)[at] = _hue_in_pen_range(rgb.reshape(-1, 3).take(at, axis=0))
     return coloured | (val < MIN_VALUE)
 
 
@@ -290,7 +316,7 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
         small = sizes * px_area < MAX_HOLE_UM2
         small[0] = False
         small[border] = False
-        mask |= small[holes]
+        mask |= small.take(holes)  # (``take``: half the CPU of indexing by the label image)
     # drop dust (objects smaller than MIN_OBJECT_UM2) and unstained smudges (less than
     # MIN_STAINED_UM2 of stained pixels in the whole object)
     objects, nobj = ndimage.label(mask)
@@ -299,7 +325,7 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
         stained = np.bincount(objects[fg & (sat >= STAIN_SATURATION)], minlength=nobj + 1)  # counts, exact
         keep = (sizes * px_area >= MIN_OBJECT_UM2) & (stained * px_area >= MIN_STAINED_UM2)
         keep[0] = False
-        mask = keep[objects]
+        mask = keep.take(objects)
     # ink and folds are not tissue, even where filling reached them
     return mask & ~pen & ~fold
 

@@ -242,6 +242,24 @@ def test_faster_glass_median_od_and_pen_hue_are_bit_identical(mpp_slides, slides
         ref_pen = ((sat >= t.PEN_SATURATION) & (h >= t.PEN_HUE[0]) & (h < t.PEN_HUE[1])) | (val < t.MIN_VALUE)
         assert np.array_equal(t.pen_mask(rgb), ref_pen)
         assert np.array_equal(tissue_mask(rgb, um_per_px=um), _reference_mask(rgb, um))
+    # the 99th percentile from the histogram of channel sums: where its two neighbours in sorted order share a
+    # level (glass) and where they do not (numpy interpolates), at the edges of the band and of small counts
+    rng = np.random.default_rng(8)
+    paths = set()
+    for n in [1, 2, 3, 99, 100, 101, 250, 1000, 3001]:
+        for share in [0.0, 0.5, 0.985, 0.995, 1.0]:
+            v = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+            v[: int(n * share)] = 236 + rng.integers(0, 2, (int(n * share), 3), dtype=np.uint8)
+            flat = v.astype(np.float32)
+            b = (flat[:, 0] + flat[:, 1] + flat[:, 2]) / np.float32(3)
+            counts = np.bincount(v.astype(np.uint16).sum(axis=1), minlength=766)
+            k = int(np.floor((n - 1) * 0.99))
+            paths.add(np.sort(b)[k] == np.sort(b)[min(k + 1, n - 1)])
+            p = t._percentile99(counts)
+            assert p.dtype == np.float32 and p == np.percentile(b, 99), (n, share)
+            ref = np.maximum(np.median(flat[b >= np.percentile(b, 99) - t.GLASS_BAND], axis=0), t.GLASS_MIN)
+            assert np.array_equal(t.glass_colour(v[:, None]), ref), (n, share)
+    assert paths == {True, False}
     # the median of an even count is the mean of the two middle values, as numpy's
     two = np.array([[[10, 20, 30], [11, 25, 30]]], np.uint8)
     assert np.array_equal(t._median_u8(two.reshape(-1, 3)), np.median(two.reshape(-1, 3).astype(np.float32), axis=0))
