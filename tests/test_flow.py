@@ -463,8 +463,10 @@ def test_the_prepare_task_of_the_stream_tiles_the_first_chunk_itself(synth_slide
 
 def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tiny_model_dir, tmp_path, monkeypatch):
     """Every task of the flow's first input (its chunks too) outranks every task of the others (their scoring and
-    reports too): with scoring before tiling by kind, the second input's scoring would otherwise run between the
-    first's chunks and the report's first input would wait for it. The others keep kind, then input order."""
+    reports too): with scoring before tiling by kind, the second input's tasks would otherwise run between the
+    first's chunks and the report's first input would wait for them. Here every input's chunks are scored, and the
+    last reported, in their tiling tasks: the second's too, each of its tasks of the tiling rank (kind first, then
+    input order: a later input's prepare goes after an earlier input's chunks)."""
     submitted: list[tuple[str, int]] = []
     real = type(client).submit
 
@@ -485,7 +487,7 @@ def test_the_first_inputs_tasks_go_before_every_other_inputs(client, inputs, tin
     assert kinds == {"prepare", "chunk"}  # every chunk scored in its tiling task; the last one's reports it too
     assert mine and others and min(mine) > max(others), submitted
     by_kind = {k.split("-")[0]: p for k, p in submitted if second in k}
-    assert by_kind["report"] > by_kind["score"] > by_kind["prepare"]
+    assert set(by_kind) == {"prepare", "chunk"} and by_kind["chunk"] == by_kind["prepare"]
 
 
 def test_the_first_reported_input_is_in_the_report_tables_at_once(client, inputs, tiny_model_dir, tmp_path):
@@ -514,9 +516,9 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     would often all wait for one worker while the other runs the second slide's tasks: they are queued on the
     workers in turn (another worker may still take them); no other input's tasks are placed. On two tiling
     threads the second slide's prepare is submitted only when the first's has come back (then at once): the
-    first's plan comes back sooner, and both threads are free to take its chunks. The first slide's prepare tiles
-    none of its chunks (the other thread waits meanwhile): every one is a chunk task, tiled and scored in one; a later
-    slide's prepare tiles its first chunk, which a score task then scores."""
+    first's plan comes back sooner, and both threads are free to take its chunks. No slide's prepare tiles a chunk:
+    every one is a chunk task, tiled and scored in one (no score task reads a chunk back), and the one that scores a
+    slide's last chunk makes its report part (no report task)."""
     submitted: list[tuple[str, list | None, bool, tuple]] = []
     events: list[tuple[str, str]] = []
     real, real_prepared = type(client).submit, Flow._on_prepare
@@ -543,13 +545,12 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     chunks = [(k, w, args) for k, w, _, args in submitted if k.startswith("chunk-")]
     assert chunks and all(args[-2] is not None for _, _, args in chunks)  # each with the scoring settings
     n_chunks = {g: Run.of(tmp_path / "run").open_input(g, "r")["tiled"].shape[0] for g in (first, second)}
-    for gid in (first, second):
+    for gid in (first, second):  # every chunk a chunk task, none scored apart, each carrying the report settings
         tiled = {args[3] for k, _, args in chunks if gid in k}
         scored = {args[2] for k, _, _, args in submitted if k.startswith(f"score-{gid}-")}
-        if gid == first:  # every chunk a chunk task, none scored apart
-            assert tiled == set(range(n_chunks[gid])) and not scored
-        else:  # scored apart: only the chunk its prepare task tiled
-            assert tiled and scored == {0} and tiled == set(range(1, n_chunks[gid]))
+        assert tiled == set(range(n_chunks[gid])) and n_chunks[gid] >= 2 and not scored
+        assert all(args[-1] is not None for k, _, args in chunks if gid in k)
+    assert not [k for k, _, _, _ in submitted if k.startswith(("score-", "report-"))]
     mine = [w for k, w, _ in chunks if first in k]
     assert len(mine) >= 2 and mine == [[workers[i % 2]] for i in range(len(mine))]
     assert all(loose for _, w, loose, _ in submitted if w is not None)
@@ -560,12 +561,12 @@ def test_chunks_are_scored_in_their_tiling_task_and_the_first_slide_gets_every_w
     assert not [e for e in events[came_back + 1:submitted_2] if e[0] == "back"]  # admitted in the same turn
 
 
-def test_the_chunk_task_that_scores_the_first_slides_last_chunk_makes_its_report(client, inputs, tiny_model_dir,
-                                                                                 tmp_path, monkeypatch):
-    """Every chunk of the first slide is a chunk task that tiles and scores it; the one that scores the last makes
-    the slide's report part in the same task (no report task, no round trip through the client between them) and
-    marks its tiling complete (the client does not). A later slide, whose prepare tiled a chunk that a score task
-    scores, gets a report task from the client once all of it is back, and the client marks it complete."""
+def test_the_chunk_task_that_scores_a_slides_last_chunk_makes_its_report(client, inputs, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """Every chunk of every slide is a chunk task that tiles and scores it (no slide's prepare tiles one, no score task
+    reads one back); the one that scores a slide's last chunk makes its report part in the same task (no report task,
+    no round trip through the client between them) and marks its tiling complete (the client does not). Each slide's
+    chunks carry one claim, their own."""
     from cancernet_batch.stages import flow as flow_module
 
     submitted: list[tuple[str, tuple]] = []
@@ -595,17 +596,20 @@ def test_the_chunk_task_that_scores_the_first_slides_last_chunk_makes_its_report
                      client=client)
     assert s.report.reported == 2 and not s.failed_inputs
     first, second = (store.input_id(str(p)) for p in slides)
-    kinds = {k.split("-")[0] for k, _ in submitted if first in k}
-    assert kinds == {"prepare", "chunk"}  # no score task, no report task
-    chunks = [args for k, args in submitted if k.startswith(f"chunk-{first}-")]
-    # (patient, thr, cfg, claim): one claim for the input's part, so that two that finish together do not both make it
-    assert len(chunks) >= 2 and all(args[-1] is not None and args[-1][0] for args in chunks)
-    assert len({args[-1][3] for args in chunks}) == 1
-    assert reports == [first]
+    claims = set()
+    for gid in (first, second):
+        kinds = {k.split("-")[0] for k, _ in submitted if gid in k}
+        assert kinds == {"prepare", "chunk"}  # no score task, no report task
+        chunks = [args for k, args in submitted if k.startswith(f"chunk-{gid}-")]
+        # (patient, thr, cfg, claim): one claim for the input's part, so that two that finish together do not both
+        # make it
+        assert len(chunks) >= 2 and all(args[-1] is not None and args[-1][0] for args in chunks)
+        assert len({args[-1][3] for args in chunks}) == 1
+        claims |= {args[-1][3] for args in chunks}
+    assert len(claims) == 2
+    assert sorted(reports) == sorted([first, second])
     assert not list(run.glob(".tmp-claim-*"))  # removed as the run ended
-    assert {k.split("-")[0] for k, _ in submitted if second in k} >= {"prepare", "chunk", "score", "report"}
-    assert all(args[-1] is None for k, args in submitted if k.startswith(f"chunk-{second}-"))
-    assert marked == [second]  # the first by the chunk task that reported it, on a worker
+    assert marked == []  # each by the chunk task that reported it, on a worker
     for gid in (first, second):
         g = Run.of(run).open_input(gid, "r")
         assert g.attrs["complete"] and "idc_map" in g
@@ -614,7 +618,7 @@ def test_the_chunk_task_that_scores_the_first_slides_last_chunk_makes_its_report
 
 def test_a_first_slide_whose_chunk_fails_fails_once_and_the_run_goes_on(client, mpp_slides, tiny_model_dir, tmp_path,
                                                                          monkeypatch):
-    """The first slide's chunk tasks carry its report; when one of them cannot read its tiles (a damaged JPEG tile
+    """A slide's chunk tasks carry its report; when one of the first slide's cannot read its tiles (a damaged JPEG tile
     that neither the preflight nor the plan touches), no report is made: the slide fails once, at its tiles (one
     failures row, no report failure), not complete; the next slide is reported."""
     import tifffile
@@ -644,7 +648,7 @@ def test_a_first_slide_whose_chunk_fails_fails_once_and_the_run_goes_on(client, 
     run = tmp_path / "run"
     s = run_pipeline([bad, good], run, TileConfig(target_mpp=4.0, chunk=8, tissue_filter=False),
                      PredictConfig(model_dir=str(tiny_model_dir)), client=client)
-    assert carried and {k.split("-")[1] for k in carried} == {"a"}  # a-bad's chunks carried its report
+    assert carried and {k.split("-")[1] for k in carried} == {"a", "b"}  # each slide's chunks carried its report
     assert s.report.reported == 1 and set(s.failed_inputs) == {str(bad)}
     failures = list(csv.DictReader(open(run / "failures.csv")))
     assert [(f["input"], f["stage"], f["error_class"]) for f in failures] == [(str(bad), "tile", "SlideReadError")]

@@ -398,13 +398,16 @@ class Flow:
         else:  # a slide: its preflight (unless done with its DICOM series), plan and group, predictions set up
             self._preparing += 1
             self._first_preparing = self._first_preparing or inp.first
-            # and its first chunk of tiles, except for the first input: while its prepare runs the other tiling
-            # threads wait (see _admit), and its first chunk then needs a scoring task after a round trip through
-            # the client; as a chunk task like its others it is tiled and scored in one task, on any worker, as
-            # soon as the plan is back (first report 1.005 against 1.06 s, medians of 16 runs; RESULTS.md
-            # section 6, 2026-12-04 21:25)
+            # and its first chunk of tiles, only where the workers that tile do not score (`tile`, a split run): a
+            # chunk tiled in the prepare task needs a score task after a round trip through the client, which reads
+            # its tiles back, then a report task. Where they score, every chunk is a chunk task, tiled and scored in
+            # one, and the last to be scored makes the input's report part in the same task: two tasks a one-chunk
+            # input instead of three, its tiles never read back (stream / stage by stage 1.02-1.11 against
+            # 0.97-1.01, four series each; RESULTS.md section 6, 2026-12-06 00:18). The first input's, too, as soon
+            # as its plan is back: while its prepare runs the other tiling threads wait (see _admit)
+            tile_first = not inp.first and (self.scoring is None or self.split)
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                         inp.edge, not inp.preflighted, self.scoring, not inp.first, priority=_TILE)
+                         inp.edge, not inp.preflighted, self.scoring, tile_first, priority=_TILE)
 
     def _report_files_present(self, gid: str) -> frozenset | None:
         """On object storage, which of the input's report files are there (:func:`~cancernet_batch.stages.report.
