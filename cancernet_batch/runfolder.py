@@ -670,15 +670,20 @@ class FsspecFS:
 
     def remove_prefixed(self, folder, prefix: str) -> int:
         """Remove the objects directly under ``folder`` whose names start with ``prefix`` (one listing, not from
-        the driver's cache: other processes wrote them); how many went."""
-        gone = [n for n in self._names(folder, fresh=True) if n.startswith(prefix)]
-        for name in gone:
+        the driver's cache: other processes wrote them), in one batch (on S3 a ``DeleteObjects`` request per 1,000
+        names, not a request each: a run's claims are one per input); how many went."""
+        gone = [f"{folder}/{n}" for n in self._names(folder, fresh=True) if n.startswith(prefix)]
+        if not gone:
+            return 0
+        try:
             try:
-                self.fs.rm_file(f"{folder}/{name}")
-            except FileNotFoundError:
-                pass
-            except Exception as exc:  # noqa: BLE001
-                raise self._error(exc, folder, "removing") from None
+                self.fs.rm(gone)
+            except FileNotFoundError:  # a driver that checks each name, and one went meanwhile: the others one by one
+                for path in gone:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, folder, "removing") from None
         return len(gone)
 
     @contextlib.contextmanager

@@ -178,7 +178,7 @@ def test_lock_on_s3_names_the_holder_and_a_stale_lock_says_how_to_clear_it(s3, t
 
 def test_a_claim_on_s3_is_one_conditional_put_and_the_first_callers(s3):
     """``Run.claim`` on object storage: an empty object made by a conditional PUT; of callers at the same moment one
-    gets True; ``release_claims`` deletes every claim (one listing), nothing else."""
+    gets True; ``release_claims`` deletes every claim (one listing, one batch of deletes), nothing else."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -200,6 +200,8 @@ def test_a_claim_on_s3_is_one_conditional_put_and_the_first_callers(s3):
     s3.server.reset()
     assert run.release_claims() == 2
     assert [r.method for r in s3.server.requests if r.method == "GET"] == ["GET"]  # the one listing
+    # and one batch: a DeleteObjects request (POST ?delete), not a DELETE per claim (a run has one per input)
+    assert [r.method for r in s3.server.requests if r.method in ("DELETE", "POST")] == ["POST"], s3.server.requests
     fs = s3.fs()
     assert not fs.exists(f"{BUCKET}/nights/claims/.tmp-claim-report-abc-x")
     assert not fs.exists(f"{BUCKET}/nights/claims/.tmp-claim-report-old-y")
