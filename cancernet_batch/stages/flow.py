@@ -364,6 +364,12 @@ class Flow:
             self._queued[side] += 1
         self._ac.add(fut)
 
+    @property
+    def _tilers_score(self) -> bool:
+        """Whether the workers that tile also score (the run scores and its work is not split): then a chunk is
+        scored, and an input's last one reported, in its tiling task."""
+        return self.scoring is not None and not self.split
+
     def _side_for(self) -> str | None:
         """Where a task either kind of worker can run goes, with the work split: to the kind whose workers have
         fewer of this flow's tasks waiting per thread (the slower stage keeps its threads; the faster one has
@@ -405,7 +411,7 @@ class Flow:
             # input instead of three, its tiles never read back (stream / stage by stage 1.02-1.11 against
             # 0.97-1.01, four series each; RESULTS.md section 6, 2026-12-06 00:18). The first input's, too, as soon
             # as its plan is back: while its prepare runs the other tiling threads wait (see _admit)
-            tile_first = not inp.first and (self.scoring is None or self.split)
+            tile_first = not inp.first and not self._tilers_score
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
                          inp.edge, not inp.preflighted, self.scoring, tile_first, priority=_TILE)
 
@@ -476,12 +482,12 @@ class Flow:
         # long tasks (their prepare, then their scoring) before they could help; queued on each, they go first
         # there (priority) and the first report comes earlier
         spread = self._tilers if inp.first and len(self._tilers) > 1 else []
-        # every chunk left to write and to score goes to a chunk task that scores it (the first input's: its prepare
-        # tiles none): the one that scores the last makes the report part too, with no round trip through the client
-        # between the last chunk and the report (40-60 ms on the first report's path; RESULTS.md section 6)
+        # every chunk left to write and to score goes to a chunk task that scores it (where the tilers score, the
+        # prepare tiled none): the one that scores the last makes the report part too, with no round trip through
+        # the client between the last chunk and the report (40-60 ms on the first report's path; RESULTS.md section 6)
         todo = {i for i, _, _ in res["todo"]}
         report = None
-        if (self.report_cfg is not None and self.scoring is not None and not self.split and not inp.failed
+        if (self.report_cfg is not None and self._tilers_score and not inp.failed
                 and inp.attrs is not None and not res["tiled"] and todo and todo == inp.score_after_tile
                 and inp.to_score == len(todo)):
             from ..aggregate import patient_of
@@ -495,7 +501,7 @@ class Flow:
             # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
             # the client between the two (the worker would start another input's task meanwhile), no reading back
             scoring = None
-            if self.scoring is not None and not self.split and index in inp.score_after_tile and not inp.failed:
+            if self._tilers_score and index in inp.score_after_tile and not inp.failed:
                 inp.score_after_tile.discard(index)
                 scoring = self.scoring.cfg
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
