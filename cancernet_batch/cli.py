@@ -670,6 +670,9 @@ def _predict_options(f):
         click.option("--device", default="cpu", show_default=True, type=click.Choice(DEVICES)),
         click.option("--batch-size", default=None, type=click.IntRange(1, MAX_BATCH),
                      help="Tiles per model call (default 256 on CPU, 2048 on GPU)."),
+        click.option("--micro-batch", default=None, type=click.IntRange(0, MAX_BATCH),
+                     help="ONNX Runtime: tiles per call within each batch (default on CPU 8 per engine thread, which "
+                     "keeps a call's activations in the cores' caches; 0: whole batches)."),
         click.option("--rescore", is_flag=True, help="Replace predictions made by another model."),
         click.option("--autotune", is_flag=True, help="Use the engine, workers, threads and batch size `cancernet bench` "
                      "saved here (run: the workers of its fastest whole run, scoring workers included)."),
@@ -717,7 +720,8 @@ def _predict_config(kw: dict, *, whole_run: bool = False):
         kw["batch_size"] = DEFAULT_BATCH[kw["device"]]
     device = kw.pop("device")
     return PredictConfig(model_dir=kw.pop("model_dir"), engine=kw.pop("engine"), backend=backend,
-                         device=device, batch_size=kw.pop("batch_size"), rescore=kw.pop("rescore"),
+                         device=device, batch_size=kw.pop("batch_size"), micro_batch=kw.pop("micro_batch", None),
+                         rescore=kw.pop("rescore"),
                          cluster=_cluster_config(kw, device))
 
 

@@ -173,6 +173,7 @@ class PredictConfig:
     device: str = "cpu"  # one of DEVICES
     batch_size: int = DEFAULT_BATCH["cpu"]  # tiles per model call
     engine_threads: int | None = None  # intra-op threads per worker (ONNX); default cores / workers
+    micro_batch: int | None = None  # ONNX Runtime: tiles per call within a batch; None: 8 per thread on CPU; 0: whole
     rescore: bool = False
     max_inflight_per_thread: int = 2  # bounded scheduler and client memory for huge archives
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -183,6 +184,7 @@ class PredictConfig:
         _choice(self.device, DEVICES, "--device")
         _count(self.batch_size, "--batch-size", high=MAX_BATCH, none_ok=False)
         _count(self.engine_threads, "engine threads")
+        _count(self.micro_batch, "--micro-batch", low=0, high=MAX_BATCH)
         _count(self.max_inflight_per_thread, "tasks in flight per thread", none_ok=False)
 
 

@@ -85,8 +85,28 @@ class Engine(abc.ABC):
         return f"<{self.__class__.__name__} {self.name} {self.model_dir}>"
 
 
+ONNX_CPU_TILES_PER_THREAD = 8
+"""Tiles per ONNX Runtime call on CPU, per intra-op thread (:attr:`OnnxEngine.micro_batch`'s default). CancerNet's
+first layers hold about 0.3 MB of float activations a tile: a call of a few tiles a thread keeps them in the cores'
+own caches from one layer to the next, where a call of 256 streams each layer's ~80 MB through memory. Measured on
+machine B (Intel Xeon, 2 MiB L2 a core; ``benchmarks/onnx_micro_batch.py``, RESULTS.md section 10): one thread
+2,400-2,500 tiles/s in calls of 8 against 1,000-1,560 in calls of 256; two threads 4,050-4,200 in calls of 16
+against 3,100-3,700; and workers of 180 MiB instead of 560."""
+
+
+def _cores_here() -> int:
+    """The cores this process may run on (what ONNX Runtime's default intra-op pool roughly takes)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class OnnxEngine(Engine):
-    """``model.onnx`` under ONNX Runtime."""
+    """``model.onnx`` under ONNX Runtime.
+
+    On CPU each batch is run in calls of :attr:`micro_batch` tiles (cache-sized: see
+    :data:`ONNX_CPU_TILES_PER_THREAD`); the probabilities are those of one call per batch, up to rounding."""
 
     kind, artefact = "onnx", ONNX_FILE
 
@@ -99,7 +119,10 @@ class OnnxEngine(Engine):
         return cls(model_dir, meta, device=device, threads=threads)
 
     def __init__(self, model_dir: str | os.PathLike, meta: ModelMeta | None = None, *, device: str = "cpu",
-                 threads: int | None = None, batch_size: int = 1024):
+                 threads: int | None = None, batch_size: int = 1024, micro_batch: int | None = None):
+        """``micro_batch``: tiles per ONNX Runtime call within a batch; None: on CPU
+        :data:`ONNX_CPU_TILES_PER_THREAD` per intra-op thread (``threads``, else every core here), on a GPU the
+        whole batch; 0: the whole batch."""
         import onnxruntime as ort
 
         d = Path(model_dir)
@@ -136,9 +159,18 @@ class OnnxEngine(Engine):
                              hint="re-create it with `cancernet export MODEL_DIR`")
         self.input_name = inp.name
         self.name = "onnx-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
+        if micro_batch is None:
+            micro_batch = 0 if self.name == "onnx-cuda" else ONNX_CPU_TILES_PER_THREAD * (int(threads or 0) or _cores_here())
+        self.micro_batch = int(micro_batch)
 
     def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: tiles})[0], np.float32)
+        m = self.micro_batch
+        if not m or len(tiles) <= m:
+            return np.asarray(self.session.run(None, {self.input_name: tiles})[0], np.float32).reshape(-1)
+        out = np.empty(len(tiles), np.float32)
+        for s in range(0, len(tiles), m):  # slices of a C-contiguous batch: contiguous, no copies
+            out[s:s + m] = np.asarray(self.session.run(None, {self.input_name: tiles[s:s + m]})[0], np.float32).reshape(-1)
+        return out
 
 
 def _keras_backend(wanted: str | None) -> str:
@@ -243,7 +275,7 @@ def _can_export() -> bool:
 
 
 def load_engine(model_dir: str | os.PathLike, engine: str = "auto", backend: str | None = None, device: str = "cpu",
-                threads: int | None = None, batch_size: int | None = None) -> Engine:
+                threads: int | None = None, batch_size: int | None = None, micro_batch: int | None = None) -> Engine:
     """Load the model in ``model_dir`` for scoring.
 
     ``engine``: ``"onnx"``, ``"keras"`` or ``"auto"`` (ONNX on CPU when ``model.onnx`` exists and matches
@@ -251,11 +283,14 @@ def load_engine(model_dir: str | os.PathLike, engine: str = "auto", backend: str
     ``backend`` (Keras only) must agree with ``KERAS_BACKEND`` if Keras is already imported.
     ``device``: ``"cpu"`` or ``"gpu"``. ``threads``: intra-op threads (ONNX Runtime; TensorFlow and
     PyTorch when set before they start). ``batch_size``: tiles per model call (Keras pads every call
-    to it, so a backend compiles one shape); default the engine's own.
+    to it, so a backend compiles one shape); default the engine's own. ``micro_batch`` (ONNX Runtime only):
+    tiles per call within a batch (:attr:`OnnxEngine.micro_batch`; None: its default, 0: whole batches).
     """
     eng = _load_engine(model_dir, engine, backend, device, threads)
     if batch_size:
         eng.batch_size = int(batch_size)
+    if micro_batch is not None and isinstance(eng, OnnxEngine):
+        eng.micro_batch = int(micro_batch)
     return eng
 
 

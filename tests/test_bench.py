@@ -175,6 +175,11 @@ def test_run_autotune_starts_the_whole_runs_layout(tmp_path, monkeypatch):
         return c.cluster.workers, c.cluster.score_workers, c.batch_size, c.engine
 
     assert config(True) == (3, 1, 512, "onnx")
+    kw = {"model_dir": "m", "engine": "onnx", "backend": None, "device": "cpu", "batch_size": None, "rescore": False,
+          "scheduler": None, "workers": 1, "threads_per_worker": None, "tls_ca_file": None, "tls_cert": None,
+          "tls_key": None, "score_workers": None, "connect_timeout": 30.0}
+    assert cli._predict_config({**kw, "micro_batch": 0}).micro_batch == 0  # --micro-batch reaches the settings
+    assert cli._predict_config(dict(kw)).micro_batch is None  # (the engine's default)
     assert config(False) == (1, None, 512, "onnx")
     assert config(True, workers=2) == (2, None, 512, "onnx")  # given workers: not the measured layout
     assert config(True, score_workers=0) == (1, None, 512, "onnx")

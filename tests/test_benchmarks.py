@@ -306,3 +306,19 @@ def test_decode_fidelity_compares_both_decodes_with_the_slides_source(tmp_path, 
             assert row[mode]["p_corr"] > 0.9
         assert 0 < row["fast_vs_exact"]["mad"] < 2  # the DCT's 1/2 scale differs from exact area averages, slightly
     assert "| 1 real patients rebuilt at 0.5 µm/px, Q90 4:2:0 | 33 |" in r.stdout
+
+
+def test_onnx_micro_batch_measures_each_call_size_against_whole_batches(tmp_path, tiny_model_dir):
+    """benchmarks/onnx_micro_batch.py: a fresh process per measurement; tiles/s and peak memory of each size of call,
+    against whole batches (micro 0) at the same thread count."""
+    out = tmp_path / "micro.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "onnx_micro_batch.py"), "--model", str(tiny_model_dir),
+                        "--threads", "1", "--micro", "0,8", "--batch", "32", "--rounds", "1", "--seconds", "0.2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [line.split("|")[2].strip() for line in lines] == ["32 (whole)", "8"]
+    assert lines[0].split("|")[4].strip() == "1.00"
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["threads"], x["micro_batch"]) for x in rows] == [(1, 0), (1, 8)]
+    assert all(x["median"] > 0 and x["peak_mib"] > 50 for x in rows)

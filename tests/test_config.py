@@ -17,6 +17,7 @@ from cancernet_batch.errors import ConfigError
     (lambda: PredictConfig(model_dir="m", device="tpu"), "--device 'tpu'"),
     (lambda: PredictConfig(model_dir="m", batch_size=0), "--batch-size"),
     (lambda: PredictConfig(model_dir="m", batch_size=config.MAX_BATCH + 1), "--batch-size"),
+    (lambda: PredictConfig(model_dir="m", micro_batch=-1), "--micro-batch"),
     (lambda: TileConfig(target_mpp=math.nan), "not a plausible resolution"),
     (lambda: TileConfig(target_mpp=100.0), "not a plausible resolution"),
     (lambda: TileConfig(mpp_override=0.001), "--mpp-override"),

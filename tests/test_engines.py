@@ -45,6 +45,46 @@ def test_onnx_and_keras_engines_agree(exported):
     assert np.allclose(onnx.predict(TILES[7:8]), p1[7:8], atol=1e-6)
 
 
+class _CountingSession:
+    """An ONNX Runtime session that records the number of tiles of each call."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+
+    def run(self, outputs, feed):
+        self.calls.append(len(next(iter(feed.values()))))
+        return self.session.run(outputs, feed)
+
+
+def test_onnx_on_cpu_runs_each_batch_in_cache_sized_calls_with_the_same_probabilities(exported):
+    """On CPU a batch goes to ONNX Runtime in calls of ``micro_batch`` tiles (8 per intra-op thread by default), and
+    the probabilities are those of one call of the whole batch."""
+    from cancernet_batch.engines import ONNX_CPU_TILES_PER_THREAD
+
+    assert ONNX_CPU_TILES_PER_THREAD == 8
+    assert OnnxEngine(exported, threads=1).micro_batch == 8
+    assert OnnxEngine(exported, threads=3).micro_batch == 24
+    assert OnnxEngine(exported).micro_batch == 8 * len(os.sched_getaffinity(0))  # ONNX Runtime's own pool: every core
+    whole = OnnxEngine(exported, threads=1, batch_size=32, micro_batch=0)
+    micro = OnnxEngine(exported, threads=1, batch_size=32, micro_batch=6)
+    whole.session, micro.session = _CountingSession(whole.session), _CountingSession(micro.session)
+    p_whole, p_micro = whole.predict(TILES), micro.predict(TILES)  # 40 tiles: batches of 32 and 8
+    assert whole.session.calls == [32, 8]
+    assert micro.session.calls == [6, 6, 6, 6, 6, 2, 6, 2]
+    assert p_micro.dtype == np.float32 and p_micro.shape == (40,)
+    np.testing.assert_allclose(p_micro, p_whole, atol=1e-6)
+    assert np.std(p_whole) > 1e-4
+    # through load_engine (the workers' path), 0 meaning whole batches; a Keras engine has no such setting
+    assert load_engine(exported, "onnx", threads=1, micro_batch=0).micro_batch == 0
+    assert load_engine(exported, "onnx", threads=2).micro_batch == 16
+    assert not hasattr(load_engine(exported, "keras", micro_batch=4), "micro_batch")
+    from cancernet_batch.config import PredictConfig
+    from cancernet_batch.stages.score import get_engine
+
+    cfg = PredictConfig(model_dir=str(exported), engine="onnx", engine_threads=1, micro_batch=5)
+    assert get_engine(cfg).micro_batch == 5  # --micro-batch on the workers
+
+
 def test_engines_refuse_bad_tiles(exported):
     eng = OnnxEngine(exported)
     with pytest.raises(ValueError, match="uint8"):

@@ -71,7 +71,8 @@ ENGINE_LOADS = {"count": 0}  # per process: how many times a model was loaded (t
 
 
 def _engine_key(cfg: PredictConfig) -> tuple:
-    return (str(Path(cfg.model_dir).resolve()), cfg.engine, cfg.backend, cfg.device, cfg.engine_threads, cfg.batch_size)
+    return (str(Path(cfg.model_dir).resolve()), cfg.engine, cfg.backend, cfg.device, cfg.engine_threads, cfg.batch_size,
+            cfg.micro_batch)
 
 
 def get_engine(cfg: PredictConfig):
@@ -88,7 +89,7 @@ def get_engine(cfg: PredictConfig):
                 # several workers may share one GPU: JAX must not grab 75 % of its memory in each of them
                 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             eng = load_engine(cfg.model_dir, engine=cfg.engine, backend=cfg.backend, device=cfg.device,
-                              threads=cfg.engine_threads, batch_size=cfg.batch_size)
+                              threads=cfg.engine_threads, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch)
             _ENGINES[key] = eng
             ENGINE_LOADS["count"] += 1
             log.info("loaded %s engine for %s in process %d", getattr(eng, "name", "?"), cfg.model_dir, os.getpid())
