@@ -280,10 +280,11 @@ def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, in
 
 
 def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_model_dir, tmp_path):
-    """The pipeline's fill and drain: the first and last inputs of a scored stream get chunks of an eighth (at
-    least 8 tiles), so scoring starts after the first small chunk and the run ends soon after the last tile; an
-    input between them gets whole chunks (small chunks are more tasks); the scores are those of whole chunks,
-    a re-run finds every input fresh, and a resume keeps an input's chunks."""
+    """The pipeline's fill and drain: the last input of a scored stream gets chunks of an eighth (at least 8
+    tiles), so the run ends soon after the last tile, and the first (its tilers score) one chunk per tiling thread
+    (two here), no smaller than an eighth, tiled and scored side by side; an input between them gets whole chunks
+    (small chunks are more tasks); the scores are those of whole chunks, a re-run finds every input fresh, and a
+    resume keeps an input's chunks."""
     import shutil
 
     from cancernet_batch.stages.score import predict_run
@@ -295,14 +296,24 @@ def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_
                         zip([two[0], two[1], two[0]], ["a.svs", "b.svs", "c.svs"])]  # inputs go in path order
     cfg = TileConfig(target_mpp=4.0, chunk=16)
     assert edge_chunk(16) == 8 and edge_chunk(1024) == 128 and edge_chunk(4) == 4
+    # the first input, in parts: one equal chunk a thread, at most whole
+    assert edge_chunk(1024, 843, 2) == 422 and edge_chunk(1024, 100, 2) == 50 and edge_chunk(1024, 5000, 2) == 1024
+    assert edge_chunk(1024, 843, 1) == 843 and edge_chunk(16, 0, 2) == 8
+    from cancernet_batch.stages.tile import _chunk_ok
+
+    # a stored layout is kept whatever cut it, up to the whole chunk
+    assert _chunk_ok(422, 843, 1024) and _chunk_ok(128, 843, 1024) and _chunk_ok(843, 843, 1024) and _chunk_ok(7, 14, 16)
+    assert not _chunk_ok(2048, 5000, 1024) and not _chunk_ok(17, 20, 16) and not _chunk_ok(0, 14, 16)
+    assert not _chunk_ok(None, 843, 1024) and not _chunk_ok(True, 1, 1024) and not _chunk_ok(1.0, 1, 1024)
     pcfg = PredictConfig(model_dir=str(tiny_model_dir))
     run = Run.of(tmp_path / "stream")
     s = run_pipeline(ordered, run, cfg, pcfg, client=client)
     assert s.report.reported == len(ordered)
     groups = {g.attrs["source"]: g for _, g in store.iter_inputs(run.open_store("r"))}
-    for p in (slides[0], slides[2]):
-        g = groups[str(p)]
-        assert g.attrs["n_tiles"] > 8 and g.attrs["chunk"] == 8 and g["tiled"].shape[0] >= 2
+    first, last = groups[str(slides[0])], groups[str(slides[2])]
+    assert last.attrs["n_tiles"] > 8 and last.attrs["chunk"] == 8 and last["tiled"].shape[0] >= 2
+    n = first.attrs["n_tiles"]
+    assert 2 < n <= 32 and first.attrs["chunk"] == -(-n // 2) and first["tiled"].shape[0] == 2  # (2 tiling threads)
     assert groups[str(slides[1])].attrs["chunk"] == min(16, groups[str(slides[1])].attrs["n_tiles"])
     # the same work in whole chunks, stage by stage: the same scores
     tile_run(ordered, tmp_path / "stages", cfg, client=client)
@@ -319,7 +330,8 @@ def test_first_and_last_inputs_are_tiled_in_smaller_chunks(client, inputs, tiny_
     g.update_attributes({"complete": False})
     g["tiled"][1] = False
     res = prepare_slide_task(run, str(slides[0]), cfg, [], False)
-    assert res["todo"] == [(1, 8, min(16, res["n"]))] and res["kept"] == g["tiled"].shape[0] - 1
+    c = first.attrs["chunk"]
+    assert res["todo"] == [(1, c, min(2 * c, res["n"]))] and res["kept"] == g["tiled"].shape[0] - 1
 
 
 def test_one_prepare_task_preflights_plans_and_sets_up_the_predictions(tiny_model_dir, synth_slide_dir, slides_dir,

@@ -412,8 +412,12 @@ class Flow:
             # 0.97-1.01, four series each; RESULTS.md section 6, 2026-12-06 00:18). The first input's, too, as soon
             # as its plan is back: while its prepare runs the other tiling threads wait (see _admit)
             tile_first = not inp.first and not self._tilers_score
+            # the first input, where its tilers score: one chunk a tiling thread, each tiled, scored and (the last)
+            # reported in one task side by side (first report 0.88-1.13 s against 1.07-1.47 in eighths;
+            # RESULTS.md section 10)
+            parts = self._tile_threads if inp.first and self._tilers_score else 0
             self._submit("prepare", inp, prepare_slide_task, self.run, inp.source, self.tile_cfg, inp.series_files,
-                         inp.edge, not inp.preflighted, self.scoring, tile_first, priority=_TILE)
+                         inp.edge, not inp.preflighted, self.scoring, tile_first, parts, priority=_TILE)
 
     def _report_files_present(self, gid: str) -> frozenset | None:
         """On object storage, which of the input's report files are there (:func:`~cancernet_batch.stages.report.

@@ -162,29 +162,41 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
 
 
-def edge_chunk(chunk: int) -> int:
+def edge_chunk(chunk: int, n: int = 0, parts: int = 0) -> int:
     """The smaller chunk (an eighth, at least 8 tiles) of the first and last inputs of a streamed run.
 
     Scoring can start only once a chunk is tiled, and the run ends only once the last chunk is scored:
     with whole-size chunks the scoring workers wait for the first input's first 1,024 tiles and the
     tiling workers for the last input's last scoring (the pipeline's fill and drain). Smaller chunks at
     both ends shorten both; in between, whole chunks keep the per-task cost low.
+
+    ``parts`` (an input of ``n`` tiles that is first in a run whose ``parts`` tiling threads also score): the
+    chunk that cuts it into ``parts`` equal chunks, one per thread, each tiled and scored in one task side by side
+    (at most ``chunk``; one thread: whole chunks). Eighths spread unevenly over the threads (7 chunks: 4 on one, 3
+    on the other) and, tiled in small pieces on alternate workers, decoded the source tiles at their edges twice
+    (0.31-0.34 ms a tile against 0.18-0.19 in whole chunks): its first report came 0.1-0.2 s later (RESULTS.md
+    section 10).
     """
+    if parts > 0 and n > 0:
+        return min(chunk, -(-n // parts))
     return min(chunk, max(8, chunk // 8))
 
 
 def _chunk_ok(stored, n: int, chunk: int) -> bool:
-    """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk`` (either size: a resumed
-    run keeps the layout an input has, whichever end of an earlier run it was at)."""
-    return stored in (store.input_chunk(n, chunk), store.input_chunk(n, edge_chunk(chunk)))
+    """Whether an input stored in chunks of ``stored`` tiles fits the settings ``chunk``: any size up to the whole
+    (a resumed run keeps the layout an input has, whichever end of an earlier run it was at, and however many
+    threads cut the first input)."""
+    return isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= store.input_chunk(n, chunk)
 
 
 def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: list[str], edge: bool = False,
-                       preflight: bool = False, scoring=None, tile_first: bool = False) -> dict | Failure:
+                       preflight: bool = False, scoring=None, tile_first: bool = False,
+                       parts: int = 0) -> dict | Failure:
     """Worker: plan a slide and set up its group. Returns the chunks still to write, or a Failure.
 
-    ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run);
-    a group already there with the same plan keeps its chunks. ``preflight``: the slide's preflight first
+    ``edge``: a new group gets chunks of :func:`edge_chunk` tiles (an input at either end of a streamed run;
+    with ``parts``, the first input cut into that many equal chunks); a group already there with the same plan
+    keeps its chunks. ``preflight``: the slide's preflight first
     (:func:`preflight_task`): one task a slide instead of two. ``scoring`` (a
     :class:`~cancernet_batch.stages.score.Scoring`, when the run scores): the input's predictions are set up
     here as well, a new group's ``probs`` and ``done`` made with its other arrays; the result's ``score``
@@ -223,7 +235,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
         todo = [(i, s, e) for i, (s, e) in enumerate(bounds) if not done[i]]
         kept = len(bounds) - len(todo)
     else:
-        c = store.input_chunk(plan.n_tiles, edge_chunk(cfg.chunk) if edge else cfg.chunk)
+        c = store.input_chunk(plan.n_tiles, edge_chunk(cfg.chunk, plan.n_tiles, parts) if edge else cfg.chunk)
         bounds = store.chunk_bounds(plan.n_tiles, c)
         rows, cols = plan.grid_shape
         th = plan.thumbnail
