@@ -56,7 +56,7 @@ class _CountingSession:
         return self.session.run(outputs, feed)
 
 
-def test_onnx_on_cpu_runs_each_batch_in_cache_sized_calls_with_the_same_probabilities(exported):
+def test_onnx_on_cpu_runs_each_batch_in_cache_sized_calls_with_the_same_probabilities(exported, monkeypatch):
     """On CPU a batch goes to ONNX Runtime in calls of ``micro_batch`` tiles (8 per intra-op thread by default), and
     the probabilities are those of one call of the whole batch."""
     from cancernet_batch.engines import ONNX_CPU_TILES_PER_THREAD
@@ -79,10 +79,13 @@ def test_onnx_on_cpu_runs_each_batch_in_cache_sized_calls_with_the_same_probabil
     assert load_engine(exported, "onnx", threads=2).micro_batch == 16
     assert not hasattr(load_engine(exported, "keras", micro_batch=4), "micro_batch")
     from cancernet_batch.config import PredictConfig
-    from cancernet_batch.stages.score import get_engine
+    from cancernet_batch.stages import score
 
+    # (this process's engine cache and load count as they were: other tests check that a client never loads one)
+    monkeypatch.setattr(score, "_ENGINES", {})
+    monkeypatch.setattr(score, "ENGINE_LOADS", {"count": 0})
     cfg = PredictConfig(model_dir=str(exported), engine="onnx", engine_threads=1, micro_batch=5)
-    assert get_engine(cfg).micro_batch == 5  # --micro-batch on the workers
+    assert score.get_engine(cfg).micro_batch == 5  # --micro-batch on the workers
 
 
 def test_engines_refuse_bad_tiles(exported):
