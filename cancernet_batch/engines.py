@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 from .config import BACKENDS, DEVICES, ENGINE_CHOICES  # noqa: E402 - names defined once
 
 
+def _in_calls(tiles: np.ndarray, size: int, call) -> np.ndarray:
+    """``call`` on ``tiles`` in slices of ``size`` (the last shorter), its probabilities as one ``(N,) float32``."""
+    out = np.empty(len(tiles), np.float32)
+    for start in range(0, len(tiles), size):
+        chunk = tiles[start:start + size]
+        out[start:start + len(chunk)] = np.asarray(call(chunk), np.float32).reshape(-1)
+    return out
+
+
 class Engine(abc.ABC):
     """A loaded model that scores tiles. ``name`` says which engine and backend run it.
 
@@ -70,12 +79,7 @@ class Engine(abc.ABC):
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """IDC probabilities ``(N,) float32`` of ``(N, 50, 50, 3) uint8`` tiles."""
-        tiles = check_tiles(tiles)
-        out = np.empty(len(tiles), np.float32)
-        for start in range(0, len(tiles), self.batch_size):
-            chunk = tiles[start:start + self.batch_size]
-            out[start:start + len(chunk)] = self._predict_batch(np.ascontiguousarray(chunk)).reshape(-1)
-        return out
+        return _in_calls(check_tiles(tiles), self.batch_size, lambda chunk: self._predict_batch(np.ascontiguousarray(chunk)))
 
     @abc.abstractmethod
     def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
@@ -92,14 +96,6 @@ own caches from one layer to the next, where a call of 256 streams each layer's 
 machine B (Intel Xeon, 2 MiB L2 a core; ``benchmarks/onnx_micro_batch.py``, RESULTS.md section 10): one thread
 2,400-2,500 tiles/s in calls of 8 against 1,000-1,560 in calls of 256; two threads 4,050-4,200 in calls of 16
 against 3,100-3,700; and workers of 180 MiB instead of 560."""
-
-
-def _cores_here() -> int:
-    """The cores this process may run on (what ONNX Runtime's default intra-op pool roughly takes)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class OnnxEngine(Engine):
@@ -160,17 +156,19 @@ class OnnxEngine(Engine):
         self.input_name = inp.name
         self.name = "onnx-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
         if micro_batch is None:
-            micro_batch = 0 if self.name == "onnx-cuda" else ONNX_CPU_TILES_PER_THREAD * (int(threads or 0) or _cores_here())
+            from .cluster import usable_cores  # what ONNX Runtime's own intra-op pool roughly takes, without threads
+
+            micro_batch = 0 if self.name == "onnx-cuda" else ONNX_CPU_TILES_PER_THREAD * (int(threads or 0) or usable_cores())
         self.micro_batch = int(micro_batch)
 
     def _predict_batch(self, tiles: np.ndarray) -> np.ndarray:
         m = self.micro_batch
         if not m or len(tiles) <= m:
-            return np.asarray(self.session.run(None, {self.input_name: tiles})[0], np.float32).reshape(-1)
-        out = np.empty(len(tiles), np.float32)
-        for s in range(0, len(tiles), m):  # slices of a C-contiguous batch: contiguous, no copies
-            out[s:s + m] = np.asarray(self.session.run(None, {self.input_name: tiles[s:s + m]})[0], np.float32).reshape(-1)
-        return out
+            return self._run(tiles)
+        return _in_calls(tiles, m, self._run)  # slices of a C-contiguous batch: contiguous, no copies
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: tiles})[0], np.float32).reshape(-1)
 
 
 def _keras_backend(wanted: str | None) -> str:
