@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
         tmp = tempfile.mkdtemp(prefix="onnx-micro-")
         model = str(_random_model(Path(tmp) / "model"))
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+    from cancernet_batch.cluster import worker_environ
+    from cancernet_batch.config import ClusterConfig
+
+    # malloc as in a local worker (the engine threads are set by --threads here)
+    malloc = {k: v for k, v in worker_environ(ClusterConfig(workers=1)).items() if k.startswith("MALLOC_")}
+    env = {**os.environ, **malloc}
     results: dict[tuple[int, int], list[dict]] = {(t, m): [] for t in threads for m in micros}
     for r in range(a.rounds):
         for t in threads:
