@@ -371,13 +371,13 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                                    dashboard_address=f"{cfg.host}:0" if cfg.dashboard else None,
                                    memory_limit=cfg.memory_limit, silence_logs=logging.CRITICAL)
         finally:
-            # the nannies set malloc and thread variables in os.environ for their workers; keep them out of
-            # this process and of the child processes it starts later (preflight, tests)
-            os.environ.clear()
-            os.environ.update(env)
+            _restore_environ(env)
         try:
             if cfg.score_workers:
-                _split_workers(cluster, workers, cfg.score_workers, threads)
+                try:
+                    _split_workers(cluster, workers, cfg.score_workers, threads)
+                finally:
+                    _restore_environ(env)
             client = Client(cluster)
             if cfg.score_workers:
                 client.wait_for_workers(workers, timeout=120)
@@ -390,6 +390,20 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                 client.close()
         finally:
             cluster.close()
+            _restore_environ(env)  # a nanny that restarted its worker during the run set them again
+
+
+def _restore_environ(env: Mapping[str, str]) -> None:
+    """Put back this process's environment as ``env`` after Dask's nannies started workers.
+
+    Each nanny sets its workers' variables (malloc, thread counts, ``PYTHONHASHSEED``) and its own
+    ``__DASK_PARENT_PID`` in ``os.environ`` of the process it runs in, this one, as it starts or restarts a worker.
+    Kept out of this process and of the child processes it starts later (preflight, tests); and a later cluster
+    of this process compares the environment with its fork server's (:func:`start_forkserver`): with them left
+    in, every later cluster's workers were spawned, each importing the stack again in its first tasks."""
+    if os.environ != env:
+        os.environ.clear()
+        os.environ.update(env)
 
 
 TILE, SCORE = "tile", "score"

@@ -211,6 +211,38 @@ def test_the_workers_fork_server_is_forked_from_the_command_once_it_has_imported
     assert (d["frozen"] > 50_000) if not spawned else d["frozen"] == 0
 
 
+_CLUSTERS_IN_TURN = """
+import json, os
+from cancernet_batch.cluster import ClusterConfig, dask_client
+
+before = dict(os.environ)
+out = []
+for split in (1, None):  # a split cluster (its workers start after the cluster), then an ordinary one
+    with dask_client(ClusterConfig(workers=2, threads_per_worker=1, dashboard=False, score_workers=split)) as c:
+        out.append({"parents": sorted(set(c.run(os.getppid).values())),
+                    "changed": sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k))})
+    out[-1]["after"] = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k))
+print(json.dumps({"me": os.getpid(), "clusters": out}))
+"""
+
+
+def test_clusters_one_after_another_keep_the_environment_and_the_fork_server():
+    """Dask's nannies set their workers' variables (malloc, thread counts, PYTHONHASHSEED) and their own
+    ``__DASK_PARENT_PID`` in the environment of the process they run in, as they start workers. The split cluster's
+    workers start after the cluster does: those variables stayed in the command's process, and every later cluster
+    of the process (``cancernet bench`` starts several) saw an environment other than its fork server's and spawned
+    its workers, which imported the stack again in their first tasks. Now the process keeps its environment while
+    a cluster runs and after it, and the second cluster's workers fork from the same server as the first's."""
+    r = subprocess.run([sys.executable, "-c", _CLUSTERS_IN_TURN], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    first, second = d["clusters"]
+    for c in (first, second):
+        assert c["changed"] == [] and c["after"] == [], c
+        assert len(c["parents"]) == 1 and c["parents"][0] != d["me"], c  # one fork server, not the nannies' process
+    assert second["parents"] == first["parents"]
+
+
 def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_local_workers():
     """s3fs (with botocore and aiohttp) costs each process about 0.3 s of CPU to import, and botocore's data for an
     S3 client more: a run whose inputs or run folder are on S3 has the forkserver import it and read that data into
