@@ -262,6 +262,52 @@ def test_a_task_for_either_kind_of_worker_goes_to_the_kind_with_less_waiting(tmp
     assert flow._side_for() is None
 
 
+def test_a_task_for_either_kind_of_worker_goes_to_the_faster_kind_once_both_have_rates(tmp_path, monkeypatch):
+    """Once each kind of worker has done _RATE_TILES tiles, a task either kind can run goes to the kind that does
+    more tiles a second, in the thread-seconds it had tasks to run up to its last task back, whatever is waiting:
+    every tile is tiled once and scored once, so the slower kind bounds the run (a split run's scorer drew the
+    second input's report while the tiler idled). The busy time is counted from the flow's own submissions and
+    returns, at most one task a thread."""
+    from cancernet_batch.cluster import SCORE, TILE
+    from cancernet_batch.stages import flow as flow_module
+
+    now = [100.0]
+    monkeypatch.setattr(flow_module.time, "monotonic", lambda: now[0])
+    flow = Flow(Run.of(tmp_path / "run"), tile_cfg=TileConfig())
+    flow._tile_threads, flow._score_threads = 1, 1
+
+    def back(side: str, tiles: int) -> None:  # as _loop does for a task back
+        flow._count_queued(side, -1)
+        flow._busy_done[side] = flow._busy[side]
+        flow._done[side] += tiles
+
+    flow._count_queued(TILE, 1)
+    flow._count_queued(TILE, 1)  # two waiting on one thread: one runs
+    now[0] += 0.5
+    back(TILE, 500)
+    flow._count_queued(SCORE, 1)
+    now[0] += 0.25
+    back(TILE, 500)  # the tiling thread: busy 0.75 s for 1,000 tiles
+    now[0] += 0.25
+    back(SCORE, 200)  # the scoring thread: 0.5 s for 200, fewer than _RATE_TILES: the waiting tasks decide
+    assert flow._busy_done == {TILE: 0.75, SCORE: 0.5}
+    flow._queued = {TILE: 2, SCORE: 0}
+    assert flow._side_for() == SCORE
+    flow._count_queued(SCORE, 1)
+    flow._count_queued(TILE, 1)
+    now[0] += 0.5
+    back(SCORE, 300)  # 500 tiles in 1.0 s: 500/s against the tiler's 1,333/s (its running task is not counted)
+    assert flow._busy_done[SCORE] == 1.0 and flow._busy[TILE] == 1.25 and flow._busy_done[TILE] == 0.75
+    assert flow._side_for() == TILE  # though the tiler has three waiting and the scorer none
+    flow._score_threads = 4  # four scoring threads at 500/s each: 2,000/s
+    assert flow._side_for() == SCORE
+    flow._score_threads = 1
+    flow._done[SCORE] = 750  # 750/s against the tiler's 1,333/s
+    assert flow._side_for() == TILE
+    flow._busy_done[TILE] = 2.0  # 500/s: slower than the scorer now (its reports, a slow slide)
+    assert flow._side_for() == SCORE
+
+
 def test_a_model_the_workers_cannot_load_stops_the_run_with_one_error(client, inputs, tiny_model_dir, tmp_path):
     """The model loads in the background while the first inputs are tiled; when it cannot load, the run stops
     with that one error (not a failure row per input)."""

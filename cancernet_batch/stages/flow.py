@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 # Dask priorities (higher first): finish what is started before starting more
 _REPORT, _SCORE, _TILE = 3_000_000, 2_000_000, 1_000_000
 _FIRST = 3_000_000  # added to the first input's tasks: each of them goes before every other input's
+_RATE_TILES = 256
+"""With the work split, the tiles each kind of worker must have done before the flow places the tasks either kind
+can run by their rates (:meth:`Flow._side_for`)."""
 
 
 @dataclass
@@ -127,6 +130,10 @@ class Flow:
         self._tilers: list[str] = []  # the addresses of the workers that can tile (set by execute)
         self._score_threads = 1  # of which can score (set by execute)
         self._queued = {TILE: 0, SCORE: 0}  # with the work split: tasks submitted to each kind of worker, not back
+        self._busy = {TILE: 0.0, SCORE: 0.0}  # ... the thread-seconds each kind had tasks to run (see _count_queued)
+        self._busy_at = time.monotonic()
+        self._busy_done = {TILE: 0.0, SCORE: 0.0}  # ... of them, those up to its last task back (no task in flight)
+        self._done = {TILE: 0, SCORE: 0}  # ... and the tiles its tasks back tiled (TILE) or scored (SCORE)
         self._preparing = 0  # slides whose prepare task has not come back
         self._first_preparing = False  # the first input is a slide whose prepare task has not come back
         self.inputs_failed = 0
@@ -290,7 +297,8 @@ class Flow:
             kind, inp, extra, side = self._meta.pop(fut.key)
             inp.outstanding -= 1
             if side is not None:
-                self._queued[side] -= 1
+                self._count_queued(side, -1)
+                self._busy_done[side] = self._busy[side]
             try:
                 try:
                     res = fut.result()
@@ -302,7 +310,11 @@ class Flow:
                 fut.release()
             self._model_loaded(wait=False)
             had_rows = bool(self.rows)
+            before = (self.tile.tiles_written, self.predict.tiles_scored)
             getattr(self, f"_on_{kind}")(inp, res, extra)
+            if side is not None:
+                self._done[side] += (self.tile.tiles_written - before[0] if side == TILE
+                                     else self.predict.tiles_scored - before[1])
             first_report = not had_rows and bool(self.rows)  # a report (or settle) task added the first row
             self._maybe_finish(inp)
             if first_report or time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -361,7 +373,7 @@ class Flow:
         self._meta[fut.key] = (kind, inp, extra, side)
         inp.outstanding += 1
         if side is not None:
-            self._queued[side] += 1
+            self._count_queued(side, 1)
         self._ac.add(fut)
 
     @property
@@ -370,11 +382,29 @@ class Flow:
         scored, and an input's last one reported, in its tiling task."""
         return self.scoring is not None and not self.split
 
+    def _count_queued(self, side: str, delta: int) -> None:
+        """A task submitted to (``delta`` 1) or back from (-1) ``side``'s workers; first adds, for each kind, the
+        thread-seconds since the last count in which it had tasks to run: its tasks waiting, at most one a thread.
+        Tasks are submitted only once they can run, so those threads were busy (or about to be)."""
+        now = time.monotonic()
+        for s, threads in ((TILE, self._tile_threads), (SCORE, self._score_threads)):
+            self._busy[s] += (now - self._busy_at) * min(self._queued[s], threads)
+        self._busy_at = now
+        self._queued[side] += delta
+
     def _side_for(self) -> str | None:
-        """Where a task either kind of worker can run goes, with the work split: to the kind whose workers have
-        fewer of this flow's tasks waiting per thread (the slower stage keeps its threads; the faster one has
-        room: with scoring on one core the slower stage, the tiling worker otherwise idles between its chunks
-        while the scorer draws the maps); None (Dask's choice by occupancy) when they are even."""
+        """Where a task either kind of worker can run goes, with the work split on the CPU: to the faster kind, by
+        the tiles each kind's workers have done per second of the time they had tasks to run, up to its last task back
+        (:meth:`_count_queued`; the time of the reports it made counts too). Each tile is tiled once and scored once,
+        so the slower kind bounds the run and the faster one has room.
+        With scoring on one core the slower stage, the tiling worker otherwise idles between its chunks while the
+        scorer draws the maps. Until both kinds have done :data:`_RATE_TILES` tiles: the kind with fewer of this
+        flow's tasks waiting per thread; None (Dask's choice by occupancy) when they are even."""
+        if min(self._done.values()) >= _RATE_TILES and min(self._busy_done.values()) > 0:
+            tile, score = (self._done[s] / self._busy_done[s] * threads
+                           for s, threads in ((TILE, self._tile_threads), (SCORE, self._score_threads)))
+            if tile != score:
+                return TILE if tile > score else SCORE
         tile = self._queued[TILE] / max(1, self._tile_threads)
         score = self._queued[SCORE] / max(1, self._score_threads)
         return None if tile == score else TILE if tile < score else SCORE
