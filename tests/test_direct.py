@@ -192,6 +192,29 @@ def test_read_tiles_decodes_only_the_compressed_tiles_its_tiles_touch(decode, sy
         np.testing.assert_array_equal(got, every)
 
 
+def test_a_scaled_read_is_cut_into_blocks_by_its_decoded_pixels(synth_svs, monkeypatch):
+    """At 1/s in the DCT, ``max_read`` bounds the decoded pixels each block reads, as at full size: a 1,500 px
+    level read at 1/2 into 400 px is one block of 750 decoded px (it was four, each at most 512: ``max_read`` was
+    counted in the level's pixels); with ``max_read=300`` it is cut into blocks of at most 300 decoded px, and
+    both give the same pixels."""
+    from cancernet_batch.slides import direct
+
+    with open_slide(synth_svs) as reader:
+        level = reader.direct_level(0)
+        box = (0.0, 0.0, 1500.0, 1500.0)
+        assert level.dct_scale(1500 / 400, True) == 2
+        reads = []
+        real = direct.TiledLevel.region
+        monkeypatch.setattr(direct.TiledLevel, "region",
+                            lambda self, x, y, w, h, s, only=None: reads.append((w, h, s)) or real(self, x, y, w, h, s, only))
+        whole = level.read_scaled(box, (400, 400), fast=True)
+        assert reads == [(750, 750, 2)]
+        reads.clear()
+        blocks = level.read_scaled(box, (400, 400), fast=True, max_read=300)
+        assert len(reads) > 1 and all(w <= 300 and h <= 300 and s == 2 for w, h, s in reads), reads
+        np.testing.assert_array_equal(whole, blocks)
+
+
 def test_tiles_in_is_the_union_of_each_boxs_tile_range(synth_svs):
     """``_tiles_in`` (vectorised) against the plain loop over each box's rows and columns of compressed tiles,
     boxes inside, across and outside the level's edges included."""
