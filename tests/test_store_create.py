@@ -186,6 +186,62 @@ def test_chunks_encoded_whole_are_the_files_zarr_writes(tmp_path, kw):
         store._encode_whole(a.metadata, values[:1])
 
 
+@pytest.mark.parametrize("kw, start, stop", [
+    (dict(shape=(40, PATCH_SIZE, PATCH_SIZE, 3), chunks=(16, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
+          compressors=store.tiles_compressor()), 16, 32),  # one whole chunk of tiles
+    (dict(shape=(40, PATCH_SIZE, PATCH_SIZE, 3), chunks=(16, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
+          compressors=store.tiles_compressor()), 0, 40),  # every chunk, the last one short: padded as zarr pads it
+    (dict(shape=(9,), chunks=(4,), dtype="float32", fill_value=np.nan), 8, 9),  # probabilities, the edge chunk
+    (dict(shape=(9, 2), chunks=(4, 2), dtype="int32"), 4, 8),  # coords
+    (dict(shape=(6,), chunks=(1,), dtype="bool", fill_value=False), 3, 4),  # a flag
+    (dict(shape=(9,), chunks=(4,), dtype="float32", fill_value=np.nan), 2, 7),  # not whole chunks: zarr writes it
+])
+def test_rows_written_straight_are_the_files_zarr_writes(tmp_path, kw, start, stop):
+    """store.write_rows writes whole chunks of a local array straight (encoded by the array's codecs, then a file
+    renamed into place): the same files, byte for byte, as zarr's own write with every chunk stored, and the same
+    values read back; anything but whole chunks goes through zarr."""
+    rng = np.random.default_rng(stop)
+    values = (rng.random((stop - start,) + kw["shape"][1:]) * 200).astype(kw["dtype"])
+    ours = zarr.create_array(str(tmp_path / "ours.zarr"), **kw)
+    theirs = zarr.create_array(str(tmp_path / "theirs.zarr"), **kw)
+    store.write_rows(ours, start, stop, values)
+    theirs.with_config({"write_empty_chunks": True})[start:stop] = values
+    assert _files(tmp_path / "ours.zarr") == _files(tmp_path / "theirs.zarr")
+    back = zarr.open_array(str(tmp_path / "ours.zarr"), mode="r")
+    assert np.array_equal(back[start:stop], values, equal_nan=True)
+    assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
+
+
+def test_flags_read_straight_are_zarrs_and_a_file_they_do_not_know_goes_through_zarr(tmp_path):
+    """store.read_flags reads a local flag array's chunk files itself: a missing chunk is the fill value, the array's
+    own encodings of True and False are those values (as zarr reads them, set by store.set_flag or by zarr); a chunk
+    file of other bytes sends the read through zarr, which raises on a damaged one as before."""
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    src = str(tmp_path / "slide.svs")
+    g = store.create_input(root, _attrs(src, 40), 40, chunk=8)
+    assert store.tiled_mask(g).tolist() == [False] * 5
+    store.set_flag(g, "tiled", 1)
+    g["tiled"][3] = True  # zarr's own write
+    g["tiled"].with_config({"write_empty_chunks": True})[4] = False  # a stored False
+    assert store.tiled_mask(g).tolist() == [False, True, False, True, False]
+    assert store.tiled_mask(g).tolist() == np.asarray(g["tiled"][:]).tolist()
+    again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[f"inputs/{store.input_id(src)}"]
+    assert store.read_flags(again["tiled"]).tolist() == [False, True, False, True, False]  # a read-only store too
+    chunk = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiled" / "c" / "2"
+    chunk.write_bytes(b"not a zstd frame")
+    calls = []
+    real = zarr.Array.__getitem__
+
+    def counting(self, sel):
+        calls.append(sel)
+        return real(self, sel)
+
+    import unittest.mock
+    with unittest.mock.patch.object(zarr.Array, "__getitem__", counting), pytest.raises(Exception):
+        store.tiled_mask(g)
+    assert calls  # zarr read it, and said what is wrong
+
+
 def _disk_full_at(monkeypatch, n: int) -> list[str]:
     """Make the ``n``-th rename into place fail as on a full disk (``ENOSPC``); the renames' destinations, as seen."""
     import errno

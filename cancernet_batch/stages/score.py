@@ -139,8 +139,8 @@ def score_chunk(run: Run, gid: str, index: int, start: int, stop: int, cfg: Pred
     t1 = time.perf_counter()
     out = engine.predict(tiles)  # in calls of cfg.batch_size tiles
     t2 = time.perf_counter()
-    store.data_array(g, "probs")[start:stop] = out
-    g["done"][index] = True
+    store.write_rows(store.data_array(g, "probs"), start, stop, out)
+    store.set_flag(g, "done", index)
     return {"gid": gid, "index": index, "n": stop - start, "read_s": t1 - t0, "model_s": t2 - t1,
             "write_s": time.perf_counter() - t2, "pid": os.getpid()}
 

@@ -332,7 +332,7 @@ def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, co
         _drop_reader(source)
         raise
     store.write_tiles(g, start, stop, tiles)
-    g["tiled"][index] = True
+    store.set_flag(g, "tiled", index)
     return tiles
 
 
@@ -358,9 +358,9 @@ def patches_task(run: Run, source: str, cfg: TileConfig, scoring=None) -> dict |
     g = store.create_input(root, plan.attrs(), n, chunk=c, labels=True, arrays=arrays)
     for i, (s, e) in enumerate(store.chunk_bounds(n, c)):
         store.write_tiles(g, s, e, ps.tiles[s:e])
-        g["coords"][s:e] = ps.coords[s:e]
-        g["labels"][s:e] = ps.labels[s:e]
-        g["tiled"][i] = True
+        store.write_rows(g["coords"], s, e, ps.coords[s:e])
+        store.write_rows(g["labels"], s, e, ps.labels[s:e])
+        store.set_flag(g, "tiled", i)
     store.mark_complete(g, extra={**g.attrs["extra"], "padded": ps.padded, "duplicates": len(ps.duplicates)})
     failures = [Failure(f.input, "tile", f.error_class, f.message) for f in ps.failures]
     gid = store.input_id(source)
