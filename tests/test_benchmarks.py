@@ -246,6 +246,25 @@ def test_tile_tasks_cpu_per_task_and_per_process(synth_slide_dir):
     assert all(wall > 0 and cpu > 0 for wall, _, cpu in parts.values()), r.stdout
 
 
+def test_chunk_tasks_times_each_cut_and_the_parts_of_its_chunk_tasks(synth_slide_dir, tiny_model_dir, tmp_path):
+    """benchmarks/chunk_tasks.py: each slide's chunk tasks (tiled, scored, the last reported) in whole chunks and in
+    eighths, each round in a fresh run folder; their CPU and the parts, and the cost of a task beyond its tiles."""
+    slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
+    out = tmp_path / "chunk-tasks.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chunk_tasks.py"), *slides, "--model",
+                        str(tiny_model_dir), "--rounds", "2", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert [(x["round"], x["cut"]) for x in d["rows"]] == [(0, "whole"), (0, "eighths"), (1, "whole"), (1, "eighths")]
+    for x in d["rows"]:
+        assert x["tasks"] >= len(slides) and x["tiles"] > 0 and x["cpu_s"] > 0, x
+        assert x["read_tiles"] > 0 and x["score model_s"] > 0 and x["report_task"] > 0, x  # every slide reported
+    whole, eighths = d["rows"][2], d["rows"][3]
+    assert eighths["tiles"] == whole["tiles"] and eighths["tasks"] >= whole["tasks"]
+    assert "CPU ms a task" in r.stdout and isinstance(d["cpu_ms_per_extra_task"], float)
+
+
 def test_tile_codecs_measures_each_codec_on_real_chunks(synth_slide_dir):
     """benchmarks/tile_codecs.py: encode and decode CPU and ratio of each codec on the slides' first tile chunks."""
     slides = [str(p) for p in sorted(synth_slide_dir.glob("*.svs"))]
