@@ -1174,12 +1174,13 @@ def read_flags(array) -> np.ndarray:
 
 
 def _local_dir(array, *, write: bool = False) -> Path | None:
-    """The folder of ``array`` when it is on a local store (zarr's ``LocalStore``; ``write``: one open for writing),
-    else None."""
+    """The folder of ``array`` when it is a zarr v3 array (whose codecs :func:`_encode_chunk` calls) on a local store
+    (zarr's ``LocalStore``; ``write``: one open for writing), else None."""
+    from zarr.core.metadata import ArrayV3Metadata
     from zarr.storage import LocalStore
 
     store = array.store_path.store
-    if not isinstance(store, LocalStore) or (write and store.read_only):
+    if not isinstance(array.metadata, ArrayV3Metadata) or not isinstance(store, LocalStore) or (write and store.read_only):
         return None
     return Path(store.root) / array.store_path.path
 

@@ -242,6 +242,19 @@ def test_flags_read_straight_are_zarrs_and_a_file_they_do_not_know_goes_through_
     assert calls  # zarr read it, and said what is wrong
 
 
+def test_rows_and_flags_of_a_zarr_v2_array_go_through_zarr(tmp_path):
+    """store.write_rows and read_flags take the straight path only for zarr v3 arrays (whose codecs they call); a
+    v2 array (another tool's store) is written and read by zarr, with the same values."""
+    flags = zarr.create_array(str(tmp_path / "f.zarr"), shape=(5,), chunks=(1,), dtype=bool, fill_value=False,
+                              zarr_format=2)
+    store.write_rows(flags, 2, 3, np.ones(1, bool))
+    assert store.read_flags(flags).tolist() == [False, False, True, False, False]
+    probs = zarr.create_array(str(tmp_path / "p.zarr"), shape=(9,), chunks=(4,), dtype="float32", fill_value=np.nan,
+                              zarr_format=2)
+    store.write_rows(probs, 4, 8, np.arange(4, dtype="float32"))
+    assert np.array_equal(probs[:], [np.nan] * 4 + [0, 1, 2, 3] + [np.nan], equal_nan=True)
+
+
 def _disk_full_at(monkeypatch, n: int) -> list[str]:
     """Make the ``n``-th rename into place fail as on a full disk (``ENOSPC``); the renames' destinations, as seen."""
     import errno
