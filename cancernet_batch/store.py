@@ -1128,11 +1128,11 @@ def write_rows(array, start: int, stop: int, values: np.ndarray) -> None:
     c = int(meta.chunks[0])
     n = int(meta.shape[0])
     local = _local_dir(array, write=True)
-    if (local is None or start % c or (stop % c and stop != n) or stop <= start
-            or tuple(meta.chunks[1:]) != tuple(meta.shape[1:])):
-        array.with_config({"write_empty_chunks": True})[start:stop] = values
-        return
     values = np.asarray(values)
+    if (local is None or start % c or (stop % c and stop != n) or not 0 <= start < stop <= n
+            or values.shape != (stop - start,) + tuple(meta.shape[1:]) or tuple(meta.chunks[1:]) != tuple(meta.shape[1:])):
+        array.with_config({"write_empty_chunks": True})[start:stop] = values  # (zarr says what does not fit)
+        return
     _write_objects(array.store_path, {
         meta.encode_chunk_key((i,) + (0,) * (len(meta.shape) - 1)):
             _encode_chunk(meta, (i,) + (0,) * (len(meta.shape) - 1), values[i * c - start:min((i + 1) * c, n) - start])
