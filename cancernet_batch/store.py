@@ -930,7 +930,7 @@ def validate_input(group, *, done: np.ndarray | None = None, read: dict | None =
             return f"its done flags are {done_arr.dtype} {tuple(done_arr.shape)}, expected bool ({len(bounds)},)"
         if done is None and read is not None:
             done = read.get("done")
-        done = np.asarray(done_arr[:], bool) if done is None or len(done) != len(bounds) else np.asarray(done, bool)
+        done = read_flags(done_arr) if done is None or len(done) != len(bounds) else np.asarray(done, bool)
         if read is not None:
             read["done"] = done
         if done.any():
@@ -956,7 +956,7 @@ def clear_unproven_done(group, read: dict | None = None) -> int:
     n = int(group["tiles"].shape[0])
     bounds = chunk_bounds(n, int(group.attrs.get("chunk", group["tiles"].chunks[0]) or 1))
     done_arr = group["done"]
-    done = np.asarray(done_arr[:], bool)
+    done = read_flags(done_arr)
     if done.shape != (len(bounds),):
         return 0
     if read is not None:
