@@ -362,7 +362,8 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
                           "distributed.worker.daemon": False,
                           "distributed.scheduler.allowed-failures": 5,
                           "distributed.admin.tick.limit": "60s",
-                          "distributed.worker.memory.spill": False}):
+                          "distributed.worker.memory.spill": False,
+                          "distributed.worker.profile.enabled": worker_profiler()}):
         env = dict(os.environ)
         # Workers log a failed task at ERROR ("Compute Failed" and its traceback) on the terminal; the client
         # gets the same exception and the tool reports it as one line or a failures.csv row: only CRITICAL shows.
@@ -391,6 +392,24 @@ def dask_client(cfg: ClusterConfig, *, on_dashboard=None) -> Iterator[object]:
         finally:
             cluster.close()
             _restore_environ(env)  # a nanny that restarted its worker during the run set them again
+
+
+def worker_profiler() -> bool:
+    """Whether the local workers run Dask's statistical profiler: only where the user's own Dask config (its YAML
+    files or ``DASK_*`` variables, e.g. ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True``) turns it on.
+
+    Dask's default is on: every 10 ms it samples each thread's stack and reads the source lines of its frames
+    (linecache). py-spy over a `cancernet run` with inputs and run folder on SeaweedFS found it among a worker's
+    largest costs beside the work itself (RESULTS.md section 8), and only the dashboard's Profile page shows what it
+    gathers."""
+    import dask
+
+    try:
+        user = dask.config.collect()  # the user's config alone, without the packages' defaults
+    except Exception:  # noqa: BLE001 - an unreadable config file: Dask itself says so when it loads it
+        return False
+    value = (((user.get("distributed") or {}).get("worker") or {}).get("profile") or {}).get("enabled")
+    return bool(value) if value is not None else False
 
 
 def _restore_environ(env: Mapping[str, str]) -> None:

@@ -371,6 +371,7 @@ def _storage_defaults(protocol: str) -> dict:
     return {}
 
 
+_SSL_SHARED = False
 _S3_SESSIONS: dict = {}
 _S3_SESSION_LOCK = threading.Lock()
 
@@ -392,13 +393,60 @@ def _process_session(protocol: str, options: Mapping) -> dict:
     instance, SSO, a profile) hold state of the event loop that refreshed them, while a process runs several
     loops (zarr's, fsspec's). Those, and options that name their own ``session`` or ``profile``, keep s3fs's
     session per filesystem object, as before."""
-    if protocol not in ("s3", "s3a") or "session" in options or "profile" in options:
+    if protocol not in ("s3", "s3a"):
+        return {}
+    share_ssl_contexts()
+    if "session" in options or "profile" in options:
         return {}
     env = os.environ
     fixed = (bool(options.get("anon")) or (options.get("key") and options.get("secret"))
              or (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")
                  and not env.get("AWS_CREDENTIAL_EXPIRATION")))
     return {"session": s3_session()} if fixed else {}
+
+
+def share_ssl_contexts() -> None:
+    """Make this process's S3 clients share their SSL contexts: built once per set of TLS settings (CA bundle, client
+    certificate, proxy), not once per client.
+
+    aiobotocore builds a new context for every client's connection pool, loading the CA bundle from its file each
+    time (16 CPU ms here), for an ``http://`` endpoint too, where it is never used; and s3fs makes a client per
+    filesystem object, of which a worker of a run on S3 has many (zarr's store per thread and event loop, the side
+    files', each input's). py-spy over a `cancernet run` with inputs and run folder on SeaweedFS found 0.47 CPU s of
+    such builds, about a tenth of the run's CPU (RESULTS.md section 8). A context is safe to share between
+    connections, threads and event loops once it is set up, and nothing changes it after the build. Done once per
+    process; without aiobotocore's ``AIOHTTPSession._build_ssl_contexts`` (another version), nothing is changed."""
+    global _SSL_SHARED
+    with _S3_SESSION_LOCK:
+        if _SSL_SHARED:
+            return
+        _SSL_SHARED = True
+    try:
+        from aiobotocore.httpsession import AIOHTTPSession
+    except ImportError:
+        return
+    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
+    if build is None or getattr(build, "shared_by_cancernet", False):
+        return
+    built: dict = {}
+    lock = threading.Lock()
+
+    def shared(self, proxy_url):
+        try:
+            key = (repr(self._verify), self._cert_file, self._key_file, proxy_url,
+                   repr(sorted((self._proxy_config.settings or {}).items())))
+        except Exception:  # noqa: BLE001 - attributes of another version: build as aiobotocore does
+            return build(self, proxy_url)
+        with lock:
+            got = built.get(key)
+        if got is None:
+            got = build(self, proxy_url)
+            with lock:
+                got = built.setdefault(key, got)
+        return got
+
+    shared.shared_by_cancernet = True
+    AIOHTTPSession._build_ssl_contexts = shared
 
 
 def s3_session():
@@ -426,6 +474,10 @@ def warm_s3_session() -> None:
             pass
 
     asyncio.run(make())
+    share_ssl_contexts()  # and the default SSL context built once, before the workers fork (a client's first request
+    from aiobotocore.httpsession import AIOHTTPSession  # builds its own otherwise)
+
+    AIOHTTPSession(verify=True)._build_ssl_contexts(None)
 
 
 def _merged(defaults: dict, given: Mapping) -> dict:

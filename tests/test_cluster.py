@@ -255,7 +255,9 @@ def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_lo
             "def has():\n"
             "    import sys\n"
             "    from cancernet_batch import runfolder\n"
-            "    return 's3fs' in sys.modules and bool(runfolder._S3_SESSIONS)\n"
+            "    from aiobotocore.httpsession import AIOHTTPSession\n"
+            "    return ('s3fs' in sys.modules and bool(runfolder._S3_SESSIONS)\n"
+            "            and getattr(AIOHTTPSession._build_ssl_contexts, 'shared_by_cancernet', False))\n"
             "cfg = ClusterConfig(workers=1, dashboard=False)\n"
             "assert start_forkserver(cfg, also=storage_drivers(sys.argv[1:]))\n"
             "with dask_client(cfg) as c:\n"
@@ -264,6 +266,37 @@ def test_a_run_on_object_storage_has_its_storage_driver_imported_once_for_all_lo
         r = subprocess.run([sys.executable, "-c", code, *locations], capture_output=True, text=True, env=ENV, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1] == want, (locations, r.stdout)
+
+
+def test_local_workers_run_no_statistical_profiler_unless_the_users_dask_config_asks():
+    """Dask's profiler samples every thread's stack each 10 ms (py-spy found it among a worker's largest costs): off
+    in the local workers, on where the user's own Dask config turns it on."""
+    code = ("from cancernet_batch.cluster import ClusterConfig, dask_client\n"
+            "with dask_client(ClusterConfig(workers=1, dashboard=False)) as c:\n"
+            "    print(list(c.run(lambda dask_worker: 'profile' in dask_worker.periodic_callbacks).values()))\n")
+    for extra, want in (({}, "[False]"), ({"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "True"}, "[True]")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, **extra},
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == want, (extra, r.stdout)
+
+
+def test_the_s3_clients_of_a_process_share_one_ssl_context_per_set_of_tls_settings():
+    """aiobotocore loads the CA bundle into a new SSL context for every client (16 CPU ms, for an http:// endpoint
+    too); once shared, two clients with the same settings get the same context, and other settings another."""
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    from cancernet_batch.runfolder import share_ssl_contexts
+
+    share_ssl_contexts()
+    a, b = AIOHTTPSession(verify=True), AIOHTTPSession(verify=True)
+    ctx, proxy_ctx = a._build_ssl_contexts(None)
+    assert b._build_ssl_contexts(None)[0] is ctx and proxy_ctx is None
+    assert ctx.check_hostname and ctx.verify_mode.name == "CERT_REQUIRED"
+    off = AIOHTTPSession(verify=False)._build_ssl_contexts(None)[0]
+    assert off is not ctx and not off.check_hostname and off.verify_mode.name == "CERT_NONE"
+    share_ssl_contexts()  # a second call changes nothing
+    assert AIOHTTPSession(verify=True)._build_ssl_contexts(None)[0] is ctx
 
 
 def test_a_command_on_object_storage_gives_each_local_worker_more_threads():
