@@ -474,9 +474,10 @@ def warm_s3_session() -> None:
             pass
 
     asyncio.run(make())
-    share_ssl_contexts()  # and the default SSL context built once, before the workers fork (a client's first request
-    from aiobotocore.httpsession import AIOHTTPSession  # builds its own otherwise)
+    # and the default SSL context built once, before the workers fork (each client's first request built its own)
+    from aiobotocore.httpsession import AIOHTTPSession
 
+    share_ssl_contexts()
     AIOHTTPSession(verify=True)._build_ssl_contexts(None)
 
 
