@@ -2,6 +2,7 @@
 
     python benchmarks/s3_inputs.py [--count 2] [--size 8192] [--mpp 0.25] [--target 4.0] [--decode fast]
                                    [--threads 4] [--run] [--patients 9175,9259] [--workers 2] [--out DIR]
+                                   [--chunk-size 1024] [--server moto|s3rver|seaweedfs] [--cli-runs N]
 
 Writes ``--count`` synthetic Aperio SVS slides and as many generic tiled TIFFs (``cancernet_batch.synth``,
 ``--size`` px a side at ``--mpp``), uploads them to moto's S3 server on 127.0.0.1 (the app of
@@ -334,7 +335,7 @@ def _whole_run(args, work: Path, files: list[Path], patients: list[Path]) -> dic
         bench._random_model(model)
     cluster = ClusterConfig(workers=args.workers, threads_per_worker=args.worker_threads, dashboard=False)
     pcfg = PredictConfig(model_dir=str(model), engine="onnx", batch_size=256, cluster=cluster)
-    tcfg = TileConfig(target_mpp=args.target, decode=args.decode)
+    tcfg = TileConfig(target_mpp=args.target, decode=args.decode, chunk=args.chunk_size)
     modes = tuple(m.strip() for m in args.run_modes.split(",") if m.strip())
     if "local" not in modes:
         modes = ("local", *modes)
@@ -405,7 +406,8 @@ def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) ->
             cmd = [sys.executable, "-m", "cancernet_batch.cli", "run",
                    *(["s3://bench-runs/in/"] if mode == "s3" else local_inputs), "--out", folder, "--model", str(model),
                    "--engine", "onnx", "--batch-size", "256", "--workers", str(args.workers),
-                   "--threads-per-worker", str(args.worker_threads), "--decode", args.decode]
+                   "--threads-per-worker", str(args.worker_threads), "--decode", args.decode,
+                   "--chunk-size", str(args.chunk_size)]
             if mode == "s3":
                 cmd += ["--storage-options", json.dumps(opts)]
             t0 = time.perf_counter()
@@ -491,6 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cli-runs", type=int, default=0,
                     help="with --run: also time the `cancernet run` command itself (start-up included), local vs "
                          "s3, this many times each after a warm-up pair")
+    ap.add_argument("--chunk-size", type=int, default=1024,
+                    help="tiles per chunk in the whole runs (`run --chunk-size`; the tool's default 1024): fewer, more chunks an input")
     ap.add_argument("--server", default="moto", choices=("moto", "s3rver", "seaweedfs"),
                     help="the S3 server timed (request counts always come from moto's log)")
     args = ap.parse_args(argv)

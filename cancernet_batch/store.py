@@ -1152,14 +1152,19 @@ def read_flags(array) -> np.ndarray:
     array's own encoding of True or False is that value; any other (another codec's bytes, a damaged file) sends the
     whole read through zarr, which decodes it or raises as it would. A hundred flags cost zarr about 26 ms (each
     chunk a task on its event loop and a thread of its own), on each chunk task that checks whether it scored an
-    input's last chunk."""
+    input's last chunk. On object storage, one listing of the chunks (:func:`_listed_flags`)."""
+    from zarr.core.metadata import ArrayV3Metadata
+
     meta = array.metadata
     local = _local_dir(array)
-    if local is None or len(meta.shape) != 1 or int(meta.chunks[0]) != 1:
+    if len(meta.shape) != 1 or int(meta.chunks[0]) != 1 or not isinstance(meta, ArrayV3Metadata):
         return np.asarray(array[:], bool)
     n = int(meta.shape[0])
     known = {bytes(_encode_chunk(meta, (0,), np.ones(1, bool)).to_bytes()): True,
              bytes(_encode_chunk(meta, (0,), np.zeros(1, bool)).to_bytes()): False}
+    if local is None:
+        listed = _listed_flags(array, n, known)
+        return listed if listed is not None else np.asarray(array[:], bool)
     out = np.full(n, bool(meta.fill_value), bool)
     for i in range(n):
         try:
@@ -1170,6 +1175,52 @@ def read_flags(array) -> np.ndarray:
         if raw not in known:
             return np.asarray(array[:], bool)
         out[i] = known[raw]
+    return out
+
+
+def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
+    """The flags of a one-dimensional array of one-element chunks on object storage, from one listing of its chunks
+    (a request per 1,000) instead of a GET each: a chunk that is not there is the fill value, one whose ETag is the MD5
+    of the array's own encoding of True or False is that value (an object PUT whole has its MD5 as ETag on S3, moto and
+    SeaweedFS). None, for the caller to read the chunks through zarr, when the store is not an fsspec one whose listing
+    gives ETags, or any chunk's ETag is another (a damaged chunk, another codec, a server whose ETags are not MD5s, as
+    with KMS encryption).
+
+    Each chunk task that scores an input's chunk reads all its done flags to know whether it scored the last one: a GET
+    per flag made that n * n GETs an input of n chunks, every one a request's CPU on the worker (about 2-3 ms in
+    botocore and aiohttp) and a request the store bills."""
+    import hashlib
+
+    from zarr.core.sync import sync
+    from zarr.storage import FsspecStore
+
+    store = array.store_path.store
+    if not isinstance(store, FsspecStore) or not hasattr(store.fs, "_ls"):
+        return None
+    meta = array.metadata
+    keys = {f"{store.path}/{array.store_path.path}/{meta.encode_chunk_key((i,))}".strip("/"): i for i in range(n)}
+    folders = {k.rsplit("/", 1)[0] for k in keys}
+    etags = {hashlib.md5(raw).hexdigest(): value for raw, value in known.items()}
+    out = np.full(n, bool(meta.fill_value), bool)
+
+    async def listing(folder: str) -> list:
+        try:
+            return await store.fs._ls(folder, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+
+    try:
+        entries = [e for folder in sorted(folders) for e in sync(listing(folder))]
+    except Exception:  # noqa: BLE001 - a driver without this listing, or it failed: zarr reads the chunks (and says why)
+        return None
+    for e in entries:
+        i = keys.get(str(e.get("name", "")).strip("/"))
+        if i is None or e.get("type") == "directory":
+            continue
+        value = etags.get(str(e.get("ETag") or e.get("etag") or "").strip('"').lower())
+        if value is None:
+            return None
+        out[i] = value
     return out
 
 

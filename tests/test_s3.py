@@ -1119,10 +1119,41 @@ def _scored_input(s3, prefix: str, name: str, *, tiles: bool = False):
     return run, attrs, gid, p
 
 
+def test_the_flags_of_an_input_on_s3_are_read_from_one_listing_not_a_get_each(s3):
+    """An input's per-chunk flags (``done``, ``tiled``) are one-element chunks: read from one listing of the array's
+    chunks (present: True or False by its ETag, the MD5 of the array's encoding of either; absent: the fill value),
+    not a GET each. Every chunk task that scores a chunk reads all its input's done flags: n * n GETs an input of n
+    chunks before. A chunk whose bytes are neither goes through zarr, which raises on it as it would."""
+    from cancernet_batch import store
+
+    prefix = "nights/flags"
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("F1", 12, grid=(3, 4), kind="patches")
+    g = store.create_input(root, attrs, 12, chunk=1)
+    store.ensure_predictions(g, "model-a")
+    for i in (0, 3, 7, 11):
+        store.set_flag(g, "done", i)
+    g["done"].with_config({"write_empty_chunks": True})[5] = False  # a False written, not left out
+    want = np.zeros(12, bool)
+    want[[0, 3, 7, 11]] = True
+    gid = store.input_id(attrs.source)
+    assert s3.fs().exists(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c/5")
+    s3.server.reset()
+    assert store.done_mask(g).tolist() == want.tolist()
+    gets = [r.path for r in s3.server.requests if r.method == "GET"]
+    assert gets == [f"/{BUCKET}"], gets  # the one listing (of done/c/), no chunk
+    assert np.asarray(g["done"][:], bool).tolist() == want.tolist()  # what zarr reads, chunk by chunk
+    # a flag object whose bytes are not the array's encoding of either value: read through zarr, which says so
+    s3.fs().pipe_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c/8", b"not a zstd frame")
+    with pytest.raises(Exception):
+        store.done_mask(g)
+
+
 def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_once(s3):
     """The report of one input (state, consistency check, figures, map, mosaic thumbnail) reads each chunk of
-    its ``coords``, ``probs`` and ``done`` arrays once: the check's reads are the figures' (before: coords three
-    times, probabilities and done flags twice, one GET per chunk each time). The report is the same."""
+    its ``coords`` and ``probs`` arrays once and its ``done`` flags from one listing: the check's reads are the
+    figures' (before: coords three times, probabilities and done flags twice, one GET per chunk each time). The
+    report is the same."""
     from collections import Counter
 
     from cancernet_batch.aggregate import REPORTED, Threshold
@@ -1133,19 +1164,21 @@ def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_on
     run, attrs, gid, p = _scored_input(s3, prefix, "P7", tiles=True)
     _store_requests(s3, prefix)
     row, failure = _one_input(run, gid, run.open_input(gid), attrs, "P7", Threshold(0.5, "--threshold"), ReportConfig())
-    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
+    sent = _store_requests(s3, prefix)
+    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in sent
                     if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
                     in ("coords", "probs", "done"))
     assert failure is None and row.figures.status == REPORTED and row.heatmap and row.view
     assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
-    want = {**{f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)},
-            **{f"done/c/{i}": 1 for i in range(3)}}
+    want = {f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)}
     assert dict(reads) == want
+    assert [r.method for r in sent if r.path == f"/{BUCKET}"] == ["GET"]  # the done flags: one listing
 
 
 def test_settling_a_finished_input_reads_each_chunk_of_its_coords_probs_and_done_flags_once(s3):
     """A re-run's task for an input scored before (its chunks to score found, then, none left, its report) reads
-    each chunk of its ``coords``, ``probs`` and ``done`` arrays once: what the check of its done flags read goes on
+    each chunk of its ``coords`` and ``probs`` arrays once and its ``done`` flags from one listing: what the check of
+    its done flags read goes on
     to the consistency check and the report (before: done flags three times, probabilities three times, coords
     twice). A done flag without probabilities is still cleared, and the input then scored again, not reported."""
     from collections import Counter
@@ -1161,14 +1194,15 @@ def test_settling_a_finished_input_reads_each_chunk_of_its_coords_probs_and_done
     report = ("P9", Threshold(0.5, "--threshold"), ReportConfig())
     _store_requests(s3, prefix)
     out = settle_task(run, gid, scoring, report)
-    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
+    sent = _store_requests(s3, prefix)
+    reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in sent
                     if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
                     in ("coords", "probs", "done"))
     row, failure = out["report"]
     assert out["score"] == ([], 3) and failure is None and row.figures.status == REPORTED
     assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
-    assert dict(reads) == {**{f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs")
-                              for i in range(3)}, **{f"done/c/{i}": 1 for i in range(3)}}
+    assert dict(reads) == {f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs")
+                           for i in range(3)}  # the done flags: no GET of theirs (one listing)
 
     g = run.open_store("r+")["inputs"][gid]
     g["probs"][8:10] = np.nan  # chunk 2 flagged done without its probabilities: scored again, not reported
