@@ -1160,8 +1160,7 @@ def read_flags(array) -> np.ndarray:
     if len(meta.shape) != 1 or int(meta.chunks[0]) != 1 or not isinstance(meta, ArrayV3Metadata):
         return np.asarray(array[:], bool)
     n = int(meta.shape[0])
-    known = {bytes(_encode_chunk(meta, (0,), np.ones(1, bool)).to_bytes()): True,
-             bytes(_encode_chunk(meta, (0,), np.zeros(1, bool)).to_bytes()): False}
+    known = flag_encodings(meta)
     if local is None:
         listed = _listed_flags(array, n, known)
         return listed if listed is not None else np.asarray(array[:], bool)
@@ -1176,6 +1175,13 @@ def read_flags(array) -> np.ndarray:
             return np.asarray(array[:], bool)
         out[i] = known[raw]
     return out
+
+
+def flag_encodings(meta) -> dict[bytes, bool]:
+    """``{bytes: value}``: a one-element bool chunk holding True, and one holding False, as the array of metadata
+    ``meta`` stores them (its own codecs)."""
+    return {bytes(_encode_chunk(meta, (0,), np.ones(1, bool)).to_bytes()): True,
+            bytes(_encode_chunk(meta, (0,), np.zeros(1, bool)).to_bytes()): False}
 
 
 def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:

