@@ -371,7 +371,6 @@ def _storage_defaults(protocol: str) -> dict:
     return {}
 
 
-_SSL_SHARED = False
 _S3_SESSIONS: dict = {}
 _S3_SESSION_LOCK = threading.Lock()
 
@@ -415,38 +414,32 @@ def share_ssl_contexts() -> None:
     files', each input's). py-spy over a `cancernet run` with inputs and run folder on SeaweedFS found 0.47 CPU s of
     such builds, about a tenth of the run's CPU (RESULTS.md section 8). A context is safe to share between
     connections, threads and event loops once it is set up, and nothing changes it after the build. Done once per
-    process; without aiobotocore's ``AIOHTTPSession._build_ssl_contexts`` (another version), nothing is changed."""
-    global _SSL_SHARED
-    with _S3_SESSION_LOCK:
-        if _SSL_SHARED:
-            return
-        _SSL_SHARED = True
+    process (the method, once wrapped, says so); without aiobotocore's ``AIOHTTPSession._build_ssl_contexts`` (another
+    version), nothing is changed."""
     try:
         from aiobotocore.httpsession import AIOHTTPSession
     except ImportError:
         return
-    build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
-    if build is None or getattr(build, "shared_by_cancernet", False):
-        return
-    built: dict = {}
-    lock = threading.Lock()
+    with _S3_SESSION_LOCK:
+        build = getattr(AIOHTTPSession, "_build_ssl_contexts", None)
+        if build is None or getattr(build, "shared_by_cancernet", False):
+            return
+        built: dict = {}
+        lock = threading.Lock()
 
-    def shared(self, proxy_url):
-        try:
-            key = (repr(self._verify), self._cert_file, self._key_file, proxy_url,
-                   repr(sorted((self._proxy_config.settings or {}).items())))
-        except Exception:  # noqa: BLE001 - attributes of another version: build as aiobotocore does
-            return build(self, proxy_url)
-        with lock:
-            got = built.get(key)
-        if got is None:
-            got = build(self, proxy_url)
-            with lock:
-                got = built.setdefault(key, got)
-        return got
+        def shared(self, proxy_url):
+            try:
+                key = (repr(self._verify), self._cert_file, self._key_file, proxy_url,
+                       repr(sorted((self._proxy_config.settings or {}).items())))
+            except Exception:  # noqa: BLE001 - attributes of another version: build as aiobotocore does
+                return build(self, proxy_url)
+            with lock:  # built once a key: a second caller waits for the first's build
+                if key not in built:
+                    built[key] = build(self, proxy_url)
+                return built[key]
 
-    shared.shared_by_cancernet = True
-    AIOHTTPSession._build_ssl_contexts = shared
+        shared.shared_by_cancernet = True
+        AIOHTTPSession._build_ssl_contexts = shared
 
 
 def s3_session():
