@@ -33,6 +33,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -153,6 +154,11 @@ def _input_error(exc: BaseException, url: str, doing: str, options: Mapping | No
     """One clear line for a failed storage call on an input (never the options: they may hold secrets)."""
     if isinstance(exc, CancerNetError):
         return InputError(exc.message, path=url, hint=exc.hint)
+    if isinstance(options, Mapping) and "session" in options:
+        # a filesystem's own options hold the process's shared session (runfolder._process_session), which
+        # ``filesystem`` adds itself: without it they name the same filesystem (with it, s3fs cannot copy them,
+        # and the bucket looked missing whenever an object was)
+        options = {k: v for k, v in options.items() if k != "session"}
     if isinstance(exc, FileNotFoundError):
         proto, rest = url.split("://", 1)
         bucket = rest.split("/", 1)[0]
@@ -172,8 +178,10 @@ def _call(url: str, doing: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many kinds; each becomes one line
-        # the filesystem called (``fs.method``, or ``fn(fs, ...)``) knows its endpoint, which the error names
-        fs = getattr(fn, "__self__", None) or (args[0] if args else None)
+        # the filesystem called (``fs.method``, or ``fn(fs, ...)``) knows its endpoint, which the error names; an
+        # async filesystem's sync methods are plain functions wrapping its bound coroutine methods
+        fs = (getattr(fn, "__self__", None) or getattr(getattr(fn, "__wrapped__", None), "__self__", None)
+              or (args[0] if args else None))
         raise _input_error(exc, url, doing, getattr(fs, "storage_options", None)) from None
 
 
@@ -323,11 +331,24 @@ def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, b
     if not urls:
         return {}
     fs = filesystem(urls[0], options)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    kw = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}  # else s3fs asks each object's size first
-    got = _call(urls[0], "reading", fs.cat_ranges, list(urls), None, None, on_error="return", **kw)
+    got: dict[str, object] = {}
+    native = _native(fs)
+    if native is not None:
+        got = dict(zip(urls, _run(fs, _native_objects, native, list(urls))))
+        failed = [u for u, d in got.items() if isinstance(d, BaseException)]
+        for u in failed:
+            _native_failed(got.pop(u), u)
+    rest = [u for u in urls if u not in got]
+    if rest:
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        kw = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}  # else s3fs asks each object's size first
+        again = _call(rest[0], "reading", fs.cat_ranges, rest, None, None, on_error="return", **kw)
+        got.update(zip(rest, again))
+        if native is not None and any(not isinstance(d, BaseException) for d in again):
+            _native_served(fs, native)
     out: dict[str, bytes | InputError] = {}
-    for u, d in zip(urls, got):
+    for u in urls:
+        d = got[u]
         out[u] = _input_error(d, u, "reading", fs.storage_options) if isinstance(d, BaseException) else bytes(d)
     _count(len(urls), sum(len(d) for d in out.values() if isinstance(d, bytes)))
     return out
@@ -375,9 +396,291 @@ def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
     return [(a, b) for a, b in out]
 
 
+# --------------------------------------------------------------------------------------------
+# S3 range reads through obstore (Rust's object_store): the same requests at a fifth of s3fs's CPU
+# --------------------------------------------------------------------------------------------
+
+NATIVE_ENV = "CANCERNET_S3_NATIVE"
+"""Set to ``0`` to read S3 inputs through s3fs alone (the native reader is on by default when obstore is installed)."""
+NATIVE_GIVE_UP = 3
+"""Reads the native client failed and s3fs then served, after which a filesystem reads through s3fs alone."""
+NATIVE_COUNTS = {"requests": 0, "fallbacks": 0}
+"""Requests this process sent through the native client, and reads it handed back to s3fs."""
+_OBSTORE_STARTED = False
+"""This process has made an obstore store (its Rust runtime may be running threads)."""
+_OBSTORE_FORKED = False
+"""This process was forked from one whose obstore runtime ran: that runtime's threads were not copied, and obstore
+would wait for them forever, so this process reads and writes through s3fs alone."""
+
+
+def _after_fork_in_child() -> None:
+    global _OBSTORE_FORKED
+    if _OBSTORE_STARTED:
+        _OBSTORE_FORKED = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$")
+
+
+class _Native:
+    """obstore's S3 stores (one per bucket) for the objects of one s3fs filesystem, with the same endpoint,
+    region, credentials and time limits as its botocore client. Range and whole-object GETs of inputs, and
+    whole-object GETs and PUTs of the run folder (its files, :mod:`.native_store` for the tile store) go through
+    it; look-ups, listings, deletes and conditional PUTs (the lock, claims) stay on s3fs. botocore spends about 1.3 ms
+    of CPU on a request (its hooks, endpoint rules, signing and parsing), obstore about 0.25 ms
+    (RESULTS.md section 8). Any read it fails is done again through s3fs, whose errors are the ones the
+    user sees; after :data:`NATIVE_GIVE_UP` such reads that s3fs served, the filesystem stops using it."""
+
+    def __init__(self, config: dict, client_options: dict):
+        self.config, self.client_options = config, client_options
+        self.stores: dict[str, object] = {}
+        self.failures = 0
+        self.lock = threading.Lock()
+
+    def store(self, bucket: str):
+        global _OBSTORE_STARTED
+        with self.lock:
+            st = self.stores.get(bucket)
+            if st is None:
+                from obstore.store import S3Store
+
+                _OBSTORE_STARTED = True
+                st = self.stores[bucket] = S3Store(bucket, config=dict(self.config),
+                                                   client_options=dict(self.client_options),
+                                                   retry_config={"max_retries": 3})
+            return st
+
+
+def _native(fs) -> "_Native | None":
+    """The native client of the s3fs filesystem ``fs``, or None (not S3, obstore not installed, turned off with
+    :data:`NATIVE_ENV`, or a setting it does not carry over: requester pays, versions, extra request arguments,
+    TLS or proxy settings, virtual-host addressing, or credentials that refresh). Made once per filesystem; for
+    a filesystem made with ``asynchronous=True`` (zarr's), use :func:`_native_async` on its loop."""
+    if _OBSTORE_FORKED:
+        return None
+    try:
+        return fs.__dict__["_cancernet_native"]
+    except KeyError:
+        pass
+    from fsspec.asyn import sync
+
+    return _keep_native(fs, lambda: sync(fs.loop, fs.set_session) if _native_candidate(fs) else None)
+
+
+async def _native_async(fs) -> "_Native | None":
+    """:func:`_native` from a coroutine on ``fs``'s own event loop."""
+    if _OBSTORE_FORKED:
+        return None
+    try:
+        return fs.__dict__["_cancernet_native"]
+    except KeyError:
+        pass
+    client = await fs.set_session() if _native_candidate(fs) else None
+    return _keep_native(fs, lambda: client)
+
+
+def _native_candidate(fs) -> bool:
+    if os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if type(fs).__name__ != "S3FileSystem" or not getattr(fs, "async_impl", False):
+        return False
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return False
+    return not (fs.requester_pays or fs.version_aware or fs.s3_additional_kwargs or fs.kwargs
+                or set(fs.client_kwargs) - {"endpoint_url", "region_name"})
+
+
+def _keep_native(fs, client_of) -> "_Native | None":
+    try:
+        client = client_of()
+        native = _make_native(client) if client is not None else None
+    except Exception as exc:  # noqa: BLE001 - s3fs alone then, as before
+        log.debug("native S3 reads off: %s", type(exc).__name__)
+        native = None
+    fs.__dict__["_cancernet_native"] = native
+    return native
+
+
+def _make_native(client) -> "_Native | None":
+    """The native client with the settings of botocore's ``client``, or None where one would not carry over."""
+    from urllib.parse import urlsplit
+
+    from botocore import UNSIGNED
+
+    cfg = client.meta.config
+    if (getattr(cfg, "s3", None) or {}).get("addressing_style") == "virtual" or getattr(cfg, "proxies", None):
+        return None
+    endpoint = client.meta.endpoint_url or ""
+    parts = urlsplit(endpoint)
+    config = {"region": client.meta.region_name or "us-east-1"}
+    if not _AWS_HOST.search(parts.hostname or ""):
+        config["endpoint"] = endpoint  # a local or third-party server, path-style as botocore addresses it
+    if cfg.signature_version is UNSIGNED:
+        config["skip_signature"] = True
+    else:
+        creds = getattr(getattr(client, "_request_signer", None), "_credentials", None)
+        if creds is None or "Refreshable" in type(creds).__name__ or not (creds.access_key and creds.secret_key):
+            return None
+        config.update(access_key_id=creds.access_key, secret_access_key=creds.secret_key)
+        if creds.token:
+            config["token"] = creds.token
+    client_options = {"allow_http": parts.scheme == "http",
+                      "connect_timeout": f"{int(cfg.connect_timeout or 10)}s",
+                      "timeout": f"{int(cfg.read_timeout or 120)}s"}
+    return _Native(config, client_options)
+
+
+def _bucket_key(url: str) -> tuple[str, str]:
+    rest = _strip(url).split("://", 1)[-1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+async def _native_spans(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each ``(start, end)`` span of ``url``, one request each, concurrently."""
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    got = await obstore.get_ranges_async(native.store(bucket), key, starts=[a for a, _ in spans],
+                                         ends=[b for _, b in spans], coalesce=0)
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += len(spans)
+    return [bytes(d) for d in got]
+
+
+async def _native_object(native: _Native, url: str) -> bytes:
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    got = await obstore.get_async(native.store(bucket), key)
+    data = bytes(await got.bytes_async())
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+    return data
+
+
+async def _native_put(native: _Native, url: str, data: bytes) -> None:
+    """One PUT of the whole object (never a multipart upload: one request, as s3fs's ``pipe_file`` sends)."""
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    await obstore.put_async(native.store(bucket), key, data, use_multipart=False)
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+
+
+async def _native_puts(native: _Native, items: list[tuple[str, bytes]]) -> None:
+    import asyncio
+
+    gate = asyncio.Semaphore(NATIVE_IN_FLIGHT)
+
+    async def one(url: str, data: bytes) -> None:
+        async with gate:
+            await _native_put(native, url, data)
+
+    await asyncio.gather(*(one(u, d) for u, d in items))
+
+
+def not_found(exc: BaseException) -> bool:
+    """Whether a native request failed because the object is not there (obstore raises ``FileNotFoundError``)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    try:
+        from obstore.exceptions import NotFoundError
+    except ImportError:
+        return False
+    return isinstance(exc, NotFoundError)
+
+
+def put_objects(fs, items: list[tuple[str, bytes]], fallback) -> None:
+    """PUT each ``(path, bytes)`` whole through the native client of ``fs``, concurrently; if that fails, or there
+    is none, ``fallback()`` writes them (s3fs: its error is the one raised). For the run folder's files."""
+    native = _native(fs) if items else None
+    if native is not None:
+        try:
+            _run(fs, _native_puts, native, items)
+            return
+        except Exception as exc:  # noqa: BLE001 - s3fs writes them again
+            _native_failed(exc, items[0][0])
+    fallback()
+    if native is not None:
+        _native_served(fs, native)
+
+
+def get_object(fs, path: str, fallback) -> "bytes | None":
+    """The whole object at ``path`` through the native client of ``fs`` (None when it is not there); else, or if
+    that fails otherwise, ``fallback()``'s answer. For the run folder's files."""
+    native = _native(fs)
+    if native is not None:
+        try:
+            return _run(fs, _native_object, native, path)
+        except Exception as exc:  # noqa: BLE001
+            if not_found(exc):
+                return None
+            _native_failed(exc, path)
+    out = fallback()
+    if native is not None and out is not None:
+        _native_served(fs, native)
+    return out
+
+
+NATIVE_IN_FLIGHT = 64
+"""Whole objects (patches) the native client fetches at once."""
+
+
+async def _native_objects(native: _Native, urls: list[str]) -> list:
+    """The whole bytes of each object, at most :data:`NATIVE_IN_FLIGHT` requests at a time; a failed read's
+    exception in its place."""
+    import asyncio
+
+    gate = asyncio.Semaphore(NATIVE_IN_FLIGHT)
+
+    async def one(u: str) -> bytes:
+        async with gate:
+            return await _native_object(native, u)
+
+    return await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+
+
+def _native_failed(exc: BaseException, url: str) -> None:
+    """A native read failed: the caller reads it again through s3fs."""
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["fallbacks"] += 1
+    log.debug("native read of %s failed (%s); reading it through s3fs", url, type(exc).__name__)
+
+
+def _native_served(fs, native: _Native) -> None:
+    """s3fs served a request the native client had failed: after :data:`NATIVE_GIVE_UP` of those the filesystem
+    goes through s3fs alone (a read both fail, a missing object, is the input's own fault and does not count)."""
+    with native.lock:
+        native.failures += 1
+        if native.failures >= NATIVE_GIVE_UP and fs.__dict__.get("_cancernet_native") is native:
+            fs.__dict__["_cancernet_native"] = None
+            log.info("S3 requests through s3fs alone from now on: the native client failed %d that s3fs then served",
+                     native.failures)
+
+
+def _run(fs, coro_fn, *args):
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, coro_fn, *args)
+
+
 def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     if not spans:
         return []
+    native = _native(fs)
+    if native is not None:
+        try:
+            data = _run(fs, _native_spans, native, url, spans)
+        except Exception as exc:  # noqa: BLE001 - s3fs reads it again, and its error is the one raised
+            _native_failed(exc, url)
+        else:
+            _count(len(spans), sum(len(d) for d in data))
+            return data
     if len(spans) == 1:
         data = [_call(url, "reading", fs.cat_file, url, start=spans[0][0], end=spans[0][1])]
     else:  # concurrent requests (s3fs: asyncio)
@@ -386,6 +689,8 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     for d in data:
         if isinstance(d, BaseException):
             raise _input_error(d, url, "reading", fs.storage_options)
+    if native is not None and all(len(d) == b - a for d, (a, b) in zip(data, spans)):
+        _native_served(fs, native)  # (not a span cut short: a truncated object fails both ways)
     _count(len(spans), sum(len(d) for d in data))
     return [bytes(d) for d in data]
 
@@ -627,11 +932,27 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
 
     from fsspec.asyn import sync
 
+    native = _native(fs) if spans else None
+
+    async def by_native():
+        try:
+            return await _native_spans(native, url, spans)
+        except Exception as exc:  # noqa: BLE001 - s3fs reads them again
+            _native_failed(exc, url)
+            got = await asyncio.gather(*(fs._cat_file(url, start=a, end=b) for a, b in spans), return_exceptions=True)
+            if all(isinstance(d, bytes) and len(d) == b - a for d, (a, b) in zip(got, spans)):
+                _native_served(fs, native)
+            return got
+
     async def one_round():
-        calls = [fs._cat_file(url, start=a, end=b) for a, b in spans]
+        calls = [fs._cat_file(url, start=a, end=b) for a, b in spans] if native is None else [by_native()]
         if look_up:
             calls.append(fs._info(url))
-        return await asyncio.gather(*calls, return_exceptions=True)
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        if native is None:
+            return got
+        spans_got = got[0] if isinstance(got[0], list) else [got[0]] * len(spans)
+        return list(spans_got) + got[1:]
 
     try:
         return sync(fs.loop, one_round)
@@ -642,10 +963,7 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
 def read_head(url: str, n: int, options: Mapping | None = None) -> bytes:
     """The first ``n`` bytes of the object (one request)."""
     url = _strip(url)
-    fs = filesystem(url, options)
-    data = _call(url, "reading", fs.cat_file, url, start=0, end=n)
-    _count(1, len(data))
-    return bytes(data)
+    return _fetch_spans(filesystem(url, options), url, [(0, n)])[0]
 
 
 # --------------------------------------------------------------------------------------------

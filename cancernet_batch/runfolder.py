@@ -579,18 +579,28 @@ class FsspecFS:
 
     # the seam ----------------------------------------------------------------------------------
     def write_bytes(self, path, data: bytes):
+        from . import remote
+
         self.check(path)
-        self._call(path, "writing", self.fs.pipe_file, str(path), bytes(data))
+        data = bytes(data)
+        remote.put_objects(self.fs, [(str(path), data)],
+                           lambda: self._call(path, "writing", self.fs.pipe_file, str(path), data))
         return path
 
     def read_bytes(self, path) -> bytes | None:
+        from . import remote
+
         self.check(path)
-        try:
-            return self.fs.cat_file(str(path))
-        except FileNotFoundError:
-            return None
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, path, "reading") from None
+
+        def by_s3fs() -> bytes | None:
+            try:
+                return self.fs.cat_file(str(path))
+            except FileNotFoundError:
+                return None
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, path, "reading") from None
+
+        return remote.get_object(self.fs, str(path), by_s3fs)
 
     def exists(self, path) -> bool:
         self.check(path)
@@ -628,10 +638,12 @@ class FsspecFS:
         with tempfile.TemporaryDirectory(prefix="cancernet-stage-") as tmp:
             local = Path(tmp)
             yield local
+            from . import remote
+
             files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
-            if files:
-                self._call(folder, "writing", self.fs.put, [str(p) for p in files],
-                           [f"{folder}/{p.relative_to(local).as_posix()}" for p in files])
+            names = [f"{folder}/{p.relative_to(local).as_posix()}" for p in files]
+            remote.put_objects(self.fs, [(n, p.read_bytes()) for n, p in zip(names, files)],
+                               lambda: self._call(folder, "writing", self.fs.put, [str(p) for p in files], names))
 
     def _names(self, folder, *, fresh: bool = False) -> list[str]:
         """The first name parts of the objects under ``folder`` (one listing; none when there is nothing there).
@@ -678,11 +690,12 @@ class FsspecFS:
         return (self.protocol, str(path), options_digest(self.storage_options))
 
     def store_location(self, path):
-        """zarr's ``FsspecStore`` for the tile store at ``path`` (its own asynchronous client)."""
-        from zarr.storage import FsspecStore
+        """zarr's ``FsspecStore`` for the tile store at ``path`` (its own asynchronous client; its whole-object GETs
+        and PUTs through obstore where :func:`cancernet_batch.remote._native` allows: :mod:`.native_store`)."""
+        from .native_store import NativeFsspecStore
 
         self.check(path)
-        return self._call(path, "opening the tile store", FsspecStore.from_url, str(path),
+        return self._call(path, "opening the tile store", NativeFsspecStore.from_url, str(path),
                           storage_options={**_driver_copy(self.storage_options),
                                            **_process_session(self.protocol, self.storage_options)})
 

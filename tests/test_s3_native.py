@@ -1,0 +1,220 @@
+"""Inputs on S3 read through obstore (``remote._native``), against moto's real S3 server: the same bytes as s3fs and
+the local file, the same requests, s3fs taking over any read the native client fails (its error is the one the user
+sees), and s3fs alone where a setting would not carry over."""
+
+from __future__ import annotations
+
+import pytest
+
+from cancernet_batch import remote
+from cancernet_batch.errors import InputError
+
+from test_s3 import BUCKET, SECRET, s3  # noqa: F401 - the module's server fixture
+
+pytest.importorskip("obstore")
+
+
+def _fs(s3, **extra):  # noqa: F811 - the fixture
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **{**s3.options(), **extra})
+
+
+@pytest.fixture(scope="module")
+def blob(s3, tmp_path_factory):  # noqa: F811
+    """A 3 MB object of known bytes, its URL and the bytes."""
+    import numpy as np
+
+    data = np.random.default_rng(5).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
+    s3.fs().pipe_file(f"{BUCKET}/native/blob.bin", data)
+    small = {f"{BUCKET}/native/p/{i}.png": bytes([i]) * (1000 + i) for i in range(5)}
+    for k, v in small.items():
+        s3.fs().pipe_file(k, v)
+    return f"s3://{BUCKET}/native/blob.bin", data, {f"s3://{k}": v for k, v in small.items()}
+
+
+def _counts():
+    return dict(remote.NATIVE_COUNTS), dict(remote.COUNTS)
+
+
+def test_ranges_and_objects_come_through_the_native_client_as_s3fs_gives_them(s3, blob, monkeypatch):  # noqa: F811
+    url, data, small = blob
+    ranges = [(10, 1000), (5000, 70_000), (2_000_000, 999_999), (2_999_990, 10)]
+    fs = remote.filesystem(url, s3.options())
+    assert remote._native(fs) is not None
+    (n0, c0) = _counts()
+    s3.server.reset()
+    got = remote.read_ranges(url, ranges, s3.options())
+    assert got == [data[o:o + n] for o, n in ranges]
+    spans = remote._coalesce(ranges)
+    n1, c1 = _counts()
+    assert n1["requests"] - n0["requests"] == len(spans) and n1["fallbacks"] == n0["fallbacks"]
+    assert c1["requests"] - c0["requests"] == len(spans)
+    assert len(s3.server.gets("native/blob.bin")) == len(spans)  # one ranged GET a span, as with s3fs
+    assert remote.read_head(url, 4096, s3.options()) == data[:4096]
+    assert remote.read_objects(list(small), s3.options()) == small
+    # the same through s3fs alone
+    monkeypatch.setenv(remote.NATIVE_ENV, "0")
+    fs0 = _fs(s3)
+    assert remote._native(fs0) is None
+    assert remote._fetch_spans(fs0, url, spans) == [data[a:b] for a, b in spans]
+
+
+def test_a_tiff_over_range_requests_reads_the_same_tiles_natively(s3, synth_slide_dir):  # noqa: F811
+    from cancernet_batch.config import TileConfig
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    svs = sorted(synth_slide_dir.glob("*.svs"))[0]
+    s3.fs().put_file(str(svs), f"{BUCKET}/native/{svs.name}")
+    url = f"s3://{BUCKET}/native/{svs.name}"
+    cfg = TileConfig()
+    before = dict(remote.NATIVE_COUNTS)
+    with open_slide(url, storage_options=s3.options()) as r:
+        plan = plan_slide(url, cfg, reader=r)
+        tiles = read_tiles(r, plan.level, plan.tile_px_level, plan.coords)
+    with open_slide(svs) as r:
+        local = plan_slide(svs, cfg, reader=r)
+        expect = read_tiles(r, local.level, local.tile_px_level, local.coords)
+    assert (plan.coords == local.coords).all() and plan.n_tiles > 0
+    assert (tiles == expect).all()
+    assert remote.NATIVE_COUNTS["requests"] > before["requests"]
+    assert remote.NATIVE_COUNTS["fallbacks"] == before["fallbacks"]
+
+
+def test_reads_the_native_client_fails_are_done_by_s3fs_then_it_is_given_up(s3, blob):  # noqa: F811
+    url, data, small = blob
+    fs = _fs(s3)
+    good = remote._native(fs)
+    assert good is not None
+    # the same settings against a port nothing listens on: every native read fails at once
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    broken = remote._Native({**good.config, "endpoint": dead}, {**good.client_options, "connect_timeout": "2s"})
+    fs.__dict__["_cancernet_native"] = broken
+    f0 = remote.NATIVE_COUNTS["fallbacks"]
+    for i in range(remote.NATIVE_GIVE_UP - 1):
+        assert remote._fetch_spans(fs, url, [(i, i + 100)]) == [data[i:i + 100]]
+        assert fs.__dict__["_cancernet_native"] is broken  # not given up yet
+    assert remote.NATIVE_COUNTS["fallbacks"] - f0 == remote.NATIVE_GIVE_UP - 1
+    assert remote._fetch_spans(fs, url, [(7, 70)]) == [data[7:70]]
+    assert fs.__dict__["_cancernet_native"] is None and remote._native(fs) is None  # s3fs alone from now on
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_a_missing_object_and_wrong_credentials_are_one_line_each_and_keep_the_native_client(s3, blob, native_on,
+                                                                                             monkeypatch):  # noqa: F811
+    """(With s3fs alone too: a missing object in a bucket that exists once read as a missing bucket, the bucket
+    looked up without the filesystem's endpoint and credentials.)"""
+    url, data, small = blob
+    fs = remote.filesystem(url, s3.options())
+    if not native_on:  # this filesystem reads through s3fs alone
+        monkeypatch.setitem(fs.__dict__, "_cancernet_native", None)
+    native = remote._native(fs)
+    assert (native is not None) == native_on
+    failures = native.failures if native_on else 0
+    with pytest.raises(InputError) as e:
+        remote.read_ranges(f"s3://{BUCKET}/native/nothing-here.bin", [(0, 10)], s3.options())
+    assert "no such object" in str(e.value)
+    with pytest.raises(InputError) as e:
+        remote.read_ranges(f"s3://no-such-bucket-here/x.bin", [(0, 10)], s3.options())
+    assert "does not exist" in str(e.value)
+    if native_on:  # the input's fault, not the client's
+        assert native.failures == failures and remote._native(fs) is native
+    from moto import settings
+
+    saved = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on the server checks every request's credentials
+    try:
+        with pytest.raises(InputError) as e:
+            remote.read_ranges(url, [(0, 10)], s3.options(key="AKIAUNKNOWNKEY", secret="not-the-secret"))
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = saved
+    line = str(e.value)
+    assert "access denied" in line and "AWS_ACCESS_KEY_ID" in line and "\n" not in line
+    assert "not-the-secret" not in line and SECRET not in line and "AKIAUNKNOWNKEY" not in line
+    got = remote.read_objects([f"s3://{BUCKET}/native/gone.png", *small], s3.options())
+    assert isinstance(got.pop(f"s3://{BUCKET}/native/gone.png"), InputError) and got == small
+
+
+@pytest.mark.parametrize("extra", [{"requester_pays": True}, {"version_aware": True},
+                                   {"client_kwargs_verify": False}, {"env_off": True}])
+def test_settings_the_native_client_would_not_carry_keep_reads_on_s3fs(s3, blob, extra, monkeypatch):  # noqa: F811
+    url, data, _ = blob
+    if extra.pop("env_off", False):
+        monkeypatch.setenv(remote.NATIVE_ENV, "0")
+    if extra.pop("client_kwargs_verify", None) is not None:
+        extra["client_kwargs"] = {**s3.options()["client_kwargs"], "verify": False}
+    fs = _fs(s3, **extra)
+    assert remote._native(fs) is None
+    if "requester_pays" not in extra:  # (moto answers requester-pays reads of a bucket that does not ask for it)
+        assert remote._fetch_spans(fs, url, [(0, 100)]) == [data[:100]]
+
+
+def test_a_process_forked_after_the_native_client_ran_uses_s3fs_not_a_runtime_without_threads(s3, blob):  # noqa: F811
+    """obstore's runtime threads are not copied by a fork, and obstore then waits for them forever: a process forked
+    after this one sent native requests reads through s3fs (checked in a forked child, under an alarm)."""
+    import os
+    import signal
+
+    url, data, _ = blob
+    assert remote.read_ranges(url, [(0, 100)], s3.options()) == [data[:100]]
+    assert remote._OBSTORE_STARTED
+    pid = os.fork()
+    if pid == 0:  # the child: any failure or hang is its exit status
+        code = 1
+        try:
+            signal.alarm(30)
+            fs = _fs(s3)
+            ok = remote._OBSTORE_FORKED and remote._native(fs) is None
+            ok = ok and remote._fetch_spans(fs, url, [(5, 500)]) == [data[5:500]]
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not remote._OBSTORE_FORKED  # this process keeps its client
+
+
+def test_a_run_folder_writes_and_reads_its_files_and_tile_store_through_the_native_client(s3, monkeypatch):  # noqa: F811
+    import zarr
+
+    from cancernet_batch.runfolder import Run
+
+    url = f"s3://{BUCKET}/native/run-a"
+    run = Run.of(url, s3.options())
+    before = dict(remote.NATIVE_COUNTS)
+    run.fs.write_bytes(f"{url}/records/x.json", b'{"a": 1}')
+    assert run.fs.read_bytes(f"{url}/records/x.json") == b'{"a": 1}'
+    assert run.fs.read_bytes(f"{url}/records/none.json") is None
+    with run.fs.staged(f"{url}/report") as d:
+        (d / "maps").mkdir()
+        (d / "maps" / "a.png").write_bytes(b"png!")
+        (d / "b.csv").write_text("x,y\n")
+    root = run.create().open_store("a")
+    g = root.require_group("inputs").create_group("g1")
+    arr = g.create_array("v", shape=(10,), chunks=(5,), dtype="int32")
+    arr[:] = list(range(10))
+    mid = dict(remote.NATIVE_COUNTS)
+    assert mid["requests"] - before["requests"] >= 6 and mid["fallbacks"] == before["fallbacks"]
+    objects = s3.objects("native/run-a")
+    assert objects[f"{BUCKET}/native/run-a/records/x.json"] == b'{"a": 1}'
+    assert objects[f"{BUCKET}/native/run-a/report/maps/a.png"] == b"png!"
+    assert objects[f"{BUCKET}/native/run-a/report/b.csv"] == b"x,y\n"
+    # read back through s3fs alone (another filesystem, the native client off): the same arrays
+    monkeypatch.setenv(remote.NATIVE_ENV, "0")
+    plain = zarr.storage.FsspecStore.from_url(f"{url}/tiles.zarr", storage_options={**s3.options(), "skip_instance_cache": True})
+    assert list(zarr.open_group(plain, mode="r")["inputs/g1/v"][:]) == list(range(10))
+    # a native client that fails: zarr's reads and writes go through s3fs, and after three it is dropped
+    store = root.store
+    good = remote._native(remote.filesystem(url, s3.options()))
+    dead = remote._Native({**good.config, "endpoint": "http://127.0.0.1:9"}, {**good.client_options, "connect_timeout": "2s"})
+    store.fs.__dict__["_cancernet_native"] = dead
+    arr2 = zarr.open_array(store=store, path="inputs/g1/v", mode="r+")
+    arr2[:5] = [9, 9, 9, 9, 9]
+    assert list(arr2[:]) == [9, 9, 9, 9, 9, 5, 6, 7, 8, 9]
+    assert remote.NATIVE_COUNTS["fallbacks"] > mid["fallbacks"]
+    assert store.fs.__dict__["_cancernet_native"] is None
