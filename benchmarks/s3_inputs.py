@@ -426,13 +426,20 @@ def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) ->
     return {**summary, "ratio_best": summary["ratio_best"]["s3"]}
 
 
+def _client() -> str:
+    """Which client this process's S3 GETs and PUTs go through (``remote._native``; ``CANCERNET_S3_NATIVE=0``: s3fs)."""
+    from cancernet_batch import remote
+
+    return "obstore" if remote.native_enabled() else "s3fs"
+
+
 def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
     srv = getattr(args, "server", "moto")
     machine = {"note": "shared VM: other engineers' jobs ran at the same time"}
     lines = [f"S3 inputs vs local disk, {now:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({machine['note']}); "
              f"{args.count} x (SVS, TIFF) of {args.size} px at {args.mpp} µm/px, tiled at {args.target} µm/px, "
-             f"--decode {args.decode}; S3 server timed: {args.server}; load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}", "",
+             f"--decode {args.decode}; S3 server timed: {args.server}; S3 client of GETs and PUTs: {_client()}; load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}", "",
              "| slide | tiles | local tiles/s | local tifffile tiles/s | s3 tiles/s | s3/local | s3/local tifffile "
              f"| GETs open/plan/tiles | tile bytes / needed | {srv} ms/GET | s3 - local s | GETs x {srv} s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -619,6 +626,7 @@ def main(argv=None) -> int:
 
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "load_at_end": os.getloadavg(), "code": code(),  # which checkout ran (old/new comparisons)
+               "s3_client": _client(),
                "note": "shared VM: other engineers' jobs ran at the same time"}
     if args.out:
         out = Path(args.out)

@@ -480,14 +480,22 @@ async def _native_async(fs) -> "_Native | None":
     return _keep_native(fs, lambda: client)
 
 
-def _native_candidate(fs) -> bool:
-    if os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if type(fs).__name__ != "S3FileSystem" or not getattr(fs, "async_impl", False):
+def native_enabled() -> bool:
+    """Whether S3 requests may go through obstore in this process: installed, not turned off with
+    :data:`NATIVE_ENV`, and not forked after it ran (each filesystem's own settings may still keep s3fs)."""
+    if _OBSTORE_FORKED or os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     try:
         import obstore  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _native_candidate(fs) -> bool:
+    if not native_enabled():
+        return False
+    if type(fs).__name__ != "S3FileSystem" or not getattr(fs, "async_impl", False):
         return False
     return not (fs.requester_pays or fs.version_aware or fs.s3_additional_kwargs or fs.kwargs
                 or set(fs.client_kwargs) - {"endpoint_url", "region_name"})
@@ -540,12 +548,25 @@ def _bucket_key(url: str) -> tuple[str, str]:
 
 
 async def _native_spans(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
-    """The bytes of each ``(start, end)`` span of ``url``, one request each, concurrently."""
+    """The bytes of each ``(start, end)`` span of ``url``, one request each, concurrently (on an asyncio loop)."""
     import obstore
 
     bucket, key = _bucket_key(url)
     got = await obstore.get_ranges_async(native.store(bucket), key, starts=[a for a, _ in spans],
                                          ends=[b for _, b in spans], coalesce=0)
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += len(spans)
+    return [bytes(d) for d in got]
+
+
+def _native_spans_now(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """:func:`_native_spans` from a thread with no loop: obstore's blocking call, without a hop to fsspec's loop
+    and back (a quarter millisecond of CPU a call here; RESULTS.md section 8)."""
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    got = obstore.get_ranges(native.store(bucket), key, starts=[a for a, _ in spans], ends=[b for _, b in spans],
+                             coalesce=0)
     with _COUNTS_LOCK:
         NATIVE_COUNTS["requests"] += len(spans)
     return [bytes(d) for d in got]
@@ -570,6 +591,25 @@ async def _native_put(native: _Native, url: str, data: bytes) -> None:
     await obstore.put_async(native.store(bucket), key, data, use_multipart=False)
     with _COUNTS_LOCK:
         NATIVE_COUNTS["requests"] += 1
+
+
+def _native_put_now(native: _Native, url: str, data: bytes) -> None:
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    obstore.put(native.store(bucket), key, data, use_multipart=False)
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+
+
+def _native_object_now(native: _Native, url: str) -> bytes:
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    data = bytes(obstore.get(native.store(bucket), key).bytes())
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+    return data
 
 
 async def _native_puts(native: _Native, items: list[tuple[str, bytes]]) -> None:
@@ -601,7 +641,10 @@ def put_objects(fs, items: list[tuple[str, bytes]], fallback) -> None:
     native = _native(fs) if items else None
     if native is not None:
         try:
-            _run(fs, _native_puts, native, items)
+            if len(items) == 1:  # obstore's blocking call: no hop to fsspec's loop
+                _native_put_now(native, *items[0])
+            else:
+                _run(fs, _native_puts, native, items)
             return
         except Exception as exc:  # noqa: BLE001 - s3fs writes them again
             _native_failed(exc, items[0][0])
@@ -616,7 +659,7 @@ def get_object(fs, path: str, fallback) -> "bytes | None":
     native = _native(fs)
     if native is not None:
         try:
-            return _run(fs, _native_object, native, path)
+            return _native_object_now(native, path)
         except Exception as exc:  # noqa: BLE001
             if not_found(exc):
                 return None
@@ -675,7 +718,7 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     native = _native(fs)
     if native is not None:
         try:
-            data = _run(fs, _native_spans, native, url, spans)
+            data = _native_spans_now(native, url, spans)
         except Exception as exc:  # noqa: BLE001 - s3fs reads it again, and its error is the one raised
             _native_failed(exc, url)
         else:
