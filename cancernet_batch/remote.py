@@ -397,15 +397,15 @@ def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
 
 
 # --------------------------------------------------------------------------------------------
-# S3 range reads through obstore (Rust's object_store): the same requests at a fifth of s3fs's CPU
+# S3 GETs and PUTs through obstore (Rust's object_store): the same requests at a sixth of s3fs's client CPU
 # --------------------------------------------------------------------------------------------
 
 NATIVE_ENV = "CANCERNET_S3_NATIVE"
-"""Set to ``0`` to read S3 inputs through s3fs alone (the native reader is on by default when obstore is installed)."""
+"""Set to ``0`` to send every S3 request through s3fs (obstore is used by default when it is installed)."""
 NATIVE_GIVE_UP = 3
-"""Reads the native client failed and s3fs then served, after which a filesystem reads through s3fs alone."""
+"""Requests the native client failed and s3fs then served, after which a filesystem goes through s3fs alone."""
 NATIVE_COUNTS = {"requests": 0, "fallbacks": 0}
-"""Requests this process sent through the native client, and reads it handed back to s3fs."""
+"""Requests this process sent through the native client, and those it handed back to s3fs."""
 _OBSTORE_STARTED = False
 """This process has made an obstore store (its Rust runtime may be running threads)."""
 _OBSTORE_FORKED = False
@@ -429,8 +429,8 @@ class _Native:
     whole-object GETs and PUTs of the run folder (its files, :mod:`.native_store` for the tile store) go through
     it; look-ups, listings, deletes and conditional PUTs (the lock, claims) stay on s3fs. botocore spends about 1.3 ms
     of CPU on a request (its hooks, endpoint rules, signing and parsing), obstore about 0.25 ms
-    (RESULTS.md section 8). Any read it fails is done again through s3fs, whose errors are the ones the
-    user sees; after :data:`NATIVE_GIVE_UP` such reads that s3fs served, the filesystem stops using it."""
+    (RESULTS.md section 8). Any request it fails is sent again through s3fs, whose answers and errors are the ones
+    the user sees; after :data:`NATIVE_GIVE_UP` such requests that s3fs served, the filesystem stops using it."""
 
     def __init__(self, config: dict, client_options: dict):
         self.config, self.client_options = config, client_options
@@ -497,7 +497,7 @@ def _native_candidate(fs) -> bool:
         return False
     if type(fs).__name__ != "S3FileSystem" or not getattr(fs, "async_impl", False):
         return False
-    return not (fs.requester_pays or fs.version_aware or fs.s3_additional_kwargs or fs.kwargs
+    return not (fs.requester_pays or fs.version_aware or fs.s3_additional_kwargs or set(fs.kwargs) - {"profile"}
                 or set(fs.client_kwargs) - {"endpoint_url", "region_name"})
 
 
@@ -689,10 +689,10 @@ async def _native_objects(native: _Native, urls: list[str]) -> list:
 
 
 def _native_failed(exc: BaseException, url: str) -> None:
-    """A native read failed: the caller reads it again through s3fs."""
+    """A native request failed: the caller sends it again through s3fs."""
     with _COUNTS_LOCK:
         NATIVE_COUNTS["fallbacks"] += 1
-    log.debug("native read of %s failed (%s); reading it through s3fs", url, type(exc).__name__)
+    log.debug("native request for %s failed (%s); sent again through s3fs", url, type(exc).__name__)
 
 
 def _native_served(fs, native: _Native) -> None:

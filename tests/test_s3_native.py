@@ -218,3 +218,24 @@ def test_a_run_folder_writes_and_reads_its_files_and_tile_store_through_the_nati
     assert list(arr2[:]) == [9, 9, 9, 9, 9, 5, 6, 7, 8, 9]
     assert remote.NATIVE_COUNTS["fallbacks"] > mid["fallbacks"]
     assert store.fs.__dict__["_cancernet_native"] is None
+
+
+def test_credentials_from_a_profile_are_the_ones_the_native_client_signs_with(s3, blob, tmp_path, monkeypatch):  # noqa: F811
+    from test_s3 import KEY_ID
+
+    url, data, _ = blob
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[night]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, profile="night",
+                           client_kwargs=s3.options()["client_kwargs"])
+    native = remote._native(fs)
+    assert native is not None and native.config["access_key_id"] == KEY_ID
+    before = remote.NATIVE_COUNTS["requests"]
+    assert remote._fetch_spans(fs, url, [(100, 200)]) == [data[100:200]]
+    assert remote.NATIVE_COUNTS["requests"] == before + 1
