@@ -457,12 +457,9 @@ def _native(fs) -> "_Native | None":
     :data:`NATIVE_ENV`, or a setting it does not carry over: requester pays, versions, extra request arguments,
     TLS or proxy settings, virtual-host addressing, or credentials that refresh). Made once per filesystem; for
     a filesystem made with ``asynchronous=True`` (zarr's), use :func:`_native_async` on its loop."""
-    if _OBSTORE_FORKED:
-        return None
-    try:
-        return fs.__dict__["_cancernet_native"]
-    except KeyError:
-        pass
+    known = _known_native(fs)
+    if known is not _UNKNOWN:
+        return known
     from fsspec.asyn import sync
 
     return _keep_native(fs, lambda: sync(fs.loop, fs.set_session) if _native_candidate(fs) else None)
@@ -470,14 +467,19 @@ def _native(fs) -> "_Native | None":
 
 async def _native_async(fs) -> "_Native | None":
     """:func:`_native` from a coroutine on ``fs``'s own event loop."""
-    if _OBSTORE_FORKED:
-        return None
-    try:
-        return fs.__dict__["_cancernet_native"]
-    except KeyError:
-        pass
+    known = _known_native(fs)
+    if known is not _UNKNOWN:
+        return known
     client = await fs.set_session() if _native_candidate(fs) else None
     return _keep_native(fs, lambda: client)
+
+
+_UNKNOWN = object()
+
+
+def _known_native(fs):
+    """The native client already decided for ``fs`` (None in a process forked after obstore ran), or _UNKNOWN."""
+    return None if _OBSTORE_FORKED else fs.__dict__.get("_cancernet_native", _UNKNOWN)
 
 
 def native_enabled() -> bool:
