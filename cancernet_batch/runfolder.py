@@ -481,6 +481,10 @@ def _merged(defaults: dict, given: Mapping) -> dict:
     return out
 
 
+STAGED_IN_MEMORY = 64 * 1024 * 1024
+"""Bytes of staged report files held in memory at once for their PUTs (files over an eighth of it are streamed)."""
+
+
 class FsspecFS:
     """Object storage through fsspec (``s3://``, ``gs://``, ``az://``, ...).
 
@@ -641,9 +645,23 @@ class FsspecFS:
             from . import remote
 
             files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
-            names = [f"{folder}/{p.relative_to(local).as_posix()}" for p in files]
-            remote.put_objects(self.fs, [(n, p.read_bytes()) for n, p in zip(names, files)],
-                               lambda: self._call(folder, "writing", self.fs.put, [str(p) for p in files], names))
+            names = {p: f"{folder}/{p.relative_to(local).as_posix()}" for p in files}
+
+            def put(some: list[Path]) -> None:
+                if some:
+                    self._call(folder, "writing", self.fs.put, [str(p) for p in some], [names[p] for p in some])
+
+            # small files (most of a report) in memory through the native client; large ones (a big slide's
+            # OME-TIFF or GeoJSON) streamed from disk by s3fs, so memory holds at most STAGED_IN_MEMORY bytes of them
+            sizes = {p: p.stat().st_size for p in files}
+            batch: list[Path] = []
+            for p in [p for p in files if sizes[p] <= STAGED_IN_MEMORY // 8] + [None]:
+                if batch and (p is None or sum(sizes[q] for q in batch) + sizes[p] > STAGED_IN_MEMORY):
+                    remote.put_objects(self.fs, [(names[q], q.read_bytes()) for q in batch], lambda b=batch: put(b))
+                    batch = []
+                if p is not None:
+                    batch.append(p)
+            put([p for p in files if sizes[p] > STAGED_IN_MEMORY // 8])
 
     def _names(self, folder, *, fresh: bool = False) -> list[str]:
         """The first name parts of the objects under ``folder`` (one listing; none when there is nothing there).

@@ -239,3 +239,25 @@ def test_credentials_from_a_profile_are_the_ones_the_native_client_signs_with(s3
     before = remote.NATIVE_COUNTS["requests"]
     assert remote._fetch_spans(fs, url, [(100, 200)]) == [data[100:200]]
     assert remote.NATIVE_COUNTS["requests"] == before + 1
+
+
+def test_staged_report_files_go_out_in_bounded_batches_and_large_ones_stream_through_s3fs(s3, monkeypatch):  # noqa: F811
+    from cancernet_batch import runfolder
+    from cancernet_batch.runfolder import Run
+
+    monkeypatch.setattr(runfolder, "STAGED_IN_MEMORY", 800)  # files over 100 bytes stream; batches of 800 bytes
+    url = f"s3://{BUCKET}/native/run-b"
+    run = Run.of(url, s3.options())
+    files = {f"maps/s{i}.png": bytes([i]) * 90 for i in range(20)}
+    files.update({"big.ome.tif": b"T" * 5000, "regions.geojson": b"{}" * 300})
+    puts = []
+    real = remote.put_objects
+    monkeypatch.setattr(remote, "put_objects", lambda fs, items, fallback: (puts.append([n for n, _ in items]),
+                                                                            real(fs, items, fallback)))
+    with run.fs.staged(f"{url}/report") as d:
+        for name, data in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(data)
+    assert {f"{BUCKET}/native/run-b/report/{k}": v for k, v in files.items()} == s3.objects("native/run-b/report")
+    assert sorted(n.rsplit("/report/", 1)[1] for b in puts for n in b) == sorted(k for k in files if len(files[k]) <= 100)
+    assert len(puts) == 3 and all(len(b) * 90 <= 800 for b in puts)  # 20 small files: 8 + 8 + 4
