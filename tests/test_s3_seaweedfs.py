@@ -111,3 +111,31 @@ def test_a_missing_bucket_and_wrong_credentials_on_seaweedfs_are_one_line_each(w
                                                                       weed.options())
     err = fails(f"s3://{BUCKET}/nights/denied", weed.options(secret="wrong-secret"))
     assert "credentials" in err
+
+
+def test_obstore_reads_and_writes_on_seaweedfs_with_nothing_handed_back_to_s3fs(weed):
+    """The native client (``remote._native``) against the second server: range reads, patches, a run folder's files
+    and its tile store, every request answered by obstore itself."""
+    pytest.importorskip("obstore")
+    import numpy as np
+    import zarr
+
+    from cancernet_batch import remote
+
+    data = np.random.default_rng(9).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+    weed.fs().pipe_file(f"{BUCKET}/native/blob.bin", data)
+    url = f"s3://{BUCKET}/native/blob.bin"
+    before = dict(remote.NATIVE_COUNTS)
+    assert remote.read_ranges(url, [(0, 10), (200_000, 5000), (399_990, 10)], weed.options()) == \
+        [data[:10], data[200_000:205_000], data[399_990:]]
+    assert remote.read_objects([url], weed.options()) == {url: data}
+    run = Run.of(f"s3://{BUCKET}/native/run", weed.options())
+    run.fs.write_bytes(f"s3://{BUCKET}/native/run/a.json", b"{}")
+    assert run.fs.read_bytes(f"s3://{BUCKET}/native/run/a.json") == b"{}"
+    assert run.fs.read_bytes(f"s3://{BUCKET}/native/run/none.json") is None
+    root = run.create().open_store("a")
+    arr = root.require_group("inputs").create_group("g").create_array("v", shape=(6,), chunks=(3,), dtype="int16")
+    arr[:] = [1, 2, 3, 4, 5, 6]
+    assert list(zarr.open_array(store=root.store, path="inputs/g/v", mode="r")[:]) == [1, 2, 3, 4, 5, 6]
+    assert remote.NATIVE_COUNTS["requests"] - before["requests"] >= 8
+    assert remote.NATIVE_COUNTS["fallbacks"] == before["fallbacks"]
