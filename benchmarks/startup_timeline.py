@@ -31,6 +31,7 @@ _F = os.environ.get("CANCERNET_STARTUP_TRACE")
 if _F:
     def _log(ev):
         with open(_F, "a") as fh:
+            ev = " ".join(str(ev).split())  # one line an event (a ``python -c`` child's code holds newlines)
             fh.write(f"{time.time():.4f} {os.getpid()} {os.getppid()} {ev}\n")
 
     _log("start " + " ".join(getattr(sys, "orig_argv", sys.argv))[:160])

@@ -74,6 +74,13 @@ def probe_scheduler(address: str, sec, timeout: float) -> None:
                           hint=hint) from exc
 
 
+PREFLIGHT_CHILDREN_ENV = "CANCERNET_PREFLIGHT_CHILDREN"
+"""How many serving children a local worker forks as it starts (:func:`cancernet_batch.preflight.arm_prefork`): one
+for each of its threads, since each thread preflights in a child of its own. A thread with none started a fresh
+interpreter: with 2 threads a worker (a run on object storage), the second slide's preflight on each worker waited
+about a second for its imports (RESULTS.md section 8)."""
+
+
 def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
     """Environment the local cluster's worker processes must start with (read by libraries at start-up).
 
@@ -86,7 +93,8 @@ def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
     workers, threads = cfg.local_shape()
     per_task = str(max(1, usable_cores() // (workers * threads)))
     return {"MALLOC_TRIM_THRESHOLD_": str(128 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-            "OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task, "OPENBLAS_NUM_THREADS": per_task}
+            "OMP_NUM_THREADS": per_task, "MKL_NUM_THREADS": per_task, "OPENBLAS_NUM_THREADS": per_task,
+            PREFLIGHT_CHILDREN_ENV: str(threads)}  # a slide-preflight child forked ready for each thread
 
 
 PIL_PLUGINS = ("PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.ImageChops",

@@ -159,12 +159,13 @@ def warm(python: str | None = None) -> None:
     A worker forked from the local cluster's forkserver already has one, forked with it (:func:`arm_prefork`):
     that one is used while this process's environment is still the one it was forked with."""
     python = python or sys.executable
-    forked = _take_preforked()
+    preforked = _take_preforked()
     with _SPARE_LOCK:
-        if forked is not None and forked.fits(python) and not _SPARE:
-            _SPARE.append(forked)
-        elif forked is not None:
-            forked.close()
+        for forked in preforked:
+            if forked.fits(python):
+                _SPARE.append(forked)
+            else:
+                forked.close()
         if not _SPARE:
             try:
                 _SPARE.append(_Server(python))
@@ -177,18 +178,17 @@ def dask_setup(worker) -> None:
     A worker that only scores (Dask resource ``score`` alone) never preflights: none for it."""
     resources = dict(getattr(getattr(worker, "state", None), "total_resources", None) or {})
     if resources.get("score") and not resources.get("tile"):
-        forked = _take_preforked()
-        if forked is not None:
+        for forked in _take_preforked():
             forked.close()
         return
     warm()
 
 
-def _take_preforked() -> "_Server | None":
-    """The serving child forked with this process (:func:`arm_prefork`), once: later calls get None."""
+def _take_preforked() -> "list[_Server]":
+    """The serving children forked with this process (:func:`arm_prefork`), once: later calls get none."""
     global _PREFORKED
     with _SPARE_LOCK:
-        forked, _PREFORKED = _PREFORKED, None
+        forked, _PREFORKED = _PREFORKED, []
     return forked
 
 
@@ -222,7 +222,7 @@ class _Forked:
             pass
 
 
-_PREFORKED: _Server | None = None
+_PREFORKED: "list[_Server]" = []
 _ARMED = False
 
 
@@ -250,7 +250,8 @@ _HOOK = _Hook()
 
 
 def _fork_server(_hook=None) -> None:
-    """After-fork hook (see :func:`arm_prefork`): fork this process's serving child, once."""
+    """After-fork hook (see :func:`arm_prefork`): fork this process's serving children (one per worker thread:
+    ``cluster.PREFLIGHT_CHILDREN_ENV``), once."""
     global _ARMED, _PREFORKED
     if not _ARMED:
         return
@@ -264,12 +265,25 @@ def _fork_server(_hook=None) -> None:
         return  # not a Dask worker (from Python 3.14 a process pool's processes come from the forkserver too)
     env = child_env()
     try:
+        n = max(1, min(8, int(os.environ.get("CANCERNET_PREFLIGHT_CHILDREN") or 1)))  # cluster.worker_environ
+    except ValueError:
+        n = 1
+    for _ in range(n):
+        server = _fork_one(env)
+        if server is None:
+            return
+        _PREFORKED.append(server)
+
+
+def _fork_one(env: dict) -> "_Server | None":
+    """One serving child forked from this process (a single thread), or None where the fork failed."""
+    try:
         err = tempfile.TemporaryFile()
         req_r, req_w = os.pipe()
         ans_r, ans_w = os.pipe()
         pid = os.fork()
     except OSError:
-        return
+        return None
     if pid == 0:  # the serving child: requests on fd 0, answers on fd 1, its stderr in the file
         code = 1
         try:
@@ -283,7 +297,7 @@ def _fork_server(_hook=None) -> None:
     os.close(req_r)
     os.close(ans_w)
     forked = _Forked(pid, os.fdopen(req_w, "wb"), os.fdopen(ans_r, "rb"), err)
-    _PREFORKED = _Server(sys.executable, forked, env)
+    return _Server(sys.executable, forked, env)
 
 
 def _new_server(python: str) -> _Server:

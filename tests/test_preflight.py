@@ -183,10 +183,13 @@ def preflight_here(path):  # on a worker: a preflight, the child that answered i
 
 def plain(q):  # a process the forkserver forks that is not a Dask worker
     import psutil
-    q.put({"preforked": pf._PREFORKED is not None, "children": len(psutil.Process().children())})
+    q.put({"preforked": bool(pf._PREFORKED), "children": len(psutil.Process().children())})
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[2:] == ["two"]:  # a worker of 2 threads, this interpreter's first cluster
+    with dask_client(ClusterConfig(workers=1, threads_per_worker=2, dashboard=False)) as client:
+        print(json.dumps(client.run(serving_children)))
+elif __name__ == "__main__":
     import multiprocessing
 
     with dask_client(ClusterConfig(workers=2, score_workers=1, dashboard=False)) as client:
@@ -232,6 +235,13 @@ def test_a_local_worker_forks_its_serving_child_ready_as_it_starts(slides_dir, t
     assert out["used"] == {"kind": "_Forked", "pid": found[tiler]["spare"][0][1], "levels": [1, 1, 1],
                            "reaped": True, "next": "Popen"}
     assert out["other"] == {"preforked": False, "children": 0}
+    # a worker of 2 threads (as a run on object storage starts them) forks 2: its second thread's first slide does
+    # not wait for an interpreter's imports
+    r = subprocess.run([sys.executable, str(script), str(slides_dir / "cmu-1-small-region.svs"), "two"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [two] = json.loads(r.stdout.strip().splitlines()[-1]).values()
+    assert [k for k, _ in two["spare"]] == ["_Forked", "_Forked"] and sorted(p for _, p in two["spare"]) == two["children"]
 
 
 def test_the_child_imports_this_package_even_from_a_folder_holding_another_copy(slides_dir, tmp_path, monkeypatch):
