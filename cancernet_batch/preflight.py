@@ -263,9 +263,11 @@ def _fork_server(_hook=None) -> None:
     target = getattr(multiprocessing.current_process(), "_target", None)
     if target is not None and not str(getattr(target, "__module__", "")).startswith("distributed"):
         return  # not a Dask worker (from Python 3.14 a process pool's processes come from the forkserver too)
+    from .cluster import PREFLIGHT_CHILDREN_ENV  # (set by cluster.worker_environ; a light module)
+
     env = child_env()
     try:
-        n = max(1, min(8, int(os.environ.get("CANCERNET_PREFLIGHT_CHILDREN") or 1)))  # cluster.worker_environ
+        n = max(1, min(8, int(os.environ.get(PREFLIGHT_CHILDREN_ENV) or 1)))
     except ValueError:
         n = 1
     for _ in range(n):

@@ -404,6 +404,8 @@ NATIVE_ENV = "CANCERNET_S3_NATIVE"
 """Set to ``0`` to send every S3 request through s3fs (obstore is used by default when it is installed)."""
 NATIVE_GIVE_UP = 3
 """Requests the native client failed and s3fs then served, after which a filesystem goes through s3fs alone."""
+NATIVE_IN_FLIGHT = 64
+"""Whole objects (patches, report files) the native client sends or fetches at once."""
 NATIVE_COUNTS = {"requests": 0, "fallbacks": 0}
 """Requests this process sent through the native client, and those it handed back to s3fs."""
 _OBSTORE_STARTED = False
@@ -614,16 +616,27 @@ def _native_object_now(native: _Native, url: str) -> bytes:
     return data
 
 
-async def _native_puts(native: _Native, items: list[tuple[str, bytes]]) -> None:
+async def _bounded(calls: list, *, return_exceptions: bool = False) -> list:
+    """Await the coroutine functions ``calls``, at most :data:`NATIVE_IN_FLIGHT` at a time."""
     import asyncio
 
     gate = asyncio.Semaphore(NATIVE_IN_FLIGHT)
 
-    async def one(url: str, data: bytes) -> None:
+    async def one(call):
         async with gate:
-            await _native_put(native, url, data)
+            return await call()
 
-    await asyncio.gather(*(one(u, d) for u, d in items))
+    return await asyncio.gather(*(one(c) for c in calls), return_exceptions=return_exceptions)
+
+
+async def _native_puts(native: _Native, items: list[tuple[str, bytes]]) -> None:
+    await _bounded([lambda u=u, d=d: _native_put(native, u, d) for u, d in items])
+
+
+async def _native_objects(native: _Native, urls: list[str]) -> list:
+    """The whole bytes of each object, at most :data:`NATIVE_IN_FLIGHT` requests at a time; a failed read's
+    exception in its place."""
+    return await _bounded([lambda u=u: _native_object(native, u) for u in urls], return_exceptions=True)
 
 
 def not_found(exc: BaseException) -> bool:
@@ -672,24 +685,6 @@ def get_object(fs, path: str, fallback) -> "bytes | None":
     return out
 
 
-NATIVE_IN_FLIGHT = 64
-"""Whole objects (patches) the native client fetches at once."""
-
-
-async def _native_objects(native: _Native, urls: list[str]) -> list:
-    """The whole bytes of each object, at most :data:`NATIVE_IN_FLIGHT` requests at a time; a failed read's
-    exception in its place."""
-    import asyncio
-
-    gate = asyncio.Semaphore(NATIVE_IN_FLIGHT)
-
-    async def one(u: str) -> bytes:
-        async with gate:
-            return await _native_object(native, u)
-
-    return await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
-
-
 def _native_failed(exc: BaseException, url: str) -> None:
     """A native request failed: the caller sends it again through s3fs."""
     with _COUNTS_LOCK:
@@ -706,6 +701,12 @@ def _native_served(fs, native: _Native) -> None:
             fs.__dict__["_cancernet_native"] = None
             log.info("S3 requests through s3fs alone from now on: the native client failed %d that s3fs then served",
                      native.failures)
+
+
+def _whole(data: list, spans: list[tuple[int, int]]) -> bool:
+    """Whether every span came back whole: only then did s3fs serve what the native client failed (a truncated object,
+    whose spans come back short, fails both ways)."""
+    return all(isinstance(d, bytes) and len(d) == b - a for d, (a, b) in zip(data, spans))
 
 
 def _run(fs, coro_fn, *args):
@@ -734,8 +735,8 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     for d in data:
         if isinstance(d, BaseException):
             raise _input_error(d, url, "reading", fs.storage_options)
-    if native is not None and all(len(d) == b - a for d, (a, b) in zip(data, spans)):
-        _native_served(fs, native)  # (not a span cut short: a truncated object fails both ways)
+    if native is not None and _whole(data, spans):
+        _native_served(fs, native)
     _count(len(spans), sum(len(d) for d in data))
     return [bytes(d) for d in data]
 
@@ -979,25 +980,24 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
 
     native = _native(fs) if spans else None
 
-    async def by_native():
-        try:
-            return await _native_spans(native, url, spans)
-        except Exception as exc:  # noqa: BLE001 - s3fs reads them again
-            _native_failed(exc, url)
-            got = await asyncio.gather(*(fs._cat_file(url, start=a, end=b) for a, b in spans), return_exceptions=True)
-            if all(isinstance(d, bytes) and len(d) == b - a for d, (a, b) in zip(got, spans)):
-                _native_served(fs, native)
-            return got
+    async def spans_of() -> list:
+        if native is not None:
+            try:
+                return await _native_spans(native, url, spans)
+            except Exception as exc:  # noqa: BLE001 - s3fs reads them again
+                _native_failed(exc, url)
+        got = await asyncio.gather(*(fs._cat_file(url, start=a, end=b) for a, b in spans), return_exceptions=True)
+        if native is not None and _whole(got, spans):
+            _native_served(fs, native)
+        return got
+
+    async def nothing() -> None:
+        return None
 
     async def one_round():
-        calls = [fs._cat_file(url, start=a, end=b) for a, b in spans] if native is None else [by_native()]
-        if look_up:
-            calls.append(fs._info(url))
-        got = await asyncio.gather(*calls, return_exceptions=True)
-        if native is None:
-            return got
-        spans_got = got[0] if isinstance(got[0], list) else [got[0]] * len(spans)
-        return list(spans_got) + got[1:]
+        got, info = await asyncio.gather(spans_of(), fs._info(url) if look_up else nothing(), return_exceptions=True)
+        got = got if isinstance(got, list) else [got] * len(spans)
+        return [*got, info] if look_up else got
 
     try:
         return sync(fs.loop, one_round)

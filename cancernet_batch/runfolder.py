@@ -653,14 +653,19 @@ class FsspecFS:
 
             # small files (most of a report) in memory through the native client; large ones (a big slide's
             # OME-TIFF or GeoJSON) streamed from disk by s3fs, so memory holds at most STAGED_IN_MEMORY bytes of them
+            def send(batch: list[Path]) -> None:
+                remote.put_objects(self.fs, [(names[q], q.read_bytes()) for q in batch], lambda: put(batch))
+
             sizes = {p: p.stat().st_size for p in files}
-            batch: list[Path] = []
-            for p in [p for p in files if sizes[p] <= STAGED_IN_MEMORY // 8] + [None]:
-                if batch and (p is None or sum(sizes[q] for q in batch) + sizes[p] > STAGED_IN_MEMORY):
-                    remote.put_objects(self.fs, [(names[q], q.read_bytes()) for q in batch], lambda b=batch: put(b))
-                    batch = []
-                if p is not None:
-                    batch.append(p)
+            batch, held = [], 0
+            for p in (p for p in files if sizes[p] <= STAGED_IN_MEMORY // 8):
+                if batch and held + sizes[p] > STAGED_IN_MEMORY:
+                    send(batch)
+                    batch, held = [], 0
+                batch.append(p)
+                held += sizes[p]
+            if batch:
+                send(batch)
             put([p for p in files if sizes[p] > STAGED_IN_MEMORY // 8])
 
     def _names(self, folder, *, fresh: bool = False) -> list[str]:
