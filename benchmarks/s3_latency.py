@@ -2,7 +2,7 @@
 round trip more, as on a real object store (AWS S3: tens of ms to the first byte), for one or more checkouts,
 alternating.
 
-    python benchmarks/s3_latency.py [--latency-ms 20] [--server s3rver|moto] [--count 2] [--size 16384]
+    python benchmarks/s3_latency.py [--latency-ms 20] [--server s3rver|moto|seaweedfs] [--count 2] [--size 16384]
                                     [--mpp 0.5] [--repeat 3] [--baseline OLD_CHECKOUT ...] [--workers 2]
                                     [--variant NAME=ARGS ...] [--rerun]
                                     [--tiling [--target 4.0] [--tile-repeat 3]] [--out DIR]
@@ -10,7 +10,8 @@ alternating.
 On a server on the same machine a request costs a few ms, so what a run's requests cost one after another
 (a TIFF's IFDs read one at a time, a look-up before each open) hardly shows; on a real endpoint each of them
 is a round trip of tens of ms in a worker's task. The S3 server (``--server``: s3rver, as in
-``s3_inputs.py``, or moto's app from ``tests/s3server.py``; moto copies the whole object for each ranged GET)
+``s3_inputs.py``, SeaweedFS (``weed``, from the dev extras), or moto's app from ``tests/s3server.py``; moto copies
+the whole object for each ranged GET)
 runs in a child process, behind :class:`DelayProxy`: a TCP proxy that holds each byte the client sends for
 ``--latency-ms`` before passing it on, and counts the request lines.
 
@@ -212,7 +213,7 @@ def _inputs(work: Path, args) -> tuple[list[Path], Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latency-ms", type=float, default=20.0)
-    ap.add_argument("--server", choices=("s3rver", "moto"), default="s3rver")
+    ap.add_argument("--server", choices=("s3rver", "moto", "seaweedfs"), default="s3rver")
     ap.add_argument("--count", type=int, default=2)
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--mpp", type=float, default=0.5)

@@ -57,6 +57,13 @@ MAX_REQUEST = 64 * 1024 * 1024
 """Largest single coalesced request."""
 PREFETCH_KEEP = 64 * 1024 * 1024
 """Bytes of prefetched tiles a :class:`RangeFile` keeps (oldest dropped first)."""
+PIPELINE_IN_FLIGHT = 16
+"""Range requests of one :meth:`RangeFile.prefetch` in flight at once, sent in the order the tiles will be read:
+the first tiles are decoded while the later ones arrive. (Fewer at once brought the first sooner from a server on
+the same machine, by a few ms, but on an endpoint with a round trip of tens of ms each wave of requests costs one.)"""
+PIPELINE_SPAN = 2 * 1024 * 1024
+"""Largest coalesced request of a prefetch fetched in the background (a smaller first request: decoding starts
+sooner)."""
 DEFAULT_STAGE_GB = 20.0
 """Default size limit of the local staging cache (``--stage-cache-gb``)."""
 
@@ -359,18 +366,19 @@ def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, b
 # --------------------------------------------------------------------------------------------
 
 def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
-              waste: float = MAX_WASTE) -> list[tuple[int, int]]:
+              waste: float = MAX_WASTE, largest: int = MAX_REQUEST) -> list[tuple[int, int]]:
     """Sorted ``(start, end)`` spans covering ``ranges`` (``(offset, size)``), in few requests.
 
-    Touching and overlapping ranges are one span; then the gaps between spans are bridged smallest
-    first while the bytes read and dropped stay within ``waste`` x the bytes asked for (any gap up to
-    ``max_gap`` is bridged too), and no span exceeds :data:`MAX_REQUEST`. The tiles of one region lie
-    in a few runs (one per tile row, the other columns between them): most runs become one request.
+    Overlapping ranges are one span, and touching ones while the span stays within ``largest`` bytes; then the
+    gaps between spans are bridged smallest first while the bytes read and dropped stay within ``waste`` x the
+    bytes asked for (any gap up to ``max_gap`` is bridged too), and no span exceeds ``largest`` bytes (unless one
+    range does). The tiles of one region lie in a few runs (one per tile row, the other columns between them):
+    most runs become one request.
     """
     spans: list[list[int]] = []
     for off, size in sorted((int(o), int(s)) for o, s in ranges if s > 0):
         end = off + size
-        if spans and off <= spans[-1][1]:
+        if spans and (off < spans[-1][1] or (off == spans[-1][1] and end - spans[-1][0] <= largest)):
             spans[-1][1] = max(spans[-1][1], end)
         else:
             spans.append([off, end])
@@ -389,7 +397,7 @@ def _coalesce(ranges: list[tuple[int, int]], max_gap: int = MAX_GAP,
             break
     out: list[list[int]] = [list(spans[0])]
     for i in range(1, len(spans)):
-        if i - 1 in bridge and spans[i][1] - out[-1][0] <= MAX_REQUEST:
+        if i - 1 in bridge and spans[i][1] - out[-1][0] <= largest:
             out[-1][1] = spans[i][1]
         else:
             out.append(list(spans[i]))
@@ -561,6 +569,32 @@ async def _native_spans(native: _Native, url: str, spans: list[tuple[int, int]])
     with _COUNTS_LOCK:
         NATIVE_COUNTS["requests"] += len(spans)
     return [bytes(d) for d in got]
+
+
+async def _native_span(native: _Native, url: str, start: int, end: int):
+    """Bytes ``[start, end)`` of ``url`` in one request, as obstore's buffer (sliced without a copy: copying a few MB
+    into fresh memory cost about 1 ms a MB here, in page faults)."""
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    got = await obstore.get_range_async(native.store(bucket), key, start=start, end=end)
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+    return got
+
+
+def _native_first(native: _Native, url: str, start: int, end: int) -> list:
+    """``[bytes [start, end), info]`` of ``url`` from one ranged GET: its answer names the object's size and ETag, so
+    no look-up (HEAD) goes beside it (a HEAD through s3fs cost 1.4 CPU ms here; RESULTS.md section 8)."""
+    import obstore
+
+    bucket, key = _bucket_key(url)
+    got = obstore.get(native.store(bucket), key, options={"range": (start, end)})
+    data = bytes(got.bytes())
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += 1
+    meta = got.meta
+    return [data, {"size": int(meta["size"]), "ETag": meta["e_tag"] or "", "type": "file"}]
 
 
 def _native_spans_now(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
@@ -786,10 +820,11 @@ class RangeFile(io.RawIOBase):
         self.block = block
         self._pos = 0
         self._blocks: "OrderedDict[int, bytes]" = OrderedDict()
-        self._spans: "OrderedDict[int, bytes]" = OrderedDict()  # prefetched: start -> bytes
+        self._spans: "OrderedDict[int, bytes | _Pending]" = OrderedDict()  # prefetched: start -> bytes
         self._starts: list[int] = []
         self._kept = 0
         self._lock = threading.RLock()
+        self._tally_lock = threading.Lock()  # the counts (background requests count theirs on fsspec's loop)
         self.requests = 0
         self.bytes_read = 0
         self._read_blocks: dict[int, None] = {}  # block indices that small reads needed
@@ -841,24 +876,65 @@ class RangeFile(io.RawIOBase):
                 return b""
             data = self._from_spans(start, end)
             if data is None:
-                data = self._from_blocks(start, end) if end - start < self.block else self._get([(start, end)])[0]
+                data = (self._from_blocks(start, end) if end - start < self.block
+                        else self._in_blocks(start, end) or self._get([(start, end)])[0])
             self._pos = end
-            return data
+            return bytes(data)
 
     # fetching ----------------------------------------------------------------------------------
     def _get(self, spans: list[tuple[int, int]]) -> list[bytes]:
         data = _fetch_spans(self._fs, self.url, spans)
-        with self._lock:
-            self.requests += len(spans)
-            self.bytes_read += sum(len(d) for d in data)
+        self._tally(len(spans), sum(len(d) for d in data))
         return data
 
+    def _tally(self, requests: int, nbytes: int) -> None:
+        with self._tally_lock:
+            self.requests += requests
+            self.bytes_read += nbytes
+
+    def _span_at(self, start: int) -> "tuple[int, bytes | _Pending] | None":
+        """The prefetched span that holds (or will hold) byte ``start``: ``(its start, bytes or _Pending)``."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, start) - 1
+            if i < 0:
+                return None
+            a = self._starts[i]
+            return a, self._spans[a]
+
+    def _holds(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` is prefetched or on its way (nothing waited for)."""
+        got = self._span_at(start)
+        if got is None:
+            return False
+        a, d = got
+        return end <= (d.end if isinstance(d, _Pending) else a + len(d))
+
     def _from_spans(self, start: int, end: int) -> bytes | None:
-        i = bisect.bisect_right(self._starts, start) - 1
-        if i < 0:
+        """``[start, end)`` from the prefetched spans, waiting for a span still on its way; None when they do not
+        hold it (or its background request failed: the caller fetches it again, and a lasting error is raised there)."""
+        got = self._span_at(start)
+        if got is None:
             return None
-        a = self._starts[i]
-        d = self._spans[a]
+        a, d = got
+        if isinstance(d, _Pending):
+            if end > d.end:
+                return None
+            try:
+                data = d.future.result()
+            except BaseException:  # noqa: BLE001 - failed, or cancelled by close: read again, one request
+                data = None
+            with self._lock:
+                if self._spans.get(a) is d:
+                    if data is None:
+                        del self._spans[a]
+                        self._kept -= d.end - a
+                        self._starts = sorted(self._spans)
+                    else:
+                        self._spans[a] = data
+                        self._kept += len(data) - (d.end - a)
+            if data is None:
+                return None
+            d = data
         if end <= a + len(d):
             return d[start - a:end - a]
         return None
@@ -879,6 +955,17 @@ class RangeFile(io.RawIOBase):
         off = start - first * self.block
         return data[off:off + end - start]
 
+    def _in_blocks(self, start: int, end: int) -> bytes | None:
+        """``[start, end)`` when the header's block cache holds all of it (at the end of an object: the tail fetched
+        with its header, where the smaller levels' tiles often lie), else None. Nothing is fetched."""
+        first, last = start // self.block, (end - 1) // self.block
+        with self._lock:
+            if any(k not in self._blocks for k in range(first, last + 1)):
+                return None
+            data = b"".join(self._blocks[k] for k in range(first, last + 1))
+        off = start - first * self.block
+        return data[off:off + end - start] if len(data) >= off + end - start else None
+
     def _fetch_blocks(self, missing: list[int]) -> None:
         """Fetch blocks ``missing`` (sorted indices) into the block cache: neighbours in one request, the rest
         concurrently (under the lock)."""
@@ -893,34 +980,110 @@ class RangeFile(io.RawIOBase):
 
     def pread(self, n: int, offset: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only past the end of the object), without moving the
-        file position (like ``os.pread``): from the prefetched ranges, else one range request of exactly
-        these bytes. Safe to call from several threads."""
+        file position (like ``os.pread``): from the prefetched ranges or the header's blocks, else one range
+        request of exactly these bytes. Safe to call from several threads. A bytes-like object: ``bytes``, or a
+        slice of a prefetched request's buffer (no copy)."""
         start, end = int(offset), min(self.size, int(offset) + int(n))
         if end <= start:
             return b""
-        with self._lock:
-            data = self._from_spans(start, end)
-            if data is not None:
-                return data
-        return self._get([(start, end)])[0]
+        data = self._from_spans(start, end)
+        if data is not None:
+            return data
+        return self._in_blocks(start, end) or self._get([(start, end)])[0]
 
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
-        """Fetch the ``(offset, size)`` ranges not already held, near ones in one request; later reads of
-        them are served from memory (the oldest prefetched bytes beyond :data:`PREFETCH_KEEP` are dropped).
-        Ranges are cut at the end of the object (a truncated object: its readers find the bytes short)."""
+        """Fetch the ``(offset, size)`` ranges not already held (prefetched, or in the header's blocks), near ones
+        in one request; later reads of them are served from memory (the oldest prefetched bytes beyond
+        :data:`PREFETCH_KEEP` are dropped). Ranges are cut at the end of the object (a truncated object: its readers
+        find the bytes short).
+
+        On an async filesystem (S3, GCS, Azure) this returns at once: the requests go out in the background in the
+        order of ``ranges`` (give them in the order they will be read), :data:`PIPELINE_IN_FLIGHT` at a time and of
+        at most :data:`PIPELINE_SPAN` bytes each, and a read of a range waits only for the request that brings it, so
+        the first tiles are decoded while later ones arrive. Elsewhere it returns when all are here."""
         with self._lock:
             ranges = [(o, min(s, self.size - o)) for o, s in ranges]
-            want = [(o, s) for o, s in ranges if s > 0 and self._from_spans(o, o + s) is None]
+            want = [(o, s) for o, s in ranges  # in the order of reading
+                    if s > 0 and not self._holds(o, o + s) and self._in_blocks(o, o + s) is None]
             if not want:
                 return
-            spans = _coalesce(want)
-            for (a, _), d in zip(spans, self._get(spans)):
+            background = bool(getattr(self._fs, "async_impl", False)) and PIPELINE_IN_FLIGHT > 0
+            spans = _coalesce(want, largest=PIPELINE_SPAN if background else MAX_REQUEST)
+            got = self._start(spans, _first_needed(spans, want)) if background else self._get(spans)
+            for (a, b), d in zip(spans, got):
                 self._spans[a] = d
-                self._kept += len(d)
+                self._kept += b - a if isinstance(d, _Pending) else len(d)
             while self._kept > PREFETCH_KEEP and len(self._spans) > len(spans):
-                _, old = self._spans.popitem(last=False)
-                self._kept -= len(old)
+                a, old = self._spans.popitem(last=False)
+                if isinstance(old, _Pending):
+                    old.future.cancel()
+                    self._kept -= old.end - a
+                else:
+                    self._kept -= len(old)
             self._starts = sorted(self._spans)
+
+    def _start(self, spans: list[tuple[int, int]], order: list[int]) -> "list[_Pending]":
+        """Send the requests of ``spans`` on the filesystem's event loop (one hand-over for all of them), at most
+        :data:`PIPELINE_IN_FLIGHT` at a time, in the order of the span indices ``order``; each span's bytes arrive in
+        its :class:`_Pending`. A failed request leaves its error there (the read that needs the span fetches it
+        again, and reports it)."""
+        import asyncio
+        import concurrent.futures
+
+        fs, url = self._fs, self.url
+        native = _native(fs)
+        pending = [_Pending(b, concurrent.futures.Future()) for _, b in spans]
+
+        async def one(gate, a: int, b: int, fut) -> None:
+            async with gate:
+                if not fut.set_running_or_notify_cancel():  # dropped or closed before it was sent
+                    return
+                try:
+                    if native is not None:
+                        data = await _native_span(native, url, a, b)
+                    else:
+                        data = bytes(await fs._cat_file(url, start=a, end=b))
+                except BaseException as exc:  # noqa: BLE001 - kept for the reader
+                    fut.set_exception(exc)
+                    return
+            _count(1, len(data))
+            self._tally(1, len(data))
+            fut.set_result(data)
+
+        async def all_of() -> None:
+            gate = asyncio.Semaphore(PIPELINE_IN_FLIGHT)
+            await asyncio.gather(*(one(gate, *spans[i], pending[i].future) for i in order))
+
+        asyncio.run_coroutine_threadsafe(all_of(), fs.loop)
+        return pending
+
+    def close(self) -> None:
+        with self._lock:
+            for d in self._spans.values():
+                if isinstance(d, _Pending):
+                    d.future.cancel()
+            self._spans.clear()
+            self._starts = []
+            self._kept = 0
+        super().close()
+
+
+def _first_needed(spans: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> list[int]:
+    """Indices of ``spans`` (sorted ``(start, end)``) in the order ``ranges`` (``(offset, size)``, in the order they
+    will be read) first fall in them; spans no range falls in last."""
+    starts = [a for a, _ in spans]
+    first: dict[int, None] = {}
+    for off, _ in ranges:
+        first.setdefault(bisect.bisect_right(starts, off) - 1, None)
+    return [i for i in first if i >= 0] + [i for i in range(len(spans)) if i not in first]
+
+
+@dataclass
+class _Pending:
+    """A prefetched span on its way: it ends at ``end``; ``future`` gets its bytes."""
+
+    end: int
+    future: "object"
 
 
 TAIL_BLOCKS = 2
@@ -966,8 +1129,7 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
                 held[k] = bytes(d[k * block - a:(k + 1) * block - a])
     _count(len(fetched), sum(len(d) for d in fetched))
     f = RangeFile(url, options, size=size, held=held, blocks=want, tail=want is None)
-    f.requests += len(fetched)
-    f.bytes_read += sum(len(d) for d in fetched)
+    f._tally(len(fetched), sum(len(d) for d in fetched))
     return f, identity
 
 
@@ -979,6 +1141,12 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
     from fsspec.asyn import sync
 
     native = _native(fs) if spans else None
+    if look_up and native is not None and len(spans) == 1:
+        try:
+            return _native_first(native, url, *spans[0])
+        except Exception as exc:  # noqa: BLE001 - the round below says what is wrong (missing, a prefix, empty...)
+            if not not_found(exc):
+                _native_failed(exc, url)
 
     async def spans_of() -> list:
         if native is not None:

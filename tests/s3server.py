@@ -28,11 +28,21 @@ class CountingS3:
         self._server = None
         self._thread = None
         self.endpoint = ""
+        self.hold = None
+        """``(predicate, threading.Event)``: a request for which ``predicate(method, path, range)`` is true waits
+        for the event before it is served (and is then recorded), so a test can keep one request on its way."""
+        self.arrived: list[Request] = []
+        """Requests in the order they reached the server (``requests`` has them in the order they were served)."""
 
     def _app(self, app):
         def wrapped(environ, start_response):
             method, path = environ["REQUEST_METHOD"], unquote(environ.get("PATH_INFO", ""))
             rng = environ.get("HTTP_RANGE")
+            with self._lock:
+                self.arrived.append(Request(method, path, rng, 0))
+            hold = self.hold
+            if hold is not None and hold[0](method, path, rng):
+                hold[1].wait(30)
             body = app(environ, start_response)
             sent = 0
             out = []
@@ -83,6 +93,7 @@ class CountingS3:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.arrived.clear()
 
     def gets(self, key_part: str = "") -> list[Request]:
         """The GET requests of objects whose path contains ``key_part`` (listings excluded)."""

@@ -140,7 +140,7 @@ class TiledLevel:
                 a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGB", min_width=w,
                                            min_height=h, min_factor=s)
             else:
-                a, _, _ = self._page.decode(data, idx)
+                a, _, _ = self._page.decode(bytes(data), idx)
                 a = np.asarray(a).reshape(a.shape[-3:])
         except SlideReadError:
             raise
@@ -165,31 +165,39 @@ class TiledLevel:
         x0, y0, x1, y1 = c[:, 1] * tile_px, c[:, 0] * tile_px, (c[:, 1] + 1) * tile_px, (c[:, 0] + 1) * tile_px
         return self._tiles_in(zip(x0, y0, x1, y1))
 
-    def _tiles_in(self, boxes) -> np.ndarray:
-        """Sorted indices of the compressed tiles that boxes ``(x0, y0, x1, y1)`` (level pixels, floats) touch."""
+    def _tiles_in(self, boxes, *, in_box_order: bool = False) -> np.ndarray:
+        """Sorted indices of the compressed tiles that boxes ``(x0, y0, x1, y1)`` (level pixels, floats) touch; with
+        ``in_box_order``, each once in the order of the first box that touches it (then by index)."""
         b = np.asarray(boxes if isinstance(boxes, np.ndarray) else list(boxes), np.float64).reshape(-1, 4)
         tx0 = np.maximum(0, np.floor(b[:, 0]).astype(np.int64) // self.tw)
         ty0 = np.maximum(0, np.floor(b[:, 1]).astype(np.int64) // self.th)
         tx1 = np.minimum(self.ntx - 1, (np.minimum(np.ceil(b[:, 2]).astype(np.int64), self.width) - 1) // self.tw)
         ty1 = np.minimum(self.nty - 1, (np.minimum(np.ceil(b[:, 3]).astype(np.int64), self.height) - 1) // self.th)
         keep = (tx1 >= tx0) & (ty1 >= ty0)
-        tx0, ty0, tx1, ty1 = tx0[keep], ty0[keep], tx1[keep], ty1[keep]
+        tx0, ty0, tx1, ty1, box = tx0[keep], ty0[keep], tx1[keep], ty1[keep], np.flatnonzero(keep)
         if not len(tx0):
             return np.empty(0, np.int64)
-        found = []  # one pass per offset within the widest box (a model tile touches 1-4 compressed tiles)
+        found, of = [], []  # one pass per offset within the widest box (a model tile touches 1-4 compressed tiles)
         for dy in range(int((ty1 - ty0).max()) + 1):
             for dx in range(int((tx1 - tx0).max()) + 1):
                 ok = (ty0 + dy <= ty1) & (tx0 + dx <= tx1)
                 found.append((ty0[ok] + dy) * self.ntx + tx0[ok] + dx)
-        return np.unique(np.concatenate(found))
+                of.append(box[ok])
+        idx = np.concatenate(found)
+        if not in_box_order:
+            return np.unique(idx)
+        idx = idx[np.lexsort((idx, np.concatenate(of)))]
+        _, first = np.unique(idx, return_index=True)
+        return idx[np.sort(first)]
 
     def prefetch(self, boxes, only=None) -> None:
         """Fetch the compressed tiles of every box ``(x0, y0, x1, y1)`` (level pixels, floats) in one batch
         of coalesced range requests, when the file is remote (on local disk: nothing to do); with ``only``
-        (a set of tile indices), just those of them."""
+        (a set of tile indices), just those of them. The boxes are given in the order they will be read: the
+        requests are sent in that order (:meth:`cancernet_batch.remote.RangeFile.prefetch`)."""
         if self._fetch is None:
             return
-        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in self._tiles_in(boxes)
+        ranges = [(int(self.offsets[i]), int(self.counts[i])) for i in self._tiles_in(boxes, in_box_order=True)
                   if self.counts[i] > 0 and (only is None or int(i) in only)]
         if ranges:
             self._fetch(ranges)
