@@ -120,7 +120,8 @@ def _defaults(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):  # bounded waits: an unreachable endpoint is an error within seconds
         return {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}},
                 "use_listings_cache": False}
-    return {}
+    # no listings cache on any object store (gcsfs and adlfs keep one by default): inputs change between listings
+    return {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
 
 
 def _seam(url: str, options: Mapping | None):

@@ -364,11 +364,13 @@ def _storage_defaults(protocol: str) -> dict:
     """S3: bounded network waits, so an unreachable endpoint is an error within seconds, never a hang; no
     listings cache (another process writes the same prefix); whole-object reads in one GET (without
     ``max_concurrency=1`` s3fs sends a HEAD for the size before every read: twice the requests for
-    the store's small metadata objects)."""
+    the store's small metadata objects). Every other object store: no listings cache either (gcsfs and adlfs
+    keep one by default: a command that listed a prefix, the inputs of a new tile store, saw it empty for the rest
+    of its life, and tiled every input again on a re-run in the same process)."""
     if protocol in ("s3", "s3a"):
         return {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}},
                 "use_listings_cache": False, "max_concurrency": 1}
-    return {}
+    return {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
 
 
 _S3_SESSIONS: dict = {}
