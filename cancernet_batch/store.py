@@ -1186,9 +1186,9 @@ def flag_encodings(meta) -> dict[bytes, bool]:
 
 def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     """The flags of a one-dimensional array of one-element chunks on object storage, from one listing of its chunks
-    (a request per 1,000) instead of a GET each: a chunk that is not there is the fill value, one whose ETag is the MD5
-    of the array's own encoding of True or False is that value (an object PUT whole has its MD5 as ETag on S3, moto and
-    SeaweedFS). None, for the caller to read the chunks through zarr, when the store is not an fsspec one whose listing
+    (a request per 1,000) instead of a GET each: a chunk that is not there is the fill value, one whose MD5 is that of
+    the array's own encoding of True or False is that value (an object PUT whole has its MD5 as ETag on S3, moto and
+    SeaweedFS; GCS lists it as ``md5Hash``). None, for the caller to read the chunks through zarr, when the store is not an fsspec one whose listing
     gives ETags, or any chunk's ETag is another (a damaged chunk, another codec, a server whose ETags are not MD5s, as
     with KMS encryption).
 
@@ -1206,7 +1206,7 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     meta = array.metadata
     keys = {f"{store.path}/{array.store_path.path}/{meta.encode_chunk_key((i,))}".strip("/"): i for i in range(n)}
     folders = {k.rsplit("/", 1)[0] for k in keys}
-    etags = {hashlib.md5(raw, usedforsecurity=False).hexdigest(): value for raw, value in known.items()}  # FIPS too
+    digests = {hashlib.md5(raw, usedforsecurity=False).digest(): value for raw, value in known.items()}  # FIPS too
     out = np.full(n, bool(meta.fill_value), bool)
 
     async def listing(folder: str) -> list:
@@ -1223,11 +1223,25 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
         i = keys.get(str(e.get("name", "")).strip("/"))
         if i is None or e.get("type") == "directory":
             continue
-        value = etags.get(str(e.get("ETag") or e.get("etag") or "").strip('"').lower())
+        value = digests.get(_listed_md5(e))
         if value is None:
             return None
         out[i] = value
     return out
+
+
+def _listed_md5(entry) -> bytes | None:
+    """The MD5 digest a listing entry states for its object: GCS's ``md5Hash`` (base64; its ``etag`` is no MD5), else
+    the ETag of an object PUT whole on S3 (hex); None when it states none."""
+    import base64
+    import binascii
+
+    try:
+        if entry.get("md5Hash"):
+            return base64.b64decode(str(entry["md5Hash"]), validate=True)
+        return bytes.fromhex(str(entry.get("ETag") or entry.get("etag") or "").strip('"'))
+    except (ValueError, binascii.Error):
+        return None
 
 
 def _local_dir(array, *, write: bool = False) -> Path | None:
