@@ -1188,9 +1188,9 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     """The flags of a one-dimensional array of one-element chunks on object storage, from one listing of its chunks
     (a request per 1,000) instead of a GET each: a chunk that is not there is the fill value, one whose MD5 is that of
     the array's own encoding of True or False is that value (an object PUT whole has its MD5 as ETag on S3, moto and
-    SeaweedFS; GCS lists it as ``md5Hash``). None, for the caller to read the chunks through zarr, when the store is not an fsspec one whose listing
-    gives ETags, or any chunk's ETag is another (a damaged chunk, another codec, a server whose ETags are not MD5s, as
-    with KMS encryption).
+    SeaweedFS; GCS lists it as ``md5Hash``). None, for the caller to read the chunks through zarr, when the store is
+    not an fsspec one whose listing gives MD5s, or any chunk's MD5 is another (a damaged chunk, another codec, a
+    server whose ETags are not MD5s, as with KMS encryption).
 
     Each chunk task that scores an input's chunk reads all its done flags to know whether it scored the last one: a GET
     per flag made that n * n GETs an input of n chunks, every one a request's CPU on the worker (about 2-3 ms in

@@ -76,7 +76,8 @@ def test_a_run_with_inputs_and_out_on_gcs_scores_as_on_local_disk_and_resumes(gc
     local = _rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
 
     monkeypatch.setenv(UNLOCKED_ENV, "1")  # the emulator cannot lock (module doc)
-    args = ["run", f"gs://{BUCKET}/in/", "--out", f"gs://{BUCKET}/runs/a", "--storage-options", json.dumps(gcs), *common]
+    args = ["run", f"gs://{BUCKET}/in/", "--out", f"gs://{BUCKET}/runs/a", "--storage-options", json.dumps(gcs),
+            *common]
     rc, out, err = _main(capsys, *args)
     assert rc == 0, err
     assert "inputs: 2 reported, 0 failed" in out, out
