@@ -449,6 +449,11 @@ class _Native:
         self.failures = 0
         self.lock = threading.Lock()
 
+    def at(self, url: str) -> tuple[object, str]:
+        """The store of ``url``'s bucket, and its key there."""
+        bucket, key = _bucket_key(url)
+        return self.store(bucket), key
+
     def store(self, bucket: str):
         global _OBSTORE_STARTED
         with self.lock:
@@ -560,15 +565,19 @@ def _bucket_key(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _native_count(requests: int) -> None:
+    with _COUNTS_LOCK:
+        NATIVE_COUNTS["requests"] += requests
+
+
 async def _native_spans(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     """The bytes of each ``(start, end)`` span of ``url``, one request each, concurrently (on an asyncio loop)."""
     import obstore
 
-    bucket, key = _bucket_key(url)
-    got = await obstore.get_ranges_async(native.store(bucket), key, starts=[a for a, _ in spans],
-                                         ends=[b for _, b in spans], coalesce=0)
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += len(spans)
+    store, key = native.at(url)
+    got = await obstore.get_ranges_async(store, key, starts=[a for a, _ in spans], ends=[b for _, b in spans],
+                                         coalesce=0)
+    _native_count(len(spans))
     return [bytes(d) for d in got]
 
 
@@ -577,10 +586,9 @@ async def _native_span(native: _Native, url: str, start: int, end: int):
     into fresh memory cost about 1 ms a MB here, in page faults)."""
     import obstore
 
-    bucket, key = _bucket_key(url)
-    got = await obstore.get_range_async(native.store(bucket), key, start=start, end=end)
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    store, key = native.at(url)
+    got = await obstore.get_range_async(store, key, start=start, end=end)
+    _native_count(1)
     return got
 
 
@@ -589,11 +597,10 @@ def _native_first(native: _Native, url: str, start: int, end: int) -> list:
     no look-up (HEAD) goes beside it (a HEAD through s3fs cost 1.4 CPU ms here; RESULTS.md section 8)."""
     import obstore
 
-    bucket, key = _bucket_key(url)
-    got = obstore.get(native.store(bucket), key, options={"range": (start, end)})
+    store, key = native.at(url)
+    got = obstore.get(store, key, options={"range": (start, end)})
     data = bytes(got.bytes())
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    _native_count(1)
     meta = got.meta
     return [data, {"size": int(meta["size"]), "ETag": meta["e_tag"] or "", "type": "file"}]
 
@@ -603,22 +610,19 @@ def _native_spans_now(native: _Native, url: str, spans: list[tuple[int, int]]) -
     and back (a quarter millisecond of CPU a call here; RESULTS.md section 8)."""
     import obstore
 
-    bucket, key = _bucket_key(url)
-    got = obstore.get_ranges(native.store(bucket), key, starts=[a for a, _ in spans], ends=[b for _, b in spans],
-                             coalesce=0)
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += len(spans)
+    store, key = native.at(url)
+    got = obstore.get_ranges(store, key, starts=[a for a, _ in spans], ends=[b for _, b in spans], coalesce=0)
+    _native_count(len(spans))
     return [bytes(d) for d in got]
 
 
 async def _native_object(native: _Native, url: str) -> bytes:
     import obstore
 
-    bucket, key = _bucket_key(url)
-    got = await obstore.get_async(native.store(bucket), key)
+    store, key = native.at(url)
+    got = await obstore.get_async(store, key)
     data = bytes(await got.bytes_async())
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    _native_count(1)
     return data
 
 
@@ -626,28 +630,25 @@ async def _native_put(native: _Native, url: str, data: bytes) -> None:
     """One PUT of the whole object (never a multipart upload: one request, as s3fs's ``pipe_file`` sends)."""
     import obstore
 
-    bucket, key = _bucket_key(url)
-    await obstore.put_async(native.store(bucket), key, data, use_multipart=False)
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    store, key = native.at(url)
+    await obstore.put_async(store, key, data, use_multipart=False)
+    _native_count(1)
 
 
 def _native_put_now(native: _Native, url: str, data: bytes) -> None:
     import obstore
 
-    bucket, key = _bucket_key(url)
-    obstore.put(native.store(bucket), key, data, use_multipart=False)
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    store, key = native.at(url)
+    obstore.put(store, key, data, use_multipart=False)
+    _native_count(1)
 
 
 def _native_object_now(native: _Native, url: str) -> bytes:
     import obstore
 
-    bucket, key = _bucket_key(url)
-    data = bytes(obstore.get(native.store(bucket), key).bytes())
-    with _COUNTS_LOCK:
-        NATIVE_COUNTS["requests"] += 1
+    store, key = native.at(url)
+    data = bytes(obstore.get(store, key).bytes())
+    _native_count(1)
     return data
 
 
