@@ -953,20 +953,31 @@ class RangeFile(io.RawIOBase):
             missing = sorted(set(missing) | (more - set(self._blocks)))
         self._fetch_blocks(missing)
         self._read_blocks.update(dict.fromkeys(needed))
-        data = b"".join(self._blocks[k] for k in needed)
+        return self._joined(start, end)
+
+    def _joined(self, start: int, end: int) -> bytes:
+        """``[start, end)`` from the header's block cache, which holds each of its blocks (fewer bytes where those
+        end sooner)."""
+        first, last = start // self.block, (end - 1) // self.block
+        data = b"".join(self._blocks[k] for k in range(first, last + 1))
         off = start - first * self.block
         return data[off:off + end - start]
 
-    def _in_blocks(self, start: int, end: int) -> bytes | None:
-        """``[start, end)`` when the header's block cache holds all of it (at the end of an object: the tail fetched
-        with its header, where the smaller levels' tiles often lie), else None. Nothing is fetched."""
+    def _blocks_hold(self, start: int, end: int) -> bool:
+        """Whether the header's block cache holds all of ``[start, end)`` (at the end of an object: the tail fetched
+        with its header, where the smaller levels' tiles often lie). Nothing is fetched or copied."""
         first, last = start // self.block, (end - 1) // self.block
         with self._lock:
-            if any(k not in self._blocks for k in range(first, last + 1)):
-                return None
-            data = b"".join(self._blocks[k] for k in range(first, last + 1))
-        off = start - first * self.block
-        return data[off:off + end - start] if len(data) >= off + end - start else None
+            try:
+                held = sum(len(self._blocks[k]) for k in range(first, last + 1))
+            except KeyError:
+                return False
+        return first * self.block + held >= end
+
+    def _in_blocks(self, start: int, end: int) -> bytes | None:
+        """``[start, end)`` when the header's block cache holds all of it (:meth:`_blocks_hold`), else None."""
+        with self._lock:
+            return self._joined(start, end) if self._blocks_hold(start, end) else None
 
     def _fetch_blocks(self, missing: list[int]) -> None:
         """Fetch blocks ``missing`` (sorted indices) into the block cache: neighbours in one request, the rest
@@ -1006,7 +1017,7 @@ class RangeFile(io.RawIOBase):
         with self._lock:
             ranges = [(o, min(s, self.size - o)) for o, s in ranges]
             want = [(o, s) for o, s in ranges  # in the order of reading
-                    if s > 0 and not self._holds(o, o + s) and self._in_blocks(o, o + s) is None]
+                    if s > 0 and not self._holds(o, o + s) and not self._blocks_hold(o, o + s)]
             if not want:
                 return
             background = bool(getattr(self._fs, "async_impl", False)) and PIPELINE_IN_FLIGHT > 0
