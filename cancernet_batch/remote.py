@@ -1154,15 +1154,16 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
     from fsspec.asyn import sync
 
     native = _native(fs) if spans else None
-    if look_up and native is not None and len(spans) == 1:
+    tried = look_up and native is not None and len(spans) == 1  # the spans and the look-up in one native GET
+    if tried:
         try:
             return _native_first(native, url, *spans[0])
-        except Exception as exc:  # noqa: BLE001 - the round below says what is wrong (missing, a prefix, empty...)
+        except Exception as exc:  # noqa: BLE001 - s3fs's round below says what is wrong (missing, a prefix, empty...)
             if not not_found(exc):
                 _native_failed(exc, url)
 
     async def spans_of() -> list:
-        if native is not None:
+        if native is not None and not tried:
             try:
                 return await _native_spans(native, url, spans)
             except Exception as exc:  # noqa: BLE001 - s3fs reads them again
