@@ -135,6 +135,7 @@ def test_the_flags_of_an_input_on_gcs_are_read_from_one_listing_by_their_md5(gcs
     read from one listing of their chunks there too, not a GET each (on S3: by the ETag, ``test_s3.py``). A flag
     whose bytes are neither value's encoding goes through zarr, which raises on it."""
     import numpy as np
+    from test_s3 import flagged_input
 
     from cancernet_batch import store
     from cancernet_batch.runfolder import Run
@@ -145,13 +146,7 @@ def test_the_flags_of_an_input_on_gcs_are_read_from_one_listing_by_their_md5(gcs
     root.require_group("inputs")
     attrs = InputAttrs(source=f"gs://{BUCKET}/x/F1", kind="patches", reader="test", patient="p", source_size=1,
                        source_mtime=0.0, target_mpp=4.0, grid_shape=(3, 4), n_tiles=12)
-    g = store.create_input(root, attrs, 12, chunk=1)
-    store.ensure_predictions(g, "model-a")
-    for i in (0, 3, 7, 11):
-        store.set_flag(g, "done", i)
-    g["done"].with_config({"write_empty_chunks": True})[5] = False  # a False written, not left out
-    want = np.zeros(12, bool)
-    want[[0, 3, 7, 11]] = True
+    g, want = flagged_input(root, attrs)
     done = g["done"]
     listed = store._listed_flags(done, 12, store.flag_encodings(done.metadata))
     assert listed is not None and listed.tolist() == want.tolist()  # every chunk recognised by its md5Hash

@@ -1128,6 +1128,21 @@ def _scored_input(s3, prefix: str, name: str, *, tiles: bool = False):
     return run, attrs, gid, p
 
 
+def flagged_input(root, attrs):
+    """An input of 12 one-tile chunks (``attrs``, in the tile store ``root``) whose done flags 0, 3, 7 and 11 are set
+    and 5 is written False (not left out): its group, and the flags as they read."""
+    from cancernet_batch import store
+
+    g = store.create_input(root, attrs, 12, chunk=1)
+    store.ensure_predictions(g, "model-a")
+    for i in (0, 3, 7, 11):
+        store.set_flag(g, "done", i)
+    g["done"].with_config({"write_empty_chunks": True})[5] = False
+    want = np.zeros(12, bool)
+    want[[0, 3, 7, 11]] = True
+    return g, want
+
+
 def test_the_flags_of_an_input_on_s3_are_read_from_one_listing_not_a_get_each(s3):
     """An input's per-chunk flags (``done``, ``tiled``) are one-element chunks: read from one listing of the array's
     chunks (present: True or False by its ETag, the MD5 of the array's encoding of either; absent: the fill value),
@@ -1138,13 +1153,7 @@ def test_the_flags_of_an_input_on_s3_are_read_from_one_listing_not_a_get_each(s3
     prefix = "nights/flags"
     run, root = _new_run(s3, prefix)
     attrs = _object_attrs("F1", 12, grid=(3, 4), kind="patches")
-    g = store.create_input(root, attrs, 12, chunk=1)
-    store.ensure_predictions(g, "model-a")
-    for i in (0, 3, 7, 11):
-        store.set_flag(g, "done", i)
-    g["done"].with_config({"write_empty_chunks": True})[5] = False  # a False written, not left out
-    want = np.zeros(12, bool)
-    want[[0, 3, 7, 11]] = True
+    g, want = flagged_input(root, attrs)
     gid = store.input_id(attrs.source)
     assert s3.fs().exists(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c/5")
     s3.server.reset()
