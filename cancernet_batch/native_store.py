@@ -16,6 +16,14 @@ from . import remote
 
 
 class NativeFsspecStore(FsspecStore):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        remote.no_dead_exit_calls(self.fs)
+
+    def __setstate__(self, state) -> None:  # a Dask task's copy: its filesystem is a new instance in this process
+        self.__dict__.update(state)
+        remote.no_dead_exit_calls(self.fs)
+
     async def get(self, key, prototype, byte_range=None):  # noqa: D102 - zarr's
         native = await remote._native_async(self.fs) if byte_range is None else None
         if native is None:

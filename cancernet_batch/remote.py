@@ -168,16 +168,19 @@ def _input_error(exc: BaseException, url: str, doing: str, options: Mapping | No
         # and the bucket looked missing whenever an object was)
         options = {k: v for k, v in options.items() if k != "session"}
     if isinstance(exc, FileNotFoundError):
+        from .runfolder import bucket_word
+
         proto, rest = url.split("://", 1)
         bucket = rest.split("/", 1)[0]
         try:
             missing = not filesystem(url, options).exists(f"{proto}://{bucket}")
         except Exception:  # noqa: BLE001 - the object is missing in any case
             missing = False
+        word = bucket_word(proto)
         if missing:
-            return InputError(f"the bucket {bucket!r} does not exist", path=url,
-                              hint="check the bucket name in the URL (and the endpoint)")
-        return InputError("no such object", path=url, hint="check the URL: bucket, prefix and file name")
+            return InputError(f"the {word} {bucket!r} does not exist", path=url,
+                              hint=f"check the {word} name in the URL (and the endpoint)")
+        return InputError("no such object", path=url, hint=f"check the URL: {word}, prefix and file name")
     e = _seam(url, options if isinstance(options, Mapping) else {})._error(exc, url, doing)
     return InputError(e.message, path=url, hint=e.hint)
 
@@ -191,6 +194,27 @@ def _call(url: str, doing: str, fn, *args, **kwargs):
         fs = (getattr(fn, "__self__", None) or getattr(getattr(fn, "__wrapped__", None), "__self__", None)
               or (args[0] if args else None))
         raise _input_error(exc, url, doing, getattr(fs, "storage_options", None)) from None
+
+
+def no_dead_exit_calls(fs) -> None:
+    """Detach the exit-time finalizers an asynchronous filesystem registered that can only fail.
+
+    adlfs registers ``weakref.finalize(fs, fsspec.asyn.sync, fs.loop, close_service_client, fs)`` for every instance.
+    An instance made with ``asynchronous=True`` (zarr's store makes its own so) has no loop of its own, so at exit
+    that call raises "Loop is not running" and Python prints its traceback after the command's last line (seen on
+    every ``--out az://`` run). Its client's connections go with the process either way. Other drivers register no
+    such call, and an instance with a loop keeps its finalizers."""
+    import weakref
+
+    from fsspec.asyn import sync
+
+    if not getattr(fs, "asynchronous", False) or getattr(fs, "_loop", None) is not None:
+        return
+    registry = getattr(weakref.finalize, "_registry", None) or {}
+    for fin, info in list(registry.items()):
+        args = getattr(info, "args", None) or ()
+        if getattr(info, "func", None) is sync and args and args[0] is None and args[-1] is fs:
+            fin.detach()
 
 
 def _strip(url: str) -> str:

@@ -332,6 +332,46 @@ def options_digest(options: Mapping) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
 
 
+AZURE_PROTOCOLS = ("az", "abfs", "abfss")
+"""adlfs's schemes for Azure Blob Storage (``az://container/prefix``)."""
+
+
+def bucket_word(protocol: str | None) -> str:
+    """What the store calls the top of a URL: a container on Azure, a bucket elsewhere."""
+    return "container" if protocol in AZURE_PROTOCOLS else "bucket"
+
+
+def credentials_hint(protocol: str | None) -> str:
+    """Where the credentials of ``protocol``'s driver come from, for an error's hint."""
+    if protocol in AZURE_PROTOCOLS:
+        return ("check the credentials: AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME with "
+                "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or --storage-options")
+    if protocol in ("gs", "gcs"):
+        return ("check the credentials: GOOGLE_APPLICATION_CREDENTIALS, gcloud's default login, or --storage-options "
+                "token")
+    return "check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-options"
+
+
+def _delete_example(protocol: str, path) -> str:
+    if protocol in AZURE_PROTOCOLS:
+        container, _, name = str(path).split("://", 1)[-1].partition("/")
+        return f"e.g. `az storage blob delete -c {container} -n {name}`"
+    if protocol in ("gs", "gcs"):
+        return f"e.g. `gcloud storage rm {path}`"
+    return f"e.g. `aws s3 rm {path}`"
+
+
+_SECRETS = re.compile(r"(?i)\b(sig|AccountKey|SharedAccessSignature|X-Amz-Signature|X-Amz-Credential|token|"
+                      r"access_token)=[^&;\s'\"]+")
+
+
+def scrub(text: str) -> str:
+    """``text`` with the values of secret-bearing parameters (a SAS or presigned URL's signature, a connection
+    string's account key) replaced by ``***``: a server or driver that echoes a request's URL in its error must not
+    put a secret on the terminal or in the failures CSV."""
+    return _SECRETS.sub(lambda m: f"{m.group(1)}=***", text)
+
+
 def url_scheme(location: str | os.PathLike) -> str | None:
     """The scheme of a URL (``s3``, ``gs``, ``file``...), lower case; None for a plain path."""
     m = _SCHEME.match(os.fspath(location)) if isinstance(location, (str, os.PathLike)) else None
@@ -534,24 +574,37 @@ class FsspecFS:
 
     # errors ------------------------------------------------------------------------------------
     def _endpoint(self) -> str:
-        ck = self.storage_options.get("client_kwargs") or {}
-        return str(self.storage_options.get("endpoint_url") or ck.get("endpoint_url")
+        o = self.storage_options
+        if self.protocol in AZURE_PROTOCOLS:
+            m = re.search(r"BlobEndpoint=([^;]+)", str(o.get("connection_string")
+                                                        or os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or ""))
+            account = o.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+            return (m.group(1) if m else str(o.get("account_host") or "")
+                    or (f"https://{account}.blob.core.windows.net" if account else "the default endpoint"))
+        ck = o.get("client_kwargs") or {}
+        return str(o.get("endpoint_url") or ck.get("endpoint_url")
                    or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint")
 
     def _error(self, exc: BaseException, path, doing: str) -> StorageError:
-        """One clear error for a failed storage call (never the options: they may hold secrets)."""
+        """One clear error for a failed storage call (never the options: they may hold secrets, and the
+        server's text is scrubbed of any it echoes: a SAS signature, an account key)."""
         name = type(exc).__name__
-        text = " ".join(str(exc).split())[:200]
-        if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        text = scrub(" ".join(str(exc).split()))[:200]
+        status = getattr(exc, "status_code", None)
+        if (isinstance(exc, PermissionError) or status in (401, 403) or "AccessDenied" in text or "Forbidden" in text
+                or "failed to authenticate" in text or "AuthorizationFailure" in text):
             return StorageError(f"access denied while {doing} ({text})", path=path,
-                                hint="check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                                     "AWS_PROFILE, or --storage-options")
+                                hint=credentials_hint(self.protocol))
         if isinstance(exc, FileNotFoundError):
+            word = bucket_word(self.protocol)
             return StorageError(f"not found while {doing} ({text})", path=path,
-                                hint="check the bucket name in the URL, or create the bucket")
+                                hint=f"check the {word} name in the URL, or create the {word}")
         if "connect" in name.lower() or "connect" in text.lower() or isinstance(exc, (TimeoutError, ConnectionError)):
+            where = ("AZURE_STORAGE_CONNECTION_STRING's BlobEndpoint or --storage-options connection_string / "
+                     "account_host" if self.protocol in AZURE_PROTOCOLS
+                     else "AWS_ENDPOINT_URL or --storage-options endpoint_url")
             return StorageError(f"cannot reach the storage endpoint {self._endpoint()} ({name})", path=path,
-                                hint="check AWS_ENDPOINT_URL or --storage-options endpoint_url, and the network")
+                                hint=f"check {where}, and the network")
         return StorageError(f"storage error while {doing}: {name}: {text}", path=path,
                             hint="check the URL, the credentials and the endpoint")
 
@@ -575,12 +628,13 @@ class FsspecFS:
         try:
             self.fs.info(f"{self.protocol}://{bucket}")
         except FileNotFoundError:
-            raise StorageError(f"the bucket {bucket!r} does not exist", path=path,
-                               hint="create the bucket, or fix the bucket name in the URL") from None
+            word = bucket_word(self.protocol)
+            raise StorageError(f"the {word} {bucket!r} does not exist", path=path,
+                               hint=f"create the {word}, or fix the {word} name in the URL") from None
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, path, "opening the bucket") from None
+            raise self._error(exc, path, f"opening the {bucket_word(self.protocol)}") from None
         _CHECKED.add(key)
 
     # the seam ----------------------------------------------------------------------------------
@@ -807,15 +861,15 @@ class FsspecFS:
         if not self._create(path, json.dumps(record).encode()):
             other = self._read_lock(path) or {}
             run = ObjectPath(str(path)).parent
+            how = _delete_example(self.protocol, path)
             if other and self._stale(other):
                 age = (time.time() - float(other.get("heartbeat") or other.get("started") or 0)) / 60
                 raise StorageError(f"this run folder is locked by {_holder_text(other)}, whose lock has not been "
                                    f"renewed for {age:.0f} min (it was stopped or killed)", path=run,
-                                   hint=f"if that command is gone, delete {path} (e.g. `aws s3 rm {path}`) "
-                                        "and re-run") from None
+                                   hint=f"if that command is gone, delete {path} ({how}) and re-run") from None
             raise StorageError(f"this run folder is in use by {_holder_text(other)}", path=run,
                                hint="wait for that command to finish (or stop it), or use another --out; "
-                                    f"if it was killed, delete {path} once it is gone") from None
+                                    f"if it was killed, delete {path} once it is gone ({how})") from None
         # No read-back of what was created: on a server that honours the condition the PUT alone says the lock is
         # ours; on one that ignores it, a read-back proves nothing (a second writer may PUT just after it), and the
         # probe below finds that server out either way.

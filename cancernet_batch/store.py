@@ -1231,11 +1231,16 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
 
 
 def _listed_md5(entry) -> bytes | None:
-    """The MD5 digest a listing entry states for its object: GCS's ``md5Hash`` (base64; its ``etag`` is no MD5), else
-    the ETag of an object PUT whole on S3 (hex); None when it states none."""
+    """The MD5 digest a listing entry states for its object: Azure's ``content_settings.content_md5`` (the digest's
+    bytes, which the service keeps for a blob PUT whole; its ``etag`` is no MD5), GCS's ``md5Hash`` (base64; nor is
+    its ``etag``), else the ETag of an object PUT whole on S3 (hex); None when it states none."""
     import base64
     import binascii
 
+    settings = entry.get("content_settings")
+    md5 = settings.get("content_md5") if hasattr(settings, "get") else None
+    if md5:
+        return bytes(md5)
     try:
         if entry.get("md5Hash"):
             return base64.b64decode(str(entry["md5Hash"]), validate=True)

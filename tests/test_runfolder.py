@@ -165,3 +165,30 @@ def test_worker_input_cache_reuses_handles_but_never_serves_stale_metadata(tmp_p
     assert np.isnan(g["probs"][0:4]).all() and not store.done_mask(g).any()  # chunk data: never cached
     store.data_array(g, "probs")[0:4] = 0.25
     np.testing.assert_allclose(plain["probs"][0:4], 0.25)
+
+
+def test_a_storage_error_never_shows_a_secret_the_server_echoed():
+    """A driver or server that puts the request's URL (a SAS signature, a presigned S3 query) or a connection
+    string in its error text: the one-line error keeps the text, with those values replaced by ``***``, and names
+    a container and Azure's credential variables on ``az://``, a bucket and AWS's on ``s3://``."""
+    from cancernet_batch.runfolder import FsspecFS, scrub
+
+    sas = "https://acct.blob.core.windows.net/c/x.svs?sv=2022-11-02&se=2027-01-01&sp=r&sig=Zm9vYmFy%2Bc2VjcmV0"
+    conn = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0a2V5PT0=;EndpointSuffix=core"
+    aws = "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAX%2F2026&X-Amz-Signature=abcdef0123&X-Amz-Expires=60"
+    for text, secrets in ((sas, ["Zm9vYmFy%2Bc2VjcmV0"]), (conn, ["c2VjcmV0a2V5PT0="]),
+                          (aws, ["AKIAX%2F2026", "abcdef0123"])):
+        out = scrub(f"request failed: {text} (403)")
+        assert all(s not in out for s in secrets), out
+        assert out.startswith("request failed: https") or "AccountName=acct" in out  # the rest is kept
+
+    class Denied(Exception):
+        status_code = 403
+
+    e = FsspecFS("az")._error(Denied(f"Server failed to authenticate the request: {sas}"), "az://c/run", "writing")
+    assert "access denied while writing" in e.message and "Zm9vYmFy" not in e.message, e.message
+    assert "AZURE_STORAGE_CONNECTION_STRING" in e.hint
+    e = FsspecFS("s3")._error(FileNotFoundError(aws), "s3://b/run", "reading")
+    assert "abcdef0123" not in e.message and "bucket name" in e.hint, (e.message, e.hint)
+    e = FsspecFS("az")._error(FileNotFoundError("gone"), "az://c/run", "reading")
+    assert "container name" in e.hint
