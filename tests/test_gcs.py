@@ -134,25 +134,7 @@ def test_the_flags_of_an_input_on_gcs_are_read_from_one_listing_by_their_md5(gcs
     """GCS lists an object's MD5 as ``md5Hash`` (base64; its ``etag`` is not an MD5): an input's per-chunk flags are
     read from one listing of their chunks there too, not a GET each (on S3: by the ETag, ``test_s3.py``). A flag
     whose bytes are neither value's encoding goes through zarr, which raises on it."""
-    import numpy as np
-    from test_s3 import flagged_input
+    from test_s3 import assert_flags_listed_by_md5
 
-    from cancernet_batch import store
-    from cancernet_batch.runfolder import Run
-    from cancernet_batch.store import InputAttrs
-
-    run = Run.of(f"gs://{BUCKET}/runs/flags", gcs)
-    root = run.create().open_store("a")
-    root.require_group("inputs")
-    attrs = InputAttrs(source=f"gs://{BUCKET}/x/F1", kind="patches", reader="test", patient="p", source_size=1,
-                       source_mtime=0.0, target_mpp=4.0, grid_shape=(3, 4), n_tiles=12)
-    g, want = flagged_input(root, attrs)
-    done = g["done"]
-    listed = store._listed_flags(done, 12, store.flag_encodings(done.metadata))
-    assert listed is not None and listed.tolist() == want.tolist()  # every chunk recognised by its md5Hash
-    assert store.done_mask(g).tolist() == want.tolist() == np.asarray(done[:], bool).tolist()
-    gid = store.input_id(attrs.source)
-    _fs(gcs).pipe_file(f"{BUCKET}/runs/flags/tiles.zarr/inputs/{gid}/done/c/8", b"not a zstd frame")
-    assert store._listed_flags(done, 12, store.flag_encodings(done.metadata)) is None
-    with pytest.raises(Exception):
-        store.done_mask(g)
+    assert_flags_listed_by_md5(f"gs://{BUCKET}/runs/flags", gcs, f"gs://{BUCKET}/x/F1",
+                               lambda key, data: _fs(gcs).pipe_file(f"{BUCKET}/runs/flags/{key}", data))

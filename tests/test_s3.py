@@ -635,6 +635,23 @@ def test_run_with_inputs_and_outputs_on_s3_resumes_by_etag_and_keeps_secrets(s3,
         assert SECRET not in text
 
 
+def kill_at_the_first_tiled_chunk(args: list[str], store_objects) -> None:
+    """Run ``cancernet ARGS`` (one input in flight, batches of one) in its own process group and kill it (SIGKILL)
+    once ``store_objects()`` (the names under its tile store) shows a chunk's ``tiled`` flag written."""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    p = subprocess.Popen([sys.executable, "-m", "cancernet_batch.cli", *args, "--batch-size", "1",
+                          "--max-inputs-in-flight", "1"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:  # kill point: the first chunk of tiles written
+        if [n for n in store_objects() if "/tiled/c/" in n]:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before the kill point"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
 @pytest.mark.slow
 def test_kill_and_resume_with_inputs_and_outputs_on_s3(s3, s3_inputs, tiny_model_dir, tmp_path, capsys):
     from cancernet_batch import store
@@ -644,19 +661,8 @@ def test_kill_and_resume_with_inputs_and_outputs_on_s3(s3, s3_inputs, tiny_model
     opts.write_text(json.dumps(s3.options()))
     args = ["run", f"s3://{BUCKET}/good/", "--out", url, "--model", str(tiny_model_dir), "--workers", "1",
             "--chunk-size", "8", "--storage-options", f"@{opts}"]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    p = subprocess.Popen([sys.executable, "-m", "cancernet_batch.cli", *args, "--batch-size", "1",
-                          "--max-inputs-in-flight", "1"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
     fs = s3.fs()
-    deadline = time.monotonic() + 300
-    while p.poll() is None and time.monotonic() < deadline:  # kill point: the first chunk of tiles written
-        if [n for n in fs.find(f"{BUCKET}/nights/killed/tiles.zarr") if "/tiled/c/" in n]:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run ended before the kill point"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_at_the_first_tiled_chunk(args, lambda: fs.find(f"{BUCKET}/nights/killed/tiles.zarr"))
     # the killed run's lock stays: the next run says so and how to clear it; then it finishes the rest
     rc, out, err = _main(capsys, *args)
     assert rc == 1 and f"delete {url}/.lock" in err
@@ -1141,6 +1147,29 @@ def flagged_input(root, attrs):
     want = np.zeros(12, bool)
     want[[0, 3, 7, 11]] = True
     return g, want
+
+
+def assert_flags_listed_by_md5(run_url: str, options: dict, source: str, put) -> None:
+    """The flags of an input in a new run folder at ``run_url`` (storage ``options``) read from one listing of their
+    chunks, each known by the MD5 its listing states: the same flags as zarr reads. Then ``put(key, data)`` (a key
+    under the run folder) damages one: the listing gives up, and zarr raises on it. For the stores whose listing
+    states MD5s otherwise than S3's ETags (GCS, Azure)."""
+    from cancernet_batch import store
+    from cancernet_batch.store import InputAttrs
+
+    root = Run.of(run_url, options).create().open_store("a")
+    root.require_group("inputs")
+    attrs = InputAttrs(source=source, kind="patches", reader="test", patient="p", source_size=1, source_mtime=0.0,
+                       target_mpp=4.0, grid_shape=(3, 4), n_tiles=12)
+    g, want = flagged_input(root, attrs)
+    done = g["done"]
+    listed = store._listed_flags(done, 12, store.flag_encodings(done.metadata))
+    assert listed is not None and listed.tolist() == want.tolist()  # every chunk recognised by its MD5
+    assert store.done_mask(g).tolist() == want.tolist() == np.asarray(done[:], bool).tolist()
+    put(f"tiles.zarr/inputs/{store.input_id(source)}/done/c/8", b"not a zstd frame")
+    assert store._listed_flags(done, 12, store.flag_encodings(done.metadata)) is None
+    with pytest.raises(Exception):
+        store.done_mask(g)
 
 
 def test_the_flags_of_an_input_on_s3_are_read_from_one_listing_not_a_get_each(s3):

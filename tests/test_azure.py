@@ -1,0 +1,196 @@
+"""Inputs and run folders on Azure Blob Storage (``az://container/prefix``), against a real Blob service on 127.0.0.1:
+Azurite, Microsoft's emulator (``tests/azurite.py``), which adlfs and azure-storage-blob reach over HTTP as they reach
+``<account>.blob.core.windows.net`` (no client call is mocked). The same code as S3's and GCS's serves it: the run
+folder's seam, range requests for a slide's tiles, a prefix listing for patient folders, resume by size and ETag.
+
+Azurite honours a create-only PUT (``If-None-Match: *``), so here, unlike the GCS emulator, the run folder is locked
+as on S3: a second command on it is refused."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cancernet_batch import cli
+from cancernet_batch.runfolder import UNLOCKED_ENV, Run
+
+from azurite import KEY, Azurite, azurite_binary
+
+adlfs = pytest.importorskip("adlfs")
+pytestmark = pytest.mark.skipif(azurite_binary() is None,
+                                reason="Azurite (npm's azurite) is not installed, and no npm to install it with")
+
+CONTAINER = "cancernet-az"
+
+
+@pytest.fixture(scope="module")
+def azure():
+    server = Azurite().start()
+    server.fs().mkdir(CONTAINER)
+    yield server
+    server.stop()
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _rows(text: str) -> dict[str, dict]:
+    return {r["kind"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+@pytest.fixture(scope="module")
+def az_inputs(azure, synth_slide_dir, synth_patch_dir):
+    """One synthetic SVS and one patient folder under ``az://CONTAINER/in/``, and a truncated SVS under ``bad/``;
+    the local paths of the first two."""
+    fs = azure.fs()
+    svs = sorted(synth_slide_dir.glob("*.svs"))[0]
+    patient = sorted(p for p in synth_patch_dir.iterdir() if p.is_dir())[0]
+    fs.put_file(str(svs), f"{CONTAINER}/in/{svs.name}")
+    for f in sorted(patient.rglob("*.png")):
+        fs.put_file(str(f), f"{CONTAINER}/in/{patient.name}/{f.relative_to(patient).as_posix()}")
+    fs.pipe_file(f"{CONTAINER}/bad/cut.svs", svs.read_bytes()[:60_000])  # the header and the first tiles
+    return svs, patient
+
+
+def test_a_run_with_inputs_and_out_on_azure_scores_as_on_local_disk_is_locked_and_resumes(
+        azure, az_inputs, client, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    svs, patient = az_inputs
+    common = ["--model", str(tiny_model_dir), "--chunk-size", "32", "--scheduler", client.scheduler.address]
+    rc, out, err = _main(capsys, "run", str(svs), str(patient), "--out", str(tmp_path / "local"), *common)
+    assert rc == 0, err
+    local = _rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
+
+    monkeypatch.delenv(UNLOCKED_ENV, raising=False)
+    opts = json.dumps(azure.options())
+    args = ["run", f"az://{CONTAINER}/in/", "--out", f"az://{CONTAINER}/runs/a", "--storage-options", opts, *common]
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, err
+    assert "inputs: 2 reported, 0 failed" in out, out
+    assert "conditional writes" not in err, err  # locked by a create-only PUT, as on S3
+    fs = azure.fs()
+    assert not fs.exists(f"{CONTAINER}/runs/a/.lock")  # released
+    remote = _rows(fs.cat_file(f"{CONTAINER}/runs/a/report/inputs.csv").decode())
+    assert sorted(remote) == sorted(local) == ["patches", "slide"]
+    for kind in ("slide", "patches"):  # the same tiles and scores as from local disk
+        for col in ("tissue_tiles", "idc_tiles", "mean_prob", "max_prob", "idc_regions", "source_mpp"):
+            assert remote[kind][col] == local[kind][col], (kind, col)
+    assert remote["slide"]["source"] == f"az://{CONTAINER}/in/{svs.name}"
+    names = fs.find(f"{CONTAINER}/runs/a/report")
+    assert any(n.endswith(".geojson") for n in names) and any(n.endswith(".png") for n in names)
+    for name in fs.find(f"{CONTAINER}/runs/a"):  # the account key is in no record the run wrote
+        if name.endswith((".json", ".csv", ".html")):
+            assert KEY not in fs.cat_file(name).decode("utf-8", "replace"), name
+
+    # the same command again, as a user runs it (its own process): every input found complete by its size and ETag,
+    # nothing tiled or scored, and nothing on stderr after the last line (adlfs's exit-time close of zarr's
+    # asynchronous client raised "Loop is not running" there: remote.no_dead_exit_calls)
+    done = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr
+    assert "tile:    0 tiled (0 tiles), 2 already complete" in done.stdout, done.stdout
+    assert "predict: 0 patches scored" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and "Loop is not running" not in done.stderr, done.stderr
+    assert KEY not in done.stdout + done.stderr
+
+
+def test_an_azure_run_folder_in_use_without_container_or_with_a_wrong_key_is_refused_in_one_line(
+        azure, az_inputs, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv(UNLOCKED_ENV, raising=False)
+    url = f"az://{CONTAINER}/runs/held"
+    opts = azure.options()
+    run = Run.of(url, opts)
+    with run.lock("run"):
+        holder = json.loads(azure.fs().cat_file(f"{CONTAINER}/runs/held/.lock"))
+        assert not holder["token"].endswith("-probe")  # the probe's second create-only PUT was refused
+        rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/", "--out", url, "--model", str(tiny_model_dir),
+                             "--storage-options", json.dumps(opts))
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {url}: this run folder is in use by `cancernet run`"), err
+        assert run.claim("report-a") is True and run.claim("report-a") is False
+    assert run.release_claims() == 1
+
+    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/", "--out", "az://no-such-container/run", "--model",
+                         str(tiny_model_dir), "--storage-options", json.dumps(opts))
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "the container 'no-such-container' does not exist" in err, err
+
+    wrong = "A" * 20 + KEY[20:]
+    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/", "--out", f"az://{CONTAINER}/runs/k", "--model",
+                         str(tiny_model_dir), "--storage-options", json.dumps(azure.options(key=wrong)))
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "access denied" in err and "AZURE_STORAGE_CONNECTION_STRING" in err, err
+    assert wrong not in err and KEY not in err
+    assert not azure.fs().exists(f"{CONTAINER}/runs/k")
+
+
+def test_missing_and_corrupt_azure_inputs_are_failures_rows_and_the_rest_goes_on(azure, az_inputs, client,
+                                                                               tiny_model_dir, tmp_path, capsys):
+    svs, _ = az_inputs
+    absent = f"az://{CONTAINER}/in/absent.svs"
+    nocontainer = "az://no-such-container/a.svs"
+    cut = f"az://{CONTAINER}/bad/cut.svs"
+    started = time.monotonic()
+    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/{svs.name}", absent, nocontainer, cut, "--out",
+                         str(tmp_path / "r"), "--model", str(tiny_model_dir), "--scheduler", client.scheduler.address,
+                         "--storage-options", json.dumps(azure.options()))
+    assert rc == 3, err  # some inputs failed, the rest went on
+    assert time.monotonic() - started < 120
+    assert "inputs: 1 reported, 3 failed" in out, out
+    fails = {r["input"]: r for r in csv.DictReader(io.StringIO((tmp_path / "r" / "failures.csv").read_text()))}
+    assert sorted(fails) == sorted([absent, nocontainer, cut])
+    for url, row in fails.items():
+        assert "\n" not in row["message"] and row["message"].startswith(url), row
+    assert fails[absent]["stage"] == "discover" and "no such object" in fails[absent]["message"], fails[absent]
+    assert "the container 'no-such-container' does not exist" in fails[nocontainer]["message"], fails[nocontainer]
+    assert fails[cut]["stage"] != "discover", fails[cut]  # found, then refused when read: a clear line, not a crash
+
+
+def test_the_flags_of_an_input_on_azure_are_read_from_one_listing_by_their_md5(azure):
+    """Azure keeps a blob's MD5 when it is PUT whole and lists it as ``content_settings.content_md5`` (its ``etag``
+    is not an MD5): an input's per-chunk flags are read from one listing of their chunks there too."""
+    from test_s3 import assert_flags_listed_by_md5
+
+    assert_flags_listed_by_md5(f"az://{CONTAINER}/runs/flags", azure.options(), f"az://{CONTAINER}/x/F1",
+                               lambda key, data: azure.fs().pipe_file(f"{CONTAINER}/runs/flags/{key}", data))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_inputs_and_outputs_on_azure(azure, az_inputs, synth_slide_dir, tiny_model_dir,
+                                                          tmp_path, capsys):
+    """Killed (SIGKILL) after its first chunk of tiles: the lock it left is reported with how to clear it; once
+    cleared, the same command finishes every input, and each chunk is tiled and scored."""
+    from test_s3 import kill_at_the_first_tiled_chunk
+
+    from cancernet_batch import store
+
+    fs = azure.fs()
+    for svs in sorted(synth_slide_dir.glob("*.svs"))[:2]:
+        fs.put_file(str(svs), f"{CONTAINER}/two/{svs.name}")
+    url = f"az://{CONTAINER}/runs/killed"
+    opts = tmp_path / "az.json"
+    opts.write_text(json.dumps(azure.options()))
+    args = ["run", f"az://{CONTAINER}/two/", "--out", url, "--model", str(tiny_model_dir), "--workers", "1",
+            "--chunk-size", "8", "--storage-options", f"@{opts}"]
+    kill_at_the_first_tiled_chunk(args, lambda: fs.find(f"{CONTAINER}/runs/killed/tiles.zarr"))
+    rc, out, err = _main(capsys, *args)
+    assert rc == 1 and f"delete {url}/.lock" in err and "az storage blob delete" in err, err
+    fs.rm_file(f"{CONTAINER}/runs/killed/.lock")
+    rc, out, err = _main(capsys, *args)
+    assert rc == 0, out + err
+    assert "resumed" in out or "already complete" in out, out
+    groups = dict(store.iter_inputs(Run.of(url, azure.options()).open_store("r")))
+    assert len(groups) == 2
+    for g in groups.values():
+        assert store.tiled_mask(g).all() and store.done_mask(g).all()
+    rows = list(csv.DictReader(io.StringIO(fs.cat_file(f"{CONTAINER}/runs/killed/report/inputs.csv").decode())))
+    assert {r["status"] for r in rows} == {"reported"} and len(rows) == 2
