@@ -168,6 +168,16 @@ def _open_input_plain(location, gid: str, mode: str):
 # model) and the report's maps are not among them: they are looked up afresh every time.
 _STABLE_ARRAYS = frozenset({"tiles", "coords", "labels", "tiled", "done", "tissue", "thumbnail"})
 
+ARRAY_DOCS = "_cancernet_arrays"
+"""The input group's attribute that holds the metadata documents (``zarr.json``, parsed) of the
+:data:`_STABLE_ARRAYS` made with it (:func:`create_input`), and of ``probs`` when it is made with them: a worker's
+first task on an input builds their handles from the group's document it reads anyway, instead of a GET of each
+array's document, one after another (on object storage a round trip each, in each worker process, for every
+input). ``probs``' document serves its chunk data only (:meth:`_TaskGroup.data`): its attributes name the model,
+which ``--rescore`` replaces without rewriting the group, so they are always read from its own document. The
+arrays' own documents are written as always; any zarr reader reads the store as before."""
+_DOCUMENTED = _STABLE_ARRAYS | {"probs"}
+
 
 class _OpenInputs:
     """Per-process cache of the input groups worker tasks open: metadata only, never chunk data.
@@ -209,9 +219,9 @@ class _OpenInputs:
             raw = _read_group_doc(store_path)
             if raw is None:
                 raise KeyError(gid)
-            if entry is not None and raw != old_raw:
-                nodes = {}
             group = _group_from_doc(store_path, raw)
+            if entry is None or raw != old_raw:
+                nodes = _documented_arrays(store_path, group)
         except Exception:  # noqa: BLE001 - the plain open says what is wrong, as it always did
             with self._lock:
                 self._entries.pop(key, None)
@@ -226,6 +236,29 @@ class _OpenInputs:
 
 
 _OPEN_INPUTS = _OpenInputs()
+
+
+def _documented_arrays(store_path, group) -> dict:
+    """``{name: array}`` of the stable arrays whose documents the group's :data:`ARRAY_DOCS` attribute holds, made
+    from them with no request (``probs``: under ``("data", "probs")``, for its chunk data only); an entry zarr does
+    not accept is left out (looked up in the store as before)."""
+    from zarr import Array
+    from zarr.core.array import AsyncArray
+    from zarr.core.metadata import ArrayV3Metadata
+
+    docs = group.attrs.get(ARRAY_DOCS)
+    out: dict = {}
+    if not isinstance(docs, dict):
+        return out
+    for name, doc in docs.items():
+        if name not in _DOCUMENTED or not isinstance(doc, dict):
+            continue
+        try:
+            array = Array(AsyncArray(metadata=ArrayV3Metadata.from_dict(dict(doc)), store_path=store_path / name))
+            out[name if name in _STABLE_ARRAYS else ("data", name)] = array
+        except Exception:  # noqa: BLE001 - read from the store, which says what is wrong with it
+            continue
+    return out
 
 
 def _input_store_path(location, gid: str, mode: str):
@@ -547,9 +580,14 @@ def _make_group(parent, name: str, metas: dict, data: dict[str, np.ndarray], att
     arrays' documents and chunks in one batch, then the group's document (see :func:`create_input`)."""
     from zarr.core.group import GroupMetadata
 
+    from zarr.core.buffer import default_buffer_prototype
+
     at = parent.store_path / name  # a NodeCache's store path is its group's
     arrays = _write_nodes(at, metas, data)
-    g = NodeCache(_write_nodes(at, {"": GroupMetadata(attributes=attributes)})[""])
+    proto = default_buffer_prototype()
+    docs = {k: json.loads(meta.to_buffer_dict(proto)["zarr.json"].to_bytes())
+            for k, meta in metas.items() if k in _DOCUMENTED}
+    g = NodeCache(_write_nodes(at, {"": GroupMetadata(attributes={**attributes, ARRAY_DOCS: docs})})[""])
     for array, node in arrays.items():
         g._remember(array, node)
     if isinstance(parent, NodeCache):
@@ -850,16 +888,25 @@ def iter_inputs(root, *, complete_only: bool = True, damaged: list[DamagedInput]
         yield gid, g
 
 
-def _members(group) -> dict | None:
+def _members(group, skip: tuple[str, ...] = ()) -> dict | None:
     """``{name: node}`` of every member of ``group`` at once (on object storage one listing and the documents read
-    concurrently); None when a member cannot be read (a damaged document): the lookups one by one then say what
-    is wrong."""
+    concurrently), but those named in ``skip`` (known already: their documents are not read); None when a member
+    cannot be read (a damaged document): the lookups one by one then say what is wrong."""
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # objects that are no zarr node (a stale temporary file)
-            return dict(group.members())
+            if not skip:
+                return dict(group.members())
+            from zarr.core.group import _iter_members, _parse_async_node
+            from zarr.core.sync import sync
+
+            async def listed() -> list:
+                every = (*skip, "zarr.json", ".zgroup", ".zattrs", ".zmetadata")  # and the group's own (as zarr)
+                return [(name, node) async for name, node in _iter_members(group._async_group, every, None)]
+
+            return {name: _parse_async_node(node) for name, node in sync(listed())}
     except Exception:  # noqa: BLE001 - the lookups one by one raise the usual clear errors
         return None
 
@@ -1052,8 +1099,9 @@ class _TaskGroup(NodeCache):
 
     def load_members(self) -> "_TaskGroup":
         """Look every member up at once (as :meth:`NodeCache.load_members`: on object storage one listing and
-        the documents read together), for this task; stable arrays also go to the process cache."""
-        members = _members(self._group)
+        the documents read together), for this task; stable arrays also go to the process cache. The documents
+        of those in hand (from the group's :data:`ARRAY_DOCS` or an earlier task) are not read again."""
+        members = _members(self._group, tuple(n for n in self._nodes if isinstance(n, str)))
         if members is None:
             return self
         for name, node in members.items():

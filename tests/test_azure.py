@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from cancernet_batch import cli
 from cancernet_batch.runfolder import UNLOCKED_ENV, Run
 
 from azurite import KEY, Azurite, azurite_binary
+from test_s3 import _main
 
 adlfs = pytest.importorskip("adlfs")
 pytestmark = pytest.mark.skipif(azurite_binary() is None,
@@ -36,12 +36,6 @@ def azure():
     server.fs().mkdir(CONTAINER)
     yield server
     server.stop()
-
-
-def _main(capsys, *args) -> tuple[int, str, str]:
-    rc = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _rows(text: str) -> dict[str, dict]:

@@ -897,6 +897,49 @@ def test_worker_tasks_read_each_inputs_metadata_a_bounded_number_of_times(s3, s3
     assert len(heads) <= 3, heads
 
 
+def test_a_tasks_first_open_of_an_input_takes_its_arrays_from_the_groups_document(s3):
+    """A worker's first task on an input reads the input group's document and nothing else to use its stable arrays:
+    their documents are in it (``store.ARRAY_DOCS``), where each was one more GET, one after another, in every worker
+    process; ``probs``' too, for its chunk data. Its attributes (they name the model) are still read from the store,
+    and an entry zarr does not accept is read from the store instead."""
+    from cancernet_batch import store
+
+    prefix = "nights/arraydocs"
+    run, root = _new_run(s3, prefix)
+    attrs = _object_attrs("D1", 10, grid=(3, 4), kind="patches")
+    gid = store.input_id(attrs.source)
+    store.create_input(root, attrs, 10, chunk=4, labels=True, arrays=store.prediction_specs(10, 4, "model-a"))
+    store._OPEN_INPUTS.clear()
+    _store_requests(s3, prefix)
+
+    def docs_read() -> list[str]:
+        return sorted(r.path.split(f"/inputs/{gid}/", 1)[1] for r in _store_requests(s3, prefix)
+                      if r.method == "GET" and r.path.endswith("/zarr.json") and f"/inputs/{gid}/" in r.path)
+
+    g = run.open_input(gid)
+    shapes = {name: g[name].shape for name in ("tiles", "coords", "labels", "tiled", "done")}
+    g["tiles"][4:8] = 9
+    store.set_flag(g, "tiled", 1)
+    store.write_rows(store.data_array(g, "probs"), 0, 4, np.full(4, 0.5, np.float32))  # a score task's chunk
+    assert docs_read() == ["zarr.json"]
+    assert shapes == {"tiles": (10, 50, 50, 3), "coords": (10, 2), "labels": (10,), "tiled": (3,), "done": (3,)}
+    plain = run.open_store("r")["inputs"][gid]  # written through those handles: as zarr reads the store
+    assert int(plain["tiles"][4:8].min()) == 9 and int(plain["tiles"][0].max()) == 0
+    assert store.tiled_mask(plain).tolist() == [False, True, False]
+    np.testing.assert_allclose(plain["probs"][:5], [0.5, 0.5, 0.5, 0.5, np.nan])
+    _store_requests(s3, prefix)
+    assert run.open_input(gid)["probs"].attrs["model_id"] == "model-a"
+    assert docs_read() == ["probs/zarr.json", "zarr.json"]
+
+    docs = dict(plain.attrs[store.ARRAY_DOCS])
+    docs["tiles"] = {"zarr_format": 3, "node_type": "array", "shape": "not a shape"}
+    run.open_store("r+")["inputs"][gid].update_attributes({store.ARRAY_DOCS: docs})
+    _store_requests(s3, prefix)
+    g = run.open_input(gid)
+    assert g["tiles"].shape == (10, 50, 50, 3) and g["coords"].shape == (10, 2)
+    assert docs_read() == ["tiles/zarr.json", "zarr.json"]
+
+
 def _store_requests(s3, prefix: str) -> list:
     """The requests sent to the tile store under ``prefix`` (and the bucket's listings) since the last call (the
     log is cleared)."""
@@ -1535,9 +1578,9 @@ def test_a_report_task_on_object_storage_looks_its_arrays_up_at_once(s3):
     assert failure is None and row.figures.status == REPORTED and row.heatmap
     docs = [r.path.split(f"/inputs/{gid}/", 1)[1] for r in reqs
             if r.method == "GET" and r.path.endswith("/zarr.json") and f"/inputs/{gid}/" in r.path]
-    # the group's document (open_input), then each member's once (the listing's batch): no look-up one by one
-    assert sorted(docs) == sorted(["zarr.json"] + [f"{a}/zarr.json" for a in
-                                                   ("tiles", "coords", "labels", "tiled", "probs", "done")]), docs
+    # the group's document (open_input), with its arrays' documents (store.ARRAY_DOCS), then the documents of the
+    # members made later, once (the listing's batch): no look-up one by one
+    assert sorted(docs) == ["done/zarr.json", "probs/zarr.json", "zarr.json"], docs
     assert "idc_map" in store.NodeCache(run.open_input(gid)._group)  # the map was written
 
 

@@ -62,9 +62,20 @@ def test_batch_creation_writes_what_one_create_array_each_wrote(tmp_path, n, chu
     g = store.create_input(new, attrs, n, chunk=chunk, labels=labels, data=data, **extra)  # as prepare_slide_task
     a, b = _files(tmp_path / "old.zarr"), _files(tmp_path / "new.zarr")
     assert sorted(a) == sorted(b)
+    here = f"inputs/{store.input_id(attrs.source)}"
+    # the group's document also carries its arrays' documents (store.ARRAY_DOCS): each the array's own, as written
+    docs = json.loads(b[f"{here}/zarr.json"])["attributes"].pop(store.ARRAY_DOCS)
+    arrays = sorted(k.split("/")[-2] for k in b if k.startswith(here + "/") and k.count("/") == here.count("/") + 2
+                    and k.endswith("/zarr.json"))
+    assert sorted(docs) == arrays == sorted({"tiles", "coords", "tiled"} | ({"labels"} if labels else set())
+                                            | ({"tissue", "thumbnail"} if images else set()))
+    for name, doc in docs.items():
+        assert doc == json.loads(b[f"{here}/{name}/zarr.json"]), name
     for name in a:  # metadata documents equal as JSON (key order aside), chunks byte for byte
         if name.endswith("zarr.json"):
-            assert json.loads(a[name]) == json.loads(b[name]), name
+            got = json.loads(b[name])
+            got.get("attributes", {}).pop(store.ARRAY_DOCS, None)
+            assert json.loads(a[name]) == got, name
         else:
             assert a[name] == b[name], name
     assert g.attrs["chunk"] == max(1, min(chunk, n)) if n else chunk

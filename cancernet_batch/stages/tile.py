@@ -252,7 +252,7 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
            "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
     if scoring is not None:  # its report needs them: the client does not read them back
-        out["attrs"] = dict(g.attrs)
+        out["attrs"] = {k: v for k, v in g.attrs.items() if k != store.ARRAY_DOCS}
     if tile_first and todo:
         try:
             index, start, stop = todo[0]  # the group and its coords are in hand: no reading them back
