@@ -1,6 +1,7 @@
-"""Benchmark: the client CPU of one S3 request through s3fs/botocore and through obstore, against a local server.
+"""Benchmark: the client CPU of one S3 request through s3fs/botocore and through obstore, against a local server
+(or of one Azure Blob request through adlfs/azure-storage-blob and obstore, against Azurite).
 
-    python benchmarks/s3_client_cpu.py [--server seaweedfs|moto] [--repeat 50] [--out DIR]
+    python benchmarks/s3_client_cpu.py [--server seaweedfs|moto|azurite] [--repeat 50] [--out DIR]
 
 Starts the server on 127.0.0.1 (``tests/s3server.py``: SeaweedFS's ``weed server`` or moto's), PUTs a 6 MiB
 object, then times requests one after another, each kind through the s3fs filesystem of
@@ -8,7 +9,9 @@ object, then times requests one after another, each kind through the s3fs filesy
 ranged GETs of 1 KiB, 64 KiB and 5 MiB, and PUTs of 1 KiB and 1 MiB. Prints the median CPU ms (this process,
 every thread: the event loops' included) and wall ms per request, with the date, the machine and its load:
 figures for ``RESULTS.md`` section 8. The server runs in its own process (SeaweedFS) or in a thread of this one
-(moto: its CPU is counted too, so use SeaweedFS for the client's share).
+(moto: its CPU is counted too, so use SeaweedFS for the client's share). ``--server azurite``: Microsoft's Blob
+service emulator (``tests/azurite.py``, Node.js, in its own process), the same requests on ``az://`` through
+adlfs's filesystem and its native client (obstore's ``AzureStore``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _time(fn, n: int) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--server", default="seaweedfs", choices=("seaweedfs", "moto"))
+    ap.add_argument("--server", default="seaweedfs", choices=("seaweedfs", "moto", "azurite"))
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -51,13 +54,22 @@ def main(argv=None) -> int:
     from cancernet_batch import remote
     from s3server import CountingS3, SeaweedS3
 
-    server = (SeaweedS3() if args.server == "seaweedfs" else CountingS3()).start()
+    if args.server == "azurite":
+        from azurite import Azurite
+
+        server = Azurite().start()
+    else:
+        server = (SeaweedS3() if args.server == "seaweedfs" else CountingS3()).start()
+    scheme, driver = ("az", "adlfs") if args.server == "azurite" else ("s3", "s3fs")
     rows = []
     try:
         bucket = "bench-client"
-        server.create_bucket(bucket)
+        if args.server == "azurite":
+            server.fs().mkdir(bucket)
+        else:
+            server.create_bucket(bucket)
         blob = np.random.default_rng(0).integers(0, 256, 6 * 2**20, dtype=np.uint8).tobytes()
-        url = f"s3://{bucket}/blob.bin"
+        url = f"{scheme}://{bucket}/blob.bin"
         opts = server.options()
         fs = remote.filesystem(url, opts)
         fs.pipe_file(url, blob)
@@ -77,12 +89,12 @@ def main(argv=None) -> int:
         for name, a, b in kinds:
             n = args.repeat if b - a < 2**20 else max(5, args.repeat // 5)
             assert s3fs_get(a, b)() == remote._native_spans_now(native, url, [(a, b)])[0] == blob[a:b]
-            rows.append({"request": name, "s3fs": _time(s3fs_get(a, b), n), "obstore": _time(obstore_get(a, b), n)})
+            rows.append({"request": name, driver: _time(s3fs_get(a, b), n), "obstore": _time(obstore_get(a, b), n)})
         for name, data in (("PUT 1 KiB", small), ("PUT 1 MiB", mib)):
             n = args.repeat if len(data) < 2**20 else max(5, args.repeat // 5)
-            put_url = f"s3://{bucket}/put-{len(data)}.bin"
+            put_url = f"{scheme}://{bucket}/put-{len(data)}.bin"
             rows.append({"request": name,
-                         "s3fs": _time(lambda: fs.pipe_file(put_url, data), n),
+                         driver: _time(lambda: fs.pipe_file(put_url, data), n),
                          "obstore": _time(lambda: remote._native_put_now(native, put_url, data), n)})
             assert fs.cat_file(put_url) == data
     finally:
@@ -93,17 +105,17 @@ def main(argv=None) -> int:
     lines = [f"{now:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
              f"load average {load}; server {args.server} on 127.0.0.1; medians of {args.repeat} requests "
              f"(5 MiB and 1 MiB: of {max(5, args.repeat // 5)}), one at a time", "",
-             "| request | s3fs CPU ms | obstore CPU ms | s3fs / obstore CPU | s3fs wall ms | obstore wall ms |",
+             f"| request | {driver} CPU ms | obstore CPU ms | {driver} / obstore CPU | {driver} wall ms | obstore wall ms |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        (sc, sw), (oc, ow) = r["s3fs"], r["obstore"]
+        (sc, sw), (oc, ow) = r[driver], r["obstore"]
         lines.append(f"| {r['request']} | {sc:.2f} | {oc:.2f} | {sc / max(oc, 1e-9):.1f} | {sw:.2f} | {ow:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"s3-client-cpu-{now:%Y%m%d-%H%M}"
+        stem = out / f"{'azure' if scheme == 'az' else 's3'}-client-cpu-{now:%Y%m%d-%H%M}"
         stem.with_suffix(".json").write_text(json.dumps({"date": now.isoformat(), "args": vars(args), "rows": rows,
                                                          "host": platform.node(), "load": os.getloadavg()}, indent=2))
         stem.with_suffix(".md").write_text(text + "\n")

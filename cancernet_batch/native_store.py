@@ -1,10 +1,10 @@
-"""zarr's ``FsspecStore`` for a tile store on S3 whose whole-object GETs and PUTs (chunks, documents, flags) go
-through obstore, the native client of :mod:`cancernet_batch.remote`, at about a fifth of the client CPU a
-request that s3fs spends. Everything else (ranges, listings, look-ups, deletes) stays s3fs's. A request the native
-client fails is sent again through s3fs, whose answer or error is the one zarr sees; after
-:data:`~cancernet_batch.remote.NATIVE_GIVE_UP` of those that s3fs served, the filesystem drops the native client.
-Where there is no native client (not S3, obstore missing, ``CANCERNET_S3_NATIVE=0``, settings it would not carry)
-this is zarr's ``FsspecStore`` as it is."""
+"""zarr's ``FsspecStore`` for a tile store on S3 or Azure whose whole-object GETs and PUTs (chunks, documents, flags)
+go through obstore, the native client of :mod:`cancernet_batch.remote`, at a fifth (S3) to a ninth (Azure) of the
+client CPU a request that s3fs or adlfs spends. Everything else (ranges, listings, look-ups, deletes) stays the
+fsspec driver's. A request the native client fails is sent again through the driver, whose answer or error is the
+one zarr sees; after :data:`~cancernet_batch.remote.NATIVE_GIVE_UP` of those that the driver served, the filesystem
+drops the native client. Where there is no native client (neither S3 nor Azure, obstore missing,
+``CANCERNET_S3_NATIVE=0``, settings it would not carry) this is zarr's ``FsspecStore`` as it is."""
 
 from __future__ import annotations
 

@@ -366,3 +366,31 @@ def test_s3_inputs_times_tiling_from_seaweedfs_against_local_disk(tmp_path):
         assert 0 < row["needed_beyond_header"] <= row["needed_tile_bytes"]
         assert row["gets"]["tiles"] >= 1 and 1.0 <= row["tile_bytes_over_needed"] <= 1.2
         assert 0 < row["moto_ms_per_get"] < 1000  # the timed server's own GET, here SeaweedFS's
+
+
+def test_azure_benchmarks_time_a_whole_run_and_each_request_through_both_clients(tmp_path):
+    """``azure_run.py``: a whole run local, on Azurite through obstore and through adlfs alone, the same patches
+    scored each way; ``s3_client_cpu.py --server azurite``: each request through adlfs and obstore."""
+    from azurite import azurite_binary
+
+    if azurite_binary() is None:
+        pytest.skip("Azurite (npm's azurite) is not installed, and no npm to install it with")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "azure_run.py"), "--count", "1", "--size", "2048",
+                        "--patients", "9259", "--rounds", "1", "--work", str(tmp_path / "work"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = list((tmp_path / "out").glob("azure-run-*.json"))
+    runs = json.loads(result.read_text())["runs"]
+    assert sorted(runs) == ["azure, adlfs alone", "azure, obstore", "local"]
+    patches = {name: [x["patches"] for x in v] for name, v in runs.items()}
+    assert len({p for v in patches.values() for p in v}) == 1 and patches["local"][0] > 0, patches
+    assert all(x["wall_s"] > 0 for v in runs.values() for x in v)
+    assert runs["azure, obstore"][0]["azurite_cpu_s"] > 0 and runs["local"][0]["azurite_cpu_s"] == 0
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_client_cpu.py"), "--server", "azurite",
+                        "--repeat", "3", "--out", str(tmp_path / "cpu")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = list((tmp_path / "cpu").glob("azure-client-cpu-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["request"] for row in rows] == ["GET 1 KiB", "GET 64 KiB", "GET 5 MiB", "PUT 1 KiB", "PUT 1 MiB"]
+    assert all(row["adlfs"][1] > 0 and row["obstore"][1] > 0 for row in rows)  # (CPU ms, wall ms): wall
