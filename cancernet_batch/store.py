@@ -169,7 +169,7 @@ def _open_input_plain(location, gid: str, mode: str):
 _STABLE_ARRAYS = frozenset({"tiles", "coords", "labels", "tiled", "done", "tissue", "thumbnail"})
 
 ARRAY_DOCS = "_cancernet_arrays"
-"""The input group's attribute that holds the metadata documents (``zarr.json``, parsed) of the
+"""The input group's attribute that holds, as one JSON text, the metadata documents (``zarr.json``) of the
 :data:`_STABLE_ARRAYS` made with it (:func:`create_input`), and of ``probs`` when it is made with them: a worker's
 first task on an input builds their handles from the group's document it reads anyway, instead of a GET of each
 array's document, one after another (on object storage a round trip each, in each worker process, for every
@@ -248,6 +248,10 @@ def _documented_arrays(store_path, group) -> dict:
 
     docs = group.attrs.get(ARRAY_DOCS)
     out: dict = {}
+    try:
+        docs = json.loads(docs) if isinstance(docs, str) else docs
+    except ValueError:
+        return out
     if not isinstance(docs, dict):
         return out
     for name, doc in docs.items():
@@ -489,11 +493,13 @@ def _create_nodes(group, nodes: dict, data: dict | None = None) -> dict:
     return _write_nodes(group.store_path, nodes, data)
 
 
-def _write_nodes(where, metas: dict, data: dict | None = None) -> dict:
+def _write_nodes(where, metas: dict, data: dict | None = None, dicts: dict | None = None) -> dict:
     """Write the nodes ``{name under the store path where ("": where itself): metadata}`` in one batch
     (:func:`_write_objects`), with no lookup: their documents, as zarr's ``create_nodes`` writes them, after the
-    chunks of the arrays in ``data`` (``{name: values}``, encoded whole: :func:`_encode_whole`). ``{name: node}``."""
+    chunks of the arrays in ``data`` (``{name: values}``, encoded whole: :func:`_encode_whole`). ``dicts``: arrays'
+    ``metadata.to_dict()`` made already (written as zarr's ``to_buffer_dict`` writes them). ``{name: node}``."""
     from zarr import Array, Group
+    from zarr import config as zarr_config
     from zarr.core.array import AsyncArray
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.group import AsyncGroup, GroupMetadata
@@ -506,7 +512,11 @@ def _write_nodes(where, metas: dict, data: dict | None = None) -> dict:
     for name, values in (data or {}).items():
         objects.update((key(name, k), chunk) for k, chunk in _encode_whole(metas[name], values).items())
     for name, meta in metas.items():
-        objects.update((key(name, k), doc) for k, doc in meta.to_buffer_dict(proto).items())
+        if dicts is not None and name in dicts:  # zarr's ArrayV3Metadata.to_buffer_dict, from its dict in hand
+            doc = json.dumps(dicts[name], allow_nan=True, indent=zarr_config.get("json_indent")).encode()
+            objects[key(name, "zarr.json")] = proto.buffer.from_bytes(doc)
+        else:
+            objects.update((key(name, k), doc) for k, doc in meta.to_buffer_dict(proto).items())
     _write_objects(where, objects)
     return {name: Group(AsyncGroup(metadata=meta, store_path=where / name if name else where))
             if isinstance(meta, GroupMetadata) else Array(AsyncArray(metadata=meta, store_path=where / name))
@@ -580,13 +590,12 @@ def _make_group(parent, name: str, metas: dict, data: dict[str, np.ndarray], att
     arrays' documents and chunks in one batch, then the group's document (see :func:`create_input`)."""
     from zarr.core.group import GroupMetadata
 
-    from zarr.core.buffer import default_buffer_prototype
-
     at = parent.store_path / name  # a NodeCache's store path is its group's
-    arrays = _write_nodes(at, metas, data)
-    proto = default_buffer_prototype()
-    docs = {k: json.loads(meta.to_buffer_dict(proto)["zarr.json"].to_bytes())
-            for k, meta in metas.items() if k in _DOCUMENTED}
+    dicts = {k: meta.to_dict() for k, meta in metas.items() if k in _DOCUMENTED}
+    arrays = _write_nodes(at, metas, data, dicts)
+    # one compact JSON string (the C encoder), not nested objects, which zarr's indented group document would encode
+    # in pure Python: 0.3 CPU ms a slide more
+    docs = json.dumps(dicts, separators=(",", ":"), allow_nan=True)
     g = NodeCache(_write_nodes(at, {"": GroupMetadata(attributes={**attributes, ARRAY_DOCS: docs})})[""])
     for array, node in arrays.items():
         g._remember(array, node)

@@ -931,9 +931,9 @@ def test_a_tasks_first_open_of_an_input_takes_its_arrays_from_the_groups_documen
     assert run.open_input(gid)["probs"].attrs["model_id"] == "model-a"
     assert docs_read() == ["probs/zarr.json", "zarr.json"]
 
-    docs = dict(plain.attrs[store.ARRAY_DOCS])
+    docs = json.loads(plain.attrs[store.ARRAY_DOCS])
     docs["tiles"] = {"zarr_format": 3, "node_type": "array", "shape": "not a shape"}
-    run.open_store("r+")["inputs"][gid].update_attributes({store.ARRAY_DOCS: docs})
+    run.open_store("r+")["inputs"][gid].update_attributes({store.ARRAY_DOCS: json.dumps(docs)})
     _store_requests(s3, prefix)
     g = run.open_input(gid)
     assert g["tiles"].shape == (10, 50, 50, 3) and g["coords"].shape == (10, 2)

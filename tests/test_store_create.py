@@ -64,7 +64,7 @@ def test_batch_creation_writes_what_one_create_array_each_wrote(tmp_path, n, chu
     assert sorted(a) == sorted(b)
     here = f"inputs/{store.input_id(attrs.source)}"
     # the group's document also carries its arrays' documents (store.ARRAY_DOCS): each the array's own, as written
-    docs = json.loads(b[f"{here}/zarr.json"])["attributes"].pop(store.ARRAY_DOCS)
+    docs = json.loads(json.loads(b[f"{here}/zarr.json"])["attributes"].pop(store.ARRAY_DOCS))  # one JSON text
     arrays = sorted(k.split("/")[-2] for k in b if k.startswith(here + "/") and k.count("/") == here.count("/") + 2
                     and k.endswith("/zarr.json"))
     assert sorted(docs) == arrays == sorted({"tiles", "coords", "tiled"} | ({"labels"} if labels else set())
