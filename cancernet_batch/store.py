@@ -593,8 +593,8 @@ def _make_group(parent, name: str, metas: dict, data: dict[str, np.ndarray], att
     at = parent.store_path / name  # a NodeCache's store path is its group's
     dicts = {k: meta.to_dict() for k, meta in metas.items() if k in _DOCUMENTED}
     arrays = _write_nodes(at, metas, data, dicts)
-    # one compact JSON string (the C encoder), not nested objects, which zarr's indented group document would encode
-    # in pure Python: 0.3 CPU ms a slide more
+    # one compact JSON text (the C encoder), not nested objects, which zarr's indented group document would encode
+    # in pure Python: about 1 CPU ms a slide more (RESULTS.md section 8)
     docs = json.dumps(dicts, separators=(",", ":"), allow_nan=True)
     g = NodeCache(_write_nodes(at, {"": GroupMetadata(attributes={**attributes, ARRAY_DOCS: docs})})[""])
     for array, node in arrays.items():
