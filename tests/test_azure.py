@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cancernet_batch.runfolder import UNLOCKED_ENV, Run
+from cancernet_batch.runfolder import LOCK_STALE_S, UNLOCKED_ENV, Run
 
 from azurite import KEY, Azurite, azurite_binary
 from test_s3 import _main
@@ -114,6 +114,18 @@ def test_an_azure_run_folder_in_use_without_container_or_with_a_wrong_key_is_ref
         assert err.startswith(f"error: {url}: this run folder is in use by `cancernet run`"), err
         assert run.claim("report-a") is True and run.claim("report-a") is False
     assert run.release_claims() == 1
+    # a holder killed long ago left its lock: never taken over; the error and `status` say how to clear it, with
+    # Azure's own command
+    dead = {"pid": 4242, "host": "node7", "command": "run", "started": time.time() - 2 * LOCK_STALE_S,
+            "heartbeat": time.time() - 2 * LOCK_STALE_S, "token": "x"}
+    azure.fs().pipe_file(f"{CONTAINER}/runs/held/.lock", json.dumps(dead).encode())
+    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/", "--out", url, "--model", str(tiny_model_dir),
+                         "--storage-options", json.dumps(opts))
+    assert rc == 1 and err.count("\n") == 1 and "locked by `cancernet run` (pid 4242 on node7" in err, err
+    assert f"az storage blob delete -c {CONTAINER} -n runs/held/.lock" in err, err
+    rc, out, err = _main(capsys, "status", url, "--storage-options", json.dumps(opts))
+    assert rc == 0 and "stopped renewing its lock" in out and f"delete {url}/.lock" in out, out
+    azure.fs().rm_file(f"{CONTAINER}/runs/held/.lock")
 
     rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/", "--out", "az://no-such-container/run", "--model",
                          str(tiny_model_dir), "--storage-options", json.dumps(opts))
