@@ -43,9 +43,9 @@ def _rows(text: str) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def az_inputs(azure, synth_slide_dir, synth_patch_dir):
-    """One synthetic SVS and one patient folder under ``az://CONTAINER/in/``, and a truncated SVS under ``bad/``;
-    the local paths of the first two."""
+def az_inputs(azure, synth_slide_dir, synth_patch_dir, slides_dir):
+    """One synthetic SVS and one patient folder under ``az://CONTAINER/in/``, a truncated SVS under ``bad/`` and a
+    DICOM slide under ``dicom/``; the local paths of the first two."""
     fs = azure.fs()
     svs = sorted(synth_slide_dir.glob("*.svs"))[0]
     patient = sorted(p for p in synth_patch_dir.iterdir() if p.is_dir())[0]
@@ -53,6 +53,7 @@ def az_inputs(azure, synth_slide_dir, synth_patch_dir):
     for f in sorted(patient.rglob("*.png")):
         fs.put_file(str(f), f"{CONTAINER}/in/{patient.name}/{f.relative_to(patient).as_posix()}")
     fs.pipe_file(f"{CONTAINER}/bad/cut.svs", svs.read_bytes()[:60_000])  # the header and the first tiles
+    fs.put_file(str(slides_dir / "boxes_0.dcm"), f"{CONTAINER}/dicom/boxes_0.dcm")  # a format only OpenSlide reads
     return svs, patient
 
 
@@ -143,19 +144,24 @@ def test_an_azure_run_folder_in_use_without_container_or_with_a_wrong_key_is_ref
 
 def test_missing_and_corrupt_azure_inputs_are_failures_rows_and_the_rest_goes_on(azure, az_inputs, client,
                                                                                tiny_model_dir, tmp_path, capsys):
+    """A missing blob, a missing container and a truncated SVS are one failures row each; the SVS is reported. The
+    DICOM slide (16 x 16 px) is staged to a local copy, which only OpenSlide reads, opened there and planned: it is
+    refused as smaller than one model tile, which only its opened pixels' size can tell."""
     svs, _ = az_inputs
+    dicom = f"az://{CONTAINER}/dicom/boxes_0.dcm"
     absent = f"az://{CONTAINER}/in/absent.svs"
     nocontainer = "az://no-such-container/a.svs"
     cut = f"az://{CONTAINER}/bad/cut.svs"
     started = time.monotonic()
-    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/{svs.name}", absent, nocontainer, cut, "--out",
+    rc, out, err = _main(capsys, "run", f"az://{CONTAINER}/in/{svs.name}", dicom, absent, nocontainer, cut, "--out",
                          str(tmp_path / "r"), "--model", str(tiny_model_dir), "--scheduler", client.scheduler.address,
                          "--storage-options", json.dumps(azure.options()))
     assert rc == 3, err  # some inputs failed, the rest went on
     assert time.monotonic() - started < 120
-    assert "inputs: 1 reported, 3 failed" in out, out
+    assert "inputs: 1 reported, 4 failed" in out, out
     fails = {r["input"]: r for r in csv.DictReader(io.StringIO((tmp_path / "r" / "failures.csv").read_text()))}
-    assert sorted(fails) == sorted([absent, nocontainer, cut])
+    assert sorted(fails) == sorted([absent, nocontainer, cut, dicom])
+    assert fails[dicom]["stage"] == "plan" and "16 x 16 px at 0.499 µm/px" in fails[dicom]["message"], fails[dicom]
     for url, row in fails.items():
         assert "\n" not in row["message"] and row["message"].startswith(url), row
     assert fails[absent]["stage"] == "discover" and "no such object" in fails[absent]["message"], fails[absent]
