@@ -693,39 +693,6 @@ def _native_first(native: _Native, url: str, start: int, end: int) -> list:
     return [data, {"size": int(meta["size"]), "ETag": etag, "type": "file"}]
 
 
-async def _native_first_and_tail(native: _Native, url: str, start: int, end: int, tail: int) -> list:
-    """:func:`_native_first` and, sent with it, a GET of the object's last ``tail`` bytes (a suffix range: the size is
-    not known yet): ``[bytes [start, end), (tail start, tail bytes) or None, info]``. The tail is kept only when its
-    answer says it is the end of the same object (its range ends at the size, its ETag is the first's): a server
-    that got the suffix range wrong gives None, not wrong bytes. A failed first GET raises (the caller's s3fs round
-    then says what is wrong); a failed tail is None."""
-    import asyncio
-
-    import obstore
-
-    store, key = native.at(url)
-
-    async def one(rng):
-        got = await obstore.get_async(store, key, options={"range": rng})
-        return got, await got.bytes_async()
-
-    first, last = await asyncio.gather(one((start, end)), one({"suffix": tail}), return_exceptions=True)
-    if isinstance(first, BaseException):
-        raise first
-    _native_count(2 - isinstance(last, BaseException))
-    data, meta = bytes(first[1]), first[0].meta
-    etag = meta["e_tag"] or ""
-    size = int(meta["size"])
-    kept = None
-    if not isinstance(last, BaseException):
-        (a, b), body = last[0].range, last[1]
-        if b == size and len(body) == b - a and (last[0].meta["e_tag"] or "") == etag:
-            kept = (a, body)
-    if native.kind == "azure":
-        etag = etag.strip('"')
-    return [data, kept, {"size": size, "ETag": etag, "type": "file"}]
-
-
 def _native_spans_now(native: _Native, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     """:func:`_native_spans` from a thread with no loop: obstore's blocking call, without a hop to fsspec's loop
     and back (a quarter millisecond of CPU a call here; RESULTS.md section 8)."""
@@ -1231,13 +1198,10 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
                 blocks: "Iterable[int] | None" = None) -> tuple[RangeFile, tuple[int, str]]:
     """A :class:`RangeFile` over ``url`` with its header's first bytes in hand, and the object's ``(size, etag)``,
     in one round of concurrent requests: the look-up (HEAD; none when ``identity`` is given) and the blocks
-    ``blocks`` (where the header lies, from an earlier open), or else the first block and the object's last
-    :data:`TAIL_BLOCKS` or more (TIFF writers put each IFD after its level's tiles, so the small levels' IFDs, and
-    often their tiles, lie at the end; the file's first miss after the first block brings the block after it, and
-    the tail's blocks if they were not had). With the size unknown the tail is a suffix range (``bytes=-N``), sent
-    through the native client only and kept only when its answer says it is the same object's end: not every S3
-    server answers one right (s3rver 3.7.1 sends the wrong bytes). A failed look-up is an :class:`InputError` as in
-    :func:`stat`; a failed block is fetched again when it is read (where its error is raised)."""
+    ``blocks`` (where the header lies, from an earlier open), or else the first block (and the file's first
+    miss after it brings the block after it and the last :data:`TAIL_BLOCKS` along). A failed look-up is an :class:`InputError` as in
+    :func:`stat`; a failed block is fetched again when it is read (where its error is raised). No suffix
+    range (``bytes=-N``): not every S3 server answers one right (s3rver 3.7.1 sends the wrong bytes)."""
     url = _strip(url)
     fs = filesystem(url, options)
     block = HEADER_BLOCK
@@ -1246,22 +1210,14 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
         size, etag = identity if identity is not None else stat(url, options)
         return RangeFile(url, options, size=size, blocks=want if want is not None else [0]), (size, etag)
     spans = _coalesce([(k * block, block) for k in want], 0, 0.0) if want is not None else [(0, block)]
-    tail = (TAIL_BLOCKS + 1) * block if want is None else 0
-    if want is None and identity is not None and identity[0] > block:  # the size known: the tail's blocks by range
-        first_tail = max(1, (identity[0] - 1) // block - TAIL_BLOCKS + 1)
-        spans.append((first_tail * block, identity[0]))
-    got = _one_round(fs, url, spans, look_up=identity is None, options=options, tail=tail if identity is None else 0)
+    got = _one_round(fs, url, spans, look_up=identity is None, options=options)
     if identity is None:
         i = got.pop()
-        end = got.pop() if tail else None  # (start, bytes) of the object's last bytes, from a suffix range
         if isinstance(i, BaseException):
             raise _input_error(i, url, "looking up the input", options) from None
         if i.get("type") == "directory":
             raise InputError("is a prefix (folder), not a slide object", path=url, hint="give the slide's URL")
         identity = (int(i.get("size") or 0), _etag(i))
-        if end is not None:
-            spans.append((end[0], end[0] + len(end[1])))
-            got.append(end[1])
     size = identity[0]
     held: dict[int, bytes] = {}
     fetched = [bytes(d) for d in got if not isinstance(d, BaseException)]
@@ -1269,8 +1225,8 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
         if isinstance(d, BaseException) or not d:
             continue
         end = a + len(d)
-        for k in range(-(-a // block), (end - 1) // block + 1):  # the whole blocks of [a, end) (cut at the object's end;
-            if min(size, (k + 1) * block) <= end:                 # a suffix range starts inside a block)
+        for k in range(a // block, (end - 1) // block + 1):  # the whole blocks of [a, end) (cut at the object's end)
+            if min(size, (k + 1) * block) <= end:
                 held[k] = bytes(d[k * block - a:(k + 1) * block - a])
     _count(len(fetched), sum(len(d) for d in fetched))
     f = RangeFile(url, options, size=size, held=held, blocks=want, tail=want is None)
@@ -1278,12 +1234,9 @@ def open_object(url: str, options: Mapping | None = None, *, identity: tuple[int
     return f, identity
 
 
-def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, options: Mapping | None,
-               tail: int = 0) -> list:
+def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, options: Mapping | None) -> list:
     """The bytes of each ``(start, end)`` span of ``url`` and, with ``look_up``, its info last, all requested at
-    once on the filesystem's event loop; a failed request's exception in its place. ``tail`` (with ``look_up``):
-    the object's last ``tail`` bytes asked for in the same round, before the info: ``(start, bytes)``, or None where
-    they could not be had that way (no native client, or its answer was not the object's end)."""
+    once on the filesystem's event loop; a failed request's exception in its place."""
     import asyncio
 
     from fsspec.asyn import sync
@@ -1292,8 +1245,6 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
     tried = look_up and native is not None and len(spans) == 1  # the spans and the look-up in one native GET
     if tried:
         try:
-            if tail:
-                return sync(fs.loop, _native_first_and_tail, native, url, *spans[0], tail)
             return _native_first(native, url, *spans[0])
         except Exception as exc:  # noqa: BLE001 - s3fs's round below says what is wrong (missing, a prefix, empty...)
             if not not_found(exc):
@@ -1316,7 +1267,7 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
     async def one_round():
         got, info = await asyncio.gather(spans_of(), fs._info(url) if look_up else nothing(), return_exceptions=True)
         got = got if isinstance(got, list) else [got] * len(spans)
-        return ([*got, None, info] if tail else [*got, info]) if look_up else got
+        return [*got, info] if look_up else got
 
     try:
         return sync(fs.loop, one_round)

@@ -372,7 +372,6 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
         assert reader.name == "tifffile" and str(reader.path) == url
         assert reader.source_identity == remote.stat(url, s3.options())
         plan = plan_slide(url, cfg, reader=reader)
-        header = reader.source_header
     with TiffFileReader(local) as ref:
         want = plan_slide(local, cfg, reader=ref)
         assert np.array_equal(plan.coords, want.coords) and plan.level == want.level and plan.n_tiles > 20
@@ -380,10 +379,8 @@ def test_tiff_inputs_are_read_in_place_by_few_range_requests(s3, s3_inputs, name
         expected = read_tiles(ref, plan.level, plan.tile_px_level, plan.coords, decode="reader")
     # the header: a few block reads; never the whole object
     assert 1 <= len(opened) <= 4 and all(g.range for g in opened)
-    # tiling with a fresh reader opened as a chunk task opens it (the header's blocks known from the plan; a cold open
-    # also holds the object's tail, where these small files' tiles all lie): whole compressed tiles by coalesced
-    # range requests
-    with open_slide(url, storage_options=s3.options(), header=header) as reader:
+    # tiling with a fresh reader: whole compressed tiles by coalesced range requests
+    with open_slide(url, storage_options=s3.options()) as reader:
         s3.server.reset()
         tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode="reader")
         gets = s3.server.gets(key)
@@ -1434,9 +1431,8 @@ def test_the_s3_filesystems_of_a_process_share_one_botocore_session_that_never_t
 def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_again(s3, s3_inputs, monkeypatch):
     """tifffile follows an object's IFDs one read after another (each IFD's offset is in the one before); the
     real Aperio file has its IFDs after each level's tiles, in blocks 0, 4, 5 and 7 of 8. Opened with nothing
-    known, the look-up, the first block and the object's last blocks (a suffix range: writers put each IFD after its
-    level's tiles) are one round, and the first miss brings the block after it: 2 rounds, not 5 (HEAD, then one per
-    block). Where the header lies is kept (the
+    known, the look-up and the first block are one round, and the first miss brings the block after it and the
+    last blocks along (writers put each IFD after its level's tiles): 2 rounds, not 5 (HEAD, then one per block). Where the header lies is kept (the
     reader's ``source_header``, the preflight's answer, the plan's attrs); an open given it fetches it all in one
     round, with the object's look-up; a worker's open costs one HEAD (two before), and a chunk task that knows the
     plan's identity reuses the worker's reader without a request."""
@@ -1452,16 +1448,15 @@ def test_a_slides_header_comes_in_few_rounds_of_requests_and_in_one_when_opened_
     rounds = []  # one entry per round of requests sent together: (requests, with a look-up)
     fetch, one_round = remote._fetch_spans, remote._one_round
     monkeypatch.setattr(remote, "_fetch_spans", lambda fs, u, spans: rounds.append((len(spans), False)) or fetch(fs, u, spans))
-    monkeypatch.setattr(remote, "_one_round", lambda fs, u, spans, look_up, options, tail=0: rounds.append(
-        (len(spans) + look_up + bool(tail), look_up)) or one_round(fs, u, spans, look_up=look_up, options=options,
-                                                                   tail=tail))
+    monkeypatch.setattr(remote, "_one_round", lambda fs, u, spans, look_up, options: rounds.append(
+        (len(spans) + look_up, look_up)) or one_round(fs, u, spans, look_up=look_up, options=options))
     with open_slide(url, storage_options=s3.options()) as first:
         header, alone = first.source_header, list(rounds)
         plan = plan_slide(url, TileConfig(target_mpp=4.0), reader=first)
         ref = first.read_region(0, 100, 200, 300, 150)
     assert header == [0, 4, 5, 7], header
-    # the look-up with block 0 and the object's last 3 blocks' worth of bytes (blocks 5-7 whole); then block 4
-    assert alone == [(3, True), (1, False)], alone
+    # the look-up with block 0; block 4 with the one after (5) and the last two (6, 7): one span
+    assert alone == [(2, True), (1, False)], alone
     assert plan.attrs().extra["source_header"] == header  # kept with the plan: what the chunk tasks open with
     assert preflight(url, storage_options=s3.options()).source_header == header  # the preflight child's answer
 
