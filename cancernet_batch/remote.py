@@ -170,8 +170,8 @@ def _input_error(exc: BaseException, url: str, doing: str, options: Mapping | No
     if isinstance(exc, FileNotFoundError):
         from .runfolder import bucket_word
 
-        proto, rest = url.split("://", 1)
-        bucket = rest.split("/", 1)[0]
+        proto = url.split("://", 1)[0]
+        bucket = _bucket_key(url)[0]
         try:
             missing = not filesystem(url, options).exists(f"{proto}://{bucket}")
         except Exception:  # noqa: BLE001 - the object is missing in any case
@@ -645,9 +645,12 @@ def _azure_native(fs) -> "_Native | None":
 
 
 def _bucket_key(url: str) -> tuple[str, str]:
+    """The bucket (container) of ``url`` and its key there. Azure's ``abfs://container@account.dfs.core.windows.net/key``
+    names the container before the ``@`` (the account is the filesystem's own, as adlfs reads such a URL); no bucket
+    name of S3 or GCS can hold an ``@``."""
     rest = _strip(url).split("://", 1)[-1]
     bucket, _, key = rest.partition("/")
-    return bucket, key
+    return bucket.split("@", 1)[0], key
 
 
 def _native_count(requests: int) -> None:

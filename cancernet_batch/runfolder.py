@@ -620,7 +620,7 @@ class FsspecFS:
         """A clear error now when the bucket is missing, the credentials are refused or the endpoint is down."""
         import hashlib
 
-        bucket = str(path).split("://", 1)[-1].split("/", 1)[0]
+        bucket = str(path).split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]  # abfs://container@account.host
         digest = hashlib.sha256(json.dumps(self.storage_options, sort_keys=True, default=str).encode()).hexdigest()
         key = (self.protocol, bucket, digest)
         if key in _CHECKED:
