@@ -266,3 +266,21 @@ def test_azure_settings_obstore_cannot_carry_keep_adlfs():
                  fs(account_name="a4", account_key="k", location_mode="secondary"),
                  fs(account_name="a4", client_id="id", account_key="k")):
         assert _azure_config(kept) is None
+
+
+def test_azure_credentials_from_the_environment_as_adlfs_reads_them(azure, az_inputs, tiny_model_dir):
+    """No ``--storage-options``: the connection string comes from ``AZURE_STORAGE_CONNECTION_STRING``, the standard
+    place adlfs reads (the command's own local cluster: its workers inherit the environment). The run reports its
+    input, and the key is in none of its output or records."""
+    svs, _ = az_inputs
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azure.connection_string(), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "cancernet_batch.cli", "run", f"az://{CONTAINER}/in/{svs.name}",
+                           "--out", f"az://{CONTAINER}/runs/env", "--model", str(tiny_model_dir), "--workers", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "inputs: 1 reported, 0 failed" in done.stdout, done.stdout
+    assert KEY not in done.stdout + done.stderr
+    fs = azure.fs()
+    for name in fs.find(f"{CONTAINER}/runs/env"):
+        if name.endswith((".json", ".csv", ".html")):
+            assert KEY not in fs.cat_file(name).decode("utf-8", "replace"), name
