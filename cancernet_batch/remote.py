@@ -515,8 +515,8 @@ async def _native_async(fs) -> "_Native | None":
     known = _known_native(fs)
     if known is not _UNKNOWN:
         return known
-    if _is_azure(fs):
-        return _keep_native(fs, lambda: _azure_native(fs) if _native_candidate(fs) else None)
+    if _is_azure(fs):  # made from the filesystem's own settings: nothing to await
+        return _native(fs)
     client = await fs.set_session() if _native_candidate(fs) else None
     return _keep_native(fs, lambda: _make_native(client) if client is not None else None)
 

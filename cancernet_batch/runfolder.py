@@ -576,10 +576,12 @@ class FsspecFS:
     def _endpoint(self) -> str:
         o = self.storage_options
         if self.protocol in AZURE_PROTOCOLS:
-            m = re.search(r"BlobEndpoint=([^;]+)", str(o.get("connection_string")
-                                                        or os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or ""))
+            from . import remote
+
+            cs = remote._connection_string(o.get("connection_string")
+                                           or os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or "")
             account = o.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
-            return (m.group(1) if m else str(o.get("account_host") or "")
+            return (cs.get("BlobEndpoint") or str(o.get("account_host") or "")
                     or (f"https://{account}.blob.core.windows.net" if account else "the default endpoint"))
         ck = o.get("client_kwargs") or {}
         return str(o.get("endpoint_url") or ck.get("endpoint_url")
@@ -620,7 +622,9 @@ class FsspecFS:
         """A clear error now when the bucket is missing, the credentials are refused or the endpoint is down."""
         import hashlib
 
-        bucket = str(path).split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]  # abfs://container@account.host
+        from . import remote
+
+        bucket = remote._bucket_key(str(path))[0]
         digest = hashlib.sha256(json.dumps(self.storage_options, sort_keys=True, default=str).encode()).hexdigest()
         key = (self.protocol, bucket, digest)
         if key in _CHECKED:

@@ -21,7 +21,7 @@ import pytest
 from cancernet_batch.runfolder import LOCK_STALE_S, UNLOCKED_ENV, Run
 
 from azurite import KEY, Azurite, azurite_binary
-from test_s3 import _main
+from test_s3 import _main, assert_reported_as_local, report_rows
 
 adlfs = pytest.importorskip("adlfs")
 pytestmark = pytest.mark.skipif(azurite_binary() is None,
@@ -36,10 +36,6 @@ def azure():
     server.fs().mkdir(CONTAINER)
     yield server
     server.stop()
-
-
-def _rows(text: str) -> dict[str, dict]:
-    return {r["kind"]: r for r in csv.DictReader(io.StringIO(text))}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def test_a_run_with_inputs_and_out_on_azure_scores_as_on_local_disk_is_locked_an
     common = ["--model", str(tiny_model_dir), "--chunk-size", "32", "--scheduler", client.scheduler.address]
     rc, out, err = _main(capsys, "run", str(svs), str(patient), "--out", str(tmp_path / "local"), *common)
     assert rc == 0, err
-    local = _rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
+    local = report_rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
 
     monkeypatch.delenv(UNLOCKED_ENV, raising=False)
     opts = json.dumps(azure.options())
@@ -74,14 +70,7 @@ def test_a_run_with_inputs_and_out_on_azure_scores_as_on_local_disk_is_locked_an
     assert "conditional writes" not in err, err  # locked by a create-only PUT, as on S3
     fs = azure.fs()
     assert not fs.exists(f"{CONTAINER}/runs/a/.lock")  # released
-    remote = _rows(fs.cat_file(f"{CONTAINER}/runs/a/report/inputs.csv").decode())
-    assert sorted(remote) == sorted(local) == ["patches", "slide"]
-    for kind in ("slide", "patches"):  # the same tiles and scores as from local disk
-        for col in ("tissue_tiles", "idc_tiles", "mean_prob", "max_prob", "idc_regions", "source_mpp"):
-            assert remote[kind][col] == local[kind][col], (kind, col)
-    assert remote["slide"]["source"] == f"az://{CONTAINER}/in/{svs.name}"
-    names = fs.find(f"{CONTAINER}/runs/a/report")
-    assert any(n.endswith(".geojson") for n in names) and any(n.endswith(".png") for n in names)
+    assert_reported_as_local(fs, f"{CONTAINER}/runs/a", local, f"az://{CONTAINER}/in/{svs.name}")
     for name in fs.find(f"{CONTAINER}/runs/a"):  # the account key is in no record the run wrote
         if name.endswith((".json", ".csv", ".html")):
             assert KEY not in fs.cat_file(name).decode("utf-8", "replace"), name

@@ -51,10 +51,6 @@ def _main(capsys, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def _rows(text: str) -> dict[str, dict]:
-    return {r["kind"]: r for r in csv.DictReader(io.StringIO(text))}
-
-
 @pytest.fixture(scope="module")
 def gcs_inputs(gcs, synth_slide_dir, synth_patch_dir):
     """One synthetic SVS and one patient folder under ``gs://BUCKET/in/``; their local paths."""
@@ -69,11 +65,13 @@ def gcs_inputs(gcs, synth_slide_dir, synth_patch_dir):
 
 def test_a_run_with_inputs_and_out_on_gcs_scores_as_on_local_disk_and_resumes(gcs, gcs_inputs, client, tiny_model_dir,
                                                                                tmp_path, capsys, monkeypatch):
+    from test_s3 import assert_reported_as_local, report_rows
+
     svs, patient = gcs_inputs
     common = ["--model", str(tiny_model_dir), "--chunk-size", "32", "--scheduler", client.scheduler.address]
     rc, out, err = _main(capsys, "run", str(svs), str(patient), "--out", str(tmp_path / "local"), *common)
     assert rc == 0, err
-    local = _rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
+    local = report_rows((tmp_path / "local" / "report" / "inputs.csv").read_text())
 
     monkeypatch.setenv(UNLOCKED_ENV, "1")  # the emulator cannot lock (module doc)
     args = ["run", f"gs://{BUCKET}/in/", "--out", f"gs://{BUCKET}/runs/a", "--storage-options", json.dumps(gcs),
@@ -83,14 +81,7 @@ def test_a_run_with_inputs_and_out_on_gcs_scores_as_on_local_disk_and_resumes(gc
     assert "inputs: 2 reported, 0 failed" in out, out
     assert "ignores conditional writes" in err and UNLOCKED_ENV in err
     fs = _fs(gcs)
-    remote = _rows(fs.cat_file(f"{BUCKET}/runs/a/report/inputs.csv").decode())
-    assert sorted(remote) == sorted(local) == ["patches", "slide"]
-    for kind in ("slide", "patches"):  # the same tiles and scores as from local disk
-        for col in ("tissue_tiles", "idc_tiles", "mean_prob", "max_prob", "idc_regions", "source_mpp"):
-            assert remote[kind][col] == local[kind][col], (kind, col)
-    assert remote["slide"]["source"] == f"gs://{BUCKET}/in/{svs.name}"
-    names = fs.find(f"{BUCKET}/runs/a/report")
-    assert any(n.endswith(".geojson") for n in names) and any(n.endswith(".png") for n in names)
+    assert_reported_as_local(fs, f"{BUCKET}/runs/a", local, f"gs://{BUCKET}/in/{svs.name}")
 
     # the same command again: every input found complete by its size and ETag, nothing tiled or scored
     rc, out, err = _main(capsys, *args)

@@ -1177,6 +1177,25 @@ def _scored_input(s3, prefix: str, name: str, *, tiles: bool = False):
     return run, attrs, gid, p
 
 
+def report_rows(text: str) -> dict[str, dict]:
+    """``{kind: row}`` of a run's ``report/inputs.csv``."""
+    return {r["kind"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+def assert_reported_as_local(fs, run_key: str, local: dict[str, dict], slide_url: str) -> None:
+    """The run at ``run_key`` (a path of the object store's filesystem ``fs``) reported a slide and a patient folder
+    with the tiles and scores of the same inputs run from local disk (``local``: :func:`report_rows` of that run), names
+    the slide by its URL, and wrote its report files (GeoJSON, PNG) there."""
+    remote = report_rows(fs.cat_file(f"{run_key}/report/inputs.csv").decode())
+    assert sorted(remote) == sorted(local) == ["patches", "slide"]
+    for kind in ("slide", "patches"):  # the same tiles and scores as from local disk
+        for col in ("tissue_tiles", "idc_tiles", "mean_prob", "max_prob", "idc_regions", "source_mpp"):
+            assert remote[kind][col] == local[kind][col], (kind, col)
+    assert remote["slide"]["source"] == slide_url
+    names = fs.find(f"{run_key}/report")
+    assert any(n.endswith(".geojson") for n in names) and any(n.endswith(".png") for n in names)
+
+
 def flagged_input(root, attrs):
     """An input of 12 one-tile chunks (``attrs``, in the tile store ``root``) whose done flags 0, 3, 7 and 11 are set
     and 5 is written False (not left out): its group, and the flags as they read."""
