@@ -374,7 +374,7 @@ def direct_source(reader) -> DirectSource | None:
     levels are the same whichever path decodes the pixels. A tifffile reader over a remote file
     (``reader.remote_tiff``: an s3:// slide read in place) lends its parsed TIFF and its range file.
     """
-    from .tifffile_backend import is_tiff
+    from .tifffile_backend import cache_pages, is_tiff
 
     path = str(reader.path)
     remote = getattr(reader, "remote_tiff", None)
@@ -387,6 +387,7 @@ def direct_source(reader) -> DirectSource | None:
         import tifffile
 
         tif = tifffile.TiffFile(path)
+        cache_pages(tif)
     except Exception:  # noqa: BLE001 - the reader reads it; this module does not
         return None
     return DirectSource(path, tif, reader.level_dimensions)

@@ -30,6 +30,21 @@ _RESUNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, centimetre, m
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
 
 
+CACHED_PAGES = 64
+"""A TIFF of at most this many pages in its main chain keeps each page once parsed (:func:`cache_pages`)."""
+
+
+def cache_pages(tif) -> None:
+    """Keep ``tif``'s pages once parsed: tifffile's series, the levels' look-up and the direct path's thumbnail
+    look-up each walk them, and each walk parsed every page again (about 1 CPU ms a 20,000 px synthetic SVS,
+    RESULTS.md section 9). Not for a file of more than :data:`CACHED_PAGES` pages (a stack, or a damaged chain):
+    its pages are parsed again rather than held."""
+    try:
+        tif.pages.cache = len(tif.pages) <= CACHED_PAGES
+    except Exception:  # noqa: BLE001 - a chain tifffile cannot count: left as it is, to fail where it is read
+        pass
+
+
 def is_tiff(path: str | os.PathLike) -> bool:
     """True when the file starts with a TIFF or BigTIFF header."""
     try:
@@ -119,6 +134,7 @@ class TiffFileReader(SlideReader):
         self._file = file
         try:
             self._tf = tifffile.TiffFile(file if file is not None else str(self.path))
+            cache_pages(self._tf)
             if file is not None:  # tasks of one worker share a reader: seek + read of the one file, locked
                 self._tf.filehandle.set_lock(True)
         except Exception as exc:  # noqa: BLE001 - TiffFileError, struct errors, truncation...
