@@ -103,7 +103,8 @@ def timeline(args: list[str], package: str | None = None) -> tuple[list[tuple[fl
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         first = None
         while proc.poll() is None:
-            if first is None and any((out / "tiles.zarr" / "inputs").glob("*/tiled/c/*")):
+            inputs = out / "tiles.zarr" / "inputs"  # a chunk's flag: tiled/c.i (store.CHUNK_KEYS), or tiled/c/i before
+            if first is None and any(p for k in ("*/tiled/c.*", "*/tiled/c/*") for p in inputs.glob(k)):
                 first = time.time() - t0
             time.sleep(0.01)
         wall = time.time() - t0

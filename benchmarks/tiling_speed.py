@@ -137,7 +137,8 @@ def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: 
     root, cpu, first = psutil.Process(proc.pid), {}, None
     while proc.poll() is None:
         cpu.update((p.pid, c) for p, c in tree_cpu(root))
-        if first is None and any((run / "tiles.zarr" / "inputs").glob("*/tiled/c/*")):
+        inputs = run / "tiles.zarr" / "inputs"  # a chunk's flag: tiled/c.i (store.CHUNK_KEYS), or tiled/c/i before
+        if first is None and any(p for k in ("*/tiled/c.*", "*/tiled/c/*") for p in inputs.glob(k)):
             first = time.perf_counter() - t0
         time.sleep(0.02)
     wall = time.perf_counter() - t0

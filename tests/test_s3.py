@@ -644,7 +644,7 @@ def kill_at_the_first_tiled_chunk(args: list[str], store_objects) -> None:
                          stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while p.poll() is None and time.monotonic() < deadline:  # kill point: the first chunk of tiles written
-        if [n for n in store_objects() if "/tiled/c/" in n]:
+        if [n for n in store_objects() if "/tiled/c." in n]:
             break
         time.sleep(0.05)
     assert p.poll() is None, "the run ended before the kill point"
@@ -1042,7 +1042,7 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
     for k, value in enumerate((0.25, 0.75)):  # the first map, then a report made again replaces it
         aggregate.write_idc_map(run.open_input(gid), np.full((4, 5), value, np.float32), "model-a")
         made = _store_requests(s3, prefix)
-        assert _puts(made) == {f"inputs/{gid}/idc_map/zarr.json": 1, f"inputs/{gid}/idc_map/c/0/0": 1}
+        assert _puts(made) == {f"inputs/{gid}/idc_map/zarr.json": 1, f"inputs/{gid}/idc_map/c.0.0": 1}
         if k == 0:  # the input's group (open_input) and the map's lookup: nothing else read
             assert not [r for r in made if r.method == "HEAD"], made
             assert sorted(r.path.split(f"/inputs/{gid}/", 1)[1] for r in made if r.method == "GET") == [
@@ -1050,7 +1050,7 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
         m = zarr.open_group(run.fs.store_location(run.store_path), mode="r")[f"inputs/{gid}/idc_map"]
         assert m.attrs["model_id"] == "model-a" and np.all(m[:] == value)
 
-    # every document is the one group.create_array writes
+    # every document is the one group.create_array writes (with this tool's chunk keys, store.CHUNK_KEYS)
     fs = s3.fs()
     ref = zarr.group(MemoryStore())
     specs = {"tiles": dict(shape=(10, 50, 50, 3), chunks=(4, 50, 50, 3), dtype="uint8",
@@ -1062,7 +1062,7 @@ def test_an_inputs_arrays_are_made_without_heads_and_with_one_put_per_document(s
                            attributes={"model_id": "model-a"}),
              "done": dict(shape=(3,), chunks=(1,), dtype="bool", fill_value=False)}
     for name, kw in specs.items():
-        want = ref.create_array(name, **kw).metadata.to_dict()
+        want = ref.create_array(name, **kw, chunk_key_encoding=store.CHUNK_KEYS).metadata.to_dict()
         got = json.loads(fs.cat_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/{name}/zarr.json"))
         assert json.loads(json.dumps(want, default=str)) == got or zarr.core.metadata.ArrayV3Metadata.from_dict(
             got).to_dict() == want, name
@@ -1088,7 +1088,7 @@ def test_setting_up_an_inputs_scoring_on_the_client_costs_few_requests(s3):
     chunks, n = input_chunks_to_score(run.open_input(gid), gid, scoring)
     made = _store_requests(s3, prefix)
     assert (chunks, n) == ([(gid, 0, 0, 4), (gid, 1, 4, 8), (gid, 2, 8, 10)], 3)
-    assert not [r for r in made if "/done/c/" in r.path], [r.path for r in made]  # just made: nothing to read
+    assert not [r for r in made if "/done/c." in r.path], [r.path for r in made]  # just made: nothing to read
     assert len([r for r in made if r.path == f"/{BUCKET}"]) == 1  # the one listing of the group's members
     assert len(made) <= 18 and not [r for r in made if r.method == "HEAD"], [(r.method, r.path) for r in made]
 
@@ -1228,7 +1228,7 @@ def assert_flags_listed_by_md5(run_url: str, options: dict, source: str, put) ->
     listed = store._listed_flags(done, 12, store.flag_encodings(done.metadata))
     assert listed is not None and listed.tolist() == want.tolist()  # every chunk recognised by its MD5
     assert store.done_mask(g).tolist() == want.tolist() == np.asarray(done[:], bool).tolist()
-    put(f"tiles.zarr/inputs/{store.input_id(source)}/done/c/8", b"not a zstd frame")
+    put(f"tiles.zarr/inputs/{store.input_id(source)}/done/c.8", b"not a zstd frame")
     assert store._listed_flags(done, 12, store.flag_encodings(done.metadata)) is None
     with pytest.raises(Exception):
         store.done_mask(g)
@@ -1246,14 +1246,14 @@ def test_the_flags_of_an_input_on_s3_are_read_from_one_listing_not_a_get_each(s3
     attrs = _object_attrs("F1", 12, grid=(3, 4), kind="patches")
     g, want = flagged_input(root, attrs)
     gid = store.input_id(attrs.source)
-    assert s3.fs().exists(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c/5")
+    assert s3.fs().exists(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c.5")
     s3.server.reset()
     assert store.done_mask(g).tolist() == want.tolist()
     gets = [r.path for r in s3.server.requests if r.method == "GET"]
-    assert gets == [f"/{BUCKET}"], gets  # the one listing (of done/c/), no chunk
+    assert gets == [f"/{BUCKET}"], gets  # the one listing (of done/), no chunk
     assert np.asarray(g["done"][:], bool).tolist() == want.tolist()  # what zarr reads, chunk by chunk
     # a flag object whose bytes are not the array's encoding of either value: read through zarr, which says so
-    s3.fs().pipe_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c/8", b"not a zstd frame")
+    s3.fs().pipe_file(f"{BUCKET}/{prefix}/tiles.zarr/inputs/{gid}/done/c.8", b"not a zstd frame")
     with pytest.raises(Exception):
         store.done_mask(g)
 
@@ -1275,11 +1275,11 @@ def test_an_inputs_report_reads_each_chunk_of_its_coords_probs_and_done_flags_on
     row, failure = _one_input(run, gid, run.open_input(gid), attrs, "P7", Threshold(0.5, "--threshold"), ReportConfig())
     sent = _store_requests(s3, prefix)
     reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in sent
-                    if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
+                    if r.method == "GET" and "/c." in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
                     in ("coords", "probs", "done"))
     assert failure is None and row.figures.status == REPORTED and row.heatmap and row.view
     assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
-    want = {f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)}
+    want = {f"{a}/c.{i}" + (".0" if a == "coords" else ""): 1 for a in ("coords", "probs") for i in range(3)}
     assert dict(reads) == want
     assert [r.method for r in sent if r.path == f"/{BUCKET}"] == ["GET"]  # the done flags: one listing
 
@@ -1305,12 +1305,12 @@ def test_settling_a_finished_input_reads_each_chunk_of_its_coords_probs_and_done
     out = settle_task(run, gid, scoring, report)
     sent = _store_requests(s3, prefix)
     reads = Counter(r.path.split(f"/inputs/{gid}/", 1)[1] for r in sent
-                    if r.method == "GET" and "/c/" in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
+                    if r.method == "GET" and "/c." in r.path and r.path.split(f"/inputs/{gid}/", 1)[1].split("/")[0]
                     in ("coords", "probs", "done"))
     row, failure = out["report"]
     assert out["score"] == ([], 3) and failure is None and row.figures.status == REPORTED
     assert row.figures.idc_tiles == int((p >= 0.5).sum()) and row.figures.tissue_tiles == 10
-    assert dict(reads) == {f"{a}/c/{i}" + ("/0" if a == "coords" else ""): 1 for a in ("coords", "probs")
+    assert dict(reads) == {f"{a}/c.{i}" + (".0" if a == "coords" else ""): 1 for a in ("coords", "probs")
                            for i in range(3)}  # the done flags: no GET of theirs (one listing)
 
     g = run.open_store("r+")["inputs"][gid]

@@ -19,26 +19,29 @@ def _attrs(source: str, n: int) -> InputAttrs:
                       target_mpp=4.0, grid_shape=(7, 5), n_tiles=n, extra={"levels": [[10, 20, 1.0]]})
 
 
-def _one_call_each(root, attrs: InputAttrs, n: int, chunk: int, coords, tissue, thumb, labels: bool):
+def _one_call_each(root, attrs: InputAttrs, n: int, chunk: int, coords, tissue, thumb, labels: bool,
+                   chunk_keys: dict | None = store.CHUNK_KEYS):
     """The group as create_input made it before: Group.create_group, one Group.create_array per array, the
     attributes, then coords, tissue and thumbnail written after, every chunk stored (zarr's ``write_empty_chunks``:
-    a chunk that holds only the fill value is written too) - the reference for the batch version."""
+    a chunk that holds only the fill value is written too) - the reference for the batch version. ``chunk_keys``: the
+    arrays' chunk key encoding (this tool's; None: zarr's default, nested folders, as stores made before it have)."""
     every = {"write_empty_chunks": True}
+    k = {"chunk_key_encoding": chunk_keys} if chunk_keys else {}
     g = root.require_group("inputs").create_group(store.input_id(attrs.source))
     c = max(1, min(chunk, n)) if n else chunk
     g.create_array("tiles", shape=(n, PATCH_SIZE, PATCH_SIZE, 3), chunks=(c, PATCH_SIZE, PATCH_SIZE, 3), dtype="uint8",
-                   compressors=store.tiles_compressor())
-    g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32")
+                   compressors=store.tiles_compressor(), **k)
+    g.create_array("coords", shape=(n, 2), chunks=(c, 2), dtype="int32", **k)
     if labels:
-        g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1)
-    g.create_array("tiled", shape=(len(store.chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False)
+        g.create_array("labels", shape=(n,), chunks=(c,), dtype="int8", fill_value=-1, **k)
+    g.create_array("tiled", shape=(len(store.chunk_bounds(n, c)),), chunks=(1,), dtype="bool", fill_value=False, **k)
     g.update_attributes({**attrs.to_json(), "complete": False, "chunk": c})
     if n:
         g["coords"].with_config(every)[:] = coords
     if tissue is not None:
-        g.create_array("tissue", shape=tissue.shape, chunks=tissue.shape, dtype="float32").with_config(every)[:] = tissue
+        g.create_array("tissue", shape=tissue.shape, chunks=tissue.shape, dtype="float32", **k).with_config(every)[:] = tissue
         g.create_array("thumbnail", shape=thumb.shape, chunks=(min(thumb.shape[0], 1024), min(thumb.shape[1], 1024), 3),
-                       dtype="uint8").with_config(every)[:] = thumb
+                       dtype="uint8", **k).with_config(every)[:] = thumb
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -123,12 +126,13 @@ def test_array_metadata_from_a_template_is_zarrs_own(kw):
     assert len(store._METADATA_TEMPLATES) == 1
     for args in (kw, other):
         mine = store._array_metadata(**args)
-        assert doc(mine) == doc(zarr.create_array(MemoryStore(), **args).metadata)
+        assert doc(mine) == doc(zarr.create_array(MemoryStore(), **args, chunk_key_encoding=store.CHUNK_KEYS).metadata)
     assert len(store._METADATA_TEMPLATES) == 1  # the same kind: no second zarr call
     # another kind (dtype or fill value) never reuses it
     for i, change in enumerate(({"dtype": "float64"}, {"dtype": "float64", "fill_value": 7})):
         another = {**{k: v for k, v in kw.items() if k != "fill_value"}, **change}
-        assert doc(store._array_metadata(**another)) == doc(zarr.create_array(MemoryStore(), **another).metadata)
+        assert doc(store._array_metadata(**another)) == doc(zarr.create_array(MemoryStore(), **another,
+                                                                            chunk_key_encoding=store.CHUNK_KEYS).metadata)
         assert len(store._METADATA_TEMPLATES) == 2 + i
 
 
@@ -160,12 +164,38 @@ def test_write_tiles_stores_every_chunk_as_written(tmp_path):
     tiles[16:32] = 0  # chunk 1: nothing but zeros (the fill value)
     for s, e in store.chunk_bounds(40, 16):
         store.write_tiles(g, s, e, tiles[s:e])
-    chunks = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiles" / "c"
-    assert sorted(p.parent.parent.parent.name for p in chunks.glob("*/0/0/0")) == ["0", "1", "2"]
+    folder = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiles"  # chunk k: c.k.0.0.0 (store.CHUNK_KEYS)
+    stored = lambda: sorted(k for k in range(3) if (folder / g["tiles"].metadata.encode_chunk_key((k, 0, 0, 0))).is_file())  # noqa: E731
+    assert stored() == [0, 1, 2] and not [p for p in folder.rglob("*") if p.is_dir()]  # no folder per chunk
     assert np.array_equal(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[f"inputs/{store.input_id(src)}/tiles"][:],
                           tiles)
     g["tiles"][16:32] = tiles[16:32]  # for contrast: zarr's own default removes the all-zero chunk
-    assert sorted(p.parent.parent.parent.name for p in chunks.glob("*/0/0/0")) == ["0", "2"]
+    assert stored() == [0, 2]
+
+
+def test_an_input_stored_with_nested_chunk_keys_keeps_them(tmp_path):
+    """A store made before :data:`store.CHUNK_KEYS` (zarr's default encoding: ``tiles/c/1/0/0/0``, a folder per index)
+    is resumed as it is: its tiles and flags are written and read where its arrays' documents say, and zarr reads
+    them back; a new input beside it gets this tool's keys (``c.1.0.0.0``, no folder per chunk)."""
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    old_src, new_src = str(tmp_path / "old.svs"), str(tmp_path / "new.svs")
+    coords = np.zeros((40, 2), np.int32)
+    _one_call_each(root, _attrs(old_src, 40), 40, 16, coords, None, None, False, chunk_keys=None)
+    old = root["inputs"][store.input_id(old_src)]
+    new = store.create_input(root, _attrs(new_src, 40), 40, chunk=16)
+    tiles = np.random.default_rng(5).integers(0, 256, (40, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    for g in (old, new):
+        store.write_tiles(g, 16, 32, tiles[16:32])
+        store.set_flag(g, "tiled", 1)
+    inputs = tmp_path / "s.zarr" / "inputs"
+    for src, tile_file, flag_file in ((old_src, "tiles/c/1/0/0/0", "tiled/c/1"), (new_src, "tiles/c.1.0.0.0", "tiled/c.1")):
+        folder = inputs / store.input_id(src)
+        assert (folder / tile_file).is_file() and (folder / flag_file).is_file(), sorted(folder.rglob("*"))
+        back = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["inputs"][store.input_id(src)]
+        assert store.tiled_mask(back).tolist() == [False, True, False]
+        assert np.array_equal(back["tiles"][16:32], tiles[16:32])
+    folder = inputs / store.input_id(new_src)  # its arrays' folders, and nothing deeper
+    assert not [p for p in folder.rglob("*") if p.is_dir() and p.parent != folder]
 
 
 @pytest.mark.parametrize("kw", [
@@ -241,7 +271,7 @@ def test_flags_read_straight_are_zarrs_and_a_file_they_do_not_know_goes_through_
     assert store.tiled_mask(g).tolist() == np.asarray(g["tiled"][:]).tolist()
     again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[f"inputs/{store.input_id(src)}"]
     assert store.read_flags(again["tiled"]).tolist() == [False, True, False, True, False]  # a read-only store too
-    chunk = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiled" / "c" / "2"
+    chunk = tmp_path / "s.zarr" / "inputs" / store.input_id(src) / "tiled" / g["tiled"].metadata.encode_chunk_key((2,))
     chunk.write_bytes(b"not a zstd frame")
     calls = []
     real = zarr.Array.__getitem__
@@ -326,7 +356,7 @@ def test_arrays_made_with_their_data_are_the_files_zarr_writes(tmp_path, absent)
     done = np.array([True, False, True, True, False])
     ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="a", zarr_format=3).require_group("g")
     for name, kw in specs.items():
-        ref.create_array(name, **kw).with_config({"write_empty_chunks": True})[...] = {"idc_map": idc, "done": done}[name]
+        ref.create_array(name, **kw, chunk_key_encoding=store.CHUNK_KEYS).with_config({"write_empty_chunks": True})[...] = {"idc_map": idc, "done": done}[name]
     g = zarr.open_group(str(tmp_path / "new.zarr"), mode="a", zarr_format=3).require_group("g")
     made = store.create_arrays(g, specs, absent=absent, data={"idc_map": idc, "done": done})
     assert _files(tmp_path / "new.zarr" / "g") == _files(tmp_path / "ref.zarr" / "g")
