@@ -394,3 +394,19 @@ def test_azure_benchmarks_time_a_whole_run_and_each_request_through_both_clients
     rows = json.loads(result.read_text())["rows"]
     assert [row["request"] for row in rows] == ["GET 1 KiB", "GET 64 KiB", "GET 5 MiB", "PUT 1 KiB", "PUT 1 MiB"]
     assert all(row["adlfs"][1] > 0 and row["obstore"][1] > 0 for row in rows)  # (CPU ms, wall ms): wall
+
+
+def test_store_layout_times_both_chunk_key_layouts_and_counts_their_folders(tmp_path):
+    """benchmarks/store_layout.py: input groups and chunks made with zarr's nested chunk keys and with the tool's
+    (store.CHUNK_KEYS), alternating; the nested layout makes a folder per index, the tool's only the arrays' own."""
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "store_layout.py"), "--inputs", "3", "--chunks", "2",
+                        "--chunk", "8", "--rounds", "2", "--dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("  ")[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("nested", "flat"))}
+    nested, flat = rows["nested (zarr's default, '/')"], rows["flat (store.CHUNK_KEYS, '.')"]
+    # tiles.zarr and inputs, then per input its group's folder and its 5 arrays' (tiles, coords, tiled, tissue,
+    # thumbnail); nested keys add c/ under each array and a folder per index
+    assert int(flat[-1]) == 2 + 3 * 6 and int(nested[-1]) > 2 * int(flat[-1])
+    assert all(float(row[k]) > 0 for row in (nested, flat) for k in (-5, -3))  # CPU ms a group, a chunk
+    assert not list(tmp_path.iterdir())  # its folders removed
