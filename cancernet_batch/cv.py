@@ -45,15 +45,13 @@ import numpy as np
 from . import calibration as cal
 from .atomic import atomic_path, write_text
 from .config import TrainConfig
-from .errors import ConfigError
 from .evaluate import Assessment, assess, write_assessment
 from .failures import Failure, write_failures
 from .figures import plot_curves, plot_reliability
 from .metrics import choose_threshold, expected_calibration_error, reliability
 from .model import CLASSES, ModelMeta, build_cancernet, jsonable, predict_tiles, save_model_dir
-from .modelfolder import ModelFolder
 from .quiet import import_keras
-from .split import Split, class_counts, cv_folds
+from .split import Split, cv_folds
 
 keras = import_keras()
 log = logging.getLogger(__name__)
@@ -124,17 +122,10 @@ def _variant_summary(a: Assessment, ece_before: float) -> dict:
 def train_cv(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig, *, progress=None,
              load_progress=None, overwrite: bool = False) -> CVResult:
     """K-fold cross-validation over patients, then the calibrated (ensemble / TTA) model; see the module doc."""
-    from .train import TrainProgress, _data_summary, _fit, _input_field, _load_labelled, _save_and_export, _stain_normalise
+    from .train import TrainProgress, _data_summary, _fit, _input_field, _save_and_export, _start
 
     progress = progress or TrainProgress()
-    out = Path(out_dir)
-    mf = ModelFolder(out)
-    if mf.meta.exists() and not overwrite:
-        raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
-    patches = _load_labelled(data, load_progress)
-    # per patient, from its own pixels only: a held-out patient is normalised exactly as it would be alone
-    stain_record = _stain_normalise(patches, config)
-    counts = class_counts(patches.patients, patches.labels)
+    out, mf, patches, stain_record, counts = _start(data, out_dir, config, overwrite, load_progress)
     k = config.cv
     folds = cv_folds(counts, k, config.seed)
     everyone = tuple(sorted(counts))

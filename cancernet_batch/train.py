@@ -347,6 +347,20 @@ def _save_and_export(model, out: Path, meta: ModelMeta, export: bool) -> tuple[M
     return meta, onnx
 
 
+def _start(data, out_dir, config: TrainConfig, overwrite: bool, load_progress):
+    """What training and cross-validation start from: the model folder (a ConfigError when it holds a trained model,
+    unless ``overwrite``), the labelled patches, their stain record (each patient normalised from its own pixels
+    only, so a held-out patient is normalised exactly as it would be alone) and the class counts per patient:
+    ``(out, ModelFolder, patches, stain_record, counts)``."""
+    out = Path(out_dir)
+    mf = ModelFolder(out)
+    if mf.meta.exists() and not overwrite:
+        raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
+    patches = _load_labelled(data, load_progress)
+    stain_record = _stain_normalise(patches, config)
+    return out, mf, patches, stain_record, class_counts(patches.patients, patches.labels)
+
+
 def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config: TrainConfig | None = None, *,
           progress: TrainProgress | None = None, load_progress=None, overwrite: bool = False) -> TrainResult:
     """Train CancerNet on Kaggle-layout patch folders and write the model folder ``out_dir``."""
@@ -355,13 +369,7 @@ def train(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, config:
         from .cv import train_cv
 
         return train_cv(data, out_dir, config, progress=progress, load_progress=load_progress, overwrite=overwrite)
-    out = Path(out_dir)
-    mf = ModelFolder(out)
-    if mf.meta.exists() and not overwrite:
-        raise ConfigError("already holds a trained model", path=out, hint="choose another --out, or pass --overwrite")
-    patches = _load_labelled(data, load_progress)
-    stain_record = _stain_normalise(patches, config)
-    counts = class_counts(patches.patients, patches.labels)
+    out, mf, patches, stain_record, counts = _start(data, out_dir, config, overwrite, load_progress)
     split = make_split(counts, split_file=config.split_file, val_fraction=config.val_fraction,
                        test_fraction=config.test_fraction, seed=config.seed)
     for role in ("train", "val", "test"):
