@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
+from results_files import write_results  # noqa: E402 - a sibling script
 
 CONTAINER = "bench-azure"
 
@@ -134,12 +135,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"azure-run-{now:%Y%m%d-%H%M}"
-        stem.with_suffix(".json").write_text(json.dumps({"date": now.isoformat(), "args": vars(args), "runs": results,
-                                                         "host": platform.node(), "load": os.getloadavg()}, indent=2))
-        stem.with_suffix(".md").write_text(text + "\n")
+        write_results(args.out, f"azure-run-{now:%Y%m%d-%H%M}", text, {"date": now.isoformat(), "args": vars(args),
+                      "runs": results, "host": platform.node(), "load": os.getloadavg()})
     return 0
 
 

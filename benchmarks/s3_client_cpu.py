@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
+from results_files import write_results  # noqa: E402 - a sibling script
 
 
 def _time(fn, n: int) -> tuple[float, float]:
@@ -113,12 +113,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{'azure' if scheme == 'az' else 's3'}-client-cpu-{now:%Y%m%d-%H%M}"
-        stem.with_suffix(".json").write_text(json.dumps({"date": now.isoformat(), "args": vars(args), "rows": rows,
-                                                         "host": platform.node(), "load": os.getloadavg()}, indent=2))
-        stem.with_suffix(".md").write_text(text + "\n")
+        write_results(args.out, f"{'azure' if scheme == 'az' else 's3'}-client-cpu-{now:%Y%m%d-%H%M}", text,
+                      {"date": now.isoformat(), "args": vars(args), "rows": rows, "host": platform.node(),
+                       "load": os.getloadavg()})
     return 0
 
 

@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 from installed import as_installed  # noqa: E402 - a sibling script
+from results_files import write_results  # noqa: E402 - a sibling script
 
 
 def _needed(reader, level: int, boxes) -> tuple[int, int]:
@@ -639,13 +640,9 @@ def main(argv=None) -> int:
                "s3_client": _client(),
                "note": "shared VM: other engineers' jobs ran at the same time"}
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"s3-inputs-{now:%Y%m%d-%H%M%S}"
-        stem.with_suffix(".json").write_text(json.dumps({"date": now.isoformat(), "machine": machine, "args": vars(args),
-                                                         "rows": rows, "concurrent": concurrent, "whole_run": whole},
-                                                        indent=2, default=str))
-        stem.with_suffix(".md").write_text(text + "\n")
+        write_results(args.out, f"s3-inputs-{now:%Y%m%d-%H%M%S}", text, {
+            "date": now.isoformat(), "machine": machine, "args": vars(args), "rows": rows, "concurrent": concurrent,
+            "whole_run": whole})
     return 0
 
 

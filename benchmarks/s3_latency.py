@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 from installed import as_installed  # noqa: E402 - a sibling script
+from results_files import write_results  # noqa: E402 - a sibling script
 
 
 class DelayProxy:
@@ -341,12 +342,8 @@ def _save(args, text: str, record: dict, when) -> None:
     if args.out:
         from cancernet_batch.machine import machine
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"s3-latency-{'tiling-' if args.tiling else ''}{when:%Y%m%d-%H%M%S}"
-        stem.with_suffix(".json").write_text(json.dumps({"date": when.isoformat(), "machine": machine(),
-                                                         "args": vars(args), **record}, indent=1, default=str))
-        stem.with_suffix(".md").write_text(text + "\n")
+        stem = write_results(args.out, f"s3-latency-{'tiling-' if args.tiling else ''}{when:%Y%m%d-%H%M%S}", text,
+                             {"date": when.isoformat(), "machine": machine(), "args": vars(args), **record})
         print(f"wrote {stem}.json, .md")
 
 
