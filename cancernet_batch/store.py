@@ -410,9 +410,9 @@ CHUNK_KEYS = {"name": "default", "separator": "."}
 """The chunk key encoding of the arrays this tool makes (zarr v3's ``default`` encoding, its other separator): chunk
 ``(1, 0, 0, 0)`` of ``tiles`` is the file ``tiles/c.1.0.0.0``, not ``tiles/c/1/0/0/0``. Every chunk in its array's own
 folder: no folder made per chunk (on a cluster's shared file system each is a metadata operation of its own; on this
-project's test VM a new slide's group took about 2 CPU ms less, its chunks about 3: RESULTS.md section 9). Each
-array's document states its encoding: zarr reads both, and stores made before keep theirs. Keys on object storage
-have no folders either way."""
+project's test VM an input's group takes about 3 CPU ms less, a chunk with its flag 0.3-1 ms less:
+``benchmarks/store_layout.py``, RESULTS.md section 9). Each array's document states its encoding: zarr reads both,
+and stores made before keep theirs. Keys on object storage have no folders either way."""
 
 
 def _array_metadata(**kwargs):
