@@ -249,8 +249,8 @@ def test_inspect_says_how_each_slide_is_decoded():
 
 def test_a_plan_parses_each_tiff_page_once(synth_svs, monkeypatch):
     """Planning a slide looks for its scanner thumbnail and its levels' pages, and tifffile's series walk the
-    pages too: each page is parsed once (``TiffPages.cache``), not once per walk (each page 3 times before: about 1
-    CPU ms a 20,000 px synthetic SVS, RESULTS.md section 9)."""
+    pages too: each page is parsed once (``TiffPages.cache``), not once per walk (each page 3 times before: 0.1-0.7
+    CPU ms of a 20,000 px synthetic SVS's plan, RESULTS.md section 9)."""
     import tifffile
 
     parsed = []

@@ -36,8 +36,8 @@ CACHED_PAGES = 64
 
 def cache_pages(tif) -> None:
     """Keep ``tif``'s pages once parsed: tifffile's series, the levels' look-up and the direct path's thumbnail
-    look-up each walk them, and each walk parsed every page again (about 1 CPU ms a 20,000 px synthetic SVS,
-    RESULTS.md section 9). Not for a file of more than :data:`CACHED_PAGES` pages (a stack, or a damaged chain):
+    look-up each walk them, and each walk parsed every page again (0.1-0.7 CPU ms of a 20,000 px synthetic SVS's
+    plan, RESULTS.md section 9). Not for a file of more than :data:`CACHED_PAGES` pages (a stack, or a damaged chain):
     its pages are parsed again rather than held."""
     try:
         tif.pages.cache = len(tif.pages) <= CACHED_PAGES
