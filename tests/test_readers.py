@@ -161,3 +161,23 @@ def test_area_weights_are_the_matrix_scipy_builds_from_triplets():
     wy, wx = triplets(1.7, 95.2, 13, 97), triplets(3.3, 120.9, 17, 131)
     ref = np.stack([np.clip(np.rint((wx @ (wy @ src[..., c].astype(np.float32)).T).T), 0, 255) for c in range(3)], -1)
     assert np.array_equal(out, ref.astype(np.uint8))
+
+
+@pytest.mark.parametrize("pages, cached", [(3, True), (70, False)])
+def test_a_tiffs_pages_are_kept_once_parsed_unless_there_are_many(tmp_path, pages, cached):
+    """``cache_pages`` keeps a slide's few pages once parsed (each walk of them parsed them all again); a file of more
+    than ``CACHED_PAGES`` pages (a stack, or a long damaged chain) is walked as before, its pages not held in memory."""
+    import tifffile
+
+    from cancernet_batch.slides.tifffile_backend import CACHED_PAGES, cache_pages
+
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as w:
+        for i in range(pages):
+            w.write(np.full((8, 8, 3), i, np.uint8), photometric="rgb")
+    assert (pages > CACHED_PAGES) is not cached
+    with tifffile.TiffFile(path) as tif:
+        cache_pages(tif)
+        first, again = list(tif.pages), list(tif.pages)  # both held: a page parsed again is another object
+        assert tif.pages.cache is cached and all(a is b for a, b in zip(first, again)) is cached
+        assert [int(p.asarray()[0, 0, 0]) for p in tif.pages] == list(range(pages))  # read the same either way
