@@ -348,10 +348,12 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         raise StorageError(f"cannot open tile store: {exc}", path=path,
                            hint="check that the run folder is writable and not full") from exc
     if mode != "r" and clean:
-        # a run killed mid-write leaves zarr's temporary "*.partial" files beside group metadata
+        # a run killed mid-write leaves temporary "*.partial" files beside group documents and in its arrays' folders:
+        # their documents, their chunks (a chunk task's tiles, up to 7.7 MB each) and flags, which since CHUNK_KEYS
+        # lie in the array's own folder (an older store's nested chunk folders are left as they were)
         inputs_dir = path / "inputs"
         groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
-        remove_stale_temps(path, inputs_dir, *groups, *(d / name for d in groups for name in ("probs", "done", "tiled")))
+        remove_stale_temps(path, inputs_dir, *groups, *(a for d in groups for a in d.iterdir() if a.is_dir()))
     return _schema_checked(root, mode, path)
 
 

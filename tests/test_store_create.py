@@ -173,6 +173,35 @@ def test_write_tiles_stores_every_chunk_as_written(tmp_path):
     assert stored() == [0, 2]
 
 
+def test_a_killed_writers_partial_chunks_go_when_the_store_is_next_opened_to_write(tmp_path):
+    """A run killed mid-write leaves ``*.partial`` files: a chunk of tiles (up to 7.7 MB), a flag, a document. Since
+    chunks lie in their array's folder (``store.CHUNK_KEYS``) the next command's opening of the store removes them all,
+    and nothing else; a read-only opening, or a worker's (``clean=False``: other writers' files are in flight), removes
+    none."""
+    from cancernet_batch.runfolder import Run
+
+    run = Run.of(tmp_path / "run").create()
+    root = run.open_store("a")
+    src = str(tmp_path / "slide.svs")
+    g = store.create_input(root, _attrs(src, 40), 40, chunk=16)
+    tiles = np.zeros((16, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    store.write_tiles(g, 0, 16, tiles)
+    store.set_flag(g, "tiled", 0)
+    folder = run.store_path / "inputs" / store.input_id(src)
+    kept = sorted(p for p in folder.rglob("*") if p.is_file())
+    partial = [folder / "tiles" / "c.1.0.0.0.5f3a9c0e1b2d4f6a.partial", folder / "tiled" / "c.1.0a1b2c3d4e5f6a7b.partial",
+               folder / "coords" / "zarr.json.77aa.partial", folder / "zarr.json.88bb.partial"]
+    for p in partial:
+        p.write_bytes(b"cut short")
+    run.open_store("r")
+    run.open_store("r+", clean=False)
+    assert all(p.exists() for p in partial)
+    run.open_store("a")
+    assert not any(p.exists() for p in partial)
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == kept
+    assert np.array_equal(run.open_store("r")[f"inputs/{store.input_id(src)}/tiles"][:16], tiles)
+
+
 def test_an_input_stored_with_nested_chunk_keys_keeps_them(tmp_path):
     """A store made before :data:`store.CHUNK_KEYS` (zarr's default encoding: ``tiles/c/1/0/0/0``, a folder per index)
     is resumed as it is: its tiles and flags are written and read where its arrays' documents say, and zarr reads
