@@ -121,6 +121,7 @@ class Flow:
         self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
         self._token = uuid.uuid4().hex[:12]  # this flow's, in the names of its claims (Run.claim)
         self._claimed = False  # whether this flow gave a claim out: its claims are removed as it ends
+        self._claims_out = False  # whether it ever did: removed again once its own cluster is gone
         self._settles_left = 0  # inputs tiled before whose task has not started, for whom the listing is kept
         # (below 0: released)
         self.inputs_total = 0
@@ -211,6 +212,16 @@ class Flow:
         if not self.queue and not self.dicom and self.report_cfg is None:
             self.flush(final=True)
             return
+        try:
+            self._execute(client, cluster, on_dashboard)
+        finally:
+            # a chunk task still running as the run stopped (a signal, an error) can claim its report part after the
+            # claims went and before its worker did: with a cluster of this flow's own, gone now, none can any more
+            if client is None and self._claims_out:
+                self._claimed = True
+                self._release_claims()
+
+    def _execute(self, client, cluster: ClusterConfig | None, on_dashboard) -> None:
         with contextlib.nullcontext(client) if client is not None else dask_client(
                 cluster or ClusterConfig(), on_dashboard=on_dashboard) as c:
             self.client = c
@@ -529,7 +540,7 @@ class Flow:
             inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
             inp.reports_in_chunks = True
             # one claim for the part (two chunk tasks that finish together may each see every chunk scored)
-            self._claimed = True
+            self._claimed = self._claims_out = True
             report = (inp.patient, self.threshold, self.report_cfg, f"report-{self._token}-{safe_name(inp.gid)}")
         for n, (index, start, stop) in enumerate(res["todo"]):
             # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
