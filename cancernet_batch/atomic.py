@@ -190,18 +190,23 @@ def is_temp_name(name: str) -> bool:
 def remove_stale_temps(*folders: str | os.PathLike) -> int:
     """Delete temporary files that a killed writer left in ``folders`` (not recursive).
 
-    Covers this module's ``.tmp-*`` files and zarr's ``*.partial`` files; returns how many went.
+    Covers this module's ``.tmp-*`` files and zarr's ``*.partial`` files; returns how many went. Each folder is read
+    once (``os.scandir``); only an entry with a temporary name is looked at further, so a folder of many chunk files
+    costs its listing, not a ``stat`` per file (on a cluster's shared file system, a round trip each).
     """
     gone = 0
     for folder in folders:
-        d = Path(folder)
-        if not d.is_dir():
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        for f in d.iterdir():
-            if f.is_file() and is_temp_name(f.name):
-                f.unlink(missing_ok=True)
+        for f in entries:
+            if not is_temp_name(f.name):
+                continue
+            if f.is_file():
+                Path(f.path).unlink(missing_ok=True)
                 gone += 1
             elif f.is_dir() and not f.is_symlink() and f.name.startswith(".tmp-"):  # an atomic_dir's
-                shutil.rmtree(f, ignore_errors=True)
+                shutil.rmtree(f.path, ignore_errors=True)
                 gone += 1
     return gone

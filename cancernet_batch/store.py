@@ -352,9 +352,19 @@ def open_root(location: str | os.PathLike, mode: str = "a", *, run_dir: str | os
         # their documents, their chunks (a chunk task's tiles, up to 7.7 MB each) and flags, which since CHUNK_KEYS
         # lie in the array's own folder (an older store's nested chunk folders are left as they were)
         inputs_dir = path / "inputs"
-        groups = [d for d in inputs_dir.iterdir() if d.is_dir()] if inputs_dir.is_dir() else []
-        remove_stale_temps(path, inputs_dir, *groups, *(a for d in groups for a in d.iterdir() if a.is_dir()))
+        groups = _subfolders(inputs_dir)
+        remove_stale_temps(path, inputs_dir, *groups, *(a for d in groups for a in _subfolders(d)))
     return _schema_checked(root, mode, path)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders in ``folder`` (none when it is not one), from one listing: the entries' types come with it, no
+    ``stat`` each."""
+    try:
+        with os.scandir(folder) as it:
+            return [Path(e.path) for e in it if e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _no_store(where) -> StorageError:
