@@ -120,8 +120,8 @@ class Flow:
         self.first_report_seconds: float | None = None
         self._report_listing: frozenset | None = None  # on object storage: the report folder's objects, listed once
         self._token = uuid.uuid4().hex[:12]  # this flow's, in the names of its claims (Run.claim)
-        self._claimed = False  # whether this flow gave a claim out: its claims are removed as it ends
-        self._claims_out = False  # whether it ever did: removed again once its own cluster is gone
+        self._claimed = False  # whether this flow gave a claim out: its claims are removed as it ends, and again
+        # once its own cluster is gone
         self._settles_left = 0  # inputs tiled before whose task has not started, for whom the listing is kept
         # (below 0: released)
         self.inputs_total = 0
@@ -217,8 +217,7 @@ class Flow:
         finally:
             # a chunk task still running as the run stopped (a signal, an error) can claim its report part after the
             # claims went and before its worker did: with a cluster of this flow's own, gone now, none can any more
-            if client is None and self._claims_out:
-                self._claimed = True
+            if client is None:
                 self._release_claims()
 
     def _execute(self, client, cluster: ClusterConfig | None, on_dashboard) -> None:
@@ -259,7 +258,6 @@ class Flow:
             self.run.release_claims()
         except Exception as exc:  # noqa: BLE001
             log.info("could not remove this run's claims: %s", exc)
-        self._claimed = False
 
     @property
     def _staging(self) -> bool:
@@ -540,7 +538,7 @@ class Flow:
             inp.patient = patient_of(inp.gid, inp.attrs, self.mapping)
             inp.reports_in_chunks = True
             # one claim for the part (two chunk tasks that finish together may each see every chunk scored)
-            self._claimed = self._claims_out = True
+            self._claimed = True
             report = (inp.patient, self.threshold, self.report_cfg, f"report-{self._token}-{safe_name(inp.gid)}")
         for n, (index, start, stop) in enumerate(res["todo"]):
             # when the workers that tile also score, a chunk is scored in its tiling task: no round trip through
