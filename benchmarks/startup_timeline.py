@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from installed import as_installed
+from tiling_speed import first_chunk_flagged
 
 SITE = r'''
 import os, sys, time
@@ -103,8 +104,7 @@ def timeline(args: list[str], package: str | None = None) -> tuple[list[tuple[fl
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         first = None
         while proc.poll() is None:
-            inputs = out / "tiles.zarr" / "inputs"  # a chunk's flag: tiled/c.i (store.CHUNK_KEYS), or tiled/c/i before
-            if first is None and any(p for k in ("*/tiled/c.*", "*/tiled/c/*") for p in inputs.glob(k)):
+            if first is None and first_chunk_flagged(out):
                 first = time.time() - t0
             time.sleep(0.01)
         wall = time.time() - t0

@@ -98,6 +98,13 @@ def tiatoolbox(python: str, plans_, jobs_file: Path, workers: int) -> dict:
     return {"tia_tiles": r["tiles"], "tia_wall": r["wall"], "tia_version": r["version"]}
 
 
+def first_chunk_flagged(run: Path) -> bool:
+    """Whether some input of the run folder ``run`` has a chunk of tiles written and flagged: its ``tiled/c.I``
+    (``store.CHUNK_KEYS``), or ``tiled/c/I`` in a store written by a checkout from before them (``--baseline``)."""
+    inputs = run / "tiles.zarr" / "inputs"
+    return any(p for k in ("*/tiled/c.*", "*/tiled/c/*") for p in inputs.glob(k))
+
+
 def tree_cpu(root) -> list:
     """One sample of the CPU (user + system, s) of ``root`` (a ``psutil.Process``) and of every process below it, as
     ``[(process, cpu)]`` in the order of their pids (parents first, as a rule); those gone meanwhile are left out."""
@@ -137,8 +144,7 @@ def cancernet_tile(paths, run: Path, decode: str | None, workers: int, package: 
     root, cpu, first = psutil.Process(proc.pid), {}, None
     while proc.poll() is None:
         cpu.update((p.pid, c) for p, c in tree_cpu(root))
-        inputs = run / "tiles.zarr" / "inputs"  # a chunk's flag: tiled/c.i (store.CHUNK_KEYS), or tiled/c/i before
-        if first is None and any(p for k in ("*/tiled/c.*", "*/tiled/c/*") for p in inputs.glob(k)):
+        if first is None and first_chunk_flagged(run):
             first = time.perf_counter() - t0
         time.sleep(0.02)
     wall = time.perf_counter() - t0
