@@ -453,7 +453,8 @@ def _run_of(location: str, storage_options: dict | None, inputs=()):
 STAGE_CACHE = click.option(
     "--stage-cache-gb", default=20.0, show_default=True, type=Number(0, 1e6, low_open=True, unit="GB"),
     help="Size limit of each machine's local copies of object-storage slides that only OpenSlide reads (DICOM, "
-         "MRXS...; TIFF/SVS are read in place by range requests); $CANCERNET_STAGE_DIR sets where.")
+         "MRXS...; TIFF/SVS are read in place by range requests; a DICOM object comes with its folder's DICOM "
+         "objects, its series); $CANCERNET_STAGE_DIR sets where.")
 
 
 def _tiling_options(f):

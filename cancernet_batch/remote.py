@@ -351,6 +351,44 @@ def identity(objects: Mapping[str, Mapping]) -> tuple[int, str]:
     return sum(int(i.get("size") or 0) for i in objects.values()), h.hexdigest()[:32]
 
 
+DICOM_SUFFIX = ".dcm"
+"""A DICOM slide's instances (its levels, label, overview) are files of their own; OpenSlide finds the others of the
+one it opens among the files beside it, so on object storage such an object is staged with its folder's DICOM
+objects (:func:`dicom_folder`)."""
+
+
+def dicom_folder(url: str, options: Mapping | None = None) -> dict[str, dict]:
+    """``{url: info}`` of the DICOM objects (``*.dcm``) in the folder of ``url`` (one fresh LIST, not recursive),
+    sorted by URL, ``url`` among them: the files OpenSlide looks through for the other instances of a DICOM series.
+    :class:`InputError` when the listing fails."""
+    url = _strip(url)
+    parent = url.rsplit("/", 1)[0]
+    fs = filesystem(url, options)
+    proto = url.split("://", 1)[0]
+
+    def fresh_ls() -> list:
+        fs.invalidate_cache(parent)
+        return fs.ls(parent, detail=True)
+
+    out = {}
+    for i in _call(parent, "listing the DICOM slide's folder", fresh_ls):
+        rel = str(i.get("name", "")).split("://", 1)[-1].rstrip("/")
+        name = rel.rsplit("/", 1)[-1]
+        if i.get("type") != "directory" and name.lower().endswith(DICOM_SUFFIX) and not name.startswith("."):
+            out[f"{proto}://{rel}"] = i
+    return dict(sorted(out.items()))
+
+
+def series_stat(urls: list[str], options: Mapping | None = None) -> tuple[int, str]:
+    """``(total size, digest)`` of the objects of a DICOM series (all in one folder; :func:`identity`, one LIST):
+    the series' identity for resume. :class:`InputError` naming a member that is gone."""
+    found = dicom_folder(urls[0], options)
+    for u in urls:
+        if _strip(u) not in found:
+            raise InputError("a file of this DICOM series is gone", path=u, hint="upload the series' files again")
+    return identity({_strip(u): found[_strip(u)] for u in urls})
+
+
 def folder_stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
     """``(total size, digest)`` of every object under the prefix ``url`` (:func:`identity`; one LIST)."""
     return identity(listing(url, options))
@@ -1315,10 +1353,11 @@ def _lock(path: Path, mode: int, block: bool = True) -> int | None:
 
 
 class Staged:
-    """A local copy of an object in the staging cache, held (shared lock) until :meth:`release`."""
+    """A local copy of an object in the staging cache, held (shared lock) until :meth:`release`. ``together``:
+    ``{url: info}`` of the objects staged with it in one folder (a DICOM object's, :func:`dicom_folder`), else empty."""
 
-    def __init__(self, path: Path, fd: int, limit: int):
-        self.path, self._fd, self._limit = path, fd, limit
+    def __init__(self, path: Path, fd: int, limit: int, together: dict[str, dict] | None = None):
+        self.path, self._fd, self._limit, self.together = path, fd, limit, together or {}
 
     def release(self) -> None:
         if self._fd is not None:
@@ -1332,9 +1371,14 @@ class Staged:
                 os.close(self._fd)
 
 
-def _download(fs, url: str, dest: Path) -> None:
-    """``url`` into ``dest`` (a new folder); a MIRAX ``.mrxs`` brings its data folder (same stem) along."""
+def _download(fs, url: str, dest: Path, together: Iterable[str] = ()) -> None:
+    """``url`` into ``dest`` (a new folder), with the objects ``together`` (a DICOM object's folder; fetched
+    concurrently); a MIRAX ``.mrxs`` brings its data folder (same stem) along."""
     name = url.rsplit("/", 1)[-1]
+    others = [u for u in together if u != url]
+    if others:
+        fs.get([url, *others], [str(dest / u.rsplit("/", 1)[-1]) for u in (url, *others)])
+        return
     fs.get_file(url, str(dest / name))
     if name.lower().endswith(".mrxs"):
         folder = url[: -len(".mrxs")]
@@ -1345,7 +1389,10 @@ def _download(fs, url: str, dest: Path) -> None:
 def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = None, etag: str | None = None) -> Staged:
     """A local copy of the object ``url`` in this machine's staging cache (see the module doc).
 
-    Entries are keyed by URL and ETag (a changed object is a new entry). The copy is held until
+    Entries are keyed by URL and ETag (a changed object is a new entry). A DICOM object (``*.dcm``) is staged
+    with the other DICOM objects of its folder (:func:`dicom_folder`, one LIST), where OpenSlide looks for the
+    other instances of its series: one entry for the folder, keyed by its objects' names and ETags, shared by
+    the instances in it; :class:`InputError` when they are more than the cache holds. The copy is held until
     :meth:`Staged.release`; then, if the cache is over ``limit_gb``, entries nobody holds are removed,
     oldest first. Threads and processes staging the same object wait for one download.
     """
@@ -1353,19 +1400,33 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
 
     url = _strip(url)
     limit = int((DEFAULT_STAGE_GB if limit_gb is None else limit_gb) * 1024 ** 3)
-    if etag is None:
-        etag = stat(url, options)[1]
+    name = url.rsplit("/", 1)[-1]
+    together = dicom_folder(url, options) if name.lower().endswith(DICOM_SUFFIX) else {}
+    if url not in together:
+        together = {}
+    if len(together) > 1:
+        size, digest = identity(together)
+        if size > limit:
+            raise InputError(f"is a DICOM object among {len(together)} in its folder ({size / 1024 ** 3:.3g} GB), "
+                             f"more than the staging cache holds ({limit / 1024 ** 3:.3g} GB): OpenSlide finds a "
+                             f"DICOM slide's instances beside it, so the folder is staged whole", path=url,
+                             hint="keep each DICOM slide's files in a folder of their own (as DICOM exports do), "
+                                  "or raise --stage-cache-gb")
+        key = hashlib.sha256(f"{url.rsplit('/', 1)[0]}\0{digest}".encode()).hexdigest()[:24]
+    else:
+        together = {}
+        if etag is None:
+            etag = stat(url, options)[1]
+        key = hashlib.sha256(f"{url}\0{etag}".encode()).hexdigest()[:24]
     root = stage_dir()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    name = url.rsplit("/", 1)[-1]
-    key = hashlib.sha256(f"{url}\0{etag}".encode()).hexdigest()[:24]
     entry, lockfile = root / key, root / f"{key}.lock"
     fs = filesystem(url, options)
     while True:
         fd = _lock(lockfile, fcntl.LOCK_SH)  # waits only while another task downloads it
         if (entry / name).exists():
             os.utime(entry)
-            return Staged(entry / name, fd, limit)
+            return Staged(entry / name, fd, limit, together)
         os.close(fd)
         # exclusive to download it, without waiting: another task may have just staged it and hold it (shared,
         # for as long as its reader is open), or be between the two locks above; then look again
@@ -1379,7 +1440,7 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
                 tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
                 try:
                     log.debug("%s: staging to the local cache", url)
-                    _call(url, "staging the input", _download, fs, url, tmp)
+                    _call(url, "staging the input", _download, fs, url, tmp, together)
                     shutil.rmtree(entry, ignore_errors=True)
                     os.rename(tmp, entry)
                 except BaseException:
@@ -1391,7 +1452,7 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
             raise
         if (entry / name).exists():  # an evictor may have slipped in while the lock was converted
             os.utime(entry)
-            return Staged(entry / name, fd, limit)
+            return Staged(entry / name, fd, limit, together)
         os.close(fd)
 
 

@@ -353,6 +353,19 @@ def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[fl
     return region_reader(reader, level, decode=cfg.decode)((0.0, 0.0, lw, lh), size), f"level {level}"
 
 
+def _series_identity(reader: SlideReader, series_files: list[str]) -> tuple[int, str]:
+    """``(total size, digest)`` of a DICOM series on object storage, from the folder listing its reader was staged
+    with (:func:`cancernet_batch.remote.stage`): what :func:`cancernet_batch.remote.series_stat` finds on resume."""
+    from .remote import identity
+
+    beside = getattr(reader, "staged_objects", None) or {}
+    for f in series_files:
+        if str(f) not in beside:
+            raise InputError("is in this DICOM series but was not beside its first file when that was staged",
+                             path=f, hint="keep a DICOM slide's files in one folder, and run again")
+    return identity({str(f): beside[str(f)] for f in series_files})
+
+
 def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -> TilePlan:
     info = reader.info()
     path = reader.path
@@ -389,7 +402,9 @@ def _plan_slide(reader: SlideReader, cfg: TileConfig, series_files: list[str]) -
     coords = np.argwhere(keep).astype(np.int32).reshape(-1, 2)
     coords = coords[block_order(coords, cfg.block)]
     identity = getattr(reader, "source_identity", None)  # (size, etag) of an object on object storage
-    if identity is not None and not series_files:
+    if identity is not None and series_files:
+        identity = _series_identity(reader, series_files)
+    if identity is not None:
         (size, etag), mtime = identity, 0.0
     else:
         (size, mtime), etag = _stat(path, series_files), None
@@ -523,6 +538,13 @@ def _info_summary(info) -> dict:
                                                for (w, h), d in zip(info.level_dimensions, info.level_downsamples)]}
 
 
+def series_group(source: str, series_key: str | None) -> str:
+    """What groups the files of one DICOM series into one input: its series key (``SlideInfo.series_key``) within
+    one folder, where OpenSlide finds a DICOM slide's instances (a copy of the series in another folder is a
+    slide of its own); a file with no series key is its own group."""
+    return f"{series_key}|{str(source).rsplit('/', 1)[0]}" if series_key else str(source)
+
+
 def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig, storage_options: dict | None = None) -> list[dict]:
     """What ``tile`` would do for each input, without writing anything (one JSON-able dict per input).
 
@@ -560,8 +582,9 @@ def inspect_inputs(paths: list[str | os.PathLike], cfg: TileConfig, storage_opti
         except CancerNetError as exc:
             out[spec.source] = error({"source": spec.source, "kind": "slide"}, "preflight", exc)
             continue
-        series.setdefault(info.series_key or spec.source, []).append(spec.source)
+        series.setdefault(series_group(spec.source, info.series_key), []).append(spec.source)
     for files in series.values():
+        files = sorted(files)
         for member in files[1:]:
             out[member] = {**_info_summary(infos[member]), "series_of": files[0]}
         try:
@@ -581,6 +604,6 @@ def _inspect_plan(files: list[str], cfg: TileConfig, storage_options: dict | Non
         return plan_slide(files[0], cfg, series_files=files if len(files) > 1 else []).summary()
     reader = open_slide(files[0], storage_options=storage_options, stage_limit_gb=cfg.stage_cache_gb)
     try:
-        return plan_slide(files[0], cfg, reader=reader).summary()
+        return plan_slide(files[0], cfg, reader=reader, series_files=files if len(files) > 1 else []).summary()
     finally:
         reader.close()

@@ -557,9 +557,9 @@ def test_two_tasks_staging_one_object_at_once_both_get_it_while_the_first_holds_
                 both_looked.wait(timeout=5)
         return real_lock(path, mode, block)
 
-    def download(fs, u, dest):
+    def download(fs, u, dest, *together):
         downloads.append(u)
-        return real_download(fs, u, dest)
+        return real_download(fs, u, dest, *together)
 
     real_download = remote._download
     monkeypatch.setattr(remote, "_lock", lock)
@@ -574,6 +574,99 @@ def test_two_tasks_staging_one_object_at_once_both_get_it_while_the_first_holds_
     pool.shutdown(wait=True)
     assert len(held) == 2, "the second task waited for a lock the first one holds"
     assert len(downloads) == 1 and len(paths) == 1
+
+
+@pytest.fixture(scope="module")
+def dicom_folder(s3, slides_dir, tmp_path_factory):
+    """A folder of DICOM objects, locally and under ``s3://BUCKET/dicomwsi/``: the real CMU-1-Small-Region as a
+    DICOM series of three instances (level 0, level 1 at 4x, a thumbnail: ``cmu1_*.dcm``), another slide's instance
+    (the shared ``boxes_0.dcm``: a series of its own, too small to tile) and a file that is not DICOM."""
+    import shutil
+
+    from PIL import Image
+
+    from dicom_wsi import write_series
+    from cancernet_batch.slides import open_slide
+
+    folder = tmp_path_factory.mktemp("dicomwsi")
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as r:
+        rgb = r.read_region(0, 0, 0, *r.level_dimensions[0])
+    write_series(folder, "cmu1", [rgb, np.asarray(Image.fromarray(rgb).reduce(4))], 0.499,
+                 thumbnail=np.asarray(Image.fromarray(rgb).reduce(16)))
+    shutil.copy(slides_dir / "boxes_0.dcm", folder / "boxes_0.dcm")
+    (folder / "notes.txt").write_text("scanned 2009\n")
+    fs = s3.fs()
+    for p in sorted(folder.iterdir()):
+        fs.put_file(str(p), f"{BUCKET}/dicomwsi/{p.name}")
+    return folder
+
+
+def test_a_dicom_series_on_s3_is_staged_with_its_folder_and_tiled_once_as_the_local_folder(
+        s3, dicom_folder, client, tmp_path, capsys, monkeypatch):
+    """OpenSlide finds a DICOM slide's other instances beside the file it opens: staged alone, each instance of a
+    series on S3 was a slide of its own (level 0 without its pyramid, the level 1 instance as a slide at the wrong
+    scale, the thumbnail a failure). Staged with its folder's DICOM objects, the series is one input with the local
+    folder's tiles bit for bit, resumed by its files' sizes and ETags, and each object is downloaded once."""
+    import zarr
+
+    from cancernet_batch import remote
+
+    monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
+    prefix = f"s3://{BUCKET}/dicomwsi"
+    common = ["--chunk-size", "16", "--scheduler", client.scheduler.address]
+    rc, out_l, err_l = _main(capsys, "tile", str(dicom_folder), "--out", str(tmp_path / "local"), *common)
+    s3.server.reset()
+    s3_args = ["tile", f"{prefix}/", "--out", str(tmp_path / "s3"), *common, "--storage-options", json.dumps(s3.options())]
+    rc_s, out_s, err_s = _main(capsys, *s3_args)
+    assert rc == rc_s == 3, (out_l, err_l, out_s, err_s)  # boxes_0.dcm: smaller than one tile, in both
+    for out, base in ((out_l, str(dicom_folder)), (out_s, prefix)):
+        assert f"tiled    {base}/cmu1_0.dcm: 21 tiles, grid 7 x 5, level 1" in out, out
+        for member in ("cmu1_1.dcm", "cmu1_thumb.dcm"):
+            assert f"series   {base}/{member}: same DICOM series as {base}/cmu1_0.dcm" in out, out
+    fails = {m: _csv((tmp_path / m / "failures.csv").read_bytes()) for m in ("local", "s3")}
+    assert [(f["input"].rsplit("/", 1)[1], f["stage"]) for f in fails["local"]] == [("boxes_0.dcm", "plan")]
+    assert [(f["input"].rsplit("/", 1)[1], f["stage"]) for f in fails["s3"]] == [("boxes_0.dcm", "plan")]
+    # every DICOM object downloaded whole once (the series' folder staged once for all its instances), the
+    # file that is not DICOM never
+    whole = sorted(g.path.rsplit("/", 1)[1] for g in s3.server.gets("/dicomwsi/") if not g.range)
+    assert whole == sorted(p.name for p in dicom_folder.glob("*.dcm")), whole
+
+    groups = {m: zarr.open_group(str(tmp_path / m / "tiles.zarr"), mode="r")["inputs"] for m in ("local", "s3")}
+    (gl,), (gs,) = (list(groups[m].group_keys()) for m in ("local", "s3"))
+    for name in ("tiles", "coords", "tissue", "thumbnail"):
+        assert np.array_equal(groups["local"][gl][name][:], groups["s3"][gs][name][:]), name
+    series = [f"{prefix}/cmu1_0.dcm", f"{prefix}/cmu1_1.dcm", f"{prefix}/cmu1_thumb.dcm"]
+    attrs = dict(groups["s3"][gs].attrs)
+    assert attrs["extra"]["series_files"] == series
+    assert (attrs["source_size"], attrs["extra"]["source_etag"]) == remote.series_stat(series, s3.options())
+    assert attrs["source_size"] == sum((dicom_folder / u.rsplit("/", 1)[1]).stat().st_size for u in series)
+
+    # the same command again: the series is complete and unchanged (its files' sizes and ETags, one listing)
+    rc, out2, err2 = _main(capsys, *s3_args)
+    assert rc == 3 and "tile: 0 inputs tiled" in out2 and "3 skipped (complete, unchanged)" in out2, out2
+    # one instance replaced: the series is tiled again
+    s3.fs().put_file(str(dicom_folder / "cmu1_1.dcm"), f"{BUCKET}/dicomwsi/cmu1_thumb.dcm")
+    try:
+        rc, out3, err3 = _main(capsys, *s3_args)
+        assert "tile: 1 inputs tiled" in out3, out3
+    finally:
+        s3.fs().put_file(str(dicom_folder / "cmu1_thumb.dcm"), f"{BUCKET}/dicomwsi/cmu1_thumb.dcm")
+
+    # staged directly: every instance of the folder in one entry, shared; the file that is not DICOM left out
+    held = [remote.stage(u, s3.options()) for u in series]
+    try:
+        assert len({h.path.parent for h in held}) == 1
+        assert sorted(p.name for p in held[0].path.parent.iterdir()) == sorted(p.name for p in dicom_folder.glob("*.dcm"))
+        assert sorted(held[0].together) == sorted(f"{prefix}/{p.name}" for p in dicom_folder.glob("*.dcm"))
+    finally:
+        for h in held:
+            h.release()
+    # a folder of DICOM objects larger than the staging cache: one line that names the object and the way out
+    rc, out4, err4 = _main(capsys, "tile", f"{prefix}/cmu1_0.dcm", "--out", str(tmp_path / "small-cache"), *common,
+                           "--stage-cache-gb", "0.001", "--storage-options", json.dumps(s3.options()))
+    (f,) = _csv((tmp_path / "small-cache" / "failures.csv").read_bytes())
+    assert rc == 3 and f["input"] == f"{prefix}/cmu1_0.dcm" and "\n" not in f["message"], f
+    assert "is a DICOM object among 4 in its folder" in f["message"] and "--stage-cache-gb" in f["message"], f
 
 
 def _open_name(args) -> str:

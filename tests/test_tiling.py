@@ -511,3 +511,37 @@ def test_a_prepare_killed_before_its_attrs_is_made_again_on_resume(case, synth_s
     g = run.open_input(store.input_id(slide))
     assert np.array_equal(g["coords"][:], plan.coords) and np.array_equal(g["tissue"][:], plan.tissue)
     assert np.array_equal(g["thumbnail"][:], plan.thumbnail) and plan.thumbnail.any()
+
+
+def test_a_dicom_series_is_one_slide_per_folder_and_a_copy_elsewhere_is_another(slides_dir, tmp_path, client, capsys):
+    """OpenSlide finds a DICOM slide's instances beside the file it opens, so a series is grouped within its folder:
+    the real CMU-1-Small-Region as a series of three instances, and a copy of the same series (the same UIDs) in
+    another folder, are two slides, each tiled once from its own folder's pyramid (before: one input, its
+    identity the six files')."""
+    from PIL import Image
+
+    from cancernet_batch.slides import open_slide
+    from dicom_wsi import write_series
+
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as r:
+        rgb = r.read_region(0, 0, 0, *r.level_dimensions[0])
+    a, b = tmp_path / "scans" / "a", tmp_path / "scans" / "b"
+    files = write_series(a, "cmu1", [rgb, np.asarray(Image.fromarray(rgb).reduce(4))], 0.499,
+                         thumbnail=np.asarray(Image.fromarray(rgb).reduce(16)))
+    shutil.copytree(a, b)
+    run = tmp_path / "run"
+    assert main(["tile", str(tmp_path / "scans"), "--out", str(run), "--scheduler", client.scheduler.address]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "2 inputs tiled (42 tiles" in out, out
+    for folder in (a, b):
+        for member in ("cmu1_1.dcm", "cmu1_thumb.dcm"):
+            assert f"series   {folder / member}: same DICOM series as {folder / 'cmu1_0.dcm'}" in out, out
+        g = _group(run, folder / "cmu1_0.dcm")
+        assert g.attrs["extra"]["series_files"] == [str(folder / f.name) for f in files]
+        assert g.attrs["source_size"] == sum(f.stat().st_size for f in files) and g.attrs["level"] == 1
+    assert np.array_equal(_group(run, a / "cmu1_0.dcm")["tiles"][:], _group(run, b / "cmu1_0.dcm")["tiles"][:])
+    assert main(["inspect", str(tmp_path / "scans"), "--json"]) == EXIT_OK
+    entries = {e["source"]: e for e in json.loads(capsys.readouterr().out)}
+    for folder in (a, b):
+        assert entries[str(folder / "cmu1_1.dcm")]["series_of"] == str(folder / "cmu1_0.dcm")
+        assert entries[str(folder / "cmu1_0.dcm")]["tissue_tiles"] == 21

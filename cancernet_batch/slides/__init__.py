@@ -88,8 +88,9 @@ def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: f
     A TIFF (Aperio SVS, generic and OME-TIFF, NDPI where tifffile reads it) is read in place by
     tifffile over range requests (:class:`cancernet_batch.remote.RangeFile`); anything else, or a
     TIFF tifffile refuses, is staged to this machine's bounded cache (:func:`cancernet_batch.remote.stage`)
-    and opened locally, the copy held until the reader is closed. Either way the reader's ``path``
-    is the URL, and ``source_identity`` is the object's ``(size, etag)``.
+    and opened locally, the copy held until the reader is closed (a DICOM object with the DICOM objects of its
+    folder, where OpenSlide finds the other instances of its series: ``staged_objects``). Either way the reader's
+    ``path`` is the URL, and ``source_identity`` is the object's ``(size, etag)``.
 
     ``identity``: the object's ``(size, etag)`` when the caller has just looked it up (no second HEAD).
     ``header``: the blocks its TIFF header lies in, as an earlier open found them (the reader's
@@ -133,6 +134,7 @@ def open_remote(url: str, storage_options: dict | None = None, stage_limit_gb: f
         raise
     reader.path = remote.as_path(url)
     reader.source_identity = (size, etag)
+    reader.staged_objects = staged.together  # a DICOM object's folder, staged with it: its series' identity
     close = reader.close
 
     def close_and_release() -> None:

@@ -46,7 +46,7 @@ from ..errors import ModelError, StorageError
 from ..failures import Failure
 from ..runfolder import Run, safe_name
 from ..remote import is_url
-from ..tiling import InputSpec, TileConfig, discover_some
+from ..tiling import InputSpec, TileConfig, discover_some, series_group
 from .tile import (TileSummary, _worker_error, is_fresh, patches_task, preflight_task, prepare_slide_task,
                    tile_chunk_task)
 
@@ -179,7 +179,7 @@ class Flow:
         for spec in todo:
             if spec.source in done_members:
                 fresh.append((spec, ""))  # a member of a tiled DICOM series: nothing of its own to do
-            elif spec.kind == "slide" and spec.path.suffix.lower() == ".dcm" and not is_url(spec.source):
+            elif spec.kind == "slide" and spec.path.suffix.lower() == ".dcm":
                 self.dicom.append(spec)  # grouped into series after their preflight, before the stream
             else:
                 self._enqueue(spec.source, store.input_id(spec.source), "tile", spec=spec)
@@ -740,7 +740,7 @@ class Flow:
                 self.inputs_failed += 1
                 self._drop(store.input_id(source))
                 continue
-            series.setdefault(res.get("series_key") or source, []).append(source)
+            series.setdefault(series_group(source, res.get("series_key")), []).append(source)
         by_source = {s.source: s for s in self.dicom}
         for files in series.values():
             files = sorted(files)

@@ -375,16 +375,19 @@ def patches_task(run: Run, source: str, cfg: TileConfig, scoring=None) -> dict |
 
 def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig, storage_options: dict | None = None) -> bool:
     """True when a stored input is complete and matches the source (on disk: size and mtime; on object
-    storage: size and ETag, one HEAD request; a patient folder there: total size and a digest of its
-    objects' names and ETags, one LIST) and these settings."""
-    from ..remote import folder_stat, is_url, stat
+    storage: size and ETag, one HEAD request; a patient folder or a DICOM series there: total size and a digest
+    of its objects' names and ETags, one LIST) and these settings."""
+    from ..remote import folder_stat, is_url, series_stat, stat
 
     if not attrs.get("complete"):
         return False
     extra = attrs.get("extra") or {}
     if is_url(spec.source):
         try:
-            size, etag = (folder_stat if spec.kind == "patches" else stat)(spec.source, storage_options)
+            if extra.get("series_files"):  # a DICOM series: its files' total size and digest (one LIST)
+                size, etag = series_stat(extra["series_files"], storage_options)
+            else:
+                size, etag = (folder_stat if spec.kind == "patches" else stat)(spec.source, storage_options)
         except CancerNetError:
             return False
         if size != attrs.get("source_size") or etag != extra.get("source_etag"):
