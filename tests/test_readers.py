@@ -181,3 +181,18 @@ def test_a_tiffs_pages_are_kept_once_parsed_unless_there_are_many(tmp_path, page
         first, again = list(tif.pages), list(tif.pages)  # both held: a page parsed again is another object
         assert tif.pages.cache is cached and all(a is b for a, b in zip(first, again)) is cached
         assert [int(p.asarray()[0, 0, 0]) for p in tif.pages] == list(range(pages))  # read the same either way
+
+
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs", "small.svs", "synthetic"])
+def test_tifffile_states_the_objective_power_openslide_states(name, slides_dir, tmp_path):
+    """A slide read in place on object storage goes through tifffile: its objective power (Aperio's AppMag) is
+    recorded as OpenSlide records the same file's (it was None from tifffile: the local and remote runs of one
+    slide differed in the input's attributes)."""
+    path = tmp_path / "s.svs" if name == "synthetic" else slides_dir / name
+    if name == "synthetic":
+        write_slide(SlideSpec(path=path, width=1024, height=768, mpp=0.25, seed=3, format="svs"))
+    with TiffFileReader(path) as t, OpenSlideReader(path) as o:
+        assert t.objective == o.objective
+        assert t.info().objective == o.info().objective
+    if name != "tcga-cr-7395-01a-01-ts1.svs":  # the TCGA sample states none
+        assert o.objective is not None

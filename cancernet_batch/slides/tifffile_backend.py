@@ -28,6 +28,7 @@ _UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.
             "m": 1e6, "Å": 1e-4, "pm": 1e-6}
 _RESUNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, centimetre, millimetre, micrometre
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
+_APERIO_MAG = re.compile(r"\|\s*AppMag\s*=\s*([0-9.]+)")
 
 
 CACHED_PAGES = 64
@@ -116,6 +117,16 @@ def tiff_mpp(tif, page) -> tuple[tuple[float | None, float | None], str | None]:
     return (None, None), None
 
 
+def tiff_objective(tif, page) -> str | None:
+    """The scanner's objective power as the file states it (Aperio's ``AppMag``, Hamamatsu's ``Magnification``
+    tag), the value OpenSlide gives as ``openslide.objective-power``; ``None`` when it states none."""
+    m = _APERIO_MAG.search(page.description or "") if tif.is_svs else None
+    if m:
+        return m.group(1)
+    mag = (getattr(page, "ndpi_tags", None) or {}).get("Magnification") if tif.is_ndpi else None
+    return f"{mag:g}" if isinstance(mag, (int, float)) and mag > 0 else None
+
+
 class TiffFileReader(SlideReader):
     """A TIFF read with tifffile; the largest image series is the slide, its levels the pyramid."""
 
@@ -187,6 +198,7 @@ class TiffFileReader(SlideReader):
         (self.mpp_x, self.mpp_y), where = tiff_mpp(tif, series.levels[0].keyframe)
         self.vendor = ("ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "imagej" if tif.is_imagej
                        else "ndpi" if tif.is_ndpi else "tiff")
+        self.objective = tiff_objective(tif, series.levels[0].keyframe)
         self.properties = {"tifffile.series": series.name or "", "tifffile.axes": axes,
                            "tifffile.compression": series.levels[0].keyframe.compression.name,
                            "tifffile.mpp-source": where or ""}
