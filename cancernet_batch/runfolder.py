@@ -166,14 +166,15 @@ class LocalFS:
         run's own ``folder`` (those writers are atomic on disk)."""
         yield Path(folder)
 
-    def remove_unkept(self, folder: Path, suffix: str, keep: set[str]) -> None:
-        """Remove the entries of ``folder`` named ``*suffix`` but not in ``keep`` (files, or folders: an OME-Zarr)."""
+    def remove_unkept(self, folder: Path, suffixes: tuple[str, ...], keep: set[str]) -> None:
+        """Remove the entries of ``folder`` named ``*SUFFIX`` (any of ``suffixes``) but not in ``keep`` (files, or
+        folders: an OME-Zarr)."""
         folder = Path(folder)
         if folder.is_dir():
             import shutil
 
-            for p in folder.glob(f"*{suffix}"):
-                if p.name in keep or p.name.startswith(".tmp-"):
+            for p in folder.iterdir():
+                if not p.name.endswith(suffixes) or p.name in keep or p.name.startswith(".tmp-"):
                     continue
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
@@ -742,11 +743,26 @@ class FsspecFS:
             raise self._error(exc, folder, "listing") from None
         return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
-    def remove_unkept(self, folder, suffix: str, keep: set[str]) -> None:
-        """Remove the objects under ``folder`` whose first name part ends in ``suffix`` and is not in ``keep``."""
-        for name in self._names(folder):
-            if name.endswith(suffix) and name not in keep:
-                self._call(folder, "removing", self.fs.rm, f"{folder}/{name}", recursive=True)
+    def remove_unkept(self, folder, suffixes: tuple[str, ...], keep: set[str]) -> None:
+        """Remove the objects under ``folder`` whose first name part ends in one of ``suffixes`` and is not in
+        ``keep``: one listing of the folder, its objects removed together (S3: one bulk delete), each prefix (an
+        OME-Zarr) with what lies under it."""
+        self.check(folder)
+        try:
+            entries = self.fs.ls(str(folder), detail=True)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, folder, "listing") from None
+        objects, prefixes = [], []
+        for e in entries:
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffixes) and name not in keep:
+                (prefixes if e.get("type") == "directory" else objects).append(f"{folder}/{name}")
+        if objects:
+            self._call(folder, "removing", self.fs.rm, objects)
+        for p in prefixes:
+            self._call(folder, "removing", self.fs.rm, p, recursive=True)
 
     def find(self, folder) -> set[str]:
         """Every object under ``folder``, at any depth, as a path relative to it: one listing (a request per 1,000
@@ -1078,8 +1094,11 @@ class Run:
         for rel in kept:
             folder, _, name = rel.partition("/")
             keep.setdefault(folder, set()).add(name)
+        suffixes: dict[str, tuple[str, ...]] = {}
         for folder, suffix in InputFiles.CLEANED:
-            self.fs.remove_unkept(self.report_dir / folder, suffix, keep.get(folder, set()))
+            suffixes[folder] = (*suffixes.get(folder, ()), suffix)
+        for folder, ends in suffixes.items():  # one listing a folder
+            self.fs.remove_unkept(self.report_dir / folder, ends, keep.get(folder, set()))
 
     # failures --------------------------------------------------------------------------------
     def failures(self) -> list[Failure]:

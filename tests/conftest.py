@@ -98,6 +98,29 @@ def slides_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def dicom_series_dir(slides_dir, tmp_path_factory) -> Path:
+    """A folder of DICOM files: the real CMU-1-Small-Region as a DICOM WSI series of three instances (level 0,
+    level 1 at 4x, a thumbnail: ``cmu1_*.dcm``; ``tests/dicom_wsi.py``), another slide's instance (the shared
+    ``boxes_0.dcm``: a series of its own, too small to tile) and a file that is not DICOM (``notes.txt``)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from cancernet_batch.slides import open_slide
+    from dicom_wsi import write_series
+
+    folder = tmp_path_factory.mktemp("dicomwsi")
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as r:
+        rgb = r.read_region(0, 0, 0, *r.level_dimensions[0])
+    write_series(folder, "cmu1", [rgb, np.asarray(Image.fromarray(rgb).reduce(4))], 0.499,
+                 thumbnail=np.asarray(Image.fromarray(rgb).reduce(16)))
+    shutil.copy(slides_dir / "boxes_0.dcm", folder / "boxes_0.dcm")
+    (folder / "notes.txt").write_text("scanned 2009\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def synth_patch_dir(tmp_path_factory) -> Path:
     """Four synthetic patients, 60 patches each."""
     from cancernet_batch.synth import synth_patches

@@ -273,3 +273,15 @@ def test_azure_credentials_from_the_environment_as_adlfs_reads_them(azure, az_in
     for name in fs.find(f"{CONTAINER}/runs/env"):
         if name.endswith((".json", ".csv", ".html")):
             assert KEY not in fs.cat_file(name).decode("utf-8", "replace"), name
+
+
+def test_a_dicom_series_on_azure_is_one_slide_with_the_local_folders_tiles(azure, dicom_series_dir, client, tmp_path,
+                                                                            capsys, monkeypatch):
+    """A DICOM series' blobs are staged with their folder (adlfs's listing), as on S3."""
+    from test_s3 import tile_dicom_series_as_local
+
+    monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
+    fs = azure.fs()
+    for p in sorted(dicom_series_dir.iterdir()):
+        fs.put_file(str(p), f"{CONTAINER}/dicomwsi/{p.name}")
+    tile_dicom_series_as_local(f"az://{CONTAINER}/dicomwsi", azure.options(), dicom_series_dir, client, tmp_path, capsys)

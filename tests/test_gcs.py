@@ -129,3 +129,15 @@ def test_the_flags_of_an_input_on_gcs_are_read_from_one_listing_by_their_md5(gcs
 
     assert_flags_listed_by_md5(f"gs://{BUCKET}/runs/flags", gcs, f"gs://{BUCKET}/x/F1",
                                lambda key, data: _fs(gcs).pipe_file(f"{BUCKET}/runs/flags/{key}", data))
+
+
+def test_a_dicom_series_on_gcs_is_one_slide_with_the_local_folders_tiles(gcs, dicom_series_dir, client, tmp_path,
+                                                                          capsys, monkeypatch):
+    """A DICOM series' objects on GCS are staged with their folder (gcsfs's listing), as on S3."""
+    from test_s3 import tile_dicom_series_as_local
+
+    monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
+    fs = _fs(gcs)
+    for p in sorted(dicom_series_dir.iterdir()):
+        fs.put_file(str(p), f"{BUCKET}/dicomwsi/{p.name}")
+    tile_dicom_series_as_local(f"gs://{BUCKET}/dicomwsi", gcs, dicom_series_dir, client, tmp_path, capsys)

@@ -577,28 +577,45 @@ def test_two_tasks_staging_one_object_at_once_both_get_it_while_the_first_holds_
 
 
 @pytest.fixture(scope="module")
-def dicom_folder(s3, slides_dir, tmp_path_factory):
-    """A folder of DICOM objects, locally and under ``s3://BUCKET/dicomwsi/``: the real CMU-1-Small-Region as a
-    DICOM series of three instances (level 0, level 1 at 4x, a thumbnail: ``cmu1_*.dcm``), another slide's instance
-    (the shared ``boxes_0.dcm``: a series of its own, too small to tile) and a file that is not DICOM."""
-    import shutil
-
-    from PIL import Image
-
-    from dicom_wsi import write_series
-    from cancernet_batch.slides import open_slide
-
-    folder = tmp_path_factory.mktemp("dicomwsi")
-    with open_slide(slides_dir / "cmu-1-small-region.svs") as r:
-        rgb = r.read_region(0, 0, 0, *r.level_dimensions[0])
-    write_series(folder, "cmu1", [rgb, np.asarray(Image.fromarray(rgb).reduce(4))], 0.499,
-                 thumbnail=np.asarray(Image.fromarray(rgb).reduce(16)))
-    shutil.copy(slides_dir / "boxes_0.dcm", folder / "boxes_0.dcm")
-    (folder / "notes.txt").write_text("scanned 2009\n")
+def dicom_folder(s3, dicom_series_dir):
+    """``dicom_series_dir`` (conftest) under ``s3://BUCKET/dicomwsi/`` too."""
     fs = s3.fs()
-    for p in sorted(folder.iterdir()):
+    for p in sorted(dicom_series_dir.iterdir()):
         fs.put_file(str(p), f"{BUCKET}/dicomwsi/{p.name}")
-    return folder
+    return dicom_series_dir
+
+
+def tile_dicom_series_as_local(prefix: str, options: dict, local_dir, client, tmp_path, capsys) -> list[str]:
+    """``cancernet tile`` over ``local_dir`` (``dicom_series_dir``) and over the same objects under the URL
+    ``prefix``: each run tiles the series once (the other instances listed as its members) with the same tiles,
+    and fails ``boxes_0.dcm`` (too small); the same command again finds the series complete and unchanged.
+    Returns the series' URLs; the runs are ``tmp_path/local`` and ``tmp_path/remote``."""
+    import zarr
+
+    common = ["--chunk-size", "16", "--scheduler", client.scheduler.address]
+    rc, out_l, err_l = _main(capsys, "tile", str(local_dir), "--out", str(tmp_path / "local"), *common)
+    remote_args = ["tile", f"{prefix}/", "--out", str(tmp_path / "remote"), *common, "--storage-options", json.dumps(options)]
+    rc_r, out_r, err_r = _main(capsys, *remote_args)
+    assert rc == rc_r == 3, (out_l, err_l, out_r, err_r)  # boxes_0.dcm: smaller than one tile, in both
+    for out, base in ((out_l, str(local_dir)), (out_r, prefix)):
+        assert f"tiled    {base}/cmu1_0.dcm: 21 tiles, grid 7 x 5, level 1" in out, out
+        for member in ("cmu1_1.dcm", "cmu1_thumb.dcm"):
+            assert f"series   {base}/{member}: same DICOM series as {base}/cmu1_0.dcm" in out, out
+    for m in ("local", "remote"):
+        fails = _csv((tmp_path / m / "failures.csv").read_bytes())
+        assert [(f["input"].rsplit("/", 1)[1], f["stage"]) for f in fails] == [("boxes_0.dcm", "plan")], fails
+    groups = {m: zarr.open_group(str(tmp_path / m / "tiles.zarr"), mode="r")["inputs"] for m in ("local", "remote")}
+    (gl,), (gr,) = (list(groups[m].group_keys()) for m in ("local", "remote"))
+    for name in ("tiles", "coords", "tissue", "thumbnail"):
+        assert np.array_equal(groups["local"][gl][name][:], groups["remote"][gr][name][:]), name
+    series = [f"{prefix}/cmu1_0.dcm", f"{prefix}/cmu1_1.dcm", f"{prefix}/cmu1_thumb.dcm"]
+    attrs = dict(groups["remote"][gr].attrs)
+    assert attrs["extra"]["series_files"] == series
+    assert attrs["source_size"] == sum((local_dir / u.rsplit("/", 1)[1]).stat().st_size for u in series)
+    # the same command again: the series is complete and unchanged (its files' sizes and ETags, one listing)
+    rc, out2, err2 = _main(capsys, *remote_args)
+    assert rc == 3 and "tile: 0 inputs tiled" in out2 and "3 skipped (complete, unchanged)" in out2, out2
+    return series
 
 
 def test_a_dicom_series_on_s3_is_staged_with_its_folder_and_tiled_once_as_the_local_folder(
@@ -614,36 +631,18 @@ def test_a_dicom_series_on_s3_is_staged_with_its_folder_and_tiled_once_as_the_lo
     monkeypatch.setenv("CANCERNET_STAGE_DIR", str(tmp_path / "stage"))
     prefix = f"s3://{BUCKET}/dicomwsi"
     common = ["--chunk-size", "16", "--scheduler", client.scheduler.address]
-    rc, out_l, err_l = _main(capsys, "tile", str(dicom_folder), "--out", str(tmp_path / "local"), *common)
+    s3_args = ["tile", f"{prefix}/", "--out", str(tmp_path / "remote"), *common, "--storage-options", json.dumps(s3.options())]
     s3.server.reset()
-    s3_args = ["tile", f"{prefix}/", "--out", str(tmp_path / "s3"), *common, "--storage-options", json.dumps(s3.options())]
-    rc_s, out_s, err_s = _main(capsys, *s3_args)
-    assert rc == rc_s == 3, (out_l, err_l, out_s, err_s)  # boxes_0.dcm: smaller than one tile, in both
-    for out, base in ((out_l, str(dicom_folder)), (out_s, prefix)):
-        assert f"tiled    {base}/cmu1_0.dcm: 21 tiles, grid 7 x 5, level 1" in out, out
-        for member in ("cmu1_1.dcm", "cmu1_thumb.dcm"):
-            assert f"series   {base}/{member}: same DICOM series as {base}/cmu1_0.dcm" in out, out
-    fails = {m: _csv((tmp_path / m / "failures.csv").read_bytes()) for m in ("local", "s3")}
-    assert [(f["input"].rsplit("/", 1)[1], f["stage"]) for f in fails["local"]] == [("boxes_0.dcm", "plan")]
-    assert [(f["input"].rsplit("/", 1)[1], f["stage"]) for f in fails["s3"]] == [("boxes_0.dcm", "plan")]
+    series = tile_dicom_series_as_local(prefix, s3.options(), dicom_folder, client, tmp_path, capsys)
     # every DICOM object downloaded whole once (the series' folder staged once for all its instances), the
     # file that is not DICOM never
     whole = sorted(g.path.rsplit("/", 1)[1] for g in s3.server.gets("/dicomwsi/") if not g.range)
     assert whole == sorted(p.name for p in dicom_folder.glob("*.dcm")), whole
-
-    groups = {m: zarr.open_group(str(tmp_path / m / "tiles.zarr"), mode="r")["inputs"] for m in ("local", "s3")}
-    (gl,), (gs,) = (list(groups[m].group_keys()) for m in ("local", "s3"))
-    for name in ("tiles", "coords", "tissue", "thumbnail"):
-        assert np.array_equal(groups["local"][gl][name][:], groups["s3"][gs][name][:]), name
-    series = [f"{prefix}/cmu1_0.dcm", f"{prefix}/cmu1_1.dcm", f"{prefix}/cmu1_thumb.dcm"]
-    attrs = dict(groups["s3"][gs].attrs)
-    assert attrs["extra"]["series_files"] == series
+    inputs = zarr.open_group(str(tmp_path / "remote" / "tiles.zarr"), mode="r")["inputs"]
+    (gid,) = inputs.group_keys()
+    attrs = dict(inputs[gid].attrs)
     assert (attrs["source_size"], attrs["extra"]["source_etag"]) == remote.series_stat(series, s3.options())
-    assert attrs["source_size"] == sum((dicom_folder / u.rsplit("/", 1)[1]).stat().st_size for u in series)
 
-    # the same command again: the series is complete and unchanged (its files' sizes and ETags, one listing)
-    rc, out2, err2 = _main(capsys, *s3_args)
-    assert rc == 3 and "tile: 0 inputs tiled" in out2 and "3 skipped (complete, unchanged)" in out2, out2
     # one instance replaced: the series is tiled again
     s3.fs().put_file(str(dicom_folder / "cmu1_1.dcm"), f"{BUCKET}/dicomwsi/cmu1_thumb.dcm")
     try:
@@ -1193,6 +1192,35 @@ def test_setting_up_an_inputs_scoring_on_the_client_costs_few_requests(s3):
     chunks, n = input_chunks_to_score(run.open_input(gid), gid, scoring)
     assert (chunks, n) == ([(gid, 0, 0, 4), (gid, 2, 8, 10)], 3)
     assert list(store.done_mask(run.open_store("r")["inputs"][gid])) == [False, True, False]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_files_of_inputs_no_longer_reported_go_in_one_listing_a_folder(s3, tmp_path, where):
+    """``Run.remove_unreported`` removes every per-input report file (``InputFiles.CLEANED``: heatmap, thumbnail,
+    view, GeoJSON and regions, OME-Zarr and OME-TIFF) of the inputs not kept, keeps the kept ones' and the other
+    files, and on object storage lists each of the report's three folders once (it listed a folder per suffix:
+    seven listings) and removes what it found there in one bulk delete."""
+    from cancernet_batch.runfolder import InputFiles
+
+    run = (Run.of(f"s3://{BUCKET}/unreported/run", s3.options()) if where == "s3" else Run.of(tmp_path / "run")).create()
+    kept, gone = InputFiles.of("a-1"), InputFiles.of("b-2")
+    for f in (kept, gone):
+        for rel in (f.heatmap, f.thumb, f.view, f.geojson, f.regions, f.ome_tiff, f"{f.ome_zarr}/.zattrs",
+                    f"{f.ome_zarr}/0/0/0"):
+            run.fs.write_bytes(run.report_file(rel), b"x")
+    run.fs.write_bytes(run.report_file("index.html"), b"x")
+    run.fs.write_bytes(run.report_file("maps", "notes.txt"), b"x")
+    s3.server.reset()
+    run.remove_unreported([kept.heatmap, kept.thumb, kept.view, kept.geojson, kept.regions, kept.ome_zarr, kept.ome_tiff])
+    sent = list(s3.server.requests)
+    left = {rel: run.fs.exists(run.report_file(rel)) for f in (kept, gone)
+            for rel in (f.heatmap, f.thumb, f.view, f.geojson, f.regions, f.ome_tiff, f"{f.ome_zarr}/.zattrs")}
+    assert {rel for rel, there in left.items() if there} == {rel for rel in left if "a-1" in rel}
+    assert run.fs.exists(run.report_file("index.html")) and run.fs.exists(run.report_file("maps", "notes.txt"))
+    if where == "s3":  # a listing of each of the three folders, and of the removed OME-Zarr's objects; a bulk
+        # delete after each (it was a listing, a HEAD and a delete for each file removed: 22 requests)
+        assert [r.method for r in sent] == ["GET", "POST"] * 4, sent
+        assert all(r.path == f"/{BUCKET}" for r in sent), sent
 
 
 def test_a_flush_reads_the_failures_list_once_and_puts_the_report_tables_in_one_batch(s3):
