@@ -2,6 +2,7 @@
 
     python benchmarks/decode_fidelity.py --model MODEL [--slides 2] [--size 16000] [--sample 400]
         [--data ../shared/data/idc] [--patients 8863 8865 ...] [--rebuild-mpp 0.5] [--quality 90]
+        [--scans NAME[=MPP] ...] [--slides-dir ../shared/data/slides]
         [--workers 2] [--work DIR] [--json OUT.json] [--results OUT.md]
 
 ``tiling_speed.py`` compares ``fast`` tiles with ``exact`` ones (the exact area averages of what the
@@ -19,6 +20,12 @@ model's µm/px, read from a level 2x finer, where ``fast`` decodes at 1/2 in the
   50 x 50 patches only). The rebuilt level holds no detail finer than the patches, and its 2 x 2
   chroma samples are the patches' own pixels: a setting that favours no mode's upsampling more than
   the scanner's real detail would (see RESULTS section 9).
+* **real scans**: each of ``--scans`` (real slides of ``--slides-dir``: by default CMU-1-Small-Region at its
+  0.499 µm/px and the TCGA frozen section, which states no µm/px, at an assumed 0.499) decoded whole at level 0
+  and written again as a slide at its µm/px (``synth.slide_from_image``: levels 4x apart by exact area
+  averaging, JPEG tiles 4:2:0 at ``--quality``). Unlike the rebuilt patients, its levels hold a real 20x
+  scan's detail at every scale. The source of a tile is the exact area average of the decoded level 0 over
+  the tile. Tiles come from the 2 µm/px level, at a factor of 2, as on most 20x slides.
 
 Per set and mode: mean absolute difference from the source (/255, all pixels and per channel),
 the model's probabilities on the tiles against its probabilities on the source (correlation,
@@ -40,6 +47,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENTS = ["8863", "8865", "8913", "8975", "9023", "8959"]
+SCANS = ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs=0.499"]
+"""The real scans of the shared data: CMU-1-Small-Region (Aperio, 20x, 0.499 µm/px, stated) and the TCGA frozen
+section (Aperio JPEG 2000, a 20x scan that states no µm/px: CMU-1's 0.499 assumed, which puts its 4.003x level at
+1.997 µm/px and its tiles at a factor of 2.003, as CMU-1's; at 0.5 the factor is 1.998, under 2)."""
 MODES = ("fast", "exact")
 
 
@@ -102,6 +113,24 @@ def real_sources(patients: dict[str, Path], mosaics: dict, runs: dict[str, dict]
     return np.stack(src), {m: np.stack(v) for m, v in tiles.items()}, sorted(paths)
 
 
+def scan_sources(scans: dict[str, tuple[Path, np.ndarray]], runs: dict[str, dict]):
+    """``(source tiles, {mode: tiles}, decode paths)`` of the real scans written again as slides: every tissue tile both
+    modes kept, its source the exact area average of the scan's decoded level 0 over the tile's box."""
+    from cancernet_batch.slides.base import area_resize
+
+    src, tiles, paths = [], {m: [] for m in MODES}, set()
+    for name, (path, rgb) in scans.items():
+        per = {m: runs[m][str(path.resolve())] for m in MODES}
+        attrs = per["fast"][2]
+        paths.add(attrs["extra"]["decode_path"])
+        s0 = attrs["level0_tile_px"]
+        for (r, c) in sorted(set(per["fast"][0]) & set(per["exact"][0])):
+            src.append(area_resize(rgb, (c * s0, r * s0, (c + 1) * s0, (r + 1) * s0), (50, 50)))
+            for m in MODES:
+                tiles[m].append(per[m][1][per[m][0][(r, c)]])
+    return np.stack(src), {m: np.stack(v) for m, v in tiles.items()}, sorted(paths)
+
+
 def compare(src: np.ndarray, tiles: dict[str, np.ndarray], predict) -> dict:
     """The figures of one set: each mode against the source, and ``fast`` against ``exact``."""
     p_src = predict(src)
@@ -141,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=400, help="synthetic tissue tiles compared per slide")
     ap.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "idc"))
     ap.add_argument("--patients", nargs="*", default=PATIENTS, help="patients rebuilt (none: leave that set out)")
+    ap.add_argument("--scans", nargs="*", default=SCANS, metavar="NAME[=MPP]",
+                    help="real slides of --slides-dir whose level 0 is written again as a 4:2:0 slide (=MPP: the "
+                         "µm/px of one that states none); none: leave that set out")
+    ap.add_argument("--slides-dir", default=str(REPO / ".." / "shared" / "data" / "slides"))
     ap.add_argument("--rebuild-mpp", type=float, default=0.5)
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the rebuilt slides")
     ap.add_argument("--workers", type=int, default=2)
@@ -156,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     from cancernet_batch.machine import machine
     from cancernet_batch.model import read_meta
     from cancernet_batch.stages.tile import tile_run
-    from cancernet_batch.synth import SlideSpec, patch_mosaic, slide_from_patches, write_slide
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.synth import SlideSpec, patch_mosaic, slide_from_image, slide_from_patches, write_slide
 
     work = Path(a.work or tempfile.mkdtemp(prefix="decode-fidelity-"))
     specs = [SlideSpec(path=work / "synth" / f"s{i:02d}.svs", width=a.size, height=a.size, mpp=0.5, seed=170 + i,
@@ -175,8 +209,20 @@ def main(argv: list[str] | None = None) -> int:
                                                   subsampling=(2, 2))
         patients[name] = path
 
+    scans = {}
+    for item in a.scans:
+        name, _, mpp = item.partition("=")
+        path = work / f"scans-q{a.quality}" / f"{Path(name).stem}.svs"
+        with open_slide(Path(a.slides_dir) / name) as r:
+            rgb = r.read_region(0, 0, 0, *r.level_dimensions[0])
+            mpp = float(mpp) if mpp else r.info().mpp_x
+        if not path.exists():
+            slide_from_image(rgb, path, mpp=mpp, quality=a.quality, subsampling=(2, 2),
+                             title=f"{name}'s level 0 written again")
+        scans[name] = (path, rgb)
+
     meta = read_meta(a.model)
-    inputs = [str(s.path) for s in specs] + [str(p) for p in patients.values()]
+    inputs = [str(s.path) for s in specs] + [str(p) for p in patients.values()] + [str(p) for p, _ in scans.values()]
     runs = {}
     with dask_client(ClusterConfig(workers=a.workers)) as client:
         for m in MODES:
@@ -195,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         src, tiles, paths = real_sources(patients, mosaics, runs)
         rows.append({"set": f"{len(patients)} real patients rebuilt at {a.rebuild_mpp:g} µm/px, Q{a.quality} 4:2:0",
                      "decode_paths": paths, **compare(src, tiles, engine.predict)})
+
+    for name, scan in scans.items():  # a row each: where a level is not exactly 4x, its factor is under 2
+        src, tiles, paths = scan_sources({name: scan}, runs)
+        rows.append({"set": f"real scan {name} written again at its µm/px, Q{a.quality} 4:2:0", "decode_paths": paths,
+                     **compare(src, tiles, engine.predict)})
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     m = machine()

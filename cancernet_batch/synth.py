@@ -811,6 +811,41 @@ def slide_from_patches(patient_dir: str | os.PathLike, path: str | os.PathLike, 
     return truth, mosaic
 
 
+def slide_from_image(rgb: np.ndarray, path: str | os.PathLike, *, mpp: float, fmt: str = "svs", tile: int = 256,
+                     quality: int = 90, subsampling: tuple[int, int] | None = (2, 2),
+                     title: str = "an image written as a slide") -> Path:
+    """Write the RGB image ``rgb`` (level 0, at ``mpp`` µm/px) as a pyramidal, tiled, JPEG-compressed slide:
+    levels 4x apart down to 256 px, each the exact area average of level 0 (:func:`slides.base.area_resize`,
+    as a box-filtering scanner makes its pyramid), JPEG tiles at ``quality`` with YCbCr ``subsampling``
+    (``(2, 2)``: 4:2:0, as most scanners write them). Used to put a real scan's own pixels (a decoded level 0
+    of a real slide, with all its detail) through the slide path again: the pixels are then the source that
+    any tile of the new slide can be compared with (``benchmarks/decode_fidelity.py``)."""
+    from .slides.base import area_resize
+
+    if fmt not in ("svs", "tiff"):
+        raise ConfigError(f"unknown slide format {fmt!r}", hint="use svs or tiff")
+    rgb = np.ascontiguousarray(rgb[..., :3], np.uint8)
+    height, width = rgb.shape[:2]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def scaled(w: int, h: int) -> np.ndarray:
+        return rgb if (w, h) == (width, height) else area_resize(rgb, (0.0, 0.0, width, height), (w, h))
+
+    def level_tiles(w: int, h: int, level_mpp: float):
+        img = scaled(w, h)
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                t = np.full((tile, tile, 3), 255, np.uint8)
+                part = img[y:y + tile, x:x + tile]
+                t[:part.shape[0], :part.shape[1]] = part
+                yield t
+
+    _write_pyramid(path, fmt, width, height, mpp, level_tiles, lambda w, h, level_mpp: scaled(w, h), tile=tile,
+                   quality=quality, title=title, subsampling=subsampling)
+    return path
+
+
 def slides_from_patches(out: str | os.PathLike, patient_dirs: list[str | os.PathLike], *, mpp: float = 1.0,
                         fmt: str = "svs", seed: int = 0, progress=None) -> list[tuple[Path, SlideTruth]]:
     """:func:`slide_from_patches` for each patient folder: ``OUT/PID.svs`` (or ``.tiff``), its

@@ -255,6 +255,10 @@ class TilePlan:
         if self.decode:
             extra["decode"] = self.decode
             extra["decode_path"] = self.decode_path
+            if self.decode == "fast":
+                from .slides.direct import DCT_RULE
+
+                extra["dct_rule"] = DCT_RULE
         if self.view_source:
             extra["view_source"] = self.view_source
         if self.source_etag is not None:
@@ -350,7 +354,7 @@ def _overview(reader: SlideReader, cfg: TileConfig, level: int, extent: tuple[fl
             thumb = reader.read_scanner_thumbnail()
             if thumb is not None:
                 return area_resize(thumb, (0.0, 0.0, extent[0] * fx, extent[1] * fy), size), f"thumbnail {tw}x{th}"
-    return region_reader(reader, level, decode=cfg.decode)((0.0, 0.0, lw, lh), size), f"level {level}"
+    return region_reader(reader, level, decode=cfg.decode, view=True)((0.0, 0.0, lw, lh), size), f"level {level}"
 
 
 def _series_identity(reader: SlideReader, series_files: list[str]) -> tuple[int, str]:
@@ -470,14 +474,16 @@ def source_stat(spec_source: str, kind: str, series_files: list[str] | None = No
 # --------------------------------------------------------------------------------------------
 
 def region_reader(reader: SlideReader, level: int, *, decode: str = "fast", max_read: int = MAX_READ_PX,
-                  only: set[int] | None = None):
+                  only: set[int] | None = None, view: bool = False):
     """``scaled(box, size)``: :func:`~cancernet_batch.slides.read_scaled` of ``level``, straight from the file's
     compressed tiles (:mod:`cancernet_batch.slides.direct`) unless ``decode`` is ``reader`` or the level is not
     a tiled TIFF page that module reads. ``only``: on that direct path, the compressed tiles to decode (the
-    others are left white: :meth:`~cancernet_batch.slides.direct.TiledLevel.region`)."""
+    others are left white: :meth:`~cancernet_batch.slides.direct.TiledLevel.region`). ``view``: the plan's
+    low-resolution view, not tiles (its own DCT scale rule: :func:`~cancernet_batch.slides.direct.dct_scale`)."""
     direct = reader.direct_level(level) if decode != "reader" else None
     if direct is not None:
-        return lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read, only=only)
+        return lambda box, size: direct.read_scaled(box, size, fast=decode == "fast", max_read=max_read, only=only,
+                                                    view=view)
     return lambda box, size: read_scaled(reader, level, box, size, max_read=max_read)
 
 

@@ -307,24 +307,28 @@ def test_tiling_speed_startup_rows(tmp_path):
 
 
 def test_decode_fidelity_compares_both_decodes_with_the_slides_source(tmp_path, tiny_model_dir, idc_dir):
-    """benchmarks/decode_fidelity.py: a synthetic slide and a real patient rebuilt as 4:2:0 JPEG, tiled with
-    ``fast`` (1/2 in the DCT) and ``exact``; each mode against the pixels the slide was made from, and the two
-    modes against each other."""
+    """benchmarks/decode_fidelity.py: a synthetic slide, a real patient rebuilt from its patches and a real scan's
+    level 0 written again, all as 4:2:0 JPEG, tiled with ``fast`` and ``exact`` from a level 2x finer (where both
+    decode at full size); each mode against the pixels the slide was made from, and the two modes against each
+    other."""
     out = tmp_path / "fidelity.json"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_fidelity.py"), "--model", str(tiny_model_dir),
                         "--slides", "1", "--size", "4096", "--sample", "20", "--data", str(idc_dir),
-                        "--patients", "9175", "--workers", "1", "--work", str(tmp_path / "w"), "--json", str(out)],
+                        "--patients", "9175", "--scans", "cmu-1-small-region.svs", "--workers", "1",
+                        "--work", str(tmp_path / "w"), "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    synth, real = json.loads(out.read_text())["rows"]
+    synth, real, scan = json.loads(out.read_text())["rows"]
     assert synth["tiles"] == 20 and real["tiles"] == 33  # 9175: 34 patches, one of them smaller than 50 x 50
-    for row in (synth, real):
-        assert row["decode_paths"] == ["direct jpeg, 1/2 in the DCT"]
+    assert scan["tiles"] == 21  # CMU-1-Small-Region's tissue tiles at 4 µm/px
+    for row in (synth, real, scan):
+        assert row["decode_paths"] == ["direct jpeg"]  # a factor of 2: no scaling in the DCT
         for mode in ("fast", "exact"):
             assert 0.5 < row[mode]["mad"] < 8  # JPEG Q90 4:2:0 from the source: a few grey levels, not a shifted grid
             assert row[mode]["p_corr"] > 0.9
-        assert 0 < row["fast_vs_exact"]["mad"] < 2  # the DCT's 1/2 scale differs from exact area averages, slightly
+        assert row["fast_vs_exact"]["mad"] == 0
     assert "| 1 real patients rebuilt at 0.5 µm/px, Q90 4:2:0 | 33 |" in r.stdout
+    assert "| real scan cmu-1-small-region.svs written again at its µm/px, Q90 4:2:0 | 21 |" in r.stdout
 
 
 def test_onnx_micro_batch_measures_each_call_size_against_whole_batches(tmp_path, tiny_model_dir):

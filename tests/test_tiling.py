@@ -545,3 +545,38 @@ def test_a_dicom_series_is_one_slide_per_folder_and_a_copy_elsewhere_is_another(
     for folder in (a, b):
         assert entries[str(folder / "cmu1_1.dcm")]["series_of"] == str(folder / "cmu1_0.dcm")
         assert entries[str(folder / "cmu1_0.dcm")]["tissue_tiles"] == 21
+
+
+def test_an_input_scaled_in_the_dct_under_the_former_rule_is_tiled_again(slides_dir, synth_slide_dir, tmp_path,
+                                                                          client, capsys):
+    """``--decode fast`` took 1/2 in the DCT from a factor of 2 until 2026-12-06 (``slides.direct.DCT_RULE`` 1);
+    a run tiled then, resumed, tiles such an input again instead of keeping tiles the rule no longer gives. An input
+    scaled in the DCT under today's rule (CMU-1 at a factor of 8) is kept."""
+    from cancernet_batch.slides.direct import DCT_RULE
+
+    cmu, svs = slides_dir / "cmu-1-small-region.svs", sorted(synth_slide_dir.glob("*.svs"))[0]
+    common = ["--scheduler", client.scheduler.address]
+    kept = tmp_path / "kept"
+    args = ["tile", str(cmu), "--out", str(kept), "--mpp", "4.0", *common]
+    assert main(args) == EXIT_OK and main(args) == EXIT_OK
+    assert "0 inputs tiled (0 tiles, 0 chunks), 1 skipped" in capsys.readouterr().out
+    extra = dict(_group(kept, cmu).attrs["extra"])
+    assert (extra["decode_path"], extra["dct_rule"]) == ("direct jpeg, 1/2 in the DCT", DCT_RULE)  # factor 8
+
+    run = tmp_path / "run"
+    args = ["tile", str(svs), "--out", str(run), "--mpp", "2.0", *common]  # YCbCr JPEG, factor 2
+    assert main(args) == EXIT_OK
+    first = _group(run, svs)["tiles"][:]
+    assert _group(run, svs).attrs["extra"]["decode_path"] == "direct jpeg"
+    capsys.readouterr()
+    # as a run before the change left it: its tiles at 1/2 in the DCT, no rule kept
+    g = Run.of(run).open_store("r+")["inputs"][store.input_id(svs)]
+    n = g.attrs["n_tiles"]
+    g.update_attributes({"extra": {**{k: v for k, v in g.attrs["extra"].items() if k != "dct_rule"},
+                                   "decode_path": "direct jpeg, 1/2 in the DCT"}})
+    g["tiles"][:] = 0
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"1 inputs tiled ({n} tiles" in out, out
+    g = _group(run, svs)
+    assert g.attrs["extra"]["dct_rule"] == DCT_RULE and np.array_equal(g["tiles"][:], first)

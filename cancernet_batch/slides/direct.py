@@ -54,19 +54,32 @@ CACHE_TILES = 256
 """Decoded tiles kept per level (at most 256 x 256 x 3 bytes each: at most 48 MiB, usually far less)."""
 
 
-def dct_scale(factor: float, *, rgb: bool = False) -> int:
+DCT_RULE = 2
+"""The version of :func:`dct_scale`'s rule for tiles, kept in each input tiled with ``--decode fast`` (``extra.dct_rule``):
+1 (none kept), before 2026-12-06: YCbCr JPEG at most half the factor, from 2; 2: a quarter. An input whose tiles were
+scaled in the DCT under another rule is tiled again (``stages.tile.is_fresh``)."""
+
+
+def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     """The JPEG scaled-IDCT divisor (8, 4, 2 or 1) used when one output pixel spans ``factor`` level pixels.
 
-    The rest of the factor is exact area averaging. Measured on tissue tiles (mean absolute difference
-    from the exact tiles, /255; ``tests/test_direct.py`` holds the cases under 2):
+    Tiles: at most a quarter of the factor, so that the rest, at least 4 x 4 decoded pixels an output pixel, is
+    exact area averaging; for YCbCr JPEG and for JPEG whose components are RGB (``rgb``: TIFF photometric RGB, as
+    Aperio writes CMU-1; there 1/2 from 2 gave 3.7/255, 1/4 from 4 7.0) alike. ``view``: the plan's low-resolution
+    view (tissue detection, the stored thumbnail), which the model never sees: YCbCr JPEG at most half the factor
+    and 1/2 from a factor of 2, RGB a quarter (the rule tiles had before 2026-12-06; the tissue kept on real slides
+    was measured with it, and it keeps the plan's cost).
 
-    - YCbCr JPEG (most scanners; real IDC tissue rebuilt as a slide, synthetic slides): 1/2 at a factor
-      of 2 gives 1.0. So: at most half the factor, and 1/2 from a factor of 2.
-    - JPEG whose components are RGB (``rgb``: TIFF photometric RGB, as Aperio writes CMU-1), two of
-      them subsampled 2x2: 1/2 at 2 gives 3.7, 1/4 at 4 gives 7.0, 1/4 at 8 gives 2.6, but 1/2 at 4 and
-      at 8 give 1.5 and 0.6. So: at most a quarter of the factor.
+    A scaled IDCT is a low-pass of each 8 x 8 block, not its area average: it keeps the block's lowest
+    frequencies at full strength and drops the rest, where an average weakens them and folds the rest in. On
+    a real scan's detail that shows (``benchmarks/decode_fidelity.py``, real scans written again as 4:2:0 Q90
+    slides; RESULTS.md section 9, 2026-12-06): at 1/2 from a factor of 2, the 2 µm/px level of a 20x scan read
+    at 4 µm/px, tissue tiles were 4.9-5.0/255 from the exact ones and 6.5-7.8 from the scan's own pixels
+    (exact: 3.4-4.8), and the model's probabilities correlated 0.946-0.966 with those on the source tiles
+    (exact: 0.972-0.997); at 1/2 from 4, 2.0/255 from exact. Synthetic slides and the rebuilt patients, whose
+    levels hold little detail at that scale, had hidden it (1.1-1.6/255). From a factor of 8, 1/2 gives 0.4/255.
     """
-    limit = factor / 4 if rgb else max(factor / 2, min(factor, 2.0))
+    limit = max(factor / 2, min(factor, 2.0)) if view and not rgb else factor / 4
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
 
 
@@ -245,9 +258,11 @@ class TiledLevel:
                 out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = t[ay0 - ty * ths:ay1 - ty * ths, ax0 - tx * tws:ax1 - tx * tws]
         return out
 
-    def dct_scale(self, factor: float, fast: bool) -> int:
-        """The scaled-IDCT divisor :meth:`read_scaled` uses at ``factor`` level px per output px."""
-        return dct_scale(factor, rgb=self.rgb) if fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0 else 1
+    def dct_scale(self, factor: float, fast: bool, view: bool = False) -> int:
+        """The scaled-IDCT divisor :meth:`read_scaled` uses at ``factor`` level px per output px (``view``: for
+        the plan's view, :func:`dct_scale`)."""
+        usable = fast and self.jpeg and self.tw % 8 == 0 and self.th % 8 == 0
+        return dct_scale(factor, view=view, rgb=self.rgb) if usable else 1
 
     def describe(self, factor: float, fast: bool) -> str:
         """How tiles at ``factor`` level px per output px are decoded, for ``inspect`` and the attrs."""
@@ -255,13 +270,13 @@ class TiledLevel:
         return f"direct {self.codec}" + (f", 1/{s} in the DCT" if s > 1 else "")
 
     def read_scaled(self, box: tuple[float, float, float, float], size: tuple[int, int], *, fast: bool,
-                    max_read: int = MAX_READ_PX, only=None) -> np.ndarray:
+                    max_read: int = MAX_READ_PX, only=None, view: bool = False) -> np.ndarray:
         """Like :func:`cancernet_batch.slides.base.read_scaled` on this level, decoding tiles directly
         (``only``: as in :meth:`region`). ``max_read`` bounds the decoded pixels a block reads, as at full size: at
         1/``s`` in the DCT a block spans ``s`` times more of the level. (It bounded the level's pixels before, which
         cut a plan's overview into four blocks where one holds 1.2 MB: 0.5 CPU ms more a slide, RESULTS.md section 9.)"""
         x0, y0, x1, y1 = box
-        s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast)
+        s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast, view)
         return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s, only), (x0 / s, y0 / s, x1 / s, y1 / s),
                                 size, max_read=max_read)
 

@@ -159,6 +159,7 @@ def _same_plan(g, plan: TilePlan, chunk: int) -> bool:
             and (a.get("extra") or {}).get("source_etag") == plan.source_etag
             and _chunk_ok(a.get("chunk"), plan.n_tiles, chunk) and abs(float(a.get("level0_tile_px", 0)) - plan.level0_tile_px) < 1e-9
             and (a.get("extra") or {}).get("decode") == plan.decode
+            and (a.get("extra") or {}).get("decode_path") == plan.decode_path  # the DCT's scale (its rule may change)
             and "tiled" in g and np.array_equal(np.asarray(g["coords"][:]), plan.coords))
 
 
@@ -408,7 +409,17 @@ def is_fresh(attrs: dict, spec: InputSpec, cfg: TileConfig, storage_options: dic
             return False
         if extra.get("decode", "reader") != cfg.decode:
             return False
+        if cfg.decode == "fast" and not _same_dct_rule(extra):
+            return False
     return True
+
+
+def _same_dct_rule(extra: dict) -> bool:
+    """Whether an input tiled with ``--decode fast`` has the tiles the DCT's rule gives now: none of its tiles was
+    scaled in the DCT, or they were under today's rule (:data:`~cancernet_batch.slides.direct.DCT_RULE`)."""
+    from ..slides.direct import DCT_RULE
+
+    return "in the DCT" not in str(extra.get("decode_path", "")) or extra.get("dct_rule", 1) == DCT_RULE
 
 
 def tile_run(paths: list[str | os.PathLike], run_dir: "str | os.PathLike | Run", cfg: TileConfig, *,
