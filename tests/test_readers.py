@@ -196,3 +196,29 @@ def test_tifffile_states_the_objective_power_openslide_states(name, slides_dir, 
         assert t.info().objective == o.info().objective
     if name != "tcga-cr-7395-01a-01-ts1.svs":  # the TCGA sample states none
         assert o.objective is not None
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (400, 625), (1022, 1024), (129, 1000), (1000, 129), (700, 701)])
+def test_transposed_is_the_transpose_copied_by_blocks(shape):
+    from cancernet_batch.slides.base import transposed
+
+    a = np.random.default_rng(1).random(shape, dtype=np.float32)
+    t = transposed(a)
+    assert t.flags.c_contiguous and np.array_equal(t, a.T)
+
+
+def test_area_resize_with_blocked_transposes_gives_the_former_products_bit_for_bit():
+    """area_resize's column pass multiplies a C-contiguous copy of the rows' transpose made by blocks
+    (base.transposed: 1.7x faster a 1,024 px window at a factor near 1, RESULTS.md section 9): the same sums in the
+    same order as the product with the strided transpose it used, so the same tiles bit for bit."""
+    from cancernet_batch.slides.base import area_resize, area_weights
+
+    rng = np.random.default_rng(7)
+    for shape, box, size in [((1024, 1024), (0, 0, 1024, 1024), (1022, 1022)), ((1024, 1024), (0.5, 0.25, 1024, 1023.9),
+                                                                              (1023, 1020)),
+                             ((700, 1024), (3.3, 1.1, 1000.5, 690.2), (498, 345)), ((625, 625), (0, 0, 625, 625), (400, 400))]:
+        src = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        wy, wx = area_weights(box[1], box[3], size[1], shape[0]), area_weights(box[0], box[2], size[0], shape[1])
+        former = np.stack([np.clip(np.rint((wx @ (wy @ src[..., c].astype(np.float32)).T).T), 0, 255)
+                           for c in range(3)], axis=-1).astype(np.uint8)
+        np.testing.assert_array_equal(area_resize(src, box, size), former)

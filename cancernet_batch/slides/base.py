@@ -248,7 +248,30 @@ def area_resize(src: np.ndarray, box: tuple[float, float, float, float], size: t
     out = np.empty((h, w, 3), np.uint8)
     for c in range(3):  # one channel at a time: transient memory is one float32 plane
         rows = wy @ src[..., c].astype(np.float32)  # (h, W)
-        out[..., c] = np.clip(np.rint((wx @ rows.T).T), 0, 255)
+        out[..., c] = np.clip(np.rint(transposed(wx @ transposed(rows))), 0, 255)
+    return out
+
+
+TRANSPOSE_BLOCK = 64
+"""Side of the blocks :func:`transposed` copies one at a time."""
+TRANSPOSE_DIRECT = 512 * 512
+"""Arrays of at most this many elements :func:`transposed` copies with numpy's own transpose (the plan's 625 x 400 px
+overview: 0.6 ms less than by blocks)."""
+
+
+def transposed(a: np.ndarray) -> np.ndarray:
+    """``a.T`` of a 2-D array, as a C-contiguous copy made block by block (:data:`TRANSPOSE_BLOCK`): numpy's own
+    copy of a large transpose walks one array with a stride of a whole row and misses the caches and the TLB at
+    every element (7.6 ms for a 1022 x 1024 float32 plane here, against 1.1 ms by blocks). The values are the
+    same: only where they are copied changes."""
+    h, w = a.shape
+    b = TRANSPOSE_BLOCK
+    if h * w <= TRANSPOSE_DIRECT or h <= 2 * b or w <= 2 * b:  # fits the caches: numpy's copy is as fast
+        return np.ascontiguousarray(a.T)
+    out = np.empty((w, h), a.dtype)
+    for i in range(0, h, b):
+        for j in range(0, w, b):
+            out[j:j + b, i:i + b] = a[i:i + b, j:j + b].T
     return out
 
 

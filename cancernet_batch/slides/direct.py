@@ -12,12 +12,13 @@ whose layout it can read:
   :class:`~cancernet_batch.remote.RangeFile`: every tile a read needs is fetched first in one batch
   of coalesced range requests (:meth:`TiledLevel.prefetch`), then decoded from memory;
 - **JPEG tiles** (compression 7, 8-bit, 3 samples) are decoded by libjpeg-turbo (simplejpeg's TurboJPEG
-  binding, straight into an array), with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 2x coarser
+  binding, straight into an array), with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 8x coarser
   than the level, the decoder's *scaled* IDCT produces the tile at 1/2, 1/4 or 1/8 of its size
-  directly: each output pixel is a low-pass of the ``s x s`` block it covers,
-  close to that block's mean (measured: about 1/255 mean absolute difference from exact area
-  averages on real and synthetic slides; ``benchmarks/tiling_speed.py``). The rest of the scale
-  is exact area averaging (:func:`~cancernet_batch.slides.base.area_resize`);
+  directly (at most a quarter of the factor, :func:`dct_scale`): each output pixel is a low-pass of the
+  ``s x s`` block it covers, close to that block's mean once 4 x 4 or more of them are averaged (about 0.4/255
+  mean absolute difference from exact area averages; at a factor of 2, where the block is the whole output
+  pixel, 5/255 on real scans, which is why the rule is a quarter). The rest of the scale is exact area
+  averaging (:func:`~cancernet_batch.slides.base.area_resize`);
 - **other codecs** (JPEG 2000, deflate, LZW, none, ...) are decoded by tifffile's own page codec,
   at full size, then area-averaged exactly.
 
