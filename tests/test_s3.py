@@ -623,8 +623,8 @@ def tile_dicom_series_as_local(prefix: str, options: dict, local_dir, client, tm
 def test_a_dicom_series_on_s3_is_staged_with_its_folder_and_tiled_once_as_the_local_folder(
         s3, dicom_folder, client, tmp_path, capsys, monkeypatch):
     """OpenSlide finds a DICOM slide's other instances beside the file it opens: staged alone, each instance of a
-    series on S3 was a slide of its own (level 0 without its pyramid, the level 1 instance as a slide at the wrong
-    scale, the thumbnail a failure). Staged with its folder's DICOM objects, the series is one input with the local
+    series on S3 was a slide of its own (level 0 without its pyramid, the level 1 instance a second slide of the same
+    tissue, the thumbnail a failure). Staged with its folder's DICOM objects, the series is one input with the local
     folder's tiles bit for bit, resumed by its files' sizes and ETags, and each object is downloaded once."""
     import zarr
 
