@@ -209,7 +209,7 @@ def test_transposed_is_the_transpose_copied_by_blocks(shape):
 
 def test_area_resize_with_blocked_transposes_gives_the_former_products_bit_for_bit():
     """area_resize's column pass multiplies a C-contiguous copy of the rows' transpose made by blocks
-    (base.transposed: 1.7x faster a 1,024 px window at a factor near 1, RESULTS.md section 9): the same sums in the
+    (base.transposed: numpy's strided copy of a large transpose missed the caches at every element): the same sums in the
     same order as the product with the strided transpose it used, so the same tiles bit for bit."""
     from cancernet_batch.slides.base import area_resize, area_weights
 
