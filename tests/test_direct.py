@@ -236,7 +236,8 @@ def test_a_scaled_read_is_cut_into_blocks_by_its_decoded_pixels(synth_svs, monke
         reads = []
         real = direct.TiledLevel.region
         monkeypatch.setattr(direct.TiledLevel, "region",
-                            lambda self, x, y, w, h, s, only=None: reads.append((w, h, s)) or real(self, x, y, w, h, s, only))
+                            lambda self, x, y, w, h, s, only=None, k=1: reads.append((w, h, s))
+                            or real(self, x, y, w, h, s, only, k))
         whole = level.read_scaled(box, (400, 400), fast=True, view=True)
         assert reads == [(750, 750, 2)]
         reads.clear()
@@ -292,3 +293,24 @@ def test_a_plan_parses_each_tiff_page_once(synth_svs, monkeypatch):
         assert reader.direct_level(plan.level) is not None and reader.direct_level(0) is not None
         n = len(reader._direct_source()._tif.pages)
     assert n >= 3 and sorted(parsed) == list(range(n)), parsed
+
+
+@pytest.mark.parametrize("target", [4.0, 8.0, 2.5])
+def test_tiles_averaged_as_they_are_decoded_are_the_windows_averages(synth_svs, target, monkeypatch):
+    """Where the factor left after the DCT is an integer k and the read's k x k blocks lie within stored tiles (a
+    level exactly 2x or 4x apart), each decoded tile is averaged by blocks before the window is assembled: the same
+    tiles bit for bit as averaging the assembled window, for fast and exact, the plan's view included."""
+    from cancernet_batch.slides import direct
+
+    taken = []
+    real = direct.TiledLevel._box_factor
+    monkeypatch.setattr(direct.TiledLevel, "_box_factor", lambda self, *a: taken.append(real(self, *a)) or taken[-1])
+    by_tiles = {d: _tiles(synth_svs, d, target_mpp=target) for d in ("fast", "exact")}
+    monkeypatch.setattr(direct.TiledLevel, "_box_factor", lambda self, *a: 1)
+    for d in ("fast", "exact"):
+        tiles, _, plan = _tiles(synth_svs, d, target_mpp=target)
+        np.testing.assert_array_equal(by_tiles[d][0], tiles)
+        np.testing.assert_array_equal(by_tiles[d][2].thumbnail, plan.thumbnail)
+        np.testing.assert_array_equal(by_tiles[d][2].coords, plan.coords)
+    # 4 µm/px: level 1 (750 x 650 px) at 2; 8: at 4, but 750 is not whole blocks of 4; 2.5: 1.25, not an integer
+    assert (max(taken) > 1) == (target == 4.0), taken

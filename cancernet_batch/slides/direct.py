@@ -222,38 +222,47 @@ class TiledLevel:
             self._decode(int(i), 1)
         return len(idx)
 
-    def tile(self, tx: int, ty: int, s: int) -> np.ndarray:
-        key = (ty * self.ntx + tx, s)
+    def tile(self, tx: int, ty: int, s: int, k: int = 1) -> np.ndarray:
+        """Tile ``(tx, ty)`` decoded at 1/``s`` (in the DCT), then averaged in blocks of ``k`` x ``k`` pixels
+        (Pillow's ``reduce``: each block's exact mean, rounded as :func:`~.base.area_resize` rounds a window's)."""
+        key = (ty * self.ntx + tx, s, k)
         with self._lock:
             a = self._cache.get(key)
             if a is not None:
                 self._cache.move_to_end(key)
                 return a
         a = self._decode(key[0], s)
+        if k > 1:
+            from PIL import Image
+
+            a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).reduce(k))
         with self._lock:
             self._cache[key] = a
             while len(self._cache) > CACHE_TILES:
                 self._cache.popitem(last=False)
         return a
 
-    def region(self, x: int, y: int, w: int, h: int, s: int, only=None) -> np.ndarray:
-        """RGB of ``[x, x + w) x [y, y + h)`` in pixels of this level *divided by* ``s`` (white outside).
+    def region(self, x: int, y: int, w: int, h: int, s: int, only=None, k: int = 1) -> np.ndarray:
+        """RGB of ``[x, x + w) x [y, y + h)`` in pixels of this level *divided by* ``s`` (white outside); with ``k``,
+        divided by ``s * k``, each tile averaged in ``k`` x ``k`` blocks after its decode (:meth:`tile`; only where
+        :meth:`_box_factor` allows it).
 
         ``only``: a set of compressed tile indices; the others are left white, not read or decoded (the
         tiles a caller's output pixels do not touch: see :func:`cancernet_batch.tiling.read_tiles`)."""
         out = np.full((h, w, 3), BACKGROUND, np.uint8)
-        tws, ths = self.tw // s, self.th // s
-        lw, lh = -(-self.width // s), -(-self.height // s)
+        r = s * k
+        tws, ths = self.tw // r, self.th // r
+        lw, lh = -(-self.width // r), -(-self.height // r)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
         if x1 <= x0 or y1 <= y0:
             return out
         # remote: this window's tiles in one batch (none left to fetch after read_tiles' prefetch)
-        self.prefetch([(x0 * s, y0 * s, x1 * s, y1 * s)], only)
+        self.prefetch([(x0 * r, y0 * r, x1 * r, y1 * r)], only)
         for ty in range(y0 // ths, (y1 - 1) // ths + 1):
             for tx in range(x0 // tws, (x1 - 1) // tws + 1):
                 if only is not None and ty * self.ntx + tx not in only:
                     continue
-                t = self.tile(tx, ty, s)
+                t = self.tile(tx, ty, s, k)
                 ax0, ay0 = max(x0, tx * tws), max(y0, ty * ths)
                 ax1, ay1 = min(x1, (tx + 1) * tws), min(y1, (ty + 1) * ths)
                 out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = t[ay0 - ty * ths:ay1 - ty * ths, ax0 - tx * tws:ax1 - tx * tws]
@@ -278,8 +287,28 @@ class TiledLevel:
         cut a plan's overview into four blocks where one holds 1.2 MB: 0.5 CPU ms more a slide, RESULTS.md section 9.)"""
         x0, y0, x1, y1 = box
         s = self.dct_scale(min((x1 - x0) / size[0], (y1 - y0) / size[1]), fast, view)
-        return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s, only), (x0 / s, y0 / s, x1 / s, y1 / s),
+        k = self._box_factor(box, size, s)
+        r = s * k
+        return resample_regions(lambda x, y, w, h: self.region(x, y, w, h, s, only, k), (x0 / r, y0 / r, x1 / r, y1 / r),
                                 size, max_read=max_read)
+
+    def _box_factor(self, box: tuple[float, float, float, float], size: tuple[int, int], s: int) -> int:
+        """``k`` > 1 when what is left of the factor after 1/``s`` in the DCT is the integer ``k`` on both axes and
+        every ``k`` x ``k`` block of the read lies within one stored tile and within the level (the box starts on
+        the block grid; tiles and level are whole blocks): then each decoded tile is averaged by blocks as it is
+        decoded (:meth:`tile`), the same pixels as averaging the assembled window (:func:`~.base.area_resize`'s
+        integer path, Pillow's ``reduce`` too), without assembling and averaging a window ``k`` x ``k`` times
+        larger. Levels exactly 2x or 4x apart (synthetic slides, exact pyramids) read at 4 µm/px take it; 1 else."""
+        x0, y0, x1, y1 = box
+        fx, fy = (x1 - x0) / size[0] / s, (y1 - y0) / size[1] / s
+        k = int(round(fx))
+        if k < 2 or abs(fx - k) > 1e-9 or abs(fy - k) > 1e-9:
+            return 1
+        r = s * k
+        whole = all(abs(v / r - round(v / r)) < 1e-9 for v in (x0, y0))
+        if not whole or self.tw % r or self.th % r or self.width % r or self.height % r:
+            return 1
+        return k
 
 
 class DirectSource:
