@@ -15,7 +15,7 @@ whose layout it can read:
   binding, straight into an array), with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 8x coarser
   than the level, the decoder's *scaled* IDCT produces the tile at 1/2, 1/4 or 1/8 of its size
   directly (at most a quarter of the factor, :func:`dct_scale`): each output pixel is a low-pass of the
-  ``s x s`` block it covers, close to that block's mean once 4 x 4 or more of them are averaged (about 0.4/255
+  ``s x s`` block it covers, close to that block's mean once 4 x 4 or more of them are averaged (about 0.6/255
   mean absolute difference from exact area averages; at a factor of 2, where the block is the whole output
   pixel, 5/255 on real scans, which is why the rule is a quarter). The rest of the scale is exact area
   averaging (:func:`~cancernet_batch.slides.base.area_resize`);
@@ -78,7 +78,7 @@ def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     at 4 µm/px, tissue tiles were 4.9-5.0/255 from the exact ones and 6.5-7.8 from the scan's own pixels
     (exact: 3.4-4.8), and the model's probabilities correlated 0.946-0.966 with those on the source tiles
     (exact: 0.972-0.997); at 1/2 from 4, 2.0/255 from exact. Synthetic slides and the rebuilt patients, whose
-    levels hold little detail at that scale, had hidden it (1.1-1.6/255). From a factor of 8, 1/2 gives 0.4/255.
+    levels hold little detail at that scale, had hidden it (1.1-1.6/255). From a factor of 8, 1/2 gives 0.57/255 (CMU-1).
     """
     limit = max(factor / 2, min(factor, 2.0)) if view and not rgb else factor / 4
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
