@@ -811,6 +811,17 @@ def slide_from_patches(patient_dir: str | os.PathLike, path: str | os.PathLike, 
     return truth, mosaic
 
 
+def image_tiles(img: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """The ``tile`` x ``tile`` tiles of the RGB image ``img``, row by row; the edge tiles padded with white."""
+    h, w = img.shape[:2]
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            t = np.full((tile, tile, 3), 255, np.uint8)
+            part = img[y:y + tile, x:x + tile]
+            t[:part.shape[0], :part.shape[1]] = part
+            yield t
+
+
 def slide_from_image(rgb: np.ndarray, path: str | os.PathLike, *, mpp: float, fmt: str = "svs", tile: int = 256,
                      quality: int = 90, subsampling: tuple[int, int] | None = (2, 2),
                      title: str = "an image written as a slide") -> Path:
@@ -833,13 +844,7 @@ def slide_from_image(rgb: np.ndarray, path: str | os.PathLike, *, mpp: float, fm
         return rgb if (w, h) == (width, height) else area_resize(rgb, (0.0, 0.0, width, height), (w, h))
 
     def level_tiles(w: int, h: int, level_mpp: float):
-        img = scaled(w, h)
-        for y in range(0, h, tile):
-            for x in range(0, w, tile):
-                t = np.full((tile, tile, 3), 255, np.uint8)
-                part = img[y:y + tile, x:x + tile]
-                t[:part.shape[0], :part.shape[1]] = part
-                yield t
+        return image_tiles(scaled(w, h), tile)
 
     _write_pyramid(path, fmt, width, height, mpp, level_tiles, lambda w, h, level_mpp: scaled(w, h), tile=tile,
                    quality=quality, title=title, subsampling=subsampling)

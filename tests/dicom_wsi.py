@@ -20,16 +20,13 @@ def _frames(rgb: np.ndarray, tile: int, quality: int) -> list[bytes]:
     """The image's tiles, row by row (TILED_FULL), each a baseline JPEG (4:2:2); edge tiles padded white."""
     from PIL import Image
 
-    h, w = rgb.shape[:2]
+    from cancernet_batch.synth import image_tiles
+
     out = []
-    for y in range(0, h, tile):
-        for x in range(0, w, tile):
-            t = np.full((tile, tile, 3), 255, np.uint8)
-            part = rgb[y:y + tile, x:x + tile]
-            t[:part.shape[0], :part.shape[1]] = part
-            buf = io.BytesIO()
-            Image.fromarray(t).save(buf, "JPEG", quality=quality, subsampling=1)
-            out.append(buf.getvalue())
+    for t in image_tiles(rgb, tile):
+        buf = io.BytesIO()
+        Image.fromarray(t).save(buf, "JPEG", quality=quality, subsampling=1)
+        out.append(buf.getvalue())
     return out
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import simplejpeg
 
 from ..errors import SlideReadError
-from .base import BACKGROUND, MAX_READ_PX, resample_regions
+from .base import BACKGROUND, MAX_READ_PX, area_resize, resample_regions
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,9 @@ class TiledLevel:
                 self._cache.move_to_end(key)
                 return a
         a = self._decode(key[0], s)
-        if k > 1:
-            from PIL import Image
-
-            a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).reduce(k))
+        if k > 1:  # area_resize's integer path (Pillow's reduce), as on the assembled window
+            h, w = a.shape[:2]
+            a = area_resize(a, (0.0, 0.0, float(w), float(h)), (w // k, h // k))
         with self._lock:
             self._cache[key] = a
             while len(self._cache) > CACHE_TILES:
