@@ -382,11 +382,12 @@ def dicom_folder(url: str, options: Mapping | None = None) -> dict[str, dict]:
 def series_stat(urls: list[str], options: Mapping | None = None) -> tuple[int, str]:
     """``(total size, digest)`` of the objects of a DICOM series (all in one folder; :func:`identity`, one LIST):
     the series' identity for resume. :class:`InputError` naming a member that is gone."""
+    urls = [_strip(u) for u in urls]
     found = dicom_folder(urls[0], options)
     for u in urls:
-        if _strip(u) not in found:
+        if u not in found:
             raise InputError("a file of this DICOM series is gone", path=u, hint="upload the series' files again")
-    return identity({_strip(u): found[_strip(u)] for u in urls})
+    return identity({u: found[u] for u in urls})
 
 
 def folder_stat(url: str, options: Mapping | None = None) -> tuple[int, str]:
@@ -1402,9 +1403,9 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
     limit = int((DEFAULT_STAGE_GB if limit_gb is None else limit_gb) * 1024 ** 3)
     name = url.rsplit("/", 1)[-1]
     together = dicom_folder(url, options) if name.lower().endswith(DICOM_SUFFIX) else {}
-    if url not in together:
+    if url not in together or len(together) < 2:  # not a DICOM object, or the only one in its folder
         together = {}
-    if len(together) > 1:
+    if together:
         size, digest = identity(together)
         if size > limit:
             raise InputError(f"is a DICOM object among {len(together)} in its folder ({size / 1024 ** 3:.3g} GB), "
@@ -1414,7 +1415,6 @@ def stage(url: str, options: Mapping | None = None, *, limit_gb: float | None = 
                                   "or raise --stage-cache-gb")
         key = hashlib.sha256(f"{url.rsplit('/', 1)[0]}\0{digest}".encode()).hexdigest()[:24]
     else:
-        together = {}
         if etag is None:
             etag = stat(url, options)[1]
         key = hashlib.sha256(f"{url}\0{etag}".encode()).hexdigest()[:24]

@@ -729,36 +729,28 @@ class FsspecFS:
                 send(batch)
             put([p for p in files if sizes[p] > STAGED_IN_MEMORY // 8])
 
-    def _names(self, folder, *, fresh: bool = False) -> list[str]:
-        """The first name parts of the objects under ``folder`` (one listing; none when there is nothing there).
-        ``fresh``: not from the driver's listing cache (objects other processes wrote)."""
+    def _entries(self, folder, *, fresh: bool = False) -> list[tuple[str, bool]]:
+        """``(first name part, is a prefix)`` of each entry under ``folder`` (one listing; none when there is nothing
+        there). ``fresh``: not from the driver's listing cache (objects other processes wrote)."""
         self.check(folder)
         try:
             if fresh:
                 self.fs.invalidate_cache(str(folder))
-            entries = self.fs.ls(str(folder), detail=False)
+            entries = self.fs.ls(str(folder), detail=True)
         except FileNotFoundError:
             return []
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, folder, "listing") from None
-        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return [(str(e["name"]).rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries]
 
     def remove_unkept(self, folder, suffixes: tuple[str, ...], keep: set[str]) -> None:
         """Remove the objects under ``folder`` whose first name part ends in one of ``suffixes`` and is not in
         ``keep``: one listing of the folder, its objects removed together (S3: one bulk delete), each prefix (an
         OME-Zarr) with what lies under it."""
-        self.check(folder)
-        try:
-            entries = self.fs.ls(str(folder), detail=True)
-        except FileNotFoundError:
-            return
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, folder, "listing") from None
         objects, prefixes = [], []
-        for e in entries:
-            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        for name, is_prefix in self._entries(folder):
             if name.endswith(suffixes) and name not in keep:
-                (prefixes if e.get("type") == "directory" else objects).append(f"{folder}/{name}")
+                (prefixes if is_prefix else objects).append(f"{folder}/{name}")
         if objects:
             self._call(folder, "removing", self.fs.rm, objects)
         for p in prefixes:
@@ -850,7 +842,7 @@ class FsspecFS:
         """Remove the objects directly under ``folder`` whose names start with ``prefix`` (one listing, not from
         the driver's cache: other processes wrote them), in one batch (on S3 a ``DeleteObjects`` request per 1,000
         names, not a request each: a run's claims are one per input); how many went."""
-        gone = [f"{folder}/{n}" for n in self._names(folder, fresh=True) if n.startswith(prefix)]
+        gone = [f"{folder}/{n}" for n, _ in self._entries(folder, fresh=True) if n.startswith(prefix)]
         if not gone:
             return 0
         try:
