@@ -39,7 +39,7 @@ DEFAULT_TISSUE_THRESHOLD = 0.25
 MAX_THUMB_PX = 1024
 DECODE_MODES = ("fast", "exact", "reader")
 """How tiling decodes slide pixels (``slides/direct.py``): ``fast`` decodes a tiled TIFF's compressed tiles
-directly, JPEG tiles scaled in the DCT domain where the grid is 2x or more coarser; ``exact`` decodes them
+directly, JPEG tiles scaled in the DCT domain where the grid is 16x or more coarser; ``exact`` decodes them
 directly at full size (tiles identical to the reader's exact area averages); ``reader`` goes through the
 slide reader (OpenSlide or tifffile) for every pixel."""
 

@@ -431,7 +431,7 @@ def _local_reader(name: str, local):
 
 
 @pytest.mark.parametrize("name,mpp", [("svs", 2.0), ("tiff", 2.0), ("more/pyramid.ome.tif", 4.0),
-                                      ("more/cmu-1-small-region.svs", 4.0)])
+                                      ("more/cmu-1-small-region.svs", 4.0), ("more/cmu-1-small-region.svs", 8.0)])
 def test_direct_decoding_over_s3_gives_the_local_tiles_from_one_batch_of_range_requests(s3, s3_inputs, name, mpp):
     from cancernet_batch.config import TileConfig
     from cancernet_batch.slides import open_slide
@@ -448,7 +448,8 @@ def test_direct_decoding_over_s3_gives_the_local_tiles_from_one_batch_of_range_r
         with open_slide(url, storage_options=s3.options()) as reader:
             plan = plan_slide(url, cfg, reader=reader)
         assert plan.decode_path == want.decode_path and plan.decode_path.startswith("direct jpeg")
-        assert np.array_equal(plan.coords, want.coords) and plan.level == want.level and plan.n_tiles >= 20
+        assert np.array_equal(plan.coords, want.coords) and plan.level == want.level
+        assert plan.n_tiles >= (3 if mpp == 8.0 else 20)  # CMU-1 at 8 µm/px: 3 tiles
         seen.add(plan.decode_path)
         with open_slide(url, storage_options=s3.options()) as reader:  # a fresh reader: nothing held yet
             level = reader.direct_level(plan.level)
@@ -463,11 +464,13 @@ def test_direct_decoding_over_s3_gives_the_local_tiles_from_one_batch_of_range_r
         assert np.array_equal(tiles, expected), decode  # exact: bit-identical; fast: the local fast tiles
         # every compressed tile the call needs, in one batch of coalesced ranged GETs (no GET per tile; none when
         # the header's blocks hold them all, as the small pyramid's last level)
-        assert all(g.range for g in gets) and len(gets) <= 4 and bool(gets) == (outside > 0), (len(gets), outside)
+        # (CMU-1 at 8 µm/px: 3 tiles far apart, each 16-20 compressed tiles in 4-5 rows, in 5 coalesced GETs)
+        most = len(ranges) // 8 if mpp == 8.0 else 4
+        assert all(g.range for g in gets) and len(gets) <= most and bool(gets) == (outside > 0), (len(gets), outside, most)
         assert outside <= sum(g.sent for g in gets) <= 1.2 * needed, (sum(g.sent for g in gets), outside, needed)
-    if name == "more/cmu-1-small-region.svs":  # a model grid 8x coarser than its level: fast scales in the DCT
+    if mpp == 8.0:  # a model grid 16x coarser than its level: fast scales in the DCT
         assert seen == {"direct jpeg", "direct jpeg, 1/2 in the DCT"}
-    elif name in ("svs", "tiff"):  # 2x coarser: fast decodes at full size too (a quarter of the factor at most)
+    elif name != "more/pyramid.ome.tif":  # 2x or 8x coarser: fast decodes at full size too (an eighth of the factor)
         assert seen == {"direct jpeg"}
 
 

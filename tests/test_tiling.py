@@ -549,19 +549,19 @@ def test_a_dicom_series_is_one_slide_per_folder_and_a_copy_elsewhere_is_another(
 
 def test_an_input_scaled_in_the_dct_under_the_former_rule_is_tiled_again(slides_dir, synth_slide_dir, tmp_path,
                                                                           client, capsys):
-    """``--decode fast`` took 1/2 in the DCT from a factor of 2 until 2026-12-06 (``slides.direct.DCT_RULE`` 1);
-    a run tiled then, resumed, tiles such an input again instead of keeping tiles the rule no longer gives. An input
-    scaled in the DCT under today's rule (CMU-1 at a factor of 8) is kept."""
+    """``--decode fast`` took 1/2 in the DCT from a factor of 2 until 2026-12-06 (``slides.direct.DCT_RULE`` 1), and
+    from a factor of 8 until 2026-12-07 (2); a run tiled then, resumed, tiles such an input again instead of keeping
+    tiles the rule no longer gives. An input scaled in the DCT under today's rule (CMU-1 at a factor of 16) is kept."""
     from cancernet_batch.slides.direct import DCT_RULE
 
     cmu, svs = slides_dir / "cmu-1-small-region.svs", sorted(synth_slide_dir.glob("*.svs"))[0]
     common = ["--scheduler", client.scheduler.address]
     kept = tmp_path / "kept"
-    args = ["tile", str(cmu), "--out", str(kept), "--mpp", "4.0", *common]
+    args = ["tile", str(cmu), "--out", str(kept), "--mpp", "8.0", *common]
     assert main(args) == EXIT_OK and main(args) == EXIT_OK
     assert "0 inputs tiled (0 tiles, 0 chunks), 1 skipped" in capsys.readouterr().out
     extra = dict(_group(kept, cmu).attrs["extra"])
-    assert (extra["decode_path"], extra["dct_rule"]) == ("direct jpeg, 1/2 in the DCT", DCT_RULE)  # factor 8
+    assert (extra["decode_path"], extra["dct_rule"]) == ("direct jpeg, 1/2 in the DCT", DCT_RULE)  # factor 16
 
     run = tmp_path / "run"
     args = ["tile", str(svs), "--out", str(run), "--mpp", "2.0", *common]  # YCbCr JPEG, factor 2

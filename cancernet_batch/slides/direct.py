@@ -12,13 +12,14 @@ whose layout it can read:
   :class:`~cancernet_batch.remote.RangeFile`: every tile a read needs is fetched first in one batch
   of coalesced range requests (:meth:`TiledLevel.prefetch`), then decoded from memory;
 - **JPEG tiles** (compression 7, 8-bit, 3 samples) are decoded by libjpeg-turbo (simplejpeg's TurboJPEG
-  binding, straight into an array), with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 8x coarser
-  than the level, the decoder's *scaled* IDCT produces the tile at 1/2, 1/4 or 1/8 of its size
-  directly (at most a quarter of the factor, :func:`dct_scale`): each output pixel is a low-pass of the
-  ``s x s`` block it covers, close to that block's mean once 4 x 4 or more of them are averaged (about 0.6/255
-  mean absolute difference from exact area averages; at a factor of 2, where the block is the whole output
-  pixel, 5/255 on real scans, which is why the rule is a quarter). The rest of the scale is exact area
-  averaging (:func:`~cancernet_batch.slides.base.area_resize`);
+  binding, straight into an array), with the file's shared ``JPEGTables`` spliced in. When the model grid is at least 16x
+  coarser than the level, the decoder's *scaled* IDCT produces the tile at 1/2, 1/4 or 1/8 of its size
+  directly (at most an eighth of the factor, :func:`dct_scale`): each output pixel is a low-pass of the
+  ``s x s`` block it covers, close to that block's mean once many of them are averaged (4 x 4 of them: 0.57/255
+  mean absolute difference from exact area averages on CMU-1, and model probabilities correlated 0.9986 with
+  exact ones, under issue 17's 0.999; at a factor of 2, where the block is the whole output pixel, 5/255 on real
+  scans: hence an eighth). The rest of the scale is exact area averaging
+  (:func:`~cancernet_batch.slides.base.area_resize`);
 - **other codecs** (JPEG 2000, deflate, LZW, none, ...) are decoded by tifffile's own page codec,
   at full size, then area-averaged exactly.
 
@@ -55,21 +56,22 @@ CACHE_TILES = 256
 """Decoded tiles kept per level (at most 256 x 256 x 3 bytes each: at most 48 MiB, usually far less)."""
 
 
-DCT_RULE = 2
+DCT_RULE = 3
 """The version of :func:`dct_scale`'s rule for tiles, kept in each input tiled with ``--decode fast`` (``extra.dct_rule``):
-1 (none kept), before 2026-12-06: YCbCr JPEG at most half the factor, from 2; 2: a quarter. An input whose tiles were
-scaled in the DCT under another rule is tiled again (``stages.tile.is_fresh``)."""
+1 (none kept), before 2026-12-06: YCbCr JPEG at most half the factor, from 2; 2 (2026-12-06): a quarter; 3
+(2026-12-07): an eighth. An input whose tiles were scaled in the DCT under another rule is tiled again
+(``stages.tile.is_fresh``)."""
 
 
 def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     """The JPEG scaled-IDCT divisor (8, 4, 2 or 1) used when one output pixel spans ``factor`` level pixels.
 
-    Tiles: at most a quarter of the factor, so that the rest, at least 4 x 4 decoded pixels an output pixel, is
+    Tiles: at most an eighth of the factor, so that the rest, at least 8 x 8 decoded pixels an output pixel, is
     exact area averaging; for YCbCr JPEG and for JPEG whose components are RGB (``rgb``: TIFF photometric RGB, as
-    Aperio writes CMU-1; there 1/2 from 2 gave 3.7/255, 1/4 from 4 7.0) alike. ``view``: the plan's low-resolution
-    view (tissue detection, the stored thumbnail), which the model never sees: YCbCr JPEG at most half the factor
-    and 1/2 from a factor of 2, RGB a quarter (the rule tiles had before 2026-12-06; the tissue kept on real slides
-    was measured with it, and it keeps the plan's cost).
+    Aperio writes CMU-1; there 1/2 from 2 gave 3.7/255, 1/4 from 4 7.0) alike: below a factor of 16, ``fast`` tiles
+    are the ``exact`` ones. ``view``: the plan's low-resolution view (tissue detection, the stored thumbnail), which
+    the model never sees: YCbCr JPEG at most half the factor and 1/2 from a factor of 2, RGB a quarter (the rule
+    tiles had before 2026-12-06; the tissue kept on real slides was measured with it, and it keeps the plan's cost).
 
     A scaled IDCT is a low-pass of each 8 x 8 block, not its area average: it keeps the block's lowest
     frequencies at full strength and drops the rest, where an average weakens them and folds the rest in. On
@@ -78,9 +80,13 @@ def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     at 4 µm/px, tissue tiles were 4.9-5.0/255 from the exact ones and 6.5-7.8 from the scan's own pixels
     (exact: 3.4-4.8), and the model's probabilities correlated 0.946-0.966 with those on the source tiles
     (exact: 0.972-0.997); at 1/2 from 4, 2.0/255 from exact. Synthetic slides and the rebuilt patients, whose
-    levels hold little detail at that scale, had hidden it (1.1-1.6/255). From a factor of 8, 1/2 gives 0.57/255 (CMU-1).
+    levels hold little detail at that scale, had hidden it (1.1-1.6/255). At a factor of 8, 1/2 (the quarter rule of
+    2026-12-06) left CMU-1 copies' tissue tiles 0.57/255 from exact, and a model trained on the IDC patches gave
+    probabilities on them correlated 0.9986 with those on exact tiles (issue 17 asks 0.999): hence an eighth.
     """
-    limit = max(factor / 2, min(factor, 2.0)) if view and not rgb else factor / 4
+    if not view:
+        return next((s for s in _DCT_SCALES if factor / 8 >= s - 1e-9), 1)
+    limit = factor / 4 if rgb else max(factor / 2, min(factor, 2.0))
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
 
 
