@@ -90,20 +90,6 @@ def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
 
 
-def block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Each ``k`` x ``k`` block's mean of a decoded tile whose sides are whole blocks, rounded: Pillow's ``reduce``, which
-    is :func:`~.base.area_resize`'s integer path (the same pixels as averaging the assembled window). An RGBX tile
-    (:meth:`TiledLevel._decode`'s ``rgbx``: Pillow's own layout of RGB) is wrapped without a copy: 0.63 against 0.76
-    ms to decode and average a 256 px tile here (RESULTS.md section 9); the result is then an RGB view of RGBX."""
-    if a.shape[2] != 4:
-        h, w = a.shape[:2]
-        return area_resize(a, (0.0, 0.0, float(w), float(h)), (w // k, h // k))
-    from PIL import Image
-
-    h, w = a.shape[:2]
-    return np.asarray(Image.frombuffer("RGBX", (w, h), a, "raw", "RGBX", 0, 1).reduce(k))[..., :3]
-
-
 class TiledLevel:
     """One tiled TIFF page (a pyramid level) read tile by tile from its byte ranges.
 
@@ -159,10 +145,8 @@ class TiledLevel:
                                  path=self.path, hint="copy the slide again, or leave it out")
         return data
 
-    def _decode(self, idx: int, s: int, rgbx: bool = False) -> np.ndarray:
-        """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles). ``rgbx``: a JPEG tile as
-        ``(h, w, 4)`` RGBX, a fourth byte a pixel, the layout Pillow holds RGB in (:func:`block_mean` wraps it
-        without a copy); other tiles are RGB whatever it says."""
+    def _decode(self, idx: int, s: int) -> np.ndarray:
+        """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles)."""
         data = self._raw(idx)
         h, w = -(-self.th // s), -(-self.tw // s)
         if not data:  # a tile the scanner never wrote (sparse file): glass
@@ -173,8 +157,8 @@ class TiledLevel:
                 # fancy upsampling as Pillow's draft, bit for bit, at about half the CPU (no Pillow image per
                 # tile). The scale is the largest of 1/8..1 that keeps w x h; strict: a libjpeg warning
                 # ("Corrupt JPEG data") is an error, as in OpenSlide, not a tile decoded from damaged data
-                a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGBX" if rgbx else "RGB",
-                                           min_width=w, min_height=h, min_factor=s)
+                a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGB", min_width=w,
+                                           min_height=h, min_factor=s)
             else:
                 a, _, _ = self._page.decode(bytes(data), idx)
                 a = np.asarray(a).reshape(a.shape[-3:])
@@ -192,7 +176,7 @@ class TiledLevel:
             from PIL import Image
 
             a = np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).resize((w, h), Image.BOX))
-        return a if rgbx and a.shape[2] == 4 else a[..., :3]
+        return a[..., :3]
 
     def needed(self, coords: np.ndarray, tile_px: float) -> np.ndarray:
         """Indices of the compressed tiles that model tiles at ``coords`` (row, col; ``tile_px`` level px a
@@ -253,9 +237,10 @@ class TiledLevel:
             if a is not None:
                 self._cache.move_to_end(key)
                 return a
-        a = self._decode(key[0], s, rgbx=k > 1)
+        a = self._decode(key[0], s)
         if k > 1:  # area_resize's integer path (Pillow's reduce), as on the assembled window
-            a = block_mean(a, k)
+            h, w = a.shape[:2]
+            a = area_resize(a, (0.0, 0.0, float(w), float(h)), (w // k, h // k))
         with self._lock:
             self._cache[key] = a
             while len(self._cache) > CACHE_TILES:
