@@ -60,7 +60,8 @@ READ_TIMEOUT_HELP = ("Seconds one step that reads a source may take (a slide's p
 DECODE_OPTION = click.option(
     "--decode", default="fast", show_default=True, type=click.Choice(DECODE_MODES),
     help="How slide pixels are decoded: fast (tiled TIFF/SVS tiles read and decoded directly; JPEG scaled in the "
-         "DCT domain where the level is 16x finer or more than the tiles; the exact tiles below that), exact (directly, full size: the exact area averages), reader (through OpenSlide/tifffile).")
+         "DCT domain where the level is 16x finer or more than the tiles; the exact tiles below that), exact "
+         "(directly, full size: the exact area averages), reader (through OpenSlide/tifffile).")
 MPP = Number(0, 1000, low_open=True, unit="µm/px")  # finite and positive; plausibility (0.05-20) is the library's check
 
 MAX_WORKERS = 1024
