@@ -35,9 +35,15 @@ def azurite_binary(install: bool = True) -> str | None:
         return str(here)
     npm = shutil.which("npm")
     if install and npm and shutil.which("node"):
+        import fcntl
+
         HOME.mkdir(exist_ok=True)
-        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(HOME),
-                               f"azurite@{VERSION}"], capture_output=True, text=True, timeout=600)
+        with open(HOME / ".install.lock", "w") as lock:  # the test processes (pytest-xdist): one installs, the
+            fcntl.flock(lock, fcntl.LOCK_EX)              # others wait for it and find it there
+            if here.exists():
+                return str(here)
+            done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(HOME),
+                                   f"azurite@{VERSION}"], capture_output=True, text=True, timeout=600)
         if done.returncode == 0 and here.exists():
             return str(here)
     return shutil.which("azurite-blob")
