@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
-import threading
+import signal
 import shutil
 import subprocess
 import sys
@@ -18,20 +18,26 @@ pytestmark = pytest.mark.slow
 N_FOLDERS, N_SLIDES = 900, 100
 
 
-def _run_with_peak(cmd: list[str], stderr_path, *, timeout: float) -> tuple[int, float, str]:
+_PEAK = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+         "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def _run_with_peak(cmd: list[str], tmp_path, *, timeout: float) -> tuple[int, float, str]:
     """Run ``cmd``; its exit code, the peak RSS in MiB of it and the processes it waited for (its workers), and its
-    stderr. From ``wait4`` on this one child: ``getrusage(RUSAGE_CHILDREN)`` would also carry the peak of any earlier
-    child of this test process (a TensorFlow import in another test under pytest-xdist: 2 GiB)."""
-    with open(stderr_path, "w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
+    stderr. A small Python process starts it and reads its ``wait4``: a process's peak RSS counts from its fork, so a
+    command forked from this test process (grown by TensorFlow and others under pytest-xdist: 2 GiB) would carry
+    this process's size, and ``getrusage(RUSAGE_CHILDREN)`` the peak of any earlier child as well."""
+    peak_file, err_file = tmp_path / "peak-kib.txt", tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        p = subprocess.Popen([sys.executable, "-c", _PEAK, str(peak_file), *cmd], stdout=subprocess.DEVNULL,
+                             stderr=err, env=ENV, start_new_session=True)
         try:
-            _, status, usage = os.wait4(p.pid, 0)
-        finally:
-            timer.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return p.returncode, usage.ru_maxrss / 1024, stderr_path.read_text()
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise
+    return rc, int(peak_file.read_text()) / 1024, err_file.read_text()
 
 
 def test_thousand_inputs(tmp_path, synth_patch_dir, tiny_model_dir):
@@ -56,7 +62,7 @@ def test_thousand_inputs(tmp_path, synth_patch_dir, tiny_model_dir):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cancernet_batch.cli", "run", str(archive), "--out", str(run), "--model", str(model),
            "--workers", "2"]
-    rc, peak_mb, stderr = _run_with_peak(cmd, tmp_path / "stderr.txt", timeout=1200)
+    rc, peak_mb, stderr = _run_with_peak(cmd, tmp_path, timeout=1200)
     assert rc in (0, 3), stderr[-2000:]
     rows = list(csv.DictReader(open(run / "report" / "inputs.csv")))
     failures = list(csv.DictReader(open(run / "report" / "failures.csv")))
