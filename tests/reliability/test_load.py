@@ -73,4 +73,4 @@ def test_thousand_inputs(tmp_path, synth_patch_dir, tiny_model_dir):
     patients = list(csv.DictReader(open(run / "report" / "patients.csv")))
     assert len(patients) >= N_FOLDERS
     # the largest single process (the client, which also hosts the scheduler) stays bounded
-    assert peak_mb < 1500, peak_mb
+    assert 50 < peak_mb < 1500, peak_mb  # above 50: the run's processes were measured, not the small one between
