@@ -389,7 +389,10 @@ def test_azure_benchmarks_time_a_whole_run_and_each_request_through_both_clients
     patches = {name: [x["patches"] for x in v] for name, v in runs.items()}
     assert len({p for v in patches.values() for p in v}) == 1 and patches["local"][0] > 0, patches
     assert all(x["wall_s"] > 0 for v in runs.values() for x in v)
-    assert runs["azure, obstore"][0]["azurite_cpu_s"] > 0 and runs["local"][0]["azurite_cpu_s"] == 0
+    # the server's CPU is charged to the runs that use it; an idle Azurite still wakes for its timers (10 ms
+    # during the local run under a parallel test load), so the local run's share is small, not zero
+    served = runs["azure, obstore"][0]["azurite_cpu_s"]
+    assert served > 0 and runs["local"][0]["azurite_cpu_s"] < served / 4, runs
 
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_client_cpu.py"), "--server", "azurite",
                         "--repeat", "3", "--out", str(tmp_path / "cpu")], capture_output=True, text=True, timeout=600)
