@@ -100,7 +100,7 @@ def worker_environ(cfg: ClusterConfig) -> dict[str, str]:
 PIL_PLUGINS = ("PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "PIL.ImageChops",
                "PIL.ImagePalette", "PIL.GimpGradientFile", "PIL.GimpPaletteFile", "PIL.PaletteFile", "PIL.ImageSequence")
 """What Pillow imports on a process's first ``Image.open`` (``Image.preinit``): each worker's first slide paid for it."""
-FORKSERVER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "scipy.sparse", "zarr", "PIL.Image",
+FORKSERVER_PRELOAD = ("distributed", "numpy", "scipy.sparse", "zarr", "PIL.Image",
                       "PIL.JpegImagePlugin", "openslide", "tifffile", "cancernet_batch.stages.tile",
                       "cancernet_batch.tissue", "cancernet_batch.preflight", "cancernet_batch.slides.direct",
                       "cancernet_batch.slides.openslide_backend", "cancernet_batch.slides.tifffile_backend",

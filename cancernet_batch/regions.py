@@ -73,9 +73,9 @@ def idc_mask(shape: tuple[int, int], coords: np.ndarray, probs: np.ndarray, thre
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    from scipy import ndimage
+    from .components import label
 
-    return ndimage.label(mask, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+    return label(mask)  # 4-connected: tiles that share an edge
 
 
 def _boundary_edges(labels: np.ndarray):

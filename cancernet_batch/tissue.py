@@ -48,6 +48,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import DEFAULT_MPP, PATCH_SIZE
+from .components import label
 
 PX_PER_TILE = 8
 """Pixels per model-tile side in the low-resolution view."""
@@ -290,8 +291,6 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
     ``um_per_px``: the view's pixel size; by default one default model tile (200 µm) per
     ``px_per_tile`` pixels.
     """
-    from scipy import ndimage
-
     um = float(um_per_px) if um_per_px else TILE_UM / max(1, px_per_tile)
     px_area = um * um
     od = optical_density(rgb)
@@ -309,7 +308,7 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
         padded = np.pad(fg, r, mode="edge")
         mask = _closing(padded, r)[r:-r, r:-r] | fg
     # fill holes enclosed by tissue that are smaller than MAX_HOLE_UM2
-    holes, nholes = ndimage.label(~mask)
+    holes, nholes = label(~mask)
     if nholes:
         sizes = np.bincount(holes.ravel())
         border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
@@ -319,7 +318,7 @@ def tissue_mask(rgb: np.ndarray, *, px_per_tile: int = PX_PER_TILE, um_per_px: f
         mask |= small.take(holes)  # (``take``: half the CPU of indexing by the label image)
     # drop dust (objects smaller than MIN_OBJECT_UM2) and unstained smudges (less than
     # MIN_STAINED_UM2 of stained pixels in the whole object)
-    objects, nobj = ndimage.label(mask)
+    objects, nobj = label(mask)
     if nobj:
         sizes = np.bincount(objects.ravel(), minlength=nobj + 1)
         stained = np.bincount(objects[fg & (sat >= STAIN_SATURATION)], minlength=nobj + 1)  # counts, exact

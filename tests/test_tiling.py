@@ -423,7 +423,7 @@ from distributed import Client
 from cancernet_batch.synth import SlideSpec, write_slide
 from cancernet_batch.stages.tile import tile_run
 from cancernet_batch.tiling import TileConfig
-import openslide, PIL.Image, scipy.ndimage, scipy.sparse, tifffile, zarr  # imports are not working memory
+import openslide, PIL.Image, scipy.sparse, tifffile, zarr  # imports are not working memory
 if __name__ == "__main__":
     p = Path(r'{tmp_path}') / 'big.svs'
     write_slide(SlideSpec(path=p, width=12288, height=12288, mpp=0.5, seed=2, detail_mpp=4.0))
