@@ -236,7 +236,6 @@ def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
     process's sockets and files stay here), and the last preload module (:mod:`cancernet_batch.prefork`, which
     arms the after-fork hook of the process it is imported in) imported there, not here."""
     import gc
-    import importlib
     import socket
     import sys
     import threading
@@ -248,11 +247,7 @@ def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
             or threading.active_count() != 1 or server is None or getattr(server, "_forkserver_pid", 0) is not None
             or not all(hasattr(server, a) for a in ("_lock", "_forkserver_address", "_forkserver_alive_fd"))):
         return False
-    for name in preload[:-1]:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # as multiprocessing's server does: the module's first use says what is missing
-            pass
+    import_preload(preload[:-1])
     if threading.active_count() != 1:  # an import started a thread: fork nothing
         return False
     with server._lock:
@@ -276,6 +271,29 @@ def _fork_server_from_here(preload: list[str], env: Mapping[str, str]) -> bool:
         server._forkserver_alive_fd = alive_w
         server._forkserver_pid = pid
     return True
+
+
+def import_preload(modules: Iterable[str]) -> None:
+    """Import ``modules`` in order (a missing one is skipped, as multiprocessing's server skips it: its first use
+    says what is missing), with the cyclic garbage collector paused.
+
+    The imports make about a million objects that live as long as the process, and the collector, counting them as
+    they come, walked them all a few times on the way (``benchmarks/preload_imports.py``: 4-6 % of the fork
+    server's import time). What they leave behind is collected once the collector runs again."""
+    import gc
+    import importlib
+
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def _serve_forks(listener_fd: int, alive_r: int, last: str, env: Mapping[str, str]) -> None:

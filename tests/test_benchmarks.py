@@ -294,6 +294,26 @@ def test_startup_timeline_orders_the_steps_to_the_first_tile(tmp_path, slides_di
     assert "call prepare_slide_task" in r.stdout and "client:" in r.stdout and "worker:" in r.stdout
 
 
+def test_preload_imports_times_the_fork_servers_imports_per_version_and_per_module(tmp_path):
+    """benchmarks/preload_imports.py: the fork server's imports in fresh interpreters, two versions alternating (here
+    the same checkout twice), then each module's own import in order; the collector is paused during the whole
+    import (cluster.import_preload), so the version rows count fewer collections than the per-module pass."""
+    import re
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "preload_imports.py"), "--rounds", "2",
+                        "--baseline", str(REPO)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in
+            re.finditer(r"^\| (this|baseline) \(.*?\) \| ([0-9.]+) \(.*?\) \| [0-9.]+ \| (\d+) \|$", r.stdout, re.M)}
+    assert set(rows) == {"this", "baseline"} and all(wall > 0 for wall, _ in rows.values()), r.stdout
+    each = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in
+            re.finditer(r"^\| ([\w.]+) \| ([0-9.]+) \| (\d+) \|$", r.stdout, re.M)}
+    from cancernet_batch.cluster import FORKSERVER_PRELOAD
+
+    assert list(each) == list(FORKSERVER_PRELOAD[:-1]), r.stdout
+    assert each["distributed"][0] > 0 and sum(n for _, n in each.values()) > rows["this"][1], r.stdout
+
+
 def test_tiling_speed_startup_rows(tmp_path):
     """benchmarks/tiling_speed.py --startup: one row per pass with the first tile written, and the table."""
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tiling_speed.py"), "--slides", "1", "--size", "3000",

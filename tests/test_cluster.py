@@ -324,3 +324,30 @@ def test_a_command_on_object_storage_gives_each_local_worker_more_threads():
         r = subprocess.run([sys.executable, "-c", code, *locations], capture_output=True, text=True, env=ENV, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1] == f"[{threads}] ['{max(1, cores // threads)}']", (locations, r.stdout)
+
+
+def test_import_preload_pauses_the_collector_and_skips_a_missing_module(monkeypatch):
+    """The fork server's imports run with the cyclic collector off (it walked their million objects again and again)
+    and put it back as it was; a module that is not installed is skipped, as multiprocessing's own server does."""
+    import gc
+    import importlib
+
+    from cancernet_batch.cluster import import_preload
+
+    seen = []
+    real = importlib.import_module
+
+    def spy(name, *a, **k):
+        seen.append((name, gc.isenabled()))
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", spy)
+    assert gc.isenabled()
+    import_preload(["json", "cancernet_no_such_module", "colorsys"])
+    assert gc.isenabled() and seen == [("json", False), ("cancernet_no_such_module", False), ("colorsys", False)]
+    gc.disable()
+    try:
+        import_preload(["json"])
+        assert not gc.isenabled()  # left as it was
+    finally:
+        gc.enable()
