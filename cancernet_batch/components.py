@@ -68,8 +68,11 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     first = parent == np.arange(n)  # each component's first run
     number = np.cumsum(first, dtype=np.int32)
     run_label = number[parent]
-    delta = np.zeros(h * stride, np.int32)  # + label where a run starts, - where it ends: summed along each row
-    delta[start] = run_label
-    delta[end] = -run_label
-    out = np.cumsum(delta.reshape(h, stride), axis=1, dtype=np.int32)[:, :w]
-    return np.ascontiguousarray(out), int(number[-1])
+    # + label where a run starts, - where it ends (none for a run that ends the row), summed along each row
+    row = start // stride
+    delta = np.zeros(h * w, np.int32)
+    delta[start - row] = run_label
+    inside = end - row * stride < w
+    delta[(end - row)[inside]] = -run_label[inside]
+    out = np.cumsum(delta.reshape(h, w), axis=1, dtype=np.int32)
+    return out, int(number[-1])
