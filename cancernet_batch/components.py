@@ -5,8 +5,9 @@ that share an edge), label for label: components numbered 1, 2, ... in the raste
 0 for background. The tissue mask of every slide's plan (holes to fill, objects to drop) and the IDC regions of
 every report use it. It replaces scipy's for two reasons:
 
-- importing ``scipy.ndimage`` took 0.27-0.37 s of the 1.2 s in which the local workers' fork server imports its
-  stack (it pulls ``scipy.special`` and scipy's array-API layer), on the path to every command's first tile;
+- the local workers' fork server imports its stack before the first worker exists, on the path to every command's
+  first tile, and ``scipy.ndimage`` (with ``scipy.special``) was about 0.1 s of its 0.85 s on machine A beyond
+  ``scipy.sparse``, which area averaging keeps (``benchmarks/preload_imports.py``);
 - on the plans' 600 x 600 px views of tissue it is faster (0.9-1.5 ms against 1.5-3.1 ms a call).
 
 How: the mask's runs (maximal horizontal stretches of pixels) come from one pass over the rows; two runs in

@@ -62,7 +62,7 @@ def test_a_non_2d_mask_is_refused():
 
 def test_the_workers_stack_and_a_slides_plan_do_not_import_scipy_ndimage(tmp_path):
     """The local workers' fork server imports its preload before the first worker starts, on the way to every
-    command's first tile: scipy.ndimage (with scipy.special) was 0.27-0.37 s of it, for its ``label`` alone."""
+    command's first tile: scipy.ndimage (with scipy.special) was about 0.1 s of it, for its ``label`` alone."""
     from cancernet_batch.synth import SlideSpec, write_slide
 
     slide = tmp_path / "s.svs"
