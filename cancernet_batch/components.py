@@ -42,11 +42,10 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     if not len(edges):
         return np.zeros((h, w), np.int32), 0
     start, end = edges[0::2], edges[1::2]
-    row_start = start - start % stride
-    # the runs of the next row that overlap each run: end > its start and start < its end (both sorted)
-    below = row_start + stride
-    lo = np.searchsorted(end, below + (start - row_start), side="right")
-    hi = np.searchsorted(start, below + (end - row_start), side="left")
+    # the runs of the next row that overlap each run: end > its start and start < its end (both sorted; one row
+    # down is one stride on)
+    lo = np.searchsorted(end, start + stride, side="right")
+    hi = np.searchsorted(start, end + stride, side="left")
     count = np.maximum(hi - lo, 0)
     n = len(start)
     parent = np.arange(n)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .components import label
 from .geojson import IDC_CLASS, _num
 
 OBJECT_TYPE = "annotation"
@@ -70,12 +71,6 @@ def idc_mask(shape: tuple[int, int], coords: np.ndarray, probs: np.ndarray, thre
     grid[coords[ok, 0], coords[ok, 1]] = probs[ok]
     mask = np.isfinite(grid) & (np.where(np.isfinite(grid), grid, 0.0) >= threshold)
     return mask, grid
-
-
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    from .components import label
-
-    return label(mask)  # 4-connected: tiles that share an edge
 
 
 def _boundary_edges(labels: np.ndarray):
@@ -179,7 +174,7 @@ def find_regions(shape: tuple[int, int], coords: np.ndarray, probs: np.ndarray, 
                  tile_area_mm2: float, min_area_mm2: float = 0.0, smooth: int = 0) -> list[Region]:
     """The IDC regions of one input, largest first (ties: top-left first)."""
     mask, grid = idc_mask(shape, coords, probs, threshold)
-    labels, count = _label(mask)
+    labels, count = label(mask)  # 4-connected: tiles that share an edge
     if count == 0:
         return []
     flat = labels.ravel()

@@ -68,10 +68,9 @@ def test_the_workers_stack_and_a_slides_plan_do_not_import_scipy_ndimage(tmp_pat
     slide = tmp_path / "s.svs"
     write_slide(SlideSpec(path=slide, width=4096, height=3072, mpp=0.5, seed=5, detail_mpp=2.0))
     code = f"""
-import importlib, sys
-from cancernet_batch.cluster import FORKSERVER_PRELOAD
-for name in FORKSERVER_PRELOAD[:-1]:
-    importlib.import_module(name)
+import sys
+from cancernet_batch.cluster import FORKSERVER_PRELOAD, import_preload
+import_preload(FORKSERVER_PRELOAD[:-1])
 from cancernet_batch.config import TileConfig
 from cancernet_batch.tiling import plan_slide
 plan = plan_slide({str(slide)!r}, TileConfig(target_mpp=4.0))
