@@ -215,7 +215,7 @@ def test_read_tiles_decodes_only_the_compressed_tiles_its_tiles_touch(decode, sy
         assert np.array_equal(needed, level._tiles_in(boxes)) and len(needed) < len(in_box)
         decoded = []
         real = direct.TiledLevel._decode
-        monkeypatch.setattr(direct.TiledLevel, "_decode", lambda self, i, s: decoded.append(i) or real(self, i, s))
+        monkeypatch.setattr(direct.TiledLevel, "_decode", lambda self, i, s, **kw: decoded.append(i) or real(self, i, s, **kw))
         level._cache.clear()
         got = read_tiles(reader, plan.level, plan.tile_px_level, coords, decode=decode)
         assert sorted(decoded) == needed.tolist()
@@ -318,3 +318,20 @@ def test_tiles_averaged_as_they_are_decoded_are_the_windows_averages(synth_svs, 
         np.testing.assert_array_equal(by_tiles[d][2].coords, plan.coords)
     # 4 µm/px: level 1 (750 x 650 px) at 2; 8: at 4, but 750 is not whole blocks of 4; 2.5: 1.25, not an integer
     assert (max(taken) > 1) == (target == 4.0), taken
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_block_mean_of_an_rgbx_tile_is_area_resizes_block_mean_of_its_rgb(k):
+    """A JPEG tile averaged by blocks is decoded as RGBX and wrapped by Pillow without a copy (direct.block_mean): the
+    same pixels as area_resize's integer path on its RGB, whatever the fourth byte holds, packed back to RGB."""
+    from cancernet_batch.slides.base import area_resize
+    from cancernet_batch.slides.direct import block_mean
+
+    rgbx = np.random.default_rng(k).integers(0, 256, (64, 96, 4), dtype=np.uint8)
+    rgb = np.ascontiguousarray(rgbx[..., :3])
+    want = area_resize(rgb, (0.0, 0.0, 96.0, 64.0), (96 // k, 64 // k))
+    got = block_mean(rgbx, k)
+    np.testing.assert_array_equal(got, want)
+    # packed RGB, not a strided view of RGBX (the region's copies of it are then plain row copies)
+    assert got.shape == (64 // k, 96 // k, 3) and got.flags.c_contiguous
+    np.testing.assert_array_equal(block_mean(rgb, k), want)

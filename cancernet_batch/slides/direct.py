@@ -88,6 +88,23 @@ def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
     return next((s for s in _DCT_SCALES if limit >= s - 1e-9), 1)
 
 
+def block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Each ``k`` x ``k`` block's mean of a decoded tile whose sides are whole blocks, rounded: Pillow's ``reduce``, which
+    is :func:`~.base.area_resize`'s integer path (the same pixels as averaging the assembled window).
+
+    An RGBX tile (:meth:`TiledLevel._decode`'s ``rgbx``: Pillow's own layout of RGB) is wrapped without a copy, and the
+    mean comes back packed as RGB by Pillow's own packer, C-contiguous (read-only): no RGB -> RGBX copy into Pillow, and
+    no strided copy of an RGB view of RGBX later (numpy copies such a view byte by byte: 0.46 ms a 256 px tile, more
+    than the mean; the attempt of 6e57f12 lost there what it saved here). RESULTS.md section 9 has the figures."""
+    h, w = a.shape[:2]
+    if a.shape[2] != 4:
+        return area_resize(a, (0.0, 0.0, float(w), float(h)), (w // k, h // k))
+    from PIL import Image
+
+    m = Image.frombuffer("RGBX", (w, h), a, "raw", "RGBX", 0, 1).reduce(k)
+    return np.frombuffer(m.tobytes("raw", "RGB"), np.uint8).reshape(h // k, w // k, 3)
+
+
 class TiledLevel:
     """One tiled TIFF page (a pyramid level) read tile by tile from its byte ranges.
 
@@ -143,8 +160,10 @@ class TiledLevel:
                                  path=self.path, hint="copy the slide again, or leave it out")
         return data
 
-    def _decode(self, idx: int, s: int) -> np.ndarray:
-        """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles)."""
+    def _decode(self, idx: int, s: int, rgbx: bool = False) -> np.ndarray:
+        """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles). ``rgbx``: a JPEG tile as
+        ``(h, w, 4)`` RGBX, a fourth byte a pixel, the layout Pillow holds RGB in (:func:`block_mean` wraps it
+        without a copy); other tiles are RGB whatever it says."""
         data = self._raw(idx)
         h, w = -(-self.th // s), -(-self.tw // s)
         if not data:  # a tile the scanner never wrote (sparse file): glass
@@ -155,8 +174,8 @@ class TiledLevel:
                 # fancy upsampling as Pillow's draft, bit for bit, at about half the CPU (no Pillow image per
                 # tile). The scale is the largest of 1/8..1 that keeps w x h; strict: a libjpeg warning
                 # ("Corrupt JPEG data") is an error, as in OpenSlide, not a tile decoded from damaged data
-                a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGB", min_width=w,
-                                           min_height=h, min_factor=s)
+                a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGBX" if rgbx else "RGB",
+                                           min_width=w, min_height=h, min_factor=s)
             else:
                 a, _, _ = self._page.decode(bytes(data), idx)
                 a = np.asarray(a).reshape(a.shape[-3:])
@@ -174,7 +193,7 @@ class TiledLevel:
             from PIL import Image
 
             a = np.asarray(Image.fromarray(np.ascontiguousarray(a[..., :3])).resize((w, h), Image.BOX))
-        return a[..., :3]
+        return a if rgbx and self.jpeg and a.shape[2] == 4 else a[..., :3]
 
     def needed(self, coords: np.ndarray, tile_px: float) -> np.ndarray:
         """Indices of the compressed tiles that model tiles at ``coords`` (row, col; ``tile_px`` level px a
@@ -235,10 +254,9 @@ class TiledLevel:
             if a is not None:
                 self._cache.move_to_end(key)
                 return a
-        a = self._decode(key[0], s)
+        a = self._decode(key[0], s, rgbx=k > 1)
         if k > 1:  # area_resize's integer path (Pillow's reduce), as on the assembled window
-            h, w = a.shape[:2]
-            a = area_resize(a, (0.0, 0.0, float(w), float(h)), (w // k, h // k))
+            a = block_mean(a, k)
         with self._lock:
             self._cache[key] = a
             while len(self._cache) > CACHE_TILES:
