@@ -732,11 +732,13 @@ class FsspecFS:
     def _entries(self, folder, *, fresh: bool = False) -> list[tuple[str, bool]]:
         """``(first name part, is a prefix)`` of each entry under ``folder`` (one listing; none when there is nothing
         there). ``fresh``: not from the driver's listing cache (objects other processes wrote)."""
+        from .remote import list_objects
+
         self.check(folder)
         try:
             if fresh:
                 self.fs.invalidate_cache(str(folder))
-            entries = self.fs.ls(str(folder), detail=True)
+            entries = list_objects(self.fs, str(folder), lambda: self.fs.ls(str(folder), detail=True), recursive=False)
         except FileNotFoundError:
             return []
         except Exception as exc:  # noqa: BLE001
@@ -759,10 +761,13 @@ class FsspecFS:
     def find(self, folder) -> set[str]:
         """Every object under ``folder``, at any depth, as a path relative to it: one listing (a request per 1,000
         objects); nothing when there is none."""
+        from .remote import list_objects
+
         self.check(folder)
         base = self.fs._strip_protocol(str(folder)).rstrip("/") + "/"
         try:
-            found = self.fs.find(base)
+            found = [e["name"] for e in list_objects(self.fs, base, lambda: [{"name": n} for n in self.fs.find(base)],
+                                                     recursive=True)]
         except FileNotFoundError:
             return set()
         except Exception as exc:  # noqa: BLE001

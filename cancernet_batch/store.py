@@ -1278,6 +1278,8 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     from zarr.core.sync import sync
     from zarr.storage import FsspecStore
 
+    from .remote import native_ls_async
+
     store = array.store_path.store
     if not isinstance(store, FsspecStore) or not hasattr(store.fs, "_ls"):
         return None
@@ -1288,6 +1290,9 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     out = np.full(n, bool(meta.fill_value), bool)
 
     async def listing(folder: str) -> list:
+        native = await native_ls_async(store.fs, folder)  # obstore's listing where it can (a tenth of the CPU)
+        if native is not None:
+            return native
         try:
             return await store.fs._ls(folder, detail=True, refresh=True)
         except FileNotFoundError:

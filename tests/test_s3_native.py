@@ -261,3 +261,86 @@ def test_staged_report_files_go_out_in_bounded_batches_and_large_ones_stream_thr
     assert {f"{BUCKET}/native/run-b/report/{k}": v for k, v in files.items()} == s3.objects("native/run-b/report")
     assert sorted(n.rsplit("/report/", 1)[1] for b in puts for n in b) == sorted(k for k in files if len(files[k]) <= 100)
     assert len(puts) == 3 and all(len(b) * 90 <= 800 for b in puts)  # 20 small files: 8 + 8 + 4
+
+
+def test_listings_come_through_the_native_client_as_s3fs_gives_them_and_fall_back_to_it(s3, monkeypatch):  # noqa: F811
+    """The run folder's listings (its folders, a report's files, the done flags of a chunk task) and an input prefix's
+    listing go through obstore: the same names, types, sizes and ETags as s3fs's ``ls`` and ``find``, without s3fs; a
+    native listing that fails is done by s3fs, which then counts towards giving the native client up."""
+    from cancernet_batch.runfolder import Run
+
+    fs0 = s3.fs()
+    tree = {"native/lst/a/c/0": b"\x01" * 16, "native/lst/a/c/1": b"\x00" * 17, "native/lst/a/d.json": b"{}",
+            "native/lst/top.txt": b"x", "native/lstx/other.txt": b"not under native/lst"}
+    for k, v in tree.items():
+        fs0.pipe_file(f"{BUCKET}/{k}", v)
+    fs = _fs(s3)
+    plain = _fs(s3)
+    monkeypatch.setitem(plain.__dict__, "_cancernet_native", None)  # s3fs alone, the reference
+
+    def rows(entries):
+        return sorted((str(e["name"]).rstrip("/"), e["type"], int(e["size"]), e.get("ETag")) for e in entries)
+
+    n0 = dict(remote.NATIVE_COUNTS)
+    level = remote.list_objects(fs, f"{BUCKET}/native/lst", lambda: pytest.fail("listed through s3fs"), recursive=False)
+    deep = remote.list_objects(fs, f"{BUCKET}/native/lst", lambda: pytest.fail("listed through s3fs"), recursive=True)
+    assert rows(level) == rows(plain.ls(f"{BUCKET}/native/lst", detail=True))
+    assert rows(deep) == rows(plain.find(f"{BUCKET}/native/lst", detail=True).values())
+    assert {e["name"] for e in deep} == {f"{BUCKET}/{k}" for k in tree if k.startswith("native/lst/")}
+    assert remote.list_objects(fs, f"{BUCKET}/native/none", lambda: pytest.fail("s3fs"), recursive=True) == []
+    assert remote.NATIVE_COUNTS["requests"] - n0["requests"] == 3 and remote.NATIVE_COUNTS["fallbacks"] == n0["fallbacks"]
+
+    # an input prefix (its identity for resume: the same as through s3fs) and the run folder's own listings
+    url = f"s3://{BUCKET}/native/lst"
+    with_native = remote.listing(url, s3.options())
+    assert remote.identity(with_native) == remote.identity({f"s3://{k}": v for k, v in
+                                                           plain.find(f"{BUCKET}/native/lst", detail=True).items()})
+    run = Run.of(f"s3://{BUCKET}/native", s3.options())
+    monkeypatch.setattr(run.fs.fs, "find", lambda *a, **k: pytest.fail("found through s3fs"))
+    monkeypatch.setattr(run.fs.fs, "ls", lambda *a, **k: pytest.fail("listed through s3fs"))
+    assert run.fs.find(url) == {"a/c/0", "a/c/1", "a/d.json", "top.txt"}
+    assert sorted(run.fs._entries(url)) == [("a", True), ("top.txt", False)]
+
+    # a native listing that fails: s3fs lists, and that counts towards giving the native client up
+    good = remote._native(fs)
+    fs.__dict__["_cancernet_native"] = remote._Native({**good.config, "endpoint": "http://127.0.0.1:9"},
+                                                      {**good.client_options, "connect_timeout": "2s"})
+    f0 = remote.NATIVE_COUNTS["fallbacks"]
+    for _ in range(remote.NATIVE_GIVE_UP):
+        got = remote.list_objects(fs, f"{BUCKET}/native/lst", lambda: plain.find(f"{BUCKET}/native/lst", detail=True).values(),
+                                  recursive=True)
+        assert rows(got) == rows(deep)
+    assert remote.NATIVE_COUNTS["fallbacks"] - f0 == remote.NATIVE_GIVE_UP
+    assert fs.__dict__["_cancernet_native"] is None
+
+
+def test_a_chunk_tasks_done_flags_are_listed_through_the_native_client(s3, monkeypatch):  # noqa: F811
+    """store._listed_flags (a scoring chunk task's look at its input's done flags) lists through obstore on zarr's
+    own loop: the flags as set, with no s3fs listing; with the native client off, the same flags through s3fs."""
+    import numpy as np
+
+    from cancernet_batch import store
+    from cancernet_batch.runfolder import Run
+
+    run = Run.of(f"s3://{BUCKET}/native/flags", s3.options()).create()
+    g = run.open_store("a").require_group("inputs").create_group("g")
+    done = g.create_array("done", shape=(6,), chunks=(1,), dtype=bool, fill_value=False)
+    done[1] = True
+    done[4] = True
+    done[5] = False
+    known = store.flag_encodings(done.metadata)
+    calls = []
+    real_ls = type(done.store_path.store.fs)._ls
+
+    async def counted(self, *a, **k):
+        calls.append(a)
+        return await real_ls(self, *a, **k)
+
+    monkeypatch.setattr(type(done.store_path.store.fs), "_ls", counted)
+    n0 = remote.NATIVE_COUNTS["requests"]
+    got = store._listed_flags(done, 6, known)
+    assert got is not None and got.tolist() == [False, True, False, False, True, False]
+    assert calls == [] and remote.NATIVE_COUNTS["requests"] > n0
+    done.store_path.store.fs.__dict__["_cancernet_native"] = None  # s3fs alone: the same flags, one s3fs listing
+    assert store._listed_flags(done, 6, known).tolist() == got.tolist() and len(calls) == 1
+    assert np.array_equal(done[:], got)
