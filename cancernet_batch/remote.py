@@ -505,7 +505,7 @@ class _Native:
     region, credentials and time limits as its botocore client; or its Azure stores (``kind`` "azure", one per
     container) for an adlfs filesystem, with its account, key or SAS and endpoint (:func:`_azure_config`). Range and whole-object GETs of inputs, and
     whole-object GETs and PUTs of the run folder (its files, :mod:`.native_store` for the tile store) go through
-    it; look-ups, listings, deletes and conditional PUTs (the lock, claims) stay on s3fs. botocore spends about 1.3 ms
+    it, and on S3 the listings (:func:`list_objects`); look-ups, deletes and conditional PUTs (the lock, claims) stay on s3fs. botocore spends about 1.3 ms
     of CPU on a request (its hooks, endpoint rules, signing and parsing), obstore about 0.25 ms
     (RESULTS.md section 8). Any request it fails is sent again through s3fs, whose answers and errors are the ones
     the user sees; after :data:`NATIVE_GIVE_UP` such requests that s3fs served, the filesystem stops using it."""
