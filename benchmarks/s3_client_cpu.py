@@ -6,7 +6,9 @@
 Starts the server on 127.0.0.1 (``tests/s3server.py``: SeaweedFS's ``weed server`` or moto's), PUTs a 6 MiB
 object, then times requests one after another, each kind through the s3fs filesystem of
 :func:`cancernet_batch.remote.filesystem` and through its native client (:func:`cancernet_batch.remote._native`):
-ranged GETs of 1 KiB, 64 KiB and 5 MiB, and PUTs of 1 KiB and 1 MiB. Prints the median CPU ms (this process,
+ranged GETs of 1 KiB, 64 KiB and 5 MiB, PUTs of 1 KiB and 1 MiB, and (S3 only) fresh listings of a folder of
+:data:`LISTED` objects, as ``ls`` (one level) and as ``find`` (every depth), through
+s3fs and through :func:`cancernet_batch.remote.list_objects`. Prints the median CPU ms (this process,
 every thread: the event loops' included) and wall ms per request, with the date, the machine and its load:
 figures for ``RESULTS.md`` section 8. The server runs in its own process (SeaweedFS) or in a thread of this one
 (moto: its CPU is counted too, so use SeaweedFS for the client's share). ``--server azurite``: Microsoft's Blob
@@ -29,6 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 from results_files import write_results  # noqa: E402 - a sibling script
+
+
+LISTED = 40
+"""Objects in the folder the listings list (an input's done flags of 40 chunks: 40,000 tiles)."""
 
 
 def _time(fn, n: int) -> tuple[float, float]:
@@ -97,6 +103,21 @@ def main(argv=None) -> int:
                          driver: _time(lambda: fs.pipe_file(put_url, data), n),
                          "obstore": _time(lambda: remote._native_put_now(native, put_url, data), n)})
             assert fs.cat_file(put_url) == data
+        if scheme == "s3":  # listings: Azure's stay on adlfs (remote.list_objects)
+            folder = f"{bucket}/flags"
+            for i in range(LISTED):
+                fs.pipe_file(f"{folder}/{i}", bytes([i % 2]) * 16)
+            for name, recursive, through in ((f"LIST {LISTED} objects (ls)", False, lambda: fs.ls(folder, detail=True)),
+                                             (f"LIST {LISTED} objects (find)", True, lambda: fs.find(folder, detail=True))):
+                def plain(through=through):
+                    fs.invalidate_cache()  # a fresh listing each time, as the flags' and the run folder's are
+                    return through()
+
+                got = remote.list_objects(fs, folder, lambda: None, recursive=recursive)
+                assert got is not None and len(got) == LISTED
+                rows.append({"request": name, driver: _time(plain, args.repeat),
+                             "obstore": _time(lambda r=recursive: remote.list_objects(fs, folder, lambda: None, recursive=r),
+                                              args.repeat)})
     finally:
         server.stop()
 

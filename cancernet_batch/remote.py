@@ -799,8 +799,8 @@ def _level(bucket: str, got: Mapping) -> list[dict]:
 def _native_list_now(native: _Native, path: str, recursive: bool) -> list[dict]:
     """Every object under the prefix ``path`` (``bucket/key``, a folder; ``recursive``: at any depth, else one level,
     its sub-prefixes as directories, as s3fs's ``ls``), as s3fs's detail dicts; nothing there: none. obstore's
-    blocking call: its listing costs about 0.8 CPU ms where s3fs's costs 10-12 (botocore's XML and time parsing,
-    40 objects, RESULTS.md section 8)."""
+    blocking call: a listing of 40 objects costs 0.5-0.6 CPU ms where s3fs's costs 5.9-6.4 (botocore's XML and time
+    parsing; ``benchmarks/s3_client_cpu.py``, RESULTS.md section 8)."""
     import obstore
 
     store, key = native.at(path)

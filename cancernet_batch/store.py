@@ -1290,7 +1290,7 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     out = np.full(n, bool(meta.fill_value), bool)
 
     async def listing(folder: str) -> list:
-        native = await native_ls_async(store.fs, folder)  # obstore's listing where it can (a tenth of the CPU)
+        native = await native_ls_async(store.fs, folder)  # obstore's listing where it can (a tenth of s3fs's CPU)
         if native is not None:
             return native
         try:

@@ -423,6 +423,21 @@ def test_azure_benchmarks_time_a_whole_run_and_each_request_through_both_clients
     assert all(row["adlfs"][1] > 0 and row["obstore"][1] > 0 for row in rows)  # (CPU ms, wall ms): wall
 
 
+def test_s3_client_cpu_times_each_request_and_listing_through_both_clients(tmp_path):
+    """``s3_client_cpu.py`` on moto: ranged GETs, PUTs and fresh listings, each through s3fs and obstore, the
+    listings through remote.list_objects (what the run folder and the done flags list with)."""
+    pytest.importorskip("obstore")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "s3_client_cpu.py"), "--server", "moto",
+                        "--repeat", "3", "--out", str(tmp_path / "cpu")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [result] = list((tmp_path / "cpu").glob("s3-client-cpu-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert [row["request"] for row in rows] == ["GET 1 KiB", "GET 64 KiB", "GET 5 MiB", "PUT 1 KiB", "PUT 1 MiB",
+                                                "LIST 40 objects (ls)", "LIST 40 objects (find)"]
+    assert all(row["s3fs"][1] > 0 and row["obstore"][1] > 0 for row in rows)  # (CPU ms, wall ms): wall
+    assert "LIST 40 objects (find)" in r.stdout
+
+
 def test_store_layout_times_both_chunk_key_layouts_and_counts_their_folders(tmp_path):
     """benchmarks/store_layout.py: input groups and chunks made with zarr's nested chunk keys and with the tool's
     (store.CHUNK_KEYS), alternating; the nested layout makes a folder per index, the tool's only the arrays' own."""
