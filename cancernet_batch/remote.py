@@ -844,9 +844,20 @@ def list_objects(fs, path: str, fallback, *, recursive: bool):
         except Exception as exc:  # noqa: BLE001
             _native_failed(exc, path)
             out = fallback()
-            _native_served(fs, native)
+            if not _names_it_refuses(exc):  # a key object_store will not name is the folder's, not the client's fault
+                _native_served(fs, native)
             return out
     return fallback()
+
+
+def _names_it_refuses(exc: BaseException) -> bool:
+    """Whether a native listing failed on a key that object_store does not take as a path (an empty or ``.`` segment,
+    a control character: S3 allows them), not on the server or the network."""
+    try:
+        from obstore.exceptions import InvalidPathError
+    except ImportError:
+        return False
+    return isinstance(exc, InvalidPathError)
 
 
 async def _bounded(calls: list, *, return_exceptions: bool = False) -> list:

@@ -302,6 +302,17 @@ def test_listings_come_through_the_native_client_as_s3fs_gives_them_and_fall_bac
     assert run.fs.find(url) == {"a/c/0", "a/c/1", "a/d.json", "top.txt"}
     assert sorted(run.fs._entries(url)) == [("a", True), ("top.txt", False)]
 
+    # a key that object_store will not take as a path (S3 allows it): s3fs lists that folder, as often as it takes,
+    # and the native client stays (the folder's names, not the client, failed)
+    for k in ("native/odd/a//b.png", "native/odd/tab\tname.png", "native/odd/ok.png"):
+        fs0.pipe_file(f"{BUCKET}/{k}", b"x")
+    for _ in range(remote.NATIVE_GIVE_UP + 1):
+        odd = remote.list_objects(fs, f"{BUCKET}/native/odd", lambda: plain.find(f"{BUCKET}/native/odd", detail=True).values(),
+                                  recursive=True)
+        assert sorted(e["name"] for e in odd) == sorted(plain.find(f"{BUCKET}/native/odd"))
+        assert len(odd) == 3
+    assert remote._native(fs) is not None
+
     # a native listing that fails: s3fs lists, and that counts towards giving the native client up
     good = remote._native(fs)
     fs.__dict__["_cancernet_native"] = remote._Native({**good.config, "endpoint": "http://127.0.0.1:9"},
