@@ -39,7 +39,7 @@ class NativeFsspecStore(FsspecStore):
             remote._native_failed(exc, path)
             value = await super().get(key, prototype, byte_range)
             if value is not None:
-                remote._native_served(self.fs, native)
+                remote._native_served(self.fs, native, exc)
             return value
         return prototype.buffer.from_bytes(data)
 
@@ -56,4 +56,4 @@ class NativeFsspecStore(FsspecStore):
         except Exception as exc:  # noqa: BLE001 - s3fs writes it again
             remote._native_failed(exc, path)
             await super().set(key, value, byte_range)
-            remote._native_served(self.fs, native)
+            remote._native_served(self.fs, native, exc)

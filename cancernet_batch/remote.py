@@ -409,8 +409,9 @@ def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, b
     if native is not None:
         got = dict(zip(urls, _run(fs, _native_objects, native, list(urls))))
         failed = [u for u, d in got.items() if isinstance(d, BaseException)]
-        for u in failed:
-            _native_failed(got.pop(u), u)
+        errors = [got.pop(u) for u in failed]
+        for u, e in zip(failed, errors):
+            _native_failed(e, u)
     rest = [u for u in urls if u not in got]
     if rest:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -418,7 +419,7 @@ def read_objects(urls: list[str], options: Mapping | None = None) -> dict[str, b
         again = _call(rest[0], "reading", fs.cat_ranges, rest, None, None, on_error="return", **kw)
         got.update(zip(rest, again))
         if native is not None and any(not isinstance(d, BaseException) for d in again):
-            _native_served(fs, native)
+            _native_served(fs, native, next((e for e in errors if not _names_it_refuses(e)), errors[0]))
     out: dict[str, bytes | InputError] = {}
     for u in urls:
         d = got[u]
@@ -844,15 +845,17 @@ def list_objects(fs, path: str, fallback, *, recursive: bool):
         except Exception as exc:  # noqa: BLE001
             _native_failed(exc, path)
             out = fallback()
-            if not _names_it_refuses(exc):  # a key object_store will not name is the folder's, not the client's fault
-                _native_served(fs, native)
+            _native_served(fs, native, exc)
             return out
     return fallback()
 
 
-def _names_it_refuses(exc: BaseException) -> bool:
-    """Whether a native listing failed on a key that object_store does not take as a path (an empty or ``.`` segment,
-    a control character: S3 allows them), not on the server or the network."""
+def _names_it_refuses(exc: BaseException | None) -> bool:
+    """Whether a native request failed on a key that object_store does not take as a path (an empty or ``.`` segment,
+    a control character: S3 allows them), not on the server or the network: a listing that meets one
+    (``InvalidPathError``), or a request for one (``ValueError``: "Could not parse path", before anything is sent)."""
+    if type(exc) is ValueError and str(exc).startswith("Could not parse path"):
+        return True
     try:
         from obstore.exceptions import InvalidPathError
     except ImportError:
@@ -898,6 +901,7 @@ def put_objects(fs, items: list[tuple[str, bytes]], fallback) -> None:
     """PUT each ``(path, bytes)`` whole through the native client of ``fs``, concurrently; if that fails, or there
     is none, ``fallback()`` writes them (s3fs: its error is the one raised). For the run folder's files."""
     native = _native(fs) if items else None
+    error = None
     if native is not None:
         try:
             if len(items) == 1:  # obstore's blocking call: no hop to fsspec's loop
@@ -907,15 +911,17 @@ def put_objects(fs, items: list[tuple[str, bytes]], fallback) -> None:
             return
         except Exception as exc:  # noqa: BLE001 - s3fs writes them again
             _native_failed(exc, items[0][0])
+            error = exc
     fallback()
     if native is not None:
-        _native_served(fs, native)
+        _native_served(fs, native, error)
 
 
 def get_object(fs, path: str, fallback) -> "bytes | None":
     """The whole object at ``path`` through the native client of ``fs`` (None when it is not there); else, or if
     that fails otherwise, ``fallback()``'s answer. For the run folder's files."""
     native = _native(fs)
+    error = None
     if native is not None:
         try:
             return _native_object_now(native, path)
@@ -923,9 +929,10 @@ def get_object(fs, path: str, fallback) -> "bytes | None":
             if not_found(exc):
                 return None
             _native_failed(exc, path)
+            error = exc
     out = fallback()
     if native is not None and out is not None:
-        _native_served(fs, native)
+        _native_served(fs, native, error)
     return out
 
 
@@ -936,9 +943,12 @@ def _native_failed(exc: BaseException, url: str) -> None:
     log.debug("native request for %s failed (%s); sent again through s3fs", url, type(exc).__name__)
 
 
-def _native_served(fs, native: _Native) -> None:
-    """s3fs served a request the native client had failed: after :data:`NATIVE_GIVE_UP` of those the filesystem
-    goes through s3fs alone (a read both fail, a missing object, is the input's own fault and does not count)."""
+def _native_served(fs, native: _Native, exc: BaseException | None = None) -> None:
+    """s3fs served a request the native client had failed (with ``exc``): after :data:`NATIVE_GIVE_UP` of those the
+    filesystem goes through s3fs alone (a read both fail, a missing object, is the input's own fault and does not
+    count; nor does a key object_store will not take as a path, :func:`_names_it_refuses`: the name's fault)."""
+    if _names_it_refuses(exc):
+        return
     with native.lock:
         native.failures += 1
         if native.failures >= NATIVE_GIVE_UP and fs.__dict__.get("_cancernet_native") is native:
@@ -963,11 +973,13 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
     if not spans:
         return []
     native = _native(fs)
+    error = None
     if native is not None:
         try:
             data = _native_spans_now(native, url, spans)
         except Exception as exc:  # noqa: BLE001 - s3fs reads it again, and its error is the one raised
             _native_failed(exc, url)
+            error = exc
         else:
             _count(len(spans), sum(len(d) for d in data))
             return data
@@ -980,7 +992,7 @@ def _fetch_spans(fs, url: str, spans: list[tuple[int, int]]) -> list[bytes]:
         if isinstance(d, BaseException):
             raise _input_error(d, url, "reading", fs.storage_options)
     if native is not None and _whole(data, spans):
-        _native_served(fs, native)
+        _native_served(fs, native, error)
     _count(len(spans), sum(len(d) for d in data))
     return [bytes(d) for d in data]
 
@@ -1363,12 +1375,14 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
 
     native = _native(fs) if spans else None
     tried = look_up and native is not None and len(spans) == 1  # the spans and the look-up in one native GET
+    errors: list[BaseException] = []
     if tried:
         try:
             return _native_first(native, url, *spans[0])
         except Exception as exc:  # noqa: BLE001 - s3fs's round below says what is wrong (missing, a prefix, empty...)
             if not not_found(exc):
                 _native_failed(exc, url)
+                errors.append(exc)
 
     async def spans_of() -> list:
         if native is not None and not tried:
@@ -1376,9 +1390,10 @@ def _one_round(fs, url: str, spans: list[tuple[int, int]], *, look_up: bool, opt
                 return await _native_spans(native, url, spans)
             except Exception as exc:  # noqa: BLE001 - s3fs reads them again
                 _native_failed(exc, url)
+                errors.append(exc)
         got = await asyncio.gather(*(fs._cat_file(url, start=a, end=b) for a, b in spans), return_exceptions=True)
         if native is not None and _whole(got, spans):
-            _native_served(fs, native)
+            _native_served(fs, native, errors[0] if errors else None)
         return got
 
     async def nothing() -> None:

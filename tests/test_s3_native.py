@@ -358,3 +358,22 @@ def test_a_chunk_tasks_done_flags_are_listed_through_the_native_client(s3, monke
     done.store_path.store.fs.__dict__["_cancernet_native"] = None  # s3fs alone: the same flags, one s3fs listing
     assert store._listed_flags(done, 6, known).tolist() == got.tolist() and len(calls) == 1
     assert np.array_equal(done[:], got)
+
+
+def test_keys_object_store_will_not_name_are_read_and_written_by_s3fs_and_keep_the_native_client(s3):  # noqa: F811
+    """S3 allows keys that object_store refuses as paths (an empty or ``.`` segment, a control character): their
+    requests fail natively before anything is sent, s3fs serves them, and that is the name's fault, not the client's:
+    however many there are, the filesystem keeps its native client for the others."""
+    fs = _fs(s3)
+    assert remote._native(fs) is not None
+    odd = [f"{BUCKET}/native/odd-io/a//{i}.png" for i in range(remote.NATIVE_GIVE_UP + 1)]
+    odd += [f"{BUCKET}/native/odd-io/./dot.png", f"{BUCKET}/native/odd-io/tab\there.png"]
+    for k in odd:
+        remote.put_objects(fs, [(k, k.encode())], lambda k=k: fs.pipe_file(k, k.encode()))
+    for k in odd:
+        assert remote.get_object(fs, k, lambda k=k: fs.cat_file(k)) == k.encode()
+        assert remote._fetch_spans(fs, k, [(0, 5)]) == [k.encode()[:5]]
+    got = remote.read_objects([f"s3://{k}" for k in odd], s3.options())
+    assert got == {f"s3://{k}": k.encode() for k in odd}
+    assert remote._native(fs) is not None and fs.__dict__["_cancernet_native"] is not None
+    assert remote._names_it_refuses(ValueError("Could not parse path: x")) and not remote._names_it_refuses(OSError("x"))
