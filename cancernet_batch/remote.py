@@ -797,6 +797,12 @@ def _level(bucket: str, got: Mapping) -> list[dict]:
              for p in got["common_prefixes"]] + [_entry(bucket, m) for m in got["objects"]])
 
 
+def _listed_at(native: _Native, path: str) -> tuple[object, str, str | None]:
+    """The store, bucket and prefix (None: the whole bucket) of a native listing of ``path`` (``bucket/key``)."""
+    bucket, key = _bucket_key(path)
+    return native.store(bucket), bucket, key.strip("/") or None
+
+
 def _native_list_now(native: _Native, path: str, recursive: bool) -> list[dict]:
     """Every object under the prefix ``path`` (``bucket/key``, a folder; ``recursive``: at any depth, else one level,
     its sub-prefixes as directories, as s3fs's ``ls``), as s3fs's detail dicts; nothing there: none. obstore's
@@ -804,13 +810,11 @@ def _native_list_now(native: _Native, path: str, recursive: bool) -> list[dict]:
     parsing; ``benchmarks/s3_client_cpu.py``, RESULTS.md section 8)."""
     import obstore
 
-    store, key = native.at(path)
-    bucket = _bucket_key(path)[0]
-    key = key.strip("/") or None
+    store, bucket, prefix = _listed_at(native, path)
     if recursive:
-        out = [_entry(bucket, m) for m in obstore.list(store, key).collect()]
+        out = [_entry(bucket, m) for m in obstore.list(store, prefix).collect()]
     else:
-        out = _level(bucket, obstore.list_with_delimiter(store, key))
+        out = _level(bucket, obstore.list_with_delimiter(store, prefix))
     _native_count(1)
     return out
 
@@ -824,10 +828,10 @@ async def native_ls_async(fs, path: str) -> "list[dict] | None":
     try:
         import obstore
 
-        store, key = native.at(path)
-        got = await obstore.list_with_delimiter_async(store, key.strip("/") or None)
+        store, bucket, prefix = _listed_at(native, path)
+        got = await obstore.list_with_delimiter_async(store, prefix)
         _native_count(1)
-        return _level(_bucket_key(path)[0], got)
+        return _level(bucket, got)
     except Exception as exc:  # noqa: BLE001 - the caller lists through s3fs
         _native_failed(exc, path)
         return None
