@@ -819,12 +819,14 @@ def _native_list_now(native: _Native, path: str, recursive: bool) -> list[dict]:
     return out
 
 
-async def native_ls_async(fs, path: str) -> "list[dict] | None":
-    """:func:`list_objects` (one level) from a coroutine on the loop of ``fs`` (zarr's asynchronous filesystem); None
-    when there is no native client or it failed (the caller lists through ``fs``)."""
+async def native_ls_async(fs, path: str, fallback):
+    """:func:`list_objects` (one level) from a coroutine on the loop of ``fs`` (zarr's asynchronous filesystem): through
+    the native client where there is one, else, or if that fails, ``await fallback()``'s answer (s3fs: its errors are
+    the ones raised). A native listing that fails and s3fs then serves counts towards giving the native client up, as
+    in the blocking calls (:func:`_native_served`)."""
     native = await _native_async(fs)
     if native is None or native.kind != "s3":
-        return None
+        return await fallback()
     try:
         import obstore
 
@@ -832,9 +834,12 @@ async def native_ls_async(fs, path: str) -> "list[dict] | None":
         got = await obstore.list_with_delimiter_async(store, prefix)
         _native_count(1)
         return _level(bucket, got)
-    except Exception as exc:  # noqa: BLE001 - the caller lists through s3fs
+    except Exception as exc:  # noqa: BLE001 - s3fs lists it again
         _native_failed(exc, path)
-        return None
+        error = exc
+    out = await fallback()
+    _native_served(fs, native, error)
+    return out
 
 
 def list_objects(fs, path: str, fallback, *, recursive: bool):

@@ -1290,13 +1290,13 @@ def _listed_flags(array, n: int, known: dict[bytes, bool]) -> np.ndarray | None:
     out = np.full(n, bool(meta.fill_value), bool)
 
     async def listing(folder: str) -> list:
-        native = await native_ls_async(store.fs, folder)  # obstore's listing where it can (a tenth of s3fs's CPU)
-        if native is not None:
-            return native
-        try:
-            return await store.fs._ls(folder, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
+        async def through_fs() -> list:
+            try:
+                return await store.fs._ls(folder, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+
+        return await native_ls_async(store.fs, folder, through_fs)  # obstore's listing where it can (a tenth of s3fs's CPU)
 
     try:
         entries = [e for folder in sorted(folders) for e in sync(listing(folder))]

@@ -359,6 +359,19 @@ def test_a_chunk_tasks_done_flags_are_listed_through_the_native_client(s3, monke
     assert store._listed_flags(done, 6, known).tolist() == got.tolist() and len(calls) == 1
     assert np.array_equal(done[:], got)
 
+    # a native listing that fails: s3fs lists, and that counts towards giving the native client up, as in the
+    # blocking listings
+    good = remote._native(s3.fs())
+    fs = done.store_path.store.fs
+    broken = remote._Native({**good.config, "endpoint": "http://127.0.0.1:9"}, {**good.client_options, "connect_timeout": "2s"})
+    fs.__dict__["_cancernet_native"] = broken
+    f0 = remote.NATIVE_COUNTS["fallbacks"]
+    for i in range(remote.NATIVE_GIVE_UP):
+        assert fs.__dict__["_cancernet_native"] is broken  # not given up yet
+        assert store._listed_flags(done, 6, known).tolist() == got.tolist() and len(calls) == 2 + i
+    assert remote.NATIVE_COUNTS["fallbacks"] - f0 == remote.NATIVE_GIVE_UP
+    assert fs.__dict__["_cancernet_native"] is None  # s3fs alone from now on
+
 
 def test_keys_object_store_will_not_name_are_read_and_written_by_s3fs_and_keep_the_native_client(s3):  # noqa: F811
     """S3 allows keys that object_store refuses as paths (an empty or ``.`` segment, a control character): their
