@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +42,11 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 
 def test_console_script_installed():
-    r = subprocess.run(["cancernet", "--help"], capture_output=True, text=True)
+    """The ``cancernet`` command is installed in the environment whose Python runs the tests (found beside that
+    interpreter, so the test holds whether or not the environment is activated)."""
+    script = Path(sys.executable).parent / ("cancernet.exe" if os.name == "nt" else "cancernet")
+    assert script.is_file(), f"{script}: not installed in this environment (pip install -e .)"
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "synth" in r.stdout
 
 
