@@ -3,6 +3,7 @@
     python benchmarks/s3_inputs.py [--count 2] [--size 8192] [--mpp 0.25] [--target 4.0] [--decode fast]
                                    [--threads 4] [--run] [--patients 9175,9259] [--workers 2] [--out DIR]
                                    [--chunk-size 1024] [--server moto|s3rver|seaweedfs] [--cli-runs N]
+                                   [--baseline CHECKOUT]
 
 Writes ``--count`` synthetic Aperio SVS slides and as many generic tiled TIFFs (``cancernet_batch.synth``,
 ``--size`` px a side at ``--mpp``), uploads them to moto's S3 server on 127.0.0.1 (the app of
@@ -38,6 +39,8 @@ the S3 server. ``--server s3rver`` times a second real S3 server instead of moto
 Patches/s = patches scored / the run's wall time (the issue's target: s3/local >= 0.7).
 ``--cli-runs N`` also times the ``cancernet run`` command itself, as a user runs it (its own local cluster: the
 start-up, the model's loading and the storage driver's imports are in its time), local vs both on S3.
+``--baseline CHECKOUT`` (with ``--cli-runs``): that checkout's command too, alternating with this one's on the same
+server and inputs, for an A/B of a change's effect on the whole run (``git worktree add /tmp/base COMMIT``).
 Prints markdown tables; ``--out`` gets ``s3-inputs-DATE.json`` and ``.md``.
 """
 
@@ -403,35 +406,49 @@ def _cli_runs(args, work: Path, model: Path, local_inputs: list[str], server) ->
     """``--cli-runs``: the whole ``cancernet run`` command as a user types it (its own local cluster, so its
     start-up, the model's loading and the storage driver's imports are in the time), local inputs and run
     folder vs both on the S3 server; alternating, after one warm-up pair (not counted). Patches/s = patches
-    scored (the run's progress record) / the command's wall time."""
+    scored (the run's progress record) / the command's wall time. With ``--baseline CHECKOUT`` each round runs
+    that checkout's command too (its package on ``PYTHONPATH``, from its folder: the workers and their children
+    import it too), alternating with this one's on the same server and inputs: ``{"this": ..., "baseline": ...,
+    "baseline_over_this": {mode: best against best}}``."""
     import subprocess
 
     opts = server.options()
-    out: dict = {"local": [], "s3": []}
+    versions = [("this", None)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
+    out: dict = {who: {"local": [], "s3": []} for who, _ in versions}
     for rep in range(args.cli_runs + 1):
-        for mode in ("local", "s3"):
-            folder = (f"s3://bench-runs/cli/{mode}-r{rep}" if mode == "s3" else str(work / "runs" / f"cli-{mode}-r{rep}"))
-            cmd = [sys.executable, "-m", "cancernet_batch.cli", "run",
-                   *(["s3://bench-runs/in/"] if mode == "s3" else local_inputs), "--out", folder, "--model", str(model),
-                   "--engine", "onnx", "--batch-size", "256", "--workers", str(args.workers),
-                   "--threads-per-worker", str(args.worker_threads), "--decode", args.decode,
-                   "--chunk-size", str(args.chunk_size)]
-            if mode == "s3":
-                cmd += ["--storage-options", json.dumps(opts)]
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            wall = time.perf_counter() - t0
-            if r.returncode != 0:
-                raise SystemExit(f"cancernet run ({mode}) exited {r.returncode}: {r.stderr[-1500:]}")
-            progress = json.loads(server.fs().cat_file(f"bench-runs/cli/{mode}-r{rep}/progress.json") if mode == "s3"
-                                  else Path(folder, "progress.json").read_text())
-            patches = int(progress["patches"]["scored"])
-            fig = {"rep": rep, "warmup": rep == 0, "wall_s": round(wall, 2), "patches": patches,
-                   "patches_per_s": round(patches / wall, 1), "load": os.getloadavg()}
-            out[mode].append(fig)
-            print(f"cancernet run, {mode}, rep {rep}: {fig}", flush=True)
-    summary = _summary(out)
-    return {**summary, "ratio_best": summary["ratio_best"]["s3"]}
+        for who, checkout in versions:
+            env = dict(os.environ, PYTHONPATH=checkout) if checkout else None
+            for mode in ("local", "s3"):
+                name = f"{who}-{mode}-r{rep}"
+                folder = f"s3://bench-runs/cli/{name}" if mode == "s3" else str(work / "runs" / f"cli-{name}")
+                cmd = [sys.executable, "-m", "cancernet_batch.cli", "run",
+                       *(["s3://bench-runs/in/"] if mode == "s3" else local_inputs), "--out", folder, "--model",
+                       str(model), "--engine", "onnx", "--batch-size", "256", "--workers", str(args.workers),
+                       "--threads-per-worker", str(args.worker_threads), "--decode", args.decode,
+                       "--chunk-size", str(args.chunk_size)]
+                if mode == "s3":
+                    cmd += ["--storage-options", json.dumps(opts)]
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=checkout)
+                wall = time.perf_counter() - t0
+                if r.returncode != 0:
+                    raise SystemExit(f"cancernet run ({who}, {mode}) exited {r.returncode}: {r.stderr[-1500:]}")
+                progress = json.loads(server.fs().cat_file(f"bench-runs/cli/{name}/progress.json") if mode == "s3"
+                                      else Path(folder, "progress.json").read_text())
+                patches = int(progress["patches"]["scored"])
+                fig = {"rep": rep, "warmup": rep == 0, "wall_s": round(wall, 2), "patches": patches,
+                       "patches_per_s": round(patches / wall, 1), "load": os.getloadavg()}
+                out[who][mode].append(fig)
+                print(f"cancernet run, {who}, {mode}, rep {rep}: {fig}", flush=True)
+    summaries = {}
+    for who, _ in versions:
+        summary = _summary(out[who])
+        summaries[who] = {**summary, "ratio_best": summary["ratio_best"]["s3"]}
+    if not args.baseline:
+        return summaries["this"]
+    this, base = summaries["this"]["best"], summaries["baseline"]["best"]
+    return {**summaries, "baseline_over_this": {m: round(base[m]["patches_per_s"] / max(this[m]["patches_per_s"], 1e-9), 3)
+                                                for m in this}}
 
 
 def _client() -> str:
@@ -479,14 +496,27 @@ def _markdown(args, rows: list[dict], concurrent: dict | None, whole: dict | Non
         lines += ["", f"s3/local patches/s per pair of runs: {', '.join(f'{r:.2f}' for r in whole['ratio_per_pair'])}"]
         cli = whole.get("commands")
         if cli:
-            lines += ["", "| `cancernet run` command (its own cluster) | patches | wall s (best) | patches/s (best) "
-                          "| each counted run: wall s |", "|---|---:|---:|---:|---|"]
-            for m, b in cli["best"].items():
-                each = ", ".join(f"{f['wall_s']:.1f}" for f in cli["figures"][m] if not f["warmup"])
-                lines.append(f"| {m} | {b['patches']} | {b['wall_s']:.1f} | {b['patches_per_s']:.0f} | {each} |")
-            lines += ["", f"command s3/local patches/s: best against best {cli['ratio_best']:.2f}; per pair "
-                          f"{', '.join(f'{r:.2f}' for r in cli['ratio_per_pair'])}"]
+            lines += _commands_markdown(cli, getattr(args, "baseline", None))
     return "\n".join(lines)
+
+
+def _commands_markdown(cli: dict, baseline: str | None) -> list[str]:
+    """The ``--cli-runs`` table (one version's, or this checkout's and ``baseline``'s, alternated)."""
+    versions = {"this": cli["this"], "baseline": cli["baseline"]} if baseline else {"this": cli}
+    lines = ["", "| `cancernet run` command (its own cluster) | patches | wall s (best) | patches/s (best) "
+                 "| each counted run: wall s |", "|---|---:|---:|---:|---|"]
+    for who, v in versions.items():
+        for m, b in v["best"].items():
+            each = ", ".join(f"{f['wall_s']:.1f}" for f in v["figures"][m] if not f["warmup"])
+            label = m if not baseline else f"{m}, {who}" + (f" ({baseline})" if who == "baseline" else "")
+            lines.append(f"| {label} | {b['patches']} | {b['wall_s']:.1f} | {b['patches_per_s']:.0f} | {each} |")
+    for who, v in versions.items():
+        lines += ["", f"command s3/local patches/s{f' ({who})' if baseline else ''}: best against best "
+                      f"{v['ratio_best']:.2f}; per pair {', '.join(f'{r:.2f}' for r in v['ratio_per_pair'])}"]
+    if baseline:
+        lines += ["", "baseline/this patches/s, best against best: "
+                      + ", ".join(f"{m} {r:.2f}" for m, r in cli["baseline_over_this"].items())]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -514,8 +544,15 @@ def main(argv=None) -> int:
                     help="tiles per chunk in the whole runs (`run --chunk-size`; the tool's default 1024): fewer, more chunks an input")
     ap.add_argument("--server", default="moto", choices=("moto", "s3rver", "seaweedfs"),
                     help="the S3 server timed (request counts always come from moto's log)")
+    ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                    help="with --run --cli-runs N: also run another checkout's `cancernet run` (its package on "
+                         "PYTHONPATH), alternating with this one's, for an A/B of the whole command")
     args = ap.parse_args(argv)
-    as_installed()
+    if args.baseline and not (args.run and args.cli_runs):
+        ap.error("--baseline needs --run and --cli-runs N (the whole command is what it compares)")
+    if args.baseline and not (Path(args.baseline) / "cancernet_batch").is_dir():
+        ap.error(f"--baseline {args.baseline}: no cancernet_batch package in that folder (a checkout, e.g. git worktree add)")
+    as_installed(args.baseline)
 
     from s3server import CountingS3
 

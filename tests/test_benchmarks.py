@@ -392,6 +392,18 @@ def test_s3_inputs_times_tiling_from_seaweedfs_against_local_disk(tmp_path):
         assert 0 < row["moto_ms_per_get"] < 1000  # the timed server's own GET, here SeaweedFS's
 
 
+def test_s3_inputs_baseline_needs_the_whole_command_and_a_checkout(tmp_path):
+    """``s3_inputs.py --baseline`` compares the whole ``cancernet run`` command of two checkouts: without ``--run
+    --cli-runs N``, or with a folder that holds no package, it says so and exits 2 before any slide is made."""
+    script = [sys.executable, str(REPO / "benchmarks" / "s3_inputs.py"), "--work", str(tmp_path / "work")]
+    r = subprocess.run([*script, "--baseline", str(REPO)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--baseline needs --run and --cli-runs" in r.stderr
+    r = subprocess.run([*script, "--run", "--cli-runs", "1", "--baseline", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "no cancernet_batch package in that folder" in r.stderr
+    assert not (tmp_path / "work").exists()
+
+
 def test_azure_benchmarks_time_a_whole_run_and_each_request_through_both_clients(tmp_path):
     """``azure_run.py``: a whole run local, on Azurite through obstore and through adlfs alone, the same patches
     scored each way; ``s3_client_cpu.py --server azurite``: each request through adlfs and obstore."""
