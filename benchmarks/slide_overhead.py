@@ -73,19 +73,20 @@ def _child_cpu() -> float:
 
 
 def one_slide(run, source: str, cfg, clock: _Clock) -> int:
-    """The worker's tasks for one slide, as the tile stage runs them; returns the tiles written."""
+    """The worker's tasks for one slide, as the tile stage runs them; returns the tiles written. The preflight runs in
+    the prepare task, as the run's flow submits it (versions before that: a task of its own, then the prepare)."""
+    import inspect
+
     from cancernet_batch.stages import tile
 
-    before = _child_cpu()
-    with clock.part("preflight (worker)"):
-        res = tile.preflight_task(source, cfg.preflight_timeout)
-    after = _child_cpu()
-    clock.cpu["preflight (child)"] += after - before if after >= before else after
-    if not isinstance(res, dict):
-        raise SystemExit(f"{source}: preflight failed: {res}")
     tile._drop_reader(source)  # as a worker meeting this slide for the first time
+    inside = "preflight" in inspect.signature(tile.prepare_slide_task).parameters
     with clock.part("prepare (all)"):
-        res = tile.prepare_slide_task(run, source, cfg, [])
+        if not inside:
+            res = tile.preflight_task(source, cfg.preflight_timeout)
+            if not isinstance(res, dict):
+                raise SystemExit(f"{source}: preflight failed: {res}")
+        res = tile.prepare_slide_task(run, source, cfg, [], **({"preflight": True} if inside else {}))
     if not isinstance(res, dict):
         raise SystemExit(f"{source}: plan failed: {res}")
     n = 0
@@ -101,6 +102,17 @@ def instrument(clock: _Clock) -> None:
     from cancernet_batch.stages import tile
 
     slides.open_slide = clock.wrap("open", slides.open_slide)  # what tile._reader imports when it opens
+    preflight_task = tile.preflight_task
+
+    def timed_preflight(*args, **kwargs):  # this process's part, and the serving child's CPU read from /proc
+        before = _child_cpu()
+        with clock.part("preflight (worker)"):
+            res = preflight_task(*args, **kwargs)
+        after = _child_cpu()
+        clock.cpu["preflight (child)"] += after - before if after >= before else after
+        return res
+
+    tile.preflight_task = timed_preflight
     region_reader = tiling.region_reader
 
     def timed_region_reader(*args, **kwargs):  # the plan's overview (read_tiles uses it too: not counted)
@@ -170,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 c["plan: rest"] = c["plan (all)"] - c["plan: overview read"] - c["plan: tissue mask"] \
                     - c["plan: tile fractions"]
                 # what prepare does besides (e.g. its return value), then create_input without its data writes
-                c["prepare: rest"] = c["prepare (all)"] - c["open"] - c["plan (all)"] - c["group: open store"] \
-                    - c["group: create_input"]
+                c["prepare: rest"] = c["prepare (all)"] - c["preflight (worker)"] - c["open"] - c["plan (all)"] \
+                    - c["group: open store"] - c["group: create_input"]
                 c["group: create_input"] -= c["group: coords, tissue, thumbnail"]
                 for k, v in c.items():
                     per[k].append(v)

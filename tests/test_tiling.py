@@ -580,3 +580,56 @@ def test_an_input_scaled_in_the_dct_under_the_former_rule_is_tiled_again(slides_
     assert f"1 inputs tiled ({n} tiles" in out, out
     g = _group(run, svs)
     assert g.attrs["extra"]["dct_rule"] == DCT_RULE and np.array_equal(g["tiles"][:], first)
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_preflighted_slide_is_planned_and_tiled_without_opening_openslide_again(changed, slides_dir, tmp_path,
+                                                                                monkeypatch):
+    """The prepare task's preflight child reads a local slide's metadata with OpenSlide; the worker's reader is made
+    from it, and OpenSlide does not open the file again (6-7 CPU ms a CMU-1 copy, its quick hash) while the direct
+    decoder reads every pixel the plan and tiles need: the same plan and tiles as a reader that opened it. A pixel
+    read the direct decoder does not serve opens it then. A file changed after its preflight is opened afresh."""
+    import shutil
+
+    from cancernet_batch.slides.openslide_backend import OpenSlideReader
+    from cancernet_batch.stages import tile
+
+    slide = tmp_path / "cmu.svs"
+    shutil.copy(slides_dir / "cmu-1-small-region.svs", slide)
+    slide = str(slide)
+    cfg = TileConfig(target_mpp=4.0)
+    if changed:  # the file touched between the child's look and the worker's open: not the file the child read
+        preflight_task = tile.preflight_task
+
+        def touched(*args, **kwargs):
+            out = preflight_task(*args, **kwargs)
+            st = os.stat(slide)
+            os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            return out
+
+        monkeypatch.setattr(tile, "preflight_task", touched)
+    runs = {}
+    for how in ("preflighted", "opened"):
+        run = runs[how] = Run.of(tmp_path / how).create()
+        run.open_store("a").require_group("inputs")
+        tile._drop_reader(slide)
+        res = tile.prepare_slide_task(run, slide, cfg, [], preflight=how == "preflighted", tile_first=True)
+        assert isinstance(res, dict) and res["n"] > 0 and not res["todo"], res
+        [key] = [k for k in tile._READERS if k.startswith(slide + "|")]
+        reader = tile._READERS.pop(key)  # kept open here, for the reads below
+        assert isinstance(reader, OpenSlideReader)
+        if how == "preflighted":
+            assert reader.opened is changed
+            lazy = reader
+    a, b = (runs[h].open_input(store.input_id(slide)) for h in ("preflighted", "opened"))
+    assert np.array_equal(a["tiles"][:], b["tiles"][:]) and np.array_equal(a["coords"][:], b["coords"][:])
+    assert {k: v for k, v in a.attrs.items() if k != store.ARRAY_DOCS} == \
+        {k: v for k, v in b.attrs.items() if k != store.ARRAY_DOCS}
+    assert lazy.info() == reader.info()
+    # OpenSlide's own pixels: opened on first need
+    assert np.array_equal(lazy.read_region(0, 100, 100, 32, 32), reader.read_region(0, 100, 100, 32, 32))
+    assert lazy.opened and lazy.tile_shape(0) == reader.tile_shape(0)
+    lazy.close()
+    reader.close()
+    with pytest.raises(ValueError, match="closed"):
+        lazy.read_region(0, 0, 0, 8, 8)

@@ -39,8 +39,12 @@ def detect(path: str | os.PathLike) -> str | None:
 
 def open_slide(path: str | os.PathLike, *, storage_options: dict | None = None,
                stage_limit_gb: float | None = None, identity: tuple[int, str] | None = None,
-               header: "list[int] | None" = None) -> SlideReader:
+               header: "list[int] | None" = None, info: SlideInfo | None = None) -> SlideReader:
     """Open a slide with the first registered reader that detects it and opens it.
+
+    ``info``: the local file's metadata as a preflight child just read it (the caller has checked that the file is the
+    same: size and mtime), from OpenSlide: that reader is made from it, and OpenSlide opens the file only when a read
+    needs it (:class:`~.openslide_backend.OpenSlideReader`).
 
     A URL (``s3://bucket/slide.svs``...) is an object on object storage (:func:`open_remote`; ``identity``
     and ``header``, what is known of the object already, apply to it only).
@@ -58,6 +62,10 @@ def open_slide(path: str | os.PathLike, *, storage_options: dict | None = None,
         raise InputError("no such file", path=p, hint="check the path")
     if p.is_dir():
         raise InputError("is a folder, not a slide file", path=p, hint="give the slide file, or tile the folder")
+    if info is not None and info.reader == "openslide":
+        from .openslide_backend import OpenSlideReader
+
+        return OpenSlideReader(p, info=info)
     errors: list[UnsupportedFormatError] = []
     for reader in readers():
         if not reader.detect(p):

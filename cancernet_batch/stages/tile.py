@@ -73,17 +73,30 @@ _READERS_LOCK = threading.Lock()
 _MAX_READERS = 4
 
 
+def _local_key(source: str) -> str | None:
+    """What a local file's reader is kept under (:func:`_reader`): its path, size and mtime; None for an object."""
+    from ..remote import is_url
+
+    if is_url(source):
+        return None
+    st = os.stat(source)
+    return f"{source}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: float | None = None,
-            header: "list[int] | None" = None, identity: tuple[int, str] | None = None):
+            header: "list[int] | None" = None, identity: tuple[int, str] | None = None,
+            preflighted: "tuple[str, dict] | None" = None):
     """An open reader for ``source``, kept per worker process (a few at a time) across tasks.
 
     Keyed by the source's identity: size and mtime, or for an object on object storage size and ETag, so a
     changed source is opened again. An object: ``identity``, when the caller knows it (the plan's, for a chunk
     task), finds the reader this process opened for it without a request; an object this process has no reader
     for is looked up in the same round of requests that fetches its header (``header``: where it lies, the
-    plan's ``source_header``); else one HEAD finds which reader is current."""
+    plan's ``source_header``); else one HEAD finds which reader is current. ``preflighted``: ``(key, info)``, a local
+    file's key (:func:`_local_key`) as it was when its preflight child read its metadata ``info`` (JSON): a reader this
+    process opens for that same key is made from it (OpenSlide opens the file only if a read needs it)."""
     from ..remote import is_url, stat
-    from ..slides import open_slide
+    from ..slides import SlideInfo, open_slide
 
     def key_of(ident) -> str:
         return f"{source}|{ident[0]}|{ident[1]}"
@@ -101,12 +114,12 @@ def _reader(source: str, storage_options: dict | None = None, stage_limit_gb: fl
                 ident = stat(source, storage_options)
             key = key_of(ident)
         else:
-            st = os.stat(source)
-            key = f"{source}|{st.st_size}|{st.st_mtime_ns}"
+            key = _local_key(source)
         r = _READERS.pop(key, None)
         if r is None:
+            info = SlideInfo.from_json(preflighted[1]) if preflighted is not None and preflighted[0] == key else None
             r = open_slide(source, storage_options=storage_options, stage_limit_gb=stage_limit_gb, identity=ident,
-                           header=header)
+                           header=header, info=info)
         return _keep(key, r)
 
 
@@ -207,14 +220,18 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
     the client between the plan and the first tiles); a failure to read it comes back as ``chunk_error``. An
     input left with no chunk to write is marked complete here (``complete`` in the result). With ``scoring``,
     ``attrs`` holds the group's attributes (for its report)."""
+    preflighted = None
     if preflight:
+        seen = _local_key(source) if os.path.isfile(source) else None  # the file the child is about to read
         checked = preflight_task(source, cfg.preflight_timeout, run.input_options, cfg.stage_cache_gb)
         if isinstance(checked, Failure):
             return checked
+        preflighted = (seen, checked) if seen is not None else None
     header = checked.get("source_header") if preflight else None  # the preflight child found the object's header
     try:
         plan = _bounded_read(lambda: plan_slide(source, cfg, reader=_reader(source, run.input_options, cfg.stage_cache_gb,
-                                                                            header), series_files=series_files),
+                                                                            header, preflighted=preflighted),
+                                                series_files=series_files),
                              source, "planning the slide", cfg)
     except CancerNetError as exc:
         _drop_reader(source)
