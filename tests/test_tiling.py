@@ -633,3 +633,42 @@ def test_a_preflighted_slide_is_planned_and_tiled_without_opening_openslide_agai
     reader.close()
     with pytest.raises(ValueError, match="closed"):
         lazy.read_region(0, 0, 0, 8, 8)
+
+
+def _openslide_readers_of(prefix: str) -> list:
+    """On a worker: ``(path, opened)`` of each OpenSlide reader it keeps of a file under ``prefix``."""
+    from cancernet_batch.slides.openslide_backend import OpenSlideReader
+    from cancernet_batch.stages import tile
+
+    with tile._READERS_LOCK:
+        return [(str(r.path), r.opened) for r in tile._READERS.values()
+                if isinstance(r, OpenSlideReader) and str(r.path).startswith(prefix)]
+
+
+def test_no_worker_opens_a_preflighted_slide_with_openslide_again(slides_dir, tmp_path, client):
+    """Through the stream on a real cluster, real SVS slides whose chunks are spread over both workers: every worker's
+    reader of them is made from the slide's preflight answer (the prepare task's, passed on to its chunk tasks on the
+    other worker), and none opened the file with OpenSlide; the tiles are those read by opened readers."""
+    import shutil
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(slides_dir / "cmu-1-small-region.svs", folder / f"cmu{i}.svs")
+    cfg = TileConfig(target_mpp=4.0, chunk=8)  # 21 tiles a slide: 3 chunks each
+    run = tmp_path / "run"
+    s = tile_run(sorted(folder.glob("*.svs")), run, cfg, client=client)
+    assert not s.failures and len(s.tiled) == 3
+    held = [r for rs in client.run(_openslide_readers_of, str(folder)).values() for r in rs]
+    assert len({p for p, _ in held}) == 3 and len(held) >= 4, held  # some slide read on both workers
+    assert not any(opened for _, opened in held), held
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import plan_slide, read_tiles
+
+    for path in sorted(folder.glob("*.svs")):
+        g = _group(run, path)
+        with open_slide(path) as reader:
+            plan = plan_slide(path, cfg, reader=reader)
+            assert reader.opened
+            assert np.array_equal(g["tiles"][:], read_tiles(reader, plan.level, plan.tile_px_level, plan.coords,
+                                                            decode=cfg.decode))

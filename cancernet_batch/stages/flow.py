@@ -549,7 +549,8 @@ class Flow:
                 scoring = self.scoring.cfg
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
                          res["level"], res["tile_px"], self.tile_cfg, scoring, report if scoring else None,
-                         priority=_TILE, extra=(index, start, stop), worker=spread[n % len(spread)] if spread else None)
+                         res.get("preflighted"), priority=_TILE, extra=(index, start, stop),
+                         worker=spread[n % len(spread)] if spread else None)
         if not inp.to_tile:
             self._tiled(inp, marked=res.get("complete", False))
 

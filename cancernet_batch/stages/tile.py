@@ -268,7 +268,8 @@ def prepare_slide_task(run: Run, source: str, cfg: TileConfig, series_files: lis
                                data={"coords": plan.coords, "tissue": plan.tissue, "thumbnail": th}, inputs=inputs)
         todo = list((i, s, e) for i, (s, e) in enumerate(bounds))
     out = {"gid": gid, "n": plan.n_tiles, "todo": todo, "kept": kept, "level": plan.level,
-           "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": []}
+           "tile_px": plan.tile_px_level, "summary": plan.summary(), "tiled": [],
+           "preflighted": preflighted}  # for its chunk tasks on other workers: no second open there either
     if scoring is not None:  # its report needs them: the client does not read them back
         out["attrs"] = {k: v for k, v in g.attrs.items() if k != store.ARRAY_DOCS}
     if tile_first and todo:
@@ -302,17 +303,20 @@ def _with_scoring(out: dict, g, gid: str, source: str, scoring, made: bool) -> d
 
 
 def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, stop: int, level: int,
-                    tile_px: float, cfg: TileConfig, scoring=None, report=None) -> int | dict:
+                    tile_px: float, cfg: TileConfig, scoring=None, report=None,
+                    preflighted: "tuple[str, dict] | None" = None) -> int | dict:
     """Worker: read, resample and write tiles ``[start, stop)`` of one input, then the chunk's flag; the number
     of tiles. With ``scoring`` (a :class:`~cancernet_batch.stages.score.PredictConfig`; the workers that tile
     also score), the chunk is scored here too, from the tiles in hand: ``{"n": tiles, "score": score_chunk's
     result, or the exception that scoring raised}`` (tiles, flag, probabilities, done flag: the order of two tasks).
     ``report`` (``(patient, threshold, ReportConfig, claim)``, with ``scoring``): when this chunk is the input's last
     to be scored (and wins the claim), its report part is made here too (:func:`~cancernet_batch.stages.report.report_if_last`), in
-    ``"report"``: ``report_task``'s result, None (not the last), or the exception it raised."""
+    ``"report"``: ``report_task``'s result, None (not the last), or the exception it raised. ``preflighted``: the
+    slide's preflight answer, as its prepare task returned it (``"preflighted"``): a worker that has no reader of the
+    slide yet makes it from that (see :func:`_reader`)."""
     g = run.open_input(gid)
     tiles = _write_chunk(run, g, source, index, start, stop, np.asarray(g["coords"][start:stop]), level, tile_px, cfg,
-                         plan=g.attrs)
+                         plan=g.attrs, preflighted=preflighted)
     if scoring is None:
         return len(tiles)
     from .score import score_chunk
@@ -335,7 +339,8 @@ def tile_chunk_task(run: Run, gid: str, source: str, index: int, start: int, sto
 
 
 def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, coords: np.ndarray, level: int,
-                 tile_px: float, cfg: TileConfig, plan: "dict | None" = None) -> np.ndarray:
+                 tile_px: float, cfg: TileConfig, plan: "dict | None" = None,
+                 preflighted: "tuple[str, dict] | None" = None) -> np.ndarray:
     """Read the tiles at ``coords`` (those of ``[start, stop)``), write them into group ``g``, then the chunk's
     flag; the tiles. ``plan``: the input's attrs as its plan wrote them (an object's identity and where its TIFF
     header lies: see :func:`_reader`)."""
@@ -343,7 +348,7 @@ def _write_chunk(run: Run, g, source: str, index: int, start: int, stop: int, co
     identity = (plan["source_size"], extra["source_etag"]) if extra.get("source_etag") else None
     try:
         tiles = _bounded_read(lambda: read_tiles(_reader(source, run.input_options, cfg.stage_cache_gb,
-                                                         extra.get("source_header"), identity), level,
+                                                         extra.get("source_header"), identity, preflighted), level,
                                                  tile_px, coords, decode=cfg.decode), source,
                               f"reading tiles {start}-{stop}", cfg)
     except CancerNetError:
