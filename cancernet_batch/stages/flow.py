@@ -365,10 +365,11 @@ class Flow:
             self._maybe_finish(inp)
 
     def _submit(self, kind: str, inp: _Input, fn, *args, priority: int, scoring: bool = False, anywhere: bool = False,
-                extra=None, worker: str | None = None) -> None:
+                extra=None, worker: str | None = None, kwargs: dict | None = None) -> None:
         """``scoring``: on a scoring worker when the work is split (else on a tiling worker). ``anywhere``: CPU work
         that either kind of worker can do (the report), when scoring is on the CPU: see :meth:`_side_for`; a GPU's
-        scoring worker is left to feed its GPU. ``worker``: the worker to queue it on (another may still take it)."""
+        scoring worker is left to feed its GPU. ``worker``: the worker to queue it on (another may still take it).
+        ``kwargs``: keyword arguments of ``fn``."""
         gpu = self.scoring is not None and self.scoring.cfg.device != "cpu"
         side = None
         if self.split:
@@ -378,7 +379,8 @@ class Flow:
         priority += (_FIRST if inp.first else 0) - inp.seq
         fut = self.client.submit(fn, *args, pure=False, priority=priority, resources=side and {side: 1},
                                  workers=worker and [worker], allow_other_workers=worker is not None,
-                                 key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}")
+                                 key=f"{kind}-{inp.gid}-{extra if extra is not None else ''}-{time.monotonic_ns()}",
+                                 **(kwargs or {}))
         self._meta[fut.key] = (kind, inp, extra, side)
         inp.outstanding += 1
         if side is not None:
@@ -549,8 +551,8 @@ class Flow:
                 scoring = self.scoring.cfg
             self._submit("chunk", inp, tile_chunk_task, self.run, inp.gid, inp.source, index, start, stop,
                          res["level"], res["tile_px"], self.tile_cfg, scoring, report if scoring else None,
-                         res.get("preflighted"), priority=_TILE, extra=(index, start, stop),
-                         worker=spread[n % len(spread)] if spread else None)
+                         priority=_TILE, extra=(index, start, stop), worker=spread[n % len(spread)] if spread else None,
+                         kwargs={"preflighted": res.get("preflighted")})
         if not inp.to_tile:
             self._tiled(inp, marked=res.get("complete", False))
 
