@@ -45,9 +45,9 @@ class OpenSlideReader(SlideReader):
     def __init__(self, path: str | os.PathLike, info: SlideInfo | None = None):
         """``info``: this file's metadata as a preflight child just read it with OpenSlide (the same file: the caller
         checks its size and mtime). Then OpenSlide opens the file only when something needs it (a region the direct
-        decoder does not read, tile shapes). Opening costs 1.2 CPU ms on a 20,000 px synthetic SVS and 6.7 on
-        CMU-1-Small-Region (OpenSlide hashes the smallest level's data as it opens: ``openslide.quickhash-1``), and a
-        TIFF whose levels ``slides/direct.py`` reads never needs it."""
+        decoder does not read, tile shapes). Opening cost the worker 1.4-1.7 CPU ms a 20,000 px synthetic SVS and 7.1-7.8
+        a CMU-1-Small-Region copy (OpenSlide hashes the smallest level's data as it opens: ``openslide.quickhash-1``;
+        RESULTS.md section 9), and a TIFF whose levels ``slides/direct.py`` reads never needs it."""
         super().__init__(path)
         self._handle = None
         self._closed = False
