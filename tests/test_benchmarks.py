@@ -72,8 +72,10 @@ def test_slide_overhead_breakdown(tmp_path, slides_dir):
                         "--rounds", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line[:36].strip(): line[36:].split() for line in r.stdout.splitlines()[3:]}
-    for part in ("open", "plan: overview read", "plan: tissue mask", "group: create_input"):
+    for part in ("plan: overview read", "plan: tissue mask", "group: create_input"):
         assert float(rows[part][0]) > 0, (part, r.stdout)
+    # the worker's reader is made from the preflight child's answer (no second OpenSlide open): it may print 0.0
+    assert float(rows["open"][0]) >= 0
     assert float(rows["preflight (child)"][0]) >= 0  # read in 10 ms clock ticks: two slides may show none
     assert "median tiles per slide 21" in r.stdout  # CMU-1-Small-Region: 21 tissue tiles at 4 µm/px
 
