@@ -52,10 +52,9 @@ class OpenSlideReader(SlideReader):
         self._handle = None
         self._closed = False
         self._handle_lock = threading.Lock()
-        if info is not None:
-            self.vendor = info.vendor
-            self.level_dimensions = tuple(tuple(int(v) for v in d) for d in info.level_dimensions)
-            self.level_downsamples = tuple(float(d) for d in info.level_downsamples)
+        if info is not None:  # a SlideInfo's levels are tuples of ints and floats already (SlideInfo.from_json)
+            self.vendor, self.level_dimensions, self.level_downsamples = (info.vendor, info.level_dimensions,
+                                                                          info.level_downsamples)
             self.mpp_x, self.mpp_y, self.objective = info.mpp_x, info.mpp_y, info.objective
             self.series_key = info.series_key
             self.properties = dict(info.properties)
