@@ -67,6 +67,41 @@ def pytest_unconfigure(config):
         shutil.rmtree(home, ignore_errors=True)
 
 
+MODULE_SECONDS = {
+    "tests/test_benchmarks.py": 262, "tests/test_cv.py": 181, "tests/test_bench.py": 158, "tests/test_s3.py": 146,
+    "tests/test_synth.py": 140, "tests/test_run.py": 139, "tests/test_train.py": 121, "tests/reliability/test_load.py": 109,
+    "tests/test_score.py": 98, "tests/test_stain.py": 93, "tests/test_tiling.py": 76, "tests/test_engines.py": 70,
+    "tests/test_model.py": 62, "tests/test_real_tissue.py": 62, "tests/test_cluster.py": 54, "tests/test_flow.py": 52,
+    "tests/reliability/test_kills.py": 51, "tests/test_azure.py": 45, "tests/test_s3_seaweedfs.py": 23,
+    "tests/test_s3_native.py": 22, "tests/test_preflight.py": 19, "tests/test_gcs.py": 19, "tests/test_report.py": 16,
+    "tests/reliability/test_cli_values.py": 16, "tests/test_direct.py": 15, "tests/test_quiet.py": 13,
+    "tests/reliability/test_sizes.py": 13, "tests/reliability/test_signals.py": 12,
+}
+"""Seconds of test time per module (``--junitxml``'s times summed by file, the suite under ``-n 2`` on machine A,
+2026-12-07; modules under 10 s left out). Only their order matters: see :func:`pytest_collection_modifyitems`."""
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules in order of their cost, the longest first (each module's own tests in their order).
+
+    pytest-xdist's ``--dist loadscope`` hands each of the two test processes the next module in this order as it
+    finishes one (``--no-loadscope-reorder`` in ``pyproject.toml``: its own reorder is by the number of tests, which put
+    the long modules of few tests, the demo's and ``bench``'s, last, one process running them alone at the end). Longest
+    first is the usual schedule for two machines: in a simulation on the times above, the two processes' loads came
+    out even where the order by count left one of them about 100 s longer. Stable and the same in every process (xdist
+    checks that each collected the same items in the same order)."""
+    root = Path(str(config.rootpath))
+
+    def cost(item) -> int:
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(root).as_posix()
+        except ValueError:
+            return 0
+        return MODULE_SECONDS.get(rel, 0)
+
+    items.sort(key=lambda item: -cost(item))
+
+
 def pytest_report_header(config):
     lines = [f"shared data: {SHARED} ({'found' if SHARED.is_dir() else 'MISSING'})"]
     if _FRESH_HOME in config.stash:
