@@ -165,7 +165,7 @@ def test_each_scale_is_libjpeg_turbos_scaled_idct_bit_for_bit(path, synth_svs):
         for s in (1, 2, 4, 8):
             h, w = -(-level.th // s), -(-level.tw // s)
             for i in idx:
-                im = Image.open(io.BytesIO(level._head + level._tables[2:] + level._raw(i)[2:]))
+                im = Image.open(io.BytesIO(level._head + level._raw(i)[2:]))  # SOI, Adobe marker if RGB, tables
                 im.draft("RGB", (w, h))
                 want = np.asarray(im.convert("RGB"))
                 got = level._decode(i, s)
@@ -335,3 +335,47 @@ def test_block_mean_of_an_rgbx_tile_is_area_resizes_block_mean_of_its_rgb(k):
     # packed RGB, not a strided view of RGBX (the region's copies of it are then plain row copies)
     assert got.shape == (64 // k, 96 // k, 3) and got.flags.c_contiguous
     np.testing.assert_array_equal(block_mean(rgb, k), want)
+
+
+@pytest.mark.parametrize("photometric", ["rgb", "ycbcr"])
+def test_jpeg_strips_decode_to_tifffiles_pixels(photometric, synth_svs, tmp_path):
+    """A scanner's thumbnail (a stripped JPEG page) decoded strip by strip with libjpeg-turbo gives tifffile's own pixels
+    bit for bit: the real scans' thumbnail and macro pages (Aperio: photometric RGB, shared tables, 16 rows a strip), a
+    synthetic SVS's thumbnail, and stripped YCbCr JPEG pages with and without chroma subsampling and a short last strip.
+    A page it does not read (LZW strips: the CMU-1 label) is refused, for tifffile to decode instead."""
+    import os
+
+    import tifffile
+
+    from cancernet_batch.slides.direct import decode_jpeg_strips
+
+    def same(path, page):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return np.array_equal(decode_jpeg_strips(page, fd), page.asarray()[..., :3])
+        finally:
+            os.close(fd)
+
+    if photometric == "rgb":
+        checked = 0
+        for path in (SLIDES / "cmu-1-small-region.svs", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", synth_svs):
+            with tifffile.TiffFile(path) as tif:
+                for page in tif.pages:
+                    if not page.is_tiled and page.compression == 7:
+                        assert same(path, page), (path, page.index)
+                        checked += 1
+                    elif not page.is_tiled:  # the CMU-1 label: LZW
+                        with pytest.raises(ValueError):
+                            decode_jpeg_strips(page, 0)
+        assert checked == 4  # CMU-1's thumbnail and macro, the TCGA thumbnail, the synthetic thumbnail
+        return
+    rgb = np.random.default_rng(3).integers(0, 256, (203, 150, 3), np.uint8)
+    rgb[:100] = 200  # some flat area as well as noise
+    for subsampling in ((1, 1), (2, 2)):
+        path = tmp_path / f"strips-{subsampling[0]}.tif"
+        tifffile.imwrite(path, rgb, photometric="ycbcr", compression="jpeg", rowsperstrip=16,
+                         subsampling=subsampling)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            assert len(page.dataoffsets) == 13 and int(page.photometric) == 6
+            assert same(path, page)

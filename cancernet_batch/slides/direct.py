@@ -105,6 +105,55 @@ def block_mean(a: np.ndarray, k: int) -> np.ndarray:
     return np.frombuffer(m.tobytes("raw", "RGB"), np.uint8).reshape(h // k, w // k, 3)
 
 
+def _readers(fd):
+    """``(pread(n, offset), prefetch(ranges) or None)`` of a local file descriptor or of a remote file object
+    (:class:`~cancernet_batch.remote.RangeFile`: ``prefetch`` fetches ranges in one batch before they are read)."""
+    if isinstance(fd, int):
+        return (lambda n, off: os.pread(fd, n, off)), None
+    return fd.pread, getattr(fd, "prefetch", None)
+
+
+def _jpeg_head(page) -> bytes:
+    """What goes before a JPEG tile's or strip's own bytes (less its SOI) to make one stream libjpeg-turbo decodes:
+    SOI, then for TIFF photometric RGB an Adobe APP14 marker, then the page's shared ``JPEGTables`` less their SOI and
+    EOI. TIFF photometric RGB: the JPEG data are RGB, not YCbCr (Aperio writes them so). libjpeg takes a stream
+    without markers for YCbCr; an Adobe APP14 marker with transform 0 says RGB (a marker of the stream's own, read
+    later, still wins)."""
+    tables = page.jpegtables
+    tables = bytes(tables[:-2]) if tables is not None and len(tables) > 4 else b""
+    return b"\xff\xd8" + (_ADOBE_RGB if int(page.photometric) == 2 else b"") + tables[2:]
+
+
+def decode_jpeg_strips(page, fd) -> np.ndarray:
+    """A stripped JPEG page (8-bit, 3 samples, contiguous: a scanner's thumbnail) decoded strip by strip with
+    libjpeg-turbo, as :class:`TiledLevel` decodes tiles: ``(h, w, 3) uint8``, the pixels tifffile's ``asarray``
+    gives (its codec is libjpeg-turbo too), at less CPU: CMU-1's 574 x 768 thumbnail is 48 strips, and tifffile's
+    per-strip work cost about 0.15 ms each on top of the decode (RESULTS.md section 9). All strips are read in one
+    batch first (one range request on object storage, none for those in the header's blocks already held).
+    ``fd``: as :class:`TiledLevel`'s. Raises on anything it does not read (the caller falls back to tifffile)."""
+    if page.is_tiled or int(page.compression) != JPEG or int(page.bitspersample) != 8 or \
+            int(page.samplesperpixel) != 3 or int(page.planarconfig) != 1:
+        raise ValueError("not a contiguous 8-bit RGB JPEG stripped page")
+    w, h, rows = int(page.imagewidth), int(page.imagelength), int(page.rowsperstrip)
+    offsets, counts = page.dataoffsets, page.databytecounts
+    if rows <= 0 or len(offsets) != -(-h // rows):
+        raise ValueError("strips do not cover the page")
+    pread, fetch = _readers(fd)
+    if fetch is not None:
+        fetch([(int(o), int(n)) for o, n in zip(offsets, counts) if n])
+    head, out = _jpeg_head(page), np.empty((h, w, 3), np.uint8)
+    for i, (off, n) in enumerate(zip(offsets, counts)):
+        data = pread(int(n), int(off))
+        if len(data) != n or n < 4:
+            raise ValueError(f"strip {i} is cut short")
+        a = simplejpeg.decode_jpeg(head + data[2:], "RGB")
+        y0, y1 = i * rows, min(h, (i + 1) * rows)
+        if a.shape[1] != w or a.shape[0] < y1 - y0:
+            raise ValueError(f"strip {i} is {a.shape[1]} x {a.shape[0]} px, not {w} x {y1 - y0}")
+        out[y0:y1] = a[:y1 - y0]
+    return out
+
+
 class TiledLevel:
     """One tiled TIFF page (a pyramid level) read tile by tile from its byte ranges.
 
@@ -115,11 +164,7 @@ class TiledLevel:
     def __init__(self, path: str, page, fd):
         self.path = path
         self.fd = fd
-        if isinstance(fd, int):
-            self._pread = lambda n, off: os.pread(fd, n, off)
-            self._fetch = None
-        else:
-            self._pread, self._fetch = fd.pread, getattr(fd, "prefetch", None)
+        self._pread, self._fetch = _readers(fd)
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.tw, self.th = int(page.tilewidth), int(page.tilelength)
         self.ntx = (self.width + self.tw - 1) // self.tw
@@ -128,13 +173,8 @@ class TiledLevel:
         self.counts = np.asarray(page.databytecounts, np.int64)
         self.jpeg = int(page.compression) == JPEG
         self.codec = getattr(page.compression, "name", str(page.compression)).lower()
-        tables = page.jpegtables if self.jpeg else None
-        self._tables = bytes(tables[:-2]) if tables is not None and len(tables) > 4 else b""
-        # TIFF photometric RGB: the JPEG data are RGB, not YCbCr (Aperio writes them so). libjpeg takes a
-        # stream without markers for YCbCr; an Adobe APP14 marker with transform 0 says RGB (a marker of the
-        # stream's own, read later, still wins).
         self.rgb = self.jpeg and int(page.photometric) == 2
-        self._head = b"\xff\xd8" + (_ADOBE_RGB if self.rgb else b"")
+        self._head = _jpeg_head(page) if self.jpeg else b""
         self._page = page
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -174,7 +214,7 @@ class TiledLevel:
                 # fancy upsampling as Pillow's draft, bit for bit, at about half the CPU (no Pillow image per
                 # tile). The scale is the largest of 1/8..1 that keeps w x h; strict: a libjpeg warning
                 # ("Corrupt JPEG data") is an error, as in OpenSlide, not a tile decoded from damaged data
-                a = simplejpeg.decode_jpeg(self._head + self._tables[2:] + data[2:], "RGBX" if rgbx else "RGB",
+                a = simplejpeg.decode_jpeg(self._head + data[2:], "RGBX" if rgbx else "RGB",
                                            min_width=w, min_height=h, min_factor=s)
             else:
                 a, _, _ = self._page.decode(bytes(data), idx)
@@ -415,6 +455,10 @@ class DirectSource:
             return None
         try:
             with self._tif.filehandle.lock:
+                try:
+                    return decode_jpeg_strips(page, self._fd)
+                except Exception:  # noqa: BLE001 - not JPEG strips, or libjpeg-turbo refused: tifffile's own decode
+                    pass
                 a = np.asarray(page.asarray())
         except Exception as exc:  # noqa: BLE001 - codec errors come in many classes
             log.info("%s: the thumbnail page does not decode (%s); the plan reads a level", self.path, exc)
