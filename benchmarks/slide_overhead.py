@@ -137,6 +137,23 @@ def instrument(clock: _Clock) -> None:
     setattr(store, name, clock.wrap("group: coords, tissue, thumbnail", getattr(store, name)))
 
 
+def _filesystem(path: str) -> str:
+    """The type of the file system ``path`` is on (``ext4``, ``tmpfs``...), from ``/proc/mounts``; ``?`` elsewhere."""
+    path, best, kind = os.path.realpath(path), -1, "?"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                at = parts[1].replace("\\040", " ")
+                if (path == at or path.startswith(at.rstrip("/") + "/")) and len(at) > best:
+                    best, kind = len(at), parts[2]
+    except OSError:
+        pass
+    return kind
+
+
 def _load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
@@ -149,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", default="fast")
     ap.add_argument("--mpp-override", type=float, default=None,
                     help="µm/px for slides that state none (the TCGA JPEG 2000 sample)")
+    ap.add_argument("--work", default=None,
+                    help="folder for the run folders (default: the temporary folder, TMPDIR). The store group's part "
+                         "is file creations: on ext4, creating a file near many deleted within the last 1-5 minutes "
+                         "costs CPU in the kernel's inode search (RESULTS.md section 9, 2026-12-07 15:04-15:52), so "
+                         "for A/B passes a tmpfs (/dev/shm) shows the tool's own cost")
     a = ap.parse_args(argv)
 
     from cancernet_batch.config import TileConfig
@@ -163,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     start_load = _load()
     clock = _Clock()
     instrument(clock)
-    tmp = tempfile.mkdtemp(prefix="slide-overhead-")
+    if a.work:
+        os.makedirs(a.work, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="slide-overhead-", dir=a.work)
     a.slides = [os.path.abspath(s) for s in a.slides]
     # the preflight child is `python -m cancernet_batch.preflight`, whose first import path is its working folder: run
     # it from one with no checkout in it, so that it imports the code this process does (PYTHONPATH, for an A/B)
@@ -192,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in w.items():
                     wall[k].append(v)
                 tiles.append(n)
-            shutil.rmtree(run.root, ignore_errors=True)
+            # each round's run folder is kept until the end: deleting its files here would slow the next round's
+            # creations on ext4 (see --work)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         tile._READERS.clear()
@@ -207,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
           f"{start_load} at the start, {_load()} at the end")
     print(f"{len(a.slides)} slides x {a.rounds - 1} rounds (after a warm-up round), decode {a.decode}, "
-          f"median tiles per slide {statistics.median(tiles):g}")
+          f"median tiles per slide {statistics.median(tiles):g}, run folders in {os.path.dirname(tmp)} "
+          f"({_filesystem(os.path.dirname(tmp))})")
     print(f"{'part':<36} {'CPU ms':>8} {'wall ms':>8}")
     overhead = 0.0
     for name in PARTS:

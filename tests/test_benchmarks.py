@@ -68,9 +68,11 @@ def test_geojson_stream_benchmark_rows(tmp_path):
 def test_slide_overhead_breakdown(tmp_path, slides_dir):
     """benchmarks/slide_overhead.py prints every part of the per-slide overhead for real slides (two copies)."""
     copies = [shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / f"c{i}.svs") for i in range(2)]
+    work = tmp_path / "work"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "slide_overhead.py"), *map(str, copies),
-                        "--rounds", "2"], capture_output=True, text=True, timeout=600)
+                        "--rounds", "2", "--work", str(work)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"run folders in {work} (" in r.stdout and not any(work.iterdir())  # there while timed, gone after
     rows = {line[:36].strip(): line[36:].split() for line in r.stdout.splitlines()[3:]}
     for part in ("plan: overview read", "plan: tissue mask", "group: create_input"):
         assert float(rows[part][0]) > 0, (part, r.stdout)
