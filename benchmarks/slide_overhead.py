@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None,
                     help="folder for the run folders (default: the temporary folder, TMPDIR). The store group's part "
                          "is file creations: on ext4, creating a file near many deleted within the last 1-5 minutes "
-                         "costs CPU in the kernel's inode search (RESULTS.md section 9, 2026-12-07 15:04-15:52), so "
+                         "costs CPU in the kernel's inode search (RESULTS.md section 9, 2026-12-07 15:04-15:11), so "
                          "for A/B passes a tmpfs (/dev/shm) shows the tool's own cost")
     a = ap.parse_args(argv)
 

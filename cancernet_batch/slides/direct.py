@@ -127,8 +127,8 @@ def _jpeg_head(page) -> bytes:
 def decode_jpeg_strips(page, fd) -> np.ndarray:
     """A stripped JPEG page (8-bit, 3 samples, contiguous: a scanner's thumbnail) decoded strip by strip with
     libjpeg-turbo, as :class:`TiledLevel` decodes tiles: ``(h, w, 3) uint8``, the pixels tifffile's ``asarray``
-    gives (its codec is libjpeg-turbo too), at less CPU: CMU-1's 574 x 768 thumbnail is 48 strips, and tifffile's
-    per-strip work cost about 0.15 ms each on top of the decode (RESULTS.md section 9). All strips are read in one
+    gives (its codec is libjpeg-turbo too), at less CPU: CMU-1's 574 x 768 thumbnail is 48 strips, and the plan's
+    overview of a CMU-1 copy went from 12.5-13.1 to 11.5-11.7 CPU ms (RESULTS.md section 9). All strips are read in one
     batch first (one range request on object storage, none for those in the header's blocks already held).
     ``fd``: as :class:`TiledLevel`'s. Raises on anything it does not read (the caller falls back to tifffile)."""
     if page.is_tiled or int(page.compression) != JPEG or int(page.bitspersample) != 8 or \
