@@ -468,3 +468,41 @@ def test_store_layout_times_both_chunk_key_layouts_and_counts_their_folders(tmp_
     assert int(flat[-1]) == 2 + 3 * 6 and int(nested[-1]) > 2 * int(flat[-1])
     assert all(float(row[k]) > 0 for row in (nested, flat) for k in (-5, -3))  # CPU ms a group, a chunk
     assert not list(tmp_path.iterdir())  # its folders removed
+
+
+def test_gpu_decode_decodes_the_tiles_tiling_needs_and_says_why_a_gpu_way_cannot_run(tmp_path, slides_dir):
+    """benchmarks/gpu_decode.py (issue 17's GPU part): the compressed tiles `tile` decodes for a real slide, decoded by
+    the CPU cores and by each GPU way, or a row saying why that way cannot run on this machine (CI has no GPU)."""
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.tiling import TileConfig, plan_slide
+
+    cmu = slides_dir / "cmu-1-small-region.svs"
+    out = tmp_path / "gpu-decode.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), str(cmu), "--seconds", "0.2",
+                        "--processes", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    with open_slide(cmu) as reader:
+        plan = plan_slide(cmu, TileConfig(target_mpp=4.0), reader=reader)
+        level = reader.direct_level(plan.level)
+        needed = level.needed(plan.coords, plan.tile_px_level)
+        assert 0 < len(needed) <= level.ntx * level.nty
+        assert data["tiles"] == len(needed) and data["tile_pixels"] == level.tw * level.th
+    cpu, *gpu = data["rows"]
+    assert cpu["way"] == "cpu" and cpu["processes"] == 1 and cpu["x_cpu"] == 1.0
+    assert cpu["streams"] >= data["tiles"] and cpu["tiles_per_second"] > 0  # every stream decoded at least once
+    assert [g["way"] for g in gpu] == ["gpu", "gpu+copy", "nvimgcodec"]
+    for g in gpu:  # measured where the way runs (with its pixels' distance from libjpeg-turbo's), else why not
+        assert ("unavailable" in g) != ("tiles_per_second" in g), g
+        assert "unavailable" in g or (g["x_cpu"] > 0 and 0 <= g["mean_abs_diff"] <= g["max_abs_diff"] <= 255)
+    if not _cuda():
+        assert all("unavailable" in g for g in gpu) and "unavailable: " in r.stdout
+    assert "| cpu | libjpeg-turbo (simplejpeg) |" in r.stdout
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

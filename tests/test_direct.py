@@ -379,3 +379,19 @@ def test_jpeg_strips_decode_to_tifffiles_pixels(photometric, synth_svs, tmp_path
             page = tif.pages[0]
             assert len(page.dataoffsets) == 13 and int(page.photometric) == 6
             assert same(path, page)
+
+
+def test_a_jpeg_tiles_whole_stream_decodes_to_the_direct_decoders_pixels(slides_dir):
+    """TiledLevel.jpeg_stream (what benchmarks/gpu_decode.py hands a GPU decoder): the tile's bytes with the page's
+    shared tables spliced in, which any JPEG decoder decodes to the pixels the direct decoder gives."""
+    import simplejpeg
+
+    from cancernet_batch.slides import open_slide
+
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as reader:
+        level = reader.direct_level(0)
+        assert level.jpeg
+        for idx in (0, level.ntx * level.nty - 1):
+            stream = level.jpeg_stream(idx)
+            assert stream[:2] == b"\xff\xd8" and stream[-2:] == b"\xff\xd9"
+            np.testing.assert_array_equal(simplejpeg.decode_jpeg(stream, "RGB"), level._decode(idx, 1))

@@ -200,6 +200,12 @@ class TiledLevel:
                                  path=self.path, hint="copy the slide again, or leave it out")
         return data
 
+    def jpeg_stream(self, idx: int) -> bytes:
+        """JPEG tile ``idx`` as one whole stream a JPEG decoder takes (the page's shared tables spliced in, as
+        :meth:`_decode` decodes it); empty for a tile the scanner never wrote. JPEG pages only."""
+        data = self._raw(idx)
+        return self._head + data[2:] if data else b""
+
     def _decode(self, idx: int, s: int, rgbx: bool = False) -> np.ndarray:
         """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles). ``rgbx``: a JPEG tile as
         ``(h, w, 4)`` RGBX, a fourth byte a pixel, the layout Pillow holds RGB in (:func:`block_mean` wraps it
