@@ -522,9 +522,8 @@ def _write_nodes(where, metas: dict, data: dict | None = None, dicts: dict | Non
 
     The documents of zarr v3 arrays and groups are compact JSON (:func:`_compact_json`): the same
     documents as zarr's, which indents them (its ``json_indent``) and so encodes them with Python's pure-Python
-    JSON encoder; compact, Python's C encoder writes them. ``create_input`` took 5.3-6.0 CPU ms a 20,000 px synthetic
-    slide against 6.4-6.9 indented (``benchmarks/slide_overhead.py``, 6 alternating passes, machine A, 2026-12-07
-    18:35, ad hoc). zarr reads either."""
+    JSON encoder; compact, Python's C encoder writes them. ``create_input`` took 5.0-5.9 CPU ms a 20,000 px synthetic
+    slide against 6.3-6.7 indented (RESULTS.md section 9, 2026-12-07 18:42). zarr reads either."""
     from zarr import Array, Group
     from zarr.core.array import AsyncArray
     from zarr.core.buffer import default_buffer_prototype
