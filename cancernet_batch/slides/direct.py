@@ -201,10 +201,14 @@ class TiledLevel:
         return data
 
     def jpeg_stream(self, idx: int) -> bytes:
-        """JPEG tile ``idx`` as one whole stream a JPEG decoder takes (the page's shared tables spliced in, as
-        :meth:`_decode` decodes it); empty for a tile the scanner never wrote. JPEG pages only."""
+        """JPEG tile ``idx`` as one whole stream a JPEG decoder takes (:meth:`_spliced`, as :meth:`_decode` decodes
+        it); empty for a tile the scanner never wrote. JPEG pages only."""
         data = self._raw(idx)
-        return self._head + data[2:] if data else b""
+        return self._spliced(data) if data else b""
+
+    def _spliced(self, data: bytes) -> bytes:
+        """A JPEG tile's own bytes (from its SOI) after the page's head (:func:`_jpeg_head`): one whole stream."""
+        return self._head + data[2:]
 
     def _decode(self, idx: int, s: int, rgbx: bool = False) -> np.ndarray:
         """Tile ``idx`` as RGB at 1/``s`` of its size (``s`` > 1 only for JPEG tiles). ``rgbx``: a JPEG tile as
@@ -220,7 +224,7 @@ class TiledLevel:
                 # fancy upsampling as Pillow's draft, bit for bit, at about half the CPU (no Pillow image per
                 # tile). The scale is the largest of 1/8..1 that keeps w x h; strict: a libjpeg warning
                 # ("Corrupt JPEG data") is an error, as in OpenSlide, not a tile decoded from damaged data
-                a = simplejpeg.decode_jpeg(self._head + data[2:], "RGBX" if rgbx else "RGB",
+                a = simplejpeg.decode_jpeg(self._spliced(data), "RGBX" if rgbx else "RGB",
                                            min_width=w, min_height=h, min_factor=s)
             else:
                 a, _, _ = self._page.decode(bytes(data), idx)
