@@ -13,6 +13,10 @@ On ``--slides`` synthetic Aperio SVS of ``--size`` px at 0.5 µm/px (tiles at 4.
 * ``decode roof`` (:func:`cancernet_batch.bench.decode_roof`, as in ``cancernet bench``): the compressed
   tiles the slides' tissue tiles need, each decoded once at full size, nothing else, in ``--workers``
   processes: what any reader of these files must at least spend;
+* ``tile floor`` (:func:`cancernet_batch.bench.tile_floor`, as in ``cancernet bench``): the same compressed tiles
+  decoded and averaged by blocks as tiling does them, and the model tiles' bytes of their pixels encoded by the
+  tile store's codec, nothing else, in ``--workers`` processes: what tiling must do to store these exact tiles as it
+  stores them (its rate against the roof bounds the stage's);
 * ``stage``: the tile stage alone with ``--decode fast`` on a started local cluster (``cancernet bench``'s figure);
 * with ``--baseline DIR``: ``cancernet tile`` of an earlier version (run from its checkout, so its
   package comes first), to compare the whole command before and after;
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     as_installed(a.baseline)
 
-    from cancernet_batch.bench import decode_roof, tile_stage
+    from cancernet_batch.bench import decode_roof, tile_floor, tile_stage
     from cancernet_batch.config import TileConfig
     from cancernet_batch.machine import machine
     from cancernet_batch.synth import SlideSpec, write_slide
@@ -290,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             row.update({f"baseline_{k}": v for k, v in r.items()})
         roof = decode_roof(work / "run-fast", a.workers)
         row["compressed_tiles"], row["roof_wall"] = roof.settings["compressed_tiles"], roof.seconds
+        floor = tile_floor(work / "run-fast", a.workers)
+        row["floor_wall"], row["floor_cpu"] = floor.seconds, floor.settings["cpu_ms_per_tile"] * n / 1000
         fast, exact, row["fast_kept"], row["exact_kept"] = common_tiles(work / "run-fast", work / "run-exact")
         row["fast_mad"] = float(np.abs(fast.astype(np.int16) - exact).mean())
         if a.model:
@@ -306,21 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{when}, {m.get('cpu')}, {m.get('cores')} cores; tiles at 4.0 µm/px, `--workers {a.workers}`\n")
     tia = bool(a.tia_python)
     print("| set | tiles | naive loop tiles/s (1 core) | " + ("TIAToolbox tiles/s | " if tia else "")
-          + "decode roof tiles/s | stage (fast, cluster started) tiles/s | `cancernet tile` fast tiles/s | exact | reader | "
-          "stage vs naive | "
-          + ("stage vs TIAToolbox | " if tia else "") + "stage vs roof | CPU ms/tile: naive, fast, exact, reader | "
+          + "decode roof tiles/s | tile floor tiles/s | stage (fast, cluster started) tiles/s | `cancernet tile` fast "
+          "tiles/s | exact | reader | stage vs naive | "
+          + ("stage vs TIAToolbox | " if tia else "") + "stage vs roof | floor vs roof | stage vs floor | "
+          "CPU ms/tile: naive, floor, fast, exact, reader | "
           "first tile s (fast) | tiles kept fast / exact | fast MAD vs exact |" + (" p corr |" if a.model else ""))
-    print("|---|---:|---:|" + ("---:|" if tia else "") + "---:|---:|---:|---:|---:|---:|" + ("---:|" if tia else "")
-          + "---:|---|---:|---:|---:|" + ("---:|" if a.model else ""))
+    print("|---|---:|---:|" + ("---:|" if tia else "") + "---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if tia else "")
+          + "---:|---:|---:|---|---:|---:|---:|" + ("---:|" if a.model else ""))
     for r in rows:
         n = r["tiles"]
-        rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "stage", "fast", "exact", "reader")
+        rate = {k: n / r[f"{k}_wall"] for k in ("naive", "roof", "floor", "stage", "fast", "exact", "reader")
                 + (("tia",) if tia else ())}
-        ms = ", ".join(f"{1000 * r[f'{k}_cpu'] / n:.3f}" for k in ("naive", "fast", "exact", "reader"))
+        ms = ", ".join(f"{1000 * r[f'{k}_cpu'] / n:.3f}" for k in ("naive", "floor", "fast", "exact", "reader"))
         print(f"| {r['set']} | {n} | {rate['naive']:.0f} | " + (f"{rate['tia']:.0f} | " if tia else "")
-              + f"{rate['roof']:.0f} | {rate['stage']:.0f} | {rate['fast']:.0f} | {rate['exact']:.0f} | "
+              + f"{rate['roof']:.0f} | {rate['floor']:.0f} | {rate['stage']:.0f} | {rate['fast']:.0f} | {rate['exact']:.0f} | "
               f"{rate['reader']:.0f} | {rate['stage'] / rate['naive']:.2f} | "
-              + (f"{rate['stage'] / rate['tia']:.2f} | " if tia else "") + f"{rate['stage'] / rate['roof']:.2f} | {ms} | {r['fast_first_tile'] or float('nan'):.2f} | "
+              + (f"{rate['stage'] / rate['tia']:.2f} | " if tia else "") + f"{rate['stage'] / rate['roof']:.2f} | "
+              f"{rate['floor'] / rate['roof']:.2f} | {rate['stage'] / rate['floor']:.2f} | {ms} | "
+              f"{r['fast_first_tile'] or float('nan'):.2f} | "
               f"{r['fast_kept']} / {r['exact_kept']} | {r['fast_mad']:.2f} |"
               + (f" {r['prob_corr']:.5f} |" if a.model else ""))
     if a.baseline:

@@ -165,21 +165,51 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
     return figs
 
 
-def _decode_job(job: tuple[str, int, list[int]]) -> int:
-    source, level, idx = job
+def _decode_job(job: tuple) -> tuple[int, float, int]:
+    """Decode roof: ``job``'s compressed tiles each decoded once at full size. ``(tiles decoded, CPU s, 0)``."""
+    source, level, idx = job[:3]
     from .slides import open_slide
 
+    c0 = time.process_time()
     with open_slide(source) as reader:
-        return reader.direct_level(level).decode_each(idx)
+        n = reader.direct_level(level).decode_each(idx)
+    return n, time.process_time() - c0, 0
 
 
-def decode_roof(run: Path, workers: int) -> Figure | None:
-    """The decode roof of a tiled run: the compressed tiles its slides' stored tiles need, each decoded once
-    at full size (nothing resampled, nothing written), in ``workers`` processes. Model tiles per second of
-    that alone is the most any tiler of these files can reach on this machine; None when no stored slide
-    is a tiled TIFF the direct decoder reads."""
-    from concurrent.futures import ProcessPoolExecutor
+def _floor_job(job: tuple) -> tuple[int, float, int]:
+    """Tile floor: ``job``'s compressed tiles decoded and averaged by blocks as tiling does them
+    (:meth:`~cancernet_batch.slides.direct.TiledLevel.reduced`), and ``nbytes`` of their pixels encoded by the tile
+    store's codec in chunks of ``chunk_bytes``. ``(tiles decoded, CPU s, bytes encoded)``."""
+    source, level, idx, s, k, nbytes, chunk_bytes = job
+    from numcodecs import Zstd
 
+    from .slides import open_slide
+    from .store import TILES_ZSTD_LEVEL
+
+    codec = Zstd(level=TILES_ZSTD_LEVEL)
+    c0 = time.process_time()
+    pending, size, left = [], 0, nbytes
+    with open_slide(source) as reader:
+        lvl = reader.direct_level(level)
+        for i in idx:
+            a = lvl.reduced(int(i), s, k).reshape(-1)[:left]
+            left -= a.size
+            pending.append(a)
+            size += a.size
+            if size >= chunk_bytes:
+                codec.encode(np.concatenate(pending))
+                pending, size = [], 0
+    if size:
+        codec.encode(np.concatenate(pending))
+    return len(idx), time.process_time() - c0, nbytes - left
+
+
+def _direct_jobs(run: Path, workers: int) -> tuple[list[tuple], int]:
+    """The decode roof's and the tile floor's work: for each tiled slide of ``run`` whose level the direct decoder
+    reads, the compressed tiles its stored tiles need, cut into ``workers`` parts per slide, each part as
+    ``(source, level, indices, s, k, bytes of model tiles, bytes of a store chunk)`` (``s``, ``k``:
+    :meth:`~cancernet_batch.slides.direct.TiledLevel.scales`, ``fast`` where the slide was tiled with ``--decode
+    fast``; the bytes: the part's share of the slide's tiles); and the model tiles of those slides."""
     from . import store
     from .slides import open_slide
 
@@ -188,22 +218,68 @@ def decode_roof(run: Path, workers: int) -> Figure | None:
         a = g.attrs
         if a.get("kind") != "slide" or not a.get("n_tiles"):
             continue
+        tile_px = float(a["level0_tile_px"]) / float(a["level_downsample"])
         with open_slide(a["source"]) as reader:
             level = reader.direct_level(int(a["level"]))
             if level is None:
                 continue
-            idx = level.needed(np.asarray(g["coords"][:]), float(a["level0_tile_px"]) / float(a["level_downsample"]))
-        n += int(a["n_tiles"])
+            idx = level.needed(np.asarray(g["coords"][:]), tile_px)
+            side = int(g["tiles"].shape[1])
+            s, k = level.scales(tile_px, side, (a.get("extra") or {}).get("decode") == "fast")
+        tiles = int(a["n_tiles"])
+        n += tiles
+        tile_bytes, chunk = side * side * 3, int(g["tiles"].chunks[0])
         step = max(1, -(-len(idx) // workers))
-        jobs += [(a["source"], int(a["level"]), idx[i:i + step].tolist()) for i in range(0, len(idx), step)]
+        jobs += [(a["source"], int(a["level"]), idx[i:i + step].tolist(), s, k,
+                  round(tiles * tile_bytes * len(idx[i:i + step]) / max(1, len(idx))), chunk * tile_bytes)
+                 for i in range(0, len(idx), step)]
+    return jobs, n
+
+
+def _timed_pool(fn, jobs: list[tuple], workers: int) -> tuple[int, float, float, int]:
+    """``fn`` over ``jobs`` in ``workers`` processes started and warmed first: ``(tiles decoded, wall s, CPU s, bytes
+    encoded)``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(fn, [(*jobs[0][:2], [], *jobs[0][3:-2], 0, 1)] * workers))  # processes started and warm
+        t0 = time.perf_counter()
+        done = list(pool.map(fn, jobs))
+        dt = time.perf_counter() - t0
+    return sum(d[0] for d in done), dt, sum(d[1] for d in done), sum(d[2] for d in done)
+
+
+def decode_roof(run: Path, workers: int) -> Figure | None:
+    """The decode roof of a tiled run: the compressed tiles its slides' stored tiles need, each decoded once
+    at full size (nothing resampled, nothing written), in ``workers`` processes. Model tiles per second of
+    that alone is the most any tiler of these files can reach on this machine; None when no stored slide
+    is a tiled TIFF the direct decoder reads."""
+    jobs, n = _direct_jobs(run, workers)
     if not jobs:
         return None
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_decode_job, [(jobs[0][0], jobs[0][1], [])] * workers))  # processes started and warm
-        t0 = time.perf_counter()
-        k = sum(pool.map(_decode_job, jobs))
-        dt = time.perf_counter() - t0
-    return Figure("decode-roof", "libjpeg-turbo" if jobs else "", n, dt, {"workers": workers, "compressed_tiles": k})
+    k, dt, cpu, _ = _timed_pool(_decode_job, jobs, workers)
+    return Figure("decode-roof", "libjpeg-turbo", n, dt, {"workers": workers, "compressed_tiles": k,
+                                                          "cpu_ms_per_tile": round(1000 * cpu / max(1, n), 4)})
+
+
+def tile_floor(run: Path, workers: int) -> Figure | None:
+    """The floor of tiling a tiled run as it was tiled: the decode roof's compressed tiles decoded as tiling decodes
+    them (with ``--decode fast``: at 1/s in the DCT where it does), each averaged by blocks where tiling averages them so
+    (:meth:`~cancernet_batch.slides.direct.TiledLevel.scales`), and the model tiles' bytes of their pixels encoded
+    by the tile store's codec; nothing planned, assembled, resampled further or written, in ``workers``
+    processes. Work that tiling must do to store exact tiles as it stores them (a level not on the block grid
+    adds its area averaging of whole windows, not counted here): the tile stage's rate against it is what its
+    plans, windows, store, Python and Dask cost; its own rate against the decode roof bounds the stage's. None
+    where :func:`decode_roof` is None."""
+    jobs, n = _direct_jobs(run, workers)
+    if not jobs:
+        return None
+    k, dt, cpu, encoded = _timed_pool(_floor_job, jobs, workers)
+    return Figure("tile-floor", "libjpeg-turbo, Pillow reduce, zstd", n, dt,
+                  {"workers": workers, "compressed_tiles": k,
+                   "dct_scales": sorted({j[3] for j in jobs}), "blocks": sorted({j[4] for j in jobs}),
+                   "encoded_MB": round(encoded / 1e6, 3),
+                   "cpu_ms_per_tile": round(1000 * cpu / max(1, n), 4)})
 
 
 def naive_loop(model_dir: str | os.PathLike, pngs: list[Path], *, limit: int = 100) -> Figure:
@@ -497,6 +573,9 @@ class BenchResult:
         out["predict_steady_vs_roof"] = self.steady_rate() / roof_rate if roof_rate else None
         decode = self.rate("decode-roof")
         out["tile_vs_decode_roof"] = self.rate("tile") / decode if decode else None
+        floor = self.rate("tile-floor")
+        out["tile_vs_tile_floor"] = self.rate("tile") / floor if floor else None
+        out["tile_floor_vs_decode_roof"] = floor / decode if floor and decode else None
         barrier = self.rate("run-barrier")
         out["run_vs_barrier"] = self.rate("run") / barrier if barrier else None
         stream = self.fastest("run")  # the one the barrier version repeats
@@ -653,12 +732,10 @@ def run_bench(cfg: BenchConfig, *, step=lambda msg: None) -> BenchResult:
             except CancerNetError as exc:
                 log.warning("variant roofs skipped: %s", exc)
 
-        step("tiling, and the decode roof of the same tiles")
+        step("tiling, and the decode roof and tile floor of the same tiles")
         run = work / "run-tile"
         figures.append(tile_stage(inputs, run, workers=max(cfg.workers)))
-        roof_fig = decode_roof(run, max(cfg.workers))
-        if roof_fig is not None:
-            figures.append(roof_fig)
+        figures += [f for f in (decode_roof(run, max(cfg.workers)), tile_floor(run, max(cfg.workers))) if f is not None]
 
         step("predict stage")
         for engine in cfg.engines:

@@ -54,6 +54,17 @@ def test_bench_json_holds_every_figure(tmp_path):
     decode = [f for f in figures if f["stage"] == "decode-roof"][0]
     assert decode["patches"] == tile["patches"] and decode["settings"]["compressed_tiles"] > 0
     assert data["ratios"]["tile_vs_decode_roof"] == pytest.approx(tile["patches_per_second"] / decode["patches_per_second"], rel=0.01)
+    # the tile floor: those compressed tiles decoded and averaged as tiling does them (synthetic slides at 4 µm/px: level
+    # 1, 2 µm/px, full size in the DCT, 2 x 2 blocks), and exactly the model tiles' bytes encoded as the store encodes
+    floor = [f for f in figures if f["stage"] == "tile-floor"][0]
+    assert floor["patches"] == tile["patches"] and floor["settings"]["compressed_tiles"] == decode["settings"]["compressed_tiles"]
+    assert floor["settings"]["dct_scales"] == [1] and floor["settings"]["blocks"] == [2]
+    assert floor["settings"]["encoded_MB"] == pytest.approx(tile["patches"] * 50 * 50 * 3 / 1e6, abs=1e-3)
+    assert floor["settings"]["cpu_ms_per_tile"] > 0 and decode["settings"]["cpu_ms_per_tile"] > 0
+    assert data["ratios"]["tile_vs_tile_floor"] == pytest.approx(tile["patches_per_second"] / floor["patches_per_second"], rel=0.01)
+    assert data["ratios"]["tile_floor_vs_decode_roof"] == pytest.approx(
+        floor["patches_per_second"] / decode["patches_per_second"], rel=0.01)
+    assert "tile floor: " in r.stdout and "the stage reaches" in r.stdout
     run = [f for f in figures if f["stage"] == "run"][0]
     assert run["patches"] == tile["patches"]  # every tiled patch scored once, end to end
     barrier = [f for f in figures if f["stage"] == "run-barrier"][0]

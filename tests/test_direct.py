@@ -320,6 +320,30 @@ def test_tiles_averaged_as_they_are_decoded_are_the_windows_averages(synth_svs, 
     assert (max(taken) > 1) == (target == 4.0), taken
 
 
+@pytest.mark.parametrize("decode", ["fast", "exact"])
+@pytest.mark.parametrize("target", [4.0, 8.0, 2.5, 16.0])
+def test_scales_are_how_tiling_decodes_and_averages_each_stored_tile(synth_svs, real_scan_svs, decode, target,
+                                                                     monkeypatch):
+    """TiledLevel.scales (what bench's tile floor does to each compressed tile) is the (1/s in the DCT, k x k blocks)
+    with which read_tiles takes every stored tile, and ``reduced`` those tiles' pixels."""
+    from cancernet_batch.slides import direct
+
+    used = []
+    real = direct.TiledLevel.tile
+    monkeypatch.setattr(direct.TiledLevel, "tile", lambda self, tx, ty, s, k=1: used.append((s, k)) or real(self, tx, ty, s, k))
+    for path in (synth_svs, real_scan_svs, SLIDES / "cmu-1-small-region.svs"):
+        with open_slide(path) as reader:
+            plan = plan_slide(path, TileConfig(target_mpp=target, decode=decode, tissue_filter=False), reader=reader)
+            used.clear()  # the plan's view is read its own way (dct_scale's view rule)
+            tiles = read_tiles(reader, plan.level, plan.tile_px_level, plan.coords, decode=decode)
+            level = reader.direct_level(plan.level)
+            assert used and set(used) == {level.scales(plan.tile_px_level, tiles.shape[1], decode == "fast")}, (path, used)
+            s, k = used[0]
+            np.testing.assert_array_equal(level.reduced(0, s, k), real(level, 0, 0, s, k))
+    # e.g. at 4 µm/px the synthetic slide's level 1 (2 µm/px) in 2 x 2 blocks; at 8 and 16 CMU-1's only level (0.499
+    # µm/px, factors 16 and 32) at 1/2 and 1/4 in the DCT with fast (an eighth of the factor), then no whole blocks
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_block_mean_of_an_rgbx_tile_is_area_resizes_block_mean_of_its_rgb(k):
     """A JPEG tile averaged by blocks is decoded as RGBX and wrapped by Pillow without a copy (direct.block_mean): the

@@ -295,18 +295,30 @@ class TiledLevel:
             self._decode(int(i), 1)
         return len(idx)
 
+    def reduced(self, idx: int, s: int, k: int = 1) -> np.ndarray:
+        """Compressed tile ``idx`` decoded at 1/``s`` (in the DCT), then averaged in blocks of ``k`` x ``k`` pixels
+        (area_resize's integer path, Pillow's ``reduce``, as on the assembled window); not cached (:meth:`tile` is)."""
+        a = self._decode(idx, s, rgbx=k > 1)
+        return block_mean(a, k) if k > 1 else a
+
+    def scales(self, tile_px: float, out_px: int, fast: bool) -> tuple[int, int]:
+        """``(s, k)``: how tiling reads model tiles of ``tile_px`` level px a side at ``out_px`` px (the windows of
+        :func:`cancernet_batch.tiling.read_tiles` start on the model grid): 1/``s`` in the DCT (:meth:`dct_scale`),
+        then each stored tile averaged in ``k`` x ``k`` blocks (:meth:`_box_factor`; 1 where the model grid is not
+        on the block grid: then the windows are area-averaged whole)."""
+        s = self.dct_scale(tile_px / out_px, fast)
+        return s, self._box_factor((tile_px, tile_px, 2 * tile_px, 2 * tile_px), (out_px, out_px), s)
+
     def tile(self, tx: int, ty: int, s: int, k: int = 1) -> np.ndarray:
         """Tile ``(tx, ty)`` decoded at 1/``s`` (in the DCT), then averaged in blocks of ``k`` x ``k`` pixels
-        (Pillow's ``reduce``: each block's exact mean, rounded as :func:`~.base.area_resize` rounds a window's)."""
+        (:meth:`reduced`), kept in this level's cache of recent tiles."""
         key = (ty * self.ntx + tx, s, k)
         with self._lock:
             a = self._cache.get(key)
             if a is not None:
                 self._cache.move_to_end(key)
                 return a
-        a = self._decode(key[0], s, rgbx=k > 1)
-        if k > 1:  # area_resize's integer path (Pillow's reduce), as on the assembled window
-            a = block_mean(a, k)
+        a = self.reduced(key[0], s, k)
         with self._lock:
             self._cache[key] = a
             while len(self._cache) > CACHE_TILES:
