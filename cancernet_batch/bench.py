@@ -8,6 +8,7 @@ one PNG, ``model.predict`` on one patch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -165,51 +166,65 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
     return figs
 
 
-def _decode_job(job: tuple) -> tuple[int, float, int]:
-    """Decode roof: ``job``'s compressed tiles each decoded once at full size. ``(tiles decoded, CPU s, 0)``."""
-    source, level, idx = job[:3]
-    from .slides import open_slide
+@contextlib.contextmanager
+def _direct_level(job: dict):
+    """The :class:`~cancernet_batch.slides.direct.TiledLevel` of ``job``'s slide and level, its TIFF parsed by tifffile
+    alone: no reader is opened (OpenSlide's open of a one-level SVS hashes its whole level: 15 CPU ms of a CMU-1
+    copy, more than its tiles' decode), since the roof and the floor time the tiles' work, not a slide's open."""
+    import tifffile
 
+    from .slides.direct import DirectSource
+    from .slides.tifffile_backend import cache_pages
+
+    tif = tifffile.TiffFile(job["source"])
+    cache_pages(tif)
+    src = DirectSource(job["source"], tif, job["dims"])
+    try:
+        yield src.level(job["level"])
+    finally:
+        src.close()
+
+
+def _decode_job(job: dict) -> tuple[int, float, int]:
+    """Decode roof: ``job``'s compressed tiles each decoded once at full size. ``(tiles decoded, CPU s, 0)``."""
     c0 = time.process_time()
-    with open_slide(source) as reader:
-        n = reader.direct_level(level).decode_each(idx)
+    with _direct_level(job) as level:
+        n = level.decode_each(job["idx"])
     return n, time.process_time() - c0, 0
 
 
-def _floor_job(job: tuple) -> tuple[int, float, int]:
+def _floor_job(job: dict) -> tuple[int, float, int]:
     """Tile floor: ``job``'s compressed tiles decoded and averaged by blocks as tiling does them
-    (:meth:`~cancernet_batch.slides.direct.TiledLevel.reduced`), and ``nbytes`` of their pixels encoded by the tile
-    store's codec in chunks of ``chunk_bytes``. ``(tiles decoded, CPU s, bytes encoded)``."""
-    source, level, idx, s, k, nbytes, chunk_bytes = job
+    (:meth:`~cancernet_batch.slides.direct.TiledLevel.reduced` at ``s`` and ``k``), and ``nbytes`` of their pixels
+    encoded by the tile store's codec in chunks of ``chunk_bytes``. ``(tiles decoded, CPU s, bytes encoded)``."""
     from numcodecs import Zstd
 
-    from .slides import open_slide
     from .store import TILES_ZSTD_LEVEL
 
     codec = Zstd(level=TILES_ZSTD_LEVEL)
     c0 = time.process_time()
-    pending, size, left = [], 0, nbytes
-    with open_slide(source) as reader:
-        lvl = reader.direct_level(level)
-        for i in idx:
-            a = lvl.reduced(int(i), s, k).reshape(-1)[:left]
+    pending, size, left = [], 0, job["nbytes"]
+    with _direct_level(job) as level:
+        for i in job["idx"]:
+            a = level.reduced(int(i), job["s"], job["k"]).reshape(-1)[:left]
             left -= a.size
             pending.append(a)
             size += a.size
-            if size >= chunk_bytes:
+            if size >= job["chunk_bytes"]:
                 codec.encode(np.concatenate(pending))
                 pending, size = [], 0
     if size:
         codec.encode(np.concatenate(pending))
-    return len(idx), time.process_time() - c0, nbytes - left
+    return len(job["idx"]), time.process_time() - c0, job["nbytes"] - left
 
 
-def _direct_jobs(run: Path, workers: int) -> tuple[list[tuple], int]:
+def _direct_jobs(run: Path, workers: int) -> tuple[list[dict], int]:
     """The decode roof's and the tile floor's work: for each tiled slide of ``run`` whose level the direct decoder
-    reads, the compressed tiles its stored tiles need, cut into ``workers`` parts per slide, each part as
-    ``(source, level, indices, s, k, bytes of model tiles, bytes of a store chunk)`` (``s``, ``k``:
-    :meth:`~cancernet_batch.slides.direct.TiledLevel.scales`, ``fast`` where the slide was tiled with ``--decode
-    fast``; the bytes: the part's share of the slide's tiles); and the model tiles of those slides."""
+    reads, the compressed tiles its stored tiles need, cut into ``workers`` parts per slide, each part a job: the
+    slide's ``source``, ``dims`` (its levels' sizes) and ``level``; the part's tile indices ``idx``; ``s`` and ``k``
+    (:meth:`~cancernet_batch.slides.direct.TiledLevel.scales`, ``fast`` where the slide was tiled with ``--decode
+    fast``); ``nbytes``, the part's share of the bytes of the slide's model tiles, and ``chunk_bytes``, a store chunk's.
+    And the model tiles of those slides."""
     from . import store
     from .slides import open_slide
 
@@ -226,23 +241,25 @@ def _direct_jobs(run: Path, workers: int) -> tuple[list[tuple], int]:
             idx = level.needed(np.asarray(g["coords"][:]), tile_px)
             side = int(g["tiles"].shape[1])
             s, k = level.scales(tile_px, side, (a.get("extra") or {}).get("decode") == "fast")
+            dims = [tuple(d) for d in reader.level_dimensions]
         tiles = int(a["n_tiles"])
         n += tiles
-        tile_bytes, chunk = side * side * 3, int(g["tiles"].chunks[0])
+        tile_bytes = side * side * 3
         step = max(1, -(-len(idx) // workers))
-        jobs += [(a["source"], int(a["level"]), idx[i:i + step].tolist(), s, k,
-                  round(tiles * tile_bytes * len(idx[i:i + step]) / max(1, len(idx))), chunk * tile_bytes)
+        jobs += [{"source": a["source"], "dims": dims, "level": int(a["level"]), "idx": idx[i:i + step].tolist(),
+                  "s": s, "k": k, "nbytes": round(tiles * tile_bytes * len(idx[i:i + step]) / max(1, len(idx))),
+                  "chunk_bytes": int(g["tiles"].chunks[0]) * tile_bytes}
                  for i in range(0, len(idx), step)]
     return jobs, n
 
 
-def _timed_pool(fn, jobs: list[tuple], workers: int) -> tuple[int, float, float, int]:
+def _timed_pool(fn, jobs: list[dict], workers: int) -> tuple[int, float, float, int]:
     """``fn`` over ``jobs`` in ``workers`` processes started and warmed first: ``(tiles decoded, wall s, CPU s, bytes
     encoded)``."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(fn, [(*jobs[0][:2], [], *jobs[0][3:-2], 0, 1)] * workers))  # processes started and warm
+        list(pool.map(fn, [{**jobs[0], "idx": [], "nbytes": 0}] * workers))  # processes started and warm
         t0 = time.perf_counter()
         done = list(pool.map(fn, jobs))
         dt = time.perf_counter() - t0
@@ -277,7 +294,7 @@ def tile_floor(run: Path, workers: int) -> Figure | None:
     k, dt, cpu, encoded = _timed_pool(_floor_job, jobs, workers)
     return Figure("tile-floor", "libjpeg-turbo, Pillow reduce, zstd", n, dt,
                   {"workers": workers, "compressed_tiles": k,
-                   "dct_scales": sorted({j[3] for j in jobs}), "blocks": sorted({j[4] for j in jobs}),
+                   "dct_scales": sorted({j["s"] for j in jobs}), "blocks": sorted({j["k"] for j in jobs}),
                    "encoded_MB": round(encoded / 1e6, 3),
                    "cpu_ms_per_tile": round(1000 * cpu / max(1, n), 4)})
 
