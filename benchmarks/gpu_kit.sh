@@ -4,7 +4,8 @@
 #   whl/    the Python 3.12 wheels of the packages its image lacks (KINDS.md in the device tool's folder lists the image's),
 #           at the versions installed in this environment; numpy, scipy, Pillow, tifffile, onnxruntime, JAX and PyTorch
 #           are the image's own; imagecodecs (26 MB) stays behind: the synthetic SVS's JPEG tiles and thumbnails are
-#           decoded by simplejpeg (slides/direct.py), and the kit with the working tree must stay under 64 MiB
+#           decoded by simplejpeg (slides/direct.py), and the kit with the working tree must stay under 64 MiB; so does
+#           opencv-python-headless (64 MB): a tile averaged 2 x 2 is halved by Pillow there, the same pixels (slides/base.py)
 #   model/  CancerNet of bench's default width with random weights and its ONNX export (`cancernet bench`'s own default
 #           model, whose export needs TensorFlow): throughput does not depend on the weights
 # Run from this environment (the project's .venv active): bash benchmarks/gpu_kit.sh; it prints the kit's size (the device

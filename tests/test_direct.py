@@ -344,6 +344,61 @@ def test_scales_are_how_tiling_decodes_and_averages_each_stored_tile(synth_svs, 
     # µm/px, factors 16 and 32) at 1/2 and 1/4 in the DCT with fast (an eighth of the factor), then no whole blocks
 
 
+def test_opencvs_halving_is_pillows_reduce_by_2_bit_for_bit():
+    """OpenCV's INTER_AREA at exactly 1/2 (slides/base.halved) gives Pillow's reduce(2) pixel for pixel: every sum of
+    four 8-bit values that rounding tells apart (half up), on stored tiles' sizes and on random and flat images."""
+    from PIL import Image
+
+    from cancernet_batch.slides.base import halved
+
+    rng = np.random.default_rng(2)
+    # every 2 x 2 block of the values 0, 15, ..., 255 (sums of each remainder mod 4, extremes included)
+    sums = np.stack(np.meshgrid(*[np.arange(0, 256, 15)] * 4, indexing="ij"), -1).reshape(-1, 4).astype(np.uint8)
+    blocks = np.repeat(sums[:, [[0, 1], [2, 3]]][..., None], 3, axis=-1)  # (n, 2, 2, 3)
+    every = blocks.transpose(1, 0, 2, 3).reshape(2, -1, 3)
+    cases = [every, rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), rng.integers(0, 256, (240, 240, 3), dtype=np.uint8),
+             rng.integers(0, 256, (2, 512, 3), dtype=np.uint8), np.full((64, 32, 3), 255, np.uint8)]
+    for a in cases:
+        got = halved(a)
+        want = np.asarray(Image.fromarray(a).reduce(2))
+        assert got.shape == want.shape and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_importing_opencv_leaves_the_environment_as_it_was():
+    """OpenCV's import prepends its library folder to LD_LIBRARY_PATH; halving() puts the environment back (a
+    worker's serving preflight child is replaced whenever the environment changes), in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; e = dict(os.environ); from cancernet_batch.slides.base import halving; "
+            "assert halving() is not None and 'cv2' in sys.modules; "
+            "assert dict(os.environ) == e, {k: os.environ.get(k) for k in set(os.environ) ^ set(e)}")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_tiles_are_the_same_with_or_without_opencv(synth_svs, monkeypatch):
+    """A level 2x from the target (the synthetic slide's level 1 at 4 µm/px): each stored tile halved by OpenCV
+    (decoded as RGB), or without it by Pillow (decoded as RGBX): the same tiles and plan, bit for bit."""
+    import cv2
+
+    from cancernet_batch.slides import base
+
+    calls = []
+    real = cv2.resize
+    monkeypatch.setattr(cv2, "resize", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    got = {}
+    for use in (True, False):
+        monkeypatch.setattr(base, "_OPENCV", [cv2 if use else None])
+        tiles, _, plan = _tiles(synth_svs, "fast", target_mpp=4.0, tissue_filter=True)
+        got[use] = tiles, plan
+        assert (len(calls) > 0) == use and all(s[2] == 3 for s in calls)  # RGB tiles, halved by OpenCV
+        calls.clear()
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    np.testing.assert_array_equal(got[True][1].coords, got[False][1].coords)
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_block_mean_of_an_rgbx_tile_is_area_resizes_block_mean_of_its_rgb(k):
     """A JPEG tile averaged by blocks is decoded as RGBX and wrapped by Pillow without a copy (direct.block_mean): the

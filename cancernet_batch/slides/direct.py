@@ -43,7 +43,7 @@ import numpy as np
 import simplejpeg
 
 from ..errors import SlideReadError
-from .base import BACKGROUND, MAX_READ_PX, area_resize, resample_regions
+from .base import BACKGROUND, MAX_READ_PX, area_resize, halving, resample_regions
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def dct_scale(factor: float, *, view: bool = False, rgb: bool = False) -> int:
 
 
 def block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """Each ``k`` x ``k`` block's mean of a decoded tile whose sides are whole blocks, rounded: Pillow's ``reduce``, which
-    is :func:`~.base.area_resize`'s integer path (the same pixels as averaging the assembled window).
+    """Each ``k`` x ``k`` block's mean of a decoded tile whose sides are whole blocks, rounded: :func:`~.base.area_resize`'s
+    integer path (the same pixels as averaging the assembled window). An RGB tile goes there (at 2, OpenCV's halving:
+    :func:`~.base.halved`); an RGBX one to Pillow's ``reduce``.
 
     An RGBX tile (:meth:`TiledLevel._decode`'s ``rgbx``: Pillow's own layout of RGB) is wrapped without a copy, and the
     mean comes back packed as RGB by Pillow's own packer, C-contiguous (read-only): no RGB -> RGBX copy into Pillow, and
@@ -297,8 +298,9 @@ class TiledLevel:
 
     def reduced(self, idx: int, s: int, k: int = 1) -> np.ndarray:
         """Compressed tile ``idx`` decoded at 1/``s`` (in the DCT), then averaged in blocks of ``k`` x ``k`` pixels
-        (area_resize's integer path, Pillow's ``reduce``, as on the assembled window); not cached (:meth:`tile` is)."""
-        a = self._decode(idx, s, rgbx=k > 1)
+        (area_resize's integer path, as on the assembled window: :func:`block_mean`); not cached (:meth:`tile` is).
+        Decoded as RGBX for Pillow's mean, as RGB for OpenCV's at 2 (:func:`~.base.halving`)."""
+        a = self._decode(idx, s, rgbx=k > 2 or (k == 2 and halving() is None))
         return block_mean(a, k) if k > 1 else a
 
     def scales(self, tile_px: float, out_px: int, fast: bool) -> tuple[int, int]:
