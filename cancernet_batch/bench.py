@@ -168,14 +168,21 @@ def variant_roofs(model_dir: str | os.PathLike, variants: tuple[str, ...], work:
 
 @contextlib.contextmanager
 def _direct_level(job: dict):
-    """The :class:`~cancernet_batch.slides.direct.TiledLevel` of ``job``'s slide and level, its TIFF parsed by tifffile
-    alone: no reader is opened (OpenSlide's open of a one-level SVS hashes its whole level: 15 CPU ms of a CMU-1
-    copy, more than its tiles' decode), since the roof and the floor time the tiles' work, not a slide's open."""
+    """The :class:`~cancernet_batch.slides.direct.TiledLevel` of ``job``'s slide and level, a local TIFF parsed by
+    tifffile alone: no reader is opened (OpenSlide's open of a one-level SVS hashes its whole level: 15 CPU ms of a
+    CMU-1 copy, more than its tiles' decode), since the roof and the floor time the tiles' work, not a slide's open.
+    An object on object storage is opened by its reader (tifffile over its range file)."""
     import tifffile
 
+    from .remote import is_url
+    from .slides import open_slide
     from .slides.direct import DirectSource
     from .slides.tifffile_backend import cache_pages
 
+    if is_url(job["source"]):
+        with open_slide(job["source"]) as reader:
+            yield reader.direct_level(job["level"])
+        return
     tif = tifffile.TiffFile(job["source"])
     cache_pages(tif)
     src = DirectSource(job["source"], tif, job["dims"])
@@ -292,7 +299,7 @@ def tile_floor(run: Path, workers: int) -> Figure | None:
     if not jobs:
         return None
     k, dt, cpu, encoded = _timed_pool(_floor_job, jobs, workers)
-    return Figure("tile-floor", "libjpeg-turbo, Pillow reduce, zstd", n, dt,
+    return Figure("tile-floor", "libjpeg-turbo, block means, zstd", n, dt,
                   {"workers": workers, "compressed_tiles": k,
                    "dct_scales": sorted({j["s"] for j in jobs}), "blocks": sorted({j["k"] for j in jobs}),
                    "encoded_MB": round(encoded / 1e6, 3),
