@@ -238,11 +238,11 @@ def halving():
     that halves (a worker), with OpenCV's own threads off: each Dask thread halves its own tiles.
 
     OpenCV's import prepends its wheel's library folder to ``LD_LIBRARY_PATH`` (``PATH`` on Windows) for the
-    process's children; the environment is put back as it was at once: a changed environment would make each worker
+    process's children; the environment is put back as it was (every variable) at once: a changed environment would make each worker
     replace its serving preflight child (:mod:`cancernet_batch.preflight` keeps a child only while the environment is
     the one it started with: 0.3 CPU s a child started cold), and children need none of OpenCV's libraries."""
     if not _OPENCV:
-        saved = {k: os.environ.get(k) for k in ("LD_LIBRARY_PATH", "PATH")}
+        saved = dict(os.environ)
         try:
             import cv2
 
@@ -250,12 +250,11 @@ def halving():
         except ImportError:
             cv2 = None
         finally:
+            for k in set(os.environ) - set(saved):
+                del os.environ[k]
             for k, v in saved.items():
                 if os.environ.get(k) != v:
-                    if v is None:
-                        del os.environ[k]
-                    else:
-                        os.environ[k] = v
+                    os.environ[k] = v
         _OPENCV.append(cv2)
     return _OPENCV[0]
 
