@@ -378,25 +378,32 @@ def test_importing_opencv_leaves_the_environment_as_it_was():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_tiles_are_the_same_with_or_without_opencv(synth_svs, monkeypatch):
-    """A level 2x from the target (the synthetic slide's level 1 at 4 µm/px): each stored tile halved by OpenCV
-    (decoded as RGB), or without it by Pillow (decoded as RGBX): the same tiles and plan, bit for bit."""
+def test_tiles_are_the_same_with_or_without_opencv(synth_svs, tmp_path, monkeypatch):
+    """A level 2x from the target: each stored tile halved by OpenCV (decoded as RGB), or without it by Pillow
+    (decoded as RGBX): the same tiles and plan, bit for bit. On the synthetic slide's level 1 at 4 µm/px, and on real
+    tissue: CMU-1's scan (0.499 µm/px; cropped to whole blocks) written again as a 4:2:0 slide, level 0 at 0.998."""
     import cv2
 
     from cancernet_batch.slides import base
+    from cancernet_batch.synth import slide_from_image
 
+    with open_slide(SLIDES / "cmu-1-small-region.svs") as r:
+        rgb = r.read_region(0, 0, 0, 2208, 2944)
+    real_svs = slide_from_image(rgb, tmp_path / "cmu-crop.svs", mpp=0.499)
     calls = []
     real = cv2.resize
     monkeypatch.setattr(cv2, "resize", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    got = {}
-    for use in (True, False):
-        monkeypatch.setattr(base, "_OPENCV", [cv2 if use else None])
-        tiles, _, plan = _tiles(synth_svs, "fast", target_mpp=4.0, tissue_filter=True)
-        got[use] = tiles, plan
-        assert (len(calls) > 0) == use and all(s[2] == 3 for s in calls)  # RGB tiles, halved by OpenCV
-        calls.clear()
-    np.testing.assert_array_equal(got[True][0], got[False][0])
-    np.testing.assert_array_equal(got[True][1].coords, got[False][1].coords)
+    for path, target in ((synth_svs, 4.0), (real_svs, 0.998)):
+        got = {}
+        for use in (True, False):
+            monkeypatch.setattr(base, "_OPENCV", [cv2 if use else None])
+            tiles, _, plan = _tiles(path, "fast", target_mpp=target, tissue_filter=True)
+            got[use] = tiles, plan
+            assert (len(calls) > 0) == use and all(s[2] == 3 for s in calls)  # RGB tiles, halved by OpenCV
+            calls.clear()
+        assert len(got[True][0]) > 20
+        np.testing.assert_array_equal(got[True][0], got[False][0])
+        np.testing.assert_array_equal(got[True][1].coords, got[False][1].coords)
 
 
 @pytest.mark.parametrize("k", [2, 4])
