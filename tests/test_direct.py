@@ -345,8 +345,9 @@ def test_scales_are_how_tiling_decodes_and_averages_each_stored_tile(synth_svs, 
 
 
 def test_opencvs_halving_is_pillows_reduce_by_2_bit_for_bit():
-    """OpenCV's INTER_AREA at exactly 1/2 (slides/base.halved) gives Pillow's reduce(2) pixel for pixel: every sum of
-    four 8-bit values that rounding tells apart (half up), on stored tiles' sizes and on random and flat images."""
+    """OpenCV's INTER_AREA at exactly 1/2 (slides/base.halved) gives Pillow's reduce(2) pixel for pixel: blocks whose
+    sums take every remainder mod 4 (what rounding half up tells apart) from 0 to 1020, on stored tiles' sizes and on
+    random and flat images."""
     from PIL import Image
 
     from cancernet_batch.slides.base import halved
