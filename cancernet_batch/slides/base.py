@@ -233,8 +233,8 @@ _OPENCV: list = []
 def halving():
     """OpenCV's module when it is installed (``opencv-python-headless``, a dependency), else None: its ``INTER_AREA``
     resize at exactly 1/2 is its integer SIMD path, ``(a + b + c + d + 2) >> 2`` a channel, the same pixels as
-    Pillow's ``reduce(2)`` bit for bit (``tests/test_direct.py``) at about a sixth of the CPU (32 against 210 µs a
-    256 px RGB tile, machine A), and it takes RGB as it is (Pillow wants RGBX). Imported on first use, in the process
+    Pillow's ``reduce(2)`` bit for bit (``tests/test_direct.py``) at a fraction of its CPU, and it takes RGB as it is
+    (Pillow wants RGBX): 7 % less of the workers' CPU on the issue 17 set (RESULTS.md section 9, 2026-12-07 20:33). Imported on first use, in the process
     that halves (a worker), with OpenCV's own threads off: each Dask thread halves its own tiles.
 
     OpenCV's import prepends its wheel's library folder to ``LD_LIBRARY_PATH`` (``PATH`` on Windows) for the
