@@ -172,20 +172,17 @@ def _direct_level(job: dict):
     tifffile alone: no reader is opened (OpenSlide's open of a one-level SVS hashes its whole level: 15 CPU ms of a
     CMU-1 copy, more than its tiles' decode), since the roof and the floor time the tiles' work, not a slide's open.
     An object on object storage is opened by its reader (tifffile over its range file)."""
-    import tifffile
-
     from .remote import is_url
     from .slides import open_slide
-    from .slides.direct import DirectSource
-    from .slides.tifffile_backend import cache_pages
+    from .slides.direct import local_source
 
     if is_url(job["source"]):
         with open_slide(job["source"]) as reader:
             yield reader.direct_level(job["level"])
         return
-    tif = tifffile.TiffFile(job["source"])
-    cache_pages(tif)
-    src = DirectSource(job["source"], tif, job["dims"])
+    src = local_source(job["source"], job["dims"])
+    if src is None:  # its reader's direct level was found when the jobs were made: the file changed since
+        raise RuntimeError(f"{job['source']}: no longer a TIFF tifffile parses")
     try:
         yield src.level(job["level"])
     finally:

@@ -482,3 +482,32 @@ def test_a_jpeg_tiles_whole_stream_decodes_to_the_direct_decoders_pixels(slides_
             stream = level.jpeg_stream(idx)
             assert stream[:2] == b"\xff\xd8" and stream[-2:] == b"\xff\xd9"
             np.testing.assert_array_equal(simplejpeg.decode_jpeg(stream, "RGB"), level._decode(idx, 1))
+
+
+def test_a_local_source_is_the_readers_direct_source_without_a_reader(tmp_path):
+    """``local_source`` (what ``bench``'s roof and floor parse a slide with) reads a TIFF's tiles as the reader's own
+    direct source does. None for a file tifffile does not parse; a TIFF cut inside its header has no level to read."""
+    from cancernet_batch.slides.direct import local_source
+
+    path = SLIDES / "cmu-1-small-region.svs"
+    with open_slide(path) as reader:
+        dims = list(reader.level_dimensions)
+        level = reader.direct_level(0)
+        want = [level.tile(tx, ty, 1) for tx, ty in ((0, 0), (2, 1))]
+    src = local_source(str(path), dims)
+    try:
+        got = src.level(0)
+        assert (got.tw, got.th, got.width, got.height) == (level.tw, level.th, level.width, level.height)
+        for (tx, ty), w in zip(((0, 0), (2, 1)), want):
+            np.testing.assert_array_equal(got.tile(tx, ty, 1), w)
+    finally:
+        src.close()
+    assert local_source(str(SLIDES / "broken.svs"), dims) is None  # base64 text named .svs
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(path.read_bytes()[:64])
+    src = local_source(str(cut), dims)  # tifffile parses what there is of the header; no page of the level is in it
+    try:
+        assert src is None or src.level(0) is None
+    finally:
+        if src is not None:
+            src.close()

@@ -508,20 +508,30 @@ def direct_source(reader) -> DirectSource | None:
     levels are the same whichever path decodes the pixels. A tifffile reader over a remote file
     (``reader.remote_tiff``: an s3:// slide read in place) lends its parsed TIFF and its range file.
     """
-    from .tifffile_backend import cache_pages, is_tiff
-
     path = str(reader.path)
     remote = getattr(reader, "remote_tiff", None)
     if remote is not None:
         tif, file = remote
         return DirectSource(path, tif, reader.level_dimensions, file=file)
+    return local_source(path, reader.level_dimensions)
+
+
+def local_source(path: str, level_dimensions) -> DirectSource | None:
+    """A :class:`DirectSource` for the local file ``path`` when it is a TIFF tifffile parses (its pages parsed once,
+    :func:`~.tifffile_backend.cache_pages`), else ``None``; no reader is opened. ``level_dimensions``: the pyramid's
+    ``(width, height)`` per level, as its reader gives them (levels are matched to pages by size)."""
+    from .tifffile_backend import cache_pages, is_tiff
+
     if not is_tiff(path):
         return None
+    tif = None
     try:
         import tifffile
 
         tif = tifffile.TiffFile(path)
         cache_pages(tif)
     except Exception:  # noqa: BLE001 - the reader reads it; this module does not
+        if tif is not None:
+            tif.close()
         return None
-    return DirectSource(path, tif, reader.level_dimensions)
+    return DirectSource(path, tif, level_dimensions)
