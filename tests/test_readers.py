@@ -210,13 +210,20 @@ def test_transposed_is_the_transpose_copied_by_blocks(shape):
 def test_area_resize_with_blocked_transposes_gives_the_former_products_bit_for_bit():
     """area_resize's column pass multiplies a C-contiguous copy of the rows' transpose made by blocks
     (base.transposed: numpy's strided copy of a large transpose missed the caches at every element): the same sums in the
-    same order as the product with the strided transpose it used, so the same tiles bit for bit."""
+    same order as the product with the strided transpose it used, so the same tiles bit for bit. Small products take
+    the three channels in one product per axis, each pixel's values transposed together: the same sums again."""
     from cancernet_batch.slides.base import area_resize, area_weights
 
     rng = np.random.default_rng(7)
     for shape, box, size in [((1024, 1024), (0, 0, 1024, 1024), (1022, 1022)), ((1024, 1024), (0.5, 0.25, 1024, 1023.9),
                                                                               (1023, 1020)),
-                             ((700, 1024), (3.3, 1.1, 1000.5, 690.2), (498, 345)), ((625, 625), (0, 0, 625, 625), (400, 400))]:
+                             ((700, 1024), (3.3, 1.1, 1000.5, 690.2), (498, 345)), ((625, 625), (0, 0, 625, 625), (400, 400)),
+                             # model tiles' windows and blocks of them at CMU-1's factor of 8.016, and a thumbnail's
+                             # view: small products, the three channels in one (area_resize's other path)
+                             ((402, 402), (0.37, 0.81, 401.17, 401.61), (50, 50)),
+                             ((803, 803), (0.2, 0.6, 801.8, 802.2), (100, 100)),
+                             ((402, 803), (0.9, 0.1, 802.5, 401.0), (100, 50)),
+                             ((768, 574), (0, 0, 518.3, 725.6), (40, 56)), ((5, 7), (0.5, 0.5, 6.5, 4.5), (3, 2))]:
         src = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         wy, wx = area_weights(box[1], box[3], size[1], shape[0]), area_weights(box[0], box[2], size[0], shape[1])
         former = np.stack([np.clip(np.rint((wx @ (wy @ src[..., c].astype(np.float32)).T).T), 0, 255)
