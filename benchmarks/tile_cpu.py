@@ -2,7 +2,7 @@
 (issue 17's CPU target: at most half the naive loop's CPU per tile).
 
     python benchmarks/tile_cpu.py SLIDE... --small SLIDE [--workers 2] [--repeat 3] [--baseline CHECKOUT] [--naive]
-                                  [--json FILE]
+                                  [--decode fast|exact|reader] [--json FILE]
 
 Runs ``cancernet tile`` as a user does (its own local cluster, ``--workers``), on ``--small`` alone (a slide of a few
 tiles: what the command costs whatever it tiles) and on ``SLIDE...`` (the set), ``--repeat`` times each, alternating.
@@ -17,7 +17,9 @@ commands with another checkout's package (run from it, as ``tiling_speed.py --ba
 this one's (which goes first alternates too), and its table beside this one's. ``--naive``: the naive loop of
 ``tiling_speed.py`` (OpenSlide ``read_region`` per tile and a Pillow box resize, one process, tiles held) on the set's
 same tiles, once after each pass of the commands, and the whole command's CPU per tile against its median: issue 17's
-target as a ratio (at most 0.5). Each checkout's package is compiled to bytecode first, as an installed copy is
+target as a ratio (at most 0.5). ``--decode``: the commands' and the task functions' decode mode (default ``fast``,
+the command's own default; ``reader`` times the path of the formats the direct decoder does not read: every region
+through the slide's reader). Each checkout's package is compiled to bytecode first, as an installed copy is
 (:mod:`installed`).
 
 A process that ends between two samples loses its last few ms: figures are a little low, never high.
@@ -60,15 +62,15 @@ def _roles(root_pid: int, parent: dict[int, int], cmdline: dict[int, str]) -> di
     return roles
 
 
-def command_cpu(slides: list[str], workers: int, package: str | None = None) -> dict:
-    """``cancernet tile SLIDES`` in a fresh run folder: wall s, tiles written, CPU s by role. ``package``: a
-    checkout to run it from (its package first on ``sys.path``); None: this interpreter's."""
+def command_cpu(slides: list[str], workers: int, package: str | None = None, decode: str = "fast") -> dict:
+    """``cancernet tile SLIDES --decode DECODE`` in a fresh run folder: wall s, tiles written, CPU s by role.
+    ``package``: a checkout to run it from (its package first on ``sys.path``); None: this interpreter's."""
     import psutil
 
     run = Path(tempfile.mkdtemp(prefix="tile-cpu-"))
     try:
         cmd = [sys.executable, "-m", "cancernet_batch.cli", "tile", *map(os.path.abspath, slides), "--out",
-               str(run / "run"), "--workers", str(workers)]
+               str(run / "run"), "--workers", str(workers), "--decode", decode]
         env = {**os.environ, "PYTHONPATH": package} if package else None
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=package)
@@ -105,14 +107,14 @@ def command_cpu(slides: list[str], workers: int, package: str | None = None) -> 
         shutil.rmtree(run, ignore_errors=True)
 
 
-def in_process(slides: list[str], repeat: int) -> tuple[int, float]:
+def in_process(slides: list[str], repeat: int, decode: str = "fast") -> tuple[int, float]:
     """The stage's task functions on ``slides`` in this process (no Dask), best of ``repeat`` after a warm-up:
     (tiles, CPU s)."""
     from cancernet_batch.runfolder import Run
     from cancernet_batch.stages.tile import prepare_slide_task, tile_chunk_task
     from cancernet_batch.tiling import TileConfig as Cfg
 
-    cfg = Cfg()
+    cfg = Cfg(decode=decode)
     best, n = float("inf"), 0
     for _ in range(repeat + 1):
         d = Path(tempfile.mkdtemp(prefix="tile-cpu-"))
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
                     help="another checkout: its commands alternate with this one's, its table printed too")
     ap.add_argument("--naive", action="store_true", help="also the naive loop on the set, after each pass")
+    ap.add_argument("--decode", default="fast", choices=["fast", "exact", "reader"],
+                    help="the decode mode of the commands and the task functions (default fast)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     as_installed(a.baseline)
@@ -152,20 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.naive:
         from cancernet_batch.tiling import TileConfig as Cfg
 
-        planned = plans(a.slides, Cfg())
+        planned = plans(a.slides, Cfg(decode=a.decode))
     for i in range(a.repeat):
         for who, package in (versions if i % 2 == 0 else versions[::-1]):
-            runs[who]["small"].append(command_cpu([a.small], a.workers, package))
-            runs[who]["set"].append(command_cpu(a.slides, a.workers, package))
+            runs[who]["small"].append(command_cpu([a.small], a.workers, package, a.decode))
+            runs[who]["set"].append(command_cpu(a.slides, a.workers, package, a.decode))
         if a.naive:
             loops.append(naive(a.slides, planned))
-    n_in, cpu_in = in_process(a.slides, a.repeat)
+    n_in, cpu_in = in_process(a.slides, a.repeat, a.decode)
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     m = machine()
     small, full = runs["this"]["small"], runs["this"]["set"]
     n_small, n_full = small[0]["tiles"], full[0]["tiles"]
-    print(f"{when}, {m.get('cpu')}, {m.get('cores')} cores; `cancernet tile --workers {a.workers}`, medians of "
+    print(f"{when}, {m.get('cpu')}, {m.get('cores')} cores; `cancernet tile --workers {a.workers} --decode {a.decode}`, medians of "
           f"{a.repeat}; small: {n_small} tiles, set: {len(a.slides)} slides, {n_full} tiles")
     rows = {who: _table(who, r["small"], r["set"], a.baseline) for who, r in runs.items()}
     print(f"\nthe same task functions in one process (this checkout, no Dask, best of {a.repeat}): "

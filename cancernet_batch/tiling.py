@@ -521,16 +521,71 @@ def read_tiles(reader: SlideReader, level: int, tile_px: float, coords: np.ndarr
             (r0, c0), (r1, c1) = coords[idx].min(axis=0), coords[idx].max(axis=0) + 1
             boxes.append((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px))
         prefetch(boxes)
+    # through the reader, a window is read in the parts its tiles lie in (the glass between them not decoded) where
+    # the reader gives a level pixel the same whatever region holds it: the same tiles, bit for bit
+    parts = direct is None and reader.reads_level_pixels(level)
     for idx in groups:
         rc = coords[idx]
         r0, c0 = rc.min(axis=0)
         r1, c1 = rc.max(axis=0) + 1
-        img = scaled((c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px),
-                     (int(c1 - c0) * PATCH_SIZE, int(r1 - r0) * PATCH_SIZE))
+        box, size = (c0 * tile_px, r0 * tile_px, c1 * tile_px, r1 * tile_px), (int(c1 - c0) * PATCH_SIZE,
+                                                                              int(r1 - r0) * PATCH_SIZE)
+        if parts and len(idx) < (r1 - r0) * (c1 - c0):  # through the reader, with tiles left out of the window
+            img = read_scaled_parts(reader, level, box, size, tile_rects(rc, tile_px), max_read=max_read)
+        else:
+            img = scaled(box, size)
         for i, (r, c) in zip(idx, rc):
             y, x = (r - r0) * PATCH_SIZE, (c - c0) * PATCH_SIZE
             out[i] = img[y:y + PATCH_SIZE, x:x + PATCH_SIZE]
     return out
+
+
+def tile_rects(rc: np.ndarray, tile_px: float) -> list[tuple[int, int, int, int]]:
+    """The level-pixel boxes ``(x0, y0, x1, y1)`` that hold the tiles at grid ``rc`` (row, col): each run of adjacent
+    tiles in a grid row, and the same run in the rows below it in the same box; each box one pixel wider on every
+    side than the tiles' own footprint (an output pixel's area weights reach at most a rounding error past it)."""
+    boxes: list[list[int]] = []  # [c0, c1, r0, r1] in grid tiles
+    live: dict[tuple[int, int], list[int]] = {}  # the boxes that reach the previous row, by their columns
+    for r in np.unique(rc[:, 0]):
+        cols = np.sort(rc[rc[:, 0] == r, 1])
+        here = {}
+        for run in np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1):
+            span = (int(run[0]), int(run[-1]) + 1)
+            b = live.get(span)
+            if b is not None and b[3] == r:
+                b[3] = int(r) + 1
+            else:
+                b = [*span, int(r), int(r) + 1]
+                boxes.append(b)
+            here[span] = b
+        live = here
+    return [(math.floor(c0 * tile_px) - 1, math.floor(r0 * tile_px) - 1, math.ceil(c1 * tile_px) + 1,
+             math.ceil(r1 * tile_px) + 1) for c0, c1, r0, r1 in boxes]
+
+
+def read_scaled_parts(reader: SlideReader, level: int, box: tuple[float, float, float, float], size: tuple[int, int],
+                      rects: list[tuple[int, int, int, int]], *, max_read: int = MAX_READ_PX) -> np.ndarray:
+    """:func:`~cancernet_batch.slides.read_scaled` of ``box`` where only the level pixels inside ``rects`` (see
+    :func:`tile_rects`) are read from the reader, the rest left white: the tiles whose footprints the boxes hold are
+    the same pixels as a read of the whole box gives where the reader gives a level pixel the same whatever region
+    holds it (:meth:`~cancernet_batch.slides.SlideReader.reads_level_pixels`), and the glass between tissue tiles is
+    not decoded."""
+    from .slides.base import BACKGROUND, resample_regions
+
+    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = None
+        for rx0, ry0, rx1, ry1 in rects:
+            ax0, ay0, ax1, ay1 = max(x, rx0), max(y, ry0), min(x + w, rx1), min(y + h, ry1)
+            if ax1 <= ax0 or ay1 <= ay0:
+                continue
+            if (ax0, ay0, ax1, ay1) == (x, y, x + w, y + h):
+                return reader.read_region(level, x, y, w, h)
+            if out is None:
+                out = np.full((h, w, 3), BACKGROUND, np.uint8)
+            out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = reader.read_region(level, ax0, ay0, ax1 - ax0, ay1 - ay0)
+        return out if out is not None else np.full((h, w, 3), BACKGROUND, np.uint8)
+
+    return resample_regions(read, box, size, max_read=max_read)
 
 
 # --------------------------------------------------------------------------------------------

@@ -367,13 +367,13 @@ def test_opencvs_halving_is_pillows_reduce_by_2_bit_for_bit():
 
 
 def test_importing_opencv_leaves_the_environment_as_it_was():
-    """OpenCV's import prepends its library folder to LD_LIBRARY_PATH; halving() puts the environment back (a
+    """OpenCV's import prepends its library folder to LD_LIBRARY_PATH; opencv() puts the environment back (a
     worker's serving preflight child is replaced whenever the environment changes), in a fresh interpreter."""
     import subprocess
     import sys
 
-    code = ("import os, sys; e = dict(os.environ); from cancernet_batch.slides.base import halving; "
-            "assert halving() is not None and 'cv2' in sys.modules; "
+    code = ("import os, sys; e = dict(os.environ); from cancernet_batch.slides.base import opencv; "
+            "assert opencv() is not None and 'cv2' in sys.modules; "
             "assert dict(os.environ) == e, {k: os.environ.get(k) for k in set(os.environ) ^ set(e)}")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]

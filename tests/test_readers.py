@@ -229,3 +229,42 @@ def test_area_resize_with_blocked_transposes_gives_the_former_products_bit_for_b
         former = np.stack([np.clip(np.rint((wx @ (wy @ src[..., c].astype(np.float32)).T).T), 0, 255)
                            for c in range(3)], axis=-1).astype(np.uint8)
         np.testing.assert_array_equal(area_resize(src, box, size), former)
+
+
+@pytest.mark.parametrize("shape", [(803, 803), (64, 64), (16, 16), (1, 5000)])
+def test_on_white_is_the_rgb_channels_of_opaque_pixels_and_composites_the_others(shape, monkeypatch):
+    """A reader's RGBA region becomes RGB: opaque pixels keep their channels (copied by OpenCV from 64 x 64 px, the
+    same values as numpy's copy), transparent ones are white and partly transparent ones composited onto white.
+    Read-only input (as Pillow's image gives it) and a strided view are taken as they are."""
+    from cancernet_batch.slides import base
+
+    rng = np.random.default_rng(sum(shape))
+    rgba = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba.flags.writeable = False
+    used = []
+    real = base.opencv
+
+    def counted():
+        used.append(1)
+        return real()
+
+    monkeypatch.setattr(base, "opencv", counted)
+    out = base.on_white(rgba)
+    assert out.flags.c_contiguous and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, rgba[..., :3])
+    assert bool(used) == (shape[0] * shape[1] >= base.OPENCV_RGB_PX)
+    monkeypatch.setattr(base, "opencv", lambda: None)  # without OpenCV: numpy's copy, the same pixels
+    np.testing.assert_array_equal(base.on_white(rgba), out)
+
+    part = rgba.copy()
+    part[0, 0, 3], part[-1, -1, 3] = 0, 100  # one pixel not scanned, one half transparent
+    assert not base._opaque(part) and not base._opaque(part[:, ::-1])  # a strided view is looked at channel-wise
+    got = base.on_white(part)
+    a = part[..., 3:4].astype(np.uint16)
+    want = ((part[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    np.testing.assert_array_equal(got, want)
+    assert (got[0, 0] == 255).all()
+    edge = rgba.copy()
+    edge[shape[0] // 2, shape[1] // 2, 3] = 254  # the smallest step below opaque, in the middle of the words
+    assert not base._opaque(edge) and base._opaque(rgba)

@@ -672,3 +672,76 @@ def test_no_worker_opens_a_preflighted_slide_with_openslide_again(slides_dir, tm
             assert reader.opened
             assert np.array_equal(g["tiles"][:], read_tiles(reader, plan.level, plan.tile_px_level, plan.coords,
                                                             decode=cfg.decode))
+
+
+def test_tile_rects_hold_each_tiles_footprint_and_no_tile_left_out():
+    """tile_rects: each run of adjacent tiles in a row, the same run in the rows below in one box, one pixel of margin
+    on every side; a grid cell whose tile is left out lies in no box beyond that margin."""
+    from cancernet_batch.tiling import tile_rects
+
+    keep = np.zeros((6, 7), bool)
+    keep[0, 0:3] = keep[1, 0:3] = True  # one box of 2 rows
+    keep[1, 5] = keep[2, 5] = keep[3, 5] = True  # a column
+    keep[4, 1:6] = True
+    keep[5, 1:3] = keep[5, 4:6] = True  # two runs under one: new boxes
+    rc = np.argwhere(keep)
+    tp = 100.4
+    rects = tile_rects(rc, tp)
+    assert len(rects) == 5
+    for r, c in rc:  # every kept tile's footprint, and its margin, is in one box
+        fx0, fy0, fx1, fy1 = int(np.floor(c * tp)) - 1, int(np.floor(r * tp)) - 1, int(np.ceil((c + 1) * tp)) + 1, \
+            int(np.ceil((r + 1) * tp)) + 1
+        assert any(x0 <= fx0 and y0 <= fy0 and fx1 <= x1 and fy1 <= y1 for x0, y0, x1, y1 in rects), (r, c)
+    for r, c in np.argwhere(~keep):  # the inside of a tile left out is in none
+        cx0, cy0, cx1, cy1 = np.ceil(c * tp) + 2, np.ceil(r * tp) + 2, np.floor((c + 1) * tp) - 2, np.floor((r + 1) * tp) - 2
+        assert not any(x0 < cx1 and cx0 < x1 and y0 < cy1 and cy0 < y1 for x0, y0, x1, y1 in rects), (r, c)
+
+
+@pytest.mark.parametrize("which", ["synthetic", "cmu", "tcga"])
+def test_windows_read_through_the_reader_in_parts_give_the_same_tiles(which, slides_dir, synth_slide_dir, monkeypatch):
+    """Through the reader (``--decode reader``; formats the direct decoder does not read), a window of tiles with
+    tiles left out is read only where its tiles lie: the same tiles bit for bit as a read of the whole window, fewer
+    pixels decoded. Not where OpenSlide's level has a downsample that is not whole (the TCGA sample's level 1,
+    2.0005): OpenSlide places a region's origin in level-0 pixels there and resamples by the fraction, so the same
+    level pixel differs between two regions; such a level is read in whole windows, as before."""
+    from cancernet_batch import tiling
+    from cancernet_batch.slides import open_slide
+    from cancernet_batch.slides.openslide_backend import OpenSlideReader
+
+    path, cfg = {"synthetic": (sorted(synth_slide_dir.glob("*.svs"))[0], TileConfig(decode="reader", target_mpp=2.0)),
+                 "cmu": (slides_dir / "cmu-1-small-region.svs", TileConfig(decode="reader", target_mpp=1.0)),
+                 "tcga": (slides_dir / "tcga-cr-7395-01a-01-ts1.svs",
+                          TileConfig(decode="reader", target_mpp=2.0, mpp_override=0.25))}[which]
+    px = []
+    read = OpenSlideReader._read
+
+    def counted(self, level, x, y, w, h):
+        px.append(w * h)
+        return read(self, level, x, y, w, h)
+
+    monkeypatch.setattr(OpenSlideReader, "_read", counted)
+    with open_slide(path) as reader:
+        assert isinstance(reader, OpenSlideReader)
+        plan = tiling.plan_slide(path, TileConfig(**{**cfg.__dict__, "tissue_filter": False}), reader=reader)
+        coords = plan.coords[(plan.coords[:, 0] + plan.coords[:, 1]) % 3 != 0]  # a third left out: gaps in every window
+        px.clear()  # the plan's reads
+        parts = tiling.read_tiles(reader, plan.level, plan.tile_px_level, coords, decode="reader")
+        n_parts = sum(px)
+        px.clear()
+        monkeypatch.setattr(tiling, "read_scaled_parts", lambda r, level, box, size, rects, max_read:
+                            tiling.read_scaled(r, level, box, size, max_read=max_read))
+        whole = tiling.read_tiles(reader, plan.level, plan.tile_px_level, coords, decode="reader")
+        n_whole = sum(px)
+        np.testing.assert_array_equal(parts, whole)
+        whole_ds = reader.reads_level_pixels(plan.level)
+        assert whole_ds == (which != "tcga")
+        if whole_ds:
+            assert n_parts < 0.9 * n_whole
+        else:  # not read in parts: the same pixels read
+            assert n_parts == n_whole
+            # the premise: a level pixel read in two regions of OpenSlide's level 1 differs
+            x, y = 1001, 733
+            a = reader.read_region(plan.level, x - 37, y - 41, 100, 100)[41, 37]
+            b = reader.read_region(plan.level, x - 3, y - 2, 100, 100)[2, 3]
+            c = [reader.read_region(plan.level, x - i, y - i, 64, 64)[i, i] for i in range(1, 9)]
+            assert not all((v == a).all() for v in [b, *c])

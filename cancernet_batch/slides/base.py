@@ -13,6 +13,7 @@ import abc
 import functools
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -65,10 +66,39 @@ class SlideInfo:
 def on_white(rgba: np.ndarray) -> np.ndarray:
     """RGB ``uint8`` of an RGBA image composited onto white (transparent = not scanned = glass)."""
     rgb, alpha = rgba[..., :3], rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+    if _opaque(rgba):
+        return _rgb_of(rgba)
     a = alpha.astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+OPENCV_RGB_PX = 64 * 64
+"""RGBA images of at least this many pixels are copied to RGB by OpenCV (:func:`opencv`): a reader's region of a
+model tile's window and more (a preflight's probe of 16 x 16 px does not import it)."""
+
+
+def _opaque(rgba: np.ndarray) -> bool:
+    """Whether every pixel of an ``(h, w, 4) uint8`` image has alpha 255. A C-contiguous one on a little-endian
+    machine is read as 32-bit words, alpha in the top byte: opaque when the smallest word is ``0xFF000000`` or more
+    (one pass over whole pixels, a quarter of the CPU of the strided alpha's minimum)."""
+    if not rgba.size:
+        return True
+    if rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 and rgba.flags.c_contiguous \
+            and sys.byteorder == "little":
+        return int(rgba.view(np.uint32).min()) >= 0xFF000000
+    return int(rgba[..., 3].min()) == 255
+
+
+def _rgb_of(rgba: np.ndarray) -> np.ndarray:
+    """The RGB channels of an ``(h, w, 4) uint8`` image, C-contiguous: by OpenCV from :data:`OPENCV_RGB_PX` pixels
+    (0.2 against 7.4 ms for a reader's 803 x 803 px region, ad hoc, machine A), else numpy's copy."""
+    h, w = rgba.shape[:2]
+    if h * w >= OPENCV_RGB_PX and rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 \
+            and rgba.flags.c_contiguous:
+        cv2 = opencv()
+        if cv2 is not None:
+            return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    return np.ascontiguousarray(rgba[..., :3])
 
 
 class SlideReader(abc.ABC):
@@ -156,6 +186,12 @@ class SlideReader(abc.ABC):
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB ``(h, w, 3) uint8`` of a region that lies inside the level."""
 
+    def reads_level_pixels(self, level: int) -> bool:
+        """Whether a level pixel is the same whatever region it is read in (then a window can be read in parts: a
+        reader that reads the level's own pixel grid). :class:`~.openslide_backend.OpenSlideReader` locates regions
+        in level-0 pixels, which lands between a level's pixels where its downsample is not whole."""
+        return True
+
     def tile_shape(self, level: int) -> tuple[int, int] | None:
         """The width and height of the tiles ``level`` is stored in, or None when it is not tiled or the reader
         does not say (a preflight then probes a region that may span several tiles: :func:`probe_box`)."""
@@ -231,15 +267,21 @@ def area_weights(a0: float, a1: float, n: int, length: int):
 
 
 _OPENCV: list = []
-"""OpenCV (``cv2``) once looked for: ``[module]``, ``[None]`` where it is not installed (:func:`halving`)."""
+"""OpenCV (``cv2``) once looked for: ``[module]``, ``[None]`` where it is not installed (:func:`opencv`)."""
 
 
-def halving():
-    """OpenCV's module when it is installed (``opencv-python-headless``, a dependency), else None: its ``INTER_AREA``
-    resize at exactly 1/2 is its integer SIMD path, ``(a + b + c + d + 2) >> 2`` a channel, the same pixels as
-    Pillow's ``reduce(2)`` bit for bit (``tests/test_direct.py``) at a fraction of its CPU, and it takes RGB as it is
-    (Pillow wants RGBX): 7 % less of the workers' CPU on the issue 17 set (RESULTS.md section 9, 2026-12-07 20:33). Imported on first use, in the process
-    that halves (a worker), with OpenCV's own threads off: each Dask thread halves its own tiles.
+def opencv():
+    """OpenCV's module when it is installed (``opencv-python-headless``, a dependency), else None. Two uses, each the
+    same pixels as without it:
+
+    - its ``INTER_AREA`` resize at exactly 1/2 is its integer SIMD path, ``(a + b + c + d + 2) >> 2`` a channel, the
+      same pixels as Pillow's ``reduce(2)`` bit for bit (``tests/test_direct.py``) at a fraction of its CPU, and it
+      takes RGB as it is (Pillow wants RGBX): 7 % less of the workers' CPU on the issue 17 set (RESULTS.md section 9,
+      2026-12-07 20:33) (:func:`halved`);
+    - RGB out of a reader's RGBA (:func:`on_white`), a SIMD copy where numpy's strided one costs about 9 ns a pixel.
+
+    Imported on first use, in the process that needs it (a worker), with OpenCV's own threads off: each Dask thread
+    does its own tiles.
 
     OpenCV's import prepends its wheel's library folder to ``LD_LIBRARY_PATH`` (``PATH`` on Windows) for the
     process's children; the environment is put back as it was (every variable) at once: a changed environment would make each worker
@@ -265,8 +307,8 @@ def halving():
 
 def halved(a: np.ndarray) -> np.ndarray | None:
     """Each 2 x 2 block's mean of an ``(h, w, 3) uint8`` array with even sides, rounded half up (Pillow's
-    ``reduce(2)``), by OpenCV (:func:`halving`); None where OpenCV is not installed."""
-    cv2 = halving()
+    ``reduce(2)``), by OpenCV (:func:`opencv`); None where OpenCV is not installed."""
+    cv2 = opencv()
     if cv2 is None:
         return None
     h, w = a.shape[:2]

@@ -43,7 +43,7 @@ import numpy as np
 import simplejpeg
 
 from ..errors import SlideReadError
-from .base import BACKGROUND, MAX_READ_PX, area_resize, halving, resample_regions
+from .base import BACKGROUND, MAX_READ_PX, area_resize, opencv, resample_regions
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,8 @@ class TiledLevel:
     def reduced(self, idx: int, s: int, k: int = 1) -> np.ndarray:
         """Compressed tile ``idx`` decoded at 1/``s`` (in the DCT), then averaged in blocks of ``k`` x ``k`` pixels
         (area_resize's integer path, as on the assembled window: :func:`block_mean`); not cached (:meth:`tile` is).
-        Decoded as RGBX for Pillow's mean, as RGB for OpenCV's at 2 (:func:`~.base.halving`)."""
-        a = self._decode(idx, s, rgbx=k > 2 or (k == 2 and halving() is None))
+        Decoded as RGBX for Pillow's mean, as RGB for OpenCV's at 2 (:func:`~.base.opencv`)."""
+        a = self._decode(idx, s, rgbx=k > 2 or (k == 2 and opencv() is None))
         return block_mean(a, k) if k > 1 else a
 
     def scales(self, tile_px: float, out_px: int, fast: bool) -> tuple[int, int]:

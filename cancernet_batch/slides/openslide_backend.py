@@ -106,6 +106,13 @@ class OpenSlideReader(SlideReader):
         except (KeyError, ValueError):
             return None
 
+    def reads_level_pixels(self, level: int) -> bool:
+        """At a whole downsample only: OpenSlide takes a region's origin in level-0 pixels, and at a downsample such
+        as a real scan's 4.0005 that origin falls between the level's pixels, which it then resamples by the
+        fraction (the same level pixel differs by a few levels between two regions; ``tests/test_tiling.py``)."""
+        ds = float(self.level_downsamples[level])
+        return abs(ds - round(ds)) < 1e-9
+
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         import openslide
 
