@@ -80,7 +80,7 @@ model tile's window and more (a preflight's probe of 16 x 16 px does not import 
 def _opaque(rgba: np.ndarray) -> bool:
     """Whether every pixel of an ``(h, w, 4) uint8`` image has alpha 255. A C-contiguous one on a little-endian
     machine is read as 32-bit words, alpha in the top byte: opaque when the smallest word is ``0xFF000000`` or more
-    (one pass over whole pixels, a quarter of the CPU of the strided alpha's minimum)."""
+    (one pass over whole pixels instead of a strided one over the alphas)."""
     if not rgba.size:
         return True
     if rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 and rgba.flags.c_contiguous \
@@ -90,8 +90,8 @@ def _opaque(rgba: np.ndarray) -> bool:
 
 
 def _rgb_of(rgba: np.ndarray) -> np.ndarray:
-    """The RGB channels of an ``(h, w, 4) uint8`` image, C-contiguous: by OpenCV from :data:`OPENCV_RGB_PX` pixels
-    (0.2 against 7.4 ms for a reader's 803 x 803 px region, ad hoc, machine A), else numpy's copy."""
+    """The RGB channels of an ``(h, w, 4) uint8`` image, C-contiguous: by OpenCV from :data:`OPENCV_RGB_PX` pixels,
+    else numpy's copy."""
     h, w = rgba.shape[:2]
     if h * w >= OPENCV_RGB_PX and rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 \
             and rgba.flags.c_contiguous:
@@ -278,7 +278,9 @@ def opencv():
       same pixels as Pillow's ``reduce(2)`` bit for bit (``tests/test_direct.py``) at a fraction of its CPU, and it
       takes RGB as it is (Pillow wants RGBX): 7 % less of the workers' CPU on the issue 17 set (RESULTS.md section 9,
       2026-12-07 20:33) (:func:`halved`);
-    - RGB out of a reader's RGBA (:func:`on_white`), a SIMD copy where numpy's strided one costs about 9 ns a pixel.
+    - RGB out of a reader's RGBA (:func:`on_white`), a SIMD copy instead of numpy's strided one (with the windows
+      read in parts, 29 % less of the workers' CPU through the reader on synthetic slides; RESULTS.md section 9,
+      2026-12-07 23:17-23:29).
 
     Imported on first use, in the process that needs it (a worker), with OpenCV's own threads off: each Dask thread
     does its own tiles.
@@ -342,8 +344,9 @@ def area_resize(src: np.ndarray, box: tuple[float, float, float, float], size: t
     if h * sw * 3 <= TRANSPOSE_DIRECT:
         # the three channels in one product per axis: scipy's sparse-dense product sums each output element over
         # the row's weights in column order, whatever the number of columns, so each value is the one a channel's
-        # own product gives, bit for bit, at less CPU where the products are small (a model tile's window: 0.38
-        # against 0.48 ms, ad hoc); larger ones copy more in their transposes than they save
+        # own product gives, bit for bit, at less CPU where the products are small (model tiles' windows: 8 % less
+        # of the workers' CPU on the CMU-1 copies, RESULTS.md section 9, 2026-12-07 23:06); larger ones copy more in
+        # their transposes than they save
         rows = wy @ src.reshape(sh, sw * 3).astype(np.float32)  # (h, W x 3)
         cols = wx @ _pixels_transposed(rows, h, sw).reshape(sw, h * 3)  # (w, h x 3)
         return np.clip(np.rint(_pixels_transposed(cols, w, h)), 0, 255).astype(np.uint8)
