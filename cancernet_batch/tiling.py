@@ -35,7 +35,7 @@ from .config import TileConfig
 from .errors import InputError
 from .failures import Failure
 from .slides import SLIDE_EXTENSIONS, MAX_READ_PX, SlideReader, choose_level, open_slide, read_scaled, resolve_mpp
-from .slides.base import area_resize
+from .slides.base import BACKGROUND, area_resize, resample_regions
 from .store import InputAttrs
 from .tissue import PX_PER_TILE, tile_fractions, tissue_mask
 
@@ -570,7 +570,6 @@ def read_scaled_parts(reader: SlideReader, level: int, box: tuple[float, float, 
     the same pixels as a read of the whole box gives where the reader gives a level pixel the same whatever region
     holds it (:meth:`~cancernet_batch.slides.SlideReader.reads_level_pixels`), and the glass between tissue tiles is
     not decoded."""
-    from .slides.base import BACKGROUND, resample_regions
 
     def read(x: int, y: int, w: int, h: int) -> np.ndarray:
         out = None

@@ -83,18 +83,21 @@ def _opaque(rgba: np.ndarray) -> bool:
     (one pass over whole pixels instead of a strided one over the alphas)."""
     if not rgba.size:
         return True
-    if rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 and rgba.flags.c_contiguous \
-            and sys.byteorder == "little":
+    if _packed_rgba(rgba) and sys.byteorder == "little":
         return int(rgba.view(np.uint32).min()) >= 0xFF000000
     return int(rgba[..., 3].min()) == 255
+
+
+def _packed_rgba(a: np.ndarray) -> bool:
+    """Whether ``a`` is a C-contiguous ``(h, w, 4) uint8`` image: four bytes a pixel, one pixel after another."""
+    return a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 4 and a.flags.c_contiguous
 
 
 def _rgb_of(rgba: np.ndarray) -> np.ndarray:
     """The RGB channels of an ``(h, w, 4) uint8`` image, C-contiguous: by OpenCV from :data:`OPENCV_RGB_PX` pixels,
     else numpy's copy."""
     h, w = rgba.shape[:2]
-    if h * w >= OPENCV_RGB_PX and rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4 \
-            and rgba.flags.c_contiguous:
+    if h * w >= OPENCV_RGB_PX and _packed_rgba(rgba):
         cv2 = opencv()
         if cv2 is not None:
             return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
